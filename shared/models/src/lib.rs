@@ -1,0 +1,97 @@
+//! The data models every astria-bot service shares, generated from `wit/models.wit`.
+//!
+//! The WIT file is the single definition; this crate only runs `wit-bindgen` over it (types
+//! only: the interfaces have no functions) and adds serde derives, so that the same structs are
+//! the JSON wire format of events and health answers. Use the re-exports below rather than the
+//! generated module paths.
+
+#[allow(clippy::all, missing_docs)]
+mod generated {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "astria-bot:models/models",
+        additional_derives: [serde::Serialize, serde::Deserialize, PartialEq, Eq],
+        generate_all,
+        generate_unused_types: true,
+    });
+}
+
+pub use generated::astria_bot::models::events::EventEnvelope;
+pub use generated::astria_bot::models::health::{DependencyCheck, HealthReport, HealthStatus};
+
+impl HealthReport {
+    /// A report whose status follows its checks: `ok` when all pass, `down` otherwise.
+    pub fn from_checks(service: &str, version: &str, checks: Vec<DependencyCheck>) -> Self {
+        let status = if checks.iter().all(|c| c.ok) { HealthStatus::Ok } else { HealthStatus::Down };
+        HealthReport { service: service.to_string(), version: version.to_string(), status, checks }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip<T>(value: &T) -> T
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        let json = serde_json::to_string(value).expect("serialises");
+        serde_json::from_str(&json).expect("deserialises")
+    }
+
+    #[test]
+    fn health_report_survives_a_json_round_trip() {
+        let report = HealthReport {
+            service: "message".into(),
+            version: "0.1.0".into(),
+            status: HealthStatus::Degraded,
+            checks: vec![
+                DependencyCheck { name: "database".into(), ok: true, detail: None },
+                DependencyCheck { name: "redis".into(), ok: false, detail: Some("connection refused".into()) },
+            ],
+        };
+        assert_eq!(round_trip(&report), report);
+    }
+
+    #[test]
+    fn every_health_status_survives_a_json_round_trip() {
+        for status in [HealthStatus::Ok, HealthStatus::Degraded, HealthStatus::Down] {
+            assert_eq!(round_trip(&status), status);
+        }
+    }
+
+    #[test]
+    fn event_envelope_survives_a_json_round_trip() {
+        let event = EventEnvelope {
+            id: "0b6f1c1e-2a8e-4c55-9a57-6f3f2a9d7c10".into(),
+            event_type: "order.paid".into(),
+            occurred_at: "2026-11-25T06:00:00Z".into(),
+            correlation_id: "req-42".into(),
+            payload: r#"{"order_id":"o-1","emoji":"📸"}"#.into(),
+        };
+        assert_eq!(round_trip(&event), event);
+    }
+
+    #[test]
+    fn event_envelope_json_uses_snake_case_field_names() {
+        let event = EventEnvelope {
+            id: "e".into(),
+            event_type: "t".into(),
+            occurred_at: "o".into(),
+            correlation_id: "c".into(),
+            payload: "{}".into(),
+        };
+        let value = serde_json::to_value(&event).unwrap();
+        for key in ["id", "event_type", "occurred_at", "correlation_id", "payload"] {
+            assert!(value.get(key).is_some(), "missing {key} in {value}");
+        }
+    }
+
+    #[test]
+    fn health_report_status_follows_its_checks() {
+        let ok = DependencyCheck { name: "db".into(), ok: true, detail: None };
+        let bad = DependencyCheck { name: "redis".into(), ok: false, detail: None };
+        assert_eq!(HealthReport::from_checks("s", "v", vec![ok.clone()]).status, HealthStatus::Ok);
+        assert_eq!(HealthReport::from_checks("s", "v", vec![ok, bad]).status, HealthStatus::Down);
+    }
+}
