@@ -7,6 +7,7 @@
 #   2. Debian's rustc-web with its standard-library source, building std itself (build-std).
 # It never changes the user's default toolchain: option 2 only sets RUSTC for our builds.
 # Idempotent: a second run reuses the recorded choice.
+# ASTRIA_WASM_TOOLCHAIN=rustup|debian forces one (CI uses it to prove the fallback works).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,12 +24,17 @@ valid_env() {
   return 1
 }
 
+forced=${ASTRIA_WASM_TOOLCHAIN:-}
+if [ -n "$forced" ] && ! grep -q "ASTRIA_TOOLCHAIN=$forced\$" "$env_file" 2>/dev/null; then
+  rm -f "$env_file"
+fi
+
 if valid_env; then
   say "using $(grep -o 'ASTRIA_TOOLCHAIN=[a-z]*' "$env_file" | cut -d= -f2) (recorded in target/toolchain.env)"
   exit 0
 fi
 
-if command -v rustup >/dev/null 2>&1; then
+if [ "$forced" != debian ] && command -v rustup >/dev/null 2>&1; then
   if rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
     echo "export ASTRIA_TOOLCHAIN=rustup" > "$env_file"; say "using rustup's wasm32-wasip2 target"; exit 0
   fi

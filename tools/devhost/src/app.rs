@@ -91,6 +91,8 @@ pub struct App {
     router: Router,
     pub services: Services,
     subscriptions: Vec<RedisSubscription>,
+    /// Values of secret variables, redacted from component output.
+    secrets: Vec<String>,
 }
 
 fn engine() -> Result<Engine> {
@@ -245,6 +247,7 @@ impl App {
                 redis: Default::default(),
             },
             subscriptions,
+            secrets: vars.secret_values().to_vec(),
         }))
     }
 
@@ -274,13 +277,14 @@ impl App {
         let incoming = store.data_mut().http().new_incoming_request(Scheme::Http, req)?;
         let out = store.data_mut().http().new_response_outparam(sender)?;
         let id = component_id.to_string();
+        let app = self.clone();
         let task = tokio::task::spawn(async move {
             let result = async {
                 let proxy = proxy.instantiate_async(&mut store).await?;
                 proxy.wasi_http_incoming_handler().call_handle(&mut store, incoming, out).await
             }
             .await;
-            log_output(&id, &stdout, &stderr);
+            log_output(&id, &app.secrets, &stdout, &stderr);
             result
         });
         match receiver.await {
@@ -455,7 +459,7 @@ impl App {
                 instance.fermyon_spin_inbound_redis().call_handle_message(&mut store, &payload).await
             }
             .await;
-            log_output(&component_id, &stdout, &stderr);
+            log_output(&component_id, &self.secrets, &stdout, &stderr);
             match result {
                 Ok(Ok(())) => tracing::debug!(component = %component_id, channel, "message handled"),
                 Ok(Err(e)) => tracing::warn!(component = %component_id, channel, "handler returned an error: {e:?}"),

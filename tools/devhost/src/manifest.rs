@@ -24,6 +24,8 @@ struct RawManifest {
 }
 
 #[derive(Debug, Deserialize)]
+// Every field Spin accepts is listed so that unknown ones are rejected; devhost reads fewer.
+#[allow(dead_code)]
 #[serde(deny_unknown_fields)]
 pub struct Application {
     pub name: String,
@@ -61,6 +63,8 @@ pub struct AppRedis {
 
 /// One entry of `[variables]`.
 #[derive(Debug, Clone, Deserialize)]
+// Every field Spin accepts is listed so that unknown ones are rejected; devhost reads fewer.
+#[allow(dead_code)]
 #[serde(deny_unknown_fields)]
 pub struct VariableDecl {
     #[serde(default)]
@@ -74,6 +78,8 @@ pub struct VariableDecl {
 }
 
 #[derive(Debug, Deserialize)]
+// Every field Spin accepts is listed so that unknown ones are rejected; devhost reads fewer.
+#[allow(dead_code)]
 #[serde(deny_unknown_fields)]
 pub struct ComponentDecl {
     pub source: toml::Value,
@@ -165,7 +171,6 @@ pub struct Manifest {
 
 #[derive(Debug)]
 pub struct Component {
-    pub id: String,
     pub source: PathBuf,
     pub allowed_outbound_hosts: Vec<String>,
     pub key_value_stores: Vec<String>,
@@ -287,7 +292,6 @@ impl Component {
             check_variable_name(name).with_context(|| format!("component '{id}'"))?;
         }
         Ok(Component {
-            id: id.to_string(),
             source,
             allowed_outbound_hosts: decl.allowed_outbound_hosts,
             key_value_stores: decl.key_value_stores,

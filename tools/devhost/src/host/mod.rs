@@ -95,10 +95,15 @@ impl HostState {
 }
 
 /// Writes what an instance printed to devhost's log, one line each, tagged with the component.
-pub fn log_output(component: &str, stdout: &MemoryOutputPipe, stderr: &MemoryOutputPipe) {
+/// Values of `secret = true` variables are replaced by `***`, whatever the component printed.
+pub fn log_output(component: &str, secrets: &[String], stdout: &MemoryOutputPipe, stderr: &MemoryOutputPipe) {
     for (stream, pipe) in [("stdout", stdout), ("stderr", stderr)] {
         let bytes = pipe.contents();
         for line in String::from_utf8_lossy(&bytes).lines() {
+            let mut line = line.to_string();
+            for secret in secrets {
+                line = line.replace(secret.as_str(), "***");
+            }
             tracing::info!(target: "component", component, stream, "{line}");
         }
     }
