@@ -57,7 +57,10 @@ impl Host {
             .map(PathBuf::from)
             .unwrap_or_else(|_| workspace_root().join("target/host/devhost"));
         if !bin.exists() {
-            bail!("devhost is not built at {} (run scripts/test.sh, or cargo build --profile host -p devhost)", bin.display());
+            bail!(
+                "devhost is not built at {} (run scripts/test.sh, or cargo build --profile host -p devhost)",
+                bin.display()
+            );
         }
         Ok(Host::Devhost(bin))
     }
@@ -126,20 +129,21 @@ impl TestApp {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    /// Stops the host (as SIGTERM would) and waits for it.
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+    /// Sends SIGTERM and waits up to 5 s; returns the exit status if the host stopped by itself
+    /// (it is killed otherwise, and `None` is returned).
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
             }
-            let _ = child.kill();
-            let _ = child.wait();
+            std::thread::sleep(Duration::from_millis(20));
         }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
     }
 
     /// Polls `check` until it returns `Some`, for at most `timeout`.
@@ -216,6 +220,13 @@ pub fn database_url(name: &str) -> String {
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind :0").local_addr().expect("addr").port()
+}
+
+/// The repository's own `spin.toml`, with component sources made absolute so that it can be
+/// started from a temporary directory.
+pub fn app_manifest() -> String {
+    let text = std::fs::read_to_string(workspace_root().join("spin.toml")).expect("reading spin.toml");
+    text.replace("source = \"target/", &format!("source = \"{}/target/", workspace_root().display()))
 }
 
 /// Starts the app and waits until it answers `/.well-known/spin/health`.
@@ -324,7 +335,8 @@ pub async fn wait_for_subscribers(channel: &str, n: i64) -> Result<()> {
     let mut conn = client.get_multiplexed_async_connection().await?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (_, count): (String, i64) = redis::cmd("PUBSUB").arg("NUMSUB").arg(channel).query_async::<(String, i64)>(&mut conn).await?;
+        let (_, count): (String, i64) =
+            redis::cmd("PUBSUB").arg("NUMSUB").arg(channel).query_async::<(String, i64)>(&mut conn).await?;
         if count >= n {
             return Ok(());
         }

@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use astria_tests::fakes::{fake_server, matchers, port, Mock, ResponseTemplate};
-use astria_tests::{redis_publish, spawn_app, spawn_app_expecting_failure, wait_for_subscribers, AppConfig, Host, TestApp};
+use astria_tests::{
+    redis_publish, spawn_app, spawn_app_expecting_failure, wait_for_subscribers, AppConfig, Host, TestApp,
+};
 
 const MANIFEST: &str = include_str!("../fixtures/probe-app/spin.toml");
 
@@ -150,7 +152,10 @@ async fn postgres_round_trip_through_the_component() {
     let app = spawn_app(AppConfig { postgres: true, ..probe_app() }).await.unwrap();
     let url = app.database_url.clone().unwrap();
     let row = json(&app, &format!("/probe/pg?url={url}&table=things")).await;
-    assert_eq!(row, serde_json::json!({"id": 42, "name": "zoë 📸", "ok": true, "data": [0, 1, 2, 255], "n_is_null": true}));
+    assert_eq!(
+        row,
+        serde_json::json!({"id": 42, "name": "zoë 📸", "ok": true, "data": [0, 1, 2, 255], "n_is_null": true})
+    );
 
     // The row is really in the database.
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
@@ -279,7 +284,8 @@ async fn unsupported_manifest_features_stop_start_up_naming_them() {
 
 #[tokio::test]
 async fn an_unknown_key_value_label_stops_start_up() {
-    let manifest = MANIFEST.replace("key_value_stores = [\"default\"]\nsqlite", "key_value_stores = [\"default\", \"cache\"]\nsqlite");
+    let manifest = MANIFEST
+        .replace("key_value_stores = [\"default\"]\nsqlite", "key_value_stores = [\"default\", \"cache\"]\nsqlite");
     let err = spawn_app_expecting_failure(AppConfig::new(manifest).var("api_token", "t")).await.unwrap();
     assert!(err.contains("unknown key_value_stores label 'cache'"), "{err}");
 }

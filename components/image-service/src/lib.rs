@@ -11,7 +11,9 @@ const SERVICE: &str = "image";
 #[http_component]
 fn handle(req: Request) -> anyhow::Result<impl IntoResponse> {
     Ok(match req.path() {
-        "/health/image" => spin_kit::health_response(&HealthReport::from_checks(SERVICE, env!("CARGO_PKG_VERSION"), vec![])),
+        "/health/image" => {
+            spin_kit::health_response(&HealthReport::from_checks(SERVICE, env!("CARGO_PKG_VERSION"), vec![]))
+        }
         _ => spin_kit::error_response(404, "not found"),
     })
 }

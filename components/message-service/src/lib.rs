@@ -12,7 +12,9 @@ const SERVICE: &str = "message";
 #[http_component]
 fn handle(req: Request) -> anyhow::Result<impl IntoResponse> {
     Ok(match req.path() {
-        "/health/message" => spin_kit::health_response(&HealthReport::from_checks(SERVICE, env!("CARGO_PKG_VERSION"), vec![])),
+        "/health/message" => {
+            spin_kit::health_response(&HealthReport::from_checks(SERVICE, env!("CARGO_PKG_VERSION"), vec![]))
+        }
         _ => spin_kit::error_response(404, "not found"),
     })
 }

@@ -16,6 +16,7 @@ mod generated {
     });
 }
 
+pub use generated::astria_bot::models::domain::{Contact, GeneratedImage, Money, Order, OrderStatus, Pack, Photo};
 pub use generated::astria_bot::models::events::EventEnvelope;
 pub use generated::astria_bot::models::health::{DependencyCheck, HealthReport, HealthStatus};
 
@@ -85,6 +86,64 @@ mod tests {
         for key in ["id", "event_type", "occurred_at", "correlation_id", "payload"] {
             assert!(value.get(key).is_some(), "missing {key} in {value}");
         }
+    }
+
+    fn sample_order() -> Order {
+        Order {
+            id: "ord_01".into(),
+            wa_id: "16505551234".into(),
+            pack_id: "corporate".into(),
+            subject_class: Some("woman".into()),
+            photos: vec![Photo { media_id: "m1".into(), mime_type: "image/jpeg".into(), sha256: "ab".repeat(32) }],
+            status: OrderStatus::Training,
+            price: Money { amount_minor: 1999, currency: "usd".into() },
+            paid: Some(Money { amount_minor: 1999, currency: "usd".into() }),
+            checkout_session_id: Some("cs_test_1".into()),
+            checkout_url: Some("https://checkout.stripe.com/c/pay/cs_test_1".into()),
+            astria_tune_id: Some(123456),
+            created_at: "2026-11-25T06:00:00Z".into(),
+            updated_at: "2026-11-25T06:05:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn order_survives_a_json_round_trip() {
+        assert_eq!(round_trip(&sample_order()), sample_order());
+    }
+
+    #[test]
+    fn every_order_status_survives_a_json_round_trip() {
+        use OrderStatus::*;
+        for s in [CollectingPhotos, AwaitingPayment, Paid, Training, Delivering, Delivered, Expired, Cancelled, Failed]
+        {
+            assert_eq!(round_trip(&s), s);
+        }
+    }
+
+    #[test]
+    fn contact_pack_and_generated_image_survive_a_json_round_trip() {
+        let contact = Contact {
+            wa_id: "16505551234".into(),
+            profile_name: Some("Zoë".into()),
+            opted_out: false,
+            last_inbound_at: Some("2026-11-25T06:00:00Z".into()),
+        };
+        assert_eq!(round_trip(&contact), contact);
+        let pack = Pack {
+            id: "corporate".into(),
+            title: "Corporate headshots".into(),
+            description: "Clean, professional portraits".into(),
+            astria_pack_id: 260,
+            subject_classes: vec!["man".into(), "woman".into()],
+            price: Money { amount_minor: 1999, currency: "usd".into() },
+        };
+        assert_eq!(round_trip(&pack), pack);
+        let image = GeneratedImage {
+            astria_prompt_id: 9,
+            url: "https://sdbooth2-production.s3.amazonaws.com/x.jpg".into(),
+            delivered: true,
+        };
+        assert_eq!(round_trip(&image), image);
     }
 
     #[test]

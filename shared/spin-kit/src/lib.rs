@@ -9,11 +9,7 @@ use spin_sdk::http::Response;
 /// A JSON response with the given status.
 pub fn json_response<T: serde::Serialize>(status: u16, body: &T) -> Response {
     match serde_json::to_vec(body) {
-        Ok(bytes) => Response::builder()
-            .status(status)
-            .header("content-type", "application/json")
-            .body(bytes)
-            .build(),
+        Ok(bytes) => Response::builder().status(status).header("content-type", "application/json").body(bytes).build(),
         // Serialising our own plain structs cannot fail; if it ever does, say so generically.
         Err(_) => Response::builder()
             .status(500)

@@ -107,7 +107,9 @@ fn compile(engine: &Engine, path: &std::path::Path, cache_dir: Option<&std::path
     use std::hash::{Hash, Hasher};
     let bytes = std::fs::read(path).with_context(|| format!("reading component {} (was it built?)", path.display()))?;
     let Some(cache_dir) = cache_dir else {
-        return Component::new(engine, &bytes).map_err(anyhow::Error::from).with_context(|| format!("compiling {}", path.display()));
+        return Component::new(engine, &bytes)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("compiling {}", path.display()));
     };
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     bytes.hash(&mut hasher);
@@ -120,7 +122,10 @@ fn compile(engine: &Engine, path: &std::path::Path, cache_dir: Option<&std::path
             return Ok(c);
         }
     }
-    let compiled = engine.precompile_component(&bytes).map_err(anyhow::Error::from).with_context(|| format!("compiling {}", path.display()))?;
+    let compiled = engine
+        .precompile_component(&bytes)
+        .map_err(anyhow::Error::from)
+        .with_context(|| format!("compiling {}", path.display()))?;
     std::fs::create_dir_all(cache_dir).ok();
     let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
     if std::fs::write(&tmp, &compiled).is_ok() {
@@ -136,7 +141,8 @@ impl App {
         let dotenv = manifest.dir.join(".env");
         let vars = Variables::resolve(&manifest.variables, &opts.env, Some(&dotenv))?;
 
-        std::fs::create_dir_all(&opts.state_dir).with_context(|| format!("creating state dir {}", opts.state_dir.display()))?;
+        std::fs::create_dir_all(&opts.state_dir)
+            .with_context(|| format!("creating state dir {}", opts.state_dir.display()))?;
         let rc = match &opts.runtime_config {
             Some(path) => RuntimeConfig::load(path, &opts.state_dir, |s| vars.expand(s))?,
             None => RuntimeConfig::defaults(&opts.state_dir),
@@ -198,12 +204,20 @@ impl App {
                 .map_err(anyhow::Error::from)
                 .with_context(|| format!("component '{id}' needs an import devhost does not provide"))?;
             let proxy = if is_http {
-                Some(ProxyPre::new(pre.clone()).map_err(anyhow::Error::from).with_context(|| format!("component '{id}' is not an HTTP component"))?)
+                Some(
+                    ProxyPre::new(pre.clone())
+                        .map_err(anyhow::Error::from)
+                        .with_context(|| format!("component '{id}' is not an HTTP component"))?,
+                )
             } else {
                 None
             };
             let redis = if is_redis {
-                Some(RedisTriggerPre::new(pre).map_err(anyhow::Error::from).with_context(|| format!("component '{id}' is not a Redis component"))?)
+                Some(
+                    RedisTriggerPre::new(pre)
+                        .map_err(anyhow::Error::from)
+                        .with_context(|| format!("component '{id}' is not a Redis component"))?,
+                )
             } else {
                 None
             };
@@ -218,7 +232,9 @@ impl App {
         for label in used_kv {
             let backend = match &rc.key_value[&label] {
                 runtime_config::KvBackend::Spin { path } => KvBackend::sqlite(path)?,
-                runtime_config::KvBackend::Redis { url } => KvBackend::redis(url).await.with_context(|| format!("key_value_store.{label}"))?,
+                runtime_config::KvBackend::Redis { url } => {
+                    KvBackend::redis(url).await.with_context(|| format!("key_value_store.{label}"))?
+                }
             };
             kv.insert(label, Arc::new(backend));
         }
@@ -231,7 +247,11 @@ impl App {
                 .or_else(|| manifest.application.trigger.redis.as_ref().map(|r| r.address.clone()))
                 .context("redis trigger without address")?;
             let address = vars.expand(&template).context("redis trigger address")?;
-            subscriptions.push(RedisSubscription { address, channel: t.channel.clone(), component: t.component.clone() });
+            subscriptions.push(RedisSubscription {
+                address,
+                channel: t.channel.clone(),
+                component: t.component.clone(),
+            });
         }
 
         let router = Router::new(manifest.http_triggers.iter().map(|t| (&t.route, t.component.as_str())));
@@ -268,7 +288,8 @@ impl App {
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
         let component = self.components.get(component_id).with_context(|| format!("no component '{component_id}'"))?;
-        let proxy = component.proxy.clone().with_context(|| format!("component '{component_id}' has no HTTP trigger"))?;
+        let proxy =
+            component.proxy.clone().with_context(|| format!("component '{component_id}' has no HTTP trigger"))?;
         set_spin_headers(&mut req, route, client)?;
 
         let mut store = self.new_store(component);
@@ -302,12 +323,17 @@ impl App {
     }
 
     /// A request from outside: route it, or answer 404.
-    async fn handle_external(self: Arc<Self>, req: http::Request<hyper::body::Incoming>, client: SocketAddr) -> http::Response<WasiBody> {
+    async fn handle_external(
+        self: Arc<Self>,
+        req: http::Request<hyper::body::Incoming>,
+        client: SocketAddr,
+    ) -> http::Response<WasiBody> {
         let path = req.uri().path().to_string();
         match path.as_str() {
             "/.well-known/spin/health" => return text(200, "OK"),
             "/.well-known/spin/info" => {
-                let body = serde_json::json!({ "app": self.name, "host": "devhost", "version": env!("CARGO_PKG_VERSION") });
+                let body =
+                    serde_json::json!({ "app": self.name, "host": "devhost", "version": env!("CARGO_PKG_VERSION") });
                 return text(200, &body.to_string());
             }
             _ => {}
@@ -330,7 +356,11 @@ impl App {
     }
 
     /// Local service chaining: a request to `http://<target>.spin.internal/...`.
-    pub async fn chain(self: &Arc<Self>, target: &str, req: http::Request<WasiBody>) -> Result<http::Response<WasiBody>> {
+    pub async fn chain(
+        self: &Arc<Self>,
+        target: &str,
+        req: http::Request<WasiBody>,
+    ) -> Result<http::Response<WasiBody>> {
         let component = self.components.get(target).with_context(|| format!("no HTTP component '{target}'"))?;
         let raw = component.route.clone().unwrap_or_else(|| "/...".to_string());
         let prefix = raw.strip_suffix("/...").unwrap_or(&raw).to_string();
@@ -351,7 +381,11 @@ impl App {
     }
 
     /// Accepts connections until `shutdown` resolves.
-    pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<()> {
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -397,9 +431,13 @@ impl App {
                         tokio::spawn(async move {
                             loop {
                                 match rx.recv().await {
-                                    Ok(payload) => app.clone().dispatch_message(component.clone(), channel.clone(), payload),
+                                    Ok(payload) => {
+                                        app.clone().dispatch_message(component.clone(), channel.clone(), payload)
+                                    }
                                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                                        tracing::warn!("channel '{channel}': {n} messages dropped (subscriber too slow)")
+                                        tracing::warn!(
+                                            "channel '{channel}': {n} messages dropped (subscriber too slow)"
+                                        )
                                     }
                                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                                 }
@@ -479,12 +517,7 @@ fn text(status: u16, body: &str) -> http::Response<WasiBody> {
 
 /// The headers Spin adds to every request it routes to a component.
 fn set_spin_headers<B>(req: &mut http::Request<B>, route: &RouteMatch, client: SocketAddr) -> Result<()> {
-    let host = req
-        .headers()
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("localhost")
-        .to_string();
+    let host = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost").to_string();
     let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
     let full_url = format!("http://{host}{path_and_query}");
     let pairs = [

@@ -40,7 +40,9 @@ impl Broker {
     pub fn incr(&self, key: &str) -> Result<i64, String> {
         let mut strings = self.strings.lock().expect("broker lock");
         let current = match strings.get(key) {
-            Some(v) => std::str::from_utf8(v).ok().and_then(|s| s.parse::<i64>().ok()).ok_or("value is not an integer")?,
+            Some(v) => {
+                std::str::from_utf8(v).ok().and_then(|s| s.parse::<i64>().ok()).ok_or("value is not an integer")?
+            }
             None => 0,
         };
         let next = current + 1;

@@ -89,7 +89,8 @@ async fn up(args: UpArgs) -> Result<()> {
         env: std::env::vars().collect(),
     };
     let app = app::App::load(&opts).await?;
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let local = listener.local_addr()?;
     app.start_redis_triggers();
     tracing::info!("serving '{}' on http://{local} (ready in {} ms)", app.name, started.elapsed().as_millis());

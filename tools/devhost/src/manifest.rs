@@ -209,8 +209,7 @@ impl Manifest {
         for (kind, value) in raw.trigger {
             match kind.as_str() {
                 "http" => {
-                    let list: Vec<RawHttpTrigger> =
-                        value.try_into().context("invalid [[trigger.http]] table")?;
+                    let list: Vec<RawHttpTrigger> = value.try_into().context("invalid [[trigger.http]] table")?;
                     for t in list {
                         if let Some(executor) = &t.executor {
                             let kind = executor.get("type").and_then(|v| v.as_str()).unwrap_or("");
@@ -224,8 +223,7 @@ impl Manifest {
                     }
                 }
                 "redis" => {
-                    let list: Vec<RawRedisTrigger> =
-                        value.try_into().context("invalid [[trigger.redis]] table")?;
+                    let list: Vec<RawRedisTrigger> = value.try_into().context("invalid [[trigger.redis]] table")?;
                     for t in list {
                         let _ = &t.id;
                         let component = component_ref(&t.component, "trigger.redis")?;
@@ -249,7 +247,10 @@ impl Manifest {
                 }
             }
         }
-        if !redis_triggers.is_empty() && raw.application.trigger.redis.is_none() && redis_triggers.iter().any(|t| t.address.is_none()) {
+        if !redis_triggers.is_empty()
+            && raw.application.trigger.redis.is_none()
+            && redis_triggers.iter().any(|t| t.address.is_none())
+        {
             bail!("[[trigger.redis]] without `address` needs [application.trigger.redis] address");
         }
         if let Some(base) = raw.application.trigger.http.as_ref().and_then(|h| h.base.as_deref()) {
@@ -271,7 +272,8 @@ impl Manifest {
 
 impl Component {
     fn from_decl(id: &str, decl: ComponentDecl, dir: &Path) -> Result<Self> {
-        let unsupported = |what: &str| anyhow::anyhow!("component '{id}' uses `{what}`, which devhost does not support");
+        let unsupported =
+            |what: &str| anyhow::anyhow!("component '{id}' uses `{what}`, which devhost does not support");
         if !decl.files.is_empty() {
             return Err(unsupported("files"));
         }

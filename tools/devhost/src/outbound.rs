@@ -95,7 +95,9 @@ fn parse_rule(rule: &str) -> Result<Rule> {
     }
     let scheme = match scheme {
         "*" => None,
-        s if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-') => Some(s.to_string()),
+        s if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-') => {
+            Some(s.to_string())
+        }
         _ => bail!("invalid scheme '{scheme}'"),
     };
     let (host, port) = if let Some(stripped) = rest.strip_prefix('[') {

@@ -52,7 +52,9 @@ impl Router {
         }
         self.entries
             .iter()
-            .filter(|e| e.wildcard && (path == e.prefix || e.prefix.is_empty() || path.starts_with(&format!("{}/", e.prefix))))
+            .filter(|e| {
+                e.wildcard && (path == e.prefix || e.prefix.is_empty() || path.starts_with(&format!("{}/", e.prefix)))
+            })
             .max_by_key(|e| e.prefix.len())
             .map(|e| {
                 let info = path.strip_prefix(e.prefix.as_str()).unwrap_or("");
@@ -62,7 +64,12 @@ impl Router {
     }
 
     fn matched(&self, e: &Entry, path_info: String) -> RouteMatch {
-        RouteMatch { component: e.component.clone(), raw_route: e.raw.clone(), component_route: e.prefix.clone(), path_info }
+        RouteMatch {
+            component: e.component.clone(),
+            raw_route: e.raw.clone(),
+            component_route: e.prefix.clone(),
+            path_info,
+        }
     }
 }
 

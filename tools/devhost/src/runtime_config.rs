@@ -22,8 +22,12 @@ struct RawRuntimeConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KvBackend {
     /// SQLite file (Spin's default store type).
-    Spin { path: PathBuf },
-    Redis { url: String },
+    Spin {
+        path: PathBuf,
+    },
+    Redis {
+        url: String,
+    },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -60,7 +64,8 @@ impl RuntimeConfig {
     }
 
     pub fn load(path: &Path, state_dir: &Path, expand: impl Fn(&str) -> Result<String>) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading runtime config {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading runtime config {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::parse(&text, base, state_dir, expand).with_context(|| format!("in runtime config {}", path.display()))
     }
@@ -72,12 +77,14 @@ impl RuntimeConfig {
             let kind = table.get("type").and_then(|v| v.as_str()).unwrap_or_default().to_string();
             let backend = match kind.as_str() {
                 "spin" => {
-                    let s: SpinFile = toml::Value::Table(table).try_into().with_context(|| format!("key_value_store.{label}"))?;
+                    let s: SpinFile =
+                        toml::Value::Table(table).try_into().with_context(|| format!("key_value_store.{label}"))?;
                     let path = s.path.map(|p| base.join(p)).unwrap_or_else(|| state_dir.join(format!("kv_{label}.db")));
                     KvBackend::Spin { path }
                 }
                 "redis" => {
-                    let r: RedisStore = toml::Value::Table(table).try_into().with_context(|| format!("key_value_store.{label}"))?;
+                    let r: RedisStore =
+                        toml::Value::Table(table).try_into().with_context(|| format!("key_value_store.{label}"))?;
                     KvBackend::Redis { url: expand(&r.url)? }
                 }
                 other => bail!("key_value_store.{label}: devhost does not support type '{other}' (spin, redis)"),
@@ -89,7 +96,8 @@ impl RuntimeConfig {
             if kind != "spin" {
                 bail!("sqlite_database.{label}: devhost does not support type '{kind}' (spin)");
             }
-            let s: SpinFile = toml::Value::Table(table).try_into().with_context(|| format!("sqlite_database.{label}"))?;
+            let s: SpinFile =
+                toml::Value::Table(table).try_into().with_context(|| format!("sqlite_database.{label}"))?;
             let path = s.path.map(|p| base.join(p)).unwrap_or_else(|| state_dir.join(format!("sqlite_{label}.db")));
             cfg.sqlite.insert(label, path);
         }
@@ -123,7 +131,8 @@ mod tests {
     fn unknown_sections_keys_and_types_are_rejected() {
         assert!(parse("[llm_compute]\ntype = \"spin\"\n").is_err());
         assert!(parse("[key_value_store.x]\ntype = \"spin\"\npath = \"a\"\ncolour = 1\n").is_err());
-        let err = format!("{:#}", parse("[sqlite_database.x]\ntype = \"libsql\"\nurl = \"u\"\ntoken = \"t\"\n").unwrap_err());
+        let err =
+            format!("{:#}", parse("[sqlite_database.x]\ntype = \"libsql\"\nurl = \"u\"\ntoken = \"t\"\n").unwrap_err());
         assert!(err.contains("libsql"), "{err}");
     }
 }

@@ -33,11 +33,7 @@ impl Variables {
         let mut secrets = Vec::new();
         for (name, decl) in decls {
             let key = format!("SPIN_VARIABLE_{}", name.to_ascii_uppercase());
-            let value = env
-                .get(&key)
-                .or_else(|| file_values.get(&key))
-                .cloned()
-                .or_else(|| decl.default.clone());
+            let value = env.get(&key).or_else(|| file_values.get(&key)).cloned().or_else(|| decl.default.clone());
             match value {
                 Some(v) => {
                     if decl.secret && !v.is_empty() {
@@ -89,9 +85,8 @@ fn read_dotenv(path: &Path) -> Result<HashMap<String, String>> {
             continue;
         }
         let line = line.strip_prefix("export ").unwrap_or(line);
-        let (k, v) = line
-            .split_once('=')
-            .with_context(|| format!("{}:{}: expected KEY=VALUE", path.display(), n + 1))?;
+        let (k, v) =
+            line.split_once('=').with_context(|| format!("{}:{}: expected KEY=VALUE", path.display(), n + 1))?;
         let v = v.trim();
         let v = v
             .strip_prefix('"')
@@ -109,7 +104,10 @@ mod tests {
 
     fn decls() -> BTreeMap<String, VariableDecl> {
         let mut d = BTreeMap::new();
-        d.insert("port".into(), VariableDecl { required: false, default: Some("80".into()), secret: false, description: None });
+        d.insert(
+            "port".into(),
+            VariableDecl { required: false, default: Some("80".into()), secret: false, description: None },
+        );
         d.insert("token".into(), VariableDecl { required: true, default: None, secret: true, description: None });
         d
     }

@@ -107,7 +107,10 @@ async fn handle(req: Request) -> anyhow::Result<impl IntoResponse> {
             use spin_sdk::sqlite::{Connection, Value};
             let conn = Connection::open_default()?;
             conn.execute("CREATE TABLE IF NOT EXISTS visits (note TEXT NOT NULL)", &[])?;
-            conn.execute("INSERT INTO visits (note) VALUES (?)", &[Value::Text(q.get("note").cloned().unwrap_or_default())])?;
+            conn.execute(
+                "INSERT INTO visits (note) VALUES (?)",
+                &[Value::Text(q.get("note").cloned().unwrap_or_default())],
+            )?;
             let result = conn.execute("SELECT note FROM visits ORDER BY rowid", &[])?;
             let notes: Vec<String> = result.rows().map(|r| r.get::<&str>("note").unwrap_or("").to_string()).collect();
             respond(200, serde_json::to_vec(&notes)?)
@@ -119,7 +122,10 @@ async fn handle(req: Request) -> anyhow::Result<impl IntoResponse> {
                 Err(e) => return Ok(respond(502, format!("open failed: {e:?}"))),
             };
             let table = q.get("table").cloned().unwrap_or_else(|| "probe".into());
-            conn.execute(&format!("CREATE TABLE {table} (id BIGINT PRIMARY KEY, name TEXT, ok BOOLEAN, data BYTEA, n INT)"), &[])?;
+            conn.execute(
+                &format!("CREATE TABLE {table} (id BIGINT PRIMARY KEY, name TEXT, ok BOOLEAN, data BYTEA, n INT)"),
+                &[],
+            )?;
             conn.execute(
                 &format!("INSERT INTO {table} VALUES ($1, $2, $3, $4, $5)"),
                 &[
@@ -130,7 +136,10 @@ async fn handle(req: Request) -> anyhow::Result<impl IntoResponse> {
                     ParameterValue::DbNull,
                 ],
             )?;
-            let rows = conn.query(&format!("SELECT id, name, ok, data, n FROM {table} WHERE id = $1"), &[ParameterValue::Int64(42)])?;
+            let rows = conn.query(
+                &format!("SELECT id, name, ok, data, n FROM {table} WHERE id = $1"),
+                &[ParameterValue::Int64(42)],
+            )?;
             let row = rows.rows().next().ok_or_else(|| anyhow::anyhow!("no row"))?;
             let out = serde_json::json!({
                 "id": row.get::<i64>("id"),

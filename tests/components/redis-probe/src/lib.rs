@@ -12,11 +12,8 @@ fn on_message(message: bytes::Bytes) -> anyhow::Result<()> {
     }
     let store = spin_sdk::key_value::Store::open_default()?;
     let count_key = format!("count:{text}");
-    let count = store
-        .get(&count_key)?
-        .and_then(|v| String::from_utf8(v).ok())
-        .and_then(|s| s.parse::<u64>().ok())
-        .unwrap_or(0);
+    let count =
+        store.get(&count_key)?.and_then(|v| String::from_utf8(v).ok()).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
     store.set(&count_key, (count + 1).to_string().as_bytes())?;
     store.set(&format!("msg:{text}"), &message)?;
     Ok(())

@@ -22,7 +22,8 @@ impl KvBackend {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let conn = rusqlite::Connection::open(path).with_context(|| format!("opening key-value file {}", path.display()))?;
+        let conn =
+            rusqlite::Connection::open(path).with_context(|| format!("opening key-value file {}", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(
             "PRAGMA journal_mode=WAL;
@@ -35,7 +36,8 @@ impl KvBackend {
 
     pub async fn redis(url: &str) -> anyhow::Result<Self> {
         let client = redis::Client::open(url).context("invalid redis url for key-value store")?;
-        let manager = redis::aio::ConnectionManager::new(client).await.context("connecting key-value store to redis")?;
+        let manager =
+            redis::aio::ConnectionManager::new(client).await.context("connecting key-value store to redis")?;
         Ok(KvBackend::Redis(manager))
     }
 }
@@ -82,8 +84,10 @@ impl HostStore for HostState {
                 let label = s.label.clone();
                 with_sqlite(conn, move |c| {
                     use rusqlite::OptionalExtension;
-                    c.query_row("SELECT value FROM spin_key_value WHERE store = ?1 AND key = ?2", [&label, &key], |r| r.get(0))
-                        .optional()
+                    c.query_row("SELECT value FROM spin_key_value WHERE store = ?1 AND key = ?2", [&label, &key], |r| {
+                        r.get(0)
+                    })
+                    .optional()
                 })
                 .await
             }

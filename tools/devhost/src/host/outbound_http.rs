@@ -16,12 +16,16 @@ pub struct OutboundHttp {
 }
 
 type IoFuture = Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>;
-type SendFuture = Box<
-    dyn Future<Output = Result<(http::Response<WasiBody>, IoFuture), wasmtime_wasi_http::Error>> + Send,
->;
+type SendFuture =
+    Box<dyn Future<Output = Result<(http::Response<WasiBody>, IoFuture), wasmtime_wasi_http::Error>> + Send>;
 
 impl WasiHttpHooks for OutboundHttp {
-    fn send_request(&mut self, request: http::Request<WasiBody>, options: Option<RequestOptions>, _fut: IoFuture) -> SendFuture {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        _fut: IoFuture,
+    ) -> SendFuture {
         let uri = request.uri().clone();
         let scheme = uri.scheme_str().unwrap_or("http").to_string();
         let host = uri.host().unwrap_or_default().to_ascii_lowercase();
@@ -39,13 +43,10 @@ impl WasiHttpHooks for OutboundHttp {
                 }
                 let mut request = request;
                 request.headers_mut().remove(http::header::HOST);
-                let response = app
-                    .chain(target, request)
-                    .await
-                    .map_err(|e| {
-                        tracing::warn!(component = %ctx.id, "service chaining to '{target}' failed: {e:#}");
-                        wasmtime_wasi_http::Error::DestinationNotFound
-                    })?;
+                let response = app.chain(target, request).await.map_err(|e| {
+                    tracing::warn!(component = %ctx.id, "service chaining to '{target}' failed: {e:#}");
+                    wasmtime_wasi_http::Error::DestinationNotFound
+                })?;
                 let io: IoFuture = Box::new(async { Ok(()) });
                 return Ok((response, io));
             }

@@ -44,12 +44,15 @@ fn param(p: ParameterValue) -> Result<Box<dyn ToSql + Sync + Send>, Error> {
         ParameterValue::Floating64(f) => Box::new(f),
         ParameterValue::Str(s) => Box::new(s),
         ParameterValue::Binary(b) => Box::new(b),
-        ParameterValue::Uuid(s) => Box::new(uuid::Uuid::parse_str(&s).map_err(|e| Error::BadParameter(format!("uuid: {e}")))?),
-        ParameterValue::Jsonb(b) => {
-            Box::new(serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| Error::BadParameter(format!("jsonb: {e}")))?)
+        ParameterValue::Uuid(s) => {
+            Box::new(uuid::Uuid::parse_str(&s).map_err(|e| Error::BadParameter(format!("uuid: {e}")))?)
         }
+        ParameterValue::Jsonb(b) => Box::new(
+            serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| Error::BadParameter(format!("jsonb: {e}")))?,
+        ),
         ParameterValue::Timestamp(secs) => Box::new(
-            chrono::DateTime::from_timestamp(secs, 0).ok_or_else(|| Error::BadParameter("timestamp out of range".into()))?,
+            chrono::DateTime::from_timestamp(secs, 0)
+                .ok_or_else(|| Error::BadParameter("timestamp out of range".into()))?,
         ),
         ParameterValue::DbNull => Box::new(Null),
         other => return Err(Error::BadParameter(format!("devhost does not support parameter type {other:?}"))),
@@ -97,8 +100,12 @@ fn value(row: &tokio_postgres::Row, i: usize) -> Result<DbValue, Error> {
         Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => get!(String, DbValue::Str),
         Type::BYTEA => get!(Vec<u8>, DbValue::Binary),
         Type::UUID => get!(uuid::Uuid, |u: uuid::Uuid| DbValue::Uuid(u.to_string())),
-        Type::JSONB | Type::JSON => get!(serde_json::Value, |v: serde_json::Value| DbValue::Jsonb(v.to_string().into_bytes())),
-        Type::TIMESTAMPTZ => get!(chrono::DateTime<chrono::Utc>, |d: chrono::DateTime<chrono::Utc>| datetime(d.naive_utc())),
+        Type::JSONB | Type::JSON => {
+            get!(serde_json::Value, |v: serde_json::Value| DbValue::Jsonb(v.to_string().into_bytes()))
+        }
+        Type::TIMESTAMPTZ => {
+            get!(chrono::DateTime<chrono::Utc>, |d: chrono::DateTime<chrono::Utc>| datetime(d.naive_utc()))
+        }
         Type::TIMESTAMP => get!(chrono::NaiveDateTime, datetime),
         other => return Err(conversion(&col, format!("devhost does not support column type {}", other.name()))),
     })
@@ -106,7 +113,15 @@ fn value(row: &tokio_postgres::Row, i: usize) -> Result<DbValue, Error> {
 
 fn datetime(d: chrono::NaiveDateTime) -> DbValue {
     use chrono::{Datelike, Timelike};
-    DbValue::Datetime((d.year(), d.month() as u8, d.day() as u8, d.hour() as u8, d.minute() as u8, d.second() as u8, d.nanosecond()))
+    DbValue::Datetime((
+        d.year(),
+        d.month() as u8,
+        d.day() as u8,
+        d.hour() as u8,
+        d.minute() as u8,
+        d.second() as u8,
+        d.nanosecond(),
+    ))
 }
 
 fn query_failed(e: tokio_postgres::Error) -> Error {
@@ -160,7 +175,12 @@ impl HostConnection for HostState {
         self.table.push(PgConnection { client }).map_err(|e| Error::Other(e.to_string()))
     }
 
-    async fn query(&mut self, conn: Resource<PgConnection>, statement: String, values: Vec<ParameterValue>) -> Result<RowSet, Error> {
+    async fn query(
+        &mut self,
+        conn: Resource<PgConnection>,
+        statement: String,
+        values: Vec<ParameterValue>,
+    ) -> Result<RowSet, Error> {
         let params = params(values)?;
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
         let client = self.pg(&conn)?;
@@ -178,7 +198,12 @@ impl HostConnection for HostState {
         Ok(RowSet { columns, rows })
     }
 
-    async fn execute(&mut self, conn: Resource<PgConnection>, statement: String, values: Vec<ParameterValue>) -> Result<u64, Error> {
+    async fn execute(
+        &mut self,
+        conn: Resource<PgConnection>,
+        statement: String,
+        values: Vec<ParameterValue>,
+    ) -> Result<u64, Error> {
         let params = params(values)?;
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
         let client = self.pg(&conn)?;

@@ -72,7 +72,12 @@ impl HostConnection for HostState {
         self.table.push(conn).map_err(other)
     }
 
-    async fn publish(&mut self, conn: Resource<RedisConnection>, channel: String, payload: Vec<u8>) -> Result<(), Error> {
+    async fn publish(
+        &mut self,
+        conn: Resource<RedisConnection>,
+        channel: String,
+        payload: Vec<u8>,
+    ) -> Result<(), Error> {
         match self.redis(&conn)? {
             RedisConnection::Memory(b) => {
                 b.publish(&channel, payload);

@@ -16,7 +16,8 @@ pub fn connect(path: &Path) -> anyhow::Result<rusqlite::Connection> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let conn = rusqlite::Connection::open(path).with_context(|| format!("opening sqlite database {}", path.display()))?;
+    let conn =
+        rusqlite::Connection::open(path).with_context(|| format!("opening sqlite database {}", path.display()))?;
     // Several instances, or several devhost processes in tests, may write one file at once.
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     conn.execute_batch("PRAGMA journal_mode=WAL;").with_context(|| format!("preparing {}", path.display()))?;

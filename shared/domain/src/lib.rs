@@ -1,0 +1,10 @@
+//! astria-bot's domain: the rules, with no knowledge of Spin, wasmtime, HTTP or SQL.
+//!
+//! Components parse external input into these types at the edge, ask the domain what to do,
+//! and perform the I/O it decides. Everything here is pure and tested natively.
+
+pub mod money;
+pub mod order;
+
+pub use money::{Money, MoneyError};
+pub use order::{check_payment, PaymentCheck, TransitionError};

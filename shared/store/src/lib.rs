@@ -1,0 +1,175 @@
+//! The store every component uses, over either SQLite (Spin's embedded default) or PostgreSQL
+//! (production), chosen by the `database_url` variable.
+//!
+//! This crate knows no Spin: [`Db`] is the small synchronous interface both spin-sdk backends
+//! offer (`sqlite::Connection::execute`, `pg4::Connection::{query, execute}`). Components
+//! implement it over spin-sdk; the contract tests implement it natively over rusqlite and
+//! postgres, and run the same suite against both.
+//!
+//! SQL is written once, with `$1`-style placeholders; [`Dialect::sql`] rewrites them for SQLite.
+//! Portable column types only: BIGINT for integers, times (unix milliseconds) and flags, TEXT
+//! for strings and JSON.
+
+pub mod migrations;
+pub mod outbox;
+
+use std::fmt;
+
+/// A value bound to, or read from, a statement.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Null,
+    Int(i64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+impl From<i64> for Value {
+    fn from(v: i64) -> Self {
+        Value::Int(v)
+    }
+}
+impl From<&str> for Value {
+    fn from(v: &str) -> Self {
+        Value::Text(v.to_string())
+    }
+}
+impl From<String> for Value {
+    fn from(v: String) -> Self {
+        Value::Text(v)
+    }
+}
+impl<T: Into<Value>> From<Option<T>> for Value {
+    fn from(v: Option<T>) -> Self {
+        v.map(Into::into).unwrap_or(Value::Null)
+    }
+}
+
+/// One result row, by column position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row(pub Vec<Value>);
+
+impl Row {
+    pub fn int(&self, i: usize) -> Result<i64, DbError> {
+        match self.0.get(i) {
+            Some(Value::Int(v)) => Ok(*v),
+            other => Err(DbError::Decode(format!("column {i}: expected integer, got {other:?}"))),
+        }
+    }
+    pub fn opt_int(&self, i: usize) -> Result<Option<i64>, DbError> {
+        match self.0.get(i) {
+            Some(Value::Null) => Ok(None),
+            _ => self.int(i).map(Some),
+        }
+    }
+    pub fn text(&self, i: usize) -> Result<String, DbError> {
+        match self.0.get(i) {
+            Some(Value::Text(v)) => Ok(v.clone()),
+            other => Err(DbError::Decode(format!("column {i}: expected text, got {other:?}"))),
+        }
+    }
+    pub fn opt_text(&self, i: usize) -> Result<Option<String>, DbError> {
+        match self.0.get(i) {
+            Some(Value::Null) => Ok(None),
+            _ => self.text(i).map(Some),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    /// Rewrites `$n` placeholders for the dialect (SQLite takes `?n`).
+    pub fn sql(self, sql: &str) -> String {
+        match self {
+            Dialect::Postgres => sql.to_string(),
+            Dialect::Sqlite => {
+                let mut out = String::with_capacity(sql.len());
+                let mut chars = sql.chars().peekable();
+                while let Some(c) = chars.next() {
+                    if c == '$' && chars.peek().is_some_and(|d| d.is_ascii_digit()) {
+                        out.push('?');
+                    } else {
+                        out.push(c);
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
+/// Errors from the database layer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DbError {
+    /// The database could not be reached: a dependency outage (HTTP 503).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A unique or primary-key constraint refused the write.
+    #[error("unique constraint violated: {0}")]
+    Conflict(String),
+    /// Any other failed statement.
+    #[error("query failed: {0}")]
+    Query(String),
+    /// A value did not have the expected type.
+    #[error("unexpected value: {0}")]
+    Decode(String),
+}
+
+/// The database operations the store needs, as both spin-sdk backends offer them.
+pub trait Db {
+    fn dialect(&self) -> Dialect;
+    /// Runs a statement that returns no rows; answers the number of rows affected.
+    fn execute(&self, sql: &str, params: &[Value]) -> Result<u64, DbError>;
+    /// Runs a statement that returns rows.
+    fn query(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError>;
+}
+
+/// Runs `f` inside a transaction: committed when it returns `Ok`, rolled back otherwise.
+pub fn transaction<D: Db + ?Sized, T, E>(db: &D, f: impl FnOnce(&D) -> Result<T, E>) -> Result<T, E>
+where
+    E: From<DbError>,
+{
+    // IMMEDIATE takes SQLite's write lock at once, so two writers never deadlock upgrading.
+    let begin = match db.dialect() {
+        Dialect::Sqlite => "BEGIN IMMEDIATE",
+        Dialect::Postgres => "BEGIN",
+    };
+    db.execute(begin, &[])?;
+    match f(db) {
+        Ok(v) => {
+            db.execute("COMMIT", &[])?;
+            Ok(v)
+        }
+        Err(e) => {
+            // The error that made us roll back is the one worth reporting.
+            let _rollback = db.execute("ROLLBACK", &[]);
+            Err(e)
+        }
+    }
+}
+
+impl fmt::Display for Dialect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Dialect::Sqlite => "sqlite",
+            Dialect::Postgres => "postgres",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_rewritten_for_sqlite_only() {
+        let sql = "SELECT $1, '$x', $12 FROM t WHERE a = $2";
+        assert_eq!(Dialect::Sqlite.sql(sql), "SELECT ?1, '$x', ?12 FROM t WHERE a = ?2");
+        assert_eq!(Dialect::Postgres.sql(sql), sql);
+    }
+}

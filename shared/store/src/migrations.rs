@@ -1,0 +1,84 @@
+//! Schema migrations for SQLite and PostgreSQL, applied at first use by whichever instance gets
+//! there first, recorded in `schema_migrations`.
+//!
+//! Safe with several replicas starting at once: on PostgreSQL the whole check-and-apply runs in
+//! one transaction holding an advisory lock; on SQLite `BEGIN IMMEDIATE` serialises writers.
+//! Migrations are append-only: never edit one that has shipped, add the next version.
+
+use crate::{transaction, Db, DbError, Dialect, Value};
+
+/// One schema step. `sql` is portable unless a dialect-specific variant is given.
+pub struct Migration {
+    pub version: i64,
+    pub name: &'static str,
+    pub sql: &'static [&'static str],
+}
+
+/// Key of the PostgreSQL advisory lock that serialises migrations (any constant works, as long
+/// as nothing else in the database uses it).
+const MIGRATION_LOCK: i64 = 0x61_73_74_72_69_61; // "astria"
+
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "event outbox and consumer claims",
+    sql: &[
+        // Every event, written in the same transaction as the change that caused it.
+        "CREATE TABLE outbox (
+            id TEXT PRIMARY KEY,
+            channel TEXT NOT NULL,
+            event_type TEXT NOT NULL,
+            envelope TEXT NOT NULL,
+            correlation_id TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            status TEXT NOT NULL,
+            attempts BIGINT NOT NULL DEFAULT 0,
+            next_attempt_at BIGINT NOT NULL,
+            completed_at BIGINT,
+            last_error TEXT
+        )",
+        "CREATE INDEX outbox_due ON outbox (status, next_attempt_at)",
+        // One row per (event, consumer) that acted: the primary key makes acting twice impossible.
+        "CREATE TABLE event_claims (
+            event_id TEXT NOT NULL,
+            consumer TEXT NOT NULL,
+            claimed_at BIGINT NOT NULL,
+            PRIMARY KEY (event_id, consumer)
+        )",
+    ],
+}];
+
+/// Applies every migration not yet recorded; answers the versions it applied.
+pub fn migrate<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<Vec<i64>, DbError> {
+    transaction(db, |db| {
+        if db.dialect() == Dialect::Postgres {
+            db.execute("SELECT pg_advisory_xact_lock($1)", &[Value::Int(MIGRATION_LOCK)])?;
+        }
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+            &[],
+        )?;
+        let applied: Vec<i64> = db
+            .query("SELECT version FROM schema_migrations", &[])?
+            .iter()
+            .map(|r| r.int(0))
+            .collect::<Result<_, _>>()?;
+        let mut done = Vec::new();
+        for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
+            for stmt in m.sql {
+                db.execute(stmt, &[])?;
+            }
+            db.execute(
+                &db.dialect().sql("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)"),
+                &[Value::Int(m.version), Value::from(m.name), Value::Int(now_ms)],
+            )?;
+            done.push(m.version);
+        }
+        Ok(done)
+    })
+}
+
+/// The newest schema version this build knows.
+pub fn latest_version() -> i64 {
+    MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0)
+}

@@ -1,0 +1,370 @@
+//! The store contract: the same suite against real SQLite and real PostgreSQL, through native
+//! `Db` implementations that behave like the spin-sdk backends the components use.
+
+use std::cell::RefCell;
+use std::sync::{Arc, Barrier};
+
+use astria_models::EventEnvelope;
+use astria_store::migrations::{latest_version, migrate};
+use astria_store::outbox::{self, status, Attempt, RelayPolicy};
+use astria_store::{transaction, Db, DbError, Dialect, Row, Value};
+
+// ------------------------------------------------------------------ native backends
+
+struct Sqlite(rusqlite::Connection);
+
+impl Sqlite {
+    fn open(path: &std::path::Path) -> Self {
+        let c = rusqlite::Connection::open(path).unwrap();
+        c.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+        c.execute_batch("PRAGMA journal_mode=WAL;").unwrap();
+        Sqlite(c)
+    }
+}
+
+fn sqlite_err(e: rusqlite::Error) -> DbError {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::ConstraintViolation) => DbError::Conflict(e.to_string()),
+        Some(rusqlite::ErrorCode::DatabaseBusy) => DbError::Unavailable(e.to_string()),
+        _ => DbError::Query(e.to_string()),
+    }
+}
+
+impl Db for Sqlite {
+    fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
+    }
+    fn execute(&self, sql: &str, params: &[Value]) -> Result<u64, DbError> {
+        let p: Vec<rusqlite::types::Value> = params.iter().map(to_sqlite).collect();
+        self.0.execute(sql, rusqlite::params_from_iter(p)).map(|n| n as u64).map_err(sqlite_err)
+    }
+    fn query(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError> {
+        let p: Vec<rusqlite::types::Value> = params.iter().map(to_sqlite).collect();
+        let mut stmt = self.0.prepare(sql).map_err(sqlite_err)?;
+        let n = stmt.column_count();
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(p), |r| {
+                (0..n)
+                    .map(|i| {
+                        Ok(match r.get_ref(i)? {
+                            rusqlite::types::ValueRef::Null => Value::Null,
+                            rusqlite::types::ValueRef::Integer(v) => Value::Int(v),
+                            rusqlite::types::ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into()),
+                            rusqlite::types::ValueRef::Blob(b) => Value::Blob(b.to_vec()),
+                            rusqlite::types::ValueRef::Real(f) => Value::Text(f.to_string()),
+                        })
+                    })
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                    .map(Row)
+            })
+            .map_err(sqlite_err)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(sqlite_err)
+    }
+}
+
+fn to_sqlite(v: &Value) -> rusqlite::types::Value {
+    match v {
+        Value::Null => rusqlite::types::Value::Null,
+        Value::Int(i) => rusqlite::types::Value::Integer(*i),
+        Value::Text(s) => rusqlite::types::Value::Text(s.clone()),
+        Value::Blob(b) => rusqlite::types::Value::Blob(b.clone()),
+    }
+}
+
+struct Pg(RefCell<postgres::Client>);
+
+fn pg_err(e: postgres::Error) -> DbError {
+    match e.code() {
+        Some(c) if *c == postgres::error::SqlState::UNIQUE_VIOLATION => DbError::Conflict(e.to_string()),
+        _ if e.is_closed() => DbError::Unavailable(e.to_string()),
+        _ => DbError::Query(e.to_string()),
+    }
+}
+
+fn pg_params(params: &[Value]) -> Vec<Box<dyn postgres::types::ToSql + Sync>> {
+    params
+        .iter()
+        .map(|v| -> Box<dyn postgres::types::ToSql + Sync> {
+            match v {
+                Value::Null => Box::new(Option::<String>::None),
+                Value::Int(i) => Box::new(*i),
+                Value::Text(s) => Box::new(s.clone()),
+                Value::Blob(b) => Box::new(b.clone()),
+            }
+        })
+        .collect()
+}
+
+impl Db for Pg {
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
+    }
+    fn execute(&self, sql: &str, params: &[Value]) -> Result<u64, DbError> {
+        let p = pg_params(params);
+        let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = p.iter().map(|b| b.as_ref()).collect();
+        self.0.borrow_mut().execute(sql, &refs).map_err(pg_err)
+    }
+    fn query(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError> {
+        let p = pg_params(params);
+        let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = p.iter().map(|b| b.as_ref()).collect();
+        let rows = self.0.borrow_mut().query(sql, &refs).map_err(pg_err)?;
+        rows.iter()
+            .map(|r| {
+                (0..r.len())
+                    .map(|i| {
+                        use postgres::types::Type;
+                        let t = r.columns()[i].type_().clone();
+                        Ok(match t {
+                            Type::INT8 => r.get::<_, Option<i64>>(i).map(Value::Int),
+                            Type::INT4 => r.get::<_, Option<i32>>(i).map(|v| Value::Int(v.into())),
+                            Type::TEXT | Type::VARCHAR => r.get::<_, Option<String>>(i).map(Value::Text),
+                            Type::BYTEA => r.get::<_, Option<Vec<u8>>>(i).map(Value::Blob),
+                            other => return Err(DbError::Decode(format!("type {other}"))),
+                        }
+                        .unwrap_or(Value::Null))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(Row)
+            })
+            .collect()
+    }
+}
+
+fn admin_url() -> String {
+    std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A fresh PostgreSQL database, dropped at the end of the test.
+struct PgDatabase {
+    name: String,
+}
+
+impl PgDatabase {
+    fn new() -> Self {
+        let name = format!("astria_store_{}", uuid::Uuid::new_v4().simple());
+        postgres::Client::connect(&admin_url(), postgres::NoTls)
+            .expect("PostgreSQL is running (scripts/test.sh starts it)")
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+        PgDatabase { name }
+    }
+    fn connect(&self) -> Pg {
+        let base = admin_url();
+        let url = format!("{}/{}", base.rsplit_once('/').unwrap().0, self.name);
+        Pg(RefCell::new(postgres::Client::connect(&url, postgres::NoTls).unwrap()))
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        if let Ok(mut c) = postgres::Client::connect(&admin_url(), postgres::NoTls) {
+            let _ = c.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
+        }
+    }
+}
+
+/// Runs `suite` on SQLite and on PostgreSQL, each with a fresh database; `connect` gives a new
+/// connection to the same database (for concurrency tests).
+fn on_both(suite: fn(&dyn Fn() -> Box<dyn Db + Send>)) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    suite(&|| Box::new(Sqlite::open(&path)));
+
+    let db = PgDatabase::new();
+    suite(&|| Box::new(db.connect()));
+}
+
+fn event(id: &str) -> EventEnvelope {
+    EventEnvelope {
+        id: id.into(),
+        event_type: "order.paid".into(),
+        occurred_at: "2026-11-25T06:00:00Z".into(),
+        correlation_id: "corr-1".into(),
+        payload: r#"{"order_id":"o-1"}"#.into(),
+    }
+}
+
+const POLICY: RelayPolicy =
+    RelayPolicy { grace_ms: 1_000, base_backoff_ms: 100, max_backoff_ms: 1_000, max_attempts: 3 };
+
+// ------------------------------------------------------------------ the contract
+
+#[test]
+fn migrations_apply_once_and_record_their_version() {
+    on_both(|connect| {
+        let db = connect();
+        assert_eq!(migrate(db.as_ref(), 1).unwrap(), vec![1]);
+        assert_eq!(migrate(db.as_ref(), 2).unwrap(), Vec::<i64>::new(), "second run is a no-op");
+        let v = db.query("SELECT MAX(version) FROM schema_migrations", &[]).unwrap()[0].int(0).unwrap();
+        assert_eq!(v, latest_version());
+    });
+}
+
+#[test]
+fn concurrent_migrations_from_many_replicas_apply_exactly_once() {
+    on_both(|connect| {
+        let n = 4;
+        let barrier = Arc::new(Barrier::new(n));
+        let handles: Vec<_> = (0..n)
+            .map(|_| {
+                let db = connect();
+                let barrier = barrier.clone();
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    migrate(db.as_ref(), 1).unwrap()
+                })
+            })
+            .collect();
+        let applied: Vec<Vec<i64>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(applied.iter().filter(|a| !a.is_empty()).count(), 1, "{applied:?}");
+        let db = connect();
+        assert_eq!(db.query("SELECT COUNT(*) FROM schema_migrations", &[]).unwrap()[0].int(0).unwrap(), 1);
+    });
+}
+
+#[test]
+fn a_failed_transaction_leaves_nothing_behind() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 1).unwrap();
+        let result: Result<(), DbError> = transaction(db.as_ref(), |db| {
+            outbox::enqueue(db, "orders", &event("e1"), 0, &POLICY)?;
+            Err(DbError::Query("effect failed".into()))
+        });
+        assert!(result.is_err());
+        assert_eq!(outbox::get(db.as_ref(), "e1").unwrap(), None);
+    });
+}
+
+#[test]
+fn a_duplicate_event_id_is_a_conflict() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 1).unwrap();
+        outbox::enqueue(db.as_ref(), "orders", &event("e1"), 0, &POLICY).unwrap();
+        let err = outbox::enqueue(db.as_ref(), "orders", &event("e1"), 0, &POLICY).unwrap_err();
+        assert!(matches!(err, DbError::Conflict(_)), "{err:?}");
+    });
+}
+
+#[test]
+fn an_event_is_due_for_relay_only_after_its_grace_period_and_until_completed() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 1).unwrap();
+        let json = outbox::enqueue(db.as_ref(), "orders", &event("e1"), 10_000, &POLICY).unwrap();
+        assert_eq!(serde_json::from_str::<EventEnvelope>(&json).unwrap(), event("e1"));
+        outbox::mark_published(db.as_ref(), "e1").unwrap();
+        assert!(outbox::due(db.as_ref(), 10_500, 10).unwrap().is_empty());
+        let due = outbox::due(db.as_ref(), 11_000, 10).unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(
+            (due[0].status.as_str(), due[0].attempts, due[0].envelope.as_str()),
+            (status::PUBLISHED, 1, json.as_str())
+        );
+
+        assert!(outbox::claim(db.as_ref(), "e1", "image-service", 11_000).unwrap());
+        outbox::complete(db.as_ref(), "e1", 11_000).unwrap();
+        assert!(outbox::due(db.as_ref(), 99_000, 10).unwrap().is_empty());
+        assert_eq!(outbox::get(db.as_ref(), "e1").unwrap().unwrap().status, status::DONE);
+    });
+}
+
+#[test]
+fn a_claim_succeeds_once_per_consumer() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 1).unwrap();
+        assert!(outbox::claim(db.as_ref(), "e1", "image-service", 1).unwrap());
+        assert!(!outbox::claim(db.as_ref(), "e1", "image-service", 2).unwrap());
+        assert!(outbox::claim(db.as_ref(), "e1", "message-service", 2).unwrap(), "another consumer has its own claim");
+    });
+}
+
+#[test]
+fn of_three_concurrent_replicas_exactly_one_claims_and_acts() {
+    on_both(|connect| {
+        migrate(connect().as_ref(), 1).unwrap();
+        for round in 0..20 {
+            let id = format!("e{round}");
+            let barrier = Arc::new(Barrier::new(3));
+            let handles: Vec<_> = (0..3)
+                .map(|_| {
+                    let db = connect();
+                    let (barrier, id) = (barrier.clone(), id.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        // Claim and effect in one transaction, as consumers do.
+                        transaction(db.as_ref(), |db| {
+                            let mine = outbox::claim(db, &id, "image-service", 1)?;
+                            if mine {
+                                db.execute(
+                                    &db.dialect().sql(
+                                        "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, 0)",
+                                    ),
+                                    &[Value::Int(1000 + round), Value::from(id.as_str())],
+                                )?;
+                            }
+                            Ok::<_, DbError>(mine)
+                        })
+                        .unwrap()
+                    })
+                })
+                .collect();
+            let winners = handles.into_iter().map(|h| h.join().unwrap()).filter(|w| *w).count();
+            assert_eq!(winners, 1, "round {round}");
+        }
+        let effects = connect().query("SELECT COUNT(*) FROM schema_migrations WHERE version >= 1000", &[]).unwrap()[0]
+            .int(0)
+            .unwrap();
+        assert_eq!(effects, 20);
+    });
+}
+
+#[test]
+fn relay_attempts_back_off_then_dead_letter_and_can_be_replayed() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 1).unwrap();
+        outbox::enqueue(db.as_ref(), "orders", &event("poison"), 0, &POLICY).unwrap();
+        outbox::mark_published(db.as_ref(), "poison").unwrap();
+
+        let mut now = POLICY.grace_ms;
+        let mut published = 1;
+        loop {
+            let due = outbox::due(db.as_ref(), now, 10).unwrap();
+            assert_eq!(due.len(), 1, "still due at {now}");
+            match outbox::record_attempt(db.as_ref(), &due[0], now, &POLICY).unwrap() {
+                Some(Attempt::Publish { next_attempt_at }) => {
+                    published += 1;
+                    assert_eq!(next_attempt_at - now, POLICY.backoff_ms(published));
+                    now = next_attempt_at;
+                }
+                Some(Attempt::DeadLettered) => break,
+                None => panic!("attempt lost"),
+            }
+        }
+        assert_eq!(published, POLICY.max_attempts);
+        assert!(outbox::due(db.as_ref(), i64::MAX / 2, 10).unwrap().is_empty());
+        let dead = outbox::dead_letters(db.as_ref(), 10).unwrap();
+        assert_eq!(dead.len(), 1);
+        assert!(dead[0].last_error.as_deref().unwrap().contains("3 attempts"));
+
+        assert!(outbox::replay(db.as_ref(), "poison", now).unwrap());
+        assert!(!outbox::replay(db.as_ref(), "poison", now).unwrap(), "only dead events are replayed");
+        assert_eq!(outbox::due(db.as_ref(), now, 10).unwrap()[0].attempts, 0);
+    });
+}
+
+#[test]
+fn two_relays_never_both_publish_the_same_attempt() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 1).unwrap();
+        outbox::enqueue(db.as_ref(), "orders", &event("e1"), 0, &POLICY).unwrap();
+        let seen_by_a = outbox::due(db.as_ref(), 5_000, 10).unwrap();
+        let seen_by_b = outbox::due(connect().as_ref(), 5_000, 10).unwrap();
+        assert!(outbox::record_attempt(db.as_ref(), &seen_by_a[0], 5_000, &POLICY).unwrap().is_some());
+        assert_eq!(outbox::record_attempt(connect().as_ref(), &seen_by_b[0], 5_000, &POLICY).unwrap(), None);
+    });
+}
