@@ -3,6 +3,8 @@
 //! This is the only shared crate that knows spin-sdk: it turns domain answers into Spin HTTP
 //! responses. Domain logic does not belong here.
 
+pub mod db;
+
 use astria_models::HealthReport;
 use spin_sdk::http::Response;
 

@@ -1,0 +1,130 @@
+//! The store's [`Db`] interface over spin-sdk: Spin's `default` SQLite database, or PostgreSQL
+//! when the `database_url` variable holds a `postgres://` URL.
+
+use astria_store::{Db, DbError, Dialect, Row, Value};
+use spin_sdk::{pg4, sqlite};
+
+/// An open database connection of either kind.
+pub enum SpinDb {
+    Sqlite(sqlite::Connection),
+    Postgres(pg4::Connection),
+}
+
+impl SpinDb {
+    /// Opens the database `database_url` names: `sqlite:default` (or empty) for Spin's default
+    /// SQLite database, `postgres://...` for PostgreSQL.
+    pub fn open(database_url: &str) -> Result<Self, DbError> {
+        if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
+            pg4::Connection::open(database_url).map(SpinDb::Postgres).map_err(pg_error)
+        } else {
+            let label = database_url.strip_prefix("sqlite:").filter(|l| !l.is_empty()).unwrap_or("default");
+            sqlite::Connection::open(label).map(SpinDb::Sqlite).map_err(sqlite_error)
+        }
+    }
+}
+
+fn sqlite_error(e: sqlite::Error) -> DbError {
+    match e {
+        // spin-sdk's SQLite interface reports constraint failures only as text; this prefix is
+        // SQLite's own, stable wording for them.
+        sqlite::Error::Io(msg) if msg.starts_with("UNIQUE constraint failed") => DbError::Conflict(msg),
+        sqlite::Error::Io(msg) if msg.contains("database is locked") => DbError::Unavailable(msg),
+        sqlite::Error::Io(msg) => DbError::Query(msg),
+        other => DbError::Unavailable(format!("{other:?}")),
+    }
+}
+
+fn pg_error(e: pg4::PgError) -> DbError {
+    match e {
+        pg4::PgError::ConnectionFailed(msg) => DbError::Unavailable(msg),
+        pg4::PgError::QueryFailed(pg4::QueryError::DbError(db)) if db.code == "23505" => DbError::Conflict(db.message),
+        pg4::PgError::QueryFailed(pg4::QueryError::DbError(db)) => {
+            DbError::Query(format!("{} ({})", db.message, db.code))
+        }
+        pg4::PgError::QueryFailed(pg4::QueryError::Text(t)) if t.contains("connection closed") => {
+            DbError::Unavailable(t)
+        }
+        other => DbError::Query(format!("{other:?}")),
+    }
+}
+
+fn sqlite_params(params: &[Value]) -> Vec<sqlite::Value> {
+    params
+        .iter()
+        .map(|v| match v {
+            Value::Null => sqlite::Value::Null,
+            Value::Int(i) => sqlite::Value::Integer(*i),
+            Value::Text(s) => sqlite::Value::Text(s.clone()),
+            Value::Blob(b) => sqlite::Value::Blob(b.clone()),
+        })
+        .collect()
+}
+
+fn pg_params(params: &[Value]) -> Vec<pg4::ParameterValue> {
+    params
+        .iter()
+        .map(|v| match v {
+            Value::Null => pg4::ParameterValue::DbNull,
+            Value::Int(i) => pg4::ParameterValue::Int64(*i),
+            Value::Text(s) => pg4::ParameterValue::Str(s.clone()),
+            Value::Blob(b) => pg4::ParameterValue::Binary(b.clone()),
+        })
+        .collect()
+}
+
+fn from_sqlite(v: &sqlite::Value) -> Value {
+    match v {
+        sqlite::Value::Null => Value::Null,
+        sqlite::Value::Integer(i) => Value::Int(*i),
+        sqlite::Value::Text(s) => Value::Text(s.clone()),
+        sqlite::Value::Blob(b) => Value::Blob(b.clone()),
+        sqlite::Value::Real(f) => Value::Text(f.to_string()),
+    }
+}
+
+fn from_pg(v: &pg4::DbValue) -> Result<Value, DbError> {
+    Ok(match v {
+        pg4::DbValue::DbNull => Value::Null,
+        pg4::DbValue::Int16(i) => Value::Int((*i).into()),
+        pg4::DbValue::Int32(i) => Value::Int((*i).into()),
+        pg4::DbValue::Int64(i) => Value::Int(*i),
+        pg4::DbValue::Boolean(b) => Value::Int((*b).into()),
+        pg4::DbValue::Str(s) => Value::Text(s.clone()),
+        pg4::DbValue::Binary(b) => Value::Blob(b.clone()),
+        other => return Err(DbError::Decode(format!("unsupported PostgreSQL value {other:?}"))),
+    })
+}
+
+impl Db for SpinDb {
+    fn dialect(&self) -> Dialect {
+        match self {
+            SpinDb::Sqlite(_) => Dialect::Sqlite,
+            SpinDb::Postgres(_) => Dialect::Postgres,
+        }
+    }
+
+    fn execute(&self, sql: &str, params: &[Value]) -> Result<u64, DbError> {
+        match self {
+            SpinDb::Sqlite(c) => {
+                c.execute(sql, &sqlite_params(params)).map_err(sqlite_error)?;
+                // spin-sdk does not report affected rows for SQLite; ask SQLite itself.
+                let r = c.execute("SELECT changes()", &[]).map_err(sqlite_error)?;
+                Ok(r.rows.first().and_then(|row| row.get::<i64>(0)).unwrap_or(0) as u64)
+            }
+            SpinDb::Postgres(c) => c.execute(sql, &pg_params(params)).map_err(pg_error),
+        }
+    }
+
+    fn query(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError> {
+        match self {
+            SpinDb::Sqlite(c) => {
+                let r = c.execute(sql, &sqlite_params(params)).map_err(sqlite_error)?;
+                Ok(r.rows.iter().map(|row| Row(row.values.iter().map(from_sqlite).collect())).collect())
+            }
+            SpinDb::Postgres(c) => {
+                let r = c.query(sql, &pg_params(params)).map_err(pg_error)?;
+                r.rows.iter().map(|row| row.iter().map(from_pg).collect::<Result<Vec<_>, _>>().map(Row)).collect()
+            }
+        }
+    }
+}
