@@ -83,8 +83,10 @@ pub struct AppConfig {
     pub redis_memory: bool,
     /// Create a fresh PostgreSQL database; its URL is in `TestApp::database_url`.
     pub postgres: bool,
-    /// Reuse a state directory (to test persistence across restarts).
+    /// Reuse a state directory (to test persistence across restarts, or to share SQLite).
     pub state_dir: Option<PathBuf>,
+    /// Use this channel prefix instead of a fresh one (apps acting as replicas share it).
+    pub channel_prefix: Option<String>,
 }
 
 impl AppConfig {
@@ -94,6 +96,18 @@ impl AppConfig {
 
     pub fn var(mut self, name: &str, value: impl Into<String>) -> Self {
         self.env.insert(format!("SPIN_VARIABLE_{}", name.to_ascii_uppercase()), value.into());
+        self
+    }
+
+    /// A replica of `app`: same manifest settings, same database, same state directory and
+    /// Redis channels, so that both consume the same events.
+    pub fn replica_of(mut self, app: &TestApp) -> Self {
+        self.postgres = false;
+        if let Some(url) = &app.database_url {
+            self = self.var("database_url", url.clone());
+        }
+        self.state_dir = Some(app.state_dir.clone());
+        self.channel_prefix = Some(app.channel_prefix.clone());
         self
     }
 }
@@ -233,7 +247,10 @@ pub fn app_manifest() -> String {
 pub async fn spawn_app(config: AppConfig) -> Result<TestApp> {
     let host = Host::from_env()?;
     let work = tempfile::tempdir()?;
-    let channel_prefix = format!("t{}-", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let channel_prefix = config
+        .channel_prefix
+        .clone()
+        .unwrap_or_else(|| format!("t{}-", &uuid::Uuid::new_v4().simple().to_string()[..12]));
     let manifest = config
         .manifest
         .replace("@WASM_DIR@", &wasm_dir().display().to_string())
@@ -331,7 +348,12 @@ pub async fn spawn_app_expecting_failure(config: AppConfig) -> Result<String> {
 
 /// Waits until a Redis channel has at least `n` subscribers (the trigger is listening).
 pub async fn wait_for_subscribers(channel: &str, n: i64) -> Result<()> {
-    let client = redis::Client::open(redis_url())?;
+    wait_for_subscribers_at(&redis_url(), channel, n).await
+}
+
+/// Like [`wait_for_subscribers`], on the Redis at `url`.
+pub async fn wait_for_subscribers_at(url: &str, channel: &str, n: i64) -> Result<()> {
+    let client = redis::Client::open(url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -344,6 +366,63 @@ pub async fn wait_for_subscribers(channel: &str, n: i64) -> Result<()> {
             bail!("channel {channel} has {count} subscribers, expected {n}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A Redis server of the test's own, on a free port, that the test may stop and restart
+/// (stopping the shared one would disturb other tests).
+pub struct TestRedis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl TestRedis {
+    pub async fn start() -> Result<TestRedis> {
+        let mut r = TestRedis { port: free_port(), child: None };
+        r.restart().await?;
+        Ok(r)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again, on the same port).
+    pub async fn restart(&mut self) -> Result<()> {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting redis-server (scripts/ensure-services.sh installs it)")?;
+        self.child = Some(child);
+        let client = redis::Client::open(self.url())?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                if redis::cmd("PING").query_async::<String>(&mut c).await.is_ok() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("redis-server on port {} did not start", self.port);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the server, as an outage would.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

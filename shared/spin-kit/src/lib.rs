@@ -4,6 +4,8 @@
 //! responses. Domain logic does not belong here.
 
 pub mod db;
+pub mod events;
+pub mod log;
 
 use astria_models::HealthReport;
 use spin_sdk::http::Response;

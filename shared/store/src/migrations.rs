@@ -82,3 +82,17 @@ pub fn migrate<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<Vec<i64>, DbError>
 pub fn latest_version() -> i64 {
     MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0)
 }
+
+/// Migrates only when the schema is behind: one cheap read on the hot path instead of a write
+/// transaction per request.
+pub fn ensure_migrated<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<(), DbError> {
+    let current = db
+        .query("SELECT MAX(version) FROM schema_migrations", &[])
+        .ok()
+        .and_then(|rows| rows.first().and_then(|r| r.opt_int(0).ok().flatten()))
+        .unwrap_or(0);
+    if current < latest_version() {
+        migrate(db, now_ms)?;
+    }
+    Ok(())
+}

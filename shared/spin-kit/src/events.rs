@@ -1,0 +1,171 @@
+//! Emitting, consuming and relaying events over the outbox and Redis (see
+//! `astria_store::outbox` for the design).
+
+use astria_models::EventEnvelope;
+use astria_store::outbox::{self, Attempt, RelayPolicy};
+use astria_store::{transaction, Db, DbError};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// RFC 3339 UTC time for envelopes.
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// A new envelope with a fresh id.
+pub fn envelope(event_type: &str, payload: &impl serde::Serialize, correlation_id: &str) -> EventEnvelope {
+    EventEnvelope {
+        id: uuid::Uuid::new_v4().to_string(),
+        event_type: event_type.to_string(),
+        occurred_at: now_rfc3339(),
+        correlation_id: correlation_id.to_string(),
+        payload: serde_json::to_string(payload).unwrap_or_else(|_| "null".into()),
+    }
+}
+
+/// An event written to the outbox, to be published once its transaction has committed.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub id: String,
+    pub channel: String,
+    pub json: String,
+}
+
+/// Writes `event` to the outbox; call inside the transaction of the change that caused it.
+pub fn emit<D: Db + ?Sized>(
+    db: &D,
+    channel: &str,
+    event: &EventEnvelope,
+    policy: &RelayPolicy,
+) -> Result<Pending, DbError> {
+    let json = outbox::enqueue(db, channel, event, now_ms(), policy)?;
+    Ok(Pending { id: event.id.clone(), channel: channel.to_string(), json })
+}
+
+/// Publishes committed events. A Redis failure is logged and left to the relay: the events are
+/// safe in the outbox. Answers how many were published.
+pub fn publish<D: Db + ?Sized>(db: &D, redis_url: &str, pending: &[Pending]) -> usize {
+    if pending.is_empty() {
+        return 0;
+    }
+    let conn = match spin_sdk::redis::Connection::open(redis_url) {
+        Ok(c) => c,
+        Err(e) => {
+            crate::log::warn(
+                "events.publish",
+                &format!("redis unavailable, {} event(s) left to the relay: {e:?}", pending.len()),
+            );
+            return 0;
+        }
+    };
+    let mut published = 0;
+    for p in pending {
+        match conn.publish(&p.channel, &p.json.as_bytes().to_vec()) {
+            Ok(()) => {
+                published += 1;
+                if let Err(e) = outbox::mark_published(db, &p.id) {
+                    crate::log::warn("events.publish", &format!("event {} published but not marked: {e}", p.id));
+                }
+            }
+            Err(e) => {
+                crate::log::warn(
+                    "events.publish",
+                    &format!("publishing event {} failed, left to the relay: {e:?}", p.id),
+                );
+                break;
+            }
+        }
+    }
+    published
+}
+
+/// What happened to one consumed message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Consumed {
+    /// This consumer acted on the event, and completed it.
+    Acted(String),
+    /// The event was already claimed: a duplicate delivery or another replica's.
+    Duplicate(String),
+    /// The payload was not an event envelope; nothing can make it one, so it is dropped.
+    Malformed,
+}
+
+/// Consumes one Redis message: claims the event for `consumer`, runs `handle`, and marks the
+/// event complete, all in one transaction. If `handle` fails, nothing is kept and the relay
+/// delivers the event again.
+pub fn consume<D, E>(
+    db: &D,
+    consumer: &str,
+    payload: &[u8],
+    handle: impl FnOnce(&D, &EventEnvelope) -> Result<(), E>,
+) -> Result<Consumed, E>
+where
+    D: Db + ?Sized,
+    E: From<DbError>,
+{
+    let event: EventEnvelope = match serde_json::from_slice(payload) {
+        Ok(e) => e,
+        Err(e) => {
+            crate::log::warn("events.consume", &format!("dropping a message that is not an event envelope: {e}"));
+            return Ok(Consumed::Malformed);
+        }
+    };
+    transaction(db, |db| {
+        if !outbox::claim(db, &event.id, consumer, now_ms())? {
+            return Ok(Consumed::Duplicate(event.id.clone()));
+        }
+        handle(db, &event)?;
+        outbox::complete(db, &event.id, now_ms())?;
+        Ok(Consumed::Acted(event.id.clone()))
+    })
+}
+
+/// What one relay pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RelayReport {
+    pub republished: usize,
+    pub dead_lettered: usize,
+    /// True when Redis could not be reached: nothing was published, nothing was counted.
+    pub redis_unavailable: bool,
+}
+
+/// Republishes up to `limit` events that are due, backing off and dead-lettering per `policy`.
+pub fn relay<D: Db + ?Sized>(
+    db: &D,
+    redis_url: &str,
+    policy: &RelayPolicy,
+    limit: i64,
+) -> Result<RelayReport, DbError> {
+    let mut report = RelayReport::default();
+    let due = outbox::due(db, now_ms(), limit)?;
+    if due.is_empty() {
+        return Ok(report);
+    }
+    let conn = spin_sdk::redis::Connection::open(redis_url).ok();
+    for event in due {
+        if event.attempts >= policy.max_attempts {
+            if let Some(Attempt::DeadLettered) = outbox::record_attempt(db, &event, now_ms(), policy)? {
+                report.dead_lettered += 1;
+                crate::log::warn("events.relay", &format!("event {} ({}) dead-lettered", event.id, event.event_type));
+            }
+            continue;
+        }
+        // Publish before booking the attempt: an attempt that never reached Redis must not
+        // bring the event closer to the dead-letter state.
+        let Some(conn) = conn.as_ref() else {
+            report.redis_unavailable = true;
+            break;
+        };
+        if conn.publish(&event.channel, &event.envelope.as_bytes().to_vec()).is_err() {
+            report.redis_unavailable = true;
+            break;
+        }
+        if outbox::record_attempt(db, &event, now_ms(), policy)?.is_some() {
+            report.republished += 1;
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,79 @@
+//! Test-only HTTP side of the event pipeline (tests/tests/events.rs): emits events through the
+//! real outbox, runs the real relay, and reports what the consumer did.
+
+use astria_store::outbox::RelayPolicy;
+use astria_store::{migrations, transaction, Db, DbError, Value};
+use spin_kit::db::SpinDb;
+use spin_kit::events;
+use spin_sdk::http::{IntoResponse, Request, Response};
+use spin_sdk::{http_component, variables};
+
+fn var(name: &str) -> anyhow::Result<String> {
+    Ok(variables::get(name)?)
+}
+
+pub fn policy() -> anyhow::Result<RelayPolicy> {
+    Ok(RelayPolicy {
+        grace_ms: var("relay_grace_ms")?.parse()?,
+        base_backoff_ms: var("relay_backoff_ms")?.parse()?,
+        max_backoff_ms: var("relay_backoff_ms")?.parse()?,
+        max_attempts: var("relay_max_attempts")?.parse()?,
+    })
+}
+
+fn json(status: u16, v: serde_json::Value) -> Response {
+    Response::builder().status(status).header("content-type", "application/json").body(v.to_string()).build()
+}
+
+fn count(db: &SpinDb, sql: &str, params: &[Value]) -> Result<i64, DbError> {
+    db.query(&db.dialect().sql(sql), params)?[0].int(0)
+}
+
+#[http_component]
+fn handle(req: Request) -> anyhow::Result<impl IntoResponse> {
+    let db = SpinDb::open(&var("database_url")?).map_err(|e| anyhow::anyhow!("{e}"))?;
+    migrations::ensure_migrated(&db, events::now_ms()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    db.execute("CREATE TABLE IF NOT EXISTS probe_effects (event_id TEXT NOT NULL, acted_at BIGINT NOT NULL)", &[])
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let q: std::collections::HashMap<String, String> =
+        req.query().split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect();
+    let channel = var("channel")?;
+    let redis_url = var("redis_url")?;
+    let path = req.header("spin-path-info").and_then(|h| h.as_str()).unwrap_or("").to_string();
+    Ok(match path.as_str() {
+        "/emit" => {
+            let n: usize = q.get("n").and_then(|n| n.parse().ok()).unwrap_or(1);
+            let kind = q.get("kind").cloned().unwrap_or_else(|| "ok".into());
+            let policy = policy()?;
+            let mut pending = Vec::new();
+            for i in 0..n {
+                let event = events::envelope(&format!("probe.{kind}"), &serde_json::json!({ "i": i }), "test");
+                // The state change and its event commit together.
+                let p = transaction(&db, |db| events::emit(db, &channel, &event, &policy))
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                pending.push(p);
+            }
+            let published = events::publish(&db, &redis_url, &pending);
+            let ids: Vec<&str> = pending.iter().map(|p| p.id.as_str()).collect();
+            json(200, serde_json::json!({ "ids": ids, "published": published }))
+        }
+        "/relay" => {
+            let report = events::relay(&db, &redis_url, &policy()?, 500).map_err(|e| anyhow::anyhow!("{e}"))?;
+            json(200, serde_json::to_value(report)?)
+        }
+        "/stats" => {
+            let e = |e: DbError| anyhow::anyhow!("{e}");
+            let effects = count(&db, "SELECT COUNT(*) FROM probe_effects", &[]).map_err(e)?;
+            let distinct = count(&db, "SELECT COUNT(DISTINCT event_id) FROM probe_effects", &[]).map_err(e)?;
+            let mut statuses = serde_json::Map::new();
+            for s in ["pending", "published", "done", "dead"] {
+                statuses.insert(
+                    s.into(),
+                    count(&db, "SELECT COUNT(*) FROM outbox WHERE status = $1", &[Value::from(s)]).map_err(e)?.into(),
+                );
+            }
+            json(200, serde_json::json!({ "effects": effects, "distinct_effects": distinct, "outbox": statuses }))
+        }
+        _ => json(404, serde_json::json!({ "error": "not found" })),
+    })
+}
