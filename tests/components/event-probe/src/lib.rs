@@ -2,7 +2,7 @@
 //! real outbox, runs the real relay, and reports what the consumer did.
 
 use astria_store::outbox::RelayPolicy;
-use astria_store::{migrations, transaction, Db, DbError, Value};
+use astria_store::{migrations, transaction, Db, DbError};
 use spin_kit::db::SpinDb;
 use spin_kit::events;
 use spin_sdk::http::{IntoResponse, Request, Response};
@@ -23,10 +23,6 @@ pub fn policy() -> anyhow::Result<RelayPolicy> {
 
 fn json(status: u16, v: serde_json::Value) -> Response {
     Response::builder().status(status).header("content-type", "application/json").body(v.to_string()).build()
-}
-
-fn count(db: &SpinDb, sql: &str, params: &[Value]) -> Result<i64, DbError> {
-    db.query(&db.dialect().sql(sql), params)?[0].int(0)
 }
 
 #[http_component]
@@ -62,17 +58,20 @@ fn handle(req: Request) -> anyhow::Result<impl IntoResponse> {
             json(200, serde_json::to_value(report)?)
         }
         "/stats" => {
+            // One statement, so every count comes from the same snapshot while consumers commit.
+            let sql = "SELECT (SELECT COUNT(*) FROM probe_effects), (SELECT COUNT(DISTINCT event_id) FROM probe_effects),
+                (SELECT COUNT(*) FROM outbox WHERE status = 'pending'), (SELECT COUNT(*) FROM outbox WHERE status = 'published'),
+                (SELECT COUNT(*) FROM outbox WHERE status = 'done'), (SELECT COUNT(*) FROM outbox WHERE status = 'dead')";
             let e = |e: DbError| anyhow::anyhow!("{e}");
-            let effects = count(&db, "SELECT COUNT(*) FROM probe_effects", &[]).map_err(e)?;
-            let distinct = count(&db, "SELECT COUNT(DISTINCT event_id) FROM probe_effects", &[]).map_err(e)?;
-            let mut statuses = serde_json::Map::new();
-            for s in ["pending", "published", "done", "dead"] {
-                statuses.insert(
-                    s.into(),
-                    count(&db, "SELECT COUNT(*) FROM outbox WHERE status = $1", &[Value::from(s)]).map_err(e)?.into(),
-                );
-            }
-            json(200, serde_json::json!({ "effects": effects, "distinct_effects": distinct, "outbox": statuses }))
+            let rows = db.query(sql, &[]).map_err(e)?;
+            let c = |i| rows[0].int(i).map_err(e);
+            json(
+                200,
+                serde_json::json!({
+                    "effects": c(0)?, "distinct_effects": c(1)?,
+                    "outbox": { "pending": c(2)?, "published": c(3)?, "done": c(4)?, "dead": c(5)? },
+                }),
+            )
         }
         _ => json(404, serde_json::json!({ "error": "not found" })),
     })
