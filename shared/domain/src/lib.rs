@@ -3,8 +3,10 @@
 //! Components parse external input into these types at the edge, ask the domain what to do,
 //! and perform the I/O it decides. Everything here is pure and tested natively.
 
+pub mod conversation;
 pub mod money;
 pub mod order;
+pub mod texts;
 
 pub use money::{Money, MoneyError};
 pub use order::{check_payment, PaymentCheck, TransitionError};
