@@ -4,6 +4,7 @@
 //! responses. Domain logic does not belong here.
 
 pub mod db;
+pub mod error;
 pub mod events;
 pub mod log;
 

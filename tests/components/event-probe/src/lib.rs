@@ -4,8 +4,9 @@
 use astria_store::outbox::RelayPolicy;
 use astria_store::{migrations, transaction, Db, DbError};
 use spin_kit::db::SpinDb;
+use spin_kit::error::{read_body, ApiError};
 use spin_kit::events;
-use spin_sdk::http::{IntoResponse, Request, Response};
+use spin_sdk::http::{IncomingRequest, IntoResponse, Response};
 use spin_sdk::{http_component, variables};
 
 fn var(name: &str) -> anyhow::Result<String> {
@@ -25,17 +26,36 @@ fn json(status: u16, v: serde_json::Value) -> Response {
     Response::builder().status(status).header("content-type", "application/json").body(v.to_string()).build()
 }
 
+fn header(req: &IncomingRequest, name: &str) -> String {
+    req.headers()
+        .get(&name.to_string())
+        .into_iter()
+        .next()
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+        .unwrap_or_default()
+}
+
 #[http_component]
-fn handle(req: Request) -> anyhow::Result<impl IntoResponse> {
+async fn handle(req: IncomingRequest) -> anyhow::Result<impl IntoResponse> {
+    let path = header(&req, "spin-path-info");
+    if path == "/limited" {
+        // The shared size-limited reader: 1 KiB here, so tests can exceed it cheaply.
+        return Ok(match read_body(req, 1024).await {
+            Ok(body) => json(200, serde_json::json!({ "bytes": body.len() })),
+            Err(e @ ApiError::TooLarge { .. }) => e.into_response("limited"),
+            Err(e) => e.into_response("limited"),
+        });
+    }
     let db = SpinDb::open(&var("database_url")?).map_err(|e| anyhow::anyhow!("{e}"))?;
     migrations::ensure_migrated(&db, events::now_ms()).map_err(|e| anyhow::anyhow!("{e}"))?;
     db.execute("CREATE TABLE IF NOT EXISTS probe_effects (event_id TEXT NOT NULL, acted_at BIGINT NOT NULL)", &[])
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let path_with_query = req.path_with_query().unwrap_or_default();
+    let query = path_with_query.split_once('?').map(|(_, q)| q).unwrap_or("");
     let q: std::collections::HashMap<String, String> =
-        req.query().split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect();
+        query.split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect();
     let channel = var("channel")?;
     let redis_url = var("redis_url")?;
-    let path = req.header("spin-path-info").and_then(|h| h.as_str()).unwrap_or("").to_string();
     Ok(match path.as_str() {
         "/emit" => {
             let n: usize = q.get("n").and_then(|n| n.parse().ok()).unwrap_or(1);

@@ -1,0 +1,125 @@
+//! Configuration shared by the services, parsed from Spin variables into typed values at
+//! first use. Every error names the variable, so a misconfigured deployment says what to fix.
+
+use astria_models::Pack;
+
+use crate::conversation;
+use crate::money::Money;
+use crate::texts::Texts;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("variable '{name}' is missing")]
+    Missing { name: &'static str },
+    #[error("variable '{name}' is invalid: {reason}")]
+    Invalid { name: &'static str, reason: String },
+}
+
+/// Reads a variable by name (spin-sdk's `variables::get` in components, a map in tests).
+pub trait Source {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+impl<F: Fn(&str) -> Option<String>> Source for F {
+    fn get(&self, name: &str) -> Option<String> {
+        self(name)
+    }
+}
+
+fn required(src: &impl Source, name: &'static str) -> Result<String, ConfigError> {
+    src.get(name).filter(|v| !v.trim().is_empty()).ok_or(ConfigError::Missing { name })
+}
+
+fn number(src: &impl Source, name: &'static str) -> Result<usize, ConfigError> {
+    required(src, name)?.trim().parse().map_err(|e| ConfigError::Invalid { name, reason: format!("{e}") })
+}
+
+/// The packs on sale, from `catalogue_json`: a JSON array of packs as in `wit/models.wit`
+/// (`id`, `title`, `description`, `astria_pack_id`, `subject_classes`, `price`).
+pub fn catalogue(src: &impl Source) -> Result<Vec<Pack>, ConfigError> {
+    const NAME: &str = "catalogue_json";
+    let packs: Vec<Pack> = serde_json::from_str(&required(src, NAME)?)
+        .map_err(|e| ConfigError::Invalid { name: NAME, reason: e.to_string() })?;
+    let invalid = |reason: String| ConfigError::Invalid { name: NAME, reason };
+    if packs.is_empty() {
+        return Err(invalid("no packs".into()));
+    }
+    let mut ids = std::collections::HashSet::new();
+    for p in &packs {
+        if p.id.is_empty() || !p.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(invalid(format!("pack id '{}' must be letters, digits, '-' or '_'", p.id)));
+        }
+        if !ids.insert(p.id.as_str()) {
+            return Err(invalid(format!("pack id '{}' appears twice", p.id)));
+        }
+        if p.subject_classes.is_empty() {
+            return Err(invalid(format!("pack '{}' has no subject classes", p.id)));
+        }
+        Money::try_from(&p.price).map_err(|e| invalid(format!("pack '{}': {e}", p.id)))?;
+    }
+    if packs.len() > conversation::limits::LIST_ROWS {
+        return Err(invalid(format!("at most {} packs fit a WhatsApp list", conversation::limits::LIST_ROWS)));
+    }
+    Ok(packs)
+}
+
+/// The conversation's settings: `min_photos`, `max_photos`, `texts_json`.
+pub fn conversation(src: &impl Source) -> Result<conversation::Config, ConfigError> {
+    let min_photos = number(src, "min_photos")?;
+    let max_photos = number(src, "max_photos")?;
+    if min_photos == 0 || max_photos < min_photos {
+        return Err(ConfigError::Invalid {
+            name: "max_photos",
+            reason: format!("need 1 <= min_photos ({min_photos}) <= max_photos ({max_photos})"),
+        });
+    }
+    let texts = Texts::from_json_overrides(&src.get("texts_json").unwrap_or_default())
+        .map_err(|reason| ConfigError::Invalid { name: "texts_json", reason })?;
+    Ok(conversation::Config { min_photos, max_photos, texts })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn src(pairs: &[(&str, &str)]) -> impl Source {
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |name: &str| map.get(name).cloned()
+    }
+
+    const PACK: &str = r#"{"id":"corporate","title":"Corporate","description":"d","astria_pack_id":260,"subject_classes":["man","woman"],"price":{"amount_minor":1999,"currency":"usd"}}"#;
+
+    #[test]
+    fn a_valid_catalogue_is_read() {
+        let packs = catalogue(&src(&[("catalogue_json", &format!("[{PACK}]"))])).unwrap();
+        assert_eq!(packs[0].astria_pack_id, 260);
+    }
+
+    #[test]
+    fn catalogue_errors_name_the_variable_and_the_problem() {
+        let cases = [
+            ("", "missing"),
+            ("not json", "invalid"),
+            ("[]", "no packs"),
+            (&*format!("[{PACK},{PACK}]"), "twice"),
+            (&*format!("[{}]", PACK.replace("1999", "-5")), "must not be negative"),
+            (&*format!("[{}]", PACK.replace("\"man\",\"woman\"", "")), "no subject classes"),
+        ];
+        for (json, expect) in cases {
+            let err = catalogue(&src(&[("catalogue_json", json)])).unwrap_err().to_string();
+            assert!(err.contains("catalogue_json") && err.contains(expect), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn photo_bounds_are_checked() {
+        let ok = conversation(&src(&[("min_photos", "4"), ("max_photos", "10")])).unwrap();
+        assert_eq!((ok.min_photos, ok.max_photos), (4, 10));
+        for (min, max) in [("0", "3"), ("5", "4"), ("x", "4")] {
+            assert!(conversation(&src(&[("min_photos", min), ("max_photos", max)])).is_err(), "{min} {max}");
+        }
+        let err = conversation(&src(&[("max_photos", "4")])).unwrap_err();
+        assert_eq!(err, ConfigError::Missing { name: "min_photos" });
+    }
+}
