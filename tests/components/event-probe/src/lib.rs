@@ -62,6 +62,7 @@ async fn handle(req: IncomingRequest) -> anyhow::Result<impl IntoResponse> {
             let kind = q.get("kind").cloned().unwrap_or_else(|| "ok".into());
             let policy = policy()?;
             let mut pending = Vec::new();
+            let started = std::time::Instant::now();
             for i in 0..n {
                 let event = events::envelope(&format!("probe.{kind}"), &serde_json::json!({ "i": i }), "test");
                 // The state change and its event commit together.
@@ -69,9 +70,31 @@ async fn handle(req: IncomingRequest) -> anyhow::Result<impl IntoResponse> {
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
                 pending.push(p);
             }
+            let inserted = started.elapsed();
             let published = events::publish(&db, &redis_url, &pending);
             let ids: Vec<&str> = pending.iter().map(|p| p.id.as_str()).collect();
-            json(200, serde_json::json!({ "ids": ids, "published": published }))
+            json(
+                200,
+                serde_json::json!({
+                    "ids": ids, "published": published,
+                    "insert_us": inserted.as_micros() as u64,
+                    "publish_us": (started.elapsed() - inserted).as_micros() as u64,
+                }),
+            )
+        }
+        "/claim-bench" => {
+            // Claim + complete, each in its own transaction, as a consumer does (minus its effect).
+            let n: usize = q.get("n").and_then(|n| n.parse().ok()).unwrap_or(100);
+            let started = std::time::Instant::now();
+            for i in 0..n {
+                transaction(&db, |db| {
+                    let id = format!("bench-{}-{i}", events::now_ms());
+                    astria_store::outbox::claim(db, &id, "bench", events::now_ms())?;
+                    astria_store::outbox::complete(db, &id, events::now_ms())
+                })
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+            json(200, serde_json::json!({ "claim_us": started.elapsed().as_micros() as u64 }))
         }
         "/relay" => {
             let report = events::relay(&db, &redis_url, &policy()?, 500).map_err(|e| anyhow::anyhow!("{e}"))?;
