@@ -17,7 +17,7 @@ mod generated {
 }
 
 pub use generated::astria_bot::models::domain::{Contact, GeneratedImage, Money, Order, OrderStatus, Pack, Photo};
-pub use generated::astria_bot::models::events::EventEnvelope;
+pub use generated::astria_bot::models::events::{EventEnvelope, MessageSend, OrderAwaitingPayment, OrderPaid};
 pub use generated::astria_bot::models::health::{DependencyCheck, HealthReport, HealthStatus};
 
 impl HealthReport {
@@ -71,6 +71,20 @@ mod tests {
             payload: r#"{"order_id":"o-1","emoji":"📸"}"#.into(),
         };
         assert_eq!(round_trip(&event), event);
+    }
+
+    #[test]
+    fn every_event_payload_survives_a_json_round_trip() {
+        let a = OrderAwaitingPayment { order_id: "o-1".into() };
+        assert_eq!(round_trip(&a), a);
+        let p = OrderPaid { order_id: "o-1".into(), payment_event_id: "evt_1".into() };
+        assert_eq!(round_trip(&p), p);
+        let m = MessageSend {
+            message_id: "m-1".into(),
+            to: "16505551234".into(),
+            message: r#"{"kind":"text","body":"hi"}"#.into(),
+        };
+        assert_eq!(round_trip(&m), m);
     }
 
     #[test]

@@ -459,7 +459,11 @@ impl App {
         let mut backoff = Duration::from_millis(200);
         loop {
             match self.clone().subscribe_once(&address, &channels).await {
-                Ok(()) => tracing::warn!("redis subscription to {shown} ended; reconnecting"),
+                Ok(()) => {
+                    // It was connected: start the next outage's backoff from the beginning.
+                    backoff = Duration::from_millis(200);
+                    tracing::warn!("redis subscription to {shown} ended; reconnecting")
+                }
                 Err(e) => tracing::warn!("redis subscription to {shown} failed: {e:#}; retrying in {backoff:?}"),
             }
             tokio::time::sleep(backoff).await;
