@@ -12,6 +12,7 @@
 
 pub mod migrations;
 pub mod outbox;
+pub mod repo;
 
 use std::fmt;
 

@@ -18,12 +18,13 @@ pub struct Migration {
 /// as nothing else in the database uses it).
 const MIGRATION_LOCK: i64 = 0x61_73_74_72_69_61; // "astria"
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "event outbox and consumer claims",
-    sql: &[
-        // Every event, written in the same transaction as the change that caused it.
-        "CREATE TABLE outbox (
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "event outbox and consumer claims",
+        sql: &[
+            // Every event, written in the same transaction as the change that caused it.
+            "CREATE TABLE outbox (
             id TEXT PRIMARY KEY,
             channel TEXT NOT NULL,
             event_type TEXT NOT NULL,
@@ -36,16 +37,67 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             completed_at BIGINT,
             last_error TEXT
         )",
-        "CREATE INDEX outbox_due ON outbox (status, next_attempt_at)",
-        // One row per (event, consumer) that acted: the primary key makes acting twice impossible.
-        "CREATE TABLE event_claims (
+            "CREATE INDEX outbox_due ON outbox (status, next_attempt_at)",
+            // One row per (event, consumer) that acted: the primary key makes acting twice impossible.
+            "CREATE TABLE event_claims (
             event_id TEXT NOT NULL,
             consumer TEXT NOT NULL,
             claimed_at BIGINT NOT NULL,
             PRIMARY KEY (event_id, consumer)
         )",
-    ],
-}];
+        ],
+    },
+    Migration {
+        version: 2,
+        name: "contacts, orders, photos, processed webhooks",
+        sql: &[
+            // `conversation` is the contact's conversation state as JSON (domain::conversation::State).
+            "CREATE TABLE contacts (
+            wa_id TEXT PRIMARY KEY,
+            profile_name TEXT,
+            opted_out BIGINT NOT NULL DEFAULT 0,
+            last_inbound_at BIGINT,
+            conversation TEXT NOT NULL,
+            updated_at BIGINT NOT NULL
+        )",
+            "CREATE TABLE orders (
+            id TEXT PRIMARY KEY,
+            wa_id TEXT NOT NULL REFERENCES contacts (wa_id),
+            pack_id TEXT NOT NULL,
+            subject_class TEXT,
+            status TEXT NOT NULL,
+            price_minor BIGINT NOT NULL,
+            currency TEXT NOT NULL,
+            paid_minor BIGINT,
+            paid_currency TEXT,
+            checkout_session_id TEXT,
+            checkout_url TEXT,
+            astria_tune_id BIGINT,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL
+        )",
+            "CREATE INDEX orders_by_contact ON orders (wa_id, created_at)",
+            "CREATE INDEX orders_by_status ON orders (status, updated_at)",
+            // Photos by reference only: the bytes stay at WhatsApp until training.
+            "CREATE TABLE order_photos (
+            order_id TEXT NOT NULL REFERENCES orders (id),
+            sha256 TEXT NOT NULL,
+            media_id TEXT NOT NULL,
+            mime_type TEXT NOT NULL,
+            position BIGINT NOT NULL,
+            created_at BIGINT NOT NULL,
+            PRIMARY KEY (order_id, sha256)
+        )",
+            // Ids of webhook deliveries already handled (WhatsApp message ids, Stripe event ids).
+            "CREATE TABLE processed_webhooks (
+            source TEXT NOT NULL,
+            external_id TEXT NOT NULL,
+            received_at BIGINT NOT NULL,
+            PRIMARY KEY (source, external_id)
+        )",
+        ],
+    },
+];
 
 /// Applies every migration not yet recorded; answers the versions it applied.
 pub fn migrate<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<Vec<i64>, DbError> {

@@ -4,9 +4,10 @@
 use std::cell::RefCell;
 use std::sync::{Arc, Barrier};
 
-use astria_models::EventEnvelope;
+use astria_models::{EventEnvelope, OrderStatus};
 use astria_store::migrations::{latest_version, migrate};
 use astria_store::outbox::{self, status, Attempt, RelayPolicy};
+use astria_store::repo::{self, NewOrder};
 use astria_store::{transaction, Db, DbError, Dialect, Row, Value};
 
 // ------------------------------------------------------------------ native backends
@@ -193,7 +194,8 @@ const POLICY: RelayPolicy =
 fn migrations_apply_once_and_record_their_version() {
     on_both(|connect| {
         let db = connect();
-        assert_eq!(migrate(db.as_ref(), 1).unwrap(), vec![1]);
+        let all: Vec<i64> = astria_store::migrations::MIGRATIONS.iter().map(|m| m.version).collect();
+        assert_eq!(migrate(db.as_ref(), 1).unwrap(), all);
         assert_eq!(migrate(db.as_ref(), 2).unwrap(), Vec::<i64>::new(), "second run is a no-op");
         let v = db.query("SELECT MAX(version) FROM schema_migrations", &[]).unwrap()[0].int(0).unwrap();
         assert_eq!(v, latest_version());
@@ -218,7 +220,8 @@ fn concurrent_migrations_from_many_replicas_apply_exactly_once() {
         let applied: Vec<Vec<i64>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
         assert_eq!(applied.iter().filter(|a| !a.is_empty()).count(), 1, "{applied:?}");
         let db = connect();
-        assert_eq!(db.query("SELECT COUNT(*) FROM schema_migrations", &[]).unwrap()[0].int(0).unwrap(), 1);
+        let n = astria_store::migrations::MIGRATIONS.len() as i64;
+        assert_eq!(db.query("SELECT COUNT(*) FROM schema_migrations", &[]).unwrap()[0].int(0).unwrap(), n);
     });
 }
 
@@ -366,5 +369,119 @@ fn two_relays_never_both_publish_the_same_attempt() {
         let seen_by_b = outbox::due(connect().as_ref(), 5_000, 10).unwrap();
         assert!(outbox::record_attempt(db.as_ref(), &seen_by_a[0], 5_000, &POLICY).unwrap().is_some());
         assert_eq!(outbox::record_attempt(connect().as_ref(), &seen_by_b[0], 5_000, &POLICY).unwrap(), None);
+    });
+}
+
+// ------------------------------------------------------------------ business records
+
+fn usd(cents: i64) -> astria_models::Money {
+    astria_models::Money { amount_minor: cents, currency: "usd".into() }
+}
+
+fn new_order<'a>(id: &'a str, price: &'a astria_models::Money) -> NewOrder<'a> {
+    NewOrder { id, wa_id: "16505551234", pack_id: "corporate", subject_class: "woman", price }
+}
+
+#[test]
+fn a_contact_is_created_on_first_message_and_refreshed_after() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 0).unwrap();
+        assert!(repo::get_contact(db.as_ref(), "16505551234").unwrap().is_none());
+        repo::touch_contact(db.as_ref(), "16505551234", Some("Zoë"), 1_000).unwrap();
+        repo::touch_contact(db.as_ref(), "16505551234", None, 2_000).unwrap();
+        let (contact, state) = repo::get_contact(db.as_ref(), "16505551234").unwrap().unwrap();
+        assert_eq!(contact.profile_name.as_deref(), Some("Zoë"), "a message without a name keeps the known one");
+        assert_eq!(contact.last_inbound_at.as_deref(), Some("1970-01-01T00:00:02.000Z"));
+        assert!(!contact.opted_out);
+        assert_eq!(state, r#"{"state":"idle"}"#);
+
+        repo::set_opt_out(db.as_ref(), "16505551234", true, 3_000).unwrap();
+        repo::save_conversation(db.as_ref(), "16505551234", r#"{"state":"choosing_pack"}"#, 3_000).unwrap();
+        let (contact, state) = repo::get_contact(db.as_ref(), "16505551234").unwrap().unwrap();
+        assert!(contact.opted_out);
+        assert_eq!(state, r#"{"state":"choosing_pack"}"#);
+    });
+}
+
+#[test]
+fn an_order_keeps_its_photos_in_order_and_refuses_duplicates() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 0).unwrap();
+        repo::touch_contact(db.as_ref(), "16505551234", None, 1).unwrap();
+        let price = usd(1999);
+        repo::create_order(db.as_ref(), &new_order("o1", &price), 10).unwrap();
+        let photo = |h: &str| astria_models::Photo {
+            media_id: format!("m-{h}"),
+            mime_type: "image/jpeg".into(),
+            sha256: h.repeat(64),
+        };
+        assert!(repo::add_photo(db.as_ref(), "o1", &photo("b"), 11).unwrap());
+        assert!(repo::add_photo(db.as_ref(), "o1", &photo("a"), 12).unwrap());
+        assert!(!repo::add_photo(db.as_ref(), "o1", &photo("b"), 13).unwrap(), "same sha256 again");
+        let o = repo::get_order(db.as_ref(), "o1").unwrap().unwrap();
+        assert_eq!(o.photos.iter().map(|p| p.media_id.as_str()).collect::<Vec<_>>(), ["m-b", "m-a"]);
+        assert_eq!(
+            (o.status, o.price.clone(), o.subject_class.as_deref()),
+            (OrderStatus::CollectingPhotos, price, Some("woman"))
+        );
+        assert_eq!(o.created_at, "1970-01-01T00:00:00.010Z");
+        assert!(repo::get_order(db.as_ref(), "nope").unwrap().is_none());
+    });
+}
+
+#[test]
+fn a_status_change_from_a_stale_status_changes_nothing() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 0).unwrap();
+        repo::touch_contact(db.as_ref(), "16505551234", None, 1).unwrap();
+        repo::create_order(db.as_ref(), &new_order("o1", &usd(1999)), 10).unwrap();
+        use OrderStatus::*;
+        assert!(repo::set_order_status(db.as_ref(), "o1", CollectingPhotos, AwaitingPayment, 20).unwrap());
+        assert!(
+            !repo::set_order_status(db.as_ref(), "o1", CollectingPhotos, Cancelled, 21).unwrap(),
+            "no longer collecting"
+        );
+        assert_eq!(repo::get_order(db.as_ref(), "o1").unwrap().unwrap().status, AwaitingPayment);
+    });
+}
+
+#[test]
+fn of_concurrent_status_changes_from_the_same_status_exactly_one_wins() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 0).unwrap();
+        repo::touch_contact(db.as_ref(), "16505551234", None, 1).unwrap();
+        repo::create_order(db.as_ref(), &new_order("o1", &usd(1999)), 10).unwrap();
+        repo::set_order_status(db.as_ref(), "o1", OrderStatus::CollectingPhotos, OrderStatus::AwaitingPayment, 11)
+            .unwrap();
+        let barrier = Arc::new(Barrier::new(3));
+        let handles: Vec<_> = (0..3)
+            .map(|_| {
+                let (db, barrier) = (connect(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    transaction(db.as_ref(), |db| {
+                        repo::set_order_status(db, "o1", OrderStatus::AwaitingPayment, OrderStatus::Paid, 12)
+                    })
+                    .unwrap()
+                })
+            })
+            .collect();
+        let winners = handles.into_iter().map(|h| h.join().unwrap()).filter(|w| *w).count();
+        assert_eq!(winners, 1, "an order is paid once");
+    });
+}
+
+#[test]
+fn a_webhook_delivery_is_handled_once_per_source_and_id() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 0).unwrap();
+        assert!(repo::first_delivery(db.as_ref(), "whatsapp", "wamid.1", 1).unwrap());
+        assert!(!repo::first_delivery(db.as_ref(), "whatsapp", "wamid.1", 2).unwrap());
+        assert!(repo::first_delivery(db.as_ref(), "stripe", "wamid.1", 2).unwrap(), "sources are separate");
     });
 }

@@ -1,0 +1,269 @@
+//! Reading and writing the business records: contacts (with their conversation state), orders,
+//! their photos, and processed webhook ids.
+//!
+//! Writes that must not race are conditional: a status change names the status it expects to
+//! replace, a photo or webhook id is inserted only if new. Callers group writes that belong
+//! together in one [`crate::transaction`], with the outbox events they cause. Which status may
+//! follow which is the domain's decision (`astria_domain::order::transition`), made before
+//! calling [`set_order_status`].
+
+use astria_models::{Contact, Money, Order, OrderStatus, Photo};
+
+use crate::{Db, DbError, Row, Value};
+
+/// The stored spelling of each status.
+pub fn status_str(s: OrderStatus) -> &'static str {
+    use OrderStatus::*;
+    match s {
+        CollectingPhotos => "collecting_photos",
+        AwaitingPayment => "awaiting_payment",
+        Paid => "paid",
+        Training => "training",
+        Delivering => "delivering",
+        Delivered => "delivered",
+        Expired => "expired",
+        Cancelled => "cancelled",
+        Failed => "failed",
+    }
+}
+
+pub fn parse_status(s: &str) -> Result<OrderStatus, DbError> {
+    use OrderStatus::*;
+    Ok(match s {
+        "collecting_photos" => CollectingPhotos,
+        "awaiting_payment" => AwaitingPayment,
+        "paid" => Paid,
+        "training" => Training,
+        "delivering" => Delivering,
+        "delivered" => Delivered,
+        "expired" => Expired,
+        "cancelled" => Cancelled,
+        "failed" => Failed,
+        other => return Err(DbError::Decode(format!("unknown order status '{other}'"))),
+    })
+}
+
+/// Milliseconds since the epoch as RFC 3339 UTC (the WIT models carry times as strings).
+fn rfc3339(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm), to avoid a date crate in the store.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms.rem_euclid(1000)
+    )
+}
+
+/// Records an inbound message from `wa_id`: creates the contact on first contact, refreshes
+/// the profile name and the 24-hour window.
+pub fn touch_contact<D: Db + ?Sized>(
+    db: &D,
+    wa_id: &str,
+    profile_name: Option<&str>,
+    now_ms: i64,
+) -> Result<(), DbError> {
+    db.execute(
+        &db.dialect().sql(
+            "INSERT INTO contacts (wa_id, profile_name, opted_out, last_inbound_at, conversation, updated_at)
+             VALUES ($1, $2, 0, $3, $4, $3)
+             ON CONFLICT (wa_id) DO UPDATE SET
+                profile_name = COALESCE(excluded.profile_name, contacts.profile_name),
+                last_inbound_at = excluded.last_inbound_at,
+                updated_at = excluded.updated_at",
+        ),
+        &[Value::from(wa_id), Value::from(profile_name), Value::Int(now_ms), Value::from(r#"{"state":"idle"}"#)],
+    )?;
+    Ok(())
+}
+
+/// A contact and its conversation state (JSON).
+pub fn get_contact<D: Db + ?Sized>(db: &D, wa_id: &str) -> Result<Option<(Contact, String)>, DbError> {
+    let rows = db.query(
+        &db.dialect()
+            .sql("SELECT wa_id, profile_name, opted_out, last_inbound_at, conversation FROM contacts WHERE wa_id = $1"),
+        &[Value::from(wa_id)],
+    )?;
+    rows.first()
+        .map(|r| {
+            Ok((
+                Contact {
+                    wa_id: r.text(0)?,
+                    profile_name: r.opt_text(1)?,
+                    opted_out: r.int(2)? != 0,
+                    last_inbound_at: r.opt_int(3)?.map(rfc3339),
+                },
+                r.text(4)?,
+            ))
+        })
+        .transpose()
+}
+
+pub fn set_opt_out<D: Db + ?Sized>(db: &D, wa_id: &str, opted_out: bool, now_ms: i64) -> Result<(), DbError> {
+    db.execute(
+        &db.dialect().sql("UPDATE contacts SET opted_out = $1, updated_at = $2 WHERE wa_id = $3"),
+        &[Value::Int(opted_out.into()), Value::Int(now_ms), Value::from(wa_id)],
+    )?;
+    Ok(())
+}
+
+pub fn save_conversation<D: Db + ?Sized>(db: &D, wa_id: &str, state_json: &str, now_ms: i64) -> Result<(), DbError> {
+    db.execute(
+        &db.dialect().sql("UPDATE contacts SET conversation = $1, updated_at = $2 WHERE wa_id = $3"),
+        &[Value::from(state_json), Value::Int(now_ms), Value::from(wa_id)],
+    )?;
+    Ok(())
+}
+
+/// A new order, collecting photos.
+pub struct NewOrder<'a> {
+    pub id: &'a str,
+    pub wa_id: &'a str,
+    pub pack_id: &'a str,
+    pub subject_class: &'a str,
+    pub price: &'a Money,
+}
+
+pub fn create_order<D: Db + ?Sized>(db: &D, o: &NewOrder<'_>, now_ms: i64) -> Result<(), DbError> {
+    db.execute(
+        &db.dialect().sql(
+            "INSERT INTO orders (id, wa_id, pack_id, subject_class, status, price_minor, currency, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+        ),
+        &[
+            Value::from(o.id),
+            Value::from(o.wa_id),
+            Value::from(o.pack_id),
+            Value::from(o.subject_class),
+            Value::from(status_str(OrderStatus::CollectingPhotos)),
+            Value::Int(o.price.amount_minor),
+            Value::from(o.price.currency.as_str()),
+            Value::Int(now_ms),
+        ],
+    )?;
+    Ok(())
+}
+
+const ORDER_COLUMNS: &str =
+    "id, wa_id, pack_id, subject_class, status, price_minor, currency, paid_minor, paid_currency,
+    checkout_session_id, checkout_url, astria_tune_id, created_at, updated_at";
+
+fn order_from_row(r: &Row, photos: Vec<Photo>) -> Result<Order, DbError> {
+    let paid = match (r.opt_int(7)?, r.opt_text(8)?) {
+        (Some(amount_minor), Some(currency)) => Some(Money { amount_minor, currency }),
+        _ => None,
+    };
+    Ok(Order {
+        id: r.text(0)?,
+        wa_id: r.text(1)?,
+        pack_id: r.text(2)?,
+        subject_class: r.opt_text(3)?,
+        photos,
+        status: parse_status(&r.text(4)?)?,
+        price: Money { amount_minor: r.int(5)?, currency: r.text(6)? },
+        paid,
+        checkout_session_id: r.opt_text(9)?,
+        checkout_url: r.opt_text(10)?,
+        astria_tune_id: r.opt_int(11)?.map(|v| v as u64),
+        created_at: rfc3339(r.int(12)?),
+        updated_at: rfc3339(r.int(13)?),
+    })
+}
+
+/// An order with its photos in the order they arrived.
+pub fn get_order<D: Db + ?Sized>(db: &D, id: &str) -> Result<Option<Order>, DbError> {
+    let rows =
+        db.query(&db.dialect().sql(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1")), &[Value::from(id)])?;
+    let Some(row) = rows.first() else { return Ok(None) };
+    let photos = db
+        .query(
+            &db.dialect()
+                .sql("SELECT media_id, mime_type, sha256 FROM order_photos WHERE order_id = $1 ORDER BY position"),
+            &[Value::from(id)],
+        )?
+        .iter()
+        .map(|r| Ok(Photo { media_id: r.text(0)?, mime_type: r.text(1)?, sha256: r.text(2)? }))
+        .collect::<Result<Vec<_>, DbError>>()?;
+    order_from_row(row, photos).map(Some)
+}
+
+/// Moves an order from `from` to `to`; `false` if it was no longer in `from` (someone else
+/// moved it first), so a stale decision never overwrites a newer status.
+pub fn set_order_status<D: Db + ?Sized>(
+    db: &D,
+    id: &str,
+    from: OrderStatus,
+    to: OrderStatus,
+    now_ms: i64,
+) -> Result<bool, DbError> {
+    let n = db.execute(
+        &db.dialect().sql("UPDATE orders SET status = $1, updated_at = $2 WHERE id = $3 AND status = $4"),
+        &[Value::from(status_str(to)), Value::Int(now_ms), Value::from(id), Value::from(status_str(from))],
+    )?;
+    Ok(n == 1)
+}
+
+/// Adds a photo to an order; `false` if the order already has a photo with this sha256.
+pub fn add_photo<D: Db + ?Sized>(db: &D, order_id: &str, photo: &Photo, now_ms: i64) -> Result<bool, DbError> {
+    let n = db.execute(
+        &db.dialect().sql(
+            "INSERT INTO order_photos (order_id, sha256, media_id, mime_type, position, created_at)
+             VALUES ($1, $2, $3, $4, (SELECT COUNT(*) FROM order_photos WHERE order_id = $1), $5)
+             ON CONFLICT (order_id, sha256) DO NOTHING",
+        ),
+        &[
+            Value::from(order_id),
+            Value::from(photo.sha256.to_ascii_lowercase()),
+            Value::from(photo.media_id.as_str()),
+            Value::from(photo.mime_type.as_str()),
+            Value::Int(now_ms),
+        ],
+    )?;
+    Ok(n == 1)
+}
+
+/// Records a webhook delivery id; `true` if it is new (handle it), `false` for a redelivery.
+pub fn first_delivery<D: Db + ?Sized>(db: &D, source: &str, external_id: &str, now_ms: i64) -> Result<bool, DbError> {
+    let n = db.execute(
+        &db.dialect().sql(
+            "INSERT INTO processed_webhooks (source, external_id, received_at) VALUES ($1, $2, $3)
+             ON CONFLICT (source, external_id) DO NOTHING",
+        ),
+        &[Value::from(source), Value::from(external_id), Value::Int(now_ms)],
+    )?;
+    Ok(n == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_rfc3339_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_764_050_400_123), "2025-11-25T06:00:00.123Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn every_status_has_a_stored_spelling_that_parses_back() {
+        use OrderStatus::*;
+        for s in [CollectingPhotos, AwaitingPayment, Paid, Training, Delivering, Delivered, Expired, Cancelled, Failed]
+        {
+            assert_eq!(parse_status(status_str(s)).unwrap(), s);
+        }
+        assert!(parse_status("shipped").is_err());
+    }
+}
