@@ -1,19 +1,60 @@
-//! maintenance-service: weekly cleanup and the outbox relay (`/maintenance/run`, `/maintenance/relay`) (HTTP component).
+//! maintenance-service: the outbox relay (`POST /maintenance/relay`) and, with its own issue,
+//! the weekly cleanup (`/maintenance/run`). HTTP component; a thin adapter over spin-kit.
 //!
-//! For now it answers its health route; its real routes land with the maintenance-service issue.
+//! Both routes take `Authorization: Bearer <admin_token>`. A scheduler calls the relay every
+//! minute: a Kubernetes CronJob in production, a loop in `scripts/run.sh` for a local run.
 
 use astria_models::HealthReport;
-use spin_sdk::http::{IntoResponse, Request};
-use spin_sdk::http_component;
+use astria_store::outbox::RelayPolicy;
+use spin_kit::db::SpinDb;
+use spin_kit::error::ApiError;
+use spin_kit::events;
+use spin_sdk::http::{Method, Request, Response};
+use spin_sdk::{http_component, variables};
+use subtle::ConstantTimeEq;
 
 const SERVICE: &str = "maintenance";
 
 #[http_component]
-fn handle(req: Request) -> anyhow::Result<impl IntoResponse> {
-    Ok(match req.path() {
-        "/health/maintenance" => {
-            spin_kit::health_response(&HealthReport::from_checks(SERVICE, env!("CARGO_PKG_VERSION"), vec![]))
+fn handle(req: Request) -> Response {
+    let request_id = spin_kit::request_id(&req);
+    let result = match (req.method(), req.path()) {
+        (Method::Get, "/health/maintenance") => {
+            Ok(spin_kit::health_response(&HealthReport::from_checks(SERVICE, env!("CARGO_PKG_VERSION"), vec![])))
         }
-        _ => spin_kit::error_response(404, "not found"),
-    })
+        (Method::Post, "/maintenance/relay") => authorize(&req).and_then(|()| relay(&request_id)),
+        (_, "/maintenance/relay") => Err(ApiError::BadRequest("use POST".into())),
+        _ => Err(ApiError::NotFound),
+    };
+    result.unwrap_or_else(|e| e.into_response(&request_id))
+}
+
+fn var(name: &str) -> Result<String, ApiError> {
+    variables::get(name).map_err(|e| ApiError::Internal(format!("variable {name}: {e:?}")))
+}
+
+/// Bearer `admin_token`, compared in constant time. An empty token configures no access.
+fn authorize(req: &Request) -> Result<(), ApiError> {
+    let expected = var("admin_token")?;
+    let given =
+        req.header("authorization").and_then(|h| h.as_str()).and_then(|h| h.strip_prefix("Bearer ")).unwrap_or("");
+    if expected.is_empty() || !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+        return Err(ApiError::Unauthorized);
+    }
+    Ok(())
+}
+
+fn relay(request_id: &str) -> Result<Response, ApiError> {
+    let db = SpinDb::open(&var("database_url")?)?;
+    astria_store::migrations::ensure_migrated(&db, events::now_ms())?;
+    let batch: i64 =
+        var("relay_batch")?.parse().map_err(|_| ApiError::Internal("relay_batch is not a number".into()))?;
+    let report = events::relay(&db, &var("redis_url")?, &RelayPolicy::default(), batch)?;
+    if report.redis_unavailable {
+        return Err(ApiError::Unavailable { dependency: "redis", detail: "relay could not publish".into() });
+    }
+    if report.republished > 0 || report.dead_lettered > 0 {
+        spin_kit::log::info_with("maintenance.relay", request_id, &format!("{report:?}"));
+    }
+    Ok(spin_kit::json_response(200, &report))
 }

@@ -11,6 +11,16 @@ pub mod log;
 use astria_models::HealthReport;
 use spin_sdk::http::Response;
 
+/// The request's id for logs and error bodies: the caller's `x-request-id` if it sent a
+/// reasonable one, else a fresh UUID.
+pub fn request_id(req: &spin_sdk::http::Request) -> String {
+    req.header("x-request-id")
+        .and_then(|h| h.as_str())
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
 /// A JSON response with the given status.
 pub fn json_response<T: serde::Serialize>(status: u16, body: &T) -> Response {
     match serde_json::to_vec(body) {

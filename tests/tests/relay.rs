@@ -1,0 +1,81 @@
+//! The app's own relay entry point (maintenance-service `POST /maintenance/relay`) delivering
+//! an event that another component emitted while Redis was down, through the shared database.
+
+use std::time::Duration;
+
+use astria_tests::{app_manifest, spawn_app, wait_for_subscribers_at, AppConfig, TestApp, TestRedis};
+use serde_json::Value;
+
+const EVENT_APP: &str = include_str!("../fixtures/event-app/spin.toml");
+
+async fn stats(app: &TestApp) -> Value {
+    app.get("/events/stats").await.json().await.unwrap()
+}
+
+async fn relay(app: &TestApp, token: Option<&str>) -> (u16, Value) {
+    let mut req = app.client.post(app.url("/maintenance/relay"));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn the_maintenance_relay_delivers_an_event_stuck_by_a_redis_outage_once() {
+    let mut redis = TestRedis::start().await.unwrap();
+    let events = spawn_app(AppConfig { postgres: true, ..AppConfig::new(EVENT_APP) }.var("redis_url", redis.url()))
+        .await
+        .unwrap();
+    let maintenance = spawn_app(
+        AppConfig::new(app_manifest())
+            .var("database_url", events.database_url.clone().unwrap())
+            .var("redis_url", redis.url())
+            .var("admin_token", "s3cret-admin"),
+    )
+    .await
+    .unwrap();
+    let channel = format!("{}events", events.channel_prefix);
+    wait_for_subscribers_at(&redis.url(), &channel, 1).await.unwrap();
+
+    redis.stop();
+    let emitted: Value = events.post("/events/emit?n=1", "").await.json().await.unwrap();
+    assert_eq!(emitted["published"], 0);
+
+    // While Redis is down the relay answers 503 (retry later) and uses up no attempt.
+    let (status, body) = relay(&maintenance, Some("s3cret-admin")).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "redis unavailable");
+
+    redis.restart().await.unwrap();
+    wait_for_subscribers_at(&redis.url(), &channel, 1).await.unwrap();
+
+    for bad in [None, Some("wrong"), Some("s3cret-admi"), Some("s3cret-admin2"), Some("S3CRET-ADMIN")] {
+        let (status, _) = relay(&maintenance, bad).await;
+        assert_eq!(status, 401, "{bad:?}");
+    }
+    assert_eq!(stats(&events).await["outbox"]["pending"], 1, "refused calls relayed nothing");
+
+    let (status, report) = relay(&maintenance, Some("s3cret-admin")).await;
+    assert_eq!((status, report["republished"].as_i64()), (200, Some(1)), "{report}");
+    let done = events
+        .eventually(Duration::from_secs(10), || async {
+            let s = stats(&events).await;
+            (s["outbox"]["done"] == 1).then_some(s)
+        })
+        .await
+        .unwrap_or_else(|| panic!("not delivered:\n{}\n{}", events.log(), maintenance.log()));
+    assert_eq!(done["effects"], 1);
+    assert_eq!(relay(&maintenance, Some("s3cret-admin")).await.1["republished"], 0, "done events stay done");
+}
+
+#[tokio::test]
+async fn without_an_admin_token_configured_the_relay_refuses_everyone() {
+    let app = spawn_app(AppConfig::new(app_manifest())).await.unwrap();
+    assert_eq!(relay(&app, None).await.0, 401);
+    assert_eq!(relay(&app, Some("")).await.0, 401);
+    let (status, body) = relay(&app, Some("anything")).await;
+    assert_eq!(status, 401);
+    assert!(body["request_id"].is_string(), "{body}");
+}
