@@ -79,3 +79,55 @@ async fn without_an_admin_token_configured_the_relay_refuses_everyone() {
     assert_eq!(status, 401);
     assert!(body["request_id"].is_string(), "{body}");
 }
+
+#[tokio::test]
+async fn an_operator_sees_dead_letters_and_replays_them() {
+    let events = spawn_app(AppConfig { postgres: true, ..AppConfig::new(EVENT_APP) }.var("relay_max_attempts", "2"))
+        .await
+        .unwrap();
+    let maintenance = spawn_app(
+        AppConfig::new(app_manifest())
+            .var("database_url", events.database_url.clone().unwrap())
+            .var("admin_token", "ops"),
+    )
+    .await
+    .unwrap();
+    astria_tests::wait_for_subscribers(&format!("{}events", events.channel_prefix), 1).await.unwrap();
+    let emitted: Value = events.post("/events/emit?n=1&kind=poison", "").await.json().await.unwrap();
+    let id = emitted["ids"][0].as_str().unwrap().to_string();
+
+    // The event app's relay (test policy: 2 attempts, no backoff) dead-letters it.
+    let dead = events
+        .eventually(Duration::from_secs(20), || async {
+            events.post("/events/relay", "").await;
+            let s = stats(&events).await;
+            (s["outbox"]["dead"] == 1).then_some(s)
+        })
+        .await;
+    assert!(dead.is_some(), "not dead-lettered:\n{}", events.log());
+
+    let get = |token: &'static str| {
+        maintenance.client.get(maintenance.url("/maintenance/dead-letters")).bearer_auth(token).send()
+    };
+    assert_eq!(get("wrong").await.unwrap().status(), 401);
+    let list: Value = get("ops").await.unwrap().json().await.unwrap();
+    let letters = list["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 1, "{list}");
+    assert_eq!(
+        (letters[0]["id"].as_str(), letters[0]["event_type"].as_str()),
+        (Some(id.as_str()), Some("probe.poison"))
+    );
+
+    let replay = |id: String| {
+        maintenance
+            .client
+            .post(maintenance.url(&format!("/maintenance/dead-letters/{id}/replay")))
+            .bearer_auth("ops")
+            .send()
+    };
+    assert_eq!(replay(id.clone()).await.unwrap().status(), 200);
+    assert_eq!(replay(id.clone()).await.unwrap().status(), 404, "no longer dead");
+    assert_eq!(replay("no-such-event".into()).await.unwrap().status(), 404);
+    let s = stats(&events).await;
+    assert_eq!((s["outbox"]["dead"].as_i64(), s["outbox"]["pending"].as_i64()), (Some(0), Some(1)), "{s}");
+}

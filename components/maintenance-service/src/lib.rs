@@ -23,6 +23,11 @@ fn handle(req: Request) -> Response {
             Ok(spin_kit::health_response(&HealthReport::from_checks(SERVICE, env!("CARGO_PKG_VERSION"), vec![])))
         }
         (Method::Post, "/maintenance/relay") => authorize(&req).and_then(|()| relay(&request_id)),
+        (Method::Get, "/maintenance/dead-letters") => authorize(&req).and_then(|()| dead_letters()),
+        (Method::Post, path) if path.starts_with("/maintenance/dead-letters/") && path.ends_with("/replay") => {
+            let id = &path["/maintenance/dead-letters/".len()..path.len() - "/replay".len()];
+            authorize(&req).and_then(|()| replay(id, &request_id))
+        }
         (_, "/maintenance/relay") => Err(ApiError::BadRequest("use POST".into())),
         _ => Err(ApiError::NotFound),
     };
@@ -45,8 +50,7 @@ fn authorize(req: &Request) -> Result<(), ApiError> {
 }
 
 fn relay(request_id: &str) -> Result<Response, ApiError> {
-    let db = SpinDb::open(&var("database_url")?)?;
-    astria_store::migrations::ensure_migrated(&db, events::now_ms())?;
+    let db = open_db()?;
     let batch: i64 =
         var("relay_batch")?.parse().map_err(|_| ApiError::Internal("relay_batch is not a number".into()))?;
     let report = events::relay(&db, &var("redis_url")?, &RelayPolicy::default(), batch)?;
@@ -57,4 +61,34 @@ fn relay(request_id: &str) -> Result<Response, ApiError> {
         spin_kit::log::info_with("maintenance.relay", request_id, &format!("{report:?}"));
     }
     Ok(spin_kit::json_response(200, &report))
+}
+
+fn open_db() -> Result<SpinDb, ApiError> {
+    let db = SpinDb::open(&var("database_url")?)?;
+    astria_store::migrations::ensure_migrated(&db, events::now_ms())?;
+    Ok(db)
+}
+
+/// Events the relay gave up on, for an operator to inspect (and replay once fixed).
+fn dead_letters() -> Result<Response, ApiError> {
+    let dead = astria_store::outbox::dead_letters(&open_db()?, 200)?;
+    let list: Vec<_> = dead
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "id": e.id, "channel": e.channel, "event_type": e.event_type,
+                "attempts": e.attempts, "last_error": e.last_error,
+            })
+        })
+        .collect();
+    Ok(spin_kit::json_response(200, &serde_json::json!({ "dead_letters": list })))
+}
+
+/// Hands a dead-lettered event back to the relay with fresh attempts.
+fn replay(id: &str, request_id: &str) -> Result<Response, ApiError> {
+    if !astria_store::outbox::replay(&open_db()?, id, events::now_ms())? {
+        return Err(ApiError::NotFound);
+    }
+    spin_kit::log::info_with("maintenance.replay", request_id, &format!("dead letter {id} handed back to the relay"));
+    Ok(spin_kit::json_response(200, &serde_json::json!({ "replayed": id })))
 }

@@ -58,3 +58,77 @@ mod tests {
         assert_eq!(channel_name("t1-", channels::ORDERS), "t1-astria.orders");
     }
 }
+
+/// Why a Redis message is not a usable event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("not an event envelope: {0}")]
+    Malformed(String),
+    #[error("event envelope without {0}")]
+    MissingField(&'static str),
+    #[error("event payload is not JSON: {0}")]
+    PayloadNotJson(String),
+}
+
+/// Parses a Redis message into an envelope, checking what consumers rely on: an id to dedupe
+/// on, a type to dispatch on, and a JSON payload. Never panics, whatever the bytes.
+pub fn parse_envelope(bytes: &[u8]) -> Result<astria_models::EventEnvelope, EnvelopeError> {
+    let e: astria_models::EventEnvelope =
+        serde_json::from_slice(bytes).map_err(|err| EnvelopeError::Malformed(err.to_string()))?;
+    if e.id.trim().is_empty() {
+        return Err(EnvelopeError::MissingField("id"));
+    }
+    if e.event_type.trim().is_empty() {
+        return Err(EnvelopeError::MissingField("event_type"));
+    }
+    serde_json::from_str::<serde_json::Value>(&e.payload)
+        .map_err(|err| EnvelopeError::PayloadNotJson(err.to_string()))?;
+    Ok(e)
+}
+
+#[cfg(test)]
+mod envelope_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn valid() -> String {
+        r#"{"id":"e1","event_type":"order.paid","occurred_at":"2026-11-25T06:00:00Z","correlation_id":"c","payload":"{\"order_id\":\"o1\"}"}"#.into()
+    }
+
+    #[test]
+    fn a_valid_envelope_parses() {
+        assert_eq!(parse_envelope(valid().as_bytes()).unwrap().event_type, ORDER_PAID);
+    }
+
+    #[test]
+    fn each_defect_has_its_error() {
+        assert!(matches!(parse_envelope(b"{"), Err(EnvelopeError::Malformed(_))));
+        assert_eq!(
+            parse_envelope(valid().replace("\"e1\"", "\" \"").as_bytes()),
+            Err(EnvelopeError::MissingField("id"))
+        );
+        let no_type = valid().replace("order.paid", "");
+        assert_eq!(parse_envelope(no_type.as_bytes()), Err(EnvelopeError::MissingField("event_type")));
+        let bad_payload = valid().replace(r#""{\"order_id\":\"o1\"}""#, r#""not json""#);
+        assert!(matches!(parse_envelope(bad_payload.as_bytes()), Err(EnvelopeError::PayloadNotJson(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_envelope(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_json_objects_never_panic(
+            id in ".{0,8}", t in ".{0,12}", payload in ".{0,24}", extra in proptest::option::of(".{0,8}")
+        ) {
+            let mut v = serde_json::json!({"id": id, "event_type": t, "occurred_at": "x", "correlation_id": "c", "payload": payload});
+            if let Some(x) = extra { v["extra"] = serde_json::Value::String(x); }
+            let parsed = parse_envelope(v.to_string().as_bytes());
+            if let Ok(e) = parsed {
+                prop_assert!(!e.id.trim().is_empty() && !e.event_type.trim().is_empty());
+            }
+        }
+    }
+}

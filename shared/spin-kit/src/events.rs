@@ -106,10 +106,11 @@ where
     D: Db + ?Sized,
     E: From<DbError>,
 {
-    let event: EventEnvelope = match serde_json::from_slice(payload) {
+    let event: EventEnvelope = match astria_domain::events::parse_envelope(payload) {
         Ok(e) => e,
         Err(e) => {
-            crate::log::warn("events.consume", &format!("dropping a message that is not an event envelope: {e}"));
+            // Redelivery cannot repair it; a real event is safe in the outbox whatever happens here.
+            crate::log::warn("events.consume", &format!("dropping a message that is {e}"));
             return Ok(Consumed::Malformed);
         }
     };
