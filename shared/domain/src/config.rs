@@ -112,6 +112,19 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_variable_values_give_typed_errors_never_panics(
+            catalogue_json in ".{0,200}", min in ".{0,6}", max in ".{0,6}", texts in ".{0,60}"
+        ) {
+            let s = src(&[("catalogue_json", &catalogue_json), ("min_photos", &min), ("max_photos", &max), ("texts_json", &texts)]);
+            let _ = catalogue(&s);
+            if let Ok(c) = conversation(&s) {
+                proptest::prop_assert!(c.min_photos >= 1 && c.min_photos <= c.max_photos);
+            }
+        }
+    }
+
     #[test]
     fn photo_bounds_are_checked() {
         let ok = conversation(&src(&[("min_photos", "4"), ("max_photos", "10")])).unwrap();
