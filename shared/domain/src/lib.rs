@@ -9,6 +9,7 @@ pub mod events;
 pub mod money;
 pub mod order;
 pub mod texts;
+pub mod whatsapp;
 
 pub use money::{Money, MoneyError};
 pub use order::{check_payment, PaymentCheck, TransitionError};

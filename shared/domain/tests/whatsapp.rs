@@ -1,0 +1,147 @@
+//! WhatsApp webhook edge: handshake, signatures and payload parsing, with payloads shaped as
+//! Meta documents them.
+
+use astria_domain::conversation::Inbound;
+use astria_domain::whatsapp::{parse_webhook, verify_signature, verify_subscription, WebhookError};
+use hmac::{Hmac, Mac};
+use proptest::prelude::*;
+use sha2::Sha256;
+
+const OUR_NUMBER: &str = "106540352242922";
+
+fn sign(secret: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// A webhook with one `messages` change for `phone_number_id`, carrying `messages` and `statuses`.
+fn webhook(phone_number_id: &str, messages: &str, statuses: &str) -> String {
+    format!(
+        r#"{{"object":"whatsapp_business_account","entry":[{{"id":"102290129340398","changes":[{{"field":"messages","value":{{
+            "messaging_product":"whatsapp",
+            "metadata":{{"display_phone_number":"15550783881","phone_number_id":"{phone_number_id}"}},
+            "contacts":[{{"profile":{{"name":"Zoë"}},"wa_id":"16505551234"}}],
+            "messages":[{messages}],"statuses":[{statuses}]}}}}]}}]}}"#
+    )
+}
+
+fn message(id: &str, kind_and_body: &str) -> String {
+    format!(r#"{{"from":"16505551234","id":"{id}","timestamp":"1739321024",{kind_and_body}}}"#)
+}
+
+#[test]
+fn the_handshake_answers_the_challenge_only_for_the_right_token() {
+    assert_eq!(verify_subscription(Some("subscribe"), Some("tok"), Some("1158201444"), "tok"), Some("1158201444"));
+    assert_eq!(verify_subscription(Some("subscribe"), Some("nope"), Some("c"), "tok"), None);
+    assert_eq!(verify_subscription(Some("unsubscribe"), Some("tok"), Some("c"), "tok"), None);
+    assert_eq!(verify_subscription(Some("subscribe"), None, Some("c"), "tok"), None);
+    assert_eq!(
+        verify_subscription(Some("subscribe"), Some(""), Some("c"), ""),
+        None,
+        "an unset token verifies nothing"
+    );
+}
+
+#[test]
+fn a_signature_verifies_only_for_its_own_body_and_secret() {
+    let body = webhook(OUR_NUMBER, &message("wamid.1", r#""type":"text","text":{"body":"hi 📸"}"#), "");
+    let good = sign("app-secret", body.as_bytes());
+    assert_eq!(verify_signature("app-secret", body.as_bytes(), Some(&good)), Ok(()));
+    assert_eq!(verify_signature("other-secret", body.as_bytes(), Some(&good)), Err(WebhookError::BadSignature));
+    assert_eq!(verify_signature("app-secret", b"{}", Some(&good)), Err(WebhookError::BadSignature));
+    assert_eq!(verify_signature("app-secret", body.as_bytes(), None), Err(WebhookError::BadSignature));
+    assert_eq!(verify_signature("app-secret", body.as_bytes(), Some("sha256=zz")), Err(WebhookError::BadSignature));
+    assert_eq!(verify_signature("app-secret", body.as_bytes(), Some(&good[7..])), Err(WebhookError::BadSignature));
+    assert_eq!(
+        verify_signature("", body.as_bytes(), Some(&sign("", body.as_bytes()))),
+        Err(WebhookError::BadSignature)
+    );
+}
+
+#[test]
+fn text_image_and_replies_become_inbound_messages() {
+    let messages = [
+        message("wamid.t", r#""type":"text","text":{"body":"hi"}"#),
+        message("wamid.i", r#""type":"image","image":{"caption":"me","mime_type":"image/jpeg","sha256":"abc123","id":"1479537139650973"}"#),
+        message("wamid.b", r#""context":{"from":"15550783881","id":"wamid.prev"},"type":"interactive","interactive":{"type":"button_reply","button_reply":{"id":"done","title":"Done"}}"#),
+        message("wamid.l", r#""type":"interactive","interactive":{"type":"list_reply","list_reply":{"id":"pack:corporate","title":"Corporate","description":"19.99 USD"}}"#),
+        message("wamid.q", r#""type":"button","button":{"payload":"status","text":"Status"}"#),
+        message("wamid.s", r#""type":"sticker","sticker":{"mime_type":"image/webp","sha256":"x","id":"9","animated":false}"#),
+    ]
+    .join(",");
+    let parsed = parse_webhook(webhook(OUR_NUMBER, &messages, "").as_bytes(), OUR_NUMBER).unwrap();
+    let got: Vec<_> = parsed.messages.iter().map(|m| (m.id.as_str(), m.inbound.clone())).collect();
+    assert_eq!(got[0], ("wamid.t", Inbound::Text("hi".into())));
+    assert!(
+        matches!(&got[1].1, Inbound::Image(p) if p.media_id == "1479537139650973" && p.mime_type == "image/jpeg" && p.sha256 == "abc123")
+    );
+    assert_eq!(got[2].1, Inbound::Reply { id: "done".into(), title: "Done".into() });
+    assert_eq!(got[3].1, Inbound::Reply { id: "pack:corporate".into(), title: "Corporate".into() });
+    assert_eq!(got[4].1, Inbound::Reply { id: "status".into(), title: "Status".into() });
+    assert_eq!(got[5].1, Inbound::Other("sticker".into()));
+    let first = &parsed.messages[0];
+    assert_eq!(
+        (first.from.as_str(), first.profile_name.as_deref(), first.timestamp),
+        ("16505551234", Some("Zoë"), 1739321024)
+    );
+}
+
+#[test]
+fn statuses_are_parsed_with_their_error_codes() {
+    let statuses = r#"{"id":"wamid.out1","status":"delivered","timestamp":"1739321100","recipient_id":"16505551234"},
+        {"id":"wamid.out2","status":"failed","timestamp":"1739321101","recipient_id":"16505551234",
+         "errors":[{"code":131047,"title":"Re-engagement message","message":"Re-engagement message","error_data":{"details":"Message failed to send because more than 24 hours have passed"}}]}"#;
+    let parsed = parse_webhook(webhook(OUR_NUMBER, "", statuses).as_bytes(), OUR_NUMBER).unwrap();
+    assert_eq!(parsed.statuses.len(), 2);
+    assert_eq!((parsed.statuses[0].status.as_str(), parsed.statuses[0].error_codes.len()), ("delivered", 0));
+    assert_eq!(parsed.statuses[1].error_codes, vec![131047]);
+}
+
+#[test]
+fn other_numbers_and_other_fields_are_ignored() {
+    let msg = message("wamid.x", r#""type":"text","text":{"body":"hi"}"#);
+    let other_number = parse_webhook(webhook("999", &msg, "").as_bytes(), OUR_NUMBER).unwrap();
+    assert!(other_number.messages.is_empty());
+    let other_field = r#"{"object":"whatsapp_business_account","entry":[{"id":"1","changes":[{"field":"account_update","value":{"event":"VERIFIED_ACCOUNT"}}]}]}"#;
+    assert_eq!(parse_webhook(other_field.as_bytes(), OUR_NUMBER).unwrap().messages.len(), 0);
+}
+
+#[test]
+fn malformed_bodies_have_typed_errors() {
+    for bad in [
+        "",
+        "not json",
+        r#"{"object":"page","entry":[]}"#,
+        &webhook(OUR_NUMBER, &message("wamid.1", r#""type":"text""#), ""),
+        &webhook(OUR_NUMBER, r#"{"from":"1","id":"w","timestamp":"yesterday","type":"text","text":{"body":"x"}}"#, ""),
+    ] {
+        assert!(matches!(parse_webhook(bad.as_bytes(), OUR_NUMBER), Err(WebhookError::Malformed(_))), "{bad}");
+    }
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bodies_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..1024)) {
+        let _ = parse_webhook(&bytes, OUR_NUMBER);
+        let _ = verify_signature("secret", &bytes, Some("sha256=00"));
+    }
+
+    #[test]
+    fn arbitrary_text_messages_round_trip(body in "\\PC{0,200}", id in "[a-zA-Z0-9.=_-]{1,40}") {
+        let text = serde_json::json!({"body": body}).to_string();
+        let raw = webhook(OUR_NUMBER, &message(&id, &format!(r#""type":"text","text":{text}"#)), "");
+        let parsed = parse_webhook(raw.as_bytes(), OUR_NUMBER).unwrap();
+        prop_assert_eq!(&parsed.messages[0].inbound, &Inbound::Text(body));
+    }
+
+    #[test]
+    fn any_change_to_a_signed_body_breaks_the_signature(body in prop::collection::vec(any::<u8>(), 1..256), flip in any::<usize>()) {
+        let sig = sign("s3cret", &body);
+        prop_assert!(verify_signature("s3cret", &body, Some(&sig)).is_ok());
+        let mut tampered = body.clone();
+        let i = flip % tampered.len();
+        tampered[i] ^= 0x01;
+        prop_assert_eq!(verify_signature("s3cret", &tampered, Some(&sig)), Err(WebhookError::BadSignature));
+    }
+}
