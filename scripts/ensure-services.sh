@@ -27,6 +27,8 @@ else
   fi
   say "starting PostgreSQL $version"
   $sudo_cmd pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  # The package may have started the cluster itself, before the pg_hba.conf edit above.
+  [ "${fresh_install:-}" = 1 ] && { $sudo_cmd pg_ctlcluster --skip-systemctl-redirect "$version" main reload || true; }
   for _ in $(seq 1 60); do pg_up && break; sleep 0.5; done
   pg_up || { say "PostgreSQL did not start"; exit 1; }
 fi
