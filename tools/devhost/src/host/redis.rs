@@ -12,7 +12,35 @@ use crate::broker::Broker;
 
 pub enum RedisConnection {
     Memory(Arc<Broker>),
-    Real { address: String, conn: redis::aio::MultiplexedConnection },
+    Real(RealRedis),
+}
+
+/// An open connection to a Redis server, shared through devhost's per-address cache.
+#[derive(Clone)]
+pub struct RealRedis {
+    address: String,
+    conn: redis::aio::MultiplexedConnection,
+    app: Arc<crate::app::App>,
+}
+
+impl RealRedis {
+    /// Runs one command. Every command goes through here so that a connection-level failure
+    /// (Redis went away) makes the cache forget the connection and the next `open` reconnect.
+    async fn run<T, F, Fut>(self, command: F) -> Result<T, Error>
+    where
+        F: FnOnce(redis::aio::MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        match command(self.conn.clone()).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+                    self.app.services.forget_redis(&self.address).await;
+                }
+                Err(other(e))
+            }
+        }
+    }
 }
 
 fn other(e: impl std::fmt::Display) -> Error {
@@ -22,15 +50,6 @@ fn other(e: impl std::fmt::Display) -> Error {
 impl HostState {
     fn redis(&mut self, conn: &Resource<RedisConnection>) -> Result<&RedisConnection, Error> {
         self.table.get(conn).map_err(other)
-    }
-
-    /// A failed command on a real connection may mean Redis went away: forget the cached
-    /// connection so that the next `open` reconnects.
-    async fn redis_failed(app: std::sync::Arc<crate::app::App>, address: String, e: redis::RedisError) -> Error {
-        if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
-            app.services.forget_redis(&address).await;
-        }
-        other(e)
     }
 }
 
@@ -66,7 +85,7 @@ impl HostConnection for HostState {
                     tracing::warn!(component = %self.ctx.id, "redis {}: {e}", redact_url(&address));
                     other(e)
                 })?;
-                RedisConnection::Real { address, conn }
+                RedisConnection::Real(RealRedis { address, conn, app: self.app.clone() })
             }
         };
         self.table.push(conn).map_err(other)
@@ -83,12 +102,8 @@ impl HostConnection for HostState {
                 b.publish(&channel, payload);
                 Ok(())
             }
-            RedisConnection::Real { conn: c, address } => {
-                let (mut c, address, app) = (c.clone(), address.clone(), self.app.clone());
-                match c.publish::<_, _, i64>(channel, payload).await {
-                    Ok(_) => Ok(()),
-                    Err(e) => Err(Self::redis_failed(app, address, e).await),
-                }
+            RedisConnection::Real(r) => {
+                r.clone().run(|mut c| async move { c.publish::<_, _, i64>(channel, payload).await.map(|_| ()) }).await
             }
         }
     }
@@ -96,7 +111,7 @@ impl HostConnection for HostState {
     async fn get(&mut self, conn: Resource<RedisConnection>, key: String) -> Result<Option<Vec<u8>>, Error> {
         match self.redis(&conn)? {
             RedisConnection::Memory(b) => Ok(b.get(&key)),
-            RedisConnection::Real { conn: c, .. } => c.clone().get(key).await.map_err(other),
+            RedisConnection::Real(r) => r.clone().run(|mut c| async move { c.get(key).await }).await,
         }
     }
 
@@ -106,42 +121,42 @@ impl HostConnection for HostState {
                 b.set(&key, value);
                 Ok(())
             }
-            RedisConnection::Real { conn: c, .. } => c.clone().set(key, value).await.map_err(other),
+            RedisConnection::Real(r) => r.clone().run(|mut c| async move { c.set(key, value).await }).await,
         }
     }
 
     async fn incr(&mut self, conn: Resource<RedisConnection>, key: String) -> Result<i64, Error> {
         match self.redis(&conn)? {
             RedisConnection::Memory(b) => b.incr(&key).map_err(|_| Error::TypeError),
-            RedisConnection::Real { conn: c, .. } => c.clone().incr(key, 1).await.map_err(other),
+            RedisConnection::Real(r) => r.clone().run(|mut c| async move { c.incr(key, 1).await }).await,
         }
     }
 
     async fn del(&mut self, conn: Resource<RedisConnection>, keys: Vec<String>) -> Result<u32, Error> {
         match self.redis(&conn)? {
             RedisConnection::Memory(b) => Ok(b.del(&keys)),
-            RedisConnection::Real { conn: c, .. } => c.clone().del(keys).await.map_err(other),
+            RedisConnection::Real(r) => r.clone().run(|mut c| async move { c.del(keys).await }).await,
         }
     }
 
     async fn sadd(&mut self, conn: Resource<RedisConnection>, key: String, values: Vec<String>) -> Result<u32, Error> {
         match self.redis(&conn)? {
             RedisConnection::Memory(b) => Ok(b.sadd(&key, &values)),
-            RedisConnection::Real { conn: c, .. } => c.clone().sadd(key, values).await.map_err(other),
+            RedisConnection::Real(r) => r.clone().run(|mut c| async move { c.sadd(key, values).await }).await,
         }
     }
 
     async fn smembers(&mut self, conn: Resource<RedisConnection>, key: String) -> Result<Vec<String>, Error> {
         match self.redis(&conn)? {
             RedisConnection::Memory(b) => Ok(b.smembers(&key)),
-            RedisConnection::Real { conn: c, .. } => c.clone().smembers(key).await.map_err(other),
+            RedisConnection::Real(r) => r.clone().run(|mut c| async move { c.smembers(key).await }).await,
         }
     }
 
     async fn srem(&mut self, conn: Resource<RedisConnection>, key: String, values: Vec<String>) -> Result<u32, Error> {
         match self.redis(&conn)? {
             RedisConnection::Memory(b) => Ok(b.srem(&key, &values)),
-            RedisConnection::Real { conn: c, .. } => c.clone().srem(key, values).await.map_err(other),
+            RedisConnection::Real(r) => r.clone().run(|mut c| async move { c.srem(key, values).await }).await,
         }
     }
 
@@ -155,7 +170,7 @@ impl HostConnection for HostState {
             RedisConnection::Memory(_) => {
                 Err(Error::Other(format!("`execute {command}` is not available with devhost's in-memory redis")))
             }
-            RedisConnection::Real { conn: c, .. } => {
+            RedisConnection::Real(r) => {
                 let mut cmd = redis::cmd(&command);
                 for a in arguments {
                     match a {
@@ -163,7 +178,7 @@ impl HostConnection for HostState {
                         RedisParameter::Binary(b) => cmd.arg(b),
                     };
                 }
-                let value: redis::Value = cmd.query_async(&mut c.clone()).await.map_err(other)?;
+                let value: redis::Value = r.clone().run(|mut c| async move { cmd.query_async(&mut c).await }).await?;
                 let mut out = Vec::new();
                 to_result(value, &mut out)?;
                 Ok(out)
