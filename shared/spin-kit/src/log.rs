@@ -19,14 +19,6 @@ pub fn info_with(target: &str, correlation_id: &str, message: &str) {
     line("info", target, Some(correlation_id), message);
 }
 
-pub fn info(target: &str, message: &str) {
-    line("info", target, None, message);
-}
-
 pub fn warn(target: &str, message: &str) {
     line("warn", target, None, message);
-}
-
-pub fn error(target: &str, message: &str) {
-    line("error", target, None, message);
 }
