@@ -78,6 +78,67 @@ pub fn conversation(src: &impl Source) -> Result<conversation::Config, ConfigErr
     Ok(conversation::Config { min_photos, max_photos, texts })
 }
 
+/// How the sender reaches the WhatsApp Cloud API.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WhatsApp {
+    /// `scheme://host[:port]` (`whatsapp_api_url`), no path: it is also the
+    /// `allowed_outbound_hosts` entry.
+    pub api_url: String,
+    /// Graph API version, e.g. `v24.0` (`whatsapp_api_version`).
+    pub api_version: String,
+    pub phone_number_id: String,
+    /// Secret; never logged (Debug leaves it out).
+    pub access_token: String,
+    pub template: crate::graph::TemplateConfig,
+}
+
+impl std::fmt::Debug for WhatsApp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WhatsApp")
+            .field("api_url", &self.api_url)
+            .field("api_version", &self.api_version)
+            .field("phone_number_id", &self.phone_number_id)
+            .field("template", &self.template)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WhatsApp {
+    /// `POST` here to send a message.
+    pub fn messages_url(&self) -> String {
+        format!("{}/{}/{}/messages", self.api_url, self.api_version, self.phone_number_id)
+    }
+}
+
+/// A base URL that may only be `scheme://host[:port]`.
+pub fn base_url(src: &impl Source, name: &'static str) -> Result<String, ConfigError> {
+    let url = required(src, name)?.trim().trim_end_matches('/').to_string();
+    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
+    match rest {
+        Some(host) if !host.is_empty() && !host.contains(['/', '?', '#', '@', ' ']) => Ok(url),
+        _ => Err(ConfigError::Invalid { name, reason: "must be scheme://host[:port] without a path".into() }),
+    }
+}
+
+/// The sender's settings: `whatsapp_api_url`, `whatsapp_api_version`, `whatsapp_phone_number_id`,
+/// `whatsapp_access_token`, `whatsapp_template_name`, `whatsapp_template_language`.
+pub fn whatsapp(src: &impl Source) -> Result<WhatsApp, ConfigError> {
+    let api_version = required(src, "whatsapp_api_version")?.trim().to_string();
+    if !api_version.starts_with('v') || api_version.contains('/') {
+        return Err(ConfigError::Invalid { name: "whatsapp_api_version", reason: "expected e.g. v24.0".into() });
+    }
+    Ok(WhatsApp {
+        api_url: base_url(src, "whatsapp_api_url")?,
+        api_version,
+        phone_number_id: required(src, "whatsapp_phone_number_id")?.trim().to_string(),
+        access_token: required(src, "whatsapp_access_token")?,
+        template: crate::graph::TemplateConfig {
+            name: required(src, "whatsapp_template_name")?.trim().to_string(),
+            language: required(src, "whatsapp_template_language")?.trim().to_string(),
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +184,28 @@ mod tests {
                 proptest::prop_assert!(c.min_photos >= 1 && c.min_photos <= c.max_photos);
             }
         }
+    }
+
+    #[test]
+    fn whatsapp_settings_are_read_and_urls_checked() {
+        let vars = |url: &str| {
+            src(&[
+                ("whatsapp_api_url", url),
+                ("whatsapp_api_version", "v24.0"),
+                ("whatsapp_phone_number_id", "1055"),
+                ("whatsapp_access_token", "EAAG-secret"),
+                ("whatsapp_template_name", "order_update"),
+                ("whatsapp_template_language", "en_US"),
+            ])
+        };
+        let w = whatsapp(&vars("https://graph.facebook.com/")).unwrap();
+        assert_eq!(w.messages_url(), "https://graph.facebook.com/v24.0/1055/messages");
+        assert!(!format!("{w:?}").contains("EAAG-secret"));
+        for bad in ["graph.facebook.com", "https://graph.facebook.com/v24.0", "ftp://x", "https://"] {
+            let err = whatsapp(&vars(bad)).unwrap_err();
+            assert!(matches!(err, ConfigError::Invalid { name: "whatsapp_api_url", .. }), "{bad}: {err}");
+        }
+        assert_eq!(whatsapp(&vars("http://127.0.0.1:9000")).unwrap().api_url, "http://127.0.0.1:9000");
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod limits {
     pub const ROW_DESCRIPTION: usize = 72;
     pub const LIST_BUTTON: usize = 20;
     pub const SECTION_TITLE: usize = 24;
+    pub const CAPTION: usize = 1024;
 }
 
 /// Where a contact is in the conversation; saved per contact between messages.
@@ -62,9 +63,49 @@ pub enum Inbound {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Message {
-    Text { body: String },
-    Buttons { body: String, buttons: Vec<Choice> },
-    List { body: String, button: String, section: String, rows: Vec<Choice> },
+    Text {
+        body: String,
+    },
+    Buttons {
+        body: String,
+        buttons: Vec<Choice>,
+    },
+    List {
+        body: String,
+        button: String,
+        section: String,
+        rows: Vec<Choice>,
+    },
+    /// An image by public URL (JPEG/PNG up to 5 MB), with an optional caption.
+    Image {
+        link: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        caption: Option<String>,
+    },
+    /// The configured template (`whatsapp_template_name`), the only kind WhatsApp delivers
+    /// outside the 24-hour window; `parameters` fill its body variables in order.
+    Template {
+        #[serde(default)]
+        parameters: Vec<String>,
+    },
+}
+
+impl Message {
+    /// The stored name of the message's kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Text { .. } => "text",
+            Message::Buttons { .. } => "buttons",
+            Message::List { .. } => "list",
+            Message::Image { .. } => "image",
+            Message::Template { .. } => "template",
+        }
+    }
+
+    /// A plain text message, cut to WhatsApp's limit.
+    pub fn text(body: impl AsRef<str>) -> Message {
+        Message::Text { body: clip(body.as_ref(), limits::TEXT_BODY) }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod conversation;
 pub mod events;
+pub mod graph;
 pub mod money;
 pub mod order;
 pub mod texts;

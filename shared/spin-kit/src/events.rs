@@ -58,11 +58,12 @@ pub fn publish<D: Db + ?Sized>(db: &D, redis_url: &str, pending: &[Pending]) -> 
                 "events.publish",
                 &format!("redis unavailable, {} event(s) left to the relay: {e:?}", pending.len()),
             );
+            leave_to_relay(db, pending);
             return 0;
         }
     };
     let mut published = 0;
-    for p in pending {
+    for (i, p) in pending.iter().enumerate() {
         match conn.publish(&p.channel, &p.json.as_bytes().to_vec()) {
             Ok(()) => {
                 published += 1;
@@ -75,11 +76,22 @@ pub fn publish<D: Db + ?Sized>(db: &D, redis_url: &str, pending: &[Pending]) -> 
                     "events.publish",
                     &format!("publishing event {} failed, left to the relay: {e:?}", p.id),
                 );
+                leave_to_relay(db, &pending[i..]);
                 break;
             }
         }
     }
     published
+}
+
+/// Events that never reached Redis are due for the relay's next pass, not after the grace
+/// period meant for consumers that are merely slow.
+fn leave_to_relay<D: Db + ?Sized>(db: &D, pending: &[Pending]) {
+    for p in pending {
+        if let Err(e) = outbox::due_at(db, &p.id, now_ms()) {
+            crate::log::warn("events.publish", &format!("event {} stays due after its grace period: {e}", p.id));
+        }
+    }
 }
 
 /// What happened to one consumed message.

@@ -6,7 +6,9 @@
 pub mod db;
 pub mod error;
 pub mod events;
+pub mod http_client;
 pub mod log;
+pub mod messages;
 
 use astria_models::HealthReport;
 use spin_sdk::http::Response;
@@ -14,8 +16,12 @@ use spin_sdk::http::Response;
 /// The request's id for logs and error bodies: the caller's `x-request-id` if it sent a
 /// reasonable one, else a fresh UUID.
 pub fn request_id(req: &spin_sdk::http::Request) -> String {
-    req.header("x-request-id")
-        .and_then(|h| h.as_str())
+    request_id_from(req.header("x-request-id").and_then(|h| h.as_str()))
+}
+
+/// [`request_id`] from the header's value, for handlers that take an `IncomingRequest`.
+pub fn request_id_from(header: Option<&str>) -> String {
+    header
         .filter(|v| !v.is_empty() && v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
         .map(str::to_string)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
@@ -43,4 +49,48 @@ pub fn health_response(report: &HealthReport) -> Response {
 /// A JSON error body `{"error": message}`; callers pass only public, secret-free text.
 pub fn error_response(status: u16, message: &str) -> Response {
     json_response(status, &serde_json::json!({ "error": message }))
+}
+
+/// A Spin variable, or a 500 naming it (a deployment error, not the caller's).
+pub fn var(name: &str) -> Result<String, error::ApiError> {
+    spin_sdk::variables::get(name).map_err(|e| error::ApiError::Internal(format!("variable {name}: {e:?}")))
+}
+
+/// Spin variables as the domain's configuration source.
+pub struct SpinVars;
+
+impl astria_domain::config::Source for SpinVars {
+    fn get(&self, name: &str) -> Option<String> {
+        spin_sdk::variables::get(name).ok()
+    }
+}
+
+/// Opens the database `database_url` names, migrated to the current schema.
+pub fn open_db() -> Result<db::SpinDb, error::ApiError> {
+    let db = db::SpinDb::open(&var("database_url")?)?;
+    astria_store::migrations::ensure_migrated(&db, events::now_ms())?;
+    Ok(db)
+}
+
+/// Readiness checks for `GET /health/<service>`.
+pub mod health {
+    use astria_models::DependencyCheck;
+
+    fn check(name: &str, result: Result<(), String>) -> DependencyCheck {
+        DependencyCheck { name: name.to_string(), ok: result.is_ok(), detail: result.err() }
+    }
+
+    /// The database answers and its schema is current. The detail names the failure, never
+    /// the URL (it may carry a password).
+    pub fn database() -> DependencyCheck {
+        check("database", crate::open_db().map(|_| ()).map_err(|e| e.to_string()))
+    }
+
+    /// Redis answers a command.
+    pub fn redis(url: &str) -> DependencyCheck {
+        let result = spin_sdk::redis::Connection::open(url)
+            .and_then(|c| c.get("astria:health").map(|_| ()))
+            .map_err(|_| "redis unavailable".to_string());
+        check("redis", result)
+    }
 }

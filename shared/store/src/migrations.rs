@@ -97,6 +97,42 @@ pub const MIGRATIONS: &[Migration] = &[
         )",
         ],
     },
+    Migration {
+        version: 3,
+        name: "outbound WhatsApp messages and per-contact send leases",
+        sql: &[
+            // Every message we send, queued in the transaction that decided it; the sender
+            // works through a contact's queue in `seq` order (messages/mod docs).
+            "CREATE TABLE outbound_messages (
+            id TEXT PRIMARY KEY,
+            wa_id TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            kind TEXT NOT NULL,
+            message TEXT NOT NULL,
+            status TEXT NOT NULL,
+            event_id TEXT NOT NULL,
+            correlation_id TEXT NOT NULL,
+            attempts BIGINT NOT NULL DEFAULT 0,
+            next_attempt_at BIGINT NOT NULL,
+            wamid TEXT,
+            delivery_status TEXT,
+            error_code BIGINT,
+            last_error TEXT,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL,
+            sent_at BIGINT
+        )",
+            "CREATE INDEX outbound_queue ON outbound_messages (wa_id, status, seq)",
+            "CREATE UNIQUE INDEX outbound_by_wamid ON outbound_messages (wamid)",
+            "CREATE INDEX outbound_by_status ON outbound_messages (status, updated_at)",
+            // Who is sending to a contact right now: one sender per contact keeps messages in order.
+            "CREATE TABLE send_leases (
+            wa_id TEXT PRIMARY KEY,
+            holder TEXT NOT NULL,
+            lease_until BIGINT NOT NULL
+        )",
+        ],
+    },
 ];
 
 /// Applies every migration not yet recorded; answers the versions it applied.

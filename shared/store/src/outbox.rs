@@ -120,6 +120,17 @@ pub fn mark_published<D: Db + ?Sized>(db: &D, id: &str) -> Result<(), DbError> {
     Ok(())
 }
 
+/// Makes an event due for the relay at `at_ms`, unless it is done or dead: after a publish
+/// that failed (due at once, not after the grace period), or when a consumer that could not
+/// act yet knows when to try again.
+pub fn due_at<D: Db + ?Sized>(db: &D, id: &str, at_ms: i64) -> Result<(), DbError> {
+    db.execute(
+        &db.dialect().sql("UPDATE outbox SET next_attempt_at = $1 WHERE id = $2 AND status IN ($3, $4)"),
+        &[Value::Int(at_ms), Value::from(id), Value::from(status::PENDING), Value::from(status::PUBLISHED)],
+    )?;
+    Ok(())
+}
+
 /// Claims `event_id` for `consumer`; `true` means this caller must act, `false` that someone
 /// already did (or is doing so in a transaction that will commit first).
 pub fn claim<D: Db + ?Sized>(db: &D, event_id: &str, consumer: &str, now_ms: i64) -> Result<bool, DbError> {

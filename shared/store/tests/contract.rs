@@ -5,6 +5,7 @@ use std::cell::RefCell;
 use std::sync::{Arc, Barrier};
 
 use astria_models::{EventEnvelope, OrderStatus};
+use astria_store::messages;
 use astria_store::migrations::{latest_version, migrate};
 use astria_store::outbox::{self, status, Attempt, RelayPolicy};
 use astria_store::repo::{self, NewOrder};
@@ -483,5 +484,126 @@ fn a_webhook_delivery_is_handled_once_per_source_and_id() {
         assert!(repo::first_delivery(db.as_ref(), "whatsapp", "wamid.1", 1).unwrap());
         assert!(!repo::first_delivery(db.as_ref(), "whatsapp", "wamid.1", 2).unwrap());
         assert!(repo::first_delivery(db.as_ref(), "stripe", "wamid.1", 2).unwrap(), "sources are separate");
+    });
+}
+
+// ------------------------------------------------------------------ outbound messages
+
+fn queue(db: &dyn Db, id: &str, wa_id: &str, seq: i64, kind: &str, now: i64) {
+    let m = messages::NewMessage {
+        id,
+        wa_id,
+        seq,
+        kind,
+        message: r#"{"kind":"text","body":"x"}"#,
+        event_id: &format!("ev-{id}"),
+        correlation_id: "c",
+    };
+    assert!(messages::insert(db, &m, now).unwrap());
+    assert!(!messages::insert(db, &m, now).unwrap(), "same id twice");
+}
+
+#[test]
+fn a_contacts_queue_is_worked_in_order_and_a_retry_holds_back_later_messages() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 0).unwrap();
+        queue(db.as_ref(), "m2", "wa1", 2, "text", 10);
+        queue(db.as_ref(), "m1", "wa1", 1, "text", 10);
+        queue(db.as_ref(), "x1", "wa2", 1, "text", 10);
+        let next = messages::next_in_queue(db.as_ref(), "wa1").unwrap().unwrap();
+        assert_eq!(next.id, "m1");
+        assert!(messages::schedule_retry(db.as_ref(), "m1", Some(130429), "rate", 500, 20).unwrap());
+        let again = messages::next_in_queue(db.as_ref(), "wa1").unwrap().unwrap();
+        assert_eq!((again.id.as_str(), again.attempts, again.next_attempt_at), ("m1", 1, 500));
+        assert!(messages::mark_sent(db.as_ref(), "m1", "wamid.1", 30).unwrap());
+        assert!(!messages::mark_sent(db.as_ref(), "m1", "wamid.1b", 31).unwrap(), "sent once");
+        assert_eq!(messages::next_in_queue(db.as_ref(), "wa1").unwrap().unwrap().id, "m2");
+        assert!(messages::mark_failed(db.as_ref(), "m2", Some(131026), "undeliverable", 40).unwrap());
+        assert!(messages::next_in_queue(db.as_ref(), "wa1").unwrap().is_none());
+        let failed = messages::list(db.as_ref(), messages::status::FAILED, 10).unwrap();
+        assert_eq!((failed.len(), failed[0].error_code), (1, Some(131026)));
+        let sent = messages::get(db.as_ref(), "m1").unwrap().unwrap();
+        assert_eq!((sent.wamid.as_deref(), sent.error_code), (Some("wamid.1"), None));
+    });
+}
+
+#[test]
+fn one_sender_holds_a_contacts_lease_until_it_releases_or_it_expires() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 0).unwrap();
+        assert!(messages::acquire_lease(db.as_ref(), "wa1", "a", 100, 1_000).unwrap());
+        assert!(!messages::acquire_lease(db.as_ref(), "wa1", "b", 200, 1_000).unwrap(), "a holds it");
+        assert!(messages::acquire_lease(db.as_ref(), "wa1", "a", 300, 1_000).unwrap(), "a renews");
+        assert!(messages::acquire_lease(db.as_ref(), "wa2", "b", 300, 1_000).unwrap(), "other contact");
+        assert!(messages::acquire_lease(db.as_ref(), "wa1", "b", 1_301, 1_000).unwrap(), "a's lease expired");
+        messages::release_lease(db.as_ref(), "wa1", "a").unwrap();
+        assert!(!messages::acquire_lease(db.as_ref(), "wa1", "c", 1_400, 1_000).unwrap(), "a cannot release b's");
+        messages::release_lease(db.as_ref(), "wa1", "b").unwrap();
+        assert!(messages::acquire_lease(db.as_ref(), "wa1", "c", 1_400, 1_000).unwrap());
+    });
+}
+
+#[test]
+fn of_concurrent_senders_for_one_contact_exactly_one_gets_the_lease() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 0).unwrap();
+        let barrier = Arc::new(Barrier::new(4));
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let (db, barrier) = (connect(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    transaction(db.as_ref(), |db| messages::acquire_lease(db, "wa1", &format!("h{i}"), 100, 60_000))
+                        .unwrap()
+                })
+            })
+            .collect();
+        assert_eq!(handles.into_iter().map(|h| h.join().unwrap()).filter(|w| *w).count(), 1);
+    });
+}
+
+#[test]
+fn messages_kept_back_by_the_window_are_requeued_in_order_under_new_events() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 0).unwrap();
+        queue(db.as_ref(), "m1", "wa1", 1, "image", 10);
+        queue(db.as_ref(), "m2", "wa1", 2, "image", 10);
+        assert!(messages::mark_awaiting_window(db.as_ref(), "m2", Some(131047), 20).unwrap());
+        assert!(messages::mark_awaiting_window(db.as_ref(), "m1", Some(131047), 20).unwrap());
+        assert!(!messages::template_since(db.as_ref(), "wa1", 0).unwrap());
+        queue(db.as_ref(), "t1", "wa1", 3, "template", 30);
+        assert!(messages::template_since(db.as_ref(), "wa1", 30).unwrap());
+        assert!(!messages::template_since(db.as_ref(), "wa1", 31).unwrap(), "the contact wrote since");
+        let waiting = messages::awaiting_window(db.as_ref(), "wa1").unwrap();
+        assert_eq!(waiting.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), ["m1", "m2"]);
+        assert!(messages::requeue_awaiting_window(db.as_ref(), "m1", "ev-new", 40).unwrap());
+        assert!(!messages::requeue_awaiting_window(db.as_ref(), "m1", "ev-newer", 41).unwrap(), "once");
+        let m1 = messages::get(db.as_ref(), "m1").unwrap().unwrap();
+        assert_eq!((m1.status.as_str(), m1.event_id.as_str()), (messages::status::QUEUED, "ev-new"));
+    });
+}
+
+#[test]
+fn delivery_statuses_apply_forward_only_to_our_messages() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 0).unwrap();
+        queue(db.as_ref(), "m1", "wa1", 1, "text", 10);
+        messages::mark_sent(db.as_ref(), "m1", "wamid.1", 20).unwrap();
+        let rank = |s: &str| ["sent", "delivered", "read", "failed"].iter().position(|x| *x == s);
+        let newer = |old: Option<&str>, new: &str| old.and_then(rank) < rank(new);
+        let rec = |s: &str, code| messages::record_delivery(db.as_ref(), "wamid.1", s, code, newer, 30).unwrap();
+        assert!(rec("read", None).is_some());
+        assert!(rec("delivered", None).is_some(), "ours, but older");
+        assert_eq!(messages::get(db.as_ref(), "m1").unwrap().unwrap().delivery_status.as_deref(), Some("read"));
+        assert!(messages::record_delivery(db.as_ref(), "wamid.other", "read", None, newer, 30).unwrap().is_none());
+        rec("failed", Some(131047));
+        assert!(messages::reopen_for_window(db.as_ref(), "m1", 40).unwrap());
+        let m1 = messages::get(db.as_ref(), "m1").unwrap().unwrap();
+        assert_eq!((m1.status.as_str(), m1.error_code), (messages::status::AWAITING_WINDOW, Some(131047)));
     });
 }

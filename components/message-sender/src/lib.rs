@@ -1,0 +1,227 @@
+//! message-sender: part of message-service. A Redis-trigger component on `astria.messages`
+//! that delivers queued WhatsApp messages through the Cloud API, for every service (replies,
+//! payment links, training news, images).
+//!
+//! A `message.send` event only says "this contact has mail". The sender takes the contact's
+//! lease (one sender per contact, whatever the number of replicas, so messages arrive in
+//! order), then works through the contact's queue, booking each answer in the database
+//! (`astria_store::messages`):
+//! - accepted → `sent`, with WhatsApp's id for the status webhooks;
+//! - 5xx, timeouts, rate limits → retried with backoff (the message's outbox event is made due
+//!   at the retry time; the relay brings it back), later messages wait behind it;
+//! - 131047 or a last inbound message older than 24 hours → the message waits for the window,
+//!   the contact gets the configured template once, and the webhook requeues the message when
+//!   they write again;
+//! - 131026, 190 and other permanent errors, or too many retries → `failed`, logged as errors.
+
+use std::time::Duration;
+
+use astria_domain::config::{self, WhatsApp};
+use astria_domain::conversation::Message;
+use astria_domain::events::{parse_envelope, MESSAGE_SEND};
+use astria_domain::graph::{self, SendOutcome};
+use astria_models::MessageSend;
+use astria_store::messages::{self, NewMessage, OutboundMessage};
+use astria_store::{outbox, transaction, Db, DbError};
+use spin_kit::db::SpinDb;
+use spin_kit::events::now_ms;
+use spin_kit::http_client::{self, HttpError};
+use spin_kit::{log, SpinVars};
+use spin_sdk::redis_component;
+
+/// How long one sender may hold a contact's queue without renewing.
+const LEASE_MS: i64 = 60_000;
+/// Timeout of one call to the Graph API.
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Messages sent per contact per event, so one handler invocation stays short.
+const MAX_PER_PASS: usize = 20;
+/// Failed tries before a message is given up (and logged as an error).
+const MAX_ATTEMPTS: i64 = 8;
+/// WhatsApp's customer service window.
+const WINDOW_MS: i64 = 24 * 60 * 60 * 1000;
+
+#[redis_component]
+fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
+    let event = match parse_envelope(&payload) {
+        Ok(e) => e,
+        Err(e) => {
+            log::warn("sender", &format!("dropping a message that is {e}"));
+            return Ok(());
+        }
+    };
+    if event.event_type != MESSAGE_SEND {
+        log::warn("sender", &format!("ignoring event type {} on the messages channel", event.event_type));
+        return Ok(());
+    }
+    let send: MessageSend = match serde_json::from_str(&event.payload) {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn("sender", &format!("dropping message.send {} with an unreadable payload: {e}", event.id));
+            return Ok(());
+        }
+    };
+    let cfg = config::whatsapp(&SpinVars).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let retry_base_ms: i64 = spin_kit::var("whatsapp_retry_base_ms")
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("whatsapp_retry_base_ms is not a number"))?;
+    let db = spin_kit::open_db().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let sender = Sender { db: &db, cfg: &cfg, retry_base_ms, correlation_id: &event.correlation_id };
+    // A message.send from a component that did not queue the row itself: queue it now.
+    if messages::get(&db, &send.message_id)?.is_none() {
+        let kind = serde_json::from_str::<Message>(&send.message).map(|m| m.kind()).unwrap_or("text");
+        let new = NewMessage {
+            id: &send.message_id,
+            wa_id: &send.to,
+            seq: now_ms().saturating_mul(1000),
+            kind,
+            message: &send.message,
+            event_id: &event.id,
+            correlation_id: &event.correlation_id,
+        };
+        messages::insert(&db, &new, now_ms())?;
+    }
+    sender.drain(&send.to)?;
+    Ok(())
+}
+
+struct Sender<'a> {
+    db: &'a SpinDb,
+    cfg: &'a WhatsApp,
+    retry_base_ms: i64,
+    correlation_id: &'a str,
+}
+
+impl Sender<'_> {
+    /// Sends the contact's queue in order while holding its lease.
+    fn drain(&self, wa_id: &str) -> Result<(), DbError> {
+        let holder = uuid::Uuid::new_v4().to_string();
+        if !messages::acquire_lease(self.db, wa_id, &holder, now_ms(), LEASE_MS)? {
+            // Another sender is working through this queue; it reaches this message, or the
+            // relay brings the event back.
+            return Ok(());
+        }
+        let result = self.drain_leased(wa_id, &holder);
+        if let Err(e) = messages::release_lease(self.db, wa_id, &holder) {
+            log::warn("sender", &format!("lease left to expire: {e}"));
+        }
+        result
+    }
+
+    fn drain_leased(&self, wa_id: &str, holder: &str) -> Result<(), DbError> {
+        for _ in 0..MAX_PER_PASS {
+            let Some(m) = messages::next_in_queue(self.db, wa_id)? else { return Ok(()) };
+            let now = now_ms();
+            if m.next_attempt_at > now {
+                // Waiting for its retry, and holding back the messages after it.
+                outbox::due_at(self.db, &m.event_id, m.next_attempt_at)?;
+                return Ok(());
+            }
+            if !messages::acquire_lease(self.db, wa_id, holder, now, LEASE_MS)? {
+                return Ok(()); // Our lease lapsed and someone else took over.
+            }
+            if !self.send_one(&m)? {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one message and books the answer; `false` when the queue must wait (retry).
+    fn send_one(&self, m: &OutboundMessage) -> Result<bool, DbError> {
+        let message: Message = match serde_json::from_str(&m.message) {
+            Ok(msg) => msg,
+            Err(e) => {
+                self.book(m, SendOutcome::Rejected { code: None, detail: format!("unreadable message: {e}") })?;
+                return Ok(true);
+            }
+        };
+        let window_closed = !matches!(message, Message::Template { .. })
+            && messages::last_inbound_at(self.db, &m.wa_id)?.is_some_and(|t| now_ms() - t > WINDOW_MS);
+        let outcome = if window_closed { SendOutcome::OutsideWindow } else { self.call(&m.wa_id, &message) };
+        self.book(m, outcome)
+    }
+
+    fn call(&self, to: &str, message: &Message) -> SendOutcome {
+        let body = graph::request_body(to, message, &self.cfg.template).to_string();
+        let auth = format!("Bearer {}", self.cfg.access_token);
+        let url = self.cfg.messages_url();
+        let request = http_client::Request {
+            method: "POST",
+            url: &url,
+            headers: &[("authorization", &auth), ("content-type", "application/json")],
+            body: body.as_bytes(),
+            timeout: CALL_TIMEOUT,
+            max_response: 256 * 1024,
+        };
+        match http_client::send(&request) {
+            Ok(r) => graph::classify(r.status, &r.body),
+            Err(e @ HttpError::Refused(_)) | Err(e @ HttpError::TooLarge(_)) => {
+                SendOutcome::Rejected { code: None, detail: e.to_string() }
+            }
+            Err(e) => SendOutcome::Retry { code: None, detail: e.to_string(), min_delay_ms: 0 },
+        }
+    }
+
+    /// Records what happened to `m`, in one transaction with its event's completion.
+    fn book(&self, m: &OutboundMessage, outcome: SendOutcome) -> Result<bool, DbError> {
+        let now = now_ms();
+        transaction(self.db, |db| {
+            let go_on = match outcome {
+                SendOutcome::Sent { wamid } => {
+                    messages::mark_sent(db, &m.id, &wamid, now)?;
+                    outbox::complete(db, &m.event_id, now)?;
+                    true
+                }
+                SendOutcome::Retry { code, detail, min_delay_ms } if m.attempts + 1 < MAX_ATTEMPTS => {
+                    let at = now + graph::retry_delay_ms(self.retry_base_ms, m.attempts + 1, min_delay_ms);
+                    messages::schedule_retry(db, &m.id, code, &detail, at, now)?;
+                    outbox::due_at(db, &m.event_id, at)?;
+                    log::warn("sender", &format!("message {} will be retried in {} ms: {detail}", m.id, at - now));
+                    false
+                }
+                SendOutcome::Retry { code, detail, .. } => {
+                    let detail = format!("gave up after {MAX_ATTEMPTS} attempts: {detail}");
+                    self.fail(db, m, code, &detail, now)?;
+                    true
+                }
+                SendOutcome::Rejected { code, detail } => {
+                    self.fail(db, m, code, &detail, now)?;
+                    true
+                }
+                SendOutcome::OutsideWindow => {
+                    messages::mark_awaiting_window(db, &m.id, Some(graph::codes::OUTSIDE_WINDOW), now)?;
+                    outbox::complete(db, &m.event_id, now)?;
+                    let since = messages::last_inbound_at(db, &m.wa_id)?.unwrap_or(0);
+                    if !messages::template_since(db, &m.wa_id, since)? {
+                        // Queued behind everything else: this same pass sends it next.
+                        let invite = Message::Template { parameters: vec![] };
+                        let pending = spin_kit::messages::queue(db, &m.wa_id, &invite, 0, self.correlation_id)?;
+                        outbox::due_at(db, &pending.id, now)?;
+                    }
+                    true
+                }
+            };
+            Ok(go_on)
+        })
+    }
+
+    fn fail<D: Db + ?Sized>(
+        &self,
+        db: &D,
+        m: &OutboundMessage,
+        code: Option<i64>,
+        detail: &str,
+        now: i64,
+    ) -> Result<(), DbError> {
+        messages::mark_failed(db, &m.id, code, detail, now)?;
+        outbox::complete(db, &m.event_id, now)?;
+        log::error_with(
+            "whatsapp.rejected",
+            self.correlation_id,
+            &format!("message {} ({}) not delivered: {detail}", m.id, m.kind),
+        );
+        Ok(())
+    }
+}

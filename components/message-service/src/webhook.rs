@@ -1,0 +1,215 @@
+//! `/SmsReceived`: the subscription handshake and the signed webhook.
+//!
+//! A POST is checked (size, then signature, before any parsing), parsed for our phone number,
+//! and each message handled in its own transaction: dedupe on the WhatsApp message id, one
+//! conversation step, its writes, and the replies queued with their events. A database fault
+//! answers 503 so that Meta redelivers; messages already handled are then skipped as duplicates.
+//! Events are published after commit; if Redis is down they wait in the outbox for the relay.
+
+use astria_domain::config;
+use astria_domain::conversation::{self, Action, Context, Message, OrderView, State};
+use astria_domain::events::{channels, ORDER_AWAITING_PAYMENT};
+use astria_domain::graph::{codes, status_rank};
+use astria_domain::whatsapp::{self, InboundMessage, StatusUpdate, WebhookError};
+use astria_domain::Money;
+use astria_models::{OrderAwaitingPayment, Pack};
+use astria_store::outbox::RelayPolicy;
+use astria_store::repo::{self, NewOrder};
+use astria_store::{messages, transaction, Db, DbError};
+use spin_kit::error::ApiError;
+use spin_kit::events::{self, now_ms, Pending};
+use spin_kit::{log, var, SpinVars};
+use spin_sdk::http::Response;
+
+/// Where WhatsApp dedupe ids are recorded (`processed_webhooks.source`).
+const SOURCE: &str = "whatsapp";
+
+/// `GET /SmsReceived?hub.mode=subscribe&hub.verify_token=...&hub.challenge=...`.
+pub fn verify(query: &str) -> Result<Response, ApiError> {
+    let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let expected = var("whatsapp_verify_token")?;
+    match whatsapp::verify_subscription(param("hub.mode"), param("hub.verify_token"), param("hub.challenge"), &expected)
+    {
+        Some(challenge) => {
+            Ok(Response::builder().status(200).header("content-type", "text/plain").body(challenge.to_string()).build())
+        }
+        None => Ok(spin_kit::error_response(403, "verification failed")),
+    }
+}
+
+/// What one POST did, for the response body (Meta ignores it; operators and tests read it).
+#[derive(serde::Serialize, Default)]
+struct Report {
+    messages: usize,
+    duplicates: usize,
+    statuses: usize,
+}
+
+/// `POST /SmsReceived`.
+pub fn receive(body: &[u8], signature: Option<&str>, request_id: &str) -> Result<Response, ApiError> {
+    whatsapp::verify_signature(&var("whatsapp_app_secret")?, body, signature).map_err(|_| ApiError::Unauthorized)?;
+    let hook = whatsapp::parse_webhook(body, &var("whatsapp_phone_number_id")?).map_err(|e| match e {
+        WebhookError::BadSignature => ApiError::Unauthorized,
+        WebhookError::Malformed(m) => ApiError::BadRequest(m),
+    })?;
+    let mut report = Report::default();
+    if hook.messages.is_empty() && hook.statuses.is_empty() {
+        return Ok(spin_kit::json_response(200, &report));
+    }
+    let packs = config::catalogue(&SpinVars).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let settings = config::conversation(&SpinVars).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let redis_url = var("redis_url")?;
+    let db = spin_kit::open_db()?;
+
+    for m in &hook.messages {
+        match handle_message(&db, m, &packs, &settings, request_id)? {
+            Some(pending) => {
+                report.messages += 1;
+                events::publish(&db, &redis_url, &pending);
+            }
+            None => report.duplicates += 1,
+        }
+    }
+    for s in &hook.statuses {
+        let pending = handle_status(&db, s, request_id)?;
+        report.statuses += 1;
+        events::publish(&db, &redis_url, &pending);
+    }
+    Ok(spin_kit::json_response(200, &report))
+}
+
+/// Conflicting concurrent work: roll back and let Meta redeliver.
+fn retry_later(detail: &str) -> ApiError {
+    ApiError::Unavailable { dependency: "database", detail: detail.to_string() }
+}
+
+/// One inbound message; `None` if it was handled before.
+fn handle_message(
+    db: &impl Db,
+    m: &InboundMessage,
+    packs: &[Pack],
+    settings: &conversation::Config,
+    correlation_id: &str,
+) -> Result<Option<Vec<Pending>>, ApiError> {
+    let now = now_ms();
+    transaction(db, |db| {
+        if !repo::first_delivery(db, SOURCE, &m.id, now)? {
+            return Ok(None);
+        }
+        // The window runs from the message's own time (Meta may deliver it late), never ahead.
+        let sent_at = m.timestamp.saturating_mul(1000).clamp(0, now);
+        // The upsert also locks the contact's row until commit (PostgreSQL), so two messages
+        // from one person are stepped one after the other, each seeing the other's effects.
+        repo::touch_contact(db, &m.from, m.profile_name.as_deref(), sent_at)?;
+        let (contact, state_json) =
+            repo::get_contact(db, &m.from)?.ok_or_else(|| ApiError::Internal("contact vanished".into()))?;
+        let state: State = serde_json::from_str(&state_json).unwrap_or_else(|e| {
+            log::warn("webhook", &format!("unreadable conversation state reset to idle: {e}"));
+            State::Idle
+        });
+        // The contact wrote: the 24-hour window is open again for messages that waited for it.
+        let mut pending = spin_kit::messages::requeue_awaiting_window(db, &m.from, correlation_id)?;
+
+        let order = match &state {
+            State::Order { order_id } => repo::get_order(db, order_id)?.map(order_view).transpose()?,
+            _ => None,
+        };
+        let new_order_id = uuid::Uuid::new_v4().to_string();
+        let ctx = Context {
+            packs,
+            config: settings,
+            opted_out: contact.opted_out,
+            order: order.as_ref(),
+            new_order_id: &new_order_id,
+        };
+        let outcome = conversation::step(&ctx, &state, &m.inbound);
+
+        let mut sent = 0;
+        for action in outcome.actions {
+            match action {
+                Action::Send(message) => {
+                    pending.push(spin_kit::messages::queue(db, &m.from, &message, sent, correlation_id)?);
+                    sent += 1;
+                }
+                Action::SetOptOut(opted_out) => repo::set_opt_out(db, &m.from, opted_out, now)?,
+                Action::CreateOrder { order_id, pack_id, subject_class, price } => {
+                    let price = astria_models::Money {
+                        amount_minor: price.amount_minor(),
+                        currency: price.currency().to_string(),
+                    };
+                    let new = NewOrder {
+                        id: &order_id,
+                        wa_id: &m.from,
+                        pack_id: &pack_id,
+                        subject_class: &subject_class,
+                        price: &price,
+                    };
+                    repo::create_order(db, &new, now)?;
+                }
+                Action::AddPhoto { order_id, photo } => {
+                    // `false` means the same photo again: the conversation has said so already.
+                    repo::add_photo(db, &order_id, &photo, now)?;
+                }
+                Action::SetStatus { order_id, from, to } => {
+                    if !repo::set_order_status(db, &order_id, from, to, now)? {
+                        return Err(retry_later("the order changed meanwhile"));
+                    }
+                }
+                Action::OrderAwaitingPayment { order_id } => {
+                    let event =
+                        events::envelope(ORDER_AWAITING_PAYMENT, &OrderAwaitingPayment { order_id }, correlation_id);
+                    pending.push(events::emit(db, channels::PAYMENTS, &event, &RelayPolicy::default())?);
+                }
+            }
+        }
+        let state_json = serde_json::to_string(&outcome.state).map_err(|e| ApiError::Internal(e.to_string()))?;
+        repo::save_conversation(db, &m.from, &state_json, now)?;
+        Ok(Some(pending))
+    })
+}
+
+fn order_view(o: astria_models::Order) -> Result<OrderView, DbError> {
+    Ok(OrderView {
+        price: Money::try_from(&o.price).map_err(|e| DbError::Decode(e.to_string()))?,
+        photo_hashes: o.photos.into_iter().map(|p| p.sha256).collect(),
+        id: o.id,
+        pack_id: o.pack_id,
+        status: o.status,
+        checkout_url: o.checkout_url,
+    })
+}
+
+/// A delivery status of one of our messages. A failure is logged for operators; one caused by
+/// the closed 24-hour window puts the message back to wait for it and invites the contact back
+/// with the template.
+fn handle_status(db: &impl Db, s: &StatusUpdate, correlation_id: &str) -> Result<Vec<Pending>, ApiError> {
+    let now = now_ms();
+    let code = s.error_codes.first().copied();
+    transaction(db, |db| {
+        let newer = |old: Option<&str>, new: &str| old.and_then(status_rank) < status_rank(new);
+        let Some(m) = messages::record_delivery(db, &s.message_id, &s.status, code, newer, now)? else {
+            return Ok(vec![]);
+        };
+        if s.status != "failed" {
+            return Ok(vec![]);
+        }
+        log::error_with(
+            "whatsapp.delivery",
+            correlation_id,
+            &format!("message {} ({}) failed with code {}", m.id, m.kind, code.unwrap_or(0)),
+        );
+        let mut pending = vec![];
+        if s.error_codes.contains(&codes::OUTSIDE_WINDOW)
+            && m.kind != "template"
+            && messages::reopen_for_window(db, &m.id, now)?
+        {
+            let since = messages::last_inbound_at(db, &m.wa_id)?.unwrap_or(0);
+            if !messages::template_since(db, &m.wa_id, since)? {
+                let invite = Message::Template { parameters: vec![] };
+                pending.push(spin_kit::messages::queue(db, &m.wa_id, &invite, 0, correlation_id)?);
+            }
+        }
+        Ok(pending)
+    })
+}

@@ -1,0 +1,292 @@
+//! WhatsApp Cloud API outbound (`POST /{version}/{phone-number-id}/messages`): the JSON body
+//! for each [`Message`], and what an answer means for the sender: sent, retry later, switch to
+//! the template (outside the 24-hour window), or give up. Pure: the sender component does the
+//! HTTP call and the bookkeeping.
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::conversation::Message;
+
+/// The template sent outside the 24-hour window (`whatsapp_template_name`/`_language`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateConfig {
+    pub name: String,
+    pub language: String,
+}
+
+/// The request body that sends `message` to `to`.
+pub fn request_body(to: &str, message: &Message, template: &TemplateConfig) -> Value {
+    let mut body = json!({ "messaging_product": "whatsapp", "recipient_type": "individual", "to": to });
+    let (kind, content) = match message {
+        Message::Text { body } => ("text", json!({ "body": body, "preview_url": false })),
+        Message::Buttons { body, buttons } => (
+            "interactive",
+            json!({
+                "type": "button",
+                "body": { "text": body },
+                "action": { "buttons": buttons.iter().map(|b| json!({
+                    "type": "reply", "reply": { "id": b.id, "title": b.title }
+                })).collect::<Vec<_>>() },
+            }),
+        ),
+        Message::List { body, button, section, rows } => (
+            "interactive",
+            json!({
+                "type": "list",
+                "body": { "text": body },
+                "action": {
+                    "button": button,
+                    "sections": [{
+                        "title": section,
+                        "rows": rows.iter().map(|r| {
+                            let mut row = json!({ "id": r.id, "title": r.title });
+                            if let Some(d) = &r.description {
+                                row["description"] = json!(d);
+                            }
+                            row
+                        }).collect::<Vec<_>>(),
+                    }],
+                },
+            }),
+        ),
+        Message::Image { link, caption } => {
+            let mut image = json!({ "link": link });
+            if let Some(c) = caption {
+                image["caption"] = json!(c);
+            }
+            ("image", image)
+        }
+        Message::Template { parameters } => {
+            let mut template = json!({ "name": template.name, "language": { "code": template.language } });
+            if !parameters.is_empty() {
+                template["components"] = json!([{
+                    "type": "body",
+                    "parameters": parameters.iter().map(|p| json!({ "type": "text", "text": p })).collect::<Vec<_>>(),
+                }]);
+            }
+            ("template", template)
+        }
+    };
+    body["type"] = json!(kind);
+    body[kind] = content;
+    body
+}
+
+/// What an answer of the messages endpoint means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// Accepted; `wamid` is the id later status webhooks refer to.
+    Sent { wamid: String },
+    /// A temporary failure (5xx, rate limits, timeouts): retry after at least `min_delay_ms`.
+    Retry { code: Option<i64>, detail: String, min_delay_ms: i64 },
+    /// 131047: the user's last message is older than 24 hours; only a template gets through.
+    OutsideWindow,
+    /// A failure that retrying cannot fix (131026 undeliverable, 190 bad token, 100 invalid
+    /// parameter, 368 policy block, ...): record it for an operator.
+    Rejected { code: Option<i64>, detail: String },
+}
+
+/// Error codes of the Graph API this bot treats specially.
+pub mod codes {
+    pub const OUTSIDE_WINDOW: i64 = 131047;
+    pub const THROUGHPUT_LIMIT: i64 = 130429;
+    pub const SPAM_LIMIT: i64 = 131048;
+    pub const PAIR_LIMIT: i64 = 131056;
+    pub const ACCOUNT_LIMIT: i64 = 80007;
+    pub const UNDELIVERABLE: i64 = 131026;
+    pub const TOKEN_INVALID: i64 = 190;
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    #[serde(default)]
+    messages: Vec<SentId>,
+    error: Option<GraphError>,
+}
+
+#[derive(Deserialize)]
+struct SentId {
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct GraphError {
+    code: Option<i64>,
+    #[serde(default)]
+    message: String,
+    error_data: Option<ErrorData>,
+}
+
+#[derive(Deserialize)]
+struct ErrorData {
+    #[serde(default)]
+    details: String,
+}
+
+/// Delay floors for rate limits: Meta asks to slow down, not to hammer again in 5 s.
+fn rate_limit_delay(code: i64) -> Option<i64> {
+    use codes::*;
+    match code {
+        THROUGHPUT_LIMIT | ACCOUNT_LIMIT => Some(60_000),
+        SPAM_LIMIT => Some(5 * 60_000),
+        PAIR_LIMIT => Some(6_000),
+        // 4: application request limit; 80004/80008: business use case limits.
+        4 | 80004 | 80008 => Some(60_000),
+        _ => None,
+    }
+}
+
+/// Temporary errors Meta documents as "try again later".
+fn transient(code: i64) -> bool {
+    // 1 unknown API error, 2 temporary service error, 131000 something went wrong,
+    // 131016 service unavailable, 133004 server temporarily unavailable.
+    matches!(code, 1 | 2 | 131000 | 131016 | 133004)
+}
+
+/// Classifies an HTTP answer of the messages endpoint.
+pub fn classify(status: u16, body: &[u8]) -> SendOutcome {
+    let answer: Option<Answer> = serde_json::from_slice(body).ok();
+    if (200..300).contains(&status) {
+        if let Some(id) = answer.as_ref().and_then(|a| a.messages.first()).map(|m| m.id.clone()) {
+            return SendOutcome::Sent { wamid: id };
+        }
+        // A 2xx without a message id is not an acceptance we can track; try again.
+        return SendOutcome::Retry {
+            code: None,
+            detail: format!("HTTP {status} without a message id"),
+            min_delay_ms: 0,
+        };
+    }
+    let error = answer.and_then(|a| a.error);
+    let code = error.as_ref().and_then(|e| e.code);
+    let detail = match &error {
+        Some(e) => {
+            let details = e.error_data.as_ref().map(|d| d.details.as_str()).unwrap_or("");
+            format!("HTTP {status}, code {}: {} {}", code.unwrap_or(0), e.message, details).trim_end().to_string()
+        }
+        None => format!("HTTP {status}"),
+    };
+    match code {
+        Some(codes::OUTSIDE_WINDOW) => SendOutcome::OutsideWindow,
+        Some(c) if rate_limit_delay(c).is_some() => {
+            SendOutcome::Retry { code, detail, min_delay_ms: rate_limit_delay(c).unwrap_or(0) }
+        }
+        Some(c) if transient(c) => SendOutcome::Retry { code, detail, min_delay_ms: 0 },
+        _ if status == 429 => SendOutcome::Retry { code, detail, min_delay_ms: 60_000 },
+        _ if status >= 500 => SendOutcome::Retry { code, detail, min_delay_ms: 0 },
+        _ => SendOutcome::Rejected { code, detail },
+    }
+}
+
+/// When to try again after `attempts` failed tries: exponential from `base_ms`, at least the
+/// answer's floor, at most 15 minutes.
+pub fn retry_delay_ms(base_ms: i64, attempts: i64, floor_ms: i64) -> i64 {
+    let exp = attempts.clamp(1, 20) - 1;
+    base_ms.saturating_mul(1i64 << exp).max(floor_ms).min(15 * 60_000)
+}
+
+/// Status updates move forward only (`sent` → `delivered` → `read`; `failed` is final), since
+/// WhatsApp's webhooks can arrive out of order.
+pub fn status_rank(status: &str) -> Option<u8> {
+    match status {
+        "sent" => Some(1),
+        "delivered" => Some(2),
+        "read" => Some(3),
+        "failed" => Some(4),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conversation::Choice;
+
+    fn template() -> TemplateConfig {
+        TemplateConfig { name: "order_update".into(), language: "en_US".into() }
+    }
+
+    #[test]
+    fn text_and_image_bodies_follow_the_documented_shape() {
+        let b = request_body("4915", &Message::text("hi"), &template());
+        assert_eq!(
+            b,
+            json!({"messaging_product":"whatsapp","recipient_type":"individual","to":"4915","type":"text",
+                   "text":{"body":"hi","preview_url":false}})
+        );
+        let img = Message::Image { link: "https://x/1.png".into(), caption: Some("1/2".into()) };
+        let b = request_body("4915", &img, &template());
+        assert_eq!(b["type"], "image");
+        assert_eq!(b["image"], json!({"link":"https://x/1.png","caption":"1/2"}));
+    }
+
+    #[test]
+    fn interactive_bodies_carry_buttons_and_list_rows() {
+        let c = |id: &str| Choice { id: id.into(), title: id.to_uppercase(), description: Some("d".into()) };
+        let buttons = Message::Buttons { body: "pick".into(), buttons: vec![c("a"), c("b")] };
+        let b = request_body("1", &buttons, &template());
+        assert_eq!(b["interactive"]["type"], "button");
+        assert_eq!(b["interactive"]["action"]["buttons"][1], json!({"type":"reply","reply":{"id":"b","title":"B"}}));
+        let list =
+            Message::List { body: "pick".into(), button: "Packs".into(), section: "All".into(), rows: vec![c("x")] };
+        let b = request_body("1", &list, &template());
+        assert_eq!(b["interactive"]["action"]["button"], "Packs");
+        assert_eq!(
+            b["interactive"]["action"]["sections"][0]["rows"][0],
+            json!({"id":"x","title":"X","description":"d"})
+        );
+    }
+
+    #[test]
+    fn templates_use_the_configured_name_and_language() {
+        let b = request_body("1", &Message::Template { parameters: vec![] }, &template());
+        assert_eq!(b["template"], json!({"name":"order_update","language":{"code":"en_US"}}));
+        let b = request_body("1", &Message::Template { parameters: vec!["Ana".into()] }, &template());
+        assert_eq!(b["template"]["components"][0]["parameters"][0], json!({"type":"text","text":"Ana"}));
+    }
+
+    fn error(status: u16, code: i64) -> SendOutcome {
+        let body = json!({"error":{"message":"m","type":"OAuthException","code":code,
+            "error_data":{"messaging_product":"whatsapp","details":"d"},"fbtrace_id":"x"}});
+        classify(status, body.to_string().as_bytes())
+    }
+
+    #[test]
+    fn answers_are_classified_by_error_code() {
+        let ok =
+            br#"{"messaging_product":"whatsapp","contacts":[{"input":"1","wa_id":"1"}],"messages":[{"id":"wamid.A"}]}"#;
+        assert_eq!(classify(200, ok), SendOutcome::Sent { wamid: "wamid.A".into() });
+        assert_eq!(error(400, codes::OUTSIDE_WINDOW), SendOutcome::OutsideWindow);
+        assert!(matches!(error(400, codes::THROUGHPUT_LIMIT), SendOutcome::Retry { min_delay_ms: 60_000, .. }));
+        assert!(matches!(error(400, codes::PAIR_LIMIT), SendOutcome::Retry { min_delay_ms: 6_000, .. }));
+        assert!(matches!(error(500, 131000), SendOutcome::Retry { .. }));
+        assert!(matches!(error(400, codes::UNDELIVERABLE), SendOutcome::Rejected { code: Some(131026), .. }));
+        assert!(matches!(error(401, codes::TOKEN_INVALID), SendOutcome::Rejected { code: Some(190), .. }));
+        assert!(matches!(error(400, 100), SendOutcome::Rejected { .. }));
+        assert!(matches!(classify(502, b"<html>bad gateway</html>"), SendOutcome::Retry { code: None, .. }));
+        assert!(matches!(classify(200, b"{}"), SendOutcome::Retry { .. }));
+        assert!(matches!(classify(400, b"nonsense"), SendOutcome::Rejected { code: None, .. }));
+    }
+
+    #[test]
+    fn rejection_detail_names_the_code_and_message() {
+        let SendOutcome::Rejected { detail, .. } = error(400, codes::UNDELIVERABLE) else { panic!() };
+        assert_eq!(detail, "HTTP 400, code 131026: m d");
+    }
+
+    #[test]
+    fn retry_delays_grow_and_respect_floor_and_cap() {
+        assert_eq!(retry_delay_ms(1000, 1, 0), 1000);
+        assert_eq!(retry_delay_ms(1000, 3, 0), 4000);
+        assert_eq!(retry_delay_ms(1000, 1, 60_000), 60_000);
+        assert_eq!(retry_delay_ms(1000, 40, 0), 15 * 60_000);
+    }
+
+    #[test]
+    fn statuses_only_move_forward() {
+        assert!(status_rank("read") > status_rank("delivered"));
+        assert!(status_rank("failed") > status_rank("read"));
+        assert_eq!(status_rank("deleted"), None);
+    }
+}

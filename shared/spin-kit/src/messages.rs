@@ -1,0 +1,68 @@
+//! Queuing WhatsApp messages from any component: the message row and its `message.send` event
+//! are written in the caller's transaction, so a message decided is a message sent (by the
+//! message sender, see `astria_store::messages`).
+
+use astria_domain::conversation::Message;
+use astria_domain::events::{channels, MESSAGE_SEND};
+use astria_models::MessageSend;
+use astria_store::messages::{self, NewMessage};
+use astria_store::outbox::RelayPolicy;
+use astria_store::{Db, DbError};
+
+use crate::events::{emit, envelope, now_ms, Pending};
+
+/// Queues `message` to `to`; `index` orders messages queued in the same transaction. Publish
+/// the answer after commit.
+pub fn queue<D: Db + ?Sized>(
+    db: &D,
+    to: &str,
+    message: &Message,
+    index: usize,
+    correlation_id: &str,
+) -> Result<Pending, DbError> {
+    let now = now_ms();
+    let id = uuid::Uuid::new_v4().to_string();
+    let json = serde_json::to_string(message).map_err(|e| DbError::Decode(e.to_string()))?;
+    let event = envelope(
+        MESSAGE_SEND,
+        &MessageSend { message_id: id.clone(), to: to.to_string(), message: json.clone() },
+        correlation_id,
+    );
+    let new = NewMessage {
+        id: &id,
+        wa_id: to,
+        seq: sequence(now, index),
+        kind: message.kind(),
+        message: &json,
+        event_id: &event.id,
+        correlation_id,
+    };
+    messages::insert(db, &new, now)?;
+    emit(db, channels::MESSAGES, &event, &RelayPolicy::default())
+}
+
+/// Puts the contact's messages that waited for the 24-hour window back in the queue (the
+/// contact just wrote, so the window is open), ahead of anything queued after.
+pub fn requeue_awaiting_window<D: Db + ?Sized>(
+    db: &D,
+    wa_id: &str,
+    correlation_id: &str,
+) -> Result<Vec<Pending>, DbError> {
+    let mut pending = Vec::new();
+    for m in messages::awaiting_window(db, wa_id)? {
+        let event = envelope(
+            MESSAGE_SEND,
+            &MessageSend { message_id: m.id.clone(), to: m.wa_id.clone(), message: m.message.clone() },
+            correlation_id,
+        );
+        if messages::requeue_awaiting_window(db, &m.id, &event.id, now_ms())? {
+            pending.push(emit(db, channels::MESSAGES, &event, &RelayPolicy::default())?);
+        }
+    }
+    Ok(pending)
+}
+
+/// Queue position: time first, then the order within one transaction.
+fn sequence(now_ms: i64, index: usize) -> i64 {
+    now_ms.saturating_mul(1000).saturating_add(index.min(999) as i64)
+}

@@ -1,0 +1,317 @@
+//! Outbound WhatsApp messages: queued in the transaction that decided them, sent by the
+//! message sender, tracked until WhatsApp reports them delivered, read or failed.
+//!
+//! - **Queue**: [`insert`] stores the message (`queued`) together with its `message.send`
+//!   outbox event; `seq` orders a contact's messages.
+//! - **Send**: the sender takes the contact's lease ([`acquire_lease`]; one sender per contact
+//!   keeps messages in order across replicas), then works through [`next_in_queue`], booking
+//!   each answer: [`mark_sent`], [`schedule_retry`], [`mark_failed`], or
+//!   [`mark_awaiting_window`] when the 24-hour window has closed.
+//! - **Window**: messages awaiting the window are [`requeue_awaiting_window`]d when the contact
+//!   writes again.
+//! - **Statuses**: [`record_delivery`] applies WhatsApp's status webhooks, forward only.
+//!
+//! A message is sent at most once unless the sender dies between WhatsApp's answer and the
+//! commit that books it (the lease then expires and the message is sent again): WhatsApp has no
+//! idempotency key, and a duplicate beats a lost payment link.
+
+use crate::{Db, DbError, Row, Value};
+
+/// Values of `outbound_messages.status`.
+pub mod status {
+    pub const QUEUED: &str = "queued";
+    pub const SENT: &str = "sent";
+    pub const AWAITING_WINDOW: &str = "awaiting_window";
+    pub const FAILED: &str = "failed";
+}
+
+/// A message to queue.
+pub struct NewMessage<'a> {
+    pub id: &'a str,
+    pub wa_id: &'a str,
+    /// Position among the contact's messages (the sender sends in `seq` order).
+    pub seq: i64,
+    pub kind: &'a str,
+    /// The message as JSON (`astria_domain::conversation::Message`).
+    pub message: &'a str,
+    /// The `message.send` outbox event that triggers the sender.
+    pub event_id: &'a str,
+    pub correlation_id: &'a str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundMessage {
+    pub id: String,
+    pub wa_id: String,
+    pub seq: i64,
+    pub kind: String,
+    pub message: String,
+    pub status: String,
+    pub event_id: String,
+    pub correlation_id: String,
+    /// Failed tries so far.
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub wamid: Option<String>,
+    pub delivery_status: Option<String>,
+    pub error_code: Option<i64>,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+}
+
+const COLUMNS: &str = "id, wa_id, seq, kind, message, status, event_id, correlation_id, attempts, next_attempt_at,
+    wamid, delivery_status, error_code, last_error, created_at";
+
+fn from_row(r: &Row) -> Result<OutboundMessage, DbError> {
+    Ok(OutboundMessage {
+        id: r.text(0)?,
+        wa_id: r.text(1)?,
+        seq: r.int(2)?,
+        kind: r.text(3)?,
+        message: r.text(4)?,
+        status: r.text(5)?,
+        event_id: r.text(6)?,
+        correlation_id: r.text(7)?,
+        attempts: r.int(8)?,
+        next_attempt_at: r.int(9)?,
+        wamid: r.opt_text(10)?,
+        delivery_status: r.opt_text(11)?,
+        error_code: r.opt_int(12)?,
+        last_error: r.opt_text(13)?,
+        created_at: r.int(14)?,
+    })
+}
+
+fn select<D: Db + ?Sized>(db: &D, filter: &str, params: &[Value]) -> Result<Vec<OutboundMessage>, DbError> {
+    db.query(&db.dialect().sql(&format!("SELECT {COLUMNS} FROM outbound_messages {filter}")), params)?
+        .iter()
+        .map(from_row)
+        .collect()
+}
+
+/// Queues a message; `false` if one with this id exists already.
+pub fn insert<D: Db + ?Sized>(db: &D, m: &NewMessage<'_>, now_ms: i64) -> Result<bool, DbError> {
+    let n = db.execute(
+        &db.dialect().sql(
+            "INSERT INTO outbound_messages (id, wa_id, seq, kind, message, status, event_id, correlation_id,
+                attempts, next_attempt_at, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9, $9, $9)
+             ON CONFLICT (id) DO NOTHING",
+        ),
+        &[
+            Value::from(m.id),
+            Value::from(m.wa_id),
+            Value::Int(m.seq),
+            Value::from(m.kind),
+            Value::from(m.message),
+            Value::from(status::QUEUED),
+            Value::from(m.event_id),
+            Value::from(m.correlation_id),
+            Value::Int(now_ms),
+        ],
+    )?;
+    Ok(n == 1)
+}
+
+pub fn get<D: Db + ?Sized>(db: &D, id: &str) -> Result<Option<OutboundMessage>, DbError> {
+    Ok(select(db, "WHERE id = $1", &[Value::from(id)])?.into_iter().next())
+}
+
+/// The contact's first queued message, due or not (a message waiting for its retry holds back
+/// the ones after it, so they arrive in order).
+pub fn next_in_queue<D: Db + ?Sized>(db: &D, wa_id: &str) -> Result<Option<OutboundMessage>, DbError> {
+    Ok(select(
+        db,
+        "WHERE wa_id = $1 AND status = $2 ORDER BY seq, created_at, id LIMIT 1",
+        &[Value::from(wa_id), Value::from(status::QUEUED)],
+    )?
+    .into_iter()
+    .next())
+}
+
+/// Takes (or renews) the right to send to `wa_id` until `now + lease_ms`; `false` while another
+/// holder's lease runs.
+pub fn acquire_lease<D: Db + ?Sized>(
+    db: &D,
+    wa_id: &str,
+    holder: &str,
+    now_ms: i64,
+    lease_ms: i64,
+) -> Result<bool, DbError> {
+    let n = db.execute(
+        &db.dialect().sql(
+            "INSERT INTO send_leases (wa_id, holder, lease_until) VALUES ($1, $2, $3)
+             ON CONFLICT (wa_id) DO UPDATE SET holder = excluded.holder, lease_until = excluded.lease_until
+             WHERE send_leases.lease_until < $4 OR send_leases.holder = excluded.holder",
+        ),
+        &[Value::from(wa_id), Value::from(holder), Value::Int(now_ms + lease_ms), Value::Int(now_ms)],
+    )?;
+    Ok(n == 1)
+}
+
+pub fn release_lease<D: Db + ?Sized>(db: &D, wa_id: &str, holder: &str) -> Result<(), DbError> {
+    db.execute(
+        &db.dialect().sql("DELETE FROM send_leases WHERE wa_id = $1 AND holder = $2"),
+        &[Value::from(wa_id), Value::from(holder)],
+    )?;
+    Ok(())
+}
+
+fn update<D: Db + ?Sized>(db: &D, set: &str, id: &str, params: &[Value]) -> Result<bool, DbError> {
+    let mut all = params.to_vec();
+    all.push(Value::from(id));
+    all.push(Value::from(status::QUEUED));
+    let n = params.len();
+    let sql = format!("UPDATE outbound_messages SET {set} WHERE id = ${} AND status = ${}", n + 1, n + 2);
+    Ok(db.execute(&db.dialect().sql(&sql), &all)? == 1)
+}
+
+/// WhatsApp accepted the message. Only a queued message can become sent.
+pub fn mark_sent<D: Db + ?Sized>(db: &D, id: &str, wamid: &str, now_ms: i64) -> Result<bool, DbError> {
+    update(
+        db,
+        "status = $1, wamid = $2, sent_at = $3, updated_at = $3, error_code = NULL, last_error = NULL",
+        id,
+        &[Value::from(status::SENT), Value::from(wamid), Value::Int(now_ms)],
+    )
+}
+
+/// A temporary failure: try again at `next_attempt_at`.
+pub fn schedule_retry<D: Db + ?Sized>(
+    db: &D,
+    id: &str,
+    code: Option<i64>,
+    detail: &str,
+    next_attempt_at: i64,
+    now_ms: i64,
+) -> Result<bool, DbError> {
+    update(
+        db,
+        "attempts = attempts + 1, next_attempt_at = $1, error_code = $2, last_error = $3, updated_at = $4",
+        id,
+        &[Value::Int(next_attempt_at), Value::from(code), Value::from(detail), Value::Int(now_ms)],
+    )
+}
+
+/// A failure retrying cannot fix; kept for an operator.
+pub fn mark_failed<D: Db + ?Sized>(
+    db: &D,
+    id: &str,
+    code: Option<i64>,
+    detail: &str,
+    now_ms: i64,
+) -> Result<bool, DbError> {
+    update(
+        db,
+        "status = $1, attempts = attempts + 1, error_code = $2, last_error = $3, updated_at = $4",
+        id,
+        &[Value::from(status::FAILED), Value::from(code), Value::from(detail), Value::Int(now_ms)],
+    )
+}
+
+/// Outside the 24-hour window: kept until the contact writes again.
+pub fn mark_awaiting_window<D: Db + ?Sized>(db: &D, id: &str, code: Option<i64>, now_ms: i64) -> Result<bool, DbError> {
+    update(
+        db,
+        "status = $1, error_code = $2, updated_at = $3",
+        id,
+        &[Value::from(status::AWAITING_WINDOW), Value::from(code), Value::Int(now_ms)],
+    )
+}
+
+/// Whether a template went (or is going) to `wa_id` at or after `since_ms`: one invitation per
+/// closed window is enough.
+pub fn template_since<D: Db + ?Sized>(db: &D, wa_id: &str, since_ms: i64) -> Result<bool, DbError> {
+    let rows = db.query(
+        &db.dialect().sql(
+            "SELECT COUNT(*) FROM outbound_messages
+             WHERE wa_id = $1 AND kind = 'template' AND created_at >= $2 AND status IN ($3, $4)",
+        ),
+        &[Value::from(wa_id), Value::Int(since_ms), Value::from(status::QUEUED), Value::from(status::SENT)],
+    )?;
+    Ok(rows.first().map(|r| r.int(0)).transpose()?.unwrap_or(0) > 0)
+}
+
+/// The contact's messages kept back by the closed window, in order.
+pub fn awaiting_window<D: Db + ?Sized>(db: &D, wa_id: &str) -> Result<Vec<OutboundMessage>, DbError> {
+    select(
+        db,
+        "WHERE wa_id = $1 AND status = $2 ORDER BY seq, created_at, id",
+        &[Value::from(wa_id), Value::from(status::AWAITING_WINDOW)],
+    )
+}
+
+/// Puts a message kept back by the window into the queue again, under a fresh outbox event.
+pub fn requeue_awaiting_window<D: Db + ?Sized>(db: &D, id: &str, event_id: &str, now_ms: i64) -> Result<bool, DbError> {
+    let n = db.execute(
+        &db.dialect().sql(
+            "UPDATE outbound_messages SET status = $1, event_id = $2, next_attempt_at = $3, updated_at = $3
+             WHERE id = $4 AND status = $5",
+        ),
+        &[
+            Value::from(status::QUEUED),
+            Value::from(event_id),
+            Value::Int(now_ms),
+            Value::from(id),
+            Value::from(status::AWAITING_WINDOW),
+        ],
+    )?;
+    Ok(n == 1)
+}
+
+/// Applies a status webhook to the message WhatsApp calls `wamid`, if `newer` says the status
+/// moves it forward. Answers the message as it was before, if it is ours.
+pub fn record_delivery<D: Db + ?Sized>(
+    db: &D,
+    wamid: &str,
+    delivery_status: &str,
+    error_code: Option<i64>,
+    newer: impl Fn(Option<&str>, &str) -> bool,
+    now_ms: i64,
+) -> Result<Option<OutboundMessage>, DbError> {
+    let Some(m) = select(db, "WHERE wamid = $1", &[Value::from(wamid)])?.into_iter().next() else {
+        return Ok(None);
+    };
+    if newer(m.delivery_status.as_deref(), delivery_status) {
+        // Only a failure carries a code; other statuses keep the code already recorded.
+        let (set_code, mut params) = match error_code {
+            Some(code) => (", error_code = $4", vec![Value::Int(code)]),
+            None => ("", vec![]),
+        };
+        params.splice(0..0, [Value::from(delivery_status), Value::Int(now_ms), Value::from(m.id.as_str())]);
+        db.execute(
+            &db.dialect().sql(&format!(
+                "UPDATE outbound_messages SET delivery_status = $1, updated_at = $2{set_code} WHERE id = $3"
+            )),
+            &params,
+        )?;
+    }
+    Ok(Some(m))
+}
+
+/// Moves a sent message whose delivery failed because the window had closed back to waiting
+/// for the window (WhatsApp may report 131047 in a status webhook rather than in its answer).
+pub fn reopen_for_window<D: Db + ?Sized>(db: &D, id: &str, now_ms: i64) -> Result<bool, DbError> {
+    let n = db.execute(
+        &db.dialect().sql("UPDATE outbound_messages SET status = $1, updated_at = $2 WHERE id = $3 AND status = $4"),
+        &[Value::from(status::AWAITING_WINDOW), Value::Int(now_ms), Value::from(id), Value::from(status::SENT)],
+    )?;
+    Ok(n == 1)
+}
+
+/// Messages in `status`, newest first, for operators.
+pub fn list<D: Db + ?Sized>(db: &D, status: &str, limit: i64) -> Result<Vec<OutboundMessage>, DbError> {
+    select(db, "WHERE status = $1 ORDER BY updated_at DESC LIMIT $2", &[Value::from(status), Value::Int(limit)])
+}
+
+/// Messages to one contact in queue order (tests and operators).
+pub fn for_contact<D: Db + ?Sized>(db: &D, wa_id: &str) -> Result<Vec<OutboundMessage>, DbError> {
+    select(db, "WHERE wa_id = $1 ORDER BY seq, created_at, id", &[Value::from(wa_id)])
+}
+
+/// The contact's last inbound message time (ms), which opens WhatsApp's 24-hour window.
+pub fn last_inbound_at<D: Db + ?Sized>(db: &D, wa_id: &str) -> Result<Option<i64>, DbError> {
+    let rows =
+        db.query(&db.dialect().sql("SELECT last_inbound_at FROM contacts WHERE wa_id = $1"), &[Value::from(wa_id)])?;
+    Ok(rows.first().map(|r| r.opt_int(0)).transpose()?.flatten())
+}

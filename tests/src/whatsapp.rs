@@ -1,0 +1,283 @@
+//! WhatsApp for tests: webhook payloads shaped like Meta's, signed with the app secret, and a
+//! fake Graph API (`POST /{version}/{phone-number-id}/messages`) that answers like the real one:
+//! a fresh `wamid` per accepted message, or the error a test scripts.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+use crate::{app_manifest, spawn_app, AppConfig, TestApp, TestRedis};
+
+pub const APP_SECRET: &str = "test-app-secret";
+pub const VERIFY_TOKEN: &str = "test-verify-token";
+pub const ACCESS_TOKEN: &str = "EAAG-test-access-token";
+pub const PHONE_NUMBER_ID: &str = "106540352242922";
+pub const API_VERSION: &str = "v24.0";
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const TEMPLATE: &str = "order_update";
+
+/// `sha256=<hex HMAC-SHA256(secret, body)>`, as Meta signs.
+pub fn sign(secret: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// A webhook POST body carrying `messages` from one contact to our number.
+pub fn inbound(from: &str, messages: Vec<Value>) -> Value {
+    json!({
+        "object": "whatsapp_business_account",
+        "entry": [{
+            "id": "102290129340398",
+            "changes": [{
+                "field": "messages",
+                "value": {
+                    "messaging_product": "whatsapp",
+                    "metadata": { "display_phone_number": "15550783881", "phone_number_id": PHONE_NUMBER_ID },
+                    "contacts": [{ "profile": { "name": "Ana" }, "wa_id": from }],
+                    "messages": messages,
+                }
+            }]
+        }]
+    })
+}
+
+fn base(from: &str, id: &str, kind: &str) -> Value {
+    json!({ "from": from, "id": id, "timestamp": unix_now().to_string(), "type": kind })
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+pub fn text(from: &str, id: &str, body: &str) -> Value {
+    let mut m = base(from, id, "text");
+    m["text"] = json!({ "body": body });
+    m
+}
+
+pub fn image(from: &str, id: &str, sha256_hex: &str) -> Value {
+    let mut m = base(from, id, "image");
+    m["image"] = json!({ "mime_type": "image/jpeg", "sha256": sha256_hex, "id": format!("media-{id}") });
+    m
+}
+
+pub fn sticker(from: &str, id: &str) -> Value {
+    let mut m = base(from, id, "sticker");
+    m["sticker"] = json!({ "mime_type": "image/webp", "sha256": "00", "id": "media-sticker", "animated": false });
+    m
+}
+
+pub fn button_reply(from: &str, id: &str, reply_id: &str, title: &str) -> Value {
+    let mut m = base(from, id, "interactive");
+    m["context"] = json!({ "from": "15550783881", "id": "wamid.previous" });
+    m["interactive"] = json!({ "type": "button_reply", "button_reply": { "id": reply_id, "title": title } });
+    m
+}
+
+pub fn list_reply(from: &str, id: &str, reply_id: &str, title: &str) -> Value {
+    let mut m = base(from, id, "interactive");
+    m["interactive"] = json!({ "type": "list_reply", "list_reply": { "id": reply_id, "title": title } });
+    m
+}
+
+/// A status webhook for a message we sent.
+pub fn status(wamid: &str, recipient: &str, status: &str, error_code: Option<i64>) -> Value {
+    let mut s =
+        json!({ "id": wamid, "status": status, "timestamp": unix_now().to_string(), "recipient_id": recipient });
+    if let Some(code) = error_code {
+        s["errors"] = json!([{ "code": code, "title": "error", "message": "error", "error_data": { "details": "d" } }]);
+    }
+    json!({
+        "object": "whatsapp_business_account",
+        "entry": [{ "id": "102290129340398", "changes": [{ "field": "messages", "value": {
+            "messaging_product": "whatsapp",
+            "metadata": { "display_phone_number": "15550783881", "phone_number_id": PHONE_NUMBER_ID },
+            "statuses": [s],
+        }}]}]
+    })
+}
+
+/// What the fake Graph API answers to one send.
+#[derive(Clone, Debug)]
+pub enum Answer {
+    Ok,
+    /// An error as Meta shapes it: HTTP status and Graph error code.
+    Error(u16, i64),
+    /// A bare HTTP status without a Graph error body (a proxy's 502, say).
+    Status(u16),
+}
+
+/// The fake Graph API. Answers come from a script (one per request, in order), then `Ok`; or
+/// from a rule given per request body.
+#[derive(Clone)]
+pub struct FakeGraph {
+    pub server: Arc<MockServer>,
+    script: Arc<Mutex<Vec<Answer>>>,
+    rule: Arc<Mutex<Option<Rule>>>,
+}
+
+type Rule = Box<dyn Fn(&Value) -> Answer + Send + Sync>;
+
+struct Responder {
+    script: Arc<Mutex<Vec<Answer>>>,
+    rule: Arc<Mutex<Option<Rule>>>,
+    counter: Arc<AtomicUsize>,
+}
+
+impl Respond for Responder {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let body: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
+        let scripted = {
+            let mut s = self.script.lock().unwrap();
+            (!s.is_empty()).then(|| s.remove(0))
+        };
+        let answer = scripted.or_else(|| self.rule.lock().unwrap().as_ref().map(|r| r(&body))).unwrap_or(Answer::Ok);
+        match answer {
+            Answer::Ok => {
+                let n = self.counter.fetch_add(1, Ordering::SeqCst);
+                let to = body["to"].as_str().unwrap_or("");
+                ResponseTemplate::new(200).set_body_json(json!({
+                    "messaging_product": "whatsapp",
+                    "contacts": [{ "input": to, "wa_id": to }],
+                    "messages": [{ "id": format!("wamid.TEST{n:06}") }],
+                }))
+            }
+            Answer::Error(status, code) => ResponseTemplate::new(status).set_body_json(json!({
+                "error": { "message": format!("(#{code}) scripted error"), "type": "OAuthException", "code": code,
+                           "error_data": { "messaging_product": "whatsapp", "details": "scripted" },
+                           "fbtrace_id": "Az8or2yhqkZfEZ-_4Qn_Bam" }
+            })),
+            Answer::Status(status) => ResponseTemplate::new(status).set_body_string("<html>bad gateway</html>"),
+        }
+    }
+}
+
+impl FakeGraph {
+    pub async fn start() -> FakeGraph {
+        let server = MockServer::start().await;
+        let script = Arc::new(Mutex::new(Vec::new()));
+        let rule = Arc::new(Mutex::new(None));
+        let counter = Arc::new(AtomicUsize::new(0));
+        // Only well-formed, authenticated sends to our number are answered; anything else is a
+        // 404 the sender would treat as a bug, and the tests see as an unmatched request.
+        Mock::given(wiremock::matchers::method("POST"))
+            .and(wiremock::matchers::path(format!("/{API_VERSION}/{PHONE_NUMBER_ID}/messages")))
+            .and(wiremock::matchers::header("authorization", format!("Bearer {ACCESS_TOKEN}").as_str()))
+            .and(wiremock::matchers::header("content-type", "application/json"))
+            .respond_with(Responder { script: script.clone(), rule: rule.clone(), counter: counter.clone() })
+            .mount(&server)
+            .await;
+        FakeGraph { server: Arc::new(server), script, rule }
+    }
+
+    pub fn uri(&self) -> String {
+        self.server.uri()
+    }
+
+    /// The next answers, in order.
+    pub fn script(&self, answers: Vec<Answer>) {
+        self.script.lock().unwrap().extend(answers);
+    }
+
+    /// Answers chosen from each request's JSON body (after the script is used up).
+    pub fn rule(&self, rule: impl Fn(&Value) -> Answer + Send + Sync + 'static) {
+        *self.rule.lock().unwrap() = Some(Box::new(rule));
+    }
+
+    /// Every send request's JSON body, in arrival order.
+    pub async fn requests(&self) -> Vec<Value> {
+        self.server
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .map(|r| serde_json::from_slice(&r.body).unwrap_or(Value::Null))
+            .collect()
+    }
+
+    /// Waits until at least `n` requests arrived (10 s at most), and answers them all.
+    pub async fn wait_for(&self, n: usize) -> Vec<Value> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = self.requests().await;
+            if r.len() >= n || std::time::Instant::now() > deadline {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// A one-line summary of a send, for readable assertions: `text:<body>`, `list:<body>`,
+/// `buttons:<body>`, `image:<link>`, `template:<name>`.
+pub fn summary(send: &Value) -> String {
+    match send["type"].as_str().unwrap_or("") {
+        "text" => format!("text:{}", send["text"]["body"].as_str().unwrap_or("")),
+        "interactive" => format!(
+            "{}:{}",
+            if send["interactive"]["type"] == "list" { "list" } else { "buttons" },
+            send["interactive"]["body"]["text"].as_str().unwrap_or("")
+        ),
+        "image" => format!("image:{}", send["image"]["link"].as_str().unwrap_or("")),
+        "template" => format!("template:{}", send["template"]["name"].as_str().unwrap_or("")),
+        other => format!("{other}:?"),
+    }
+}
+
+/// The whole app configured for a fake Graph API and a Redis of the test's own.
+pub fn bot_config(graph: &FakeGraph, redis: &TestRedis, postgres: bool) -> AppConfig {
+    AppConfig { postgres, ..AppConfig::new(app_manifest()) }
+        .var("redis_url", redis.url())
+        .var("whatsapp_app_secret", APP_SECRET)
+        .var("whatsapp_verify_token", VERIFY_TOKEN)
+        .var("whatsapp_access_token", ACCESS_TOKEN)
+        .var("whatsapp_phone_number_id", PHONE_NUMBER_ID)
+        .var("whatsapp_api_url", graph.uri())
+        .var("whatsapp_api_version", API_VERSION)
+        .var("whatsapp_template_name", TEMPLATE)
+        .var("whatsapp_retry_base_ms", "20")
+        .var("admin_token", ADMIN_TOKEN)
+        .var("min_photos", "2")
+        .var("max_photos", "3")
+}
+
+/// Starts the app and waits until its Redis triggers listen.
+pub async fn spawn_bot(config: AppConfig, redis: &TestRedis) -> TestApp {
+    let app = spawn_app(config).await.expect("the app starts");
+    crate::wait_for_subscribers_at(&redis.url(), "astria.messages", 1).await.expect("the sender subscribes");
+    app
+}
+
+/// Posts a signed webhook body; answers status and JSON.
+pub async fn post_webhook(app: &TestApp, body: &Value) -> (u16, Value) {
+    let bytes = serde_json::to_vec(body).unwrap();
+    let r = app
+        .client
+        .post(app.url("/SmsReceived"))
+        .header("content-type", "application/json")
+        .header("x-hub-signature-256", sign(APP_SECRET, &bytes))
+        .body(bytes)
+        .send()
+        .await
+        .expect("POST reaches the app");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Calls the outbox relay as the scheduler would.
+pub async fn relay(app: &TestApp) -> Value {
+    let r = app
+        .client
+        .post(app.url("/maintenance/relay"))
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .send()
+        .await
+        .expect("relay reachable");
+    r.json().await.unwrap_or(Value::Null)
+}
