@@ -161,6 +161,26 @@ impl TestApp {
         None
     }
 
+    /// Sends only the request head of a POST declaring `length` bytes, and reads the answer.
+    pub async fn headers_only_post(&self, path: &str, length: usize) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.address.trim_start_matches("http://");
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head =
+            format!("POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {length}\r\nconnection: close\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await;
+        let text = String::from_utf8_lossy(&raw).to_string();
+        let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        // The body may be chunk-encoded: keep the JSON object itself.
+        let body = match (text.find('{'), text.rfind('}')) {
+            (Some(a), Some(b)) if a < b => text[a..=b].to_string(),
+            _ => text.clone(),
+        };
+        (status, body)
+    }
+
     /// Polls `check` until it returns `Some`, for at most `timeout`.
     pub async fn eventually<T, F, Fut>(&self, timeout: Duration, mut check: F) -> Option<T>
     where

@@ -190,7 +190,7 @@ async fn a_body_over_the_limit_is_refused_with_413_and_a_request_id() {
     assert_eq!(ok.json::<Value>().await.unwrap()["bytes"], 1024);
 
     // A declared 5 MB body is refused from its headers alone, before any of it is read.
-    let (status, body) = headers_only_post(&app, "/events/limited", 5 * 1024 * 1024).await;
+    let (status, body) = app.headers_only_post("/events/limited", 5 * 1024 * 1024).await;
     assert_eq!(status, 413, "{body}");
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["error"], "request body larger than 1024 bytes");
@@ -200,23 +200,4 @@ async fn a_body_over_the_limit_is_refused_with_413_and_a_request_id() {
     let chunks = futures::stream::iter((0..30).map(|_| Ok::<_, std::io::Error>(vec![b'y'; 100])));
     let r = app.client.post(app.url("/events/limited")).body(reqwest::Body::wrap_stream(chunks)).send().await.unwrap();
     assert_eq!(r.status(), 413);
-}
-
-/// Sends only the request head of a POST declaring `length` bytes, and reads the answer.
-async fn headers_only_post(app: &TestApp, path: &str, length: usize) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = app.address.trim_start_matches("http://");
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let head = format!("POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {length}\r\nconnection: close\r\n\r\n");
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await;
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    // The body may be chunk-encoded: keep the JSON object itself.
-    let body = match (text.find('{'), text.rfind('}')) {
-        (Some(a), Some(b)) if a < b => text[a..=b].to_string(),
-        _ => text.clone(),
-    };
-    (status, body)
 }

@@ -118,3 +118,403 @@ async fn a_customer_goes_from_hi_to_a_payment_link_sqlite() {
 async fn a_customer_goes_from_hi_to_a_payment_link_postgres() {
     full_conversation(true).await;
 }
+
+// ------------------------------------------------------------------ handshake and commands
+
+#[tokio::test]
+async fn the_handshake_answers_the_challenge_only_to_the_configured_token() {
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, false), &redis).await;
+    let ok = format!("/SmsReceived?hub.mode=subscribe&hub.verify_token={}&hub.challenge=1158201444", wa::VERIFY_TOKEN);
+    let r = app.get(&ok).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "1158201444");
+    for bad in [
+        "/SmsReceived?hub.mode=subscribe&hub.verify_token=wrong&hub.challenge=1",
+        "/SmsReceived?hub.mode=unsubscribe&hub.verify_token=test-verify-token&hub.challenge=1",
+        "/SmsReceived?hub.verify_token=test-verify-token&hub.challenge=1",
+        "/SmsReceived",
+    ] {
+        assert_eq!(app.get(bad).await.status(), 403, "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn commands_work_from_several_states() {
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, true), &redis).await;
+    let db = pg(&app).await;
+    let help =
+        "text:Commands: MENU (packs), STATUS, CANCEL (before paying), DONE (after photos), STOP (no more messages).";
+
+    // Idle: HELP, STATUS and CANCEL have nothing to act on.
+    let s = say(&app, &graph, wa::text(ANA, "w1", "help"), 1).await;
+    assert_eq!(s[0], help);
+    let s = say(&app, &graph, wa::text(ANA, "w2", "cancel"), 2).await;
+    assert_eq!(s[1], "text:There's nothing to cancel. Reply MENU to see the packs.");
+    // Choosing a pack: CANCEL goes back to idle.
+    say(&app, &graph, wa::text(ANA, "w3", "menu"), 3).await;
+    let s = say(&app, &graph, wa::text(ANA, "w4", "CANCEL"), 4).await;
+    assert_eq!(s[3], "text:Your order is cancelled. Reply MENU to start again.");
+    // Collecting photos: STATUS counts them, CANCEL cancels the order.
+    say(&app, &graph, wa::text(ANA, "w5", "hi"), 5).await;
+    say(&app, &graph, wa::text(ANA, "w6", "pets"), 6).await; // one subject class: order created at once
+    say(&app, &graph, wa::image(ANA, "w7", &"c".repeat(64)), 7).await;
+    let s = say(&app, &graph, wa::text(ANA, "w8", "status"), 8).await;
+    assert_eq!(s[7], "text:Got it (1/3).");
+    let s = say(&app, &graph, wa::text(ANA, "w9", "help"), 9).await;
+    assert_eq!(s[8], help);
+    let s = say(&app, &graph, wa::text(ANA, "w10", "cancel"), 10).await;
+    assert_eq!(s[9], "text:Your order is cancelled. Reply MENU to start again.");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM orders WHERE status = 'cancelled' AND pack_id = 'pets'").await, 1);
+
+    // STOP: confirmed once, then silence until START.
+    let s = say(&app, &graph, wa::text(ANA, "w11", "STOP"), 11).await;
+    assert_eq!(s[10], "text:You won't receive more messages. Reply START to resume.");
+    for (i, body) in ["hi", "menu", "help"].iter().enumerate() {
+        let (status, _) =
+            wa::post_webhook(&app, &wa::inbound(ANA, vec![wa::text(ANA, &format!("w-quiet{i}"), body)])).await;
+        assert_eq!(status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(graph.requests().await.len(), 11, "an opted-out contact gets nothing");
+    assert_eq!(count(&db, "SELECT opted_out FROM contacts").await, 1);
+    let s = say(&app, &graph, wa::text(ANA, "w15", "START"), 12).await;
+    assert_eq!(s[11], "text:Welcome back! Reply MENU to see the packs.");
+    assert_eq!(count(&db, "SELECT opted_out FROM contacts").await, 0);
+    let s = say(&app, &graph, wa::text(ANA, "w16", "menu"), 13).await;
+    assert!(s[12].starts_with("list:Hi!"), "{s:?}");
+}
+
+// ------------------------------------------------------------------ duplicates and forgeries
+
+#[tokio::test]
+async fn the_same_webhook_delivered_five_times_gets_one_reply() {
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, true), &redis).await;
+    let body = wa::inbound(ANA, vec![wa::text(ANA, "wamid.same", "hi")]);
+    // Two at once, then three more: Meta's retries may overlap the first delivery.
+    let (a, b) = tokio::join!(wa::post_webhook(&app, &body), wa::post_webhook(&app, &body));
+    let mut reports = vec![a, b];
+    for _ in 0..3 {
+        reports.push(wa::post_webhook(&app, &body).await);
+    }
+    assert!(reports.iter().all(|(s, _)| *s == 200), "{reports:?}");
+    let handled: i64 = reports.iter().map(|(_, r)| r["messages"].as_i64().unwrap()).sum();
+    let duplicates: i64 = reports.iter().map(|(_, r)| r["duplicates"].as_i64().unwrap()).sum();
+    assert_eq!((handled, duplicates), (1, 4), "{reports:?}");
+    graph.wait_for(1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(graph.requests().await.len(), 1, "one reply");
+    let db = pg(&app).await;
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM outbound_messages").await, 1);
+}
+
+#[tokio::test]
+async fn forged_requests_are_refused_with_401_and_store_nothing() {
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, true), &redis).await;
+    assert_eq!(app.get("/health/message").await.status(), 200, "ready, and the schema is in place");
+    let body = serde_json::to_vec(&wa::inbound(ANA, vec![wa::text(ANA, "wamid.forged", "hi")])).unwrap();
+    let other_body = serde_json::to_vec(&wa::inbound(ANA, vec![wa::text(ANA, "wamid.other", "hi")])).unwrap();
+    let valid = wa::sign(wa::APP_SECRET, &body);
+    let forgeries: Vec<Option<String>> = vec![
+        None,
+        Some(String::new()),
+        Some("sha256=".into()),
+        Some(wa::sign("another-secret", &body)),
+        Some(wa::sign(wa::APP_SECRET, &other_body)),
+        Some(valid.replace("sha256=", "sha1=")),
+        Some(valid[..valid.len() - 2].to_string()),
+        Some(format!("{}00", &valid[..valid.len() - 2])),
+        Some("sha256=zz".into()),
+        Some(valid.to_uppercase()),
+    ];
+    let mut refused = 0;
+    for i in 0..100 {
+        let mut req = app.client.post(app.url("/SmsReceived")).body(body.clone());
+        if let Some(sig) = &forgeries[i % forgeries.len()] {
+            req = req.header("x-hub-signature-256", sig);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 401, "forgery {}", i % forgeries.len());
+        refused += 1;
+    }
+    assert_eq!(refused, 100);
+    let db = pg(&app).await;
+    for table in ["contacts", "processed_webhooks", "outbound_messages", "outbox", "orders"] {
+        assert_eq!(count(&db, &format!("SELECT COUNT(*) FROM {table}")).await, 0, "{table}");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(graph.requests().await.is_empty());
+    // The genuine request still works afterwards (nothing was marked as seen).
+    say(&app, &graph, wa::text(ANA, "wamid.forged", "hi"), 1).await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_the_right_status_and_changes_nothing() {
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, true), &redis).await;
+    assert_eq!(app.get("/health/message").await.status(), 200, "ready, and the schema is in place");
+    let signed_post = |body: Vec<u8>| {
+        app.client
+            .post(app.url("/SmsReceived"))
+            .header("x-hub-signature-256", wa::sign(wa::APP_SECRET, &body))
+            .body(body)
+            .send()
+    };
+    assert_eq!(signed_post(b"not json".to_vec()).await.unwrap().status(), 400);
+    assert_eq!(
+        signed_post(br#"{"object":"whatsapp_business_account","entry":"x"}"#.to_vec()).await.unwrap().status(),
+        400
+    );
+    // 5 MB announced: refused from the head, before the body is read.
+    let (status, body) = app.headers_only_post("/SmsReceived", 5 * 1024 * 1024).await;
+    assert_eq!(status, 413, "{body}");
+    // For another phone number, or another field: accepted (Meta must not retry) and ignored.
+    let mut other = wa::inbound(ANA, vec![wa::text(ANA, "wamid.elsewhere", "hi")]);
+    other["entry"][0]["changes"][0]["value"]["metadata"]["phone_number_id"] = json!("999");
+    let (status, report) = wa::post_webhook(&app, &other).await;
+    assert_eq!((status, report["messages"].as_i64()), (200, Some(0)));
+    let mut field = wa::inbound(ANA, vec![wa::text(ANA, "wamid.field", "hi")]);
+    field["entry"][0]["changes"][0]["field"] = json!("account_update");
+    assert_eq!(wa::post_webhook(&app, &field).await.0, 200);
+    assert_eq!(app.client.put(app.url("/SmsReceived")).send().await.unwrap().status(), 400);
+
+    let db = pg(&app).await;
+    for table in ["contacts", "processed_webhooks", "outbound_messages", "outbox"] {
+        assert_eq!(count(&db, &format!("SELECT COUNT(*) FROM {table}")).await, 0, "{table}");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(graph.requests().await.is_empty());
+}
+
+// ------------------------------------------------------------------ the sender's faults
+
+/// Calls the relay until `graph` has seen `n` sends (as the every-minute scheduler would).
+async fn relay_until(app: &TestApp, graph: &FakeGraph, n: usize) -> Vec<Value> {
+    for _ in 0..100 {
+        let sends = graph.requests().await;
+        if sends.len() >= n {
+            return sends;
+        }
+        wa::relay(app).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("only {} sends after relaying:\n{}", graph.requests().await.len(), app.log());
+}
+
+async fn message_row(db: &tokio_postgres::Client, kind: &str) -> (String, i64, Option<i64>, Option<String>) {
+    let r = db
+        .query_one(
+            "SELECT status, attempts, error_code, wamid FROM outbound_messages WHERE kind = $1 ORDER BY seq LIMIT 1",
+            &[&kind],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2), r.get(3))
+}
+
+#[tokio::test]
+async fn graph_answering_500_twice_then_200_sends_the_message_once() {
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    graph.script(vec![Answer::Error(500, 2), Answer::Status(502)]);
+    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, true), &redis).await;
+    let (status, _) = wa::post_webhook(&app, &wa::inbound(ANA, vec![wa::text(ANA, "wamid.r1", "hi")])).await;
+    assert_eq!(status, 200, "the webhook does not wait for WhatsApp");
+
+    let sends = relay_until(&app, &graph, 3).await;
+    assert!(sends.iter().all(|s| s == &sends[0]), "the same message each time");
+    let db = pg(&app).await;
+    let (status, attempts, code, wamid) = message_row(&db, "list").await;
+    assert_eq!((status.as_str(), attempts, code), ("sent", 2, None));
+    assert!(wamid.unwrap().starts_with("wamid.TEST"));
+    for _ in 0..5 {
+        wa::relay(&app).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(graph.requests().await.len(), 3, "sent once, never again");
+}
+
+#[tokio::test]
+async fn undeliverable_and_bad_token_are_not_retried_and_are_recorded() {
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    graph.script(vec![Answer::Error(400, 131026)]);
+    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, true), &redis).await;
+    let db = pg(&app).await;
+    wa::post_webhook(&app, &wa::inbound(ANA, vec![wa::text(ANA, "wamid.u1", "hi")])).await;
+    graph.wait_for(1).await;
+    let row = app
+        .eventually(Duration::from_secs(5), || async {
+            let r = message_row(&db, "list").await;
+            (r.0 == "failed").then_some(r)
+        })
+        .await
+        .expect("recorded as failed");
+    assert_eq!(row.2, Some(131026));
+
+    graph.script(vec![Answer::Error(401, 190)]);
+    let bob = "4915187654321";
+    wa::post_webhook(&app, &wa::inbound(bob, vec![wa::text(bob, "wamid.u2", "hi")])).await;
+    graph.wait_for(2).await;
+    for _ in 0..5 {
+        wa::relay(&app).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(graph.requests().await.len(), 2, "neither is retried");
+    let codes: Vec<Option<i64>> = db
+        .query("SELECT error_code FROM outbound_messages WHERE status = 'failed' ORDER BY error_code", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(codes, [Some(190), Some(131026)]);
+    let log = app.log();
+    assert!(log.contains("whatsapp.rejected") && log.contains("code 131026") && log.contains("code 190"), "{log}");
+    assert!(!log.contains(wa::ACCESS_TOKEN), "the token never reaches the log");
+}
+
+#[tokio::test]
+async fn outside_the_24_hour_window_the_template_goes_out_and_the_rest_follows_the_next_message() {
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    graph.rule(|body| if body["type"] == "template" { Answer::Ok } else { Answer::Error(400, 131047) });
+    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, true), &redis).await;
+    wa::post_webhook(&app, &wa::inbound(ANA, vec![wa::text(ANA, "wamid.w1", "hi")])).await;
+    let sends = graph.wait_for(2).await;
+    assert_eq!(
+        sends.iter().map(wa::summary).collect::<Vec<_>>(),
+        [
+            "list:Hi! I turn your selfies into professional AI portraits. Pick a photo pack to start:".to_string(),
+            format!("template:{}", wa::TEMPLATE)
+        ]
+    );
+    assert_eq!(sends[1]["template"]["language"]["code"], "en_US");
+    let db = pg(&app).await;
+    assert_eq!(message_row(&db, "list").await.0, "awaiting_window");
+    for _ in 0..3 {
+        wa::relay(&app).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(graph.requests().await.len(), 2, "one template per closed window, nothing retried");
+
+    // The customer answers the template: the window is open, the kept message goes first.
+    graph.rule(|_| Answer::Ok);
+    let sends = {
+        wa::post_webhook(&app, &wa::inbound(ANA, vec![wa::text(ANA, "wamid.w2", "menu")])).await;
+        graph.wait_for(4).await
+    };
+    assert_eq!(sends.len(), 4, "{sends:#?}");
+    assert_eq!(sends[2], sends[0], "the kept message, unchanged");
+    assert!(wa::summary(&sends[3]).starts_with("list:Hi!"));
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM outbound_messages WHERE status <> 'sent'").await, 0);
+}
+
+#[tokio::test]
+async fn a_reply_to_a_message_older_than_24_hours_becomes_the_template_without_a_failed_call() {
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, false), &redis).await;
+    let mut old = wa::text(ANA, "wamid.old", "hi");
+    old["timestamp"] = json!((wa::unix_now() - 25 * 3600).to_string());
+    wa::post_webhook(&app, &wa::inbound(ANA, vec![old])).await;
+    let sends = graph.wait_for(1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(graph.requests().await.len(), 1);
+    assert_eq!(wa::summary(&sends[0]), format!("template:{}", wa::TEMPLATE));
+}
+
+#[tokio::test]
+async fn statuses_are_recorded_forward_only_and_a_window_failure_brings_the_template() {
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, true), &redis).await;
+    let db = pg(&app).await;
+    let s = say(&app, &graph, wa::text(ANA, "wamid.s1", "hi"), 1).await;
+    assert!(s[0].starts_with("list:"));
+    let wamid = app
+        .eventually(Duration::from_secs(5), || async { message_row(&db, "list").await.3 })
+        .await
+        .expect("the wamid is booked");
+    let delivery = || async {
+        let r =
+            db.query_one("SELECT delivery_status FROM outbound_messages WHERE wamid = $1", &[&wamid]).await.unwrap();
+        r.get::<_, Option<String>>(0)
+    };
+    for (st, expect) in [("sent", "sent"), ("read", "read"), ("delivered", "read")] {
+        let (status, report) = wa::post_webhook(&app, &wa::status(&wamid, ANA, st, None)).await;
+        assert_eq!((status, report["statuses"].as_i64()), (200, Some(1)));
+        assert_eq!(delivery().await.as_deref(), Some(expect), "after {st}");
+    }
+    // Statuses of messages that are not ours are accepted and ignored.
+    assert_eq!(wa::post_webhook(&app, &wa::status("wamid.unknown", ANA, "read", None)).await.0, 200);
+
+    // WhatsApp may report the closed window later, in a status.
+    let (status, _) = wa::post_webhook(&app, &wa::status(&wamid, ANA, "failed", Some(131047))).await;
+    assert_eq!(status, 200);
+    let sends = graph.wait_for(2).await;
+    assert_eq!(wa::summary(&sends[1]), format!("template:{}", wa::TEMPLATE));
+    assert_eq!(message_row(&db, "list").await.0, "awaiting_window");
+    assert!(app.log().contains("whatsapp.delivery"));
+}
+
+#[tokio::test]
+async fn with_redis_stopped_replies_wait_and_are_delivered_once_it_returns() {
+    let mut redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, true), &redis).await;
+    say(&app, &graph, wa::text(ANA, "wamid.d1", "hi"), 1).await;
+
+    redis.stop();
+    let (status, _) = wa::post_webhook(&app, &wa::inbound(ANA, vec![wa::text(ANA, "wamid.d2", "corporate")])).await;
+    assert_eq!(status, 200, "accepted and stored: Meta must not retry");
+    let r = app.get("/health/message").await;
+    assert_eq!(r.status(), 503);
+    let health: Value = r.json().await.unwrap();
+    let redis_check = health["checks"].as_array().unwrap().iter().find(|c| c["name"] == "redis").unwrap().clone();
+    assert_eq!(redis_check["ok"], false, "{health}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(graph.requests().await.len(), 1, "nothing can be announced while Redis is down");
+
+    redis.restart().await.unwrap();
+    astria_tests::wait_for_subscribers_at(&redis.url(), "astria.messages", 1).await.unwrap();
+    let sends = relay_until(&app, &graph, 2).await;
+    assert!(wa::summary(&sends[1]).starts_with("buttons:Who is in the photos?"), "{sends:#?}");
+    for _ in 0..3 {
+        wa::relay(&app).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(graph.requests().await.len(), 2, "delivered once");
+    assert_eq!(app.get("/health/message").await.status(), 200);
+}
+
+#[tokio::test]
+async fn with_the_database_down_the_webhook_answers_503_and_metas_retry_succeeds() {
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    let body = wa::inbound(ANA, vec![wa::text(ANA, "wamid.db1", "hi")]);
+    {
+        // Nothing listens on port 1: the database is down.
+        let down = wa::bot_config(&graph, &redis, false)
+            .var("database_url", "postgres://postgres@127.0.0.1:1/astria")
+            .var("postgres_host", "127.0.0.1:1");
+        let app = wa::spawn_bot(down, &redis).await;
+        let (status, report) = wa::post_webhook(&app, &body).await;
+        assert_eq!(status, 503, "{report}");
+        assert_eq!(report["error"], "database unavailable");
+        assert!(!app.log().contains("postgres://postgres@"), "no connection string in the log");
+        assert_eq!(app.get("/health/message").await.status(), 503);
+    }
+    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, true), &redis).await;
+    let (status, report) = wa::post_webhook(&app, &body).await;
+    assert_eq!((status, report["messages"].as_i64()), (200, Some(1)));
+    assert_eq!(graph.wait_for(1).await.len(), 1);
+}
