@@ -377,6 +377,21 @@ async fn undeliverable_and_bad_token_are_not_retried_and_are_recorded() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(codes, [Some(190), Some(131026)]);
+    // An operator sees both, with WhatsApp's reason.
+    let r = app
+        .client
+        .get(app.url("/maintenance/messages?status=failed"))
+        .header("authorization", format!("Bearer {}", wa::ADMIN_TOKEN))
+        .send()
+        .await
+        .unwrap();
+    let listed: Value = r.json().await.unwrap();
+    let mut listed_codes: Vec<i64> =
+        listed["messages"].as_array().unwrap().iter().map(|m| m["error_code"].as_i64().unwrap()).collect();
+    listed_codes.sort();
+    assert_eq!(listed_codes, [190, 131026], "{listed}");
+    assert!(listed["messages"][0]["last_error"].as_str().unwrap().contains("scripted error"));
+    assert_eq!(app.get("/maintenance/messages").await.status(), 401, "operators only");
     let log = app.log();
     assert!(log.contains("whatsapp.rejected") && log.contains("code 131026") && log.contains("code 190"), "{log}");
     assert!(!log.contains(wa::ACCESS_TOKEN), "the token never reaches the log");

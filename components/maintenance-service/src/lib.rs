@@ -24,6 +24,7 @@ fn handle(req: Request) -> Response {
         }
         (Method::Post, "/maintenance/relay") => authorize(&req).and_then(|()| relay(&request_id)),
         (Method::Get, "/maintenance/dead-letters") => authorize(&req).and_then(|()| dead_letters()),
+        (Method::Get, "/maintenance/messages") => authorize(&req).and_then(|()| outbound_messages(req.query())),
         (Method::Post, path) if path.starts_with("/maintenance/dead-letters/") && path.ends_with("/replay") => {
             let id = &path["/maintenance/dead-letters/".len()..path.len() - "/replay".len()];
             authorize(&req).and_then(|()| replay(id, &request_id))
@@ -82,6 +83,28 @@ fn dead_letters() -> Result<Response, ApiError> {
         })
         .collect();
     Ok(spin_kit::json_response(200, &serde_json::json!({ "dead_letters": list })))
+}
+
+/// Outbound WhatsApp messages in one status (`?status=failed` by default, or
+/// `awaiting_window`, `queued`), newest first: what WhatsApp refused and why, for an operator.
+fn outbound_messages(query: &str) -> Result<Response, ApiError> {
+    use astria_store::messages::{self, status};
+    let wanted = query.split('&').find_map(|kv| kv.strip_prefix("status=")).unwrap_or(status::FAILED);
+    let known = [status::FAILED, status::AWAITING_WINDOW, status::QUEUED, status::SENT];
+    let Some(wanted) = known.into_iter().find(|s| *s == wanted) else {
+        return Err(ApiError::BadRequest(format!("status must be one of {}", known.join(", "))));
+    };
+    let list: Vec<_> = messages::list(&open_db()?, wanted, 200)?
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "id": m.id, "to": m.wa_id, "kind": m.kind, "status": m.status, "attempts": m.attempts,
+                "error_code": m.error_code, "last_error": m.last_error, "wamid": m.wamid,
+                "delivery_status": m.delivery_status, "correlation_id": m.correlation_id,
+            })
+        })
+        .collect();
+    Ok(spin_kit::json_response(200, &serde_json::json!({ "messages": list })))
 }
 
 /// Hands a dead-lettered event back to the relay with fresh attempts.
