@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 pub mod fakes;
+pub mod stripe;
 pub mod whatsapp;
 
 /// The workspace root (this crate lives in `<root>/tests`).

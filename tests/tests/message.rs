@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use astria_tests::stripe::{self as ps, FakeStripe};
 use astria_tests::whatsapp::{self as wa, Answer, FakeGraph};
 use astria_tests::{TestApp, TestRedis};
 use futures::StreamExt;
@@ -34,7 +35,8 @@ async fn say(app: &TestApp, graph: &FakeGraph, message: Value, expect_total: usi
 async fn full_conversation(postgres: bool) {
     let redis = TestRedis::start().await.unwrap();
     let graph = FakeGraph::start().await;
-    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, postgres), &redis).await;
+    let stripe = FakeStripe::start().await;
+    let app = wa::spawn_bot(ps::with_stripe(wa::bot_config(&graph, &redis, postgres), &stripe), &redis).await;
 
     let s = say(&app, &graph, wa::text(ANA, "wamid.in1", "hi"), 1).await;
     assert!(s[0].starts_with("list:"), "{s:?}");
@@ -62,33 +64,26 @@ async fn full_conversation(postgres: bool) {
     let done_button = &graph.requests().await[6]["interactive"]["action"]["buttons"][0]["reply"];
     assert_eq!(done_button["id"], "done");
 
-    // The payment-service's part is played by the test: it hears order.awaiting_payment on
-    // Redis and asks the sender, through a message.send event, to deliver the link.
+    // The real payment-service takes over: a Checkout session at the fake Stripe, the link
+    // through the sender; then Stripe's signed webhook settles the order.
     let client = redis::Client::open(redis.url()).unwrap();
     let mut sub = client.get_async_pubsub().await.unwrap();
-    sub.subscribe("astria.payments").await.unwrap();
-    let s = say(&app, &graph, wa::button_reply(ANA, "wamid.in8", "done", "Done"), 8).await;
-    assert!(s[7].contains("19.99"), "the price is announced: {s:?}");
+    sub.subscribe("astria.orders").await.unwrap();
+    let s = say(&app, &graph, wa::button_reply(ANA, "wamid.in8", "done", "Done"), 9).await;
+    assert_eq!(s[7], "text:Thanks! Your order is 19.99 USD. I'm preparing your secure payment link…");
+    let session = stripe.session_for_any().expect("a Checkout session was created");
+    let order_id = session["client_reference_id"].as_str().unwrap().to_string();
+    let link = session["url"].as_str().unwrap();
+    assert_eq!(s[8], format!("text:Pay securely here: {link}"));
+
+    let paid = ps::session(session["id"].as_str().unwrap(), &order_id, 1999, "usd", "paid");
+    let (status, handled) = ps::post_event(&app, &ps::event("evt_paid_1", "checkout.session.completed", paid)).await;
+    assert_eq!((status, handled["result"].as_str()), (200, Some("paid")), "{handled}");
     let msg = tokio::time::timeout(Duration::from_secs(10), sub.on_message().next()).await.unwrap().unwrap();
     let event: Value = serde_json::from_slice(msg.get_payload_bytes()).unwrap();
-    assert_eq!(event["event_type"], "order.awaiting_payment");
-    let order_id = serde_json::from_str::<Value>(event["payload"].as_str().unwrap()).unwrap()["order_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-
-    let link = format!("https://checkout.stripe.com/c/pay/cs_test_{order_id}");
-    let send = json!({
-        "id": uuid::Uuid::new_v4().to_string(), "event_type": "message.send", "occurred_at": "2026-11-25T10:00:00Z",
-        "correlation_id": "fake-payment-service",
-        "payload": json!({ "message_id": uuid::Uuid::new_v4().to_string(), "to": ANA,
-                           "message": json!({"kind":"text","body": format!("Pay here: {link}")}).to_string() }).to_string(),
-    });
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let _: i64 =
-        redis::cmd("PUBLISH").arg("astria.messages").arg(send.to_string()).query_async(&mut conn).await.unwrap();
-    let sends = graph.wait_for(9).await;
-    assert_eq!(wa::summary(&sends[8]), format!("text:Pay here: {link}"));
+    assert_eq!(event["event_type"], "order.paid");
+    let sends = graph.wait_for(10).await;
+    assert!(wa::summary(&sends[9]).starts_with("text:Payment received, thank you!"), "{sends:#?}");
 
     if postgres {
         let db = pg(&app).await;
@@ -96,26 +91,27 @@ async fn full_conversation(postgres: bool) {
             .query_one("SELECT status, pack_id, subject_class FROM orders WHERE id = $1", &[&order_id])
             .await
             .unwrap();
-        assert_eq!((row.get::<_, String>(0), row.get::<_, String>(1)), ("awaiting_payment".into(), "corporate".into()));
+        assert_eq!((row.get::<_, String>(0), row.get::<_, String>(1)), ("paid".into(), "corporate".into()));
         assert_eq!(count(&db, "SELECT COUNT(*) FROM order_photos").await, 2);
-        assert_eq!(count(&db, "SELECT COUNT(*) FROM outbound_messages WHERE status = 'sent'").await, 9);
+        assert_eq!(count(&db, "SELECT COUNT(*) FROM outbound_messages WHERE status = 'sent'").await, 10);
         assert_eq!(
             count(&db, "SELECT COUNT(*) FROM outbox WHERE status <> 'done' AND channel = 'astria.messages'").await,
             0
         );
     }
-    // Nothing else was sent.
+    // Nothing else was sent, and one session was made.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(graph.requests().await.len(), 9);
+    assert_eq!(graph.requests().await.len(), 10);
+    assert_eq!(stripe.sessions_created(), 1);
 }
 
 #[tokio::test]
-async fn a_customer_goes_from_hi_to_a_payment_link_sqlite() {
+async fn a_customer_goes_from_hi_through_the_payment_link_to_paid_sqlite() {
     full_conversation(false).await;
 }
 
 #[tokio::test]
-async fn a_customer_goes_from_hi_to_a_payment_link_postgres() {
+async fn a_customer_goes_from_hi_through_the_payment_link_to_paid_postgres() {
     full_conversation(true).await;
 }
 
@@ -532,4 +528,34 @@ async fn with_the_database_down_the_webhook_answers_503_and_metas_retry_succeeds
     let (status, report) = wa::post_webhook(&app, &body).await;
     assert_eq!((status, report["messages"].as_i64()), (200, Some(1)));
     assert_eq!(graph.wait_for(1).await.len(), 1);
+}
+
+#[tokio::test]
+async fn with_two_replicas_a_burst_from_many_contacts_is_answered_exactly_once_each() {
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, true), &redis).await;
+    let replica = astria_tests::spawn_app(wa::bot_config(&graph, &redis, false).replica_of(&app)).await.unwrap();
+    astria_tests::wait_for_subscribers_at(&redis.url(), "astria.messages", 2).await.unwrap();
+    // 10 contacts write 3 messages each, all at once, to either replica.
+    let posts = (0..30).map(|i| {
+        let from = format!("49160{:07}", i % 10);
+        let target = if i % 2 == 0 { &app } else { &replica };
+        let body = wa::inbound(&from, vec![wa::text(&from, &format!("wamid.burst{i}"), "help")]);
+        async move { wa::post_webhook(target, &body).await.0 }
+    });
+    let statuses = futures::future::join_all(posts).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    // Every reply arrives without the relay's help, and none twice.
+    let sends = graph.wait_for(30).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sends_after = graph.requests().await;
+    assert_eq!((sends.len(), sends_after.len()), (30, 30), "{}", app.log());
+    let db = pg(&app).await;
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM outbound_messages WHERE status = 'sent'").await, 30);
+    assert_eq!(count(&db, "SELECT COUNT(DISTINCT wamid) FROM outbound_messages").await, 30);
+    for i in 0..10 {
+        let to = format!("49160{i:07}");
+        assert_eq!(sends.iter().filter(|s| s["to"] == to.as_str()).count(), 3, "{to}");
+    }
 }

@@ -24,6 +24,7 @@ fn handle(req: Request) -> Response {
         }
         (Method::Post, "/maintenance/relay") => authorize(&req).and_then(|()| relay(&request_id)),
         (Method::Get, "/maintenance/dead-letters") => authorize(&req).and_then(|()| dead_letters()),
+        (Method::Get, "/maintenance/payment-issues") => authorize(&req).and_then(|()| payment_issues()),
         (Method::Get, "/maintenance/messages") => authorize(&req).and_then(|()| outbound_messages(req.query())),
         (Method::Post, path) if path.starts_with("/maintenance/dead-letters/") && path.ends_with("/replay") => {
             let id = &path["/maintenance/dead-letters/".len()..path.len() - "/replay".len()];
@@ -105,6 +106,20 @@ fn outbound_messages(query: &str) -> Result<Response, ApiError> {
         })
         .collect();
     Ok(spin_kit::json_response(200, &serde_json::json!({ "messages": list })))
+}
+
+/// Payments that need an operator: money to refund, or events for unknown orders.
+fn payment_issues() -> Result<Response, ApiError> {
+    let list: Vec<_> = astria_store::repo::open_payment_issues(&open_db()?, 200)?
+        .iter()
+        .map(|i| {
+            serde_json::json!({
+                "event_id": i.event_id, "kind": i.kind, "order_id": i.order_id, "session_id": i.session_id,
+                "payment_intent": i.payment_intent, "amount": i.amount, "detail": i.detail, "created_at": i.created_at,
+            })
+        })
+        .collect();
+    Ok(spin_kit::json_response(200, &serde_json::json!({ "payment_issues": list })))
 }
 
 /// Hands a dead-lettered event back to the relay with fresh attempts.

@@ -35,6 +35,8 @@ const LEASE_MS: i64 = 60_000;
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// Messages sent per contact per event, so one handler invocation stays short.
 const MAX_PER_PASS: usize = 20;
+/// Passes over one contact's queue per event; anything left is due for the relay.
+const MAX_ROUNDS: usize = 5;
 /// Failed tries before a message is given up (and logged as an error).
 const MAX_ATTEMPTS: i64 = 8;
 /// WhatsApp's customer service window.
@@ -95,18 +97,29 @@ struct Sender<'a> {
 
 impl Sender<'_> {
     /// Sends the contact's queue in order while holding its lease.
+    ///
+    /// A sender that finds the lease taken leaves at once, trusting the holder to reach its
+    /// message. So the holder looks at the queue again after releasing: a message committed
+    /// while it held the lease (whose own sender just left) is then seen, and sent.
     fn drain(&self, wa_id: &str) -> Result<(), DbError> {
         let holder = uuid::Uuid::new_v4().to_string();
-        if !messages::acquire_lease(self.db, wa_id, &holder, now_ms(), LEASE_MS)? {
-            // Another sender is working through this queue; it reaches this message, or the
-            // relay brings the event back.
-            return Ok(());
+        for _ in 0..MAX_ROUNDS {
+            if !messages::acquire_lease(self.db, wa_id, &holder, now_ms(), LEASE_MS)? {
+                // Another sender is working through this queue and will look again when done.
+                return Ok(());
+            }
+            let result = self.drain_leased(wa_id, &holder);
+            if let Err(e) = messages::release_lease(self.db, wa_id, &holder) {
+                log::warn("sender", &format!("lease left to expire: {e}"));
+            }
+            result?;
+            match messages::next_in_queue(self.db, wa_id)? {
+                Some(m) if m.next_attempt_at <= now_ms() => continue,
+                // Empty, or waiting for a retry the relay brings back.
+                _ => return Ok(()),
+            }
         }
-        let result = self.drain_leased(wa_id, &holder);
-        if let Err(e) = messages::release_lease(self.db, wa_id, &holder) {
-            log::warn("sender", &format!("lease left to expire: {e}"));
-        }
-        result
+        Ok(())
     }
 
     fn drain_leased(&self, wa_id: &str, holder: &str) -> Result<(), DbError> {

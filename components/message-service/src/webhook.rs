@@ -156,6 +156,9 @@ fn handle_message(
                         return Err(retry_later("the order changed meanwhile"));
                     }
                 }
+                Action::ReopenOrder { from_order_id, order_id } => {
+                    repo::reopen_order(db, &from_order_id, &order_id, now)?;
+                }
                 Action::OrderAwaitingPayment { order_id } => {
                     let event =
                         events::envelope(ORDER_AWAITING_PAYMENT, &OrderAwaitingPayment { order_id }, correlation_id);

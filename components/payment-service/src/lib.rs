@@ -1,19 +1,216 @@
-//! payment-service: Stripe Checkout links and the payment webhook (`/payment-received`) (HTTP component).
+//! payment-service: the Stripe webhook (`POST /payment-received`) and the readiness check
+//! (`GET /health/payment`). HTTP component; Checkout sessions are created by its Redis-trigger
+//! sibling, `components/payment-checkout`.
 //!
-//! For now it answers its health route; its real routes land with the payment-service issue.
+//! The webhook verifies `Stripe-Signature` before parsing (400 and nothing stored otherwise),
+//! then handles each event once (its id is recorded in the same transaction as its effects):
+//! - `checkout.session.completed` (paid) and `async_payment_succeeded`: the order becomes paid
+//!   only if amount and currency match and it awaits payment; the `order.paid` event and the
+//!   customer's confirmation are queued in the same transaction. Otherwise the payment is
+//!   recorded as needing a refund (`payment_issues`) and the customer told.
+//! - `completed` unpaid: nothing yet (the async outcome follows).
+//! - `async_payment_failed` and `expired`: an order still awaiting that session's payment
+//!   expires, and the customer is told they can reply PAY for a new link.
+//! - an order that does not exist: recorded for an operator, 200 (Stripe must not retry forever).
+//! A status never moves backwards: a late `expired` after `paid` changes nothing.
 
-use astria_models::HealthReport;
-use spin_sdk::http::{IntoResponse, Request};
+use astria_domain::events::{channels, ORDER_PAID};
+use astria_domain::order::{check_payment, PaymentCheck, RefundReason};
+use astria_domain::stripe::{self, EventKind, Session, StripeError};
+use astria_domain::texts::Texts;
+use astria_domain::Money;
+use astria_models::{HealthReport, OrderPaid, OrderStatus};
+use astria_store::outbox::RelayPolicy;
+use astria_store::repo::{self, PaymentIssue};
+use astria_store::{transaction, Db};
+use spin_kit::error::ApiError;
+use spin_kit::events::{self, now_ms, Pending};
+use spin_kit::{log, var, SpinVars};
+use spin_sdk::http::{IncomingRequest, Method, Response};
 use spin_sdk::http_component;
 
 const SERVICE: &str = "payment";
+/// Stripe's event bodies are small; a checkout session event is a few kB.
+const MAX_BODY: usize = 512 * 1024;
+/// Where Stripe event ids are recorded (`processed_webhooks.source`).
+const SOURCE: &str = "stripe";
 
 #[http_component]
-fn handle(req: Request) -> anyhow::Result<impl IntoResponse> {
-    Ok(match req.path() {
-        "/health/payment" => {
-            spin_kit::health_response(&HealthReport::from_checks(SERVICE, env!("CARGO_PKG_VERSION"), vec![]))
+async fn handle(req: IncomingRequest) -> Response {
+    let request_id = spin_kit::request_id_from(header(&req, "x-request-id").as_deref());
+    let path = req.path_with_query().unwrap_or_default();
+    let path = path.split('?').next().unwrap_or("").to_string();
+    let result = match (req.method(), path.as_str()) {
+        (Method::Get, "/health/payment") => Ok(health()),
+        (Method::Post, "/payment-received") => {
+            let signature = header(&req, "stripe-signature");
+            match spin_kit::error::read_body(req, MAX_BODY).await {
+                Ok(body) => receive(&body, signature.as_deref(), &request_id),
+                Err(e) => Err(e),
+            }
         }
-        _ => spin_kit::error_response(404, "not found"),
-    })
+        (_, "/payment-received") => Err(ApiError::BadRequest("use POST".into())),
+        _ => Err(ApiError::NotFound),
+    };
+    result.unwrap_or_else(|e| e.into_response(&request_id))
+}
+
+fn header(req: &IncomingRequest, name: &str) -> Option<String> {
+    req.headers().get(&name.to_string()).into_iter().next().and_then(|v| String::from_utf8(v).ok())
+}
+
+fn health() -> Response {
+    let mut checks = vec![spin_kit::health::database()];
+    if let Ok(url) = var("redis_url") {
+        checks.push(spin_kit::health::redis(&url));
+    }
+    spin_kit::health_response(&HealthReport::from_checks(SERVICE, env!("CARGO_PKG_VERSION"), checks))
+}
+
+/// What the webhook did with one event (the response body; Stripe ignores it).
+#[derive(serde::Serialize)]
+struct Handled {
+    event_id: String,
+    result: &'static str,
+}
+
+fn receive(body: &[u8], signature: Option<&str>, request_id: &str) -> Result<Response, ApiError> {
+    let tolerance =
+        astria_domain::config::stripe_webhook_tolerance(&SpinVars).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let now_s = now_ms() / 1000;
+    stripe::verify_signature(&var("stripe_webhook_secret")?, body, signature, now_s, tolerance)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let event = stripe::parse_event(body).map_err(|e| match e {
+        StripeError::BadSignature => ApiError::BadRequest(e.to_string()),
+        StripeError::Malformed(m) => ApiError::BadRequest(m),
+    })?;
+    let texts = Texts::from_json_overrides(&var("texts_json")?).map_err(ApiError::Internal)?;
+    let db = spin_kit::open_db()?;
+    let (result, pending) = transaction(&db, |db| {
+        if !repo::first_delivery(db, SOURCE, &event.id, now_ms())? {
+            return Ok(("duplicate", vec![]));
+        }
+        let ctx = Ctx { db, texts: &texts, event_id: &event.id, request_id };
+        match (&event.kind, &event.session) {
+            (EventKind::Other(_), _) | (_, None) => Ok(("ignored", vec![])),
+            (EventKind::Completed, Some(s)) if s.payment_status == "unpaid" => Ok(("awaiting_async_payment", vec![])),
+            (EventKind::Completed | EventKind::AsyncSucceeded, Some(s)) => ctx.settle(s),
+            (EventKind::AsyncFailed, Some(s)) => ctx.lapse(s, &texts.payment_failed),
+            (EventKind::Expired, Some(s)) => ctx.lapse(s, &texts.payment_expired),
+        }
+    })?;
+    events::publish(&db, &var("redis_url")?, &pending);
+    Ok(spin_kit::json_response(200, &Handled { event_id: event.id, result }))
+}
+
+struct Ctx<'a, D: Db + ?Sized> {
+    db: &'a D,
+    texts: &'a Texts,
+    event_id: &'a str,
+    request_id: &'a str,
+}
+
+type Outcome = Result<(&'static str, Vec<Pending>), ApiError>;
+
+impl<D: Db + ?Sized> Ctx<'_, D> {
+    fn issue(&self, kind: &str, s: &Session, detail: String) -> Result<(), ApiError> {
+        log::error_with("payment.issue", self.request_id, &format!("{kind} for event {}: {detail}", self.event_id));
+        repo::record_payment_issue(
+            self.db,
+            &PaymentIssue {
+                event_id: self.event_id.to_string(),
+                kind: kind.to_string(),
+                order_id: s.order_id.clone(),
+                session_id: Some(s.id.clone()),
+                payment_intent: s.payment_intent.clone(),
+                amount: s.amount.as_ref().map(|m| astria_models::Money {
+                    amount_minor: m.amount_minor(),
+                    currency: m.currency().to_string(),
+                }),
+                detail,
+                created_at: now_ms(),
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Money arrived for the session's order.
+    fn settle(&self, s: &Session) -> Outcome {
+        let order = match s.order_id.as_deref() {
+            Some(id) => repo::get_order(self.db, id)?,
+            None => None,
+        };
+        let Some(order) = order else {
+            self.issue("unknown_order", s, format!("paid session {} names no known order", s.id))?;
+            return Ok(("unknown_order", vec![]));
+        };
+        let price = Money::try_from(&order.price).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let Some(paid) = s.amount.clone() else {
+            self.issue("needs_refund", s, "paid session without an amount".into())?;
+            return Ok(("needs_refund", vec![]));
+        };
+        let other_session = order.checkout_session_id.as_deref().is_some_and(|id| id != s.id);
+        let check = match check_payment(order.status, &price, &paid) {
+            // A second session paid for an order already paid: that money must go back.
+            PaymentCheck::AlreadyPaid if other_session => {
+                PaymentCheck::NeedsRefund(RefundReason::OrderNotPayable(order.status))
+            }
+            c => c,
+        };
+        match check {
+            PaymentCheck::Settles => {
+                if !repo::mark_paid(
+                    self.db,
+                    &order.id,
+                    &astria_models::Money { amount_minor: paid.amount_minor(), currency: paid.currency().to_string() },
+                    now_ms(),
+                )? {
+                    // Someone else moved the order in between: let Stripe retry on fresh state.
+                    return Err(ApiError::Unavailable {
+                        dependency: "database",
+                        detail: "order changed meanwhile".into(),
+                    });
+                }
+                let paid_event = events::envelope(
+                    ORDER_PAID,
+                    &OrderPaid { order_id: order.id.clone(), payment_event_id: self.event_id.to_string() },
+                    self.request_id,
+                );
+                let mut pending = vec![events::emit(self.db, channels::ORDERS, &paid_event, &RelayPolicy::default())?];
+                let thanks = astria_domain::conversation::Message::text(&self.texts.payment_received);
+                pending.push(spin_kit::messages::queue(self.db, &order.wa_id, &thanks, 0, self.request_id)?);
+                log::info_with("payment.paid", self.request_id, &format!("order {} paid ({paid})", order.id));
+                Ok(("paid", pending))
+            }
+            PaymentCheck::AlreadyPaid => Ok(("already_paid", vec![])),
+            PaymentCheck::NeedsRefund(reason) => {
+                let detail = match reason {
+                    RefundReason::AmountMismatch { expected, paid } => format!("paid {paid}, expected {expected}"),
+                    RefundReason::OrderNotPayable(status) => format!("order {} is {status:?}", order.id),
+                };
+                self.issue("needs_refund", s, detail)?;
+                let sorry = astria_domain::conversation::Message::text(&self.texts.payment_needs_refund);
+                Ok((
+                    "needs_refund",
+                    vec![spin_kit::messages::queue(self.db, &order.wa_id, &sorry, 0, self.request_id)?],
+                ))
+            }
+        }
+    }
+
+    /// The session lapsed (expired, or its async payment failed): an order still waiting for
+    /// exactly this session expires; anything else is stale and changes nothing.
+    fn lapse(&self, s: &Session, tell: &str) -> Outcome {
+        let Some(order) = s.order_id.as_deref().map(|id| repo::get_order(self.db, id)).transpose()?.flatten() else {
+            return Ok(("ignored", vec![]));
+        };
+        if order.status != OrderStatus::AwaitingPayment || order.checkout_session_id.as_deref() != Some(s.id.as_str()) {
+            return Ok(("stale", vec![]));
+        }
+        if !repo::set_order_status(self.db, &order.id, OrderStatus::AwaitingPayment, OrderStatus::Expired, now_ms())? {
+            return Ok(("stale", vec![]));
+        }
+        let message = astria_domain::conversation::Message::text(tell);
+        Ok(("expired", vec![spin_kit::messages::queue(self.db, &order.wa_id, &message, 0, self.request_id)?]))
+    }
 }

@@ -139,6 +139,49 @@ pub fn whatsapp(src: &impl Source) -> Result<WhatsApp, ConfigError> {
     })
 }
 
+/// What creating a Checkout session needs: `stripe_api_url`, `stripe_secret_key`,
+/// `checkout_expiry_minutes`, `whatsapp_chat_link` (where Stripe sends the customer back).
+#[derive(Clone, PartialEq, Eq)]
+pub struct StripeCheckout {
+    pub api_url: String,
+    /// Secret; never logged (Debug leaves it out).
+    pub secret_key: String,
+    /// Clamped to Stripe's 30 minutes to 24 hours.
+    pub expiry_minutes: i64,
+    pub chat_link: String,
+}
+
+impl std::fmt::Debug for StripeCheckout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StripeCheckout")
+            .field("api_url", &self.api_url)
+            .field("expiry_minutes", &self.expiry_minutes)
+            .field("chat_link", &self.chat_link)
+            .finish_non_exhaustive()
+    }
+}
+
+pub fn stripe_checkout(src: &impl Source) -> Result<StripeCheckout, ConfigError> {
+    let chat_link = required(src, "whatsapp_chat_link")?.trim().to_string();
+    if !chat_link.starts_with("https://") {
+        return Err(ConfigError::Invalid { name: "whatsapp_chat_link", reason: "must be an https:// URL".into() });
+    }
+    Ok(StripeCheckout {
+        api_url: base_url(src, "stripe_api_url")?,
+        secret_key: required(src, "stripe_secret_key")?,
+        expiry_minutes: crate::stripe::expiry_minutes_in_bounds(number(src, "checkout_expiry_minutes")? as i64),
+        chat_link,
+    })
+}
+
+/// `stripe_webhook_tolerance_seconds`: how old a signed webhook may be (default 300).
+pub fn stripe_webhook_tolerance(src: &impl Source) -> Result<i64, ConfigError> {
+    match src.get("stripe_webhook_tolerance_seconds").filter(|v| !v.trim().is_empty()) {
+        None => Ok(300),
+        Some(_) => Ok(number(src, "stripe_webhook_tolerance_seconds")? as i64),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,6 +249,25 @@ mod tests {
             assert!(matches!(err, ConfigError::Invalid { name: "whatsapp_api_url", .. }), "{bad}: {err}");
         }
         assert_eq!(whatsapp(&vars("http://127.0.0.1:9000")).unwrap().api_url, "http://127.0.0.1:9000");
+    }
+
+    #[test]
+    fn stripe_settings_are_read_and_bounded() {
+        let vars = |expiry: &str, link: &str| {
+            src(&[
+                ("stripe_api_url", "https://api.stripe.com"),
+                ("stripe_secret_key", "sk_test_123"),
+                ("checkout_expiry_minutes", expiry),
+                ("whatsapp_chat_link", link),
+            ])
+        };
+        let s = stripe_checkout(&vars("10", "https://wa.me/15550783881")).unwrap();
+        assert_eq!(s.expiry_minutes, 30, "Stripe's minimum");
+        assert!(!format!("{s:?}").contains("sk_test_123"));
+        assert!(stripe_checkout(&vars("x", "https://wa.me/1")).is_err());
+        assert!(stripe_checkout(&vars("60", "wa.me/1")).is_err());
+        assert_eq!(stripe_webhook_tolerance(&src(&[])).unwrap(), 300);
+        assert_eq!(stripe_webhook_tolerance(&src(&[("stripe_webhook_tolerance_seconds", "60")])).unwrap(), 60);
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! idle ─► choosing-pack ─► choosing-subject ─► order: collecting-photos ─DONE─► awaiting-payment
 //!                 └────────(one class)────────┘            (paid, training, delivering: status)
 //! ```
-//! In every state: HELP, STATUS, CANCEL (before payment), MENU/RESTART, STOP/START.
+//! In every state: HELP, STATUS, CANCEL (before payment), MENU/RESTART, STOP/START; PAY after
+//! a payment link expired or a payment failed (a new order with the same photos and a new link).
 
 use astria_models::{OrderStatus, Pack, Photo};
 use serde::{Deserialize, Serialize};
@@ -140,6 +141,13 @@ pub enum Action {
     OrderAwaitingPayment {
         order_id: String,
     },
+    /// A new order awaiting payment, copied from an expired one (same pack, subject, price and
+    /// photos): a fresh Checkout session needs a fresh order, since an order's session is
+    /// created once.
+    ReopenOrder {
+        from_order_id: String,
+        order_id: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,6 +195,7 @@ enum Command {
     Stop,
     Start,
     Done,
+    Pay,
 }
 
 fn command(inbound: &Inbound) -> Option<Command> {
@@ -203,6 +212,7 @@ fn command(inbound: &Inbound) -> Option<Command> {
         "stop" | "unsubscribe" => Command::Stop,
         "start" => Command::Start,
         "done" => Command::Done,
+        "pay" => Command::Pay,
         _ => return None,
     })
 }
@@ -354,7 +364,8 @@ impl<'a> Context<'a> {
                 OrderStatus::Delivering => t.delivering.clone(),
                 OrderStatus::Delivered => t.delivered_offer_more.clone(),
                 OrderStatus::Failed => t.failed.clone(),
-                OrderStatus::Cancelled | OrderStatus::Expired => t.cancelled.clone(),
+                OrderStatus::Cancelled => t.cancelled.clone(),
+                OrderStatus::Expired => t.payment_expired.clone(),
             },
             _ => t.nothing_to_cancel.clone(),
         }
@@ -432,6 +443,22 @@ pub fn step(ctx: &Context<'_>, state: &State, inbound: &Inbound) -> Outcome {
                 _ => ctx.greet(),
             }
         }
+        Some(Command::Pay) => match order {
+            Some(o) if o.status == OrderStatus::Expired => {
+                let order_id = ctx.new_order_id.to_string();
+                return Outcome {
+                    state: State::Order { order_id: order_id.clone() },
+                    actions: vec![
+                        Action::ReopenOrder { from_order_id: o.id.clone(), order_id: order_id.clone() },
+                        Action::OrderAwaitingPayment { order_id },
+                        text(fill(&t.preparing_payment, &[("price", &o.price.to_string())])),
+                    ],
+                };
+            }
+            Some(o) if o.status == OrderStatus::AwaitingPayment => return same(vec![text(ctx.status_text(state))]),
+            // Nothing to pay: an ordinary message.
+            _ => {}
+        },
         Some(Command::Done) | None => {}
     }
 

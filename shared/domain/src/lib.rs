@@ -9,6 +9,7 @@ pub mod events;
 pub mod graph;
 pub mod money;
 pub mod order;
+pub mod stripe;
 pub mod texts;
 pub mod whatsapp;
 

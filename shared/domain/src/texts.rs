@@ -44,6 +44,14 @@ pub struct Texts {
     pub restarted: String,
     pub unsupported_message: String,
     pub failed: String,
+    /// After the payment settled the order.
+    pub payment_received: String,
+    /// The Checkout session lapsed unpaid.
+    pub payment_expired: String,
+    /// A delayed payment method failed.
+    pub payment_failed: String,
+    /// Money arrived that the order could not take (wrong amount, cancelled order).
+    pub payment_needs_refund: String,
 }
 
 impl Default for Texts {
@@ -86,6 +94,10 @@ impl Default for Texts {
             restarted: s("Welcome back! Reply MENU to see the packs."),
             unsupported_message: s("Sorry, I can't read that kind of message."),
             failed: s("Something went wrong with your order. We'll refund you and get in touch."),
+            payment_received: s("Payment received, thank you! Your AI model starts training now; I'll send your portraits when they're ready."),
+            payment_expired: s("Your payment link has expired. Reply PAY for a new one, or MENU to start over."),
+            payment_failed: s("Your payment didn't go through. Reply PAY to try again, or MENU to start over."),
+            payment_needs_refund: s("We received a payment we couldn't match to your order. We'll refund it and get in touch."),
         }
     }
 }

@@ -68,6 +68,7 @@ fn summary(out: &Outcome) -> String {
             Action::AddPhoto { .. } => "P".to_string(),
             Action::SetStatus { to, .. } => format!("S({})", format!("{to:?}").trim_start_matches("OrderStatus::")),
             Action::OrderAwaitingPayment { .. } => "A".to_string(),
+            Action::ReopenOrder { .. } => "R".to_string(),
         })
         .collect();
     format!("{state}:{codes}")
@@ -268,6 +269,31 @@ fn a_photo_beyond_the_maximum_is_refused_with_the_done_button() {
 }
 
 #[test]
+fn pay_after_an_expired_link_reopens_the_order_under_a_new_id() {
+    let (packs, config) = (packs(), config());
+    let o = order(OrderStatus::Expired, 2);
+    let out = step(&ctx_with(&packs, &config, Some(&o)), &in_order(), &Inbound::Text(" PAY ".into()));
+    assert_eq!(summary(&out), "order:RAT");
+    assert_eq!(out.state, State::Order { order_id: "o2".into() });
+    assert_eq!(out.actions[0], Action::ReopenOrder { from_order_id: "o1".into(), order_id: "o2".into() });
+    assert_eq!(out.actions[1], Action::OrderAwaitingPayment { order_id: "o2".into() });
+    // STATUS on the expired order says how to get a new link.
+    let status = step(&ctx_with(&packs, &config, Some(&o)), &in_order(), &Inbound::Text("status".into()));
+    assert_eq!(
+        status.actions,
+        vec![Action::Send(Message::text(
+            "Your payment link has expired. Reply PAY for a new one, or MENU to start over."
+        ))]
+    );
+    // With a live link PAY resends it; with nothing to pay it is an ordinary message.
+    let live = order(OrderStatus::AwaitingPayment, 2);
+    let out = step(&ctx_with(&packs, &config, Some(&live)), &in_order(), &Inbound::Text("pay".into()));
+    assert_eq!(summary(&out), "order:T");
+    let out = step(&ctx_with(&packs, &config, None), &State::Idle, &Inbound::Text("pay".into()));
+    assert_eq!(summary(&out), "pack:L");
+}
+
+#[test]
 fn the_payment_link_is_resent_on_request() {
     let (packs, config) = (packs(), config());
     let o = order(OrderStatus::AwaitingPayment, 2);
@@ -394,6 +420,13 @@ mod properties {
                     }
                 }
                 Action::OrderAwaitingPayment { .. } => {}
+                Action::ReopenOrder { from_order_id, order_id } => {
+                    let (from, _) = w.orders.iter().find(|(o, _)| &o.id == from_order_id).expect("known order");
+                    prop_assert_eq!(from.status, OrderStatus::Expired, "only an expired order is reopened");
+                    let view = OrderView { id: order_id.clone(), status: OrderStatus::AwaitingPayment, ..from.clone() };
+                    w.next_id += 1;
+                    w.orders.push((view, 0));
+                }
             }
         }
         Ok(())

@@ -133,6 +133,27 @@ pub const MIGRATIONS: &[Migration] = &[
         )",
         ],
     },
+    Migration {
+        version: 4,
+        name: "payment issues for operators",
+        sql: &[
+            // Money that arrived and could not be accepted (refund), or events for unknown
+            // orders: one row per Stripe event, until an operator resolves it.
+            "CREATE TABLE payment_issues (
+            event_id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            order_id TEXT,
+            session_id TEXT,
+            payment_intent TEXT,
+            amount_minor BIGINT,
+            currency TEXT,
+            detail TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            resolved_at BIGINT
+        )",
+            "CREATE INDEX payment_issues_open ON payment_issues (resolved_at, created_at)",
+        ],
+    },
 ];
 
 /// Applies every migration not yet recorded; answers the versions it applied.

@@ -234,6 +234,140 @@ pub fn add_photo<D: Db + ?Sized>(db: &D, order_id: &str, photo: &Photo, now_ms: 
     Ok(n == 1)
 }
 
+/// Stores the order's Checkout session, once: `false` if it has one already or no longer
+/// awaits payment.
+pub fn set_checkout<D: Db + ?Sized>(
+    db: &D,
+    order_id: &str,
+    session_id: &str,
+    url: &str,
+    now_ms: i64,
+) -> Result<bool, DbError> {
+    let n = db.execute(
+        &db.dialect().sql(
+            "UPDATE orders SET checkout_session_id = $1, checkout_url = $2, updated_at = $3
+             WHERE id = $4 AND status = $5 AND checkout_session_id IS NULL",
+        ),
+        &[
+            Value::from(session_id),
+            Value::from(url),
+            Value::Int(now_ms),
+            Value::from(order_id),
+            Value::from(status_str(OrderStatus::AwaitingPayment)),
+        ],
+    )?;
+    Ok(n == 1)
+}
+
+/// Marks an order awaiting payment as paid with what Stripe reported; `false` if it no longer
+/// awaited payment (a concurrent or earlier event settled it).
+pub fn mark_paid<D: Db + ?Sized>(db: &D, order_id: &str, paid: &Money, now_ms: i64) -> Result<bool, DbError> {
+    let n = db.execute(
+        &db.dialect().sql(
+            "UPDATE orders SET status = $1, paid_minor = $2, paid_currency = $3, updated_at = $4
+             WHERE id = $5 AND status = $6",
+        ),
+        &[
+            Value::from(status_str(OrderStatus::Paid)),
+            Value::Int(paid.amount_minor),
+            Value::from(paid.currency.as_str()),
+            Value::Int(now_ms),
+            Value::from(order_id),
+            Value::from(status_str(OrderStatus::AwaitingPayment)),
+        ],
+    )?;
+    Ok(n == 1)
+}
+
+/// Creates `new_id` awaiting payment as a copy of `from_id` (pack, subject, price, photos),
+/// without its Checkout session.
+pub fn reopen_order<D: Db + ?Sized>(db: &D, from_id: &str, new_id: &str, now_ms: i64) -> Result<(), DbError> {
+    db.execute(
+        &db.dialect().sql(
+            "INSERT INTO orders (id, wa_id, pack_id, subject_class, status, price_minor, currency, created_at, updated_at)
+             SELECT $1, wa_id, pack_id, subject_class, $2, price_minor, currency, $3, $3 FROM orders WHERE id = $4",
+        ),
+        &[
+            Value::from(new_id),
+            Value::from(status_str(OrderStatus::AwaitingPayment)),
+            Value::Int(now_ms),
+            Value::from(from_id),
+        ],
+    )?;
+    db.execute(
+        &db.dialect().sql(
+            "INSERT INTO order_photos (order_id, sha256, media_id, mime_type, position, created_at)
+             SELECT $1, sha256, media_id, mime_type, position, $2 FROM order_photos WHERE order_id = $3",
+        ),
+        &[Value::from(new_id), Value::Int(now_ms), Value::from(from_id)],
+    )?;
+    Ok(())
+}
+
+/// A payment an operator must look at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentIssue {
+    /// The Stripe event that revealed it (one issue per event).
+    pub event_id: String,
+    /// `needs_refund` or `unknown_order`.
+    pub kind: String,
+    pub order_id: Option<String>,
+    pub session_id: Option<String>,
+    pub payment_intent: Option<String>,
+    pub amount: Option<Money>,
+    pub detail: String,
+    pub created_at: i64,
+}
+
+pub fn record_payment_issue<D: Db + ?Sized>(db: &D, issue: &PaymentIssue) -> Result<bool, DbError> {
+    let n = db.execute(
+        &db.dialect().sql(
+            "INSERT INTO payment_issues (event_id, kind, order_id, session_id, payment_intent, amount_minor, currency, detail, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (event_id) DO NOTHING",
+        ),
+        &[
+            Value::from(issue.event_id.as_str()),
+            Value::from(issue.kind.as_str()),
+            Value::from(issue.order_id.clone()),
+            Value::from(issue.session_id.clone()),
+            Value::from(issue.payment_intent.clone()),
+            issue.amount.as_ref().map(|m| Value::Int(m.amount_minor)).unwrap_or(Value::Null),
+            Value::from(issue.amount.as_ref().map(|m| m.currency.clone())),
+            Value::from(issue.detail.as_str()),
+            Value::Int(issue.created_at),
+        ],
+    )?;
+    Ok(n == 1)
+}
+
+/// Unresolved payment issues, newest first.
+pub fn open_payment_issues<D: Db + ?Sized>(db: &D, limit: i64) -> Result<Vec<PaymentIssue>, DbError> {
+    db.query(
+        &db.dialect().sql(
+            "SELECT event_id, kind, order_id, session_id, payment_intent, amount_minor, currency, detail, created_at
+             FROM payment_issues WHERE resolved_at IS NULL ORDER BY created_at DESC LIMIT $1",
+        ),
+        &[Value::Int(limit)],
+    )?
+    .iter()
+    .map(|r| {
+        Ok(PaymentIssue {
+            event_id: r.text(0)?,
+            kind: r.text(1)?,
+            order_id: r.opt_text(2)?,
+            session_id: r.opt_text(3)?,
+            payment_intent: r.opt_text(4)?,
+            amount: match (r.opt_int(5)?, r.opt_text(6)?) {
+                (Some(amount_minor), Some(currency)) => Some(Money { amount_minor, currency }),
+                _ => None,
+            },
+            detail: r.text(7)?,
+            created_at: r.int(8)?,
+        })
+    })
+    .collect()
+}
+
 /// Records a webhook delivery id; `true` if it is new (handle it), `false` for a redelivery.
 pub fn first_delivery<D: Db + ?Sized>(db: &D, source: &str, external_id: &str, now_ms: i64) -> Result<bool, DbError> {
     let n = db.execute(

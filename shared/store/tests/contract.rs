@@ -83,12 +83,30 @@ fn pg_err(e: postgres::Error) -> DbError {
     }
 }
 
+/// SQL NULL for a parameter of any type, as spin-sdk's `DbNull` is.
+#[derive(Debug)]
+struct Null;
+
+impl postgres::types::ToSql for Null {
+    fn to_sql(
+        &self,
+        _: &postgres::types::Type,
+        _: &mut postgres::types::private::BytesMut,
+    ) -> Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(postgres::types::IsNull::Yes)
+    }
+    fn accepts(_: &postgres::types::Type) -> bool {
+        true
+    }
+    postgres::types::to_sql_checked!();
+}
+
 fn pg_params(params: &[Value]) -> Vec<Box<dyn postgres::types::ToSql + Sync>> {
     params
         .iter()
         .map(|v| -> Box<dyn postgres::types::ToSql + Sync> {
             match v {
-                Value::Null => Box::new(Option::<String>::None),
+                Value::Null => Box::new(Null),
                 Value::Int(i) => Box::new(*i),
                 Value::Text(s) => Box::new(s.clone()),
                 Value::Blob(b) => Box::new(b.clone()),
@@ -605,5 +623,81 @@ fn delivery_statuses_apply_forward_only_to_our_messages() {
         assert!(messages::reopen_for_window(db.as_ref(), "m1", 40).unwrap());
         let m1 = messages::get(db.as_ref(), "m1").unwrap().unwrap();
         assert_eq!((m1.status.as_str(), m1.error_code), (messages::status::AWAITING_WINDOW, Some(131047)));
+    });
+}
+
+// ------------------------------------------------------------------ payments
+
+#[test]
+fn a_checkout_session_is_stored_once_and_payment_settles_once() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 0).unwrap();
+        repo::touch_contact(db.as_ref(), "16505551234", None, 1).unwrap();
+        repo::create_order(db.as_ref(), &new_order("o1", &usd(1999)), 10).unwrap();
+        assert!(!repo::set_checkout(db.as_ref(), "o1", "cs_1", "https://c/1", 11).unwrap(), "not awaiting payment yet");
+        repo::set_order_status(db.as_ref(), "o1", OrderStatus::CollectingPhotos, OrderStatus::AwaitingPayment, 12)
+            .unwrap();
+        assert!(repo::set_checkout(db.as_ref(), "o1", "cs_1", "https://c/1", 13).unwrap());
+        assert!(!repo::set_checkout(db.as_ref(), "o1", "cs_2", "https://c/2", 14).unwrap(), "once");
+        assert!(repo::mark_paid(db.as_ref(), "o1", &usd(1999), 15).unwrap());
+        assert!(!repo::mark_paid(db.as_ref(), "o1", &usd(1999), 16).unwrap(), "paid once");
+        let o = repo::get_order(db.as_ref(), "o1").unwrap().unwrap();
+        assert_eq!(
+            (o.status, o.paid, o.checkout_session_id.as_deref()),
+            (OrderStatus::Paid, Some(usd(1999)), Some("cs_1"))
+        );
+    });
+}
+
+#[test]
+fn a_reopened_order_copies_pack_price_and_photos_but_not_the_session() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 0).unwrap();
+        repo::touch_contact(db.as_ref(), "16505551234", None, 1).unwrap();
+        repo::create_order(db.as_ref(), &new_order("o1", &usd(1999)), 10).unwrap();
+        let photo =
+            astria_models::Photo { media_id: "m1".into(), mime_type: "image/jpeg".into(), sha256: "a".repeat(64) };
+        repo::add_photo(db.as_ref(), "o1", &photo, 11).unwrap();
+        repo::set_order_status(db.as_ref(), "o1", OrderStatus::CollectingPhotos, OrderStatus::AwaitingPayment, 12)
+            .unwrap();
+        repo::set_checkout(db.as_ref(), "o1", "cs_1", "https://c/1", 13).unwrap();
+        repo::set_order_status(db.as_ref(), "o1", OrderStatus::AwaitingPayment, OrderStatus::Expired, 14).unwrap();
+        repo::reopen_order(db.as_ref(), "o1", "o2", 20).unwrap();
+        let o2 = repo::get_order(db.as_ref(), "o2").unwrap().unwrap();
+        assert_eq!((o2.status, o2.price, o2.checkout_session_id), (OrderStatus::AwaitingPayment, usd(1999), None));
+        assert_eq!((o2.photos, o2.subject_class.as_deref()), (vec![photo], Some("woman")));
+    });
+}
+
+#[test]
+fn payment_issues_are_kept_once_per_event_for_operators() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 0).unwrap();
+        let issue = repo::PaymentIssue {
+            event_id: "evt_1".into(),
+            kind: "needs_refund".into(),
+            order_id: Some("o1".into()),
+            session_id: Some("cs_1".into()),
+            payment_intent: None,
+            amount: Some(usd(500)),
+            detail: "paid 5.00 USD, expected 19.99 USD".into(),
+            created_at: 10,
+        };
+        assert!(repo::record_payment_issue(db.as_ref(), &issue).unwrap());
+        assert!(!repo::record_payment_issue(db.as_ref(), &issue).unwrap());
+        let unknown = repo::PaymentIssue {
+            event_id: "evt_2".into(),
+            kind: "unknown_order".into(),
+            amount: None,
+            order_id: None,
+            created_at: 20,
+            ..issue.clone()
+        };
+        repo::record_payment_issue(db.as_ref(), &unknown).unwrap();
+        let open = repo::open_payment_issues(db.as_ref(), 10).unwrap();
+        assert_eq!(open, vec![unknown, issue]);
     });
 }

@@ -1,0 +1,140 @@
+//! payment-checkout: part of payment-service. A Redis-trigger component on `astria.payments`
+//! that turns `order.awaiting_payment` into a Stripe Checkout session and the payment link
+//! message.
+//!
+//! Why a consumer and not the webhook that completes the photos: the Stripe call must not make
+//! WhatsApp's webhook wait, and a failed call must be retried; the outbox and relay already do
+//! both. The call runs outside any transaction (no lock held while Stripe answers) with an
+//! `Idempotency-Key` derived from the order, so running it twice, on two replicas or after a
+//! crash, returns the same session. The claim, the session stored on the order and the link
+//! queued for the sender are then committed together, once. A failed call leaves the event
+//! uncompleted: the relay brings it back with backoff, and dead-letters it for an operator if
+//! Stripe keeps refusing (a bad key, say); a replay after the fix creates the session.
+
+use std::time::Duration;
+
+use astria_domain::config::{self, StripeCheckout};
+use astria_domain::conversation::Message;
+use astria_domain::events::{parse_envelope, ORDER_AWAITING_PAYMENT};
+use astria_domain::stripe::{self, CheckoutRequest};
+use astria_domain::texts::{fill, Texts};
+use astria_domain::Money;
+use astria_models::{Order, OrderAwaitingPayment, OrderStatus};
+use astria_store::{outbox, repo, transaction};
+use spin_kit::db::SpinDb;
+use spin_kit::events::{self, now_ms};
+use spin_kit::http_client;
+use spin_kit::{log, var, SpinVars};
+use spin_sdk::redis_component;
+
+const CONSUMER: &str = "payment-checkout";
+const CALL_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[redis_component]
+fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
+    let event = match parse_envelope(&payload) {
+        Ok(e) => e,
+        Err(e) => {
+            log::warn(CONSUMER, &format!("dropping a message that is {e}"));
+            return Ok(());
+        }
+    };
+    if event.event_type != ORDER_AWAITING_PAYMENT {
+        log::warn(CONSUMER, &format!("ignoring event type {} on the payments channel", event.event_type));
+        return Ok(());
+    }
+    let Ok(request) = serde_json::from_str::<OrderAwaitingPayment>(&event.payload) else {
+        log::warn(CONSUMER, &format!("dropping {} with an unreadable payload", event.id));
+        return Ok(());
+    };
+    let fail = |e: String| anyhow::anyhow!(e);
+    let db = spin_kit::open_db().map_err(|e| fail(format!("{e:?}")))?;
+    let now = now_ms();
+
+    let order = repo::get_order(&db, &request.order_id)?;
+    let order = match order {
+        Some(o) if o.status == OrderStatus::AwaitingPayment && o.checkout_session_id.is_none() => o,
+        // Gone, cancelled meanwhile, or its link already made: nothing to create.
+        _ => {
+            transaction(&db, |db| {
+                outbox::claim(db, &event.id, CONSUMER, now)?;
+                outbox::complete(db, &event.id, now)
+            })?;
+            return Ok(());
+        }
+    };
+
+    let cfg = config::stripe_checkout(&SpinVars).map_err(|e| fail(e.to_string()))?;
+    let packs = config::catalogue(&SpinVars).map_err(|e| fail(e.to_string()))?;
+    let product =
+        packs.iter().find(|p| p.id == order.pack_id).map(|p| p.title.clone()).unwrap_or(order.pack_id.clone());
+    let session = create_session(&cfg, &order, &product).map_err(|e| {
+        log::error_with("stripe.checkout", &event.correlation_id, &format!("order {}: {e}", order.id));
+        fail(e)
+    })?;
+    let url = session.url.clone().unwrap_or_default();
+
+    let texts = Texts::from_json_overrides(&var("texts_json").map_err(|e| fail(format!("{e:?}")))?).map_err(fail)?;
+    let pending = transaction(&db, |db| {
+        if !outbox::claim(db, &event.id, CONSUMER, now_ms())? {
+            return Ok(vec![]); // Another replica stored the same session and sent the link.
+        }
+        let mut pending = vec![];
+        if repo::set_checkout(db, &order.id, &session.id, &url, now_ms())? {
+            let link = Message::text(fill(&texts.payment_link, &[("url", &url)]));
+            pending.push(spin_kit::messages::queue(db, &order.wa_id, &link, 0, &event.correlation_id)?);
+        }
+        outbox::complete(db, &event.id, now_ms())?;
+        Ok::<_, astria_store::DbError>(pending)
+    })?;
+    publish(&db, &pending);
+    Ok(())
+}
+
+fn publish(db: &SpinDb, pending: &[events::Pending]) {
+    match var("redis_url") {
+        Ok(url) => {
+            events::publish(db, &url, pending);
+        }
+        Err(_) => log::warn(CONSUMER, "redis_url unset: the link waits for the relay"),
+    }
+}
+
+/// `POST /v1/checkout/sessions`, idempotent per order. Errors carry Stripe's message, never
+/// the key.
+fn create_session(cfg: &StripeCheckout, order: &Order, product: &str) -> Result<stripe::Session, String> {
+    let price = Money::try_from(&order.price).map_err(|e| e.to_string())?;
+    let back = |text: &str| format!("{}?text={text}", cfg.chat_link);
+    let form = stripe::checkout_form(&CheckoutRequest {
+        order_id: &order.id,
+        product_name: product,
+        price: &price,
+        expires_at: now_ms() / 1000 + cfg.expiry_minutes * 60,
+        success_url: &back("STATUS"),
+        cancel_url: &back("PAY"),
+    });
+    let auth = format!("Bearer {}", cfg.secret_key);
+    let key = stripe::idempotency_key(&order.id);
+    let url = format!("{}/v1/checkout/sessions", cfg.api_url);
+    let response = http_client::send(&http_client::Request {
+        method: "POST",
+        url: &url,
+        headers: &[
+            ("authorization", &auth),
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("idempotency-key", &key),
+        ],
+        body: form.as_bytes(),
+        timeout: CALL_TIMEOUT,
+        max_response: 256 * 1024,
+    })
+    .map_err(|e| format!("Stripe unreachable: {e}"))?;
+    if !(200..300).contains(&response.status) {
+        let message = serde_json::from_slice::<serde_json::Value>(&response.body)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        return Err(format!("Stripe answered {}: {message}", response.status));
+    }
+    stripe::parse_created_session(&response.body).map_err(|e| e.to_string())
+}

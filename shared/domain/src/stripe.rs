@@ -1,0 +1,332 @@
+//! Stripe, parsed at the edge: the `Stripe-Signature` check, webhook events into domain types,
+//! and the Checkout Session request and answer. Pure: the payment-service components do I/O.
+
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use sha2::Sha256;
+
+use crate::money::Money;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StripeError {
+    /// 400: no usable `Stripe-Signature`, none of its `v1` values matches, or its time is
+    /// outside the tolerance (a replay).
+    #[error("invalid Stripe signature")]
+    BadSignature,
+    /// 400: not the JSON shape Stripe sends.
+    #[error("malformed Stripe event: {0}")]
+    Malformed(String),
+}
+
+/// Checks `Stripe-Signature: t=<unix>,v1=<hex>[,v1=<hex>...]`: valid if any `v1` equals
+/// HMAC-SHA256(secret, "{t}.{raw body}") (compared in constant time; several `v1` appear during
+/// secret rotation) and `t` is within `tolerance_s` of `now_s`. An empty secret never verifies.
+pub fn verify_signature(
+    secret: &str,
+    raw_body: &[u8],
+    header: Option<&str>,
+    now_s: i64,
+    tolerance_s: i64,
+) -> Result<(), StripeError> {
+    let header = header.ok_or(StripeError::BadSignature)?;
+    if secret.is_empty() {
+        return Err(StripeError::BadSignature);
+    }
+    let mut timestamp = None;
+    let mut signatures = Vec::new();
+    for part in header.split(',') {
+        match part.trim().split_once('=') {
+            Some(("t", v)) => timestamp = v.parse::<i64>().ok(),
+            Some(("v1", v)) => signatures.extend(hex::decode(v).ok()),
+            _ => {}
+        }
+    }
+    let t = timestamp.ok_or(StripeError::BadSignature)?;
+    if (now_s - t).abs() > tolerance_s {
+        return Err(StripeError::BadSignature);
+    }
+    let matches = signatures.iter().any(|sig| {
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else { return false };
+        mac.update(t.to_string().as_bytes());
+        mac.update(b".");
+        mac.update(raw_body);
+        mac.verify_slice(sig).is_ok()
+    });
+    if matches {
+        Ok(())
+    } else {
+        Err(StripeError::BadSignature)
+    }
+}
+
+/// The Checkout Session fields the bot reads, from events and from the create answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub id: String,
+    /// `client_reference_id`, else `metadata.order_id`.
+    pub order_id: Option<String>,
+    /// `paid`, `unpaid` or `no_payment_required`.
+    pub payment_status: String,
+    /// What the customer paid (or is to pay), when Stripe says.
+    pub amount: Option<Money>,
+    pub payment_intent: Option<String>,
+    pub url: Option<String>,
+}
+
+/// What a webhook event means for us.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    /// `checkout.session.completed`: paid now, or (`unpaid`) later by an async method.
+    Completed,
+    /// `checkout.session.async_payment_succeeded`.
+    AsyncSucceeded,
+    /// `checkout.session.async_payment_failed`.
+    AsyncFailed,
+    /// `checkout.session.expired`.
+    Expired,
+    /// Anything else: acknowledged and ignored.
+    Other(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub id: String,
+    pub kind: EventKind,
+    /// The session for the four checkout kinds; `None` for others.
+    pub session: Option<Session>,
+}
+
+#[derive(Deserialize)]
+struct EventJson {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    data: Option<DataJson>,
+}
+
+#[derive(Deserialize)]
+struct DataJson {
+    object: serde_json::Value,
+}
+
+#[derive(Deserialize)]
+struct SessionJson {
+    id: String,
+    #[serde(default)]
+    client_reference_id: Option<String>,
+    #[serde(default)]
+    metadata: Option<std::collections::HashMap<String, String>>,
+    #[serde(default)]
+    payment_status: Option<String>,
+    #[serde(default)]
+    amount_total: Option<i64>,
+    #[serde(default)]
+    currency: Option<String>,
+    #[serde(default)]
+    payment_intent: Option<serde_json::Value>,
+    #[serde(default)]
+    url: Option<String>,
+}
+
+fn session_from(json: SessionJson) -> Result<Session, StripeError> {
+    let amount = match (json.amount_total, json.currency.as_deref()) {
+        (Some(a), Some(c)) => Some(Money::new(a, c).map_err(|e| StripeError::Malformed(e.to_string()))?),
+        _ => None,
+    };
+    let order_id = json
+        .client_reference_id
+        .filter(|s| !s.is_empty())
+        .or_else(|| json.metadata.and_then(|m| m.get("order_id").cloned()))
+        .filter(|s| !s.is_empty());
+    // `payment_intent` is an id, or an expanded object with one.
+    let payment_intent = match json.payment_intent {
+        Some(serde_json::Value::String(s)) => Some(s),
+        Some(serde_json::Value::Object(o)) => o.get("id").and_then(|v| v.as_str()).map(str::to_string),
+        _ => None,
+    };
+    Ok(Session {
+        id: json.id,
+        order_id,
+        payment_status: json.payment_status.unwrap_or_default(),
+        amount,
+        payment_intent,
+        url: json.url,
+    })
+}
+
+/// Parses a verified webhook body.
+pub fn parse_event(raw: &[u8]) -> Result<Event, StripeError> {
+    let e: EventJson = serde_json::from_slice(raw).map_err(|e| StripeError::Malformed(e.to_string()))?;
+    if e.id.is_empty() {
+        return Err(StripeError::Malformed("event without id".into()));
+    }
+    let kind = match e.kind.as_str() {
+        "checkout.session.completed" => EventKind::Completed,
+        "checkout.session.async_payment_succeeded" => EventKind::AsyncSucceeded,
+        "checkout.session.async_payment_failed" => EventKind::AsyncFailed,
+        "checkout.session.expired" => EventKind::Expired,
+        other => return Ok(Event { id: e.id, kind: EventKind::Other(other.to_string()), session: None }),
+    };
+    let object = e.data.ok_or_else(|| StripeError::Malformed("event without data".into()))?.object;
+    let session: SessionJson =
+        serde_json::from_value(object).map_err(|e| StripeError::Malformed(format!("session: {e}")))?;
+    Ok(Event { id: e.id, kind, session: Some(session_from(session)?) })
+}
+
+/// Parses the answer of `POST /v1/checkout/sessions`; the URL must be there.
+pub fn parse_created_session(raw: &[u8]) -> Result<Session, StripeError> {
+    let json: SessionJson = serde_json::from_slice(raw).map_err(|e| StripeError::Malformed(e.to_string()))?;
+    let session = session_from(json)?;
+    if session.url.as_deref().is_none_or(|u| !u.starts_with("https://")) {
+        return Err(StripeError::Malformed("session without an https url".into()));
+    }
+    Ok(session)
+}
+
+/// What the Checkout Session for one order contains.
+pub struct CheckoutRequest<'a> {
+    pub order_id: &'a str,
+    pub product_name: &'a str,
+    pub price: &'a Money,
+    /// Unix seconds; Stripe accepts 30 minutes to 24 hours ahead.
+    pub expires_at: i64,
+    pub success_url: &'a str,
+    pub cancel_url: &'a str,
+}
+
+/// The form body of `POST /v1/checkout/sessions`.
+pub fn checkout_form(r: &CheckoutRequest<'_>) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .append_pair("mode", "payment")
+        .append_pair("line_items[0][quantity]", "1")
+        .append_pair("line_items[0][price_data][currency]", r.price.currency())
+        .append_pair("line_items[0][price_data][unit_amount]", &r.price.amount_minor().to_string())
+        .append_pair("line_items[0][price_data][product_data][name]", r.product_name)
+        .append_pair("client_reference_id", r.order_id)
+        .append_pair("metadata[order_id]", r.order_id)
+        .append_pair("expires_at", &r.expires_at.to_string())
+        .append_pair("success_url", r.success_url)
+        .append_pair("cancel_url", r.cancel_url)
+        .finish()
+}
+
+/// The `Idempotency-Key` of an order's session: a retry returns the same session.
+pub fn idempotency_key(order_id: &str) -> String {
+    format!("astria-checkout-{order_id}")
+}
+
+/// Stripe's bounds on `expires_at`: between 30 minutes and 24 hours from now.
+pub fn expiry_minutes_in_bounds(minutes: i64) -> i64 {
+    minutes.clamp(30, 24 * 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sign(secret: &str, t: i64, body: &[u8]) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(format!("{t}.").as_bytes());
+        mac.update(body);
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    const NOW: i64 = 1_764_064_800;
+
+    #[test]
+    fn a_signature_is_valid_only_for_its_secret_body_and_time() {
+        let body = br#"{"id":"evt_1"}"#;
+        let good = format!("t={NOW},v1={}", sign("whsec_a", NOW, body));
+        assert_eq!(verify_signature("whsec_a", body, Some(&good), NOW + 10, 300), Ok(()));
+        let cases = [
+            (None, "missing"),
+            (Some(format!("t={NOW},v1={}", sign("whsec_b", NOW, body))), "other secret"),
+            (Some(format!("t={NOW},v1={}", sign("whsec_a", NOW, b"{}"))), "other body"),
+            (Some(format!("t={},v1={}", NOW - 301, sign("whsec_a", NOW - 301, body))), "stale"),
+            (Some(format!("t={},v1={}", NOW + 301, sign("whsec_a", NOW + 301, body))), "future"),
+            (Some(format!("v1={}", sign("whsec_a", NOW, body))), "no time"),
+            (Some(format!("t={NOW},v0={}", sign("whsec_a", NOW, body))), "no v1"),
+            (Some("garbage".to_string()), "garbage"),
+        ];
+        for (header, why) in cases {
+            assert_eq!(
+                verify_signature("whsec_a", body, header.as_deref(), NOW, 300),
+                Err(StripeError::BadSignature),
+                "{why}"
+            );
+        }
+        assert!(verify_signature("", body, Some(&good), NOW, 300).is_err(), "empty secret");
+    }
+
+    #[test]
+    fn any_matching_v1_is_enough_during_secret_rotation() {
+        let body = b"{}";
+        let header = format!("t={NOW},v1={},v1={}", sign("whsec_old", NOW, body), sign("whsec_new", NOW, body));
+        assert_eq!(verify_signature("whsec_new", body, Some(&header), NOW, 300), Ok(()));
+        assert_eq!(verify_signature("whsec_old", body, Some(&header), NOW, 300), Ok(()));
+    }
+
+    #[test]
+    fn checkout_events_carry_the_session() {
+        let raw = br#"{"id":"evt_1","object":"event","type":"checkout.session.completed","created":1,"livemode":false,
+            "data":{"object":{"id":"cs_1","object":"checkout.session","status":"complete","payment_status":"paid",
+            "amount_total":1999,"currency":"usd","client_reference_id":"o1","metadata":{"order_id":"o1"},"payment_intent":"pi_1"}}}"#;
+        let e = parse_event(raw).unwrap();
+        assert_eq!(e.kind, EventKind::Completed);
+        let s = e.session.unwrap();
+        assert_eq!((s.id.as_str(), s.order_id.as_deref(), s.payment_status.as_str()), ("cs_1", Some("o1"), "paid"));
+        assert_eq!(s.amount, Some(Money::new(1999, "usd").unwrap()));
+        assert_eq!(s.payment_intent.as_deref(), Some("pi_1"));
+    }
+
+    #[test]
+    fn the_order_id_falls_back_to_metadata_and_other_types_are_ignored() {
+        let raw = br#"{"id":"evt_2","type":"checkout.session.expired","data":{"object":{"id":"cs_2","metadata":{"order_id":"o2"},"payment_status":"unpaid"}}}"#;
+        let e = parse_event(raw).unwrap();
+        assert_eq!((e.kind, e.session.unwrap().order_id.as_deref()), (EventKind::Expired, Some("o2")));
+        let other = parse_event(br#"{"id":"evt_3","type":"charge.refunded","data":{"object":{"id":"ch_1"}}}"#).unwrap();
+        assert_eq!(other.kind, EventKind::Other("charge.refunded".into()));
+        for bad in [
+            &b"nope"[..],
+            br#"{"type":"checkout.session.completed"}"#,
+            br#"{"id":"e","type":"checkout.session.completed"}"#,
+        ] {
+            assert!(matches!(parse_event(bad), Err(StripeError::Malformed(_))));
+        }
+    }
+
+    #[test]
+    fn the_checkout_form_has_every_field_stripe_needs() {
+        let price = Money::new(1999, "usd").unwrap();
+        let form = checkout_form(&CheckoutRequest {
+            order_id: "o1",
+            product_name: "Corporate & co",
+            price: &price,
+            expires_at: NOW + 3600,
+            success_url: "https://wa.me/15550783881?text=STATUS",
+            cancel_url: "https://wa.me/15550783881",
+        });
+        let pairs: std::collections::HashMap<String, String> =
+            form_urlencoded::parse(form.as_bytes()).into_owned().collect();
+        assert_eq!(pairs["mode"], "payment");
+        assert_eq!(pairs["line_items[0][price_data][unit_amount]"], "1999");
+        assert_eq!(pairs["line_items[0][price_data][currency]"], "usd");
+        assert_eq!(pairs["line_items[0][price_data][product_data][name]"], "Corporate & co");
+        assert_eq!((pairs["client_reference_id"].as_str(), pairs["metadata[order_id]"].as_str()), ("o1", "o1"));
+        assert_eq!(pairs["expires_at"], (NOW + 3600).to_string());
+        assert_eq!(pairs["success_url"], "https://wa.me/15550783881?text=STATUS");
+        assert_eq!(idempotency_key("o1"), idempotency_key("o1"));
+        assert_ne!(idempotency_key("o1"), idempotency_key("o2"));
+        assert_eq!((expiry_minutes_in_bounds(5), expiry_minutes_in_bounds(5000)), (30, 1440));
+    }
+
+    #[test]
+    fn a_created_session_needs_an_https_url() {
+        let ok = parse_created_session(
+            br#"{"id":"cs_1","url":"https://checkout.stripe.com/c/pay/cs_1","payment_status":"unpaid"}"#,
+        );
+        assert_eq!(ok.unwrap().url.as_deref(), Some("https://checkout.stripe.com/c/pay/cs_1"));
+        assert!(parse_created_session(br#"{"id":"cs_1"}"#).is_err());
+        assert!(parse_created_session(br#"{"id":"cs_1","url":"javascript:x"}"#).is_err());
+    }
+}
