@@ -1,0 +1,383 @@
+//! payment-service through the whole app (devhost, PostgreSQL, a Redis of the test's own)
+//! against a fake Stripe API and a fake Graph API: Checkout links made once, the signed
+//! webhook settling each order once, refunds and unknown orders flagged, and outages.
+
+use std::time::Duration;
+
+use astria_tests::stripe::{self as ps, FakeStripe};
+use astria_tests::whatsapp::{self as wa, FakeGraph};
+use astria_tests::{TestApp, TestRedis};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+const ANA: &str = "4915112345678";
+
+struct Bot {
+    app: TestApp,
+    graph: FakeGraph,
+    stripe: FakeStripe,
+    redis: TestRedis,
+}
+
+async fn bot_with(stripe: FakeStripe) -> Bot {
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    let app = wa::spawn_bot(ps::with_stripe(wa::bot_config(&graph, &redis, true), &stripe), &redis).await;
+    astria_tests::wait_for_subscribers_at(&redis.url(), "astria.payments", 1).await.unwrap();
+    Bot { app, graph, stripe, redis }
+}
+
+async fn bot() -> Bot {
+    bot_with(FakeStripe::start().await).await
+}
+
+async fn db(app: &TestApp) -> tokio_postgres::Client {
+    let (client, conn) =
+        tokio_postgres::connect(app.database_url.as_ref().unwrap(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+async fn count(db: &tokio_postgres::Client, sql: &str) -> i64 {
+    db.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+async fn order_status(db: &tokio_postgres::Client, id: &str) -> String {
+    db.query_one("SELECT status FROM orders WHERE id = $1", &[&id]).await.unwrap().get(0)
+}
+
+/// Ana orders the corporate pack with two photos and taps DONE (six replies so far).
+async fn to_done(bot: &Bot) {
+    let steps = [
+        wa::text(ANA, "p1", "hi"),
+        wa::list_reply(ANA, "p2", "pack:corporate", "Corporate headshots"),
+        wa::button_reply(ANA, "p3", "subject:man", "Man"),
+        wa::image(ANA, "p4", &"a".repeat(64)),
+        wa::image(ANA, "p5", &"b".repeat(64)),
+        wa::button_reply(ANA, "p6", "done", "Done"),
+    ];
+    for (i, m) in steps.into_iter().enumerate() {
+        assert_eq!(wa::post_webhook(&bot.app, &wa::inbound(ANA, vec![m])).await.0, 200);
+        bot.graph.wait_for(i + 1).await;
+    }
+}
+
+/// Ana orders the corporate pack with two photos and taps DONE; answers the order id once
+/// the payment link has reached her (the 8th message).
+async fn order_to_payment_link(bot: &Bot) -> (String, Value) {
+    to_done(bot).await;
+    let sends = bot.graph.wait_for(7).await;
+    assert_eq!(sends.len(), 7, "{sends:#?}\n{}", bot.app.log());
+    let session = bot.stripe.session_for_any().expect("one session");
+    let url = session["url"].as_str().unwrap();
+    assert_eq!(wa::summary(&sends[6]), format!("text:Pay securely here: {url}"));
+    (session["client_reference_id"].as_str().unwrap().to_string(), session)
+}
+
+fn completed(session: &Value, amount: i64, currency: &str, status: &str) -> Value {
+    ps::session(
+        session["id"].as_str().unwrap(),
+        session["client_reference_id"].as_str().unwrap(),
+        amount,
+        currency,
+        status,
+    )
+}
+
+async fn admin_get(app: &TestApp, path: &str) -> Value {
+    app.client
+        .get(app.url(path))
+        .header("authorization", format!("Bearer {}", wa::ADMIN_TOKEN))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_checkout_session_carries_the_order_and_is_created_once_when_the_step_runs_three_times() {
+    // Stripe answers slowly, so that deliveries of the same event overlap at Stripe.
+    let bot = bot_with(FakeStripe::start_with_delay(Duration::from_millis(400)).await).await;
+    to_done(&bot).await;
+    // While the first delivery waits for Stripe, the same event arrives twice more (another
+    // replica's subscription, the relay): the outbox row, published as is.
+    let db = db(&bot.app).await;
+    let envelope: String = db
+        .query_one("SELECT envelope FROM outbox WHERE event_type = 'order.awaiting_payment'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let client = redis::Client::open(bot.redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for _ in 0..2 {
+        let _: i64 = redis::cmd("PUBLISH").arg("astria.payments").arg(&envelope).query_async(&mut conn).await.unwrap();
+    }
+    let sends = bot.graph.wait_for(7).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let requests = bot.stripe.requests();
+    // The deliveries overlapped at Stripe (the step really ran more than once)...
+    assert!((2..=3).contains(&requests.len()), "{} create requests", requests.len());
+    assert!(requests.iter().all(|r| r.idempotency_key == requests[0].idempotency_key), "one key per order");
+    // ...and still one session, one link.
+    assert_eq!(bot.stripe.sessions_created(), 1, "Stripe made one session");
+    let links: Vec<String> =
+        bot.graph.requests().await.iter().map(wa::summary).filter(|s| s.starts_with("text:Pay securely")).collect();
+    assert_eq!(links.len(), 1, "one link: {links:?}");
+    assert_eq!(wa::summary(&sends[6]), links[0]);
+
+    let session = bot.stripe.session_for_any().unwrap();
+    let order_id = session["client_reference_id"].as_str().unwrap();
+    let form = &requests[0].form;
+    assert_eq!(form["mode"], "payment");
+    assert_eq!((form["client_reference_id"].as_str(), form["metadata[order_id]"].as_str()), (order_id, order_id));
+    assert_eq!(form["line_items[0][price_data][unit_amount]"], "1999");
+    assert_eq!(form["line_items[0][price_data][currency]"], "usd");
+    assert_eq!(form["line_items[0][price_data][product_data][name]"], "Corporate headshots");
+    assert_eq!(form["success_url"], format!("{}?text=STATUS", ps::CHAT_LINK));
+    let expires: i64 = form["expires_at"].parse().unwrap();
+    assert!((expires - ps::unix_now() - 3600).abs() < 120, "60 minutes ahead");
+    let stored: Option<String> = db.query_one("SELECT checkout_session_id FROM orders", &[]).await.unwrap().get(0);
+    assert_eq!(stored.as_deref(), session["id"].as_str());
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM outbox WHERE event_type = 'order.awaiting_payment' AND status = 'done'").await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_signed_completed_event_marks_the_order_paid_once_and_announces_order_paid() {
+    let bot = bot().await;
+    let (order_id, session) = order_to_payment_link(&bot).await;
+    let client = redis::Client::open(bot.redis.url()).unwrap();
+    let mut sub = client.get_async_pubsub().await.unwrap();
+    sub.subscribe("astria.orders").await.unwrap();
+
+    let event = ps::event("evt_1", "checkout.session.completed", completed(&session, 1999, "usd", "paid"));
+    let body = serde_json::to_vec(&event).unwrap();
+    let sig = ps::signature(&[ps::WEBHOOK_SECRET], ps::unix_now(), &body);
+    // Ten deliveries, five of them at once.
+    let burst = futures::future::join_all((0..5).map(|_| ps::post_signed(&bot.app, &body, &sig))).await;
+    let mut results: Vec<String> =
+        burst.iter().map(|(s, r)| format!("{s}:{}", r["result"].as_str().unwrap_or("?"))).collect();
+    for _ in 0..5 {
+        let (s, r) = ps::post_signed(&bot.app, &body, &sig).await;
+        results.push(format!("{s}:{}", r["result"].as_str().unwrap_or("?")));
+    }
+    results.sort();
+    let mut expected = vec!["200:duplicate".to_string(); 9];
+    expected.push("200:paid".into());
+    expected.sort();
+    assert_eq!(results, expected);
+
+    let msg = tokio::time::timeout(Duration::from_secs(10), sub.on_message().next()).await.unwrap().unwrap();
+    let announced: Value = serde_json::from_slice(msg.get_payload_bytes()).unwrap();
+    let payload: Value = serde_json::from_str(announced["payload"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        (announced["event_type"].as_str(), payload["order_id"].as_str()),
+        (Some("order.paid"), Some(order_id.as_str()))
+    );
+    assert_eq!(payload["payment_event_id"], "evt_1");
+
+    let db = db(&bot.app).await;
+    assert_eq!(order_status(&db, &order_id).await, "paid");
+    let paid: (i64, String) = {
+        let r = db.query_one("SELECT paid_minor, paid_currency FROM orders", &[]).await.unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(paid, (1999, "usd".to_string()));
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM outbox WHERE event_type = 'order.paid'").await, 1);
+    let sends = bot.graph.wait_for(8).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(bot.graph.requests().await.len(), 8, "one confirmation");
+    assert!(wa::summary(&sends[7]).starts_with("text:Payment received"));
+
+    // A late `expired` for the same session never moves the paid order back.
+    let late = ps::event("evt_2", "checkout.session.expired", completed(&session, 1999, "usd", "unpaid"));
+    assert_eq!(ps::post_event(&bot.app, &late).await.1["result"], "stale");
+    assert_eq!(order_status(&db, &order_id).await, "paid");
+}
+
+#[tokio::test]
+async fn a_payment_of_another_amount_is_not_accepted_and_is_flagged_for_refund() {
+    let bot = bot().await;
+    let (order_id, session) = order_to_payment_link(&bot).await;
+    for (i, (amount, currency)) in [(500, "usd"), (1999, "eur")].into_iter().enumerate() {
+        let event = ps::event(
+            &format!("evt_bad{i}"),
+            "checkout.session.completed",
+            completed(&session, amount, currency, "paid"),
+        );
+        let (status, handled) = ps::post_event(&bot.app, &event).await;
+        assert_eq!((status, handled["result"].as_str()), (200, Some("needs_refund")), "{handled}");
+    }
+    let db = db(&bot.app).await;
+    assert_eq!(order_status(&db, &order_id).await, "awaiting_payment");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM outbox WHERE event_type = 'order.paid'").await, 0);
+    let issues = admin_get(&bot.app, "/maintenance/payment-issues").await;
+    let list = issues["payment_issues"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "{issues}");
+    assert!(list.iter().all(|i| i["kind"] == "needs_refund" && i["order_id"] == order_id.as_str()));
+    let details: Vec<&str> = list.iter().map(|i| i["detail"].as_str().unwrap()).collect();
+    assert!(details.contains(&"paid 5.00 USD, expected 19.99 USD"), "{details:?}");
+    let sends = bot.graph.wait_for(9).await;
+    assert!(wa::summary(&sends[7]).contains("couldn't match"));
+}
+
+#[tokio::test]
+async fn forged_stale_and_malformed_webhooks_are_400_and_store_nothing() {
+    let bot = bot().await;
+    let (order_id, session) = order_to_payment_link(&bot).await;
+    let body =
+        serde_json::to_vec(&ps::event("evt_f", "checkout.session.completed", completed(&session, 1999, "usd", "paid")))
+            .unwrap();
+    let now = ps::unix_now();
+    let bad = [
+        ("no v1 at all", format!("t={now}")),
+        ("another secret", ps::signature(&["whsec_other"], now, &body)),
+        ("another body", ps::signature(&[ps::WEBHOOK_SECRET], now, b"{}")),
+        ("stale timestamp", ps::signature(&[ps::WEBHOOK_SECRET], now - 301, &body)),
+        ("future timestamp", ps::signature(&[ps::WEBHOOK_SECRET], now + 301, &body)),
+        ("garbage", "nonsense".to_string()),
+    ];
+    for (why, sig) in bad {
+        let (status, r) = ps::post_signed(&bot.app, &body, &sig).await;
+        assert_eq!(status, 400, "{why}: {r}");
+    }
+    let no_header = bot.app.client.post(bot.app.url("/payment-received")).body(body.clone()).send().await.unwrap();
+    assert_eq!(no_header.status(), 400);
+    let malformed = b"{not json";
+    let (status, _) = ps::post_signed(&bot.app, malformed, &ps::signature(&[ps::WEBHOOK_SECRET], now, malformed)).await;
+    assert_eq!(status, 400);
+
+    let db = db(&bot.app).await;
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM processed_webhooks WHERE source = 'stripe'").await, 0);
+    assert_eq!(order_status(&db, &order_id).await, "awaiting_payment");
+
+    // Secret rotation: an old and the current secret both sign; one valid v1 suffices.
+    let (status, r) =
+        ps::post_signed(&bot.app, &body, &ps::signature(&["whsec_old", ps::WEBHOOK_SECRET], now, &body)).await;
+    assert_eq!((status, r["result"].as_str()), (200, Some("paid")));
+}
+
+#[tokio::test]
+async fn an_expired_link_expires_the_order_and_pay_brings_a_new_link() {
+    let bot = bot().await;
+    let (order_id, session) = order_to_payment_link(&bot).await;
+    let expired = ps::event("evt_e", "checkout.session.expired", completed(&session, 1999, "usd", "unpaid"));
+    assert_eq!(ps::post_event(&bot.app, &expired).await.1["result"], "expired");
+    let db = db(&bot.app).await;
+    assert_eq!(order_status(&db, &order_id).await, "expired");
+    let sends = bot.graph.wait_for(8).await;
+    assert_eq!(
+        wa::summary(&sends[7]),
+        "text:Your payment link has expired. Reply PAY for a new one, or MENU to start over."
+    );
+
+    wa::post_webhook(&bot.app, &wa::inbound(ANA, vec![wa::text(ANA, "p7", "PAY")])).await;
+    let sends = bot.graph.wait_for(10).await;
+    assert_eq!(sends.len(), 10, "{sends:#?}");
+    assert_eq!(bot.stripe.sessions_created(), 2, "a new order, a new session");
+    let new_order: String =
+        db.query_one("SELECT id FROM orders WHERE status = 'awaiting_payment'", &[]).await.unwrap().get(0);
+    assert_ne!(new_order, order_id);
+    let new_session = bot.stripe.session_for(&new_order).unwrap();
+    assert_eq!(wa::summary(&sends[9]), format!("text:Pay securely here: {}", new_session["url"].as_str().unwrap()));
+    assert_eq!(count(&db, &format!("SELECT COUNT(*) FROM order_photos WHERE order_id = '{new_order}'")).await, 2);
+
+    // Paying the expired session's order is money to refund; the new one settles.
+    let old = ps::event("evt_old", "checkout.session.completed", completed(&session, 1999, "usd", "paid"));
+    assert_eq!(ps::post_event(&bot.app, &old).await.1["result"], "needs_refund");
+    let new = ps::event("evt_new", "checkout.session.completed", completed(&new_session, 1999, "usd", "paid"));
+    assert_eq!(ps::post_event(&bot.app, &new).await.1["result"], "paid");
+}
+
+#[tokio::test]
+async fn delayed_methods_wait_for_the_async_outcome() {
+    let bot = bot().await;
+    let (order_id, session) = order_to_payment_link(&bot).await;
+    let db = db(&bot.app).await;
+    let pending = ps::event("evt_u", "checkout.session.completed", completed(&session, 1999, "usd", "unpaid"));
+    assert_eq!(ps::post_event(&bot.app, &pending).await.1["result"], "awaiting_async_payment");
+    assert_eq!(order_status(&db, &order_id).await, "awaiting_payment");
+    let ok = ps::event("evt_s", "checkout.session.async_payment_succeeded", completed(&session, 1999, "usd", "paid"));
+    assert_eq!(ps::post_event(&bot.app, &ok).await.1["result"], "paid");
+    // A failure reported after success (out of order) changes nothing.
+    let failed =
+        ps::event("evt_x", "checkout.session.async_payment_failed", completed(&session, 1999, "usd", "unpaid"));
+    assert_eq!(ps::post_event(&bot.app, &failed).await.1["result"], "stale");
+    assert_eq!(order_status(&db, &order_id).await, "paid");
+}
+
+#[tokio::test]
+async fn unknown_orders_and_event_types_are_acknowledged_and_unknown_orders_recorded() {
+    let bot = bot().await;
+    let db = db(&bot.app).await;
+    let ghost =
+        ps::event("evt_g", "checkout.session.completed", ps::session("cs_ghost", "no-such-order", 1999, "usd", "paid"));
+    assert_eq!(ps::post_event(&bot.app, &ghost).await, (200, json!({"event_id": "evt_g", "result": "unknown_order"})));
+    let other =
+        json!({"id": "evt_o", "object": "event", "type": "charge.refunded", "data": {"object": {"id": "ch_1"}}});
+    assert_eq!(ps::post_event(&bot.app, &other).await.1["result"], "ignored");
+    let issues = admin_get(&bot.app, "/maintenance/payment-issues").await;
+    assert_eq!(issues["payment_issues"][0]["kind"], "unknown_order");
+    assert_eq!(issues["payment_issues"][0]["session_id"], "cs_ghost");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM orders").await, 0);
+}
+
+#[tokio::test]
+async fn with_the_database_down_the_webhook_answers_503_and_stripes_retry_succeeds_once() {
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    let stripe = FakeStripe::start().await;
+    let event = ps::event("evt_db", "checkout.session.completed", ps::session("cs_x", "o-x", 1999, "usd", "paid"));
+    {
+        let down = ps::with_stripe(wa::bot_config(&graph, &redis, false), &stripe)
+            .var("database_url", "postgres://postgres@127.0.0.1:1/astria")
+            .var("postgres_host", "127.0.0.1:1");
+        let app = wa::spawn_bot(down, &redis).await;
+        let (status, r) = ps::post_event(&app, &event).await;
+        assert_eq!((status, r["error"].as_str()), (503, Some("database unavailable")));
+        assert_eq!(app.get("/health/payment").await.status(), 503);
+    }
+    let app = wa::spawn_bot(ps::with_stripe(wa::bot_config(&graph, &redis, true), &stripe), &redis).await;
+    assert_eq!(app.get("/health/payment").await.status(), 200);
+    assert_eq!(ps::post_event(&app, &event).await.1["result"], "unknown_order");
+    assert_eq!(ps::post_event(&app, &event).await.1["result"], "duplicate", "acted on once");
+}
+
+#[tokio::test]
+async fn a_failing_stripe_is_retried_by_the_relay_and_the_link_still_goes_out_once() {
+    let stripe = FakeStripe::start().await;
+    stripe.fail_next(vec![500, 502]);
+    let bot = bot_with(stripe).await;
+    let steps = [
+        wa::text(ANA, "q1", "hi"),
+        wa::text(ANA, "q2", "pets"),
+        wa::image(ANA, "q3", &"a".repeat(64)),
+        wa::image(ANA, "q4", &"b".repeat(64)),
+        wa::text(ANA, "q5", "done"),
+    ];
+    for (i, m) in steps.into_iter().enumerate() {
+        wa::post_webhook(&bot.app, &wa::inbound(ANA, vec![m])).await;
+        bot.graph.wait_for(i + 1).await;
+    }
+    // The relay brings the event back once its backoff has passed (first after the grace).
+    let db = db(&bot.app).await;
+    for _ in 0..40 {
+        if bot.graph.requests().await.len() >= 6 {
+            break;
+        }
+        db.execute("UPDATE outbox SET next_attempt_at = 0 WHERE status <> 'done'", &[]).await.unwrap();
+        wa::relay(&bot.app).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sends = bot.graph.requests().await;
+    assert_eq!(sends.len(), 6, "{sends:#?}");
+    assert!(wa::summary(&sends[5]).starts_with("text:Pay securely here: https://checkout.stripe.com/"));
+    assert_eq!(bot.stripe.requests().len(), 3);
+    assert_eq!(bot.stripe.sessions_created(), 1);
+    assert!(bot.app.log().contains("Stripe answered 500"), "the failure is logged");
+    assert!(!bot.app.log().contains(ps::SECRET_KEY), "the key never is");
+}
