@@ -1,16 +1,19 @@
-//! maintenance-service: the outbox relay (`POST /maintenance/relay`) and, with its own issue,
-//! the weekly cleanup (`/maintenance/run`). HTTP component; a thin adapter over spin-kit.
+//! maintenance-service: the weekly cleanup (`POST /maintenance/run`), the outbox relay
+//! (`POST /maintenance/relay`) and operators' views. HTTP component; a thin adapter over the
+//! store's `cleanup` and spin-kit's relay.
 //!
-//! Both routes take `Authorization: Bearer <admin_token>`. A scheduler calls the relay every
-//! minute: a Kubernetes CronJob in production, a loop in `scripts/run.sh` for a local run.
+//! Every route but health takes `Authorization: Bearer <admin_token>`. Schedule: the cleanup on
+//! Wednesdays at 04:00 UTC, the relay every minute (Kubernetes CronJobs in production, a loop in
+//! `scripts/run.sh` for a local run). A second cleanup while one runs answers 409 and does
+//! nothing; a crashed run's lease expires after `cleanup_lease_seconds`.
 
 use astria_models::HealthReport;
+use astria_store::cleanup::{self, Retention};
 use astria_store::outbox::RelayPolicy;
-use spin_kit::db::SpinDb;
 use spin_kit::error::ApiError;
 use spin_kit::events;
 use spin_sdk::http::{Method, Request, Response};
-use spin_sdk::{http_component, variables};
+use spin_sdk::http_component;
 use subtle::ConstantTimeEq;
 
 const SERVICE: &str = "maintenance";
@@ -19,9 +22,8 @@ const SERVICE: &str = "maintenance";
 fn handle(req: Request) -> Response {
     let request_id = spin_kit::request_id(&req);
     let result = match (req.method(), req.path()) {
-        (Method::Get, "/health/maintenance") => {
-            Ok(spin_kit::health_response(&HealthReport::from_checks(SERVICE, env!("CARGO_PKG_VERSION"), vec![])))
-        }
+        (Method::Get, "/health/maintenance") => Ok(health()),
+        (Method::Post, "/maintenance/run") => authorize(&req).and_then(|()| cleanup(&request_id)),
         (Method::Post, "/maintenance/relay") => authorize(&req).and_then(|()| relay(&request_id)),
         (Method::Get, "/maintenance/dead-letters") => authorize(&req).and_then(|()| dead_letters()),
         (Method::Get, "/maintenance/payment-issues") => authorize(&req).and_then(|()| payment_issues()),
@@ -30,15 +32,13 @@ fn handle(req: Request) -> Response {
             let id = &path["/maintenance/dead-letters/".len()..path.len() - "/replay".len()];
             authorize(&req).and_then(|()| replay(id, &request_id))
         }
-        (_, "/maintenance/relay") => Err(ApiError::BadRequest("use POST".into())),
+        (_, "/maintenance/relay" | "/maintenance/run") => Err(ApiError::BadRequest("use POST".into())),
         _ => Err(ApiError::NotFound),
     };
     result.unwrap_or_else(|e| e.into_response(&request_id))
 }
 
-fn var(name: &str) -> Result<String, ApiError> {
-    variables::get(name).map_err(|e| ApiError::Internal(format!("variable {name}: {e:?}")))
-}
+use spin_kit::var;
 
 /// Bearer `admin_token`, compared in constant time. An empty token configures no access.
 fn authorize(req: &Request) -> Result<(), ApiError> {
@@ -49,6 +49,53 @@ fn authorize(req: &Request) -> Result<(), ApiError> {
         return Err(ApiError::Unauthorized);
     }
     Ok(())
+}
+
+/// Ready when the database and Redis answer (the relay needs both).
+fn health() -> Response {
+    let mut checks = vec![spin_kit::health::database()];
+    if let Ok(url) = var("redis_url") {
+        checks.push(spin_kit::health::redis(&url));
+    }
+    spin_kit::health_response(&HealthReport::from_checks(SERVICE, env!("CARGO_PKG_VERSION"), checks))
+}
+
+fn number(name: &str) -> Result<i64, ApiError> {
+    var(name)?.trim().parse().map_err(|_| ApiError::Internal(format!("{name} is not a number")))
+}
+
+/// The retention periods, in days, from the `retention_*_days` variables.
+fn retention() -> Result<Retention, ApiError> {
+    Ok(Retention {
+        webhook_ids: number("retention_webhook_ids_days")?,
+        events: number("retention_events_days")?,
+        dead_letters: number("retention_dead_letters_days")?,
+        abandoned_orders: number("retention_abandoned_orders_days")?,
+        delivered_photos: number("retention_delivered_photos_days")?,
+        messages: number("retention_messages_days")?,
+        opted_out_contacts: number("retention_opted_out_contacts_days")?,
+    })
+}
+
+/// One cleanup run under the `cleanup` lease; answers what it did.
+fn cleanup(request_id: &str) -> Result<Response, ApiError> {
+    let keep = retention()?;
+    let batch = number("cleanup_batch")?;
+    let lease_ms = number("cleanup_lease_seconds")?.saturating_mul(1000);
+    let db = open_db()?;
+    let holder = request_id.to_string();
+    if !cleanup::acquire_lease(&db, "cleanup", &holder, events::now_ms(), lease_ms)? {
+        return Err(ApiError::Conflict("a cleanup is already running".into()));
+    }
+    let started = events::now_ms();
+    let result = cleanup::run(&db, started, &keep, batch);
+    if let Err(e) = cleanup::release_lease(&db, "cleanup", &holder) {
+        spin_kit::log::warn("maintenance.cleanup", &format!("lease left to expire: {e}"));
+    }
+    let report = result?;
+    let took_ms = events::now_ms() - started;
+    spin_kit::log::info_with("maintenance.cleanup", request_id, &format!("{report:?} in {took_ms} ms"));
+    Ok(spin_kit::json_response(200, &serde_json::json!({ "report": report, "took_ms": took_ms })))
 }
 
 fn relay(request_id: &str) -> Result<Response, ApiError> {
@@ -65,11 +112,7 @@ fn relay(request_id: &str) -> Result<Response, ApiError> {
     Ok(spin_kit::json_response(200, &report))
 }
 
-fn open_db() -> Result<SpinDb, ApiError> {
-    let db = SpinDb::open(&var("database_url")?)?;
-    astria_store::migrations::ensure_migrated(&db, events::now_ms())?;
-    Ok(db)
-}
+use spin_kit::open_db;
 
 /// Events the relay gave up on, for an operator to inspect (and replay once fixed).
 fn dead_letters() -> Result<Response, ApiError> {

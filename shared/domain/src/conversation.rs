@@ -444,7 +444,8 @@ pub fn step(ctx: &Context<'_>, state: &State, inbound: &Inbound) -> Outcome {
             }
         }
         Some(Command::Pay) => match order {
-            Some(o) if o.status == OrderStatus::Expired => {
+            // Photos of long-expired orders are removed by the cleanup: then start over.
+            Some(o) if o.status == OrderStatus::Expired && o.photo_hashes.len() >= ctx.config.min_photos => {
                 let order_id = ctx.new_order_id.to_string();
                 return Outcome {
                     state: State::Order { order_id: order_id.clone() },

@@ -291,6 +291,10 @@ fn pay_after_an_expired_link_reopens_the_order_under_a_new_id() {
     assert_eq!(summary(&out), "order:T");
     let out = step(&ctx_with(&packs, &config, None), &State::Idle, &Inbound::Text("pay".into()));
     assert_eq!(summary(&out), "pack:L");
+    // An expired order whose photos the cleanup removed cannot be reopened: start over.
+    let stripped = order(OrderStatus::Expired, 0);
+    let out = step(&ctx_with(&packs, &config, Some(&stripped)), &in_order(), &Inbound::Text("pay".into()));
+    assert_eq!(summary(&out), "pack:L");
 }
 
 #[test]

@@ -10,6 +10,7 @@
 //! Portable column types only: BIGINT for integers, times (unix milliseconds) and flags, TEXT
 //! for strings and JSON.
 
+pub mod cleanup;
 pub mod messages;
 pub mod migrations;
 pub mod outbox;

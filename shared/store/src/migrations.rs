@@ -154,6 +154,18 @@ pub const MIGRATIONS: &[Migration] = &[
             "CREATE INDEX payment_issues_open ON payment_issues (resolved_at, created_at)",
         ],
     },
+    Migration {
+        version: 5,
+        name: "job leases",
+        sql: &[
+            // One row per exclusive job (the weekly cleanup): who runs it, until when.
+            "CREATE TABLE job_leases (
+            name TEXT PRIMARY KEY,
+            holder TEXT NOT NULL,
+            lease_until BIGINT NOT NULL
+        )",
+        ],
+    },
 ];
 
 /// Applies every migration not yet recorded; answers the versions it applied.

@@ -5,6 +5,7 @@ use std::cell::RefCell;
 use std::sync::{Arc, Barrier};
 
 use astria_models::{EventEnvelope, OrderStatus};
+use astria_store::cleanup;
 use astria_store::messages;
 use astria_store::migrations::{latest_version, migrate};
 use astria_store::outbox::{self, status, Attempt, RelayPolicy};
@@ -699,5 +700,211 @@ fn payment_issues_are_kept_once_per_event_for_operators() {
         repo::record_payment_issue(db.as_ref(), &unknown).unwrap();
         let open = repo::open_payment_issues(db.as_ref(), 10).unwrap();
         assert_eq!(open, vec![unknown, issue]);
+    });
+}
+
+// ------------------------------------------------------------------ cleanup
+
+const DAY: i64 = 24 * 60 * 60 * 1000;
+const NOW: i64 = 400 * DAY;
+
+fn exec(db: &dyn Db, sql: &str) {
+    db.execute(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+fn ids(db: &dyn Db, sql: &str) -> Vec<String> {
+    let mut v: Vec<String> = db.query(sql, &[]).unwrap().iter().map(|r| r.text(0).unwrap()).collect();
+    v.sort();
+    v
+}
+
+/// Records of every age and status. Ages in days before NOW.
+fn seed(db: &dyn Db) {
+    let ago = |days: i64| NOW - days * DAY;
+    for (source, id, age) in [("whatsapp", "old", 31), ("stripe", "recent", 1)] {
+        exec(db, &format!("INSERT INTO processed_webhooks VALUES ('{source}', '{id}', {})", ago(age)));
+    }
+    // outbox: (id, status, created days ago, completed days ago)
+    for (id, status, created, completed) in [
+        ("done-old", "done", 20, Some(15)),
+        ("done-recent", "done", 2, Some(1)),
+        ("pending-old", "published", 60, None),
+        ("dead-old", "dead", 91, None),
+        ("dead-recent", "dead", 10, None),
+    ] {
+        let completed = completed.map(|d| ago(d).to_string()).unwrap_or("NULL".into());
+        exec(db, &format!(
+            "INSERT INTO outbox (id, channel, event_type, envelope, correlation_id, created_at, status, attempts, next_attempt_at, completed_at)
+             VALUES ('{id}', 'c', 't', '{{}}', 'x', {}, '{status}', 1, 0, {completed})", ago(created)));
+        exec(db, &format!("INSERT INTO event_claims VALUES ('{id}', 'consumer', {})", ago(created)));
+    }
+    // contacts: (wa_id, opted out, updated days ago)
+    for (wa, opted, age) in
+        [("active", 0, 90), ("x-gone", 1, 31), ("y-paid-before", 1, 31), ("z-open-order", 1, 31), ("w-recent", 1, 5)]
+    {
+        exec(
+            db,
+            &format!(
+                "INSERT INTO contacts VALUES ('{wa}', 'Name {wa}', {opted}, {}, '{{\"state\":\"idle\"}}', {})",
+                ago(age),
+                ago(age)
+            ),
+        );
+    }
+    // orders: (id, contact, status, updated days ago), each with two photos
+    for (id, wa, status, age) in [
+        ("collecting-old", "active", "collecting_photos", 8),
+        ("awaiting-old", "active", "awaiting_payment", 8),
+        ("awaiting-recent", "active", "awaiting_payment", 1),
+        ("paid-old", "active", "paid", 60),
+        ("training-old", "active", "training", 60),
+        ("delivering-old", "active", "delivering", 60),
+        ("delivered-old", "active", "delivered", 8),
+        ("delivered-recent", "active", "delivered", 1),
+        ("cancelled-old", "active", "cancelled", 8),
+        ("cancelled-recent", "active", "cancelled", 1),
+        ("x-cancelled", "x-gone", "cancelled", 40),
+        ("y-delivered", "y-paid-before", "delivered", 40),
+        ("z-training", "z-open-order", "training", 40),
+        ("w-expired", "w-recent", "expired", 40),
+    ] {
+        exec(
+            db,
+            &format!(
+                "INSERT INTO orders (id, wa_id, pack_id, status, price_minor, currency, created_at, updated_at)
+             VALUES ('{id}', '{wa}', 'p', '{status}', 1999, 'usd', {}, {})",
+                ago(age + 1),
+                ago(age)
+            ),
+        );
+        for n in 0..2 {
+            exec(
+                db,
+                &format!(
+                    "INSERT INTO order_photos VALUES ('{id}', '{id}-h{n}', 'm', 'image/jpeg', {n}, {})",
+                    ago(age + 1)
+                ),
+            );
+        }
+    }
+    // outbound messages: (id, contact, status, updated days ago)
+    for (id, wa, status, age) in [
+        ("sent-old", "active", "sent", 31),
+        ("failed-old", "active", "failed", 31),
+        ("queued-old", "active", "queued", 31),
+        ("waiting-old", "active", "awaiting_window", 31),
+        ("sent-recent", "active", "sent", 1),
+        ("x-msg", "x-gone", "awaiting_window", 31),
+        ("w-msg", "w-recent", "sent", 5),
+    ] {
+        exec(db, &format!(
+            "INSERT INTO outbound_messages (id, wa_id, seq, kind, message, status, event_id, correlation_id, attempts, next_attempt_at, created_at, updated_at)
+             VALUES ('{id}', '{wa}', 1, 'text', '{{}}', '{status}', 'e-{id}', 'c', 0, 0, {}, {})", ago(age), ago(age)));
+    }
+    exec(db, &format!("INSERT INTO send_leases VALUES ('old-lease', 'h', {})", ago(2)));
+    exec(db, &format!("INSERT INTO send_leases VALUES ('live-lease', 'h', {})", NOW + 60_000));
+}
+
+#[test]
+fn the_cleanup_removes_exactly_what_retention_says_and_a_second_run_nothing() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 0).unwrap();
+        seed(db.as_ref());
+        let keep = cleanup::Retention::default();
+        // A batch of 2 makes every rule go round more than once.
+        let report = cleanup::run(db.as_ref(), NOW, &keep, 2).unwrap();
+        assert_eq!(
+            report,
+            cleanup::Report {
+                processed_webhooks: 1,
+                outbox_events: 1,
+                event_claims: 1,
+                dead_letters: 1,
+                orders_expired: 2,
+                // collecting-old, awaiting-old, delivered-old, cancelled-old, w-expired (unpaid and
+                // quiet), y-delivered (delivered long ago), x-cancelled (x leaves): 2 each.
+                photos_removed: 14,
+                // sent-old, failed-old; x's kept-back message.
+                messages_removed: 3,
+                contacts_removed: 1,
+                contacts_erased: 1,
+                orders_removed: 1,
+                send_leases: 1,
+            }
+        );
+        let db = db.as_ref();
+        assert_eq!(ids(db, "SELECT external_id FROM processed_webhooks"), ["recent"]);
+        assert_eq!(ids(db, "SELECT id FROM outbox"), ["dead-recent", "done-recent", "pending-old"]);
+        assert_eq!(
+            ids(db, "SELECT event_id FROM event_claims"),
+            ["dead-old", "dead-recent", "done-recent", "pending-old"]
+        );
+        assert_eq!(
+            ids(db, "SELECT id FROM orders WHERE status = 'expired'"),
+            ["awaiting-old", "collecting-old", "w-expired"]
+        );
+        assert_eq!(
+            ids(db, "SELECT DISTINCT order_id FROM order_photos"),
+            [
+                "awaiting-recent",
+                "cancelled-recent",
+                "delivered-recent",
+                "delivering-old",
+                "paid-old",
+                "training-old",
+                "z-training"
+            ],
+            "paid orders not yet delivered keep their photos"
+        );
+        for paid in ["paid-old", "training-old", "delivering-old", "z-training"] {
+            let status = ids(db, &format!("SELECT status FROM orders WHERE id = '{paid}'"));
+            assert_eq!(status.len(), 1, "{paid} kept");
+        }
+        assert_eq!(ids(db, "SELECT id FROM outbound_messages"), ["queued-old", "sent-recent", "w-msg", "waiting-old"]);
+        assert_eq!(ids(db, "SELECT wa_id FROM contacts"), ["active", "w-recent", "y-paid-before", "z-open-order"]);
+        assert_eq!(ids(db, "SELECT id FROM orders WHERE wa_id = 'x-gone'"), Vec::<String>::new());
+        let y = db.query("SELECT profile_name, conversation FROM contacts WHERE wa_id = 'y-paid-before'", &[]).unwrap();
+        assert_eq!((y[0].opt_text(0).unwrap(), y[0].text(1).unwrap()), (None, cleanup::ERASED.to_string()));
+        assert_eq!(ids(db, "SELECT id FROM orders WHERE wa_id = 'y-paid-before'"), ["y-delivered"]);
+        assert_eq!(ids(db, "SELECT wa_id FROM send_leases"), ["live-lease"]);
+
+        let again = cleanup::run(db, NOW, &keep, 2).unwrap();
+        assert!(again.is_empty(), "second run: {again:?}");
+    });
+}
+
+#[test]
+fn one_cleanup_holds_the_lease_until_it_releases_or_it_expires() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 0).unwrap();
+        assert!(cleanup::acquire_lease(db.as_ref(), "cleanup", "a", 100, 1_000).unwrap());
+        assert!(!cleanup::acquire_lease(db.as_ref(), "cleanup", "b", 500, 1_000).unwrap(), "held");
+        assert!(!cleanup::acquire_lease(db.as_ref(), "cleanup", "a", 500, 1_000).unwrap(), "not re-entrant");
+        assert!(cleanup::acquire_lease(db.as_ref(), "cleanup", "b", 1_101, 1_000).unwrap(), "a crashed: expired");
+        cleanup::release_lease(db.as_ref(), "cleanup", "a").unwrap();
+        assert!(!cleanup::acquire_lease(db.as_ref(), "cleanup", "c", 1_200, 1_000).unwrap(), "a cannot release b's");
+        cleanup::release_lease(db.as_ref(), "cleanup", "b").unwrap();
+        assert!(cleanup::acquire_lease(db.as_ref(), "cleanup", "c", 1_200, 1_000).unwrap());
+    });
+}
+
+#[test]
+fn of_concurrent_cleanups_exactly_one_gets_the_lease() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 0).unwrap();
+        let barrier = Arc::new(Barrier::new(4));
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let (db, barrier) = (connect(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    cleanup::acquire_lease(db.as_ref(), "cleanup", &format!("run{i}"), 100, 60_000).unwrap()
+                })
+            })
+            .collect();
+        assert_eq!(handles.into_iter().map(|h| h.join().unwrap()).filter(|w| *w).count(), 1);
     });
 }

@@ -1,0 +1,102 @@
+//! maintenance-service's cleanup through the whole app (devhost, PostgreSQL): the report, a
+//! second run that removes nothing, the lease that refuses a concurrent run and expires after a
+//! crash, and the admin token. Which record is kept or removed is the store's contract suite
+//! (shared/store/tests/contract.rs, on SQLite and PostgreSQL); the relay endpoint is relay.rs.
+
+use astria_tests::whatsapp as wa;
+use astria_tests::{app_manifest, spawn_app, AppConfig, TestApp};
+use serde_json::Value;
+
+const DAY: i64 = 24 * 60 * 60 * 1000;
+
+async fn run(app: &TestApp, token: Option<&str>) -> (u16, Value) {
+    let mut req = app.client.post(app.url("/maintenance/run"));
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let r = req.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+#[tokio::test]
+async fn a_cleanup_run_reports_what_it_removed_and_the_next_run_removes_nothing() {
+    let app =
+        spawn_app(AppConfig { postgres: true, ..AppConfig::new(app_manifest()) }.var("admin_token", wa::ADMIN_TOKEN))
+            .await
+            .unwrap();
+    assert_eq!(app.get("/health/maintenance").await.status(), 200, "ready; the schema is in place");
+    let (db, conn) = tokio_postgres::connect(app.database_url.as_ref().unwrap(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let old = now_ms() - 40 * DAY;
+    let recent = now_ms() - DAY;
+    for (id, at) in [("old", old), ("recent", recent)] {
+        db.execute("INSERT INTO processed_webhooks VALUES ('whatsapp', $1, $2)", &[&id, &at]).await.unwrap();
+    }
+    db.execute("INSERT INTO contacts VALUES ('4915', 'Ana', 0, $1, '{\"state\":\"idle\"}', $1)", &[&old])
+        .await
+        .unwrap();
+    for (id, status) in [("abandoned", "awaiting_payment"), ("paid", "paid")] {
+        db.execute(
+            "INSERT INTO orders (id, wa_id, pack_id, status, price_minor, currency, created_at, updated_at)
+             VALUES ($1, '4915', 'p', $2, 1999, 'usd', $3, $3)",
+            &[&id, &status, &old],
+        )
+        .await
+        .unwrap();
+        db.execute("INSERT INTO order_photos VALUES ($1, 'h', 'm', 'image/jpeg', 0, $2)", &[&id, &old]).await.unwrap();
+    }
+
+    let (status, body) = run(&app, Some(wa::ADMIN_TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    let report = &body["report"];
+    assert_eq!(
+        (report["processed_webhooks"].as_i64(), report["orders_expired"].as_i64(), report["photos_removed"].as_i64()),
+        (Some(1), Some(1), Some(1)),
+        "{body}"
+    );
+    let statuses: Vec<(String, String)> = db
+        .query("SELECT id, status FROM orders ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(statuses, [("abandoned".into(), "expired".into()), ("paid".into(), "paid".into())]);
+    let photos: i64 =
+        db.query_one("SELECT COUNT(*) FROM order_photos WHERE order_id = 'paid'", &[]).await.unwrap().get(0);
+    assert_eq!(photos, 1, "a paid order not yet delivered is never touched");
+
+    let (status, body) = run(&app, Some(wa::ADMIN_TOKEN)).await;
+    assert_eq!(status, 200);
+    assert!(body["report"].as_object().unwrap().values().all(|v| v == 0), "second run: {body}");
+}
+
+#[tokio::test]
+async fn a_second_cleanup_while_one_holds_the_lease_is_refused_until_the_lease_expires() {
+    let app =
+        spawn_app(AppConfig { postgres: true, ..AppConfig::new(app_manifest()) }.var("admin_token", wa::ADMIN_TOKEN))
+            .await
+            .unwrap();
+    assert_eq!(app.get("/health/maintenance").await.status(), 200);
+    let (db, conn) = tokio_postgres::connect(app.database_url.as_ref().unwrap(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    // A run in progress elsewhere (another replica, a CronJob retry).
+    let until = now_ms() + 600_000;
+    db.execute("INSERT INTO job_leases VALUES ('cleanup', 'other-run', $1)", &[&until]).await.unwrap();
+    let (status, body) = run(&app, Some(wa::ADMIN_TOKEN)).await;
+    assert_eq!((status, body["error"].as_str()), (409, Some("a cleanup is already running")));
+    // That run crashed; its lease lapses.
+    db.execute("UPDATE job_leases SET lease_until = $1", &[&(now_ms() - 1)]).await.unwrap();
+    assert_eq!(run(&app, Some(wa::ADMIN_TOKEN)).await.0, 200);
+    let leases: i64 = db.query_one("SELECT COUNT(*) FROM job_leases", &[]).await.unwrap().get(0);
+    assert_eq!(leases, 0, "released after the run");
+
+    for bad in [None, Some("wrong"), Some("test-admin-toke")] {
+        assert_eq!(run(&app, bad).await.0, 401, "{bad:?}");
+    }
+    assert_eq!(app.get("/maintenance/run").await.status(), 400, "POST only");
+}
