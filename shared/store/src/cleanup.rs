@@ -83,23 +83,11 @@ pub fn acquire_lease<D: Db + ?Sized>(
     now_ms: i64,
     lease_ms: i64,
 ) -> Result<bool, DbError> {
-    let n = db.execute(
-        &db.dialect().sql(
-            "INSERT INTO job_leases (name, holder, lease_until) VALUES ($1, $2, $3)
-             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, lease_until = excluded.lease_until
-             WHERE job_leases.lease_until < $4",
-        ),
-        &[Value::from(name), Value::from(holder), Value::Int(now_ms + lease_ms), Value::Int(now_ms)],
-    )?;
-    Ok(n == 1)
+    crate::lease::acquire(db, crate::lease::Kind::Job, name, holder, now_ms, lease_ms)
 }
 
 pub fn release_lease<D: Db + ?Sized>(db: &D, name: &str, holder: &str) -> Result<(), DbError> {
-    db.execute(
-        &db.dialect().sql("DELETE FROM job_leases WHERE name = $1 AND holder = $2"),
-        &[Value::from(name), Value::from(holder)],
-    )?;
-    Ok(())
+    crate::lease::release(db, crate::lease::Kind::Job, name, holder)
 }
 
 /// Statuses an order can no longer leave, and those with money taken.

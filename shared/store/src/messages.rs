@@ -138,23 +138,11 @@ pub fn acquire_lease<D: Db + ?Sized>(
     now_ms: i64,
     lease_ms: i64,
 ) -> Result<bool, DbError> {
-    let n = db.execute(
-        &db.dialect().sql(
-            "INSERT INTO send_leases (wa_id, holder, lease_until) VALUES ($1, $2, $3)
-             ON CONFLICT (wa_id) DO UPDATE SET holder = excluded.holder, lease_until = excluded.lease_until
-             WHERE send_leases.lease_until < $4 OR send_leases.holder = excluded.holder",
-        ),
-        &[Value::from(wa_id), Value::from(holder), Value::Int(now_ms + lease_ms), Value::Int(now_ms)],
-    )?;
-    Ok(n == 1)
+    crate::lease::acquire(db, crate::lease::Kind::Send, wa_id, holder, now_ms, lease_ms)
 }
 
 pub fn release_lease<D: Db + ?Sized>(db: &D, wa_id: &str, holder: &str) -> Result<(), DbError> {
-    db.execute(
-        &db.dialect().sql("DELETE FROM send_leases WHERE wa_id = $1 AND holder = $2"),
-        &[Value::from(wa_id), Value::from(holder)],
-    )?;
-    Ok(())
+    crate::lease::release(db, crate::lease::Kind::Send, wa_id, holder)
 }
 
 fn update<D: Db + ?Sized>(db: &D, set: &str, id: &str, params: &[Value]) -> Result<bool, DbError> {
