@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod astria;
 pub mod fakes;
 pub mod stripe;
 pub mod whatsapp;

@@ -67,6 +67,17 @@ pub fn image(from: &str, id: &str, sha256_hex: &str) -> Value {
     m
 }
 
+/// The bytes the fake Graph API serves for `media_id`.
+pub fn photo_bytes(media_id: &str) -> Vec<u8> {
+    format!("\u{ff}\u{d8}photo-{media_id}").into_bytes()
+}
+
+/// An image message whose sha256 matches what the fake serves for it (media id `media-{id}`).
+pub fn photo(from: &str, id: &str) -> Value {
+    use sha2::Digest;
+    image(from, id, &hex::encode(sha2::Sha256::digest(photo_bytes(&format!("media-{id}")))))
+}
+
 pub fn sticker(from: &str, id: &str) -> Value {
     let mut m = base(from, id, "sticker");
     m["sticker"] = json!({ "mime_type": "image/webp", "sha256": "00", "id": "media-sticker", "animated": false });
@@ -180,6 +191,54 @@ impl FakeGraph {
         self.server.uri()
     }
 
+    /// Serves media like WhatsApp: `GET /{version}/{media-id}` answers the download URL (on
+    /// this server) and `GET /media-bytes/{media-id}` the bytes, both only with the token. The
+    /// first `failures` lookups answer 500.
+    pub async fn serve_media(&self, failures: usize) {
+        let auth = format!("Bearer {ACCESS_TOKEN}");
+        let lookups = Arc::new(AtomicUsize::new(0));
+        let base = self.uri();
+        Mock::given(wiremock::matchers::method("GET"))
+            .and(wiremock::matchers::path_regex(format!("^/{API_VERSION}/media-[^/]+$")))
+            .and(wiremock::matchers::header("authorization", auth.as_str()))
+            .respond_with(move |req: &Request| {
+                if lookups.fetch_add(1, Ordering::SeqCst) < failures {
+                    return ResponseTemplate::new(500)
+                        .set_body_json(json!({"error": {"message": "temporary", "code": 2}}));
+                }
+                let id = req.url.path().rsplit('/').next().unwrap_or("").to_string();
+                use sha2::Digest;
+                ResponseTemplate::new(200).set_body_json(json!({
+                    "messaging_product": "whatsapp", "url": format!("{base}/media-bytes/{id}"),
+                    "mime_type": "image/jpeg", "sha256": hex::encode(sha2::Sha256::digest(photo_bytes(&id))),
+                    "file_size": photo_bytes(&id).len().to_string(), "id": id,
+                }))
+            })
+            .mount(&self.server)
+            .await;
+        Mock::given(wiremock::matchers::method("GET"))
+            .and(wiremock::matchers::path_regex("^/media-bytes/[^/]+$"))
+            .and(wiremock::matchers::header("authorization", auth.as_str()))
+            .respond_with(|req: &Request| {
+                let id = req.url.path().rsplit('/').next().unwrap_or("").to_string();
+                ResponseTemplate::new(200).insert_header("content-type", "image/jpeg").set_body_bytes(photo_bytes(&id))
+            })
+            .mount(&self.server)
+            .await;
+    }
+
+    /// Media lookups received (each photo fetch starts with one).
+    pub async fn media_lookups(&self) -> usize {
+        let prefix = format!("/{API_VERSION}/media-");
+        self.server
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| r.method.as_str() == "GET" && r.url.path().starts_with(&prefix))
+            .count()
+    }
+
     /// The next answers, in order.
     pub fn script(&self, answers: Vec<Answer>) {
         self.script.lock().unwrap().extend(answers);
@@ -190,13 +249,14 @@ impl FakeGraph {
         *self.rule.lock().unwrap() = Some(Box::new(rule));
     }
 
-    /// Every send request's JSON body, in arrival order.
+    /// Every send request's JSON body, in arrival order (media downloads left out).
     pub async fn requests(&self) -> Vec<Value> {
         self.server
             .received_requests()
             .await
             .unwrap_or_default()
             .iter()
+            .filter(|r| r.method.as_str() == "POST")
             .map(|r| serde_json::from_slice(&r.body).unwrap_or(Value::Null))
             .collect()
     }

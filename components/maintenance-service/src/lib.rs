@@ -7,7 +7,6 @@
 //! `scripts/run.sh` for a local run). A second cleanup while one runs answers 409 and does
 //! nothing; a crashed run's lease expires after `cleanup_lease_seconds`.
 
-use astria_models::HealthReport;
 use astria_store::cleanup::{self, Retention};
 use astria_store::outbox::RelayPolicy;
 use spin_kit::error::ApiError;
@@ -22,7 +21,7 @@ const SERVICE: &str = "maintenance";
 fn handle(req: Request) -> Response {
     let request_id = spin_kit::request_id(&req);
     let result = match (req.method(), req.path()) {
-        (Method::Get, "/health/maintenance") => Ok(health()),
+        (Method::Get, "/health/maintenance") => Ok(spin_kit::health::readiness(SERVICE, env!("CARGO_PKG_VERSION"))),
         (Method::Post, "/maintenance/run") => authorize(&req).and_then(|()| cleanup(&request_id)),
         (Method::Post, "/maintenance/relay") => authorize(&req).and_then(|()| relay(&request_id)),
         (Method::Get, "/maintenance/dead-letters") => authorize(&req).and_then(|()| dead_letters()),
@@ -51,15 +50,6 @@ fn authorize(req: &Request) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Ready when the database and Redis answer (the relay needs both).
-fn health() -> Response {
-    let mut checks = vec![spin_kit::health::database()];
-    if let Ok(url) = var("redis_url") {
-        checks.push(spin_kit::health::redis(&url));
-    }
-    spin_kit::health_response(&HealthReport::from_checks(SERVICE, env!("CARGO_PKG_VERSION"), checks))
-}
-
 fn number(name: &str) -> Result<i64, ApiError> {
     var(name)?.trim().parse().map_err(|_| ApiError::Internal(format!("{name} is not a number")))
 }
@@ -74,6 +64,7 @@ fn retention() -> Result<Retention, ApiError> {
         delivered_photos: number("retention_delivered_photos_days")?,
         messages: number("retention_messages_days")?,
         opted_out_contacts: number("retention_opted_out_contacts_days")?,
+        generated_images: number("retention_generated_images_days")?,
     })
 }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use astria_domain::config::{self, WhatsApp};
 use astria_domain::conversation::Message;
-use astria_domain::events::{parse_envelope, MESSAGE_SEND};
+use astria_domain::events::MESSAGE_SEND;
 use astria_domain::graph::{self, SendOutcome};
 use astria_models::MessageSend;
 use astria_store::messages::{self, NewMessage, OutboundMessage};
@@ -44,13 +44,7 @@ const WINDOW_MS: i64 = 24 * 60 * 60 * 1000;
 
 #[redis_component]
 fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
-    let event = match parse_envelope(&payload) {
-        Ok(e) => e,
-        Err(e) => {
-            log::warn("sender", &format!("dropping a message that is {e}"));
-            return Ok(());
-        }
-    };
+    let Some(event) = spin_kit::events::parse_or_drop(&payload, "sender") else { return Ok(()) };
     if event.event_type != MESSAGE_SEND {
         log::warn("sender", &format!("ignoring event type {} on the messages channel", event.event_type));
         return Ok(());

@@ -6,7 +6,6 @@
 
 mod webhook;
 
-use astria_models::HealthReport;
 use spin_kit::error::ApiError;
 use spin_sdk::http::{IncomingRequest, Method, Response};
 use spin_sdk::http_component;
@@ -21,10 +20,10 @@ async fn handle(req: IncomingRequest) -> Response {
     let path_with_query = req.path_with_query().unwrap_or_default();
     let (path, query) = path_with_query.split_once('?').unwrap_or((&path_with_query, ""));
     let result = match (req.method(), path) {
-        (Method::Get, "/health/message") => Ok(health()),
+        (Method::Get, "/health/message") => Ok(spin_kit::health::readiness(SERVICE, env!("CARGO_PKG_VERSION"))),
         (Method::Get, "/SmsReceived") => webhook::verify(query),
         (Method::Post, "/SmsReceived") => {
-            let signature = header(&req, "x-hub-signature-256");
+            let signature = spin_kit::header(&req, "x-hub-signature-256");
             match spin_kit::error::read_body(req, MAX_BODY).await {
                 Ok(body) => webhook::receive(&body, signature.as_deref(), &request_id),
                 Err(e) => Err(e),
@@ -36,25 +35,6 @@ async fn handle(req: IncomingRequest) -> Response {
     result.unwrap_or_else(|e| e.into_response(&request_id))
 }
 
-fn header(req: &IncomingRequest, name: &str) -> Option<String> {
-    req.headers().get(&name.to_string()).into_iter().next().and_then(|v| String::from_utf8(v).ok())
-}
-
 fn request_id(req: &IncomingRequest) -> String {
-    spin_kit::request_id_from(header(req, "x-request-id").as_deref())
-}
-
-/// Ready when the database answers (and is migrated) and Redis answers: replies are queued in
-/// the one and announced on the other.
-fn health() -> Response {
-    let mut checks = vec![spin_kit::health::database()];
-    match spin_kit::var("redis_url") {
-        Ok(url) => checks.push(spin_kit::health::redis(&url)),
-        Err(_) => checks.push(astria_models::DependencyCheck {
-            name: "redis".into(),
-            ok: false,
-            detail: Some("redis_url is not set".into()),
-        }),
-    }
-    spin_kit::health_response(&HealthReport::from_checks(SERVICE, env!("CARGO_PKG_VERSION"), checks))
+    spin_kit::request_id_from(spin_kit::header(req, "x-request-id").as_deref())
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use astria_domain::config::{self, StripeCheckout};
 use astria_domain::conversation::Message;
-use astria_domain::events::{parse_envelope, ORDER_AWAITING_PAYMENT};
+use astria_domain::events::ORDER_AWAITING_PAYMENT;
 use astria_domain::stripe::{self, CheckoutRequest};
 use astria_domain::texts::{fill, Texts};
 use astria_domain::Money;
@@ -32,13 +32,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[redis_component]
 fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
-    let event = match parse_envelope(&payload) {
-        Ok(e) => e,
-        Err(e) => {
-            log::warn(CONSUMER, &format!("dropping a message that is {e}"));
-            return Ok(());
-        }
-    };
+    let Some(event) = spin_kit::events::parse_or_drop(&payload, CONSUMER) else { return Ok(()) };
     if event.event_type != ORDER_AWAITING_PAYMENT {
         log::warn(CONSUMER, &format!("ignoring event type {} on the payments channel", event.event_type));
         return Ok(());

@@ -19,7 +19,7 @@ use astria_domain::order::{check_payment, PaymentCheck, RefundReason};
 use astria_domain::stripe::{self, EventKind, Session, StripeError};
 use astria_domain::texts::Texts;
 use astria_domain::Money;
-use astria_models::{HealthReport, OrderPaid, OrderStatus};
+use astria_models::{OrderPaid, OrderStatus};
 use astria_store::outbox::RelayPolicy;
 use astria_store::repo::{self, PaymentIssue};
 use astria_store::{transaction, Db};
@@ -37,13 +37,13 @@ const SOURCE: &str = "stripe";
 
 #[http_component]
 async fn handle(req: IncomingRequest) -> Response {
-    let request_id = spin_kit::request_id_from(header(&req, "x-request-id").as_deref());
+    let request_id = spin_kit::request_id_from(spin_kit::header(&req, "x-request-id").as_deref());
     let path = req.path_with_query().unwrap_or_default();
     let path = path.split('?').next().unwrap_or("").to_string();
     let result = match (req.method(), path.as_str()) {
-        (Method::Get, "/health/payment") => Ok(health()),
+        (Method::Get, "/health/payment") => Ok(spin_kit::health::readiness(SERVICE, env!("CARGO_PKG_VERSION"))),
         (Method::Post, "/payment-received") => {
-            let signature = header(&req, "stripe-signature");
+            let signature = spin_kit::header(&req, "stripe-signature");
             match spin_kit::error::read_body(req, MAX_BODY).await {
                 Ok(body) => receive(&body, signature.as_deref(), &request_id),
                 Err(e) => Err(e),
@@ -53,18 +53,6 @@ async fn handle(req: IncomingRequest) -> Response {
         _ => Err(ApiError::NotFound),
     };
     result.unwrap_or_else(|e| e.into_response(&request_id))
-}
-
-fn header(req: &IncomingRequest, name: &str) -> Option<String> {
-    req.headers().get(&name.to_string()).into_iter().next().and_then(|v| String::from_utf8(v).ok())
-}
-
-fn health() -> Response {
-    let mut checks = vec![spin_kit::health::database()];
-    if let Ok(url) = var("redis_url") {
-        checks.push(spin_kit::health::redis(&url));
-    }
-    spin_kit::health_response(&HealthReport::from_checks(SERVICE, env!("CARGO_PKG_VERSION"), checks))
 }
 
 /// What the webhook did with one event (the response body; Stripe ignores it).

@@ -182,6 +182,81 @@ pub fn stripe_webhook_tolerance(src: &impl Source) -> Result<i64, ConfigError> {
     }
 }
 
+/// What fetching the customer's photos from WhatsApp needs: `whatsapp_api_url`,
+/// `whatsapp_api_version`, `whatsapp_access_token`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WhatsAppMedia {
+    pub api_url: String,
+    pub api_version: String,
+    pub access_token: String,
+}
+
+impl std::fmt::Debug for WhatsAppMedia {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WhatsAppMedia").field("api_url", &self.api_url).finish_non_exhaustive()
+    }
+}
+
+impl WhatsAppMedia {
+    /// `GET` here for a media id's download URL.
+    pub fn lookup_url(&self, media_id: &str) -> String {
+        format!("{}/{}/{}", self.api_url, self.api_version, media_id)
+    }
+}
+
+pub fn whatsapp_media(src: &impl Source) -> Result<WhatsAppMedia, ConfigError> {
+    Ok(WhatsAppMedia {
+        api_url: base_url(src, "whatsapp_api_url")?,
+        api_version: required(src, "whatsapp_api_version")?.trim().to_string(),
+        access_token: required(src, "whatsapp_access_token")?,
+    })
+}
+
+/// The image-service's Astria settings: `astria_api_url`, `astria_api_key`, `astria_test_mode`,
+/// `callback_secret`, `public_base_url`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Astria {
+    pub api_url: String,
+    /// Secret; never logged (Debug leaves it out).
+    pub api_key: String,
+    /// `tune[branch]=fast`: Astria's free mock training.
+    pub test_mode: bool,
+    /// Secret; signs our callback URLs.
+    pub callback_secret: String,
+    /// Where Astria reaches our callbacks, `https://bot.example.com`.
+    pub public_base_url: String,
+}
+
+impl std::fmt::Debug for Astria {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Astria")
+            .field("api_url", &self.api_url)
+            .field("test_mode", &self.test_mode)
+            .field("public_base_url", &self.public_base_url)
+            .finish_non_exhaustive()
+    }
+}
+
+pub fn astria(src: &impl Source) -> Result<Astria, ConfigError> {
+    let test_mode = match src.get("astria_test_mode").unwrap_or_default().trim() {
+        "" | "false" | "0" => false,
+        "true" | "1" => true,
+        other => {
+            return Err(ConfigError::Invalid {
+                name: "astria_test_mode",
+                reason: format!("'{other}' is not true/false"),
+            })
+        }
+    };
+    Ok(Astria {
+        api_url: base_url(src, "astria_api_url")?,
+        api_key: required(src, "astria_api_key")?,
+        test_mode,
+        callback_secret: required(src, "callback_secret")?,
+        public_base_url: base_url(src, "public_base_url")?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +343,26 @@ mod tests {
         assert!(stripe_checkout(&vars("60", "wa.me/1")).is_err());
         assert_eq!(stripe_webhook_tolerance(&src(&[])).unwrap(), 300);
         assert_eq!(stripe_webhook_tolerance(&src(&[("stripe_webhook_tolerance_seconds", "60")])).unwrap(), 60);
+    }
+
+    #[test]
+    fn astria_settings_are_read_and_secrets_kept_out_of_debug() {
+        let vars = |mode: &str| {
+            src(&[
+                ("astria_api_url", "https://api.astria.ai"),
+                ("astria_api_key", "sd_secret"),
+                ("astria_test_mode", mode),
+                ("callback_secret", "cb_secret"),
+                ("public_base_url", "https://bot.example.com/"),
+            ])
+        };
+        let a = astria(&vars("true")).unwrap();
+        assert!(a.test_mode);
+        assert_eq!(a.public_base_url, "https://bot.example.com");
+        let debug = format!("{a:?}");
+        assert!(!debug.contains("sd_secret") && !debug.contains("cb_secret"));
+        assert!(!astria(&vars("")).unwrap().test_mode);
+        assert!(astria(&vars("maybe")).is_err());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! Components parse external input into these types at the edge, ask the domain what to do,
 //! and perform the I/O it decides. Everything here is pure and tested natively.
 
+pub mod astria;
 pub mod config;
 pub mod conversation;
 pub mod events;

@@ -17,7 +17,9 @@ mod generated {
 }
 
 pub use generated::astria_bot::models::domain::{Contact, GeneratedImage, Money, Order, OrderStatus, Pack, Photo};
-pub use generated::astria_bot::models::events::{EventEnvelope, MessageSend, OrderAwaitingPayment, OrderPaid};
+pub use generated::astria_bot::models::events::{
+    EventEnvelope, MessageSend, OrderAwaitingPayment, OrderPaid, TuneTrained,
+};
 pub use generated::astria_bot::models::health::{DependencyCheck, HealthReport, HealthStatus};
 
 impl HealthReport {

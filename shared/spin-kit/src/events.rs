@@ -94,6 +94,18 @@ fn leave_to_relay<D: Db + ?Sized>(db: &D, pending: &[Pending]) {
     }
 }
 
+/// Parses a Redis message into an event, or logs why it is dropped (redelivery cannot repair
+/// it; a real event is safe in the outbox whatever happens here).
+pub fn parse_or_drop(payload: &[u8], consumer: &str) -> Option<EventEnvelope> {
+    match astria_domain::events::parse_envelope(payload) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            crate::log::warn(consumer, &format!("dropping a message that is {e}"));
+            None
+        }
+    }
+}
+
 /// What happened to one consumed message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Consumed {

@@ -7,6 +7,7 @@ pub mod db;
 pub mod error;
 pub mod events;
 pub mod http_client;
+pub mod images;
 pub mod log;
 pub mod messages;
 
@@ -72,9 +73,30 @@ pub fn open_db() -> Result<db::SpinDb, error::ApiError> {
     Ok(db)
 }
 
+/// A header of an `IncomingRequest`, as text.
+pub fn header(req: &spin_sdk::http::IncomingRequest, name: &str) -> Option<String> {
+    req.headers().get(&name.to_string()).into_iter().next().and_then(|v| String::from_utf8(v).ok())
+}
+
 /// Readiness checks for `GET /health/<service>`.
 pub mod health {
-    use astria_models::DependencyCheck;
+    use astria_models::{DependencyCheck, HealthReport};
+
+    /// The readiness answer of a service that needs its database and Redis (every service:
+    /// each writes events to the one and announces them on the other): 200, or 503 naming
+    /// what is down.
+    pub fn readiness(service: &str, version: &str) -> spin_sdk::http::Response {
+        let mut checks = vec![database()];
+        match crate::var("redis_url") {
+            Ok(url) => checks.push(redis(&url)),
+            Err(_) => checks.push(DependencyCheck {
+                name: "redis".into(),
+                ok: false,
+                detail: Some("redis_url is not set".into()),
+            }),
+        }
+        crate::health_response(&HealthReport::from_checks(service, version, checks))
+    }
 
     fn check(name: &str, result: Result<(), String>) -> DependencyCheck {
         DependencyCheck { name: name.to_string(), ok: result.is_ok(), detail: result.err() }

@@ -9,7 +9,8 @@
 //!   `abandoned_orders`) become `expired`; photo references of expired and cancelled orders
 //!   untouched for `abandoned_orders`, and of delivered orders older than `delivered_photos`,
 //!   are removed;
-//! - sent and failed outbound messages older than `messages`;
+//! - sent and failed outbound messages older than `messages`; generated image URLs older than
+//!   `generated_images` (Astria deletes the images after 30 days);
 //! - contacts who opted out and have no open order, untouched for `opted_out_contacts`: their
 //!   messages and unpaid orders go, and the contact too unless a paid order (a financial
 //!   record) still names it, in which case only its name and conversation are erased.
@@ -36,6 +37,8 @@ pub struct Retention {
     pub delivered_photos: i64,
     pub messages: i64,
     pub opted_out_contacts: i64,
+    /// Astria deletes generated images 30 days after training; their URLs are dead after.
+    pub generated_images: i64,
 }
 
 impl Default for Retention {
@@ -48,6 +51,7 @@ impl Default for Retention {
             delivered_photos: 7,
             messages: 30,
             opted_out_contacts: 30,
+            generated_images: 30,
         }
     }
 }
@@ -66,6 +70,7 @@ pub struct Report {
     pub contacts_erased: u64,
     pub orders_removed: u64,
     pub send_leases: u64,
+    pub generated_images: u64,
 }
 
 impl Report {
@@ -231,6 +236,14 @@ pub fn run<D: Db + ?Sized>(db: &D, now_ms: i64, keep: &Retention, batch: i64) ->
                  AND EXISTS (SELECT 1 FROM orders o WHERE o.wa_id = g.wa_id AND o.status IN {PAID_RECORD}) LIMIT $2)"
         ),
         &[contact_cutoff],
+        batch,
+    )?;
+
+    r.generated_images = in_batches(
+        db,
+        "DELETE FROM generated_images WHERE (order_id, url) IN
+            (SELECT order_id, url FROM generated_images WHERE created_at < $1 LIMIT $2)",
+        &[before(keep.generated_images)],
         batch,
     )?;
 

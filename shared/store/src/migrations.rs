@@ -166,6 +166,33 @@ pub const MIGRATIONS: &[Migration] = &[
         )",
         ],
     },
+    Migration {
+        version: 6,
+        name: "Astria tunes, prompts and generated images",
+        sql: &[
+            // When Astria reported the tune trained, and how many prompts its pack has.
+            "ALTER TABLE orders ADD COLUMN tune_trained_at BIGINT",
+            "ALTER TABLE orders ADD COLUMN prompts_expected BIGINT",
+            // Each prompt of an order's tune that Astria reported; `done` once it finished.
+            "CREATE TABLE astria_prompts (
+            order_id TEXT NOT NULL,
+            prompt_id BIGINT NOT NULL,
+            image_count BIGINT NOT NULL,
+            done BIGINT NOT NULL,
+            received_at BIGINT NOT NULL,
+            PRIMARY KEY (order_id, prompt_id)
+        )",
+            // Each generated image, once: the primary key is what makes delivery exactly-once.
+            "CREATE TABLE generated_images (
+            order_id TEXT NOT NULL,
+            url TEXT NOT NULL,
+            prompt_id BIGINT NOT NULL,
+            message_id TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            PRIMARY KEY (order_id, url)
+        )",
+        ],
+    },
 ];
 
 /// Applies every migration not yet recorded; answers the versions it applied.

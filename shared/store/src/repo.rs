@@ -234,6 +234,16 @@ pub fn add_photo<D: Db + ?Sized>(db: &D, order_id: &str, photo: &Photo, now_ms: 
     Ok(n == 1)
 }
 
+/// Locks the order's row until the transaction ends (PostgreSQL; SQLite's write transaction
+/// already excludes other writers), so that decisions read from several rows, like "was this
+/// the last prompt?", are made one at a time per order.
+pub fn lock_order<D: Db + ?Sized>(db: &D, id: &str) -> Result<(), DbError> {
+    if db.dialect() == crate::Dialect::Postgres {
+        db.query("SELECT id FROM orders WHERE id = $1 FOR UPDATE", &[Value::from(id)])?;
+    }
+    Ok(())
+}
+
 /// Stores the order's Checkout session, once: `false` if it has one already or no longer
 /// awaits payment.
 pub fn set_checkout<D: Db + ?Sized>(

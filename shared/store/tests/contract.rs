@@ -6,6 +6,7 @@ use std::sync::{Arc, Barrier};
 
 use astria_models::{EventEnvelope, OrderStatus};
 use astria_store::cleanup;
+use astria_store::images;
 use astria_store::messages;
 use astria_store::migrations::{latest_version, migrate};
 use astria_store::outbox::{self, status, Attempt, RelayPolicy};
@@ -801,6 +802,9 @@ fn seed(db: &dyn Db) {
             "INSERT INTO outbound_messages (id, wa_id, seq, kind, message, status, event_id, correlation_id, attempts, next_attempt_at, created_at, updated_at)
              VALUES ('{id}', '{wa}', 1, 'text', '{{}}', '{status}', 'e-{id}', 'c', 0, 0, {}, {})", ago(age), ago(age)));
     }
+    for (url, age) in [("https://mp.astria.ai/old.jpg", 31), ("https://mp.astria.ai/new.jpg", 29)] {
+        exec(db, &format!("INSERT INTO generated_images VALUES ('delivered-old', '{url}', 1, 'm', {})", ago(age)));
+    }
     exec(db, &format!("INSERT INTO send_leases VALUES ('old-lease', 'h', {})", ago(2)));
     exec(db, &format!("INSERT INTO send_leases VALUES ('live-lease', 'h', {})", NOW + 60_000));
 }
@@ -831,6 +835,7 @@ fn the_cleanup_removes_exactly_what_retention_says_and_a_second_run_nothing() {
                 contacts_erased: 1,
                 orders_removed: 1,
                 send_leases: 1,
+                generated_images: 1,
             }
         );
         let db = db.as_ref();
@@ -868,6 +873,7 @@ fn the_cleanup_removes_exactly_what_retention_says_and_a_second_run_nothing() {
         assert_eq!((y[0].opt_text(0).unwrap(), y[0].text(1).unwrap()), (None, cleanup::ERASED.to_string()));
         assert_eq!(ids(db, "SELECT id FROM orders WHERE wa_id = 'y-paid-before'"), ["y-delivered"]);
         assert_eq!(ids(db, "SELECT wa_id FROM send_leases"), ["live-lease"]);
+        assert_eq!(ids(db, "SELECT url FROM generated_images"), ["https://mp.astria.ai/new.jpg"]);
 
         let again = cleanup::run(db, NOW, &keep, 2).unwrap();
         assert!(again.is_empty(), "second run: {again:?}");
@@ -906,5 +912,29 @@ fn of_concurrent_cleanups_exactly_one_gets_the_lease() {
             })
             .collect();
         assert_eq!(handles.into_iter().map(|h| h.join().unwrap()).filter(|w| *w).count(), 1);
+    });
+}
+
+#[test]
+fn prompts_only_grow_and_each_image_is_recorded_once() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 0).unwrap();
+        repo::touch_contact(db.as_ref(), "16505551234", None, 1).unwrap();
+        repo::create_order(db.as_ref(), &new_order("o1", &usd(1999)), 10).unwrap();
+        let db = db.as_ref();
+        assert!(!images::progress(db, "o1").unwrap().complete());
+        images::record_prompt(db, "o1", 1, 2, true, 20).unwrap();
+        images::record_prompt(db, "o1", 1, 0, false, 21).unwrap(); // a stale report
+        assert!(images::add_image(db, "o1", "https://x/1.jpg", 1, "m1", 22).unwrap());
+        assert!(!images::add_image(db, "o1", "https://x/1.jpg", 1, "m2", 23).unwrap(), "once");
+        images::set_prompts_expected(db, "o1", 2).unwrap();
+        images::set_prompts_expected(db, "o1", 1).unwrap(); // never shrinks
+        let p = images::progress(db, "o1").unwrap();
+        assert_eq!((p.prompts_expected, p.prompts_done, p.images, p.trained), (Some(2), 1, 1, false));
+        images::mark_trained(db, "o1", 30).unwrap();
+        assert!(!images::mark_trained(db, "o1", 31).unwrap(), "once");
+        images::record_prompt(db, "o1", 2, 0, true, 32).unwrap();
+        assert!(images::progress(db, "o1").unwrap().complete());
     });
 }

@@ -1,0 +1,327 @@
+//! image-trainer: part of image-service. A Redis-trigger component on `astria.orders`:
+//! - `order.paid`: fetches the order's photos from WhatsApp (checked against their sha256,
+//!   held in memory for the one request, never stored), creates the Astria pack tune
+//!   (`tune[title]` = order id, Astria's idempotency key; callback URLs with the order's
+//!   token), stores the tune, moves the order to training and tells the customer;
+//! - `tune.trained`: fetches the tune's prompt list, so the order knows how many prompts to
+//!   wait for, and delivers what is already there through the same path as the callbacks.
+//!
+//! One replica works on an order at a time (a job lease per order); the others leave the
+//! event to it. Astria 5xx/504/429, timeouts and WhatsApp download failures leave the event
+//! uncompleted and due again after a backoff (the relay brings it back; the same title keeps
+//! Astria from training twice). Astria 401/402/422 or a missing photo are final: the order
+//! fails, the customer is told, and the payment is flagged for a refund.
+
+use std::time::Duration;
+
+use astria_domain::astria::{self, Answer, FilePart, TuneRequest};
+use astria_domain::config::{self, Astria, WhatsAppMedia};
+use astria_domain::conversation::Message;
+use astria_domain::events::{ORDER_PAID, TUNE_TRAINED};
+use astria_domain::texts::Texts;
+use astria_models::{EventEnvelope, Order, OrderPaid, OrderStatus, Photo, TuneTrained};
+use astria_store::outbox::{self, RelayPolicy};
+use astria_store::repo::{self, PaymentIssue};
+use astria_store::{images, lease, transaction, DbError};
+use spin_kit::db::SpinDb;
+use spin_kit::events::{self, now_ms, Pending};
+use spin_kit::http_client::{self, HttpError};
+use spin_kit::{log, var, SpinVars};
+use spin_sdk::redis_component;
+
+const CONSUMER: &str = "image-trainer";
+/// Uploading photos to Astria can take a while; Astria itself gives up after 30 s (504).
+const ASTRIA_TIMEOUT: Duration = Duration::from_secs(60);
+const MEDIA_TIMEOUT: Duration = Duration::from_secs(20);
+/// WhatsApp images are at most 5 MB; allow some slack, refuse anything absurd.
+const MAX_PHOTO: usize = 16 * 1024 * 1024;
+/// How long one replica may work on an order before another may take over.
+const LEASE_MS: i64 = 10 * 60_000;
+
+#[redis_component]
+fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
+    let Some(event) = spin_kit::events::parse_or_drop(&payload, CONSUMER) else { return Ok(()) };
+    let db = spin_kit::open_db().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    match event.event_type.as_str() {
+        ORDER_PAID => match serde_json::from_str::<OrderPaid>(&event.payload) {
+            Ok(p) => train(&db, &event, &p.order_id)?,
+            Err(e) => log::warn(CONSUMER, &format!("dropping {} with an unreadable payload: {e}", event.id)),
+        },
+        TUNE_TRAINED => match serde_json::from_str::<TuneTrained>(&event.payload) {
+            Ok(t) => fetch_prompts(&db, &event, &t)?,
+            Err(e) => log::warn(CONSUMER, &format!("dropping {} with an unreadable payload: {e}", event.id)),
+        },
+        other => log::warn(CONSUMER, &format!("ignoring event type {other} on the orders channel")),
+    }
+    Ok(())
+}
+
+/// Why a step did not succeed.
+enum Failure {
+    /// Try again later.
+    Retry(String),
+    /// Retrying cannot help.
+    Final(String),
+}
+
+fn fail_config(e: impl std::fmt::Display) -> Failure {
+    // A configuration error is the operator's to fix; the event waits (and dead-letters).
+    Failure::Retry(format!("configuration: {e}"))
+}
+
+/// Completes an event that needs no work (the order moved on, or is gone).
+fn skip(db: &SpinDb, event: &EventEnvelope) -> Result<(), DbError> {
+    transaction(db, |db| {
+        outbox::claim(db, &event.id, CONSUMER, now_ms())?;
+        outbox::complete(db, &event.id, now_ms())
+    })
+}
+
+/// Leaves the event for the relay to bring back after a backoff.
+fn retry_later(db: &SpinDb, event: &EventEnvelope, what: &str, detail: &str) -> Result<(), DbError> {
+    let attempts = outbox::get(db, &event.id)?.map(|e| e.attempts).unwrap_or(1);
+    let delay = RelayPolicy::default().backoff_ms(attempts);
+    outbox::due_at(db, &event.id, now_ms() + delay)?;
+    log::warn(CONSUMER, &format!("{what} will be retried in {delay} ms: {detail}"));
+    Ok(())
+}
+
+fn publish(db: &SpinDb, pending: &[Pending]) {
+    if let Ok(url) = var("redis_url") {
+        events::publish(db, &url, pending);
+    }
+}
+
+fn texts() -> Texts {
+    var("texts_json").ok().and_then(|j| Texts::from_json_overrides(&j).ok()).unwrap_or_default()
+}
+
+fn train(db: &SpinDb, event: &EventEnvelope, order_id: &str) -> Result<(), DbError> {
+    let Some(order) = repo::get_order(db, order_id)?.filter(|o| o.status == OrderStatus::Paid) else {
+        return skip(db, event);
+    };
+    let holder = uuid::Uuid::new_v4().to_string();
+    let key = format!("train:{order_id}");
+    if !lease::acquire(db, lease::Kind::Job, &key, &holder, now_ms(), LEASE_MS)? {
+        return Ok(()); // Another replica is on it; the relay covers a crash.
+    }
+    let result = create_tune(&order);
+    let booked = match result {
+        Ok(tune_id) => start_training(db, event, &order, tune_id),
+        Err(Failure::Retry(detail)) => retry_later(db, event, &format!("training order {order_id}"), &detail),
+        Err(Failure::Final(detail)) => fail_order(db, event, &order, &detail),
+    };
+    if let Err(e) = lease::release(db, lease::Kind::Job, &key, &holder) {
+        log::warn(CONSUMER, &format!("lease left to expire: {e}"));
+    }
+    booked
+}
+
+fn start_training(db: &SpinDb, event: &EventEnvelope, order: &Order, tune_id: u64) -> Result<(), DbError> {
+    let pending = transaction(db, |db| {
+        if !outbox::claim(db, &event.id, CONSUMER, now_ms())? {
+            return Ok(vec![]);
+        }
+        let mut pending = vec![];
+        if images::start_training(db, &order.id, tune_id, now_ms())? {
+            let news = Message::text(texts().training);
+            pending.push(spin_kit::messages::queue(db, &order.wa_id, &news, 0, &event.correlation_id)?);
+        }
+        outbox::complete(db, &event.id, now_ms())?;
+        Ok::<_, DbError>(pending)
+    })?;
+    log::info_with("astria.tune", &event.correlation_id, &format!("order {} training as tune {tune_id}", order.id));
+    publish(db, &pending);
+    Ok(())
+}
+
+/// A final failure after payment: the order fails, the customer is told, the money is flagged.
+fn fail_order(db: &SpinDb, event: &EventEnvelope, order: &Order, detail: &str) -> Result<(), DbError> {
+    log::error_with("astria.failed", &event.correlation_id, &format!("order {}: {detail}", order.id));
+    let pending = transaction(db, |db| {
+        if !outbox::claim(db, &event.id, CONSUMER, now_ms())? {
+            return Ok(vec![]);
+        }
+        let mut pending = vec![];
+        if repo::set_order_status(db, &order.id, OrderStatus::Paid, OrderStatus::Failed, now_ms())? {
+            repo::record_payment_issue(
+                db,
+                &PaymentIssue {
+                    event_id: event.id.clone(),
+                    kind: "needs_refund".into(),
+                    order_id: Some(order.id.clone()),
+                    session_id: order.checkout_session_id.clone(),
+                    payment_intent: None,
+                    amount: order.paid.clone(),
+                    detail: format!("training failed: {detail}"),
+                    created_at: now_ms(),
+                },
+            )?;
+            let sorry = Message::text(texts().failed);
+            pending.push(spin_kit::messages::queue(db, &order.wa_id, &sorry, 0, &event.correlation_id)?);
+        }
+        outbox::complete(db, &event.id, now_ms())?;
+        Ok::<_, DbError>(pending)
+    })?;
+    publish(db, &pending);
+    Ok(())
+}
+
+fn transient(e: &HttpError) -> Failure {
+    Failure::Retry(e.to_string())
+}
+
+/// Fetches one photo: its download URL, then the bytes, checked against WhatsApp's sha256.
+fn download(media: &WhatsAppMedia, photo: &Photo) -> Result<Vec<u8>, Failure> {
+    let auth = format!("Bearer {}", media.access_token);
+    let get = |url: &str, max: usize| {
+        http_client::send(&http_client::Request {
+            method: "GET",
+            url,
+            headers: &[("authorization", &auth)],
+            body: &[],
+            timeout: MEDIA_TIMEOUT,
+            max_response: max,
+        })
+    };
+    let info = get(&media.lookup_url(&photo.media_id), 64 * 1024).map_err(|e| transient(&e))?;
+    match info.status {
+        200..=299 => {}
+        // The media id expired or never existed: this photo is gone.
+        400 | 404 => return Err(Failure::Final(format!("photo {} is no longer at WhatsApp", photo.media_id))),
+        s => return Err(Failure::Retry(format!("media lookup answered HTTP {s}"))),
+    }
+    let info = astria::parse_media_info(&info.body).map_err(|e| Failure::Retry(e.to_string()))?;
+    let bytes = get(&info.url, MAX_PHOTO).map_err(|e| transient(&e))?;
+    if !(200..300).contains(&bytes.status) {
+        return Err(Failure::Retry(format!("media download answered HTTP {}", bytes.status)));
+    }
+    if !astria::sha256_matches(&bytes.body, &photo.sha256) {
+        return Err(Failure::Retry(format!("photo {} does not match its sha256", photo.media_id)));
+    }
+    Ok(bytes.body)
+}
+
+/// Downloads the photos and creates the tune; answers its id.
+fn create_tune(order: &Order) -> Result<u64, Failure> {
+    let cfg: Astria = config::astria(&SpinVars).map_err(fail_config)?;
+    let media = config::whatsapp_media(&SpinVars).map_err(fail_config)?;
+    let packs = config::catalogue(&SpinVars).map_err(fail_config)?;
+    let Some(pack) = packs.iter().find(|p| p.id == order.pack_id) else {
+        return Err(Failure::Final(format!("pack {} is no longer in the catalogue", order.pack_id)));
+    };
+    let subject = order.subject_class.clone().unwrap_or_else(|| pack.subject_classes[0].clone());
+    let photos = order.photos.iter().map(|p| download(&media, p)).collect::<Result<Vec<_>, _>>()?;
+
+    let tune_callback =
+        astria::callback_url(&cfg.public_base_url, "/pack-tune-received", &cfg.callback_secret, &order.id);
+    let prompt_callback = astria::callback_url(&cfg.public_base_url, "/update-images", &cfg.callback_secret, &order.id);
+    let request = TuneRequest {
+        order_id: &order.id,
+        subject_class: &subject,
+        tune_callback: &tune_callback,
+        prompt_callback: &prompt_callback,
+        fast: cfg.test_mode,
+    };
+    let names: Vec<String> =
+        (0..photos.len()).map(|i| format!("{i}.{}", extension(&order.photos[i].mime_type))).collect();
+    let files: Vec<FilePart<'_>> = photos
+        .iter()
+        .zip(&order.photos)
+        .zip(&names)
+        .map(|((bytes, photo), name)| FilePart {
+            field: "tune[images][]",
+            filename: name,
+            content_type: &photo.mime_type,
+            bytes,
+        })
+        .collect();
+    let boundary = format!("astria-{}", uuid::Uuid::new_v4().simple());
+    let body = astria::multipart(&boundary, &astria::tune_fields(&request), &files);
+    let auth = format!("Bearer {}", cfg.api_key);
+    let content_type = format!("multipart/form-data; boundary={boundary}");
+    let url = format!("{}/p/{}/tunes", cfg.api_url, pack.astria_pack_id);
+    let answer = http_client::send(&http_client::Request {
+        method: "POST",
+        url: &url,
+        headers: &[("authorization", &auth), ("content-type", &content_type)],
+        body: &body,
+        timeout: ASTRIA_TIMEOUT,
+        max_response: 1024 * 1024,
+    })
+    .map_err(|e| transient(&e))?;
+    match astria::classify(answer.status, &answer.body, astria::parse_tune) {
+        Answer::Ok(tune) => Ok(tune.id),
+        Answer::Retry(d) => Err(Failure::Retry(format!("Astria: {d}"))),
+        Answer::Rejected(d) => Err(Failure::Final(format!("Astria refused the tune: {d}"))),
+    }
+}
+
+fn extension(mime: &str) -> &'static str {
+    if mime == "image/png" {
+        "png"
+    } else {
+        "jpg"
+    }
+}
+
+/// After the tune callback: learn the prompt list, deliver what is ready.
+fn fetch_prompts(db: &SpinDb, event: &EventEnvelope, t: &TuneTrained) -> Result<(), DbError> {
+    let Some(order) = repo::get_order(db, &t.order_id)?
+        .filter(|o| matches!(o.status, OrderStatus::Training | OrderStatus::Delivering))
+    else {
+        return skip(db, event);
+    };
+    let cfg = match config::astria(&SpinVars) {
+        Ok(c) => c,
+        Err(e) => return retry_later(db, event, "fetching prompts", &e.to_string()),
+    };
+    let auth = format!("Bearer {}", cfg.api_key);
+    let url = format!("{}/tunes/{}/prompts", cfg.api_url, t.tune_id);
+    let answer = http_client::send(&http_client::Request {
+        method: "GET",
+        url: &url,
+        headers: &[("authorization", &auth)],
+        body: &[],
+        timeout: MEDIA_TIMEOUT,
+        max_response: 4 * 1024 * 1024,
+    });
+    let prompts = match answer.map(|a| astria::classify(a.status, &a.body, astria::parse_prompts)) {
+        Ok(Answer::Ok(p)) => p,
+        Ok(Answer::Retry(d)) => return retry_later(db, event, "fetching prompts", &d),
+        Err(e) => return retry_later(db, event, "fetching prompts", &e.to_string()),
+        Ok(Answer::Rejected(d)) => {
+            log::error_with("astria.prompts", &event.correlation_id, &format!("order {}: {d}", order.id));
+            return skip(db, event);
+        }
+    };
+    let done_text = texts().delivered_offer_more;
+    let pending = transaction(db, |db| {
+        if !outbox::claim(db, &event.id, CONSUMER, now_ms())? {
+            return Ok(vec![]);
+        }
+        repo::lock_order(db, &order.id)?;
+        images::set_prompts_expected(db, &order.id, prompts.len() as i64)?;
+        let mut pending = vec![];
+        let mut current = order.clone();
+        for p in &prompts {
+            let d = spin_kit::images::record_prompt(db, &current, p, &done_text, &event.correlation_id)?;
+            if d.new_images > 0 && current.status == OrderStatus::Training {
+                current.status = OrderStatus::Delivering;
+            }
+            pending.extend(d.pending);
+        }
+        spin_kit::images::finish_if_complete(
+            db,
+            &order.id,
+            &order.wa_id,
+            &done_text,
+            &event.correlation_id,
+            &mut pending,
+        )?;
+        outbox::complete(db, &event.id, now_ms())?;
+        Ok::<_, DbError>(pending)
+    })?;
+    publish(db, &pending);
+    Ok(())
+}

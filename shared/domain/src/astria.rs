@@ -1,0 +1,289 @@
+//! Astria (api.astria.ai), parsed at the edge: callback tokens, tune and prompt objects (bare or
+//! wrapped), the multipart request that trains a pack tune, and what an answer means. Also the
+//! WhatsApp media lookup that fetches the customer's photos for it. Pure: the image-service
+//! components do the I/O.
+
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AstriaError {
+    #[error("malformed Astria object: {0}")]
+    Malformed(String),
+}
+
+/// The token in our callback URLs: Astria does not sign callbacks, so each order's URLs carry
+/// HMAC-SHA256(`callback_secret`, "astria-callback:{order_id}"), hex.
+pub fn callback_token(secret: &str, order_id: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(b"astria-callback:");
+    mac.update(order_id.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Checks a callback's token in constant time. An empty secret never verifies.
+pub fn verify_callback_token(secret: &str, order_id: &str, token: &str) -> bool {
+    if secret.is_empty() {
+        return false;
+    }
+    let Ok(given) = hex::decode(token) else { return false };
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(b"astria-callback:");
+    mac.update(order_id.as_bytes());
+    mac.verify_slice(&given).is_ok()
+}
+
+/// `{base}{path}?order={id}&token={token}`.
+pub fn callback_url(public_base_url: &str, path: &str, secret: &str, order_id: &str) -> String {
+    let query = form_urlencoded::Serializer::new(String::new())
+        .append_pair("order", order_id)
+        .append_pair("token", &callback_token(secret, order_id))
+        .finish();
+    format!("{}{path}?{query}", public_base_url.trim_end_matches('/'))
+}
+
+/// A tune, as far as the bot cares.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Tune {
+    pub id: u64,
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub trained_at: Option<String>,
+}
+
+/// A prompt and the images it produced so far.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Prompt {
+    pub id: u64,
+    #[serde(default)]
+    pub tune_id: Option<u64>,
+    #[serde(default)]
+    pub trained_at: Option<String>,
+    #[serde(default)]
+    pub images: Vec<String>,
+}
+
+impl Prompt {
+    /// Astria is done with it (it may have produced fewer images than asked, even none).
+    pub fn is_done(&self) -> bool {
+        self.trained_at.is_some() || !self.images.is_empty()
+    }
+}
+
+/// The object itself, or wrapped as `{"<key>": {...}}` (Astria's starter reads callbacks
+/// wrapped; the API docs show them bare: both are accepted).
+fn unwrap_object<T: serde::de::DeserializeOwned>(raw: &[u8], key: &str) -> Result<T, AstriaError> {
+    let value: serde_json::Value = serde_json::from_slice(raw).map_err(|e| AstriaError::Malformed(e.to_string()))?;
+    let object = match value.get(key) {
+        Some(inner) if inner.is_object() => inner.clone(),
+        _ => value,
+    };
+    serde_json::from_value(object).map_err(|e| AstriaError::Malformed(format!("{key}: {e}")))
+}
+
+pub fn parse_tune(raw: &[u8]) -> Result<Tune, AstriaError> {
+    unwrap_object(raw, "tune")
+}
+
+pub fn parse_prompt(raw: &[u8]) -> Result<Prompt, AstriaError> {
+    let p: Prompt = unwrap_object(raw, "prompt")?;
+    if p.images.iter().any(|u| !u.starts_with("https://") && !u.starts_with("http://")) {
+        return Err(AstriaError::Malformed("prompt image that is not an http(s) URL".into()));
+    }
+    Ok(p)
+}
+
+/// `GET /tunes/{id}/prompts`: a JSON array of prompts.
+pub fn parse_prompts(raw: &[u8]) -> Result<Vec<Prompt>, AstriaError> {
+    serde_json::from_slice(raw).map_err(|e| AstriaError::Malformed(e.to_string()))
+}
+
+/// One file of a multipart request.
+pub struct FilePart<'a> {
+    pub field: &'a str,
+    pub filename: &'a str,
+    pub content_type: &'a str,
+    pub bytes: &'a [u8],
+}
+
+/// A `multipart/form-data` body with `boundary` (which must not occur in any part).
+pub fn multipart(boundary: &str, fields: &[(&str, &str)], files: &[FilePart<'_>]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes(),
+        );
+    }
+    for f in files {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"; filename=\"{}\"\r\nContent-Type: {}\r\n\r\n",
+                f.field, f.filename, f.content_type
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(f.bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    body
+}
+
+/// The text fields of `POST /p/{pack_id}/tunes` for one order.
+pub struct TuneRequest<'a> {
+    /// Astria treats the title as an idempotency key: the order id.
+    pub order_id: &'a str,
+    pub subject_class: &'a str,
+    pub tune_callback: &'a str,
+    pub prompt_callback: &'a str,
+    /// `tune[branch]=fast`: Astria's free mock mode (test mode).
+    pub fast: bool,
+}
+
+pub fn tune_fields<'a>(r: &'a TuneRequest<'a>) -> Vec<(&'static str, &'a str)> {
+    let mut fields = vec![
+        ("tune[title]", r.order_id),
+        ("tune[name]", r.subject_class),
+        ("tune[callback]", r.tune_callback),
+        ("tune[prompt_attributes][callback]", r.prompt_callback),
+    ];
+    if r.fast {
+        fields.push(("tune[branch]", "fast"));
+    }
+    fields
+}
+
+/// What an answer of Astria means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer<T> {
+    Ok(T),
+    /// 5xx (504 included: probably processed, the title makes the retry safe), 429, timeouts.
+    Retry(String),
+    /// 401 bad key, 402 plan, 422 validation: retrying cannot help.
+    Rejected(String),
+}
+
+pub fn classify<T>(status: u16, body: &[u8], parse: impl Fn(&[u8]) -> Result<T, AstriaError>) -> Answer<T> {
+    let snippet = String::from_utf8_lossy(&body[..body.len().min(300)]).to_string();
+    match status {
+        200..=299 => match parse(body) {
+            Ok(v) => Answer::Ok(v),
+            Err(e) => Answer::Retry(format!("unreadable answer: {e}")),
+        },
+        429 | 500..=599 => Answer::Retry(format!("HTTP {status}: {snippet}")),
+        _ => Answer::Rejected(format!("HTTP {status}: {snippet}")),
+    }
+}
+
+/// WhatsApp's answer to `GET /{version}/{media-id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct MediaInfo {
+    pub url: String,
+    #[serde(default)]
+    pub mime_type: Option<String>,
+    #[serde(default)]
+    pub sha256: Option<String>,
+}
+
+pub fn parse_media_info(raw: &[u8]) -> Result<MediaInfo, AstriaError> {
+    let m: MediaInfo = serde_json::from_slice(raw).map_err(|e| AstriaError::Malformed(e.to_string()))?;
+    if !m.url.starts_with("https://") && !m.url.starts_with("http://") {
+        return Err(AstriaError::Malformed("media url is not http(s)".into()));
+    }
+    Ok(m)
+}
+
+/// Whether downloaded bytes are the photo the customer sent (WhatsApp's sha256, hex).
+pub fn sha256_matches(bytes: &[u8], expected_hex: &str) -> bool {
+    hex::encode(Sha256::digest(bytes)).eq_ignore_ascii_case(expected_hex.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn callback_tokens_are_per_order_and_secret() {
+        let t = callback_token("s", "o1");
+        assert!(verify_callback_token("s", "o1", &t));
+        assert!(!verify_callback_token("s", "o2", &t), "another order's token");
+        assert!(!verify_callback_token("other", "o1", &t));
+        assert!(!verify_callback_token("", "o1", &callback_token("", "o1")), "empty secret");
+        assert!(!verify_callback_token("s", "o1", "zz"));
+        let url = callback_url("https://bot.example/", "/update-images", "s", "o 1");
+        assert_eq!(url, format!("https://bot.example/update-images?order=o+1&token={}", callback_token("s", "o 1")));
+    }
+
+    #[test]
+    fn tunes_and_prompts_are_read_bare_or_wrapped() {
+        let bare = br#"{"id":7,"title":"o1","name":"man","trained_at":"2026-11-25T10:00:00Z","steps":null}"#;
+        let wrapped = br#"{"tune":{"id":7,"title":"o1","trained_at":"2026-11-25T10:00:00Z"}}"#;
+        assert_eq!(parse_tune(bare).unwrap(), parse_tune(wrapped).unwrap());
+        let p = parse_prompt(
+            br#"{"prompt":{"id":3,"tune_id":7,"images":["https://mp.astria.ai/a.jpg"],"trained_at":"x"}}"#,
+        )
+        .unwrap();
+        assert_eq!((p.id, p.images.len(), p.is_done()), (3, 1, true));
+        assert!(!parse_prompt(br#"{"id":4,"images":[]}"#).unwrap().is_done());
+        for bad in [&b"nope"[..], br#"{"prompt":{"images":[]}}"#, br#"{"id":3,"images":["javascript:x"]}"#] {
+            assert!(parse_prompt(bad).is_err());
+        }
+        assert_eq!(parse_prompts(br#"[{"id":1,"images":[]},{"id":2,"images":["https://x/1.jpg"]}]"#).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn the_multipart_body_carries_fields_and_files() {
+        let r = TuneRequest {
+            order_id: "o1",
+            subject_class: "woman",
+            tune_callback: "https://b/t",
+            prompt_callback: "https://b/p",
+            fast: true,
+        };
+        let fields = tune_fields(&r);
+        assert!(fields.contains(&("tune[branch]", "fast")));
+        let body = multipart(
+            "XyZ",
+            &fields,
+            &[FilePart {
+                field: "tune[images][]",
+                filename: "0.jpg",
+                content_type: "image/jpeg",
+                bytes: b"\xff\xd8jpeg",
+            }],
+        );
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.starts_with("--XyZ\r\nContent-Disposition: form-data; name=\"tune[title]\"\r\n\r\no1\r\n"));
+        assert!(text.contains("name=\"tune[images][]\"; filename=\"0.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n"));
+        assert!(text.ends_with("--XyZ--\r\n"));
+        let slow = TuneRequest { fast: false, ..r };
+        let plain = tune_fields(&slow);
+        assert!(!plain.iter().any(|(k, _)| *k == "tune[branch]"));
+    }
+
+    #[test]
+    fn answers_are_classified() {
+        let ok = classify(201, br#"{"id":9}"#, parse_tune);
+        assert_eq!(ok, Answer::Ok(Tune { id: 9, title: None, trained_at: None }));
+        assert!(matches!(classify(504, b"", parse_tune), Answer::Retry(_)));
+        assert!(matches!(classify(429, b"", parse_tune), Answer::Retry(_)));
+        for status in [401, 402, 422] {
+            assert!(
+                matches!(classify(status, br#"{"images":["too small"]}"#, parse_tune), Answer::Rejected(_)),
+                "{status}"
+            );
+        }
+    }
+
+    #[test]
+    fn media_is_checked_against_its_sha256() {
+        let bytes = b"photo";
+        let hex = hex::encode(Sha256::digest(bytes));
+        assert!(sha256_matches(bytes, &hex.to_uppercase()));
+        assert!(!sha256_matches(b"other", &hex));
+        assert!(parse_media_info(br#"{"url":"https://lookaside.fbsbx.com/x","mime_type":"image/jpeg","sha256":"ab","file_size":"303833","id":"1"}"#).is_ok());
+        assert!(parse_media_info(br#"{"url":"file:///etc/passwd"}"#).is_err());
+    }
+}

@@ -1,0 +1,132 @@
+//! An order's way through Astria: its tune, the prompts Astria reported, and the generated
+//! images, each recorded once. Callbacks and reconciliation both write through here, so an
+//! image arriving twice (a repeated callback, a callback after a poll) is delivered once.
+
+use astria_models::OrderStatus;
+
+use crate::repo::status_str;
+use crate::{Db, DbError, Value};
+
+/// Stores the tune and moves the order from paid to training; `false` if it was not paid (a
+/// duplicate delivery already did it).
+pub fn start_training<D: Db + ?Sized>(db: &D, order_id: &str, tune_id: u64, now_ms: i64) -> Result<bool, DbError> {
+    let n = db.execute(
+        &db.dialect()
+            .sql("UPDATE orders SET astria_tune_id = $1, status = $2, updated_at = $3 WHERE id = $4 AND status = $5"),
+        &[
+            Value::Int(tune_id as i64),
+            Value::from(status_str(OrderStatus::Training)),
+            Value::Int(now_ms),
+            Value::from(order_id),
+            Value::from(status_str(OrderStatus::Paid)),
+        ],
+    )?;
+    Ok(n == 1)
+}
+
+/// Notes that Astria finished training; `false` if already noted.
+pub fn mark_trained<D: Db + ?Sized>(db: &D, order_id: &str, now_ms: i64) -> Result<bool, DbError> {
+    let n = db.execute(
+        &db.dialect().sql("UPDATE orders SET tune_trained_at = $1 WHERE id = $2 AND tune_trained_at IS NULL"),
+        &[Value::Int(now_ms), Value::from(order_id)],
+    )?;
+    Ok(n == 1)
+}
+
+/// How many prompts the tune has, once known (from Astria's prompt list).
+pub fn set_prompts_expected<D: Db + ?Sized>(db: &D, order_id: &str, n: i64) -> Result<(), DbError> {
+    db.execute(
+        &db.dialect().sql(
+            "UPDATE orders SET prompts_expected = $1 WHERE id = $2 AND (prompts_expected IS NULL OR prompts_expected < $1)",
+        ),
+        &[Value::Int(n), Value::from(order_id)],
+    )?;
+    Ok(())
+}
+
+/// Records what Astria reported about one prompt; counts only grow.
+pub fn record_prompt<D: Db + ?Sized>(
+    db: &D,
+    order_id: &str,
+    prompt_id: u64,
+    image_count: i64,
+    done: bool,
+    now_ms: i64,
+) -> Result<(), DbError> {
+    db.execute(
+        &db.dialect().sql(
+            "INSERT INTO astria_prompts (order_id, prompt_id, image_count, done, received_at) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (order_id, prompt_id) DO UPDATE SET
+                image_count = CASE WHEN excluded.image_count > astria_prompts.image_count
+                                   THEN excluded.image_count ELSE astria_prompts.image_count END,
+                done = CASE WHEN excluded.done > astria_prompts.done THEN excluded.done ELSE astria_prompts.done END",
+        ),
+        &[Value::from(order_id), Value::Int(prompt_id as i64), Value::Int(image_count), Value::Int(done.into()), Value::Int(now_ms)],
+    )?;
+    Ok(())
+}
+
+/// Records a generated image; `true` if it is new (deliver it), `false` if already known.
+pub fn add_image<D: Db + ?Sized>(
+    db: &D,
+    order_id: &str,
+    url: &str,
+    prompt_id: u64,
+    message_id: &str,
+    now_ms: i64,
+) -> Result<bool, DbError> {
+    let n = db.execute(
+        &db.dialect().sql(
+            "INSERT INTO generated_images (order_id, url, prompt_id, message_id, created_at) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (order_id, url) DO NOTHING",
+        ),
+        &[Value::from(order_id), Value::from(url), Value::Int(prompt_id as i64), Value::from(message_id), Value::Int(now_ms)],
+    )?;
+    Ok(n == 1)
+}
+
+/// Where an order stands with Astria.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Progress {
+    pub trained: bool,
+    pub prompts_expected: Option<i64>,
+    pub prompts_done: i64,
+    pub images: i64,
+}
+
+impl Progress {
+    /// Training finished, the prompt count is known, and every prompt has finished.
+    pub fn complete(&self) -> bool {
+        self.trained && self.prompts_expected.is_some_and(|n| self.prompts_done >= n)
+    }
+}
+
+pub fn progress<D: Db + ?Sized>(db: &D, order_id: &str) -> Result<Progress, DbError> {
+    let rows = db.query(
+        &db.dialect().sql(
+            "SELECT o.tune_trained_at, o.prompts_expected,
+                    (SELECT COUNT(*) FROM astria_prompts p WHERE p.order_id = o.id AND p.done = 1),
+                    (SELECT COUNT(*) FROM generated_images g WHERE g.order_id = o.id)
+             FROM orders o WHERE o.id = $1",
+        ),
+        &[Value::from(order_id)],
+    )?;
+    let Some(r) = rows.first() else { return Ok(Progress::default()) };
+    Ok(Progress {
+        trained: r.opt_int(0)?.is_some(),
+        prompts_expected: r.opt_int(1)?,
+        prompts_done: r.int(2)?,
+        images: r.int(3)?,
+    })
+}
+
+/// The order's generated image URLs in the order they arrived (tests and operators).
+pub fn image_urls<D: Db + ?Sized>(db: &D, order_id: &str) -> Result<Vec<String>, DbError> {
+    db.query(
+        &db.dialect().sql("SELECT url FROM generated_images WHERE order_id = $1 ORDER BY created_at, prompt_id, url"),
+        &[Value::from(order_id)],
+    )?
+    .iter()
+    .map(|r| r.text(0))
+    .collect()
+}

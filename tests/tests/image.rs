@@ -1,0 +1,278 @@
+//! image-service through the whole app (devhost, SQLite or PostgreSQL, a Redis of the test's
+//! own) against fake WhatsApp, Stripe and Astria servers, the fake Astria calling back as the
+//! real one does: from "hi" to every portrait delivered once, and the faults on the way.
+
+use std::time::{Duration, Instant};
+
+use astria_tests::astria::{self as fa, FakeAstria};
+use astria_tests::stripe::{self as ps, FakeStripe};
+use astria_tests::whatsapp::{self as wa, FakeGraph};
+use astria_tests::{TestApp, TestRedis};
+use serde_json::Value;
+
+const ANA: &str = "4915112345678";
+/// Messages Ana has received once her order is training (see `pay`).
+const BEFORE_IMAGES: usize = 9;
+const IMAGES: usize = fa::PROMPTS as usize * fa::IMAGES_PER_PROMPT;
+
+struct World {
+    app: TestApp,
+    _replicas: Vec<TestApp>,
+    graph: FakeGraph,
+    astria: FakeAstria,
+    _stripe: FakeStripe,
+    _redis: TestRedis,
+}
+
+async fn world(postgres: bool, replicas: usize, media_failures: usize) -> World {
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    graph.serve_media(media_failures).await;
+    let stripe = FakeStripe::start().await;
+    let astria = FakeAstria::start().await;
+    let config =
+        || fa::with_astria(ps::with_stripe(wa::bot_config(&graph, &redis, postgres), &stripe), &astria, &graph.uri());
+    let app = wa::spawn_bot(config(), &redis).await;
+    let mut others = vec![];
+    for _ in 1..replicas {
+        others.push(astria_tests::spawn_app(config().replica_of(&app)).await.unwrap());
+    }
+    astria_tests::wait_for_subscribers_at(&redis.url(), "astria.orders", replicas as i64).await.unwrap();
+    World { app, _replicas: others, graph, astria, _stripe: stripe, _redis: redis }
+}
+
+async fn db(app: &TestApp) -> tokio_postgres::Client {
+    let (client, conn) =
+        tokio_postgres::connect(app.database_url.as_ref().unwrap(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+/// Ana orders, sends two photos, pays; answers her order id once the link is paid (the
+/// trainer takes it from there).
+async fn pay(w: &World) -> String {
+    let steps = [
+        wa::text(ANA, "j1", "hi"),
+        wa::list_reply(ANA, "j2", "pack:corporate", "Corporate headshots"),
+        wa::button_reply(ANA, "j3", "subject:man", "Man"),
+        wa::photo(ANA, "j4"),
+        wa::photo(ANA, "j5"),
+        wa::button_reply(ANA, "j6", "done", "Done"),
+    ];
+    for (i, m) in steps.into_iter().enumerate() {
+        assert_eq!(wa::post_webhook(&w.app, &wa::inbound(ANA, vec![m])).await.0, 200);
+        w.graph.wait_for(i + 1).await;
+    }
+    let sends = w.graph.wait_for(7).await;
+    let link = wa::summary(&sends[6]);
+    let session_id = link.rsplit('/').next().unwrap().to_string();
+    let order_id = w._stripe.session_for_any().unwrap()["client_reference_id"].as_str().unwrap().to_string();
+    let paid = ps::session(&session_id, &order_id, 1999, "usd", "paid");
+    let (status, r) =
+        ps::post_event(&w.app, &ps::event(&format!("evt_{order_id}"), "checkout.session.completed", paid)).await;
+    assert_eq!((status, r["result"].as_str()), (200, Some("paid")), "{r}");
+    order_id
+}
+
+/// Waits for the training message (the 9th) and answers every send so far.
+async fn training_started(w: &World) -> Vec<Value> {
+    let sends = w.graph.wait_for(BEFORE_IMAGES).await;
+    assert_eq!(sends.len(), BEFORE_IMAGES, "{sends:#?}\n{}", w.app.log());
+    assert!(wa::summary(&sends[7]).starts_with("text:Payment received"));
+    assert!(wa::summary(&sends[8]).starts_with("text:Your AI model is training"), "{:?}", wa::summary(&sends[8]));
+    sends
+}
+
+fn image_links(sends: &[Value]) -> Vec<String> {
+    sends.iter().filter(|s| s["type"] == "image").map(|s| s["image"]["link"].as_str().unwrap().to_string()).collect()
+}
+
+async fn journey(postgres: bool) {
+    let started = Instant::now();
+    let w = world(postgres, 3, 0).await;
+    let order_id = pay(&w).await;
+    training_started(&w).await;
+    let tunes = w.astria.tunes();
+    assert_eq!(tunes.len(), 1, "one tune for three replicas");
+    let tune = &tunes[0];
+    assert_eq!((tune.title.as_str(), tune.name.as_str(), tune.image_count), (order_id.as_str(), "man", 2));
+    assert_eq!(tune.pack_id, "260", "the pack's Astria id");
+    assert_eq!(tune.branch.as_deref(), Some("fast"), "test mode");
+    assert!(tune.tune_callback.starts_with("https://bot.example.com/pack-tune-received?order="));
+    assert!(tune.prompt_callback.starts_with("https://bot.example.com/update-images?order="));
+
+    w.astria.finish(&w.app, &order_id).await;
+    let total = BEFORE_IMAGES + IMAGES + 1;
+    let sends = w.graph.wait_for(total).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sends_after = w.graph.requests().await;
+    assert_eq!(
+        (sends.len(), sends_after.len()),
+        (total, total),
+        "{:#?}",
+        sends_after.iter().map(wa::summary).collect::<Vec<_>>()
+    );
+    let mut links = image_links(&sends_after);
+    links.sort();
+    links.dedup();
+    assert_eq!(links.len(), IMAGES, "each image once");
+    assert_eq!(
+        wa::summary(sends_after.last().unwrap()),
+        "text:Your portraits have been delivered. Want another pack? Reply MENU."
+    );
+    // The order is delivered: STATUS says so.
+    wa::post_webhook(&w.app, &wa::inbound(ANA, vec![wa::text(ANA, "j9", "status")])).await;
+    let sends = w.graph.wait_for(total + 1).await;
+    assert_eq!(wa::summary(&sends[total]), "text:Your portraits have been delivered. Want another pack? Reply MENU.");
+    eprintln!("journey ({}) took {} ms", if postgres { "postgres" } else { "sqlite" }, started.elapsed().as_millis());
+}
+
+#[tokio::test]
+async fn from_hi_to_every_portrait_delivered_once_with_three_trainer_replicas_sqlite() {
+    journey(false).await;
+}
+
+#[tokio::test]
+async fn from_hi_to_every_portrait_delivered_once_with_three_trainer_replicas_postgres() {
+    journey(true).await;
+}
+
+/// Makes every outstanding event due and runs the relay, as the every-minute job would once
+/// the backoff has passed.
+async fn relay_now(app: &TestApp) {
+    db(app).await.execute("UPDATE outbox SET next_attempt_at = 0 WHERE status <> 'done'", &[]).await.unwrap();
+    wa::relay(app).await;
+}
+
+/// Relays until the training message went out (the trainer's retries are due at once).
+async fn relay_until_training(w: &World) {
+    for _ in 0..50 {
+        if w.graph.requests().await.len() >= BEFORE_IMAGES {
+            return;
+        }
+        relay_now(&w.app).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn astria_504_then_201_makes_one_tune() {
+    let w = world(true, 1, 0).await;
+    w.astria.fail_next(vec![504]);
+    pay(&w).await;
+    w.graph.wait_for(8).await;
+    relay_until_training(&w).await;
+    training_started(&w).await;
+    assert_eq!((w.astria.creates(), w.astria.tunes().len()), (2, 1));
+    assert!(w.app.log().contains("will be retried"), "the 504 is logged");
+}
+
+#[tokio::test]
+async fn astria_422_fails_the_order_tells_the_customer_and_flags_a_refund() {
+    let w = world(true, 1, 0).await;
+    w.astria.fail_next(vec![422]);
+    let order_id = pay(&w).await;
+    let sends = w.graph.wait_for(BEFORE_IMAGES).await;
+    assert_eq!(wa::summary(&sends[8]), "text:Something went wrong with your order. We'll refund you and get in touch.");
+    let db = db(&w.app).await;
+    let status: String = db.query_one("SELECT status FROM orders WHERE id = $1", &[&order_id]).await.unwrap().get(0);
+    assert_eq!(status, "failed");
+    let issue =
+        db.query_one("SELECT kind, detail FROM payment_issues WHERE order_id = $1", &[&order_id]).await.unwrap();
+    assert_eq!(issue.get::<_, String>(0), "needs_refund");
+    assert!(issue.get::<_, String>(1).contains("Astria refused the tune: HTTP 422"));
+    for _ in 0..3 {
+        relay_now(&w.app).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(w.astria.creates(), 1, "not retried");
+    assert!(w.app.log().contains("astria.failed"));
+}
+
+#[tokio::test]
+async fn forged_or_malformed_callbacks_are_refused_and_repeats_deliver_nothing_twice() {
+    let w = world(true, 1, 0).await;
+    let order_id = pay(&w).await;
+    training_started(&w).await;
+    let tune = w.astria.tunes().remove(0);
+    let path = |url: &str| url.split_once(".com").unwrap().1.to_string();
+    let good = path(&tune.prompt_callback);
+    let prompt =
+        serde_json::json!({"id": 7, "tune_id": tune.id, "images": ["https://mp.astria.ai/x.jpg"], "trained_at": "t"});
+    let bad_paths = [
+        format!("/update-images?order={order_id}&token=00"),
+        format!("/update-images?order={order_id}"),
+        format!("/update-images?token={}", token(&order_id)),
+        format!("/update-images?order={order_id}&token={}", token("another-order")),
+        format!("/pack-tune-received?order={order_id}&token={}", token("another-order")),
+    ];
+    for p in &bad_paths {
+        let r = w.app.client.post(w.app.url(p)).json(&prompt).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{p}");
+    }
+    let r = w.app.client.post(w.app.url(&good)).body("{not json").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let db = db(&w.app).await;
+    let images: i64 = db.query_one("SELECT COUNT(*) FROM generated_images", &[]).await.unwrap().get(0);
+    assert_eq!(images, 0, "nothing stored");
+
+    // The tune callback, wrapped as Astria's starter reads it, then again: once.
+    assert_eq!(w.astria.call_back_tune(&w.app, &order_id, true).await.1["result"], "trained");
+    assert_eq!(w.astria.call_back_tune(&w.app, &order_id, false).await.1["result"], "duplicate");
+    // The same prompt callback five times: its images go out once.
+    for _ in 0..5 {
+        assert_eq!(w.astria.call_back_prompt(&w.app, &order_id, 1, true).await.0, 200);
+    }
+    let sends = w.graph.wait_for(BEFORE_IMAGES + fa::IMAGES_PER_PROMPT).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(w.graph.requests().await.len(), BEFORE_IMAGES + fa::IMAGES_PER_PROMPT);
+    assert_eq!(image_links(&sends).len(), fa::IMAGES_PER_PROMPT);
+    // A callback for an order that does not exist, with that order's own valid token: 404.
+    let ghost = format!("/update-images?order=no-such-order&token={}", token("no-such-order"));
+    let r = w.app.client.post(w.app.url(&ghost)).json(&prompt).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+/// The callback token of `order`, computed as the app does (HMAC with the callback secret).
+fn token(order: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(fa::CALLBACK_SECRET.as_bytes()).unwrap();
+    mac.update(format!("astria-callback:{order}").as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+#[tokio::test]
+async fn outside_the_24_hour_window_the_template_goes_first_and_the_images_after_the_next_message() {
+    let w = world(true, 1, 0).await;
+    let order_id = pay(&w).await;
+    training_started(&w).await;
+    // A day and more passes before Astria is done.
+    let long_ago = (wa::unix_now() - 25 * 3600) * 1000;
+    db(&w.app).await.execute("UPDATE contacts SET last_inbound_at = $1", &[&long_ago]).await.unwrap();
+    w.astria.finish(&w.app, &order_id).await;
+    let sends = w.graph.wait_for(BEFORE_IMAGES + 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sends_now = w.graph.requests().await;
+    assert_eq!(sends_now.len(), BEFORE_IMAGES + 1, "{:?}", sends_now.iter().map(wa::summary).collect::<Vec<_>>());
+    assert_eq!(wa::summary(&sends[BEFORE_IMAGES]), format!("template:{}", wa::TEMPLATE));
+
+    // Ana answers the template: the kept images, the closing text, then the reply to her.
+    wa::post_webhook(&w.app, &wa::inbound(ANA, vec![wa::text(ANA, "j10", "hi")])).await;
+    let total = BEFORE_IMAGES + 1 + IMAGES + 1 + 1;
+    let sends = w.graph.wait_for(total).await;
+    assert_eq!(sends.len(), total, "{:?}", sends.iter().map(wa::summary).collect::<Vec<_>>());
+    assert_eq!(image_links(&sends).len(), IMAGES);
+    let after: Vec<String> = sends[BEFORE_IMAGES + 1..].iter().map(wa::summary).collect();
+    assert!(after[..IMAGES].iter().all(|s| s.starts_with("image:")), "{after:?}");
+}
+
+#[tokio::test]
+async fn a_photo_download_failing_twice_then_succeeding_still_trains() {
+    let w = world(true, 1, 2).await;
+    pay(&w).await;
+    w.graph.wait_for(8).await;
+    relay_until_training(&w).await;
+    training_started(&w).await;
+    assert_eq!(w.astria.tunes().len(), 1);
+    assert!(w.graph.media_lookups().await >= 4, "two failures, then both photos");
+}
