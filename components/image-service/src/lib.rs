@@ -55,21 +55,22 @@ fn malformed(e: AstriaError) -> ApiError {
     ApiError::BadRequest(e.to_string())
 }
 
-/// Checks the token, then finds the order: 401 before 404, so a caller without the token
-/// learns nothing about which orders exist.
-fn authorized_order(query: &str) -> Result<Order, ApiError> {
+/// The order a callback is for, if its token is right; checked before the database is even
+/// opened, so a caller without the token learns nothing about which orders exist.
+fn authorized_order_id(query: &str) -> Result<String, ApiError> {
     let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
     let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default();
     let (order_id, token) = (param("order"), param("token"));
     if order_id.is_empty() || !astria::verify_callback_token(&var("callback_secret")?, &order_id, &token) {
         return Err(ApiError::Unauthorized);
     }
-    repo::get_order(&spin_kit::open_db()?, &order_id)?.ok_or(ApiError::NotFound)
+    Ok(order_id)
 }
 
 fn callback(path: &str, query: &str, body: &[u8], request_id: &str) -> Result<Response, ApiError> {
-    let order = authorized_order(query)?;
+    let order_id = authorized_order_id(query)?;
     let db = spin_kit::open_db()?;
+    let order = repo::get_order(&db, &order_id)?.ok_or(ApiError::NotFound)?;
     let texts = Texts::from_json_overrides(&var("texts_json")?).map_err(ApiError::Internal)?;
     let (handled, pending) = if path == "/pack-tune-received" {
         let tune = astria::parse_tune(body).map_err(malformed)?;
