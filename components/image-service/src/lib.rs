@@ -13,7 +13,7 @@
 use astria_domain::astria::{self, AstriaError};
 use astria_domain::events::{channels, TUNE_TRAINED};
 use astria_domain::texts::Texts;
-use astria_models::{Order, OrderStatus, TuneTrained};
+use astria_models::{OrderStatus, TuneTrained};
 use astria_store::outbox::RelayPolicy;
 use astria_store::{images, repo, transaction};
 use spin_kit::error::ApiError;
