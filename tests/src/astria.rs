@@ -25,8 +25,10 @@ pub struct FakeTune {
     pub branch: Option<String>,
     pub tune_callback: String,
     pub prompt_callback: String,
-    /// Prompts whose callback has been made (their images are then listed too).
+    /// Prompts that are done (their images are then listed too), called back or not.
     pub released: Vec<u64>,
+    /// Training finished (GET /tunes/{id} says so), called back or not.
+    pub trained: bool,
 }
 
 #[derive(Default)]
@@ -109,9 +111,23 @@ impl Respond for Create {
                 tune_callback: fields.get("tune[callback]").cloned().unwrap_or_default(),
                 prompt_callback: fields.get("tune[prompt_attributes][callback]").cloned().unwrap_or_default(),
                 released: vec![],
+                trained: false,
             })
             .clone();
         ResponseTemplate::new(201).set_body_json(tune_json(&tune, false))
+    }
+}
+
+struct GetTune(Arc<Mutex<State>>);
+
+impl Respond for GetTune {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let id: u64 = request.url.path().split('/').nth(2).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let state = self.0.lock().unwrap();
+        match state.tunes.values().find(|t| t.id == id) {
+            Some(t) => ResponseTemplate::new(200).set_body_json(tune_json(t, t.trained)),
+            None => ResponseTemplate::new(404).set_body_json(json!({"error": "not found"})),
+        }
     }
 }
 
@@ -147,6 +163,12 @@ impl FakeAstria {
             .mount(&server)
             .await;
         Mock::given(wiremock::matchers::method("GET"))
+            .and(wiremock::matchers::path_regex(r"^/tunes/[0-9]+$"))
+            .and(wiremock::matchers::header("authorization", auth.as_str()))
+            .respond_with(GetTune(state.clone()))
+            .mount(&server)
+            .await;
+        Mock::given(wiremock::matchers::method("GET"))
             .and(wiremock::matchers::path_regex(r"^/tunes/[0-9]+/prompts$"))
             .and(wiremock::matchers::header("authorization", auth.as_str()))
             .respond_with(ListPrompts(state.clone()))
@@ -172,9 +194,23 @@ impl FakeAstria {
         self.state.lock().unwrap().failures.extend(statuses);
     }
 
+    /// Astria finishes `title`'s tune and the given prompts (1-based) without calling anybody
+    /// back: a dropped callback, as when the app was down or being deployed.
+    pub fn finish_silently(&self, title: &str, prompts: &[u64]) {
+        let mut state = self.state.lock().unwrap();
+        let t = state.tunes.get_mut(title).expect("a tune for this title");
+        t.trained = true;
+        for p in prompts {
+            if !t.released.contains(p) {
+                t.released.push(*p);
+            }
+        }
+    }
+
     /// The tune callback for `title`'s tune, to the app (Astria would call `public_base_url`;
     /// the fake keeps the path and query, with the token, and calls `app`).
     pub async fn call_back_tune(&self, app: &TestApp, title: &str, wrapped: bool) -> (u16, Value) {
+        self.finish_silently(title, &[]);
         let tune = self.tunes().into_iter().find(|t| t.title == title).expect("a tune for this title");
         let body = if wrapped { json!({ "tune": tune_json(&tune, true) }) } else { tune_json(&tune, true) };
         post(app, &tune.tune_callback, &body).await

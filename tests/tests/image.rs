@@ -25,13 +25,19 @@ struct World {
 }
 
 async fn world(postgres: bool, replicas: usize, media_failures: usize) -> World {
+    world_with(postgres, replicas, media_failures, &[]).await
+}
+
+async fn world_with(postgres: bool, replicas: usize, media_failures: usize, vars: &[(&str, &str)]) -> World {
     let redis = TestRedis::start().await.unwrap();
     let graph = FakeGraph::start().await;
     graph.serve_media(media_failures).await;
     let stripe = FakeStripe::start().await;
     let astria = FakeAstria::start().await;
-    let config =
-        || fa::with_astria(ps::with_stripe(wa::bot_config(&graph, &redis, postgres), &stripe), &astria, &graph.uri());
+    let config = || {
+        let base = ps::with_stripe(wa::bot_config(&graph, &redis, postgres), &stripe);
+        vars.iter().fold(fa::with_astria(base, &astria, &graph.uri()), |c, (k, v)| c.var(k, *v))
+    };
     let app = wa::spawn_bot(config(), &redis).await;
     let mut others = vec![];
     for _ in 1..replicas {
@@ -275,4 +281,99 @@ async fn a_photo_download_failing_twice_then_succeeding_still_trains() {
     training_started(&w).await;
     assert_eq!(w.astria.tunes().len(), 1);
     assert!(w.graph.media_lookups().await >= 4, "two failures, then both photos");
+}
+
+// ------------------------------------------------------------------ reconciliation
+
+/// Reconcile at once (tests cannot wait an hour), without backoff between calls.
+const RECONCILE_NOW: &[(&str, &str)] = &[("reconcile_after_minutes", "0"), ("reconcile_backoff_minutes", "0")];
+
+async fn relay_until_sends(w: &World, n: usize) -> Vec<Value> {
+    for _ in 0..50 {
+        let sends = w.graph.requests().await;
+        if sends.len() >= n {
+            return sends;
+        }
+        wa::relay(&w.app).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    w.graph.requests().await
+}
+
+fn summaries(sends: &[Value]) -> Vec<String> {
+    sends.iter().map(wa::summary).collect()
+}
+
+#[tokio::test]
+async fn with_every_callback_dropped_reconciliation_delivers_the_order_once_and_late_callbacks_change_nothing() {
+    let w = world_with(true, 1, 0, RECONCILE_NOW).await;
+    let order_id = pay(&w).await;
+    training_started(&w).await;
+    w.astria.finish_silently(&order_id, &[1, 2, 3]);
+    let total = BEFORE_IMAGES + IMAGES + 1;
+    let sends = relay_until_sends(&w, total).await;
+    assert_eq!(sends.len(), total, "{:?}", summaries(&sends));
+    let mut links = image_links(&sends);
+    links.dedup();
+    assert_eq!(links.len(), IMAGES);
+    assert_eq!(
+        wa::summary(&sends[total - 1]),
+        "text:Your portraits have been delivered. Want another pack? Reply MENU."
+    );
+
+    // The callbacks Astria would have made arrive late: nothing more is sent.
+    assert_eq!(w.astria.call_back_tune(&w.app, &order_id, false).await.1["result"], "duplicate");
+    for n in 1..=fa::PROMPTS {
+        assert_eq!(w.astria.call_back_prompt(&w.app, &order_id, n, false).await.1["result"], "late");
+    }
+    for _ in 0..3 {
+        wa::relay(&w.app).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(w.graph.requests().await.len(), total);
+}
+
+#[tokio::test]
+async fn with_half_the_prompt_callbacks_dropped_the_rest_arrive_through_reconciliation_none_twice() {
+    let w = world_with(true, 1, 0, RECONCILE_NOW).await;
+    let order_id = pay(&w).await;
+    training_started(&w).await;
+    assert_eq!(w.astria.call_back_tune(&w.app, &order_id, false).await.0, 200);
+    assert_eq!(w.astria.call_back_prompt(&w.app, &order_id, 1, false).await.0, 200);
+    w.astria.finish_silently(&order_id, &[2, 3]);
+    let total = BEFORE_IMAGES + IMAGES + 1;
+    let sends = relay_until_sends(&w, total).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sends_after = w.graph.requests().await;
+    assert_eq!((sends.len(), sends_after.len()), (total, total), "{:?}", summaries(&sends_after));
+    let mut links = image_links(&sends_after);
+    links.sort();
+    links.dedup();
+    assert_eq!(links.len(), IMAGES, "each image once");
+}
+
+#[tokio::test]
+async fn when_astria_never_finishes_the_order_is_flagged_and_the_customer_told_at_the_give_up_point() {
+    let w = world_with(true, 1, 0, &[("reconcile_after_minutes", "0"), ("reconcile_give_up_minutes", "0")]).await;
+    let order_id = pay(&w).await;
+    training_started(&w).await;
+    let report = wa::relay(&w.app).await;
+    assert_eq!(report["given_up"], 1, "{report}");
+    let sends = w.graph.wait_for(BEFORE_IMAGES + 1).await;
+    assert_eq!(
+        wa::summary(&sends[BEFORE_IMAGES]),
+        "text:Something went wrong with your order. We'll refund you and get in touch."
+    );
+    let db = db(&w.app).await;
+    let status: String = db.query_one("SELECT status FROM orders WHERE id = $1", &[&order_id]).await.unwrap().get(0);
+    assert_eq!(status, "failed");
+    let detail: String =
+        db.query_one("SELECT detail FROM payment_issues WHERE order_id = $1", &[&order_id]).await.unwrap().get(0);
+    assert!(detail.contains("did not finish"), "{detail}");
+    // Astria finishing after all changes nothing: the customer was told, the refund flagged.
+    w.astria.finish_silently(&order_id, &[1, 2, 3]);
+    assert_eq!(w.astria.call_back_prompt(&w.app, &order_id, 1, false).await.1["result"], "late");
+    assert_eq!(wa::relay(&w.app).await["given_up"], 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(w.graph.requests().await.len(), BEFORE_IMAGES + 1);
 }

@@ -4,7 +4,9 @@
 //!   (`tune[title]` = order id, Astria's idempotency key; callback URLs with the order's
 //!   token), stores the tune, moves the order to training and tells the customer;
 //! - `tune.trained`: fetches the tune's prompt list, so the order knows how many prompts to
-//!   wait for, and delivers what is already there through the same path as the callbacks.
+//!   wait for, and delivers what is already there through the same path as the callbacks;
+//! - `tune.reconcile` (from the maintenance relay, for orders training for long): asks Astria
+//!   whether the tune is trained, then does the same; a missed callback strands nothing.
 //!
 //! One replica works on an order at a time (a job lease per order); the others leave the
 //! event to it. Astria 5xx/504/429, timeouts and WhatsApp download failures leave the event
@@ -17,9 +19,9 @@ use std::time::Duration;
 use astria_domain::astria::{self, Answer, FilePart, TuneRequest};
 use astria_domain::config::{self, Astria, WhatsAppMedia};
 use astria_domain::conversation::Message;
-use astria_domain::events::{ORDER_PAID, TUNE_TRAINED};
+use astria_domain::events::{ORDER_PAID, TUNE_RECONCILE, TUNE_TRAINED};
 use astria_domain::texts::Texts;
-use astria_models::{EventEnvelope, Order, OrderPaid, OrderStatus, Photo, TuneTrained};
+use astria_models::{EventEnvelope, Order, OrderPaid, OrderStatus, Photo, TuneReconcile, TuneTrained};
 use astria_store::outbox::{self, RelayPolicy};
 use astria_store::repo::{self, PaymentIssue};
 use astria_store::{images, lease, transaction, DbError};
@@ -48,7 +50,11 @@ fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
             Err(e) => log::warn(CONSUMER, &format!("dropping {} with an unreadable payload: {e}", event.id)),
         },
         TUNE_TRAINED => match serde_json::from_str::<TuneTrained>(&event.payload) {
-            Ok(t) => fetch_prompts(&db, &event, &t)?,
+            Ok(t) => sync_with_astria(&db, &event, &t.order_id, t.tune_id, false)?,
+            Err(e) => log::warn(CONSUMER, &format!("dropping {} with an unreadable payload: {e}", event.id)),
+        },
+        TUNE_RECONCILE => match serde_json::from_str::<TuneReconcile>(&event.payload) {
+            Ok(t) => sync_with_astria(&db, &event, &t.order_id, t.tune_id, true)?,
             Err(e) => log::warn(CONSUMER, &format!("dropping {} with an unreadable payload: {e}", event.id)),
         },
         other => log::warn(CONSUMER, &format!("ignoring event type {other} on the orders channel")),
@@ -265,19 +271,14 @@ fn extension(mime: &str) -> &'static str {
     }
 }
 
-/// After the tune callback: learn the prompt list, deliver what is ready.
-fn fetch_prompts(db: &SpinDb, event: &EventEnvelope, t: &TuneTrained) -> Result<(), DbError> {
-    let Some(order) = repo::get_order(db, &t.order_id)?
-        .filter(|o| matches!(o.status, OrderStatus::Training | OrderStatus::Delivering))
-    else {
-        return skip(db, event);
-    };
-    let cfg = match config::astria(&SpinVars) {
-        Ok(c) => c,
-        Err(e) => return retry_later(db, event, "fetching prompts", &e.to_string()),
-    };
+/// A GET on Astria's API.
+fn astria_get<T>(
+    cfg: &Astria,
+    path: &str,
+    parse: impl Fn(&[u8]) -> Result<T, astria::AstriaError>,
+) -> Result<Answer<T>, HttpError> {
     let auth = format!("Bearer {}", cfg.api_key);
-    let url = format!("{}/tunes/{}/prompts", cfg.api_url, t.tune_id);
+    let url = format!("{}{path}", cfg.api_url);
     let answer = http_client::send(&http_client::Request {
         method: "GET",
         url: &url,
@@ -285,13 +286,50 @@ fn fetch_prompts(db: &SpinDb, event: &EventEnvelope, t: &TuneTrained) -> Result<
         body: &[],
         timeout: MEDIA_TIMEOUT,
         max_response: 4 * 1024 * 1024,
-    });
-    let prompts = match answer.map(|a| astria::classify(a.status, &a.body, astria::parse_prompts)) {
+    })?;
+    Ok(astria::classify(answer.status, &answer.body, parse))
+}
+
+/// Learns from Astria what the callbacks said (or would have said): after the tune callback,
+/// the prompt list; for a reconciliation (`check_tune`), first whether the tune is trained at
+/// all. Everything found goes through the same delivery path as the callbacks, so whichever
+/// way news arrives, each image is delivered once.
+fn sync_with_astria(
+    db: &SpinDb,
+    event: &EventEnvelope,
+    order_id: &str,
+    tune_id: u64,
+    check_tune: bool,
+) -> Result<(), DbError> {
+    let Some(order) =
+        repo::get_order(db, order_id)?.filter(|o| matches!(o.status, OrderStatus::Training | OrderStatus::Delivering))
+    else {
+        return skip(db, event);
+    };
+    let cfg = match config::astria(&SpinVars) {
+        Ok(c) => c,
+        Err(e) => return retry_later(db, event, "asking Astria", &e.to_string()),
+    };
+    let what = format!("asking Astria about order {order_id}");
+    if check_tune {
+        match astria_get(&cfg, &format!("/tunes/{tune_id}"), astria::parse_tune) {
+            Ok(Answer::Ok(tune)) if tune.trained_at.is_some() => {}
+            // Still training: the next reconciliation asks again.
+            Ok(Answer::Ok(_)) => return skip(db, event),
+            Ok(Answer::Retry(d)) => return retry_later(db, event, &what, &d),
+            Err(e) => return retry_later(db, event, &what, &e.to_string()),
+            Ok(Answer::Rejected(d)) => {
+                log::error_with("astria.tune", &event.correlation_id, &format!("order {order_id}: {d}"));
+                return skip(db, event);
+            }
+        }
+    }
+    let prompts = match astria_get(&cfg, &format!("/tunes/{tune_id}/prompts"), astria::parse_prompts) {
         Ok(Answer::Ok(p)) => p,
-        Ok(Answer::Retry(d)) => return retry_later(db, event, "fetching prompts", &d),
-        Err(e) => return retry_later(db, event, "fetching prompts", &e.to_string()),
+        Ok(Answer::Retry(d)) => return retry_later(db, event, &what, &d),
+        Err(e) => return retry_later(db, event, &what, &e.to_string()),
         Ok(Answer::Rejected(d)) => {
-            log::error_with("astria.prompts", &event.correlation_id, &format!("order {}: {d}", order.id));
+            log::error_with("astria.prompts", &event.correlation_id, &format!("order {order_id}: {d}"));
             return skip(db, event);
         }
     };
@@ -301,6 +339,9 @@ fn fetch_prompts(db: &SpinDb, event: &EventEnvelope, t: &TuneTrained) -> Result<
             return Ok(vec![]);
         }
         repo::lock_order(db, &order.id)?;
+        if check_tune {
+            images::mark_trained(db, &order.id, now_ms())?;
+        }
         images::set_prompts_expected(db, &order.id, prompts.len() as i64)?;
         let mut pending = vec![];
         let mut current = order.clone();

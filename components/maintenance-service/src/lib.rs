@@ -7,6 +7,8 @@
 //! `scripts/run.sh` for a local run). A second cleanup while one runs answers 409 and does
 //! nothing; a crashed run's lease expires after `cleanup_lease_seconds`.
 
+mod reconcile;
+
 use astria_store::cleanup::{self, Retention};
 use astria_store::outbox::RelayPolicy;
 use spin_kit::error::ApiError;
@@ -89,18 +91,25 @@ fn cleanup(request_id: &str) -> Result<Response, ApiError> {
     Ok(spin_kit::json_response(200, &serde_json::json!({ "report": report, "took_ms": took_ms })))
 }
 
+/// Asks about stale orders (reconcile.rs), then republishes what is due.
 fn relay(request_id: &str) -> Result<Response, ApiError> {
     let db = open_db()?;
     let batch: i64 =
         var("relay_batch")?.parse().map_err(|_| ApiError::Internal("relay_batch is not a number".into()))?;
-    let report = events::relay(&db, &var("redis_url")?, &RelayPolicy::default(), batch)?;
+    let redis_url = var("redis_url")?;
+    let (stale, pending) = reconcile::run(&db, request_id)?;
+    events::publish(&db, &redis_url, &pending);
+    let report = events::relay(&db, &redis_url, &RelayPolicy::default(), batch)?;
     if report.redis_unavailable {
         return Err(ApiError::Unavailable { dependency: "redis", detail: "relay could not publish".into() });
     }
-    if report.republished > 0 || report.dead_lettered > 0 {
-        spin_kit::log::info_with("maintenance.relay", request_id, &format!("{report:?}"));
+    if report.republished > 0 || report.dead_lettered > 0 || stale.reconcile_requested > 0 || stale.given_up > 0 {
+        spin_kit::log::info_with("maintenance.relay", request_id, &format!("{report:?} {stale:?}"));
     }
-    Ok(spin_kit::json_response(200, &report))
+    let mut body = serde_json::to_value(&report).map_err(|e| ApiError::Internal(e.to_string()))?;
+    body["reconcile_requested"] = stale.reconcile_requested.into();
+    body["given_up"] = stale.given_up.into();
+    Ok(spin_kit::json_response(200, &body))
 }
 
 use spin_kit::open_db;

@@ -13,7 +13,7 @@
 //! | channel | event types | consumer |
 //! | --- | --- | --- |
 //! | `astria.payments` | `order.awaiting_payment` | payment-service: creates the Checkout session |
-//! | `astria.orders` | `order.paid`, `tune.trained` | image-service trainer: fetches the photos and trains the tune; fetches a trained tune's prompts |
+//! | `astria.orders` | `order.paid`, `tune.trained`, `tune.reconcile` | image-service trainer: fetches the photos and trains the tune; fetches a trained tune's prompts |
 //! | `astria.messages` | `message.send` | message-service sender: calls the WhatsApp API |
 
 /// `order.awaiting_payment`: `{"order_id"}`.
@@ -22,6 +22,8 @@ pub const ORDER_AWAITING_PAYMENT: &str = "order.awaiting_payment";
 pub const ORDER_PAID: &str = "order.paid";
 /// `tune.trained`: `{"order_id", "tune_id"}`.
 pub const TUNE_TRAINED: &str = "tune.trained";
+/// `tune.reconcile`: `{"order_id", "tune_id"}`.
+pub const TUNE_RECONCILE: &str = "tune.reconcile";
 /// `message.send`: `{"message_id", "to", "message"}` (see `conversation::Message`).
 pub const MESSAGE_SEND: &str = "message.send";
 
@@ -36,7 +38,7 @@ pub mod channels {
 pub fn channel_for(event_type: &str) -> Option<&'static str> {
     match event_type {
         ORDER_AWAITING_PAYMENT => Some(channels::PAYMENTS),
-        ORDER_PAID | TUNE_TRAINED => Some(channels::ORDERS),
+        ORDER_PAID | TUNE_TRAINED | TUNE_RECONCILE => Some(channels::ORDERS),
         MESSAGE_SEND => Some(channels::MESSAGES),
         _ => None,
     }
@@ -53,7 +55,7 @@ mod tests {
 
     #[test]
     fn every_event_type_has_exactly_one_channel() {
-        for t in [ORDER_AWAITING_PAYMENT, ORDER_PAID, TUNE_TRAINED, MESSAGE_SEND] {
+        for t in [ORDER_AWAITING_PAYMENT, ORDER_PAID, TUNE_TRAINED, TUNE_RECONCILE, MESSAGE_SEND] {
             assert!(channel_for(t).is_some(), "{t}");
         }
         assert_eq!(channel_for("order.unknown"), None);

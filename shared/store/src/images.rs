@@ -12,7 +12,7 @@ use crate::{Db, DbError, Value};
 pub fn start_training<D: Db + ?Sized>(db: &D, order_id: &str, tune_id: u64, now_ms: i64) -> Result<bool, DbError> {
     let n = db.execute(
         &db.dialect()
-            .sql("UPDATE orders SET astria_tune_id = $1, status = $2, updated_at = $3 WHERE id = $4 AND status = $5"),
+            .sql("UPDATE orders SET astria_tune_id = $1, status = $2, updated_at = $3, training_started_at = $3 WHERE id = $4 AND status = $5"),
         &[
             Value::Int(tune_id as i64),
             Value::from(status_str(OrderStatus::Training)),
@@ -129,4 +129,64 @@ pub fn image_urls<D: Db + ?Sized>(db: &D, order_id: &str) -> Result<Vec<String>,
     .iter()
     .map(|r| r.text(0))
     .collect()
+}
+
+/// An order whose tune Astria may have finished without telling us.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stale {
+    pub order_id: String,
+    pub wa_id: String,
+    pub tune_id: u64,
+    pub attempts: i64,
+}
+
+const IN_TRAINING: &str = "('training', 'delivering')";
+
+fn stale_rows<D: Db + ?Sized>(db: &D, filter: &str, params: &[Value]) -> Result<Vec<Stale>, DbError> {
+    db.query(
+        &db.dialect().sql(&format!(
+            "SELECT id, wa_id, astria_tune_id, reconcile_attempts FROM orders
+             WHERE status IN {IN_TRAINING} AND astria_tune_id IS NOT NULL AND {filter}"
+        )),
+        params,
+    )?
+    .iter()
+    .map(|r| Ok(Stale { order_id: r.text(0)?, wa_id: r.text(1)?, tune_id: r.int(2)? as u64, attempts: r.int(3)? }))
+    .collect()
+}
+
+/// Orders in training since before `started_before` whose next reconciliation is due, oldest
+/// first, at most `limit`.
+pub fn due_for_reconcile<D: Db + ?Sized>(
+    db: &D,
+    now_ms: i64,
+    started_before: i64,
+    limit: i64,
+) -> Result<Vec<Stale>, DbError> {
+    stale_rows(
+        db,
+        "training_started_at < $1 AND (reconcile_next_at IS NULL OR reconcile_next_at <= $2)
+         ORDER BY training_started_at LIMIT $3",
+        &[Value::Int(started_before), Value::Int(now_ms), Value::Int(limit)],
+    )
+}
+
+/// Orders still not delivered although training started before `started_before`: the give-up
+/// point.
+pub fn past_give_up<D: Db + ?Sized>(db: &D, started_before: i64, limit: i64) -> Result<Vec<Stale>, DbError> {
+    stale_rows(
+        db,
+        "training_started_at < $1 ORDER BY training_started_at LIMIT $2",
+        &[Value::Int(started_before), Value::Int(limit)],
+    )
+}
+
+/// Books one reconciliation request and when the next may be made.
+pub fn schedule_reconcile<D: Db + ?Sized>(db: &D, order_id: &str, next_at: i64) -> Result<(), DbError> {
+    db.execute(
+        &db.dialect()
+            .sql("UPDATE orders SET reconcile_attempts = reconcile_attempts + 1, reconcile_next_at = $1 WHERE id = $2"),
+        &[Value::Int(next_at), Value::from(order_id)],
+    )?;
+    Ok(())
 }

@@ -193,6 +193,17 @@ pub const MIGRATIONS: &[Migration] = &[
         )",
         ],
     },
+    Migration {
+        version: 7,
+        name: "reconciliation with Astria",
+        sql: &[
+            // When training started (the reconciliation's clock), and the reconciliation's backoff.
+            "ALTER TABLE orders ADD COLUMN training_started_at BIGINT",
+            "ALTER TABLE orders ADD COLUMN reconcile_attempts BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE orders ADD COLUMN reconcile_next_at BIGINT",
+            "CREATE INDEX orders_in_training ON orders (status, training_started_at)",
+        ],
+    },
 ];
 
 /// Applies every migration not yet recorded; answers the versions it applied.
