@@ -9,3 +9,4 @@ bash scripts/build.sh
 bash scripts/bench-startup.sh 5
 cargo bench --profile host -p astria-tests --bench events
 cargo bench --profile host -p astria-tests --bench webhook
+cargo bench --profile host -p astria-tests --bench pace

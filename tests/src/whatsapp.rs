@@ -302,6 +302,7 @@ pub fn bot_config(graph: &FakeGraph, redis: &TestRedis, postgres: bool) -> AppCo
         .var("whatsapp_api_version", API_VERSION)
         .var("whatsapp_template_name", TEMPLATE)
         .var("whatsapp_retry_base_ms", "20")
+        .var("whatsapp_pace_ms", "50")
         .var("admin_token", ADMIN_TOKEN)
         .var("min_photos", "2")
         .var("max_photos", "3")

@@ -377,3 +377,72 @@ async fn when_astria_never_finishes_the_order_is_flagged_and_the_customer_told_a
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(w.graph.requests().await.len(), BEFORE_IMAGES + 1);
 }
+
+// ------------------------------------------------------------------ paced delivery
+
+#[tokio::test]
+async fn with_every_second_image_refused_by_the_pair_limit_all_arrive_exactly_once_and_paced() {
+    use std::sync::{Arc, Mutex};
+    let pace = Duration::from_millis(200);
+    let w = world_with(true, 1, 0, &[("whatsapp_pace_ms", "200")]).await;
+    let accepted: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+    let (seen, log) = (Arc::new(Mutex::new(0usize)), accepted.clone());
+    w.graph.rule(move |body| {
+        if body["type"] != "image" {
+            return wa::Answer::Ok;
+        }
+        let mut n = seen.lock().unwrap();
+        *n += 1;
+        if *n % 2 == 0 {
+            return wa::Answer::Error(400, 131056);
+        }
+        log.lock().unwrap().push((Instant::now(), body["image"]["link"].as_str().unwrap().to_string()));
+        wa::Answer::Ok
+    });
+    let order_id = pay(&w).await;
+    training_started(&w).await;
+    w.astria.finish(&w.app, &order_id).await;
+    // No relay call: short waits happen inside the sender.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while accepted.lock().unwrap().len() < IMAGES && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let accepted = accepted.lock().unwrap().clone();
+    let mut links: Vec<&String> = accepted.iter().map(|(_, l)| l).collect();
+    links.sort();
+    links.dedup();
+    assert_eq!((accepted.len(), links.len()), (IMAGES, IMAGES), "each image accepted exactly once");
+    for pair in accepted.windows(2) {
+        let gap = pair[1].0 - pair[0].0;
+        assert!(gap >= pace - Duration::from_millis(20), "images {gap:?} apart, pace {pace:?}");
+    }
+    let sends = w.graph.requests().await;
+    assert_eq!(
+        wa::summary(sends.last().unwrap()),
+        "text:Your portraits have been delivered. Want another pack? Reply MENU."
+    );
+}
+
+#[tokio::test]
+async fn an_image_whatsapp_cannot_take_goes_as_a_document_once() {
+    let w = world(true, 1, 0).await;
+    w.graph.rule(|body| if body["type"] == "image" { wa::Answer::Error(400, 131053) } else { wa::Answer::Ok });
+    let order_id = pay(&w).await;
+    training_started(&w).await;
+    w.astria.finish(&w.app, &order_id).await;
+    let total = BEFORE_IMAGES + 2 * IMAGES + 1;
+    let sends = w.graph.wait_for(total).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(w.graph.requests().await.len(), total, "{:?}", sends.iter().map(wa::summary).collect::<Vec<_>>());
+    let mut documents: Vec<String> = sends
+        .iter()
+        .filter(|s| s["type"] == "document")
+        .map(|s| s["document"]["link"].as_str().unwrap().to_string())
+        .collect();
+    documents.sort();
+    let mut images = image_links(&sends);
+    images.sort();
+    assert_eq!(documents, images, "every refused image went again as a document, once");
+    assert_eq!(documents.len(), IMAGES);
+}

@@ -559,3 +559,34 @@ async fn with_two_replicas_a_burst_from_many_contacts_is_answered_exactly_once_e
         assert_eq!(sends.iter().filter(|s| s["to"] == to.as_str()).count(), 3, "{to}");
     }
 }
+
+#[tokio::test]
+async fn an_image_reported_failed_as_unusable_goes_again_as_a_document() {
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, true), &redis).await;
+    say(&app, &graph, wa::text(ANA, "wamid.i1", "hi"), 1).await;
+    // Another service asks for an image (as the image-service does for each portrait).
+    let image = json!({"kind": "image", "link": "https://mp.astria.ai/9/big.jpg"});
+    let send = json!({
+        "id": uuid::Uuid::new_v4().to_string(), "event_type": "message.send", "occurred_at": "2026-11-25T10:00:00Z",
+        "correlation_id": "test", "payload": json!({"message_id": uuid::Uuid::new_v4().to_string(), "to": ANA,
+                                                     "message": image.to_string()}).to_string(),
+    });
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: i64 =
+        redis::cmd("PUBLISH").arg("astria.messages").arg(send.to_string()).query_async(&mut conn).await.unwrap();
+    graph.wait_for(2).await;
+    let db = pg(&app).await;
+    let wamid = message_row(&db, "image").await.3.expect("sent");
+    // WhatsApp accepted it, then could not fetch it (over 5 MB): a failed status with 131053.
+    assert_eq!(wa::post_webhook(&app, &wa::status(&wamid, ANA, "failed", Some(131053))).await.0, 200);
+    let sends = graph.wait_for(3).await;
+    assert_eq!(sends[2]["type"], "document");
+    assert_eq!(sends[2]["document"]["link"], "https://mp.astria.ai/9/big.jpg");
+    // The same status again changes nothing.
+    wa::post_webhook(&app, &wa::status(&wamid, ANA, "failed", Some(131053))).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(graph.requests().await.len(), 3);
+}

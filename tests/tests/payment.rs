@@ -46,20 +46,29 @@ async fn order_status(db: &tokio_postgres::Client, id: &str) -> String {
     db.query_one("SELECT status FROM orders WHERE id = $1", &[&id]).await.unwrap().get(0)
 }
 
-/// Ana orders the corporate pack with two photos and taps DONE (six replies so far).
-async fn to_done(bot: &Bot) {
+/// Ana orders the corporate pack and sends two photos (five replies so far).
+async fn to_photos(bot: &Bot) {
     let steps = [
         wa::text(ANA, "p1", "hi"),
         wa::list_reply(ANA, "p2", "pack:corporate", "Corporate headshots"),
         wa::button_reply(ANA, "p3", "subject:man", "Man"),
         wa::image(ANA, "p4", &"a".repeat(64)),
         wa::image(ANA, "p5", &"b".repeat(64)),
-        wa::button_reply(ANA, "p6", "done", "Done"),
     ];
     for (i, m) in steps.into_iter().enumerate() {
         assert_eq!(wa::post_webhook(&bot.app, &wa::inbound(ANA, vec![m])).await.0, 200);
         bot.graph.wait_for(i + 1).await;
     }
+}
+
+/// ... and taps DONE (six replies so far).
+async fn to_done(bot: &Bot) {
+    to_photos(bot).await;
+    assert_eq!(
+        wa::post_webhook(&bot.app, &wa::inbound(ANA, vec![wa::button_reply(ANA, "p6", "done", "Done")])).await.0,
+        200
+    );
+    bot.graph.wait_for(6).await;
 }
 
 /// Ana orders the corporate pack with two photos and taps DONE; answers the order id once
@@ -380,4 +389,22 @@ async fn a_failing_stripe_is_retried_by_the_relay_and_the_link_still_goes_out_on
     assert_eq!(bot.stripe.sessions_created(), 1);
     assert!(bot.app.log().contains("Stripe answered 500"), "the failure is logged");
     assert!(!bot.app.log().contains(ps::SECRET_KEY), "the key never is");
+}
+
+#[tokio::test]
+async fn photos_too_old_to_survive_until_training_get_no_payment_link() {
+    let bot = bot().await;
+    to_photos(&bot).await;
+    // The selfies came almost a week ago (WhatsApp deletes media after 7 days).
+    let db = db(&bot.app).await;
+    let old = (ps::unix_now() - 6 * 24 * 3600 - 23 * 3600) * 1000;
+    db.execute("UPDATE order_photos SET created_at = $1", &[&old]).await.unwrap();
+    wa::post_webhook(&bot.app, &wa::inbound(ANA, vec![wa::button_reply(ANA, "p6", "done", "Done")])).await;
+    let sends = bot.graph.wait_for(7).await;
+    assert_eq!(
+        wa::summary(&sends[6]),
+        "text:WhatsApp only keeps photos for 7 days and yours are nearly that old, so I can't use them. Reply MENU to start again with fresh selfies."
+    );
+    assert!(bot.stripe.requests().is_empty(), "no link, no payment");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM orders WHERE status = 'expired'").await, 1);
 }

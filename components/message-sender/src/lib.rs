@@ -12,7 +12,12 @@
 //! - 131047 or a last inbound message older than 24 hours → the message waits for the window,
 //!   the contact gets the configured template once, and the webhook requeues the message when
 //!   they write again;
-//! - 131026, 190 and other permanent errors, or too many retries → `failed`, logged as errors.
+//! - 131026, 190 and other permanent errors, or too many retries → `failed`, logged as errors;
+//! - 131053 for an image (too large, over 5 MB) → the same link again, as a document.
+//!
+//! Images to one person are paced (`whatsapp_pace_ms` apart, WhatsApp's pair rate limit), and a
+//! 131056 is retried after that pace; short waits happen inside the handler, long ones through
+//! the relay.
 
 use std::time::Duration;
 
@@ -35,6 +40,8 @@ const LEASE_MS: i64 = 60_000;
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// Messages sent per contact per event, so one handler invocation stays short.
 const MAX_PER_PASS: usize = 20;
+/// Longest wait the sender spends inside one event rather than leaving it to the relay.
+const INLINE_WAIT_MS: i64 = 10_000;
 /// Passes over one contact's queue per event; anything left is due for the relay.
 const MAX_ROUNDS: usize = 5;
 /// Failed tries before a message is given up (and logged as an error).
@@ -63,7 +70,19 @@ fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
         .parse()
         .map_err(|_| anyhow::anyhow!("whatsapp_retry_base_ms is not a number"))?;
     let db = spin_kit::open_db().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let sender = Sender { db: &db, cfg: &cfg, retry_base_ms, correlation_id: &event.correlation_id };
+    let pace_ms: i64 = spin_kit::var("whatsapp_pace_ms")
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("whatsapp_pace_ms is not a number"))?;
+    let sender = Sender {
+        db: &db,
+        cfg: &cfg,
+        retry_base_ms,
+        pace_ms,
+        last_sent: std::cell::Cell::new(messages::last_sent_at(&db, &send.to)?),
+        correlation_id: &event.correlation_id,
+    };
     // A message.send from a component that did not queue the row itself: queue it now.
     if messages::get(&db, &send.message_id)?.is_none() {
         let kind = serde_json::from_str::<Message>(&send.message).map(|m| m.kind()).unwrap_or("text");
@@ -86,6 +105,10 @@ struct Sender<'a> {
     db: &'a SpinDb,
     cfg: &'a WhatsApp,
     retry_base_ms: i64,
+    /// Least time between two images to one person (WhatsApp's pair rate limit).
+    pace_ms: i64,
+    /// When this contact last had a message accepted.
+    last_sent: std::cell::Cell<Option<i64>>,
     correlation_id: &'a str,
 }
 
@@ -119,17 +142,29 @@ impl Sender<'_> {
     fn drain_leased(&self, wa_id: &str, holder: &str) -> Result<(), DbError> {
         for _ in 0..MAX_PER_PASS {
             let Some(m) = messages::next_in_queue(self.db, wa_id)? else { return Ok(()) };
-            let now = now_ms();
-            if m.next_attempt_at > now {
-                // Waiting for its retry, and holding back the messages after it.
+            let wait = m.next_attempt_at - now_ms();
+            if wait > INLINE_WAIT_MS {
+                // Waiting long for its retry, holding back the messages after it: the relay
+                // brings the event back then.
                 outbox::due_at(self.db, &m.event_id, m.next_attempt_at)?;
                 return Ok(());
             }
-            if !messages::acquire_lease(self.db, wa_id, holder, now, LEASE_MS)? {
+            // A short wait (a pair-limit retry, the pace between images) is cheaper here than
+            // a round through the relay.
+            let pace_wait = match self.last_sent.get() {
+                Some(last) if is_paced(&m) => last + self.pace_ms - now_ms(),
+                _ => 0,
+            };
+            let wait = wait.max(pace_wait);
+            if wait > 0 {
+                std::thread::sleep(Duration::from_millis(wait as u64));
+            }
+            if !messages::acquire_lease(self.db, wa_id, holder, now_ms(), LEASE_MS)? {
                 return Ok(()); // Our lease lapsed and someone else took over.
             }
             if !self.send_one(&m)? {
-                return Ok(());
+                // Rescheduled: the next round looks at its retry time.
+                continue;
             }
         }
         Ok(())
@@ -179,10 +214,13 @@ impl Sender<'_> {
                 SendOutcome::Sent { wamid } => {
                     messages::mark_sent(db, &m.id, &wamid, now)?;
                     outbox::complete(db, &m.event_id, now)?;
+                    self.last_sent.set(Some(now));
                     true
                 }
                 SendOutcome::Retry { code, detail, min_delay_ms } if m.attempts + 1 < MAX_ATTEMPTS => {
-                    let at = now + graph::retry_delay_ms(self.retry_base_ms, m.attempts + 1, min_delay_ms);
+                    // The pair limit asks for the pace this deployment is configured with.
+                    let floor = if code == Some(graph::codes::PAIR_LIMIT) { self.pace_ms } else { min_delay_ms };
+                    let at = now + graph::retry_delay_ms(self.retry_base_ms, m.attempts + 1, floor);
                     messages::schedule_retry(db, &m.id, code, &detail, at, now)?;
                     outbox::due_at(db, &m.event_id, at)?;
                     log::warn("sender", &format!("message {} will be retried in {} ms: {detail}", m.id, at - now));
@@ -191,6 +229,23 @@ impl Sender<'_> {
                 SendOutcome::Retry { code, detail, .. } => {
                     let detail = format!("gave up after {MAX_ATTEMPTS} attempts: {detail}");
                     self.fail(db, m, code, &detail, now)?;
+                    true
+                }
+                SendOutcome::Rejected { code: Some(graph::codes::MEDIA_UPLOAD), detail }
+                    if as_document(m).is_some() =>
+                {
+                    // Too large (or unusable) as an image: the same link goes as a document.
+                    self.fail(
+                        db,
+                        m,
+                        Some(graph::codes::MEDIA_UPLOAD),
+                        &format!("{detail}; resent as a document"),
+                        now,
+                    )?;
+                    if let Some(doc) = as_document(m) {
+                        let pending = spin_kit::messages::queue(db, &m.wa_id, &doc, 0, self.correlation_id)?;
+                        outbox::due_at(db, &pending.id, now)?;
+                    }
                     true
                 }
                 SendOutcome::Rejected { code, detail } => {
@@ -231,4 +286,12 @@ impl Sender<'_> {
         );
         Ok(())
     }
+}
+
+fn is_paced(m: &OutboundMessage) -> bool {
+    serde_json::from_str::<Message>(&m.message).map(|msg| msg.is_paced()).unwrap_or(false)
+}
+
+fn as_document(m: &OutboundMessage) -> Option<Message> {
+    serde_json::from_str::<Message>(&m.message).ok().and_then(|msg| msg.image_as_document())
 }

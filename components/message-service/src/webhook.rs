@@ -194,7 +194,8 @@ fn handle_status(db: &impl Db, s: &StatusUpdate, correlation_id: &str) -> Result
         let Some(m) = messages::record_delivery(db, &s.message_id, &s.status, code, newer, now)? else {
             return Ok(vec![]);
         };
-        if s.status != "failed" {
+        // Act on a failure once: a repeated (or late) `failed` changes nothing.
+        if s.status != "failed" || m.delivery_status.as_deref() == Some("failed") {
             return Ok(vec![]);
         }
         log::error_with(
@@ -203,6 +204,13 @@ fn handle_status(db: &impl Db, s: &StatusUpdate, correlation_id: &str) -> Result
             &format!("message {} ({}) failed with code {}", m.id, m.kind, code.unwrap_or(0)),
         );
         let mut pending = vec![];
+        // An image WhatsApp could not use (over 5 MB): the same link again, as a document.
+        if s.error_codes.contains(&codes::MEDIA_UPLOAD) {
+            if let Some(doc) = serde_json::from_str::<Message>(&m.message).ok().and_then(|msg| msg.image_as_document())
+            {
+                pending.push(spin_kit::messages::queue(db, &m.wa_id, &doc, 0, correlation_id)?);
+            }
+        }
         if s.error_codes.contains(&codes::OUTSIDE_WINDOW)
             && m.kind != "template"
             && messages::reopen_for_window(db, &m.id, now)?

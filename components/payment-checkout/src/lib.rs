@@ -29,6 +29,10 @@ use spin_sdk::redis_component;
 
 const CONSUMER: &str = "payment-checkout";
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long WhatsApp keeps a media id after the message arrived.
+const MEDIA_LIFETIME_MS: i64 = 7 * 24 * 60 * 60_000;
+/// Time to fetch the photos after payment (and clock skew).
+const SAFETY_MS: i64 = 60 * 60_000;
 
 #[redis_component]
 fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
@@ -59,6 +63,29 @@ fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
     };
 
     let cfg = config::stripe_checkout(&SpinVars).map_err(|e| fail(e.to_string()))?;
+    let texts = Texts::from_json_overrides(&var("texts_json").map_err(|e| fail(format!("{e:?}")))?).map_err(fail)?;
+
+    // WhatsApp deletes media 7 days after it arrived; training starts right after payment,
+    // which can come as late as the link's expiry. Photos that would be gone by then are
+    // refused now, before any money is taken.
+    let oldest = repo::oldest_photo_at(&db, &order.id)?.unwrap_or(now);
+    if oldest + MEDIA_LIFETIME_MS - SAFETY_MS < now + cfg.expiry_minutes * 60_000 {
+        let pending = transaction(&db, |db| {
+            if !outbox::claim(db, &event.id, CONSUMER, now_ms())? {
+                return Ok(vec![]);
+            }
+            let mut pending = vec![];
+            if repo::set_order_status(db, &order.id, OrderStatus::AwaitingPayment, OrderStatus::Expired, now_ms())? {
+                let sorry = Message::text(&texts.photos_too_old);
+                pending.push(spin_kit::messages::queue(db, &order.wa_id, &sorry, 0, &event.correlation_id)?);
+            }
+            outbox::complete(db, &event.id, now_ms())?;
+            Ok::<_, astria_store::DbError>(pending)
+        })?;
+        log::warn(CONSUMER, &format!("order {}: photos too old for a payment link", order.id));
+        publish(&db, &pending);
+        return Ok(());
+    }
     let packs = config::catalogue(&SpinVars).map_err(|e| fail(e.to_string()))?;
     let product =
         packs.iter().find(|p| p.id == order.pack_id).map(|p| p.title.clone()).unwrap_or(order.pack_id.clone());
@@ -68,7 +95,6 @@ fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
     })?;
     let url = session.url.clone().unwrap_or_default();
 
-    let texts = Texts::from_json_overrides(&var("texts_json").map_err(|e| fail(format!("{e:?}")))?).map_err(fail)?;
     let pending = transaction(&db, |db| {
         if !outbox::claim(db, &event.id, CONSUMER, now_ms())? {
             return Ok(vec![]); // Another replica stored the same session and sent the link.

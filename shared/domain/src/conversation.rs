@@ -83,6 +83,14 @@ pub enum Message {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         caption: Option<String>,
     },
+    /// A file by public URL (up to 100 MB): how an image too large for an image message goes.
+    Document {
+        link: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        filename: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        caption: Option<String>,
+    },
     /// The configured template (`whatsapp_template_name`), the only kind WhatsApp delivers
     /// outside the 24-hour window; `parameters` fill its body variables in order.
     Template {
@@ -99,8 +107,29 @@ impl Message {
             Message::Buttons { .. } => "buttons",
             Message::List { .. } => "list",
             Message::Image { .. } => "image",
+            Message::Document { .. } => "document",
             Message::Template { .. } => "template",
         }
+    }
+
+    /// The same image as a document, for when WhatsApp cannot take it as an image (over 5 MB).
+    pub fn image_as_document(&self) -> Option<Message> {
+        match self {
+            Message::Image { link, caption } => {
+                let name = link.rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or("portrait.jpg");
+                Some(Message::Document {
+                    link: link.clone(),
+                    filename: Some(name.to_string()),
+                    caption: caption.clone(),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether messages of this kind to one person are paced (WhatsApp's pair rate limit).
+    pub fn is_paced(&self) -> bool {
+        matches!(self, Message::Image { .. } | Message::Document { .. })
     }
 
     /// A plain text message, cut to WhatsApp's limit.

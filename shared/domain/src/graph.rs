@@ -57,6 +57,16 @@ pub fn request_body(to: &str, message: &Message, template: &TemplateConfig) -> V
             }
             ("image", image)
         }
+        Message::Document { link, filename, caption } => {
+            let mut document = json!({ "link": link });
+            if let Some(f) = filename {
+                document["filename"] = json!(f);
+            }
+            if let Some(c) = caption {
+                document["caption"] = json!(c);
+            }
+            ("document", document)
+        }
         Message::Template { parameters } => {
             let mut template = json!({ "name": template.name, "language": { "code": template.language } });
             if !parameters.is_empty() {
@@ -96,6 +106,8 @@ pub mod codes {
     pub const ACCOUNT_LIMIT: i64 = 80007;
     pub const UNDELIVERABLE: i64 = 131026;
     pub const TOKEN_INVALID: i64 = 190;
+    /// The media could not be fetched or used (an image over 5 MB, say).
+    pub const MEDIA_UPLOAD: i64 = 131053;
 }
 
 #[derive(Deserialize)]
@@ -236,6 +248,17 @@ mod tests {
             b["interactive"]["action"]["sections"][0]["rows"][0],
             json!({"id":"x","title":"X","description":"d"})
         );
+    }
+
+    #[test]
+    fn an_image_too_large_goes_as_a_document_of_the_same_link() {
+        let img = Message::Image { link: "https://mp.astria.ai/1/2/0.jpg".into(), caption: None };
+        let doc = img.image_as_document().unwrap();
+        let b = request_body("1", &doc, &template());
+        assert_eq!(b["type"], "document");
+        assert_eq!(b["document"], json!({"link":"https://mp.astria.ai/1/2/0.jpg","filename":"0.jpg"}));
+        assert!(doc.is_paced() && img.is_paced() && !Message::text("x").is_paced());
+        assert_eq!(Message::text("x").image_as_document(), None);
     }
 
     #[test]

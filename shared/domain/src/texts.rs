@@ -52,6 +52,8 @@ pub struct Texts {
     pub payment_failed: String,
     /// Money arrived that the order could not take (wrong amount, cancelled order).
     pub payment_needs_refund: String,
+    /// The photos would be gone (WhatsApp keeps media 7 days) before training could start.
+    pub photos_too_old: String,
 }
 
 impl Default for Texts {
@@ -97,6 +99,7 @@ impl Default for Texts {
             payment_received: s("Payment received, thank you! Your AI model starts training now; I'll send your portraits when they're ready."),
             payment_expired: s("Your payment link has expired. Reply PAY for a new one, or MENU to start over."),
             payment_failed: s("Your payment didn't go through. Reply PAY to try again, or MENU to start over."),
+            photos_too_old: s("WhatsApp only keeps photos for 7 days and yours are nearly that old, so I can't use them. Reply MENU to start again with fresh selfies."),
             payment_needs_refund: s("We received a payment we couldn't match to your order. We'll refund it and get in touch."),
         }
     }

@@ -61,7 +61,9 @@ fn summary(out: &Outcome) -> String {
             Action::Send(Message::Buttons { .. }) => "B".to_string(),
             Action::Send(Message::List { .. }) => "L".to_string(),
             // The conversation never sends these itself (other services do).
-            Action::Send(Message::Image { .. } | Message::Template { .. }) => "X".to_string(),
+            Action::Send(Message::Image { .. } | Message::Document { .. } | Message::Template { .. }) => {
+                "X".to_string()
+            }
             Action::SetOptOut(true) => "O+".to_string(),
             Action::SetOptOut(false) => "O-".to_string(),
             Action::CreateOrder { .. } => "C".to_string(),
@@ -386,7 +388,7 @@ mod properties {
                     && rows.iter().all(|r| r.title.chars().count() <= limits::ROW_TITLE)
             }
             // Not produced by the conversation.
-            Message::Image { .. } | Message::Template { .. } => false,
+            Message::Image { .. } | Message::Document { .. } | Message::Template { .. } => false,
         }
     }
 

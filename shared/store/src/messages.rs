@@ -297,6 +297,15 @@ pub fn for_contact<D: Db + ?Sized>(db: &D, wa_id: &str) -> Result<Vec<OutboundMe
     select(db, "WHERE wa_id = $1 ORDER BY seq, created_at, id", &[Value::from(wa_id)])
 }
 
+/// When the last message to the contact was accepted by WhatsApp (ms), for pacing.
+pub fn last_sent_at<D: Db + ?Sized>(db: &D, wa_id: &str) -> Result<Option<i64>, DbError> {
+    let rows = db.query(
+        &db.dialect().sql("SELECT MAX(sent_at) FROM outbound_messages WHERE wa_id = $1 AND status = $2"),
+        &[Value::from(wa_id), Value::from(status::SENT)],
+    )?;
+    Ok(rows.first().map(|r| r.opt_int(0)).transpose()?.flatten())
+}
+
 /// The contact's last inbound message time (ms), which opens WhatsApp's 24-hour window.
 pub fn last_inbound_at<D: Db + ?Sized>(db: &D, wa_id: &str) -> Result<Option<i64>, DbError> {
     let rows =

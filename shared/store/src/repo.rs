@@ -234,6 +234,15 @@ pub fn add_photo<D: Db + ?Sized>(db: &D, order_id: &str, photo: &Photo, now_ms: 
     Ok(n == 1)
 }
 
+/// When the order's oldest photo arrived (ms): WhatsApp media ids die 7 days after that.
+pub fn oldest_photo_at<D: Db + ?Sized>(db: &D, order_id: &str) -> Result<Option<i64>, DbError> {
+    let rows = db.query(
+        &db.dialect().sql("SELECT MIN(created_at) FROM order_photos WHERE order_id = $1"),
+        &[Value::from(order_id)],
+    )?;
+    Ok(rows.first().map(|r| r.opt_int(0)).transpose()?.flatten())
+}
+
 /// Locks the order's row until the transaction ends (PostgreSQL; SQLite's write transaction
 /// already excludes other writers), so that decisions read from several rows, like "was this
 /// the last prompt?", are made one at a time per order.
