@@ -446,3 +446,27 @@ async fn an_image_whatsapp_cannot_take_goes_as_a_document_once() {
     assert_eq!(documents, images, "every refused image went again as a document, once");
     assert_eq!(documents.len(), IMAGES);
 }
+
+#[tokio::test]
+async fn photos_whatsapp_no_longer_has_after_payment_fail_the_order_flag_a_refund_and_tell_the_customer() {
+    let w = world(true, 1, 0).await;
+    // WhatsApp deleted the media (ids die after 7 days): lookups answer 404.
+    wiremock::Mock::given(wiremock::matchers::method("GET"))
+        .and(wiremock::matchers::path_regex("^/v[0-9.]+/media-[^/]+$"))
+        .respond_with(wiremock::ResponseTemplate::new(404).set_body_json(serde_json::json!({
+            "error": {"message": "Unsupported get request.", "type": "GraphMethodException", "code": 100}
+        })))
+        .with_priority(1)
+        .mount(&w.graph.server)
+        .await;
+    let order_id = pay(&w).await;
+    let sends = w.graph.wait_for(BEFORE_IMAGES).await;
+    assert_eq!(wa::summary(&sends[8]), "text:Something went wrong with your order. We'll refund you and get in touch.");
+    let db = db(&w.app).await;
+    let status: String = db.query_one("SELECT status FROM orders WHERE id = $1", &[&order_id]).await.unwrap().get(0);
+    assert_eq!(status, "failed");
+    let detail: String =
+        db.query_one("SELECT detail FROM payment_issues WHERE order_id = $1", &[&order_id]).await.unwrap().get(0);
+    assert!(detail.contains("no longer at WhatsApp"), "{detail}");
+    assert!(w.astria.tunes().is_empty(), "nothing trained");
+}
