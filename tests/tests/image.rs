@@ -143,6 +143,24 @@ async fn from_hi_to_every_portrait_delivered_once_with_three_trainer_replicas_po
     journey(true).await;
 }
 
+/// The order failed after payment: the customer's message at `index` says so, the order is
+/// `failed`, and a refund is flagged whose detail contains `detail`.
+async fn assert_failed_and_flagged(w: &World, order_id: &str, index: usize, detail: &str) {
+    let sends = w.graph.wait_for(index + 1).await;
+    assert_eq!(
+        wa::summary(&sends[index]),
+        "text:Something went wrong with your order. We'll refund you and get in touch."
+    );
+    let db = db(&w.app).await;
+    let status: String = db.query_one("SELECT status FROM orders WHERE id = $1", &[&order_id]).await.unwrap().get(0);
+    assert_eq!(status, "failed");
+    let issue =
+        db.query_one("SELECT kind, detail FROM payment_issues WHERE order_id = $1", &[&order_id]).await.unwrap();
+    assert_eq!(issue.get::<_, String>(0), "needs_refund");
+    let found: String = issue.get(1);
+    assert!(found.contains(detail), "{found}");
+}
+
 /// Makes every outstanding event due and runs the relay, as the every-minute job would once
 /// the backoff has passed.
 async fn relay_now(app: &TestApp) {
@@ -178,15 +196,7 @@ async fn astria_422_fails_the_order_tells_the_customer_and_flags_a_refund() {
     let w = world(true, 1, 0).await;
     w.astria.fail_next(vec![422]);
     let order_id = pay(&w).await;
-    let sends = w.graph.wait_for(BEFORE_IMAGES).await;
-    assert_eq!(wa::summary(&sends[8]), "text:Something went wrong with your order. We'll refund you and get in touch.");
-    let db = db(&w.app).await;
-    let status: String = db.query_one("SELECT status FROM orders WHERE id = $1", &[&order_id]).await.unwrap().get(0);
-    assert_eq!(status, "failed");
-    let issue =
-        db.query_one("SELECT kind, detail FROM payment_issues WHERE order_id = $1", &[&order_id]).await.unwrap();
-    assert_eq!(issue.get::<_, String>(0), "needs_refund");
-    assert!(issue.get::<_, String>(1).contains("Astria refused the tune: HTTP 422"));
+    assert_failed_and_flagged(&w, &order_id, BEFORE_IMAGES - 1, "Astria refused the tune: HTTP 422").await;
     for _ in 0..3 {
         relay_now(&w.app).await;
     }
@@ -359,17 +369,7 @@ async fn when_astria_never_finishes_the_order_is_flagged_and_the_customer_told_a
     training_started(&w).await;
     let report = wa::relay(&w.app).await;
     assert_eq!(report["given_up"], 1, "{report}");
-    let sends = w.graph.wait_for(BEFORE_IMAGES + 1).await;
-    assert_eq!(
-        wa::summary(&sends[BEFORE_IMAGES]),
-        "text:Something went wrong with your order. We'll refund you and get in touch."
-    );
-    let db = db(&w.app).await;
-    let status: String = db.query_one("SELECT status FROM orders WHERE id = $1", &[&order_id]).await.unwrap().get(0);
-    assert_eq!(status, "failed");
-    let detail: String =
-        db.query_one("SELECT detail FROM payment_issues WHERE order_id = $1", &[&order_id]).await.unwrap().get(0);
-    assert!(detail.contains("did not finish"), "{detail}");
+    assert_failed_and_flagged(&w, &order_id, BEFORE_IMAGES, "did not finish").await;
     // Astria finishing after all changes nothing: the customer was told, the refund flagged.
     w.astria.finish_silently(&order_id, &[1, 2, 3]);
     assert_eq!(w.astria.call_back_prompt(&w.app, &order_id, 1, false).await.1["result"], "late");
@@ -460,13 +460,6 @@ async fn photos_whatsapp_no_longer_has_after_payment_fail_the_order_flag_a_refun
         .mount(&w.graph.server)
         .await;
     let order_id = pay(&w).await;
-    let sends = w.graph.wait_for(BEFORE_IMAGES).await;
-    assert_eq!(wa::summary(&sends[8]), "text:Something went wrong with your order. We'll refund you and get in touch.");
-    let db = db(&w.app).await;
-    let status: String = db.query_one("SELECT status FROM orders WHERE id = $1", &[&order_id]).await.unwrap().get(0);
-    assert_eq!(status, "failed");
-    let detail: String =
-        db.query_one("SELECT detail FROM payment_issues WHERE order_id = $1", &[&order_id]).await.unwrap().get(0);
-    assert!(detail.contains("no longer at WhatsApp"), "{detail}");
+    assert_failed_and_flagged(&w, &order_id, BEFORE_IMAGES - 1, "no longer at WhatsApp").await;
     assert!(w.astria.tunes().is_empty(), "nothing trained");
 }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Barrier};
 use astria_models::{EventEnvelope, OrderStatus};
 use astria_store::cleanup;
 use astria_store::images;
+use astria_store::lease;
 use astria_store::messages;
 use astria_store::migrations::{latest_version, migrate};
 use astria_store::outbox::{self, status, Attempt, RelayPolicy};
@@ -566,26 +567,6 @@ fn one_sender_holds_a_contacts_lease_until_it_releases_or_it_expires() {
 }
 
 #[test]
-fn of_concurrent_senders_for_one_contact_exactly_one_gets_the_lease() {
-    on_both(|connect| {
-        let db = connect();
-        migrate(db.as_ref(), 0).unwrap();
-        let barrier = Arc::new(Barrier::new(4));
-        let handles: Vec<_> = (0..4)
-            .map(|i| {
-                let (db, barrier) = (connect(), barrier.clone());
-                std::thread::spawn(move || {
-                    barrier.wait();
-                    transaction(db.as_ref(), |db| messages::acquire_lease(db, "wa1", &format!("h{i}"), 100, 60_000))
-                        .unwrap()
-                })
-            })
-            .collect();
-        assert_eq!(handles.into_iter().map(|h| h.join().unwrap()).filter(|w| *w).count(), 1);
-    });
-}
-
-#[test]
 fn messages_kept_back_by_the_window_are_requeued_in_order_under_new_events() {
     on_both(|connect| {
         let db = connect();
@@ -896,23 +877,27 @@ fn one_cleanup_holds_the_lease_until_it_releases_or_it_expires() {
     });
 }
 
-#[test]
-fn of_concurrent_cleanups_exactly_one_gets_the_lease() {
-    on_both(|connect| {
-        let db = connect();
-        migrate(db.as_ref(), 0).unwrap();
-        let barrier = Arc::new(Barrier::new(4));
-        let handles: Vec<_> = (0..4)
-            .map(|i| {
-                let (db, barrier) = (connect(), barrier.clone());
-                std::thread::spawn(move || {
-                    barrier.wait();
-                    cleanup::acquire_lease(db.as_ref(), "cleanup", &format!("run{i}"), 100, 60_000).unwrap()
-                })
+/// Four threads race for one lease of `kind`: exactly one wins.
+fn one_of_concurrent_takers_wins(connect: &dyn Fn() -> Box<dyn Db + Send>, kind: lease::Kind) {
+    let db = connect();
+    migrate(db.as_ref(), 0).unwrap();
+    let barrier = Arc::new(Barrier::new(4));
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let (db, barrier) = (connect(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                transaction(db.as_ref(), |db| lease::acquire(db, kind, "key", &format!("h{i}"), 100, 60_000)).unwrap()
             })
-            .collect();
-        assert_eq!(handles.into_iter().map(|h| h.join().unwrap()).filter(|w| *w).count(), 1);
-    });
+        })
+        .collect();
+    assert_eq!(handles.into_iter().map(|h| h.join().unwrap()).filter(|w| *w).count(), 1, "{kind:?}");
+}
+
+#[test]
+fn of_concurrent_takers_of_a_lease_exactly_one_wins_for_send_queues_and_jobs() {
+    on_both(|connect| one_of_concurrent_takers_wins(connect, lease::Kind::Send));
+    on_both(|connect| one_of_concurrent_takers_wins(connect, lease::Kind::Job));
 }
 
 #[test]
