@@ -38,6 +38,8 @@ pub struct Options {
     pub redis_memory: bool,
     /// Where compiled components are cached between runs (None: no cache).
     pub cache_dir: Option<PathBuf>,
+    /// Run only these components (`spin up -c`); empty runs all.
+    pub components: Vec<String>,
     pub env: HashMap<String, String>,
 }
 
@@ -137,7 +139,8 @@ fn compile(engine: &Engine, path: &std::path::Path, cache_dir: Option<&std::path
 
 impl App {
     pub async fn load(opts: &Options) -> Result<Arc<App>> {
-        let manifest = Manifest::load(&opts.manifest)?;
+        let mut manifest = Manifest::load(&opts.manifest)?;
+        manifest.retain_components(&opts.components)?;
         let dotenv = manifest.dir.join(".env");
         let vars = Variables::resolve(&manifest.variables, &opts.env, Some(&dotenv))?;
 
@@ -175,13 +178,13 @@ impl App {
                 .with_context(|| format!("component '{id}' variables"))?;
             for label in &c.key_value_stores {
                 if !rc.key_value.contains_key(label) {
-                    bail!("unknown key_value_stores label '{label}' for component '{id}'");
+                    bail!("unknown key_value_stores label \"{label}\" for component \"{id}\"");
                 }
                 used_kv.insert(label.clone());
             }
             for label in &c.sqlite_databases {
                 if !rc.sqlite.contains_key(label) {
-                    bail!("unknown sqlite_databases label '{label}' for component '{id}'");
+                    bail!("unknown sqlite_databases label \"{label}\" for component \"{id}\"");
                 }
             }
             let ctx = Arc::new(ComponentCtx {
@@ -414,8 +417,21 @@ impl App {
         }
     }
 
-    /// Starts one subscriber per Redis trigger address.
-    pub fn start_redis_triggers(self: &Arc<Self>) {
+    /// Whether any selected component has an HTTP trigger (Spin listens only then).
+    pub fn has_http(&self) -> bool {
+        self.components.values().any(|c| c.proxy.is_some())
+    }
+
+    /// Starts one subscriber per Redis trigger address, as Spin does. Each handles one message
+    /// at a time (Spin awaits the handler before reading the next message).
+    ///
+    /// With the in-process broker the subscribers run until shutdown. With a real Redis they
+    /// behave as Spin's trigger: a subscription that cannot connect, cannot subscribe, or loses
+    /// its connection ends with an error and is never retried. The returned set yields that
+    /// error; `devhost up` then stops the whole app, as `spin up` does, and whatever supervises
+    /// it (the kubelet, a script, the test harness) starts it again.
+    pub fn start_redis_triggers(self: &Arc<Self>) -> tokio::task::JoinSet<anyhow::Error> {
+        let mut ended = tokio::task::JoinSet::new();
         let mut by_address: HashMap<String, Vec<(String, String)>> = HashMap::new();
         for s in &self.subscriptions {
             by_address.entry(s.address.clone()).or_default().push((s.channel.clone(), s.component.clone()));
@@ -431,9 +447,7 @@ impl App {
                         tokio::spawn(async move {
                             loop {
                                 match rx.recv().await {
-                                    Ok(payload) => {
-                                        app.clone().dispatch_message(component.clone(), channel.clone(), payload)
-                                    }
+                                    Ok(payload) => app.handle_message(&component, &channel, payload).await,
                                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                                         tracing::warn!(
                                             "channel '{channel}': {n} messages dropped (subscriber too slow)"
@@ -446,68 +460,66 @@ impl App {
                     }
                 }
                 None => {
-                    tokio::spawn(async move { app.subscribe_loop(address, channels).await });
+                    ended.spawn(async move {
+                        match app.run_listener(&address, &channels).await {
+                            Ok(never) => match never {},
+                            Err(e) => e,
+                        }
+                    });
                 }
             }
         }
+        ended
     }
 
-    /// Subscribes to a real Redis and keeps doing so: where Spin's trigger would exit and let
-    /// the orchestrator restart it, devhost reconnects with backoff.
-    async fn subscribe_loop(self: Arc<Self>, address: String, channels: Vec<(String, String)>) {
-        let shown = crate::host::redis::redact_url(&address);
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            match self.clone().subscribe_once(&address, &channels).await {
-                Ok(()) => {
-                    // It was connected: start the next outage's backoff from the beginning.
-                    backoff = Duration::from_millis(200);
-                    tracing::warn!("redis subscription to {shown} ended; reconnecting")
-                }
-                Err(e) => tracing::warn!("redis subscription to {shown} failed: {e:#}; retrying in {backoff:?}"),
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
-    }
-
-    async fn subscribe_once(self: Arc<Self>, address: &str, channels: &[(String, String)]) -> Result<()> {
+    /// One subscription to a real Redis, as Spin's `Subscriber::run_listener`: it returns only
+    /// with the error that ended it, with Spin's wording.
+    async fn run_listener(
+        self: Arc<Self>,
+        address: &str,
+        channels: &[(String, String)],
+    ) -> Result<std::convert::Infallible> {
         let client = redis::Client::open(address).context("invalid redis address")?;
-        let mut pubsub = client.get_async_pubsub().await.context("connecting")?;
+        let server = client.get_connection_info().addr.to_string();
+        let mut pubsub =
+            client.get_async_pubsub().await.with_context(|| format!("Redis trigger failed to connect to {server}"))?;
         for (channel, component) in channels {
-            pubsub.subscribe(channel).await.with_context(|| format!("subscribing to '{channel}'"))?;
-            tracing::info!("subscribed to redis channel '{channel}' for component '{component}'");
+            pubsub
+                .subscribe(channel)
+                .await
+                .with_context(|| format!("Redis trigger failed to subscribe to channel {channel:?} on {server}"))?;
+            tracing::info!("subscribed to redis channel '{channel}' on {server} for component '{component}'");
         }
         let routes: HashMap<String, String> = channels.iter().cloned().collect();
         let mut stream = pubsub.on_message();
         while let Some(msg) = stream.next().await {
             let channel = msg.get_channel_name().to_string();
-            if let Some(component) = routes.get(&channel) {
-                self.clone().dispatch_message(component.clone(), channel, msg.get_payload_bytes().to_vec());
+            match routes.get(&channel) {
+                Some(component) => self.handle_message(component, &channel, msg.get_payload_bytes().to_vec()).await,
+                None => tracing::error!("message from unexpected channel {channel:?}"),
             }
         }
-        Ok(())
+        bail!("disconnected from {server}")
     }
 
-    /// Calls the component for one message in a fresh instance; errors are logged, as in Spin.
-    fn dispatch_message(self: Arc<Self>, component_id: String, channel: String, payload: Vec<u8>) {
-        tokio::spawn(async move {
-            let Some(component) = self.components.get(&component_id) else { return };
-            let Some(pre) = component.redis.clone() else { return };
-            let mut store = self.new_store(component);
-            let (stdout, stderr) = (store.data().stdout.clone(), store.data().stderr.clone());
-            let result = async {
-                let instance = pre.instantiate_async(&mut store).await?;
-                instance.fermyon_spin_inbound_redis().call_handle_message(&mut store, &payload).await
-            }
-            .await;
-            log_output(&component_id, &self.secrets, &stdout, &stderr);
-            match result {
-                Ok(Ok(())) => tracing::debug!(component = %component_id, channel, "message handled"),
-                Ok(Err(e)) => tracing::warn!(component = %component_id, channel, "handler returned an error: {e:?}"),
-                Err(e) => tracing::error!(component = %component_id, channel, "handler trapped: {e:#}"),
-            }
-        });
+    /// Calls the component for one message in a fresh instance and waits for it; errors are
+    /// logged, as in Spin.
+    async fn handle_message(self: &Arc<Self>, component_id: &str, channel: &str, payload: Vec<u8>) {
+        let Some(component) = self.components.get(component_id) else { return };
+        let Some(pre) = component.redis.clone() else { return };
+        let mut store = self.new_store(component);
+        let (stdout, stderr) = (store.data().stdout.clone(), store.data().stderr.clone());
+        let result = async {
+            let instance = pre.instantiate_async(&mut store).await?;
+            instance.fermyon_spin_inbound_redis().call_handle_message(&mut store, &payload).await
+        }
+        .await;
+        log_output(component_id, &self.secrets, &stdout, &stderr);
+        match result {
+            Ok(Ok(())) => tracing::debug!(component = %component_id, channel, "message handled"),
+            Ok(Err(e)) => tracing::warn!(component = %component_id, channel, "handler returned an error: {e:?}"),
+            Err(e) => tracing::error!(component = %component_id, channel, "handler trapped: {e:#}"),
+        }
     }
 }
 

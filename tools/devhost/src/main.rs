@@ -5,7 +5,12 @@
 //! ```text
 //! devhost up [--from spin.toml] [--listen 127.0.0.1:3000] [--state-dir .spin]
 //!            [--runtime-config-file F] [--redis memory] [--cache-dir DIR]
+//!            [-c COMPONENT-ID]...
 //! ```
+//!
+//! As in Spin, when a Redis trigger loses its server (or never reaches it) the whole app stops
+//! with "A trigger exited unexpectedly. Terminating." and exit status 1: a supervisor restarts
+//! it. Only the in-process broker (`--redis memory`) has no such failure.
 
 mod app;
 mod broker;
@@ -40,9 +45,10 @@ struct UpArgs {
     /// The application manifest.
     #[arg(short = 'f', long = "from", default_value = "spin.toml")]
     manifest: PathBuf,
-    /// Address the HTTP trigger listens on.
-    #[arg(long, default_value = "127.0.0.1:3000")]
-    listen: SocketAddr,
+    /// Address the HTTP trigger listens on (127.0.0.1:3000). Like Spin, refused when the
+    /// selected components have no HTTP trigger.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
     /// Where default key-value stores and SQLite databases live (Spin: `.spin/`).
     #[arg(long, default_value = ".spin")]
     state_dir: PathBuf,
@@ -55,6 +61,9 @@ struct UpArgs {
     /// Cache of compiled components.
     #[arg(long, env = "DEVHOST_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// Run only this component (repeatable), as `spin up -c`; a SpinApp's `components:`.
+    #[arg(short = 'c', long = "component-id")]
+    component_ids: Vec<String>,
 }
 
 fn main() -> Result<()> {
@@ -70,11 +79,30 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
-        Command::Up(args) => runtime.block_on(up(args)),
+        Command::Up(args) => match runtime.block_on(up(args))? {
+            Outcome::Stopped => Ok(()),
+            Outcome::TriggerExited { error, with_http } => {
+                // Spin's words, so that logs and supervisors read the same under both hosts.
+                // Spin prints the last line only when other triggers (HTTP) ran beside Redis.
+                eprintln!("Error: {error:?}");
+                if with_http {
+                    eprintln!("A trigger exited unexpectedly. Terminating.");
+                }
+                std::process::exit(1)
+            }
+        },
     }
 }
 
-async fn up(args: UpArgs) -> Result<()> {
+/// How `up` ended.
+enum Outcome {
+    /// A signal asked it to stop.
+    Stopped,
+    /// A Redis trigger ended (its server went away or never answered).
+    TriggerExited { error: anyhow::Error, with_http: bool },
+}
+
+async fn up(args: UpArgs) -> Result<Outcome> {
     let started = std::time::Instant::now();
     let redis_memory = match args.redis.as_deref() {
         None => false,
@@ -87,17 +115,50 @@ async fn up(args: UpArgs) -> Result<()> {
         runtime_config: args.runtime_config,
         redis_memory,
         cache_dir: args.cache_dir,
+        components: args.component_ids,
         env: std::env::vars().collect(),
     };
     let app = app::App::load(&opts).await?;
-    let listener =
-        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
-    let local = listener.local_addr()?;
-    app.start_redis_triggers();
-    tracing::info!("serving '{}' on http://{local} (ready in {} ms)", app.name, started.elapsed().as_millis());
-    app.serve(listener, shutdown_signal()).await?;
+    let listener = if app.has_http() {
+        let addr = args.listen.unwrap_or_else(|| "127.0.0.1:3000".parse().expect("a valid address"));
+        Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?)
+    } else if args.listen.is_some() {
+        bail!("--listen: the selected components have no HTTP trigger (spin up refuses it too)");
+    } else {
+        None
+    };
+    let mut triggers = app.start_redis_triggers();
+    let redis_ended = async {
+        match triggers.join_next().await {
+            Some(Ok(e)) => e,
+            Some(Err(join)) => anyhow::Error::new(join).context("redis trigger task failed"),
+            None => std::future::pending().await,
+        }
+    };
+    let http = async {
+        match listener {
+            Some(listener) => {
+                tracing::info!(
+                    "serving '{}' on http://{} (ready in {} ms)",
+                    app.name,
+                    listener.local_addr()?,
+                    started.elapsed().as_millis()
+                );
+                app.clone().serve(listener, std::future::pending()).await
+            }
+            None => {
+                tracing::info!("running '{}' without HTTP (ready in {} ms)", app.name, started.elapsed().as_millis());
+                std::future::pending().await
+            }
+        }
+    };
+    let outcome = tokio::select! {
+        _ = shutdown_signal() => Outcome::Stopped,
+        error = redis_ended => Outcome::TriggerExited { error, with_http: app.has_http() },
+        served = http => { served?; Outcome::Stopped }
+    };
     tracing::info!("shutting down");
-    Ok(())
+    Ok(outcome)
 }
 
 async fn shutdown_signal() {

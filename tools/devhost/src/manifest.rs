@@ -270,6 +270,26 @@ impl Manifest {
     }
 }
 
+impl Manifest {
+    /// Keeps only the named components and their triggers, as `spin up -c <id>` (repeatable)
+    /// does: a SpinApp's `components:` list runs the same way on SpinKube. An empty list keeps
+    /// everything.
+    pub fn retain_components(&mut self, ids: &[String]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        for id in ids {
+            if !self.components.contains_key(id) {
+                bail!("Specified component \"{id}\" not found in application");
+            }
+        }
+        self.components.retain(|id, _| ids.contains(id));
+        self.http_triggers.retain(|t| ids.contains(&t.component));
+        self.redis_triggers.retain(|t| ids.contains(&t.component));
+        Ok(())
+    }
+}
+
 impl Component {
     fn from_decl(id: &str, decl: ComponentDecl, dir: &Path) -> Result<Self> {
         let unsupported =
@@ -415,6 +435,29 @@ component = "a"
         let text = MINIMAL.replace("component = \"a\"", "component = \"b\"");
         let err = format!("{:#}", Manifest::parse(&text, Path::new("/")).unwrap_err());
         assert!(err.contains("'b'"), "{err}");
+    }
+
+    #[test]
+    fn selecting_components_keeps_only_them_and_their_triggers() {
+        let text = format!(
+            "{MINIMAL}\n[application.trigger.redis]\naddress = \"redis://h:1\"\n[component.w]\nsource = \"w.wasm\"\n[[trigger.redis]]\nchannel = \"c\"\ncomponent = \"w\"\n"
+        );
+        let mut m = Manifest::parse(&text, Path::new("/")).unwrap();
+        m.retain_components(&["w".to_string()]).unwrap();
+        assert_eq!(m.components.keys().collect::<Vec<_>>(), vec!["w"]);
+        assert!(m.http_triggers.is_empty());
+        assert_eq!(m.redis_triggers.len(), 1);
+
+        let mut all = Manifest::parse(&text, Path::new("/")).unwrap();
+        all.retain_components(&[]).unwrap();
+        assert_eq!(all.components.len(), 2, "no selection keeps every component");
+    }
+
+    #[test]
+    fn selecting_an_unknown_component_fails_as_spin_does() {
+        let mut m = Manifest::parse(MINIMAL, Path::new("/")).unwrap();
+        let err = format!("{:#}", m.retain_components(&["nope".to_string()]).unwrap_err());
+        assert!(err.contains("Specified component \"nope\" not found in application"), "{err}");
     }
 
     #[test]
