@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
 # Checks every Kubernetes overlay before it can reach a cluster: renders it with
 # `kubectl kustomize`, validates the core objects against the Kubernetes schemas offline
-# (kubernetes-validate) and the SpinApps, Ingress and CronJobs against spin.toml
-# (tests/kubernetes). Python packages go to a venv under target/; kubectl must be installed.
+# (kubernetes-validate), SpinApp, SpinAppExecutor and ScaledObject against their CRDs (unknown
+# fields are errors), and the SpinApps, Ingress, CronJobs and network policies against spin.toml
+# and the project's rules (tests/kubernetes). Python packages go to a venv under target/.
+# kubectl must be installed (it is on the project's machines). The dev overlay's secrets are generated first
+# (scripts/dev-secrets.sh), as a deployment would.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 if ! command -v kubectl >/dev/null 2>&1; then
-  echo "[k8s] kubectl (with its built-in kustomize) is needed: https://kubernetes.io/docs/tasks/tools/" >&2
+  # The project's machines ship kubectl 1.32 (kustomize v5); Debian's own kubernetes-client is
+  # too old for these kustomizations, so there is nothing sensible to install here.
+  echo "[k8s] kubectl (with its built-in kustomize v5) is needed: https://kubernetes.io/docs/tasks/tools/" >&2
   exit 1
 fi
 venv=target/k8s-venv
-if ! "$venv/bin/python" -c "import kubernetes_validate, yaml" >/dev/null 2>&1; then
-  echo "[k8s] installing kubernetes-validate into $venv" >&2
+if ! "$venv/bin/python" -c "import kubernetes_validate, yaml, jsonschema, cloudcoil.models.keda" >/dev/null 2>&1; then
+  echo "[k8s] installing kubernetes-validate, jsonschema and KEDA's models into $venv" >&2
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate==1.37.0 PyYAML==6.0.3
+  "$venv/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate==1.37.0 PyYAML==6.0.3 \
+    jsonschema==4.25.1 cloudcoil-models-keda==2.16.1.0
 fi
+bash scripts/dev-secrets.sh
 "$venv/bin/python" tests/kubernetes/test_manifests.py

@@ -1,5 +1,6 @@
 """Every Kubernetes overlay, rendered with `kubectl kustomize`: core objects valid against the
-Kubernetes schemas (kubernetes-validate, offline), SpinApps and their neighbours checked against
+Kubernetes schemas (kubernetes-validate, offline), SpinApp, SpinAppExecutor and ScaledObject
+against their CRDs with unknown fields as errors, SpinApps and their neighbours checked against
 spin.toml (manifest_checks), and each check shown to catch the fault it is for.
 
 Run by scripts/check-kubernetes.sh (part of scripts/test.sh).
@@ -7,6 +8,7 @@ Run by scripts/check-kubernetes.sh (part of scripts/test.sh).
 
 import copy
 import pathlib
+import re
 import subprocess
 import sys
 import tomllib
@@ -26,7 +28,49 @@ PRODUCTION_BOUNDS = {"astria-message": (3, 10), "astria-image": (2, 5), "astria-
 DEV_BOUNDS = {name: (1, 2) for name in PRODUCTION_BOUNDS}
 OVERLAYS = {"dev": DEV_BOUNDS, "production": PRODUCTION_BOUNDS, "production-keda": PRODUCTION_BOUNDS}
 # Kinds whose schemas are not Kubernetes' own (checked by manifest_checks instead).
-CUSTOM_KINDS = {"SpinApp", "ScaledObject"}
+CUSTOM_KINDS = {"SpinApp", "SpinAppExecutor", "ScaledObject"}
+# Who may open a connection to each SpinApp (network-policies.yaml).
+INGRESS_SOURCES = {
+    "astria-message": {"namespace=ingress-nginx"},
+    "astria-image": {"namespace=ingress-nginx"},
+    "astria-payment": {"namespace=ingress-nginx"},
+    "astria-maintenance": {"pods=app.kubernetes.io/component=maintenance-job"},
+}
+
+
+def crd_schema(path):
+    crd = yaml.safe_load((pathlib.Path(__file__).parent / "crds" / path).read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1")
+    return manifest_checks.strict_schema(version["schema"]["openAPIV3Schema"])
+
+
+def scaled_object_schema():
+    # KEDA's ScaledObject, from models generated from KEDA's own CRD (cloudcoil-models-keda).
+    from cloudcoil.models.keda.v1alpha1 import ScaledObject
+
+    return manifest_checks.strict_schema(ScaledObject.model_json_schema(by_alias=True))
+
+
+SCHEMAS = {
+    "SpinApp": crd_schema("core.spinkube.dev_spinapps.yaml"),
+    "SpinAppExecutor": crd_schema("core.spinkube.dev_spinappexecutors.yaml"),
+    "ScaledObject": scaled_object_schema(),
+}
+
+
+def largest_accepted_body():
+    """The largest `MAX_BODY` any component accepts (components/*/src/lib.rs)."""
+    sizes = []
+    for lib in (ROOT / "components").glob("*/src/lib.rs"):
+        m = re.search(r"const MAX_BODY: usize = ([0-9_ *]+);", lib.read_text())
+        if m:
+            sizes.append(eval(m.group(1).replace("_", ""), {"__builtins__": {}}))  # digits and * only
+    return max(sizes)
+
+
+def committed_kubernetes_files():
+    names = subprocess.run(["git", "ls-files", "kubernetes"], cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
+    return {n: (ROOT / n).read_text() for n in names if (ROOT / n).is_file()}
 
 
 def render(overlay):
@@ -61,16 +105,81 @@ class EveryOverlay(unittest.TestCase):
             with self.subTest(overlay=overlay):
                 self.assertEqual(manifest_checks.problems(render(overlay), APP, secret_keys(), bounds), [])
 
+    def test_custom_resources_match_their_crds_with_unknown_fields_refused(self):
+        for overlay in OVERLAYS:
+            with self.subTest(overlay=overlay):
+                self.assertEqual(manifest_checks.schema_problems(render(overlay), SCHEMAS), [])
+
+    def test_only_the_ingress_controller_and_the_cronjobs_reach_the_spinapps(self):
+        for overlay in OVERLAYS:
+            with self.subTest(overlay=overlay):
+                self.assertEqual(manifest_checks.ingress_policy_problems(render(overlay), INGRESS_SOURCES), [])
+
+    def test_the_ingress_admits_the_largest_body_the_app_accepts(self):
+        self.assertEqual(largest_accepted_body(), 3 * 1024 * 1024, "the WhatsApp webhook's limit")
+        for overlay in OVERLAYS:
+            with self.subTest(overlay=overlay):
+                self.assertEqual(manifest_checks.body_limit_problems(render(overlay), largest_accepted_body()), [])
+
+    def test_no_secret_value_is_committed(self):
+        self.assertEqual(manifest_checks.committed_secret_problems(committed_kubernetes_files(), secret_keys()), [])
+
     def test_the_dev_secret_has_every_key_and_production_generates_none(self):
         dev = {d["metadata"]["name"]: d for d in render("dev") if d["kind"] == "Secret"}
         self.assertEqual(set(dev["astria-secrets"]["data"]), secret_keys())
         self.assertIn("runtime-config.toml", dev["astria-runtime-config"]["data"])
         self.assertEqual([d for d in render("production") if d["kind"] == "Secret"], [], "real secrets are created out of band")
 
+    def test_the_cronjob_command_sends_the_mounted_token_as_a_bearer_header(self):
+        """Runs each CronJob's own shell command with curl, against a local server standing in
+        for maintenance-service, with the token file where the Secret volume would put it."""
+        import http.server
+        import shutil
+        import tempfile
+        import threading
+
+        if not shutil.which("curl"):
+            self.skipTest("curl is not installed")
+        seen = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                seen.append((self.path, self.headers.get("Authorization")))
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                token_file = pathlib.Path(tmp) / "admin_token"
+                token_file.write_text("t0ken-from-the-secret")
+                for cj in (d for d in render("production") if d["kind"] == "CronJob"):
+                    pod = cj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+                    container = pod["containers"][0]
+                    mount = container["volumeMounts"][0]["mountPath"]
+                    script = container["args"][0].replace(f"{mount}/admin_token", str(token_file))
+                    script = script.replace("http://astria-maintenance", f"http://127.0.0.1:{server.server_port}")
+                    subprocess.run(container["command"][:1] + container["command"][1:] + [script], check=True, timeout=30)
+        finally:
+            server.shutdown()
+        self.assertEqual(sorted(seen), [("/maintenance/relay", "Bearer t0ken-from-the-secret"), ("/maintenance/run", "Bearer t0ken-from-the-secret")])
+
     def test_keda_replaces_every_hpa(self):
         kinds = [d["kind"] for d in render("production-keda")]
         self.assertNotIn("HorizontalPodAutoscaler", kinds)
         self.assertEqual(kinds.count("ScaledObject"), 3)
+
+    def test_every_service_has_an_http_spinapp_and_a_worker_spinapp(self):
+        names = sorted(d["metadata"]["name"] for d in render("production") if d["kind"] == "SpinApp")
+        self.assertEqual(names, sorted([
+            "astria-message", "astria-message-worker", "astria-image", "astria-image-worker",
+            "astria-payment", "astria-payment-worker", "astria-maintenance",
+        ]))
 
 
 class TheChecksCatchFaults(unittest.TestCase):
@@ -92,12 +201,12 @@ class TheChecksCatchFaults(unittest.TestCase):
         self.assertCaught(lambda d: self.spinapp(d, "astria-message")["spec"]["components"].append("mesage-service"), "'mesage-service' is not in spin.toml")
 
     def test_a_component_left_out_or_run_twice(self):
-        self.assertCaught(lambda d: self.spinapp(d, "astria-image")["spec"]["components"].remove("image-trainer"), "components in no SpinApp: image-trainer")
+        self.assertCaught(lambda d: self.spinapp(d, "astria-image-worker")["spec"]["components"].remove("image-trainer"), "components in no SpinApp: image-trainer")
         self.assertCaught(lambda d: self.spinapp(d, "astria-payment")["spec"]["components"].append("image-trainer"), "also runs in SpinApp")
 
     def test_a_missing_secret_key(self):
         def typo(d):
-            v = next(v for v in self.spinapp(d, "astria-payment")["spec"]["variables"] if v["name"] == "stripe_secret_key")
+            v = next(v for v in self.spinapp(d, "astria-payment-worker")["spec"]["variables"] if v["name"] == "stripe_secret_key")
             v["valueFrom"]["secretKeyRef"]["key"] = "stripe_key"
         self.assertCaught(typo, "secret key 'stripe_key' missing")
 
@@ -118,7 +227,89 @@ class TheChecksCatchFaults(unittest.TestCase):
 
     def test_a_probe_on_a_missing_route_or_another_services_route(self):
         self.assertCaught(lambda d: self.spinapp(d, "astria-image")["spec"]["checks"]["readiness"]["httpGet"].__setitem__("path", "/healthz"), "readiness probe /healthz")
-        self.assertCaught(lambda d: self.spinapp(d, "astria-image")["spec"]["checks"]["liveness"]["httpGet"].__setitem__("path", "/health/message"), "liveness probe /health/message")
+        self.assertCaught(lambda d: self.spinapp(d, "astria-image")["spec"]["checks"]["readiness"]["httpGet"].__setitem__("path", "/health/message"), "readiness probe /health/message")
+
+    def test_a_liveness_probe_that_depends_on_a_dependency(self):
+        self.assertCaught(lambda d: self.spinapp(d, "astria-image")["spec"]["checks"]["liveness"]["httpGet"].__setitem__("path", "/health/image"), "liveness probe /health/image may depend on a dependency")
+
+    def test_a_worker_with_probes(self):
+        def probes(d):
+            self.spinapp(d, "astria-message-worker")["spec"]["checks"] = copy.deepcopy(self.spinapp(d, "astria-message")["spec"]["checks"])
+        self.assertCaught(probes, "astria-message-worker: has probes but no HTTP component")
+
+    def test_a_spinapp_mixing_http_and_redis_trigger_components(self):
+        def mix(d):
+            self.spinapp(d, "astria-payment-worker")["spec"]["components"].remove("payment-checkout")
+            self.spinapp(d, "astria-payment")["spec"]["components"].append("payment-checkout")
+        self.assertCaught(mix, "astria-payment: mixes HTTP components (payment-service) with Redis-trigger components (payment-checkout)")
+
+    def test_a_worker_without_the_trigger_address(self):
+        def drop(d):
+            spec = self.spinapp(d, "astria-message-worker")["spec"]
+            spec["variables"] = [v for v in spec["variables"] if v["name"] != "redis_url"]
+        self.assertCaught(drop, "does not supply 'redis_url' (the trigger address)")
+
+    def test_an_executor_missing_from_the_namespace(self):
+        def elsewhere(d):
+            next(x for x in d if x["kind"] == "SpinAppExecutor")["metadata"]["namespace"] = "spin-operator"
+        self.assertCaught(elsewhere, "executor 'containerd-shim-spin' has no SpinAppExecutor in namespace astria-bot")
+        self.assertCaught(lambda d: d.remove(next(x for x in d if x["kind"] == "SpinAppExecutor")), "has no SpinAppExecutor")
+
+    def test_a_service_account_that_mounts_its_token(self):
+        self.assertCaught(lambda d: next(x for x in d if x["kind"] == "ServiceAccount").__setitem__("automountServiceAccountToken", True), "mounts its token")
+        self.assertCaught(lambda d: self.spinapp(d, "astria-image")["spec"].pop("serviceAccountName"), "astria-image: no serviceAccountName")
+
+    def test_an_admin_token_in_the_environment_or_not_mounted(self):
+        def env(d):
+            c = next(x for x in d if x["kind"] == "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+            c["env"] = [{"name": "ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": "astria-secrets", "key": "admin_token"}}}]
+        self.assertCaught(env, "passes the admin token in the environment")
+        self.assertCaught(lambda d: next(x for x in d if x["kind"] == "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"].pop("volumes"), "does not mount the admin token")
+
+    def test_unknown_or_mistyped_fields_in_custom_resources(self):
+        docs = copy.deepcopy(self.docs)
+        self.spinapp(docs, "astria-message")["spec"]["replica"] = 3
+        self.spinapp(docs, "astria-image")["spec"]["checks"]["liveness"]["httpGet"]["port"] = 8080
+        next(x for x in docs if x["kind"] == "SpinAppExecutor")["spec"]["deploymentConfig"]["runtimeClass"] = "x"
+        self.spinapp(docs, "astria-payment")["spec"]["enableAutoscaling"] = "yes"
+        found = manifest_checks.schema_problems(docs, SCHEMAS)
+        for expected in ["SpinApp astria-message: spec: Additional properties are not allowed ('replica'",
+                         "SpinApp astria-image: spec/checks/liveness/httpGet: Additional properties are not allowed ('port'",
+                         "SpinAppExecutor containerd-shim-spin: spec/deploymentConfig: Additional properties are not allowed ('runtimeClass'",
+                         "SpinApp astria-payment: spec/enableAutoscaling: 'yes' is not of type 'boolean'"]:
+            self.assertTrue(any(p.startswith(expected) for p in found), f"expected '{expected}' in {found}")
+        keda = [d for d in render("production-keda") if d["kind"] == "ScaledObject"]
+        keda[0]["spec"]["minReplicas"] = 3
+        keda[1]["spec"]["triggers"][0]["metadata"] = "70"
+        found = manifest_checks.schema_problems(keda, SCHEMAS)
+        self.assertTrue(any("spec: Additional properties are not allowed ('minReplicas'" in p for p in found), found)
+        self.assertTrue(any("spec/triggers/0/metadata: '70' is not of type 'object'" in p for p in found), found)
+
+    def test_a_network_policy_that_opens_a_worker_or_no_default_deny(self):
+        docs = copy.deepcopy(self.docs)
+        docs.append({"kind": "NetworkPolicy", "metadata": {"name": "oops"}, "spec": {
+            "podSelector": {"matchLabels": {"core.spinkube.dev/app-name": "astria-image-worker"}},
+            "ingress": [{}]}})
+        found = manifest_checks.ingress_policy_problems(docs, INGRESS_SOURCES)
+        self.assertIn("SpinApp astria-image-worker: ingress allowed from ['anyone'], expected nobody", found)
+        docs = [d for d in copy.deepcopy(self.docs) if not (d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "default-deny")]
+        self.assertIn("no default-deny NetworkPolicy (ingress and egress) for the namespace", manifest_checks.ingress_policy_problems(docs, INGRESS_SOURCES))
+
+    def test_an_ingress_body_limit_below_what_the_app_accepts(self):
+        docs = copy.deepcopy(self.docs)
+        next(x for x in docs if x["kind"] == "Ingress")["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"] = "1m"
+        found = manifest_checks.body_limit_problems(docs, largest_accepted_body())
+        self.assertTrue(any("body limit 1m is below" in p for p in found), found)
+
+    def test_a_committed_secret_value(self):
+        files = committed_kubernetes_files()
+        files["kubernetes/overlays/dev/secrets.env"] = "admin_token=dev-admin-token\n"
+        files["kubernetes/base/leak.yaml"] = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: x\nstringData:\n  admin_token: hunter2\n"
+        files["kubernetes/overlays/x/kustomization.yaml"] = "secretGenerator:\n- name: s\n  literals: [admin_token=hunter2]\n"
+        found = manifest_checks.committed_secret_problems(files, secret_keys())
+        self.assertIn("kubernetes/overlays/dev/secrets.env: commits values for secret keys ['admin_token']", found)
+        self.assertIn("kubernetes/base/leak.yaml: commits Secret x with values", found)
+        self.assertIn("kubernetes/overlays/x/kustomization.yaml: secretGenerator s commits literal values", found)
 
     def test_replicas_with_autoscaling_and_wrong_bounds(self):
         self.assertCaught(lambda d: self.spinapp(d, "astria-message")["spec"].__setitem__("replicas", 3), "replicas must be unset")
