@@ -1,15 +1,68 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests of the native crates, the integration tests, which start the
-# real wasm components in devhost (or in Spin, with SPIN_BIN=/path/to/spin) against real
-# PostgreSQL and Redis, started or installed here when they are not running, and the checks of
-# the Kubernetes overlays.
+# real wasm components in devhost against real PostgreSQL and Redis (started or installed here
+# when they are not running), and the checks of the Kubernetes overlays.
+#
+# Real Spin: with SPIN_BIN=/path/to/spin the integration tests run under that Spin CLI instead of
+# devhost. When ../shared/tools/spin is present (this project's machines and CI) and no
+# arguments are given, the integration suite also runs, after the devhost run, under Spin 3.6.3
+# (SpinKube's runtime: SQLite and PostgreSQL) and Spin 4.0.2 (SQLite only: 4.0.0-4.0.2 hang on a
+# PostgreSQL query that returns no rows, spinframework/spin#3671). A test a host cannot run is
+# skipped by name, with the reason printed here, never passed silently.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 started=$(date +%s)
 bash scripts/ensure-services.sh
 bash scripts/build.sh
-# Same profile as devhost so the test binaries reuse its compiled dependencies.
-cargo test --profile host "$@"
+
+# Spin CLIs, when this machine has them.
+spin_363="" spin_402=""
+if [ -x ../shared/tools/spin/install.sh ]; then
+  for bin in $(bash ../shared/tools/spin/install.sh target/spin-cli); do
+    case "$bin" in *spin-3.6.3) spin_363=$bin ;; *spin-4.0.2) spin_402=$bin ;; esac
+  done
+fi
+
+skips=()
+skip() { # name-filter, reason
+  echo "[test] skipped: tests matching '$1': $2" >&2
+  skips+=(--skip "$1")
+}
+
+# scripts/run.sh under Spin (tests/tests/run_script.rs) needs a Spin CLI of its own.
+export ASTRIA_SPIN_CLI=${ASTRIA_SPIN_CLI:-${SPIN_BIN:-$spin_363}}
+[ -n "$ASTRIA_SPIN_CLI" ] || skip under_spin "no Spin CLI on this machine (set ASTRIA_SPIN_CLI or SPIN_BIN)"
+if [ -n "${SPIN_BIN:-}" ]; then
+  skip devhost_only "SPIN_BIN is set: devhost-only features"
+fi
+
+# Same profile as devhost so the test binaries reuse its compiled dependencies. Benchmarks are
+# compiled too (not run), so that they cannot rot.
+args=("$@")
+if [ ${#skips[@]} -gt 0 ]; then
+  case " $* " in *" -- "*) args+=("${skips[@]}") ;; *) args+=(-- "${skips[@]}") ;; esac
+fi
+cargo test --profile host "${args[@]}"
+cargo bench --profile host -p astria-tests --no-run
 bash scripts/check-kubernetes.sh
+
+# The integration suite under real Spin (only for a full run).
+spin_pass() { # label, spin binary, extra skip arguments...
+  local label=$1 bin=$2; shift 2
+  echo "[test] integration tests under $label ($bin)" >&2
+  echo "[test] skipped under $label: tests matching 'devhost_only' (devhost-only features), 'run_script' (host-independent: ran in the devhost pass)" >&2
+  SPIN_BIN=$bin cargo test --profile host --tests -- \
+    --skip devhost_only --skip run_script "$@"
+}
+if [ $# -eq 0 ] && [ -z "${SPIN_BIN:-}" ]; then
+  if [ -n "$spin_363" ]; then
+    spin_pass "Spin 3.6.3" "$spin_363"
+  fi
+  if [ -n "$spin_402" ]; then
+    echo "[test] skipped under Spin 4.0.2: tests matching 'postgres' (spinframework/spin#3671: a query returning no rows hangs)" >&2
+    spin_pass "Spin 4.0.2" "$spin_402" --skip postgres
+  fi
+  [ -n "$spin_363$spin_402" ] || echo "[test] no ../shared/tools/spin: the integration suite ran under devhost only" >&2
+fi
 echo "[test] done in $(( $(date +%s) - started )) s" >&2

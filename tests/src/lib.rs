@@ -10,16 +10,28 @@
 //! under the real Spin CLI (`spin up`). Tests that need devhost-only features (the in-memory
 //! broker) are skipped there with a message.
 //!
+//! Topology: by default one host process runs every component. With
+//! [`AppConfig::deployment`] the app starts as SpinKube runs it, one supervised process per
+//! SpinApp of `kubernetes/base` behind a path-routing proxy (see [`deployment`]).
+//!
+//! PostgreSQL: a test that uses it must carry `postgres` in its name (the harness refuses
+//! otherwise), so that a host that cannot run PostgreSQL skips exactly those, by name
+//! (`cargo test -- --skip postgres`; `scripts/test.sh` does so for Spin 4.0.0-4.0.2, which hang
+//! on a query returning no rows: spinframework/spin#3671).
+//!
 //! Set `TEST_LOG=1` to see the host's output.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 pub mod astria;
+pub mod deployment;
 pub mod fakes;
 pub mod stripe;
 pub mod whatsapp;
@@ -90,6 +102,17 @@ pub struct AppConfig {
     pub state_dir: Option<PathBuf>,
     /// Use this channel prefix instead of a fresh one (apps acting as replicas share it).
     pub channel_prefix: Option<String>,
+    /// Run only these components (`-c`, as `spin up -c`); empty runs all.
+    pub components: Vec<String>,
+    /// Start the app as SpinKube runs it: one supervised process per SpinApp.
+    pub deployment: bool,
+    /// With `deployment`: the process groups, when not the SpinApps of `kubernetes/base`
+    /// (a test fixture split the same way).
+    pub groups: Option<Vec<deployment::SpinAppSpec>>,
+    /// With `deployment`: how long a process that exited stays down before it is started again.
+    pub restart_delay: Option<Duration>,
+    /// With `deployment`: return before the workers are subscribed (e.g. Redis is absent).
+    pub skip_worker_wait: bool,
 }
 
 impl AppConfig {
@@ -100,6 +123,35 @@ impl AppConfig {
     pub fn var(mut self, name: &str, value: impl Into<String>) -> Self {
         self.env.insert(format!("SPIN_VARIABLE_{}", name.to_ascii_uppercase()), value.into());
         self
+    }
+
+    /// Points the app at the Redis server at `url` (`redis://host:port`): the connection
+    /// string (`redis_url`) and the host its components may reach (`redis_host`).
+    pub fn redis(self, url: impl Into<String>) -> Self {
+        let url = url.into();
+        self.var("redis_host", url.clone()).var("redis_url", url)
+    }
+
+    /// Starts the app as SpinKube runs it (see [`deployment`]), restarting a process that
+    /// exits after `restart_delay`.
+    pub fn as_deployment(mut self, restart_delay: Duration) -> Self {
+        self.deployment = true;
+        self.restart_delay = Some(restart_delay);
+        self
+    }
+
+    /// Like [`AppConfig::as_deployment`], with the given process groups (name, components).
+    pub fn split(mut self, groups: &[(&str, &[&str])], restart_delay: Duration) -> Self {
+        self.groups = Some(
+            groups
+                .iter()
+                .map(|(name, comps)| deployment::SpinAppSpec {
+                    name: name.to_string(),
+                    components: comps.iter().map(|c| c.to_string()).collect(),
+                })
+                .collect(),
+        );
+        self.as_deployment(restart_delay)
     }
 
     /// A replica of `app`: same manifest settings, same database, same state directory and
@@ -124,6 +176,9 @@ pub struct TestApp {
     pub database_url: Option<String>,
     child: Option<Child>,
     log_path: PathBuf,
+    /// With a deployment: its processes, one per SpinApp, and the proxy in front of them.
+    pub processes: Vec<deployment::Process>,
+    proxy: Option<tokio::task::JoinHandle<()>>,
     _work: tempfile::TempDir,
     owns_database: Option<String>,
 }
@@ -141,25 +196,42 @@ impl TestApp {
         self.client.post(self.url(path)).body(body).send().await.expect("POST reaches the app")
     }
 
-    /// What the host printed so far.
+    /// What the host printed so far (every process's, for a deployment).
     pub fn log(&self) -> String {
+        if !self.processes.is_empty() {
+            return deployment::combined_log(&self.processes);
+        }
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// A deployment's process by SpinApp name.
+    pub fn process(&self, spinapp: &str) -> &deployment::Process {
+        self.processes.iter().find(|p| p.name == spinapp).unwrap_or_else(|| panic!("no SpinApp {spinapp}"))
+    }
+
     /// Sends SIGTERM and waits up to 5 s; returns the exit status if the host stopped by itself
-    /// (it is killed otherwise, and `None` is returned).
+    /// (it is killed otherwise, and `None` is returned). A deployment's processes are all stopped.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        if let Some(p) = self.proxy.take() {
+            p.abort();
+        }
+        for p in &mut self.processes {
+            p.stop();
+        }
         let mut child = self.child.take()?;
-        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(5);
+        deployment::terminate(&mut child)
+    }
+
+    /// Waits up to `timeout` for the host to exit by itself; answers its status.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
                 return Some(status);
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let _ = child.kill();
-        let _ = child.wait();
         None
     }
 
@@ -248,11 +320,26 @@ pub async fn drop_database(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// URL of a database on the test server.
+/// URL of a database on the test server. `sslmode=disable`: Spin's PostgreSQL client would
+/// otherwise negotiate TLS and verify a local server's self-signed certificate (devhost and
+/// tokio-postgres read the parameter too).
 pub fn database_url(name: &str) -> String {
     let admin = postgres_admin_url();
     let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
-    format!("{base}/{name}")
+    format!("{base}/{name}?sslmode=disable")
+}
+
+/// Refuses a PostgreSQL test whose name does not say so (see the module docs).
+fn check_postgres_test_name() -> Result<()> {
+    let thread = std::thread::current();
+    let name = thread.name().unwrap_or("main");
+    if name != "main" && !name.contains("postgres") {
+        bail!(
+            "test '{name}' uses PostgreSQL but its name does not contain 'postgres': hosts that cannot run \
+             PostgreSQL skip tests by that word (cargo test -- --skip postgres)"
+        );
+    }
+    Ok(())
 }
 
 fn free_port() -> u16 {
@@ -266,7 +353,64 @@ pub fn app_manifest() -> String {
     text.replace("source = \"target/", &format!("source = \"{}/target/", workspace_root().display()))
 }
 
-/// Starts the app and waits until it answers `/.well-known/spin/health`.
+/// What every host process of one app shares.
+#[derive(Clone)]
+struct Launch {
+    host: Host,
+    manifest_path: PathBuf,
+    state_dir: PathBuf,
+    runtime_config: Option<PathBuf>,
+    database_url: Option<String>,
+    env: BTreeMap<String, String>,
+    redis_memory: bool,
+    cwd: PathBuf,
+}
+
+impl Launch {
+    /// The host command for `components` (all when empty), listening on `port` if given.
+    fn command(&self, components: &[String], port: Option<u16>, log: std::fs::File) -> Result<Command> {
+        let mut cmd = match &self.host {
+            Host::Devhost(bin) => {
+                let mut c = Command::new(bin);
+                c.arg("up");
+                c.env("DEVHOST_CACHE_DIR", workspace_root().join("target/devhost-cache"));
+                if self.redis_memory {
+                    c.args(["--redis", "memory"]);
+                }
+                c
+            }
+            Host::Spin(bin) => {
+                if self.redis_memory {
+                    bail!("the in-memory broker is devhost-only (SPIN_BIN is set)");
+                }
+                let mut c = Command::new(bin);
+                c.arg("up");
+                c
+            }
+        };
+        cmd.arg("--from").arg(&self.manifest_path);
+        for c in components {
+            cmd.arg("-c").arg(c);
+        }
+        if let Some(port) = port {
+            cmd.arg("--listen").arg(format!("127.0.0.1:{port}"));
+        }
+        cmd.arg("--state-dir").arg(&self.state_dir);
+        if let Some(rc) = &self.runtime_config {
+            cmd.arg("--runtime-config-file").arg(rc);
+        }
+        if let Some(url) = &self.database_url {
+            cmd.env("SPIN_VARIABLE_DATABASE_URL", url);
+        }
+        cmd.envs(&self.env);
+        cmd.current_dir(&self.cwd);
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        Ok(cmd)
+    }
+}
+
+/// Starts the app and waits until it answers `/.well-known/spin/health` (for a deployment:
+/// until every HTTP process answers and every worker is subscribed).
 pub async fn spawn_app(config: AppConfig) -> Result<TestApp> {
     let host = Host::from_env()?;
     let work = tempfile::tempdir()?;
@@ -279,67 +423,63 @@ pub async fn spawn_app(config: AppConfig) -> Result<TestApp> {
         .replace("@WASM_DIR@", &wasm_dir().display().to_string())
         .replace("@CHANNEL_PREFIX@", &channel_prefix);
     let manifest_path = work.path().join("spin.toml");
-    std::fs::write(&manifest_path, manifest)?;
+    std::fs::write(&manifest_path, &manifest)?;
     let state_dir = config.state_dir.clone().unwrap_or_else(|| work.path().join("state"));
 
+    let uses_postgres =
+        config.postgres || config.env.get("SPIN_VARIABLE_DATABASE_URL").is_some_and(|u| u.starts_with("postgres"));
+    if uses_postgres {
+        check_postgres_test_name()?;
+    }
     let (database_url, owns_database) = if config.postgres {
         let name = create_database().await?;
         (Some(database_url(&name)), Some(name))
     } else {
         (None, None)
     };
-
-    let port = free_port();
-    let address = format!("http://127.0.0.1:{port}");
-    let log_path = work.path().join("host.log");
-    let log = std::fs::File::create(&log_path)?;
-
-    let mut cmd = match &host {
-        Host::Devhost(bin) => {
-            let mut c = Command::new(bin);
-            c.arg("up");
-            c.env("DEVHOST_CACHE_DIR", workspace_root().join("target/devhost-cache"));
-            if config.redis_memory {
-                c.args(["--redis", "memory"]);
-            }
-            c
+    let runtime_config = match &config.runtime_config {
+        Some(rc) => {
+            let rc_path = work.path().join("runtime-config.toml");
+            std::fs::write(&rc_path, rc.replace("@STATE_DIR@", &state_dir.display().to_string()))?;
+            Some(rc_path)
         }
-        Host::Spin(bin) => {
-            if config.redis_memory {
-                bail!("the in-memory broker is devhost-only (SPIN_BIN is set)");
-            }
-            let mut c = Command::new(bin);
-            c.arg("up");
-            c
-        }
+        None => None,
     };
-    cmd.arg("--from").arg(&manifest_path);
-    cmd.arg("--listen").arg(format!("127.0.0.1:{port}"));
-    cmd.arg("--state-dir").arg(&state_dir);
-    if let Some(rc) = &config.runtime_config {
-        let rc_path = work.path().join("runtime-config.toml");
-        std::fs::write(&rc_path, rc.replace("@STATE_DIR@", &state_dir.display().to_string()))?;
-        cmd.arg("--runtime-config-file").arg(rc_path);
-    }
-    if let Some(url) = &database_url {
-        cmd.env("SPIN_VARIABLE_DATABASE_URL", url);
-    }
-    cmd.envs(&config.env);
-    cmd.current_dir(work.path());
-    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-    let child = cmd.spawn().with_context(|| format!("starting {host:?}"))?;
+    let launch = Launch {
+        host: host.clone(),
+        manifest_path,
+        state_dir: state_dir.clone(),
+        runtime_config,
+        database_url: database_url.clone(),
+        env: config.env.clone(),
+        redis_memory: config.redis_memory,
+        cwd: work.path().to_path_buf(),
+    };
 
     let mut app = TestApp {
-        address,
+        address: String::new(),
         client: reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?,
         state_dir,
         channel_prefix,
         database_url,
-        child: Some(child),
-        log_path,
+        child: None,
+        log_path: work.path().join("host.log"),
+        processes: vec![],
+        proxy: None,
         _work: work,
         owns_database,
     };
+
+    if config.deployment {
+        start_deployment(&mut app, &launch, &manifest, &config).await?;
+        return Ok(app);
+    }
+
+    let port = free_port();
+    app.address = format!("http://127.0.0.1:{port}");
+    let log = std::fs::File::create(&app.log_path)?;
+    let mut cmd = launch.command(&config.components, Some(port), log)?;
+    app.child = Some(cmd.spawn().with_context(|| format!("starting {host:?}"))?);
 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -359,6 +499,69 @@ pub async fn spawn_app(config: AppConfig) -> Result<TestApp> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// One process per SpinApp, supervised, behind the proxy; waits until they serve.
+async fn start_deployment(app: &mut TestApp, launch: &Launch, manifest: &str, config: &AppConfig) -> Result<()> {
+    let triggers = deployment::Triggers::of_manifest(manifest)?;
+    let restart_delay = config.restart_delay.unwrap_or(Duration::from_secs(1));
+    let mut backends = BTreeMap::new();
+    let groups = match &config.groups {
+        Some(g) => g.clone(),
+        None => deployment::spinapps()?,
+    };
+    for spec in groups {
+        let port = triggers.has_http(&spec.components).then(free_port);
+        let log_path = app._work.path().join(format!("{}.log", spec.name));
+        let (l, comps, lp) = (launch.clone(), spec.components.clone(), log_path.clone());
+        let launcher: deployment::Launcher = Arc::new(move || {
+            let log = deployment::append_log(&lp)?;
+            Ok(l.command(&comps, port, log)?.spawn()?)
+        });
+        let http = port.map(|p| SocketAddr::from(([127, 0, 0, 1], p)));
+        if let Some(addr) = http {
+            for c in &spec.components {
+                backends.insert(c.clone(), addr);
+            }
+        }
+        app.processes.push(deployment::Process::start(
+            &spec.name,
+            spec.components,
+            http,
+            log_path,
+            launcher,
+            restart_delay,
+        )?);
+    }
+    let (proxy, task) = deployment::start_proxy(triggers.clone(), backends).await?;
+    app.address = format!("http://{proxy}");
+    app.proxy = Some(task);
+
+    let redis = config.env.get("SPIN_VARIABLE_REDIS_URL").cloned().unwrap_or_else(redis_url);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for p in &app.processes {
+        match p.http {
+            Some(addr) => loop {
+                let ok = app.client.get(format!("http://{addr}/.well-known/spin/health")).send().await;
+                if ok.is_ok_and(|r| r.status().is_success()) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("SpinApp {} did not become healthy within 60 s:\n{}", p.name, app.log());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            },
+            None if config.skip_worker_wait => {}
+            None => {
+                for channel in triggers.channels_of(&p.components) {
+                    wait_for_subscribers_at(&redis, &channel, 1)
+                        .await
+                        .with_context(|| format!("SpinApp {} did not subscribe:\n{}", p.name, app.log()))?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Starts the host expecting it to fail during start-up; returns what it printed.

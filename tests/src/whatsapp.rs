@@ -293,7 +293,7 @@ pub fn summary(send: &Value) -> String {
 /// The whole app configured for a fake Graph API and a Redis of the test's own.
 pub fn bot_config(graph: &FakeGraph, redis: &TestRedis, postgres: bool) -> AppConfig {
     AppConfig { postgres, ..AppConfig::new(app_manifest()) }
-        .var("redis_url", redis.url())
+        .redis(redis.url())
         .var("whatsapp_app_secret", APP_SECRET)
         .var("whatsapp_verify_token", VERIFY_TOKEN)
         .var("whatsapp_access_token", ACCESS_TOKEN)

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use astria_tests::fakes::{fake_server, matchers, port, Mock, ResponseTemplate};
 use astria_tests::{
-    redis_publish, spawn_app, spawn_app_expecting_failure, wait_for_subscribers, AppConfig, Host, TestApp,
+    redis_publish, spawn_app, spawn_app_expecting_failure, wait_for_subscribers, wait_for_subscribers_at, AppConfig,
+    TestApp, TestRedis,
 };
 
 const MANIFEST: &str = include_str!("../fixtures/probe-app/spin.toml");
@@ -55,6 +56,11 @@ async fn unrouted_paths_are_404_and_spin_well_known_routes_answer() {
     assert_eq!(text(&app, "/nowhere").await.0, 404);
     assert_eq!(text(&app, "/probex").await.0, 404, "a wildcard matches whole segments only");
     assert_eq!(text(&app, "/.well-known/spin/health").await, (200, "OK".into()));
+}
+
+#[tokio::test]
+async fn devhost_only_spin_info_names_the_app() {
+    let app = spawn_app(probe_app()).await.unwrap();
     let info = json(&app, "/.well-known/spin/info").await;
     assert_eq!(info["app"], "host-probe");
 }
@@ -96,7 +102,7 @@ async fn missing_required_variable_stops_start_up_naming_it() {
 }
 
 #[tokio::test]
-async fn a_secret_variable_value_never_appears_in_the_host_log() {
+async fn devhost_only_a_secret_variable_value_never_appears_in_the_host_log() {
     let app = spawn_app(probe_app()).await.unwrap();
     assert_eq!(text(&app, "/probe/var?name=token&print=1").await.0, 200);
     let log = app.log();
@@ -197,12 +203,61 @@ async fn redis_trigger_delivers_messages_from_a_real_redis() {
     assert_eq!(wait_for_kv(&app, "count:from-app").await.as_deref(), Some("1"));
 }
 
+/// What a Spin host does when its Redis trigger loses the server: it stops every trigger of
+/// the app, HTTP included, with this line and status 1 (Spin's `spin up`; devhost the same).
+const TRIGGER_EXITED: &str = "A trigger exited unexpectedly. Terminating.";
+
 #[tokio::test]
-async fn redis_trigger_works_with_the_in_process_broker() {
-    if Host::from_env().unwrap().is_spin() {
-        eprintln!("skipped: the in-memory broker is devhost-only");
-        return;
-    }
+async fn a_redis_trigger_that_loses_its_server_stops_the_whole_app_with_status_1() {
+    let mut redis = TestRedis::start().await.unwrap();
+    let mut app = spawn_app(probe_app().var("redis_address", redis.url())).await.unwrap();
+    let channel = format!("{}probe", app.channel_prefix);
+    wait_for_subscribers_at(&redis.url(), &channel, 1).await.unwrap();
+    assert_eq!(text(&app, "/probe/headers").await.0, 200);
+
+    redis.stop();
+    let status =
+        app.wait_exit(Duration::from_secs(15)).await.unwrap_or_else(|| panic!("still running:\n{}", app.log()));
+    assert_eq!(status.code(), Some(1), "{}", app.log());
+    let log = app.log();
+    assert!(log.contains(TRIGGER_EXITED), "{log}");
+    assert!(log.contains(&format!("disconnected from 127.0.0.1:{}", redis.port)), "{log}");
+    assert!(app.client.get(app.url("/probe/headers")).send().await.is_err(), "HTTP stopped with it");
+}
+
+#[tokio::test]
+async fn a_redis_trigger_that_cannot_connect_at_start_stops_the_app() {
+    let mut redis = TestRedis::start().await.unwrap();
+    redis.stop();
+    let config = probe_app().var("redis_address", redis.url());
+    // The HTTP listener may or may not answer before the trigger fails: either way the host ends.
+    let log = match spawn_app(config).await {
+        Err(e) => format!("{e:#}"),
+        Ok(mut app) => {
+            let status = app.wait_exit(Duration::from_secs(15)).await.expect("the host stops");
+            assert_eq!(status.code(), Some(1));
+            app.log()
+        }
+    };
+    assert!(log.contains(TRIGGER_EXITED), "{log}");
+    assert!(log.contains(&format!("Redis trigger failed to connect to 127.0.0.1:{}", redis.port)), "{log}");
+}
+
+#[tokio::test]
+async fn selected_components_run_alone_as_with_spin_up_c() {
+    let app = spawn_app(AppConfig { components: vec!["exact".into()], ..probe_app() }).await.unwrap();
+    assert_eq!(text(&app, "/probe/exact").await.0, 200, "{}", app.log());
+    assert_eq!(text(&app, "/probe/headers").await.0, 404, "probe is not selected");
+    let channel = format!("{}probe", app.channel_prefix);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(redis_publish(&channel, b"x").await.unwrap(), 0, "the listener is not selected: nobody subscribes");
+
+    let err = spawn_app_expecting_failure(AppConfig { components: vec!["nope".into()], ..probe_app() }).await.unwrap();
+    assert!(err.contains("Specified component \"nope\" not found in application"), "{err}");
+}
+
+#[tokio::test]
+async fn devhost_only_redis_trigger_works_with_the_in_process_broker() {
     // No Redis server at this address: everything goes through the in-process broker.
     let config = AppConfig { redis_memory: true, ..probe_app().var("redis_address", "redis://127.0.0.1:6379") };
     let app = spawn_app(config).await.unwrap();
@@ -269,7 +324,7 @@ async fn requests_are_served_concurrently() {
 }
 
 #[tokio::test]
-async fn unsupported_manifest_features_stop_start_up_naming_them() {
+async fn devhost_only_unsupported_manifest_features_stop_start_up_naming_them() {
     let with_files = MANIFEST.replace(
         "[component.exact]\nsource = \"@WASM_DIR@/host_probe.wasm\"",
         "[component.exact]\nsource = \"@WASM_DIR@/host_probe.wasm\"\nfiles = [\"static/**\"]",
@@ -287,5 +342,5 @@ async fn an_unknown_key_value_label_stops_start_up() {
     let manifest = MANIFEST
         .replace("key_value_stores = [\"default\"]\nsqlite", "key_value_stores = [\"default\", \"cache\"]\nsqlite");
     let err = spawn_app_expecting_failure(AppConfig::new(manifest).var("api_token", "t")).await.unwrap();
-    assert!(err.contains("unknown key_value_stores label 'cache'"), "{err}");
+    assert!(err.contains("unknown key_value_stores label \"cache\" for component \"probe\""), "{err}");
 }

@@ -45,13 +45,23 @@ async fn wait_stats(app: &TestApp, timeout: Duration, pred: impl Fn(&Value) -> b
     }
 }
 
+/// The fixture split as the app is deployed: the HTTP component and the Redis-trigger consumer
+/// in processes of their own, the consumer restarted after it exits (Spin's trigger ends when
+/// Redis goes away).
+const SPLIT: &[(&str, &[&str])] = &[("probe", &["probe"]), ("consumer", &["consumer"])];
+
 async fn survives_a_redis_outage(backend: Backend) {
     let mut redis = TestRedis::start().await.unwrap();
-    let app = spawn_app(config(backend).var("redis_url", redis.url())).await.unwrap();
+    let app = spawn_app(config(backend).redis(redis.url()).split(SPLIT, Duration::from_millis(500))).await.unwrap();
     let channel = format!("{}events", app.channel_prefix);
     wait_for_subscribers_at(&redis.url(), &channel, 1).await.unwrap();
 
     redis.stop();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while app.process("consumer").exits().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the consumer outlived Redis:\n{}", app.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let emitted = post_json(&app, "/events/emit?n=1").await;
     assert_eq!(emitted["published"], 0, "Redis is down: nothing published");
     let s = stats(&app).await;
@@ -72,6 +82,7 @@ async fn survives_a_redis_outage(backend: Backend) {
     assert_eq!(post_json(&app, "/events/relay").await["republished"], 0);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(stats(&app).await["effects"], 1);
+    assert_eq!(app.process("probe").exits(), vec![], "the HTTP process never stopped");
 }
 
 #[tokio::test]

@@ -180,7 +180,7 @@ async fn relay_until_training(w: &World) {
 }
 
 #[tokio::test]
-async fn astria_504_then_201_makes_one_tune() {
+async fn astria_504_then_201_makes_one_tune_postgres() {
     let w = world(true, 1, 0).await;
     w.astria.fail_next(vec![504]);
     pay(&w).await;
@@ -192,7 +192,7 @@ async fn astria_504_then_201_makes_one_tune() {
 }
 
 #[tokio::test]
-async fn astria_422_fails_the_order_tells_the_customer_and_flags_a_refund() {
+async fn astria_422_fails_the_order_tells_the_customer_and_flags_a_refund_postgres() {
     let w = world(true, 1, 0).await;
     w.astria.fail_next(vec![422]);
     let order_id = pay(&w).await;
@@ -206,7 +206,7 @@ async fn astria_422_fails_the_order_tells_the_customer_and_flags_a_refund() {
 }
 
 #[tokio::test]
-async fn forged_or_malformed_callbacks_are_refused_and_repeats_deliver_nothing_twice() {
+async fn forged_or_malformed_callbacks_are_refused_and_repeats_deliver_nothing_twice_postgres() {
     let w = world(true, 1, 0).await;
     let order_id = pay(&w).await;
     training_started(&w).await;
@@ -258,7 +258,7 @@ fn token(order: &str) -> String {
 }
 
 #[tokio::test]
-async fn outside_the_24_hour_window_the_template_goes_first_and_the_images_after_the_next_message() {
+async fn outside_the_24_hour_window_the_template_goes_first_and_the_images_after_the_next_message_postgres() {
     let w = world(true, 1, 0).await;
     let order_id = pay(&w).await;
     training_started(&w).await;
@@ -283,7 +283,7 @@ async fn outside_the_24_hour_window_the_template_goes_first_and_the_images_after
 }
 
 #[tokio::test]
-async fn a_photo_download_failing_twice_then_succeeding_still_trains() {
+async fn a_photo_download_failing_twice_then_succeeding_still_trains_postgres() {
     let w = world(true, 1, 2).await;
     pay(&w).await;
     w.graph.wait_for(8).await;
@@ -315,7 +315,8 @@ fn summaries(sends: &[Value]) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn with_every_callback_dropped_reconciliation_delivers_the_order_once_and_late_callbacks_change_nothing() {
+async fn with_every_callback_dropped_reconciliation_delivers_the_order_once_and_late_callbacks_change_nothing_postgres()
+{
     let w = world_with(true, 1, 0, RECONCILE_NOW).await;
     let order_id = pay(&w).await;
     training_started(&w).await;
@@ -344,7 +345,7 @@ async fn with_every_callback_dropped_reconciliation_delivers_the_order_once_and_
 }
 
 #[tokio::test]
-async fn with_half_the_prompt_callbacks_dropped_the_rest_arrive_through_reconciliation_none_twice() {
+async fn with_half_the_prompt_callbacks_dropped_the_rest_arrive_through_reconciliation_none_twice_postgres() {
     let w = world_with(true, 1, 0, RECONCILE_NOW).await;
     let order_id = pay(&w).await;
     training_started(&w).await;
@@ -363,7 +364,7 @@ async fn with_half_the_prompt_callbacks_dropped_the_rest_arrive_through_reconcil
 }
 
 #[tokio::test]
-async fn when_astria_never_finishes_the_order_is_flagged_and_the_customer_told_at_the_give_up_point() {
+async fn when_astria_never_finishes_the_order_is_flagged_and_the_customer_told_at_the_give_up_point_postgres() {
     let w = world_with(true, 1, 0, &[("reconcile_after_minutes", "0"), ("reconcile_give_up_minutes", "0")]).await;
     let order_id = pay(&w).await;
     training_started(&w).await;
@@ -381,7 +382,7 @@ async fn when_astria_never_finishes_the_order_is_flagged_and_the_customer_told_a
 // ------------------------------------------------------------------ paced delivery
 
 #[tokio::test]
-async fn with_every_second_image_refused_by_the_pair_limit_all_arrive_exactly_once_and_paced() {
+async fn with_every_second_image_refused_by_the_pair_limit_all_arrive_exactly_once_and_paced_postgres() {
     use std::sync::{Arc, Mutex};
     let pace = Duration::from_millis(200);
     let w = world_with(true, 1, 0, &[("whatsapp_pace_ms", "200")]).await;
@@ -425,7 +426,7 @@ async fn with_every_second_image_refused_by_the_pair_limit_all_arrive_exactly_on
 }
 
 #[tokio::test]
-async fn an_image_whatsapp_cannot_take_goes_as_a_document_once() {
+async fn an_image_whatsapp_cannot_take_goes_as_a_document_once_postgres() {
     let w = world(true, 1, 0).await;
     w.graph.rule(|body| if body["type"] == "image" { wa::Answer::Error(400, 131053) } else { wa::Answer::Ok });
     let order_id = pay(&w).await;
@@ -448,7 +449,7 @@ async fn an_image_whatsapp_cannot_take_goes_as_a_document_once() {
 }
 
 #[tokio::test]
-async fn photos_whatsapp_no_longer_has_after_payment_fail_the_order_flag_a_refund_and_tell_the_customer() {
+async fn photos_whatsapp_no_longer_has_after_payment_fail_the_order_flag_a_refund_and_tell_the_customer_postgres() {
     let w = world(true, 1, 0).await;
     // WhatsApp deleted the media (ids die after 7 days): lookups answer 404.
     wiremock::Mock::given(wiremock::matchers::method("GET"))

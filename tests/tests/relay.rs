@@ -23,16 +23,23 @@ async fn relay(app: &TestApp, token: Option<&str>) -> (u16, Value) {
 }
 
 #[tokio::test]
-async fn the_maintenance_relay_delivers_an_event_stuck_by_a_redis_outage_once() {
+async fn the_maintenance_relay_delivers_an_event_stuck_by_a_redis_outage_once_postgres() {
     let mut redis = TestRedis::start().await.unwrap();
-    let events = spawn_app(AppConfig { postgres: true, ..AppConfig::new(EVENT_APP) }.var("redis_url", redis.url()))
-        .await
-        .unwrap();
+    // Split as deployed: the consumer exits with Redis and is restarted; HTTP stays up.
+    let split: &[(&str, &[&str])] = &[("probe", &["probe"]), ("consumer", &["consumer"])];
+    let events = spawn_app(
+        AppConfig { postgres: true, ..AppConfig::new(EVENT_APP) }
+            .redis(redis.url())
+            .split(split, Duration::from_millis(500)),
+    )
+    .await
+    .unwrap();
     let maintenance = spawn_app(
         AppConfig::new(app_manifest())
             .var("database_url", events.database_url.clone().unwrap())
-            .var("redis_url", redis.url())
-            .var("admin_token", "s3cret-admin"),
+            .redis(redis.url())
+            .var("admin_token", "s3cret-admin")
+            .split(&[("maintenance", &["maintenance-service"])], Duration::from_millis(500)),
     )
     .await
     .unwrap();
@@ -81,7 +88,7 @@ async fn without_an_admin_token_configured_the_relay_refuses_everyone() {
 }
 
 #[tokio::test]
-async fn an_operator_sees_dead_letters_and_replays_them() {
+async fn an_operator_sees_dead_letters_and_replays_them_postgres() {
     let events = spawn_app(AppConfig { postgres: true, ..AppConfig::new(EVENT_APP) }.var("relay_max_attempts", "2"))
         .await
         .unwrap();

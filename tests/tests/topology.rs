@@ -1,0 +1,213 @@
+//! The shipped topology (kubernetes/base: an HTTP SpinApp and a worker SpinApp per service),
+//! one supervised host process per SpinApp, through Redis outages. Spin's Redis trigger never
+//! reconnects: a worker exits when Redis goes and is restarted after a delay, as the kubelet
+//! would; the HTTP SpinApps have no Redis trigger and keep answering. Nothing is lost (the
+//! outbox and the relay) and nothing is done twice (the claims).
+
+use std::time::{Duration, Instant};
+
+use astria_tests::astria::{self as fa, FakeAstria};
+use astria_tests::stripe::{self as ps, FakeStripe};
+use astria_tests::whatsapp::{self as wa, FakeGraph};
+use astria_tests::{TestApp, TestRedis};
+use serde_json::Value;
+
+const ANA: &str = "4915112345678";
+/// Messages Ana has received once her order is training.
+const BEFORE_IMAGES: usize = 9;
+const IMAGES: usize = fa::PROMPTS as usize * fa::IMAGES_PER_PROMPT;
+/// How long the kubelet (here, the harness) waits before starting an exited process again.
+const RESTART_DELAY: Duration = Duration::from_millis(1500);
+const HTTP_SPINAPPS: [&str; 4] = ["astria-message", "astria-image", "astria-payment", "astria-maintenance"];
+const WORKERS: [&str; 3] = ["astria-message-worker", "astria-image-worker", "astria-payment-worker"];
+
+struct World {
+    app: TestApp,
+    graph: FakeGraph,
+    astria: FakeAstria,
+    stripe: FakeStripe,
+    redis: TestRedis,
+}
+
+async fn world(postgres: bool) -> World {
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    graph.serve_media(0).await;
+    let stripe = FakeStripe::start().await;
+    let astria = FakeAstria::start().await;
+    let config =
+        fa::with_astria(ps::with_stripe(wa::bot_config(&graph, &redis, postgres), &stripe), &astria, &graph.uri())
+            .as_deployment(RESTART_DELAY);
+    let app = wa::spawn_bot(config, &redis).await;
+    World { app, graph, astria, stripe, redis }
+}
+
+/// Waits until the fake WhatsApp has `n` sends, calling the relay every second as the CronJob
+/// does every minute; fails with what was seen if they do not come within `timeout`.
+async fn sends_with_relay(w: &World, n: usize, timeout: Duration) -> Vec<Value> {
+    let deadline = Instant::now() + timeout;
+    let mut last_relay = Instant::now() - Duration::from_secs(1);
+    loop {
+        let sends = w.graph.requests().await;
+        if sends.len() >= n {
+            return sends;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{} of {n} sends after {timeout:?}: {:#?}\n{}",
+                sends.len(),
+                sends.iter().map(wa::summary).collect::<Vec<_>>(),
+                w.app.log()
+            );
+        }
+        if last_relay.elapsed() >= Duration::from_secs(1) {
+            wa::relay(&w.app).await;
+            last_relay = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Ana orders, sends two photos and pays; answers her order id once training has started.
+async fn order_paid_and_training(w: &World) -> String {
+    let steps = [
+        wa::text(ANA, "o1", "hi"),
+        wa::list_reply(ANA, "o2", "pack:corporate", "Corporate headshots"),
+        wa::button_reply(ANA, "o3", "subject:man", "Man"),
+        wa::photo(ANA, "o4"),
+        wa::photo(ANA, "o5"),
+        wa::button_reply(ANA, "o6", "done", "Done"),
+    ];
+    for (i, m) in steps.into_iter().enumerate() {
+        assert_eq!(wa::post_webhook(&w.app, &wa::inbound(ANA, vec![m])).await.0, 200);
+        sends_with_relay(w, i + 1, Duration::from_secs(20)).await;
+    }
+    let sends = sends_with_relay(w, 7, Duration::from_secs(20)).await;
+    let link = wa::summary(&sends[6]);
+    let session_id = link.rsplit('/').next().unwrap().to_string();
+    let order_id = w.stripe.session_for_any().unwrap()["client_reference_id"].as_str().unwrap().to_string();
+    let paid = ps::session(&session_id, &order_id, 1999, "usd", "paid");
+    let (status, r) =
+        ps::post_event(&w.app, &ps::event(&format!("evt_{order_id}"), "checkout.session.completed", paid)).await;
+    assert_eq!((status, r["result"].as_str()), (200, Some("paid")), "{r}");
+    let sends = sends_with_relay(w, BEFORE_IMAGES, Duration::from_secs(20)).await;
+    assert!(wa::summary(&sends[8]).starts_with("text:Your AI model is training"), "{:?}", wa::summary(&sends[8]));
+    order_id
+}
+
+/// Every HTTP SpinApp's readiness route answers 200 through the proxy (the Ingress/Services).
+async fn http_spinapps_ready(app: &TestApp) {
+    for service in ["message", "image", "payment", "maintenance"] {
+        let r = app.get(&format!("/health/{service}")).await;
+        assert_eq!(r.status(), 200, "/health/{service} during the outage:\n{}", app.log());
+    }
+}
+
+/// Waits (bounded) until every worker has exited at least `n` times.
+async fn workers_exited(app: &TestApp, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while WORKERS.iter().any(|w| app.process(w).exits().len() < n) {
+        assert!(Instant::now() < deadline, "workers did not exit {n} times:\n{}", app.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn redis_outage_mid_journey(postgres: bool) {
+    let mut w = world(postgres).await;
+    let order_id = order_paid_and_training(&w).await;
+    assert_eq!(w.astria.creates(), 1);
+
+    // Redis goes away for 20 s while Astria finishes and Ana writes.
+    let outage = Instant::now();
+    w.redis.stop();
+    workers_exited(&w.app, 1).await;
+    let log = w.app.log();
+    assert!(log.contains(&format!("disconnected from 127.0.0.1:{}", w.redis.port)), "Spin's words:\n{log}");
+    w.astria.finish(&w.app, &order_id).await; // the callbacks answer 200 (asserted inside)
+    let (status, report) = wa::post_webhook(&w.app, &wa::inbound(ANA, vec![wa::text(ANA, "o7", "status")])).await;
+    assert_eq!((status, report["messages"].as_i64()), (200, Some(1)), "{report}");
+    http_spinapps_ready(&w.app).await;
+    tokio::time::sleep(Duration::from_secs(20).saturating_sub(outage.elapsed())).await;
+
+    // Through the whole outage: the workers kept exiting and being restarted, the HTTP SpinApps
+    // never stopped, and nothing reached the customer.
+    for name in WORKERS {
+        assert!(w.app.process(name).exits().len() >= 2, "{name} restarted and exited again:\n{}", w.app.log());
+    }
+    for name in HTTP_SPINAPPS {
+        assert_eq!(w.app.process(name).exits(), vec![], "{name} stayed up:\n{}", w.app.log());
+    }
+    assert_eq!(w.graph.requests().await.len(), BEFORE_IMAGES, "nothing could be announced while Redis was down");
+
+    // Redis returns: the workers come back on their next restart and the relay announces what
+    // waited in the outbox. Ana gets her status answer, every portrait and the closing message.
+    w.redis.restart().await.unwrap();
+    let total = BEFORE_IMAGES + 1 + IMAGES + 1;
+    sends_with_relay(&w, total, Duration::from_secs(60)).await;
+    // A few more relay rounds and a pause: nothing further may arrive.
+    for _ in 0..3 {
+        wa::relay(&w.app).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let sends = w.graph.requests().await;
+    let summaries: Vec<String> = sends.iter().map(wa::summary).collect();
+    assert_eq!(sends.len(), total, "every reply and portrait exactly once: {summaries:#?}");
+    let mut links: Vec<String> = sends
+        .iter()
+        .filter(|s| s["type"] == "image")
+        .map(|s| s["image"]["link"].as_str().unwrap().to_string())
+        .collect();
+    links.sort();
+    links.dedup();
+    assert_eq!(links.len(), IMAGES, "each portrait once: {summaries:#?}");
+    assert_eq!(summaries.last().unwrap(), "text:Your portraits have been delivered. Want another pack? Reply MENU.");
+    assert_eq!(w.astria.creates(), 1, "one tune");
+    for name in HTTP_SPINAPPS {
+        assert_eq!(w.app.process(name).exits(), vec![], "{name} never restarted");
+    }
+    for name in WORKERS {
+        assert!(w.app.process(name).is_running(), "{name} runs again");
+    }
+}
+
+#[tokio::test]
+async fn a_20_second_redis_outage_mid_journey_keeps_webhooks_up_and_loses_or_doubles_nothing_sqlite() {
+    redis_outage_mid_journey(false).await;
+}
+
+#[tokio::test]
+async fn a_20_second_redis_outage_mid_journey_keeps_webhooks_up_and_loses_or_doubles_nothing_postgres() {
+    redis_outage_mid_journey(true).await;
+}
+
+#[tokio::test]
+async fn with_redis_absent_at_start_the_http_spinapps_serve_and_the_workers_wait_for_it() {
+    let mut redis = TestRedis::start().await.unwrap();
+    redis.stop();
+    let graph = FakeGraph::start().await;
+    let config = wa::bot_config(&graph, &redis, false).as_deployment(RESTART_DELAY);
+    let app = astria_tests::spawn_app(astria_tests::AppConfig { skip_worker_wait: true, ..config }).await.unwrap();
+    workers_exited(&app, 1).await;
+    http_spinapps_ready(&app).await;
+    let (status, report) = wa::post_webhook(&app, &wa::inbound(ANA, vec![wa::text(ANA, "a1", "hi")])).await;
+    assert_eq!((status, report["messages"].as_i64()), (200, Some(1)), "{report}");
+    for name in HTTP_SPINAPPS {
+        assert_eq!(app.process(name).exits(), vec![], "{name} serves without Redis");
+    }
+
+    redis.restart().await.unwrap();
+    astria_tests::wait_for_subscribers_at(&redis.url(), "astria.messages", 1).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while graph.requests().await.is_empty() {
+        assert!(Instant::now() < deadline, "the reply never came:\n{}", app.log());
+        wa::relay(&app).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for _ in 0..3 {
+        wa::relay(&app).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sends = graph.requests().await;
+    assert_eq!(sends.len(), 1, "the reply once: {:#?}", sends.iter().map(wa::summary).collect::<Vec<_>>());
+    assert!(wa::summary(&sends[0]).starts_with("list:"), "{}", wa::summary(&sends[0]));
+}
