@@ -26,6 +26,8 @@ else
   grep -q "newName: $registry/astria-bot" "kubernetes/overlays/$overlay/kustomization.yaml" \
     || sed -i -E "s#^(\s+newTag: .*)#    newName: $registry/astria-bot\n\1#" "kubernetes/overlays/$overlay/kustomization.yaml"
 fi
+# The dev overlay's secrets are made here, on the deploying machine, never committed.
+[ "$overlay" != dev ] || bash scripts/dev-secrets.sh
 bash scripts/check-kubernetes.sh
 kubectl apply -k "kubernetes/overlays/$overlay"
-echo "[deploy] $image applied with kubernetes/overlays/$overlay; watch: kubectl -n astria-bot get spinapps,pods" >&2
+echo "[deploy] $image applied with kubernetes/overlays/$overlay; watch: kubectl -n astria-bot get spinappexecutors,spinapps,pods" >&2
