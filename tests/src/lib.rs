@@ -599,24 +599,46 @@ pub async fn wait_for_subscribers_at(url: &str, channel: &str, n: i64) -> Result
 /// (stopping the shared one would disturb other tests).
 pub struct TestRedis {
     pub port: u16,
+    password: Option<String>,
     child: Option<Child>,
 }
 
 impl TestRedis {
     pub async fn start() -> Result<TestRedis> {
-        let mut r = TestRedis { port: free_port(), child: None };
+        let mut r = TestRedis { port: free_port(), password: None, child: None };
         r.restart().await?;
         Ok(r)
     }
 
+    /// A server that refuses clients without `password` (as managed Redis does).
+    pub async fn start_with_password(password: &str) -> Result<TestRedis> {
+        let mut r = TestRedis { port: free_port(), password: Some(password.to_string()), child: None };
+        r.restart().await?;
+        Ok(r)
+    }
+
+    /// `redis://[:password@]127.0.0.1:<port>`: what `redis_url` holds.
     pub fn url(&self) -> String {
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
+            None => self.host(),
+        }
+    }
+
+    /// `redis://127.0.0.1:<port>`, without credentials: what `redis_host` holds.
+    pub fn host(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
     /// Starts the server (again, on the same port).
     pub async fn restart(&mut self) -> Result<()> {
+        let mut args = vec!["--port".to_string(), self.port.to_string()];
+        args.extend(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"].map(String::from));
+        if let Some(p) = &self.password {
+            args.extend(["--requirepass".to_string(), p.clone()]);
+        }
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -293,7 +293,8 @@ pub fn summary(send: &Value) -> String {
 /// The whole app configured for a fake Graph API and a Redis of the test's own.
 pub fn bot_config(graph: &FakeGraph, redis: &TestRedis, postgres: bool) -> AppConfig {
     AppConfig { postgres, ..AppConfig::new(app_manifest()) }
-        .redis(redis.url())
+        .var("redis_url", redis.url())
+        .var("redis_host", redis.host())
         .var("whatsapp_app_secret", APP_SECRET)
         .var("whatsapp_verify_token", VERIFY_TOKEN)
         .var("whatsapp_access_token", ACCESS_TOKEN)

@@ -211,3 +211,19 @@ async fn with_redis_absent_at_start_the_http_spinapps_serve_and_the_workers_wait
     assert_eq!(sends.len(), 1, "the reply once: {:#?}", sends.iter().map(wa::summary).collect::<Vec<_>>());
     assert!(wa::summary(&sends[0]).starts_with("list:"), "{}", wa::summary(&sends[0]));
 }
+
+#[tokio::test]
+async fn a_redis_that_needs_a_password_is_reached_with_it_in_redis_url_only() {
+    const PASSWORD: &str = "s3cret-redis-passw0rd";
+    let redis = TestRedis::start_with_password(PASSWORD).await.unwrap();
+    let graph = FakeGraph::start().await;
+    // redis_url carries the password; redis_host (allowed_outbound_hosts) cannot, and does not.
+    let config = wa::bot_config(&graph, &redis, false).as_deployment(RESTART_DELAY);
+    assert_eq!(config.env["SPIN_VARIABLE_REDIS_HOST"], format!("redis://127.0.0.1:{}", redis.port));
+    let app = wa::spawn_bot(config, &redis).await;
+    let (status, report) = wa::post_webhook(&app, &wa::inbound(ANA, vec![wa::text(ANA, "p1", "hi")])).await;
+    assert_eq!((status, report["messages"].as_i64()), (200, Some(1)), "{report}");
+    let sends = graph.wait_for(1).await;
+    assert_eq!(sends.len(), 1, "published with the password, heard by the worker's trigger:\n{}", app.log());
+    assert!(!app.log().contains(PASSWORD), "the password is in no log:\n{}", app.log());
+}
