@@ -571,25 +571,89 @@ async fn with_two_replicas_a_burst_from_many_contacts_is_answered_exactly_once_e
     }
 }
 
+/// Stores a queued message as `spin_kit::messages::queue` does, and answers its `message.send`
+/// envelope (not yet published).
+async fn queue_directly(db: &tokio_postgres::Client, to: &str, message: &Value) -> Value {
+    let (id, event_id) = (uuid::Uuid::new_v4().to_string(), uuid::Uuid::new_v4().to_string());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let kind = message["kind"].as_str().unwrap();
+    db.execute(
+        "INSERT INTO outbound_messages (id, wa_id, seq, kind, message, status, event_id, correlation_id, attempts, \
+         next_attempt_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'queued', $6, 'test', 0, $7, $7, $7)",
+        &[&id, &to, &(now * 1000), &kind, &message.to_string(), &event_id, &now],
+    )
+    .await
+    .unwrap();
+    message_send(&event_id, &id, to, message)
+}
+
+fn message_send(event_id: &str, message_id: &str, to: &str, message: &Value) -> Value {
+    json!({
+        "id": event_id, "event_type": "message.send", "occurred_at": "2026-11-25T10:00:00Z",
+        "correlation_id": "test", "payload": json!({"message_id": message_id, "to": to,
+                                                     "message": message.to_string()}).to_string(),
+    })
+}
+
+async fn publish_message_send(redis: &TestRedis, envelope: &Value) {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let n: i64 =
+        redis::cmd("PUBLISH").arg("astria.messages").arg(envelope.to_string()).query_async(&mut conn).await.unwrap();
+    assert_eq!(n, 1, "the sender listens");
+}
+
+#[tokio::test]
+async fn a_crafted_message_send_for_no_stored_message_sends_nothing_postgres() {
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, true), &redis).await;
+    say(&app, &graph, wa::text(ANA, "wamid.x1", "hi"), 1).await;
+    let db = pg(&app).await;
+    let before = count(&db, "SELECT COUNT(*) FROM outbound_messages").await;
+    // Someone who can publish on Redis tries to make the bot write to a stranger, and to Ana.
+    let spam = json!({"kind": "text", "body": "You won! Pay here: https://evil.example"});
+    for to in ["15550001111", ANA] {
+        let forged = message_send(&uuid::Uuid::new_v4().to_string(), &uuid::Uuid::new_v4().to_string(), to, &spam);
+        publish_message_send(&redis, &forged).await;
+    }
+    // A message Ana really has queued, announced with someone else's number: it goes to Ana.
+    let real = queue_directly(&db, ANA, &json!({"kind": "text", "body": "Your real reply"})).await;
+    let mut redirected = real.clone();
+    let payload: Value = serde_json::from_str(real["payload"].as_str().unwrap()).unwrap();
+    let mut p = payload.clone();
+    p["to"] = json!("15550001111");
+    redirected["payload"] = json!(p.to_string());
+    publish_message_send(&redis, &redirected).await;
+    let sends = graph.wait_for(2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sends_after = graph.requests().await;
+    assert_eq!(
+        (sends.len(), sends_after.len()),
+        (2, 2),
+        "{:#?}",
+        sends_after.iter().map(wa::summary).collect::<Vec<_>>()
+    );
+    assert_eq!(sends_after[1]["to"], ANA);
+    assert_eq!(wa::summary(&sends_after[1]), "text:Your real reply");
+    assert!(sends_after.iter().all(|s| !s.to_string().contains("evil.example")), "no forged text sent");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM outbound_messages").await, before + 1, "nothing forged stored");
+    assert!(app.log().contains("was never queued by this app"), "{}", app.log());
+}
+
 #[tokio::test]
 async fn an_image_reported_failed_as_unusable_goes_again_as_a_document_postgres() {
     let redis = TestRedis::start().await.unwrap();
     let graph = FakeGraph::start().await;
     let app = wa::spawn_bot(wa::bot_config(&graph, &redis, true), &redis).await;
     say(&app, &graph, wa::text(ANA, "wamid.i1", "hi"), 1).await;
-    // Another service asks for an image (as the image-service does for each portrait).
-    let image = json!({"kind": "image", "link": "https://mp.astria.ai/9/big.jpg"});
-    let send = json!({
-        "id": uuid::Uuid::new_v4().to_string(), "event_type": "message.send", "occurred_at": "2026-11-25T10:00:00Z",
-        "correlation_id": "test", "payload": json!({"message_id": uuid::Uuid::new_v4().to_string(), "to": ANA,
-                                                     "message": image.to_string()}).to_string(),
-    });
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let _: i64 =
-        redis::cmd("PUBLISH").arg("astria.messages").arg(send.to_string()).query_async(&mut conn).await.unwrap();
-    graph.wait_for(2).await;
+    // Another service queues an image (as the image-service does for each portrait: the row,
+    // then its message.send).
     let db = pg(&app).await;
+    let image = json!({"kind": "image", "link": "https://mp.astria.ai/9/big.jpg"});
+    let send = queue_directly(&db, ANA, &image).await;
+    publish_message_send(&redis, &send).await;
+    graph.wait_for(2).await;
     let wamid = message_row(&db, "image").await.3.expect("sent");
     // WhatsApp accepted it, then could not fetch it (over 5 MB): a failed status with 131053.
     assert_eq!(wa::post_webhook(&app, &wa::status(&wamid, ANA, "failed", Some(131053))).await.0, 200);

@@ -2,7 +2,9 @@
 //! that delivers queued WhatsApp messages through the Cloud API, for every service (replies,
 //! payment links, training news, images).
 //!
-//! A `message.send` event only says "this contact has mail". The sender takes the contact's
+//! A `message.send` event only says "this contact has mail", and only for a message the app
+//! stored itself (`spin_kit::messages::queue`): an event naming no stored message is ignored,
+//! and the recipient is always the stored one. The sender takes the contact's
 //! lease (one sender per contact, whatever the number of replicas, so messages arrive in
 //! order), then works through the contact's queue, booking each answer in the database
 //! (`astria_store::messages`):
@@ -26,7 +28,7 @@ use astria_domain::conversation::Message;
 use astria_domain::events::MESSAGE_SEND;
 use astria_domain::graph::{self, SendOutcome};
 use astria_models::MessageSend;
-use astria_store::messages::{self, NewMessage, OutboundMessage};
+use astria_store::messages::{self, OutboundMessage};
 use astria_store::{outbox, transaction, Db, DbError};
 use spin_kit::db::SpinDb;
 use spin_kit::events::now_ms;
@@ -75,29 +77,25 @@ fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
         .trim()
         .parse()
         .map_err(|_| anyhow::anyhow!("whatsapp_pace_ms is not a number"))?;
+    // Only what this app queued is ever sent: the event names a stored message, and the
+    // recipient is the stored one. Anyone able to publish on Redis could otherwise message any
+    // number with any text from the business account.
+    let Some(stored) = messages::get(&db, &send.message_id)? else {
+        log::warn(
+            "sender",
+            &format!("ignoring message.send {}: message {} was never queued by this app", event.id, send.message_id),
+        );
+        return Ok(());
+    };
     let sender = Sender {
         db: &db,
         cfg: &cfg,
         retry_base_ms,
         pace_ms,
-        last_sent: std::cell::Cell::new(messages::last_sent_at(&db, &send.to)?),
+        last_sent: std::cell::Cell::new(messages::last_sent_at(&db, &stored.wa_id)?),
         correlation_id: &event.correlation_id,
     };
-    // A message.send from a component that did not queue the row itself: queue it now.
-    if messages::get(&db, &send.message_id)?.is_none() {
-        let kind = serde_json::from_str::<Message>(&send.message).map(|m| m.kind()).unwrap_or("text");
-        let new = NewMessage {
-            id: &send.message_id,
-            wa_id: &send.to,
-            seq: now_ms().saturating_mul(1000),
-            kind,
-            message: &send.message,
-            event_id: &event.id,
-            correlation_id: &event.correlation_id,
-        };
-        messages::insert(&db, &new, now_ms())?;
-    }
-    sender.drain(&send.to)?;
+    sender.drain(&stored.wa_id)?;
     Ok(())
 }
 
