@@ -78,6 +78,25 @@ async fn the_maintenance_relay_delivers_an_event_stuck_by_a_redis_outage_once_po
 }
 
 #[tokio::test]
+async fn odd_replay_paths_are_refused_before_anything_else_and_never_crash() {
+    let app = spawn_app(AppConfig::new(app_manifest()).var("admin_token", "ops")).await.unwrap();
+    let odd = [
+        "/maintenance/dead-letters/replay",
+        "/maintenance/dead-letters//replay",
+        "/maintenance/dead-letters/x",
+        "/maintenance/dead-letters/a/b/replay",
+        "/maintenance/dead-letters/",
+    ];
+    for path in odd {
+        let anonymous = app.client.post(app.url(path)).send().await.unwrap();
+        assert_eq!(anonymous.status(), 401, "{path}: authorised first");
+        let operator = app.client.post(app.url(path)).bearer_auth("ops").send().await.unwrap();
+        assert_eq!(operator.status(), 404, "{path}: a clear 404, not a trap");
+    }
+    assert!(!app.log().contains("trapped") && !app.log().contains("panicked"), "{}", app.log());
+}
+
+#[tokio::test]
 async fn without_an_admin_token_configured_the_relay_refuses_everyone() {
     let app = spawn_app(AppConfig::new(app_manifest())).await.unwrap();
     assert_eq!(relay(&app, None).await.0, 401);

@@ -29,10 +29,13 @@ fn handle(req: Request) -> Response {
         (Method::Get, "/maintenance/dead-letters") => authorize(&req).and_then(|()| dead_letters()),
         (Method::Get, "/maintenance/payment-issues") => authorize(&req).and_then(|()| payment_issues()),
         (Method::Get, "/maintenance/messages") => authorize(&req).and_then(|()| outbound_messages(req.query())),
-        (Method::Post, path) if path.starts_with("/maintenance/dead-letters/") && path.ends_with("/replay") => {
-            let id = &path["/maintenance/dead-letters/".len()..path.len() - "/replay".len()];
-            authorize(&req).and_then(|()| replay(id, &request_id))
-        }
+        // Authorised first; the id is parsed without slicing, so no path can make it panic.
+        (Method::Post, path) if path.starts_with("/maintenance/dead-letters/") => authorize(&req).and_then(|()| {
+            match path.strip_prefix("/maintenance/dead-letters/").and_then(|rest| rest.strip_suffix("/replay")) {
+                Some(id) if !id.is_empty() && !id.contains('/') => replay(id, &request_id),
+                _ => Err(ApiError::NotFound),
+            }
+        }),
         (_, "/maintenance/relay" | "/maintenance/run") => Err(ApiError::BadRequest("use POST".into())),
         _ => Err(ApiError::NotFound),
     };
