@@ -1,10 +1,15 @@
-//! Stripe for tests: a fake API for `POST /v1/checkout/sessions` that behaves like Stripe's
-//! (form-encoded request, bearer key, `Idempotency-Key`: the same key answers the same session),
-//! and webhook events signed the way Stripe signs them.
+//! Stripe for tests: a fake API for `POST /v1/checkout/sessions` that behaves like Stripe's,
+//! idempotency included, and webhook events signed the way Stripe signs them.
+//!
+//! Idempotency as Stripe documents it: the first answer to a key (a 5xx included) is stored and
+//! replayed to every later request with that key, with `Idempotent-Replayed: true`; a request
+//! reusing a key with other parameters gets 400 `idempotency_error` (nothing stored); a request
+//! while another with the same key is still being answered gets 409. Parameters that fail
+//! validation store nothing either.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
@@ -22,61 +27,121 @@ pub const CHAT_LINK: &str = "https://wa.me/15550783881";
 pub struct CreateRequest {
     pub idempotency_key: Option<String>,
     pub form: HashMap<String, String>,
+    /// The status the fake answered.
+    pub status: u16,
+}
+
+/// What Stripe keeps for a key: the parameters and the first answer.
+struct Stored {
+    form: HashMap<String, String>,
+    status: u16,
+    body: Value,
+    /// Until when the first request is still being answered (409 for others meanwhile).
+    busy_until: Instant,
 }
 
 #[derive(Default)]
 struct State {
-    by_key: HashMap<String, Value>,
+    by_key: HashMap<String, Stored>,
+    /// Every session created, in order.
+    sessions: Vec<Value>,
     requests: Vec<CreateRequest>,
-    /// Statuses to answer next (e.g. 500), before behaving normally.
+    /// Statuses to answer next (e.g. 500), before behaving normally. Stored for their key.
     failures: Vec<u16>,
+    /// Delays of the next answers, before the fake's constant delay applies.
+    delays: Vec<Duration>,
 }
 
 struct Responder(Arc<Mutex<State>>, Duration);
+
+fn error(status: u16, kind: &str, message: &str) -> (u16, Value) {
+    (status, json!({"error": {"type": kind, "message": message}}))
+}
 
 impl Respond for Responder {
     fn respond(&self, request: &Request) -> ResponseTemplate {
         let form: HashMap<String, String> = form_urlencoded::parse(&request.body).into_owned().collect();
         let key = request.headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_string);
         let mut state = self.0.lock().unwrap();
-        state.requests.push(CreateRequest { idempotency_key: key.clone(), form: form.clone() });
-        if !state.failures.is_empty() {
-            let status = state.failures.remove(0);
-            return ResponseTemplate::new(status)
-                .set_body_json(json!({"error": {"type": "api_error", "message": "scripted failure"}}));
+        let delay = if state.delays.is_empty() { self.1 } else { state.delays.remove(0) };
+        let (status, body, replayed) = answer(&mut state, key.as_deref(), &form, delay);
+        state.requests.push(CreateRequest { idempotency_key: key, form, status });
+        let mut template = ResponseTemplate::new(status).set_body_json(body).set_delay(delay);
+        if replayed {
+            template = template.insert_header("idempotent-replayed", "true");
         }
-        let required = [
-            "mode",
-            "line_items[0][price_data][unit_amount]",
-            "line_items[0][price_data][currency]",
-            "line_items[0][price_data][product_data][name]",
-            "line_items[0][quantity]",
-            "success_url",
-            "cancel_url",
-        ];
-        if let Some(missing) = required.iter().find(|k| !form.contains_key(**k)) {
-            return ResponseTemplate::new(400).set_body_json(json!({"error": {
-                "type": "invalid_request_error", "message": format!("Missing required param: {missing}.")}}));
-        }
-        let n = state.by_key.len() + 1;
-        let make = || {
-            let id = format!("cs_test_{n:04}");
-            json!({
-                "id": id, "object": "checkout.session", "url": format!("https://checkout.stripe.com/c/pay/{id}"),
-                "status": "open", "payment_status": "unpaid", "mode": form["mode"],
-                "amount_total": form["line_items[0][price_data][unit_amount]"].parse::<i64>().unwrap_or(0),
-                "currency": form["line_items[0][price_data][currency]"],
-                "client_reference_id": form.get("client_reference_id"),
-                "metadata": { "order_id": form.get("metadata[order_id]") },
-                "expires_at": form.get("expires_at").and_then(|v| v.parse::<i64>().ok()),
-            })
-        };
-        let session = match key {
-            Some(k) => state.by_key.entry(k).or_insert_with(make).clone(),
-            None => make(),
-        };
-        ResponseTemplate::new(200).set_body_json(session).set_delay(self.1)
+        template
     }
+}
+
+fn answer(state: &mut State, key: Option<&str>, form: &HashMap<String, String>, delay: Duration) -> (u16, Value, bool) {
+    if let Some(stored) = key.and_then(|k| state.by_key.get(k)) {
+        if Instant::now() < stored.busy_until {
+            let (s, b) = error(
+                409,
+                "idempotency_error",
+                "There is currently another in-progress request using this Idempotent Key. Please try again later.",
+            );
+            return (s, b, false);
+        }
+        if &stored.form != form {
+            let (s, b) = error(
+                400,
+                "idempotency_error",
+                "Keys for idempotent requests can only be used with the same parameters they were first used with.",
+            );
+            return (s, b, false);
+        }
+        return (stored.status, stored.body.clone(), true);
+    }
+    let required = [
+        "mode",
+        "line_items[0][price_data][unit_amount]",
+        "line_items[0][price_data][currency]",
+        "line_items[0][price_data][product_data][name]",
+        "line_items[0][quantity]",
+        "success_url",
+        "cancel_url",
+    ];
+    if let Some(missing) = required.iter().find(|k| !form.contains_key(**k)) {
+        let (s, b) = error(400, "invalid_request_error", &format!("Missing required param: {missing}."));
+        return (s, b, false);
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    match form.get("expires_at").map(|v| v.parse::<i64>()) {
+        Some(Ok(at)) if (now + 30 * 60..=now + 24 * 3600).contains(&at) => {}
+        Some(_) => {
+            let (s, b) = error(
+                400,
+                "invalid_request_error",
+                "The `expires_at` timestamp must be between 30 minutes and 24 hours from now.",
+            );
+            return (s, b, false);
+        }
+        None => {}
+    }
+    let (status, body) = if !state.failures.is_empty() {
+        let status = state.failures.remove(0);
+        error(status, "api_error", "scripted failure")
+    } else {
+        let id = format!("cs_test_{:04}", state.sessions.len() + 1);
+        let session = json!({
+            "id": id, "object": "checkout.session", "url": format!("https://checkout.stripe.com/c/pay/{id}"),
+            "status": "open", "payment_status": "unpaid", "mode": form["mode"],
+            "amount_total": form["line_items[0][price_data][unit_amount]"].parse::<i64>().unwrap_or(0),
+            "currency": form["line_items[0][price_data][currency]"],
+            "client_reference_id": form.get("client_reference_id"),
+            "metadata": { "order_id": form.get("metadata[order_id]") },
+            "expires_at": form.get("expires_at").and_then(|v| v.parse::<i64>().ok()),
+        });
+        state.sessions.push(session.clone());
+        (200, session)
+    };
+    if let Some(k) = key {
+        let stored = Stored { form: form.clone(), status, body: body.clone(), busy_until: Instant::now() + delay };
+        state.by_key.insert(k.to_string(), stored);
+    }
+    (status, body, false)
 }
 
 #[derive(Clone)]
@@ -112,24 +177,32 @@ impl FakeStripe {
         self.state.lock().unwrap().requests.clone()
     }
 
-    /// Distinct sessions created (one per idempotency key).
+    /// Sessions created.
     pub fn sessions_created(&self) -> usize {
-        self.state.lock().unwrap().by_key.len()
+        self.state.lock().unwrap().sessions.len()
     }
 
-    /// The session created for `order_id`.
+    /// The (last) session created for `order_id`.
     pub fn session_for(&self, order_id: &str) -> Option<Value> {
-        self.state.lock().unwrap().by_key.values().find(|s| s["client_reference_id"] == order_id).cloned()
+        self.state.lock().unwrap().sessions.iter().rev().find(|s| s["client_reference_id"] == order_id).cloned()
     }
 
     /// The only session created so far, if exactly one was.
     pub fn session_for_any(&self) -> Option<Value> {
         let state = self.state.lock().unwrap();
-        (state.by_key.len() == 1).then(|| state.by_key.values().next().cloned()).flatten()
+        (state.sessions.len() == 1).then(|| state.sessions[0].clone())
     }
 
+    /// The next creates fail with these statuses; each is stored for its key, as Stripe stores
+    /// a first answer, and replayed to retries with that key.
     pub fn fail_next(&self, statuses: Vec<u16>) {
         self.state.lock().unwrap().failures.extend(statuses);
+    }
+
+    /// The next answers come after these delays (the session is created at once): an answer
+    /// slower than the client's timeout, as when Stripe is slow after doing the work.
+    pub fn delay_next(&self, delays: Vec<Duration>) {
+        self.state.lock().unwrap().delays.extend(delays);
     }
 }
 

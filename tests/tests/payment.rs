@@ -20,9 +20,15 @@ struct Bot {
 }
 
 async fn bot_with(stripe: FakeStripe) -> Bot {
+    bot_with_vars(stripe, &[]).await
+}
+
+async fn bot_with_vars(stripe: FakeStripe, vars: &[(&str, &str)]) -> Bot {
     let redis = TestRedis::start().await.unwrap();
     let graph = FakeGraph::start().await;
-    let app = wa::spawn_bot(ps::with_stripe(wa::bot_config(&graph, &redis, true), &stripe), &redis).await;
+    let config =
+        vars.iter().fold(ps::with_stripe(wa::bot_config(&graph, &redis, true), &stripe), |c, (k, v)| c.var(k, *v));
+    let app = wa::spawn_bot(config, &redis).await;
     astria_tests::wait_for_subscribers_at(&redis.url(), "astria.payments", 1).await.unwrap();
     Bot { app, graph, stripe, redis }
 }
@@ -366,11 +372,8 @@ async fn with_the_database_down_the_webhook_answers_503_and_stripes_retry_succee
     assert_eq!(ps::post_event(&app, &event).await.1["result"], "duplicate", "acted on once");
 }
 
-#[tokio::test]
-async fn a_failing_stripe_is_retried_by_the_relay_and_the_link_still_goes_out_once_postgres() {
-    let stripe = FakeStripe::start().await;
-    stripe.fail_next(vec![500, 502]);
-    let bot = bot_with(stripe).await;
+/// Ana goes from "hi" to DONE (the pets pack, two photos); her payment link is being made.
+async fn to_done_with_relay(bot: &Bot) {
     let steps = [
         wa::text(ANA, "q1", "hi"),
         wa::text(ANA, "q2", "pets"),
@@ -382,7 +385,12 @@ async fn a_failing_stripe_is_retried_by_the_relay_and_the_link_still_goes_out_on
         wa::post_webhook(&bot.app, &wa::inbound(ANA, vec![m])).await;
         bot.graph.wait_for(i + 1).await;
     }
-    // The relay brings the event back once its backoff has passed (first after the grace).
+}
+
+/// Calls the relay, with every pending event made due, until the link has gone out (or fails).
+/// Rounds are 600 ms apart: the relay's real backoff is longer, but the event's eight attempts
+/// must still outlast a slow Stripe answer (2.5 s below).
+async fn relay_until_the_link(bot: &Bot) -> Vec<Value> {
     let db = db(&bot.app).await;
     for _ in 0..40 {
         if bot.graph.requests().await.len() >= 6 {
@@ -390,15 +398,59 @@ async fn a_failing_stripe_is_retried_by_the_relay_and_the_link_still_goes_out_on
         }
         db.execute("UPDATE outbox SET next_attempt_at = 0 WHERE status <> 'done'", &[]).await.unwrap();
         wa::relay(&bot.app).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
     }
+    // A few more rounds: nothing further may go out.
+    for _ in 0..3 {
+        db.execute("UPDATE outbox SET next_attempt_at = 0 WHERE status <> 'done'", &[]).await.unwrap();
+        wa::relay(&bot.app).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let sends = bot.graph.requests().await;
-    assert_eq!(sends.len(), 6, "{sends:#?}");
+    assert_eq!(sends.len(), 6, "{:#?}\n{}", sends.iter().map(wa::summary).collect::<Vec<_>>(), bot.app.log());
     assert!(wa::summary(&sends[5]).starts_with("text:Pay securely here: https://checkout.stripe.com/"));
-    assert_eq!(bot.stripe.requests().len(), 3);
+    sends
+}
+
+#[tokio::test]
+async fn replayed_stripe_failures_move_to_a_new_key_and_the_link_still_goes_out_once_postgres() {
+    let stripe = FakeStripe::start().await;
+    // Stripe stores a first 500 (and 502) for its key and replays it to every retry with it.
+    stripe.fail_next(vec![500, 502]);
+    let bot = bot_with(stripe).await;
+    to_done_with_relay(&bot).await;
+    relay_until_the_link(&bot).await;
+    let requests = bot.stripe.requests();
+    let trail: Vec<(String, u16)> =
+        requests.iter().map(|r| (r.idempotency_key.clone().unwrap_or_default(), r.status)).collect();
+    let order = requests[0].form["client_reference_id"].clone();
+    let key = |g: &str| format!("astria-checkout-{order}{g}");
+    assert_eq!(
+        trail,
+        vec![(key(""), 500), (key(""), 500), (key("-g1"), 502), (key("-g1"), 502), (key("-g2"), 200)],
+        "a replayed failure moves to the next key, once"
+    );
     assert_eq!(bot.stripe.sessions_created(), 1);
-    assert!(bot.app.log().contains("Stripe answered 500"), "the failure is logged");
+    assert!(bot.app.log().contains("Stripe answered 500 (replayed)"), "the failure is logged");
     assert!(!bot.app.log().contains(ps::SECRET_KEY), "the key never is");
+}
+
+#[tokio::test]
+async fn a_stripe_answer_slower_than_the_timeout_is_fetched_again_with_the_same_key_and_parameters_postgres() {
+    let stripe = FakeStripe::start().await;
+    // Stripe creates the session but answers after the client gave up.
+    stripe.delay_next(vec![Duration::from_millis(2500)]);
+    let bot = bot_with_vars(stripe, &[("stripe_timeout_ms", "1000")]).await;
+    to_done_with_relay(&bot).await;
+    relay_until_the_link(&bot).await;
+    let requests = bot.stripe.requests();
+    assert!(requests.len() >= 2, "the first answer timed out: {requests:#?}");
+    assert!(requests.iter().all(|r| r.idempotency_key == requests[0].idempotency_key), "one key");
+    assert!(requests.iter().all(|r| r.form == requests[0].form), "identical parameters, expires_at included");
+    assert_eq!(requests.last().unwrap().status, 200, "the stored session, replayed");
+    assert_eq!(bot.stripe.sessions_created(), 1, "one session");
+    let link = bot.graph.requests().await.iter().map(wa::summary).filter(|s| s.starts_with("text:Pay")).count();
+    assert_eq!(link, 1, "one link");
 }
 
 #[tokio::test]

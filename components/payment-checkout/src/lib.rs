@@ -10,13 +10,20 @@
 //! queued for the sender are then committed together, once. A failed call leaves the event
 //! uncompleted: the relay brings it back with backoff, and dead-letters it for an operator if
 //! Stripe keeps refusing (a bad key, say); a replay after the fix creates the session.
+//!
+//! Stripe answers a key only with the parameters it was first used with, and replays the
+//! first answer (a 5xx included) for 24 hours. So every retry of one key sends identical
+//! parameters: the session's `expires_at` is fixed on the order at the first request
+//! (`repo::checkout_attempt`). The key moves to a new generation only when the old one can no
+//! longer succeed: Stripe refused it as reused with other parameters, replayed a stored
+//! failure, or its fixed expiry has come too close for Stripe to accept.
 
 use std::time::Duration;
 
 use astria_domain::config::{self, StripeCheckout};
 use astria_domain::conversation::Message;
 use astria_domain::events::ORDER_AWAITING_PAYMENT;
-use astria_domain::stripe::{self, CheckoutRequest};
+use astria_domain::stripe::{self, CheckoutRequest, CreateFailure};
 use astria_domain::texts::{fill, Texts};
 use astria_domain::Money;
 use astria_models::{Order, OrderAwaitingPayment, OrderStatus};
@@ -28,7 +35,6 @@ use spin_kit::{log, var, SpinVars};
 use spin_sdk::redis_component;
 
 const CONSUMER: &str = "payment-checkout";
-const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long WhatsApp keeps a media id after the message arrived.
 const MEDIA_LIFETIME_MS: i64 = 7 * 24 * 60 * 60_000;
 /// Time to fetch the photos after payment (and clock skew).
@@ -89,10 +95,29 @@ fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
     let packs = config::catalogue(&SpinVars).map_err(|e| fail(e.to_string()))?;
     let product =
         packs.iter().find(|p| p.id == order.pack_id).map(|p| p.title.clone()).unwrap_or(order.pack_id.clone());
-    let session = create_session(&cfg, &order, &product).map_err(|e| {
-        log::error_with("stripe.checkout", &event.correlation_id, &format!("order {}: {e}", order.id));
-        fail(e)
-    })?;
+    let (generation, expires_at) = checkout_attempt(&db, &order.id, cfg.expiry_minutes)?;
+    let session = match create_session(&cfg, &order, &product, generation, expires_at) {
+        Ok(session) => session,
+        Err(failure) => {
+            let detail = match &failure {
+                CreateFailure::NewKey(e) => {
+                    // This key can never succeed: the next try (the relay's) uses a new one.
+                    repo::set_checkout_attempt(
+                        &db,
+                        &order.id,
+                        (generation, Some(expires_at)),
+                        generation + 1,
+                        now_ms() / 1000 + cfg.expiry_minutes * 60,
+                        now_ms(),
+                    )?;
+                    format!("{e}; the next attempt uses key generation {}", generation + 1)
+                }
+                CreateFailure::Retry(e) | CreateFailure::Permanent(e) => e.clone(),
+            };
+            log::error_with("stripe.checkout", &event.correlation_id, &format!("order {}: {detail}", order.id));
+            return Err(fail(detail));
+        }
+    };
     let url = session.url.clone().unwrap_or_default();
 
     let pending = transaction(&db, |db| {
@@ -120,21 +145,50 @@ fn publish(db: &SpinDb, pending: &[events::Pending]) {
     }
 }
 
-/// `POST /v1/checkout/sessions`, idempotent per order. Errors carry Stripe's message, never
-/// the key.
-fn create_session(cfg: &StripeCheckout, order: &Order, product: &str) -> Result<stripe::Session, String> {
-    let price = Money::try_from(&order.price).map_err(|e| e.to_string())?;
+/// The key generation and `expires_at` of the order's session request: as fixed by an earlier
+/// attempt, or fixed now (a first attempt, or an expiry too close for Stripe to accept, which
+/// then needs a new key). Replicas racing here agree on whichever was stored first.
+fn checkout_attempt(db: &SpinDb, order_id: &str, expiry_minutes: i64) -> Result<(i64, i64), anyhow::Error> {
+    for _ in 0..3 {
+        let now = now_ms();
+        let current = repo::checkout_attempt(db, order_id)?.unwrap_or((0, None));
+        match current {
+            (generation, Some(expires_at)) if stripe::expiry_still_usable(expires_at, now) => {
+                return Ok((generation, expires_at))
+            }
+            (generation, fixed) => {
+                let next = if fixed.is_some() { generation + 1 } else { generation };
+                let expires_at = now / 1000 + expiry_minutes * 60;
+                if repo::set_checkout_attempt(db, order_id, current, next, expires_at, now)? {
+                    return Ok((next, expires_at));
+                }
+            }
+        }
+    }
+    anyhow::bail!("order {order_id}: its checkout attempt keeps changing under us")
+}
+
+/// `POST /v1/checkout/sessions` with the given key generation and fixed expiry. Errors carry
+/// Stripe's message, never the key.
+fn create_session(
+    cfg: &StripeCheckout,
+    order: &Order,
+    product: &str,
+    generation: i64,
+    expires_at: i64,
+) -> Result<stripe::Session, CreateFailure> {
+    let price = Money::try_from(&order.price).map_err(|e| CreateFailure::Permanent(e.to_string()))?;
     let back = |text: &str| format!("{}?text={text}", cfg.chat_link);
     let form = stripe::checkout_form(&CheckoutRequest {
         order_id: &order.id,
         product_name: product,
         price: &price,
-        expires_at: now_ms() / 1000 + cfg.expiry_minutes * 60,
+        expires_at,
         success_url: &back("STATUS"),
         cancel_url: &back("PAY"),
     });
     let auth = format!("Bearer {}", cfg.secret_key);
-    let key = stripe::idempotency_key(&order.id);
+    let key = stripe::idempotency_key(&order.id, generation);
     let url = format!("{}/v1/checkout/sessions", cfg.api_url);
     let response = http_client::send(&http_client::Request {
         method: "POST",
@@ -145,16 +199,13 @@ fn create_session(cfg: &StripeCheckout, order: &Order, product: &str) -> Result<
             ("idempotency-key", &key),
         ],
         body: form.as_bytes(),
-        timeout: CALL_TIMEOUT,
+        timeout: Duration::from_millis(cfg.timeout_ms),
         max_response: 256 * 1024,
     })
-    .map_err(|e| format!("Stripe unreachable: {e}"))?;
+    .map_err(|e| CreateFailure::Retry(format!("Stripe unreachable: {e}")))?;
     if !(200..300).contains(&response.status) {
-        let message = serde_json::from_slice::<serde_json::Value>(&response.body)
-            .ok()
-            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-            .unwrap_or_default();
-        return Err(format!("Stripe answered {}: {message}", response.status));
+        let replayed = response.header("idempotent-replayed").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        return Err(stripe::classify_create_failure(response.status, replayed, &response.body));
     }
-    stripe::parse_created_session(&response.body).map_err(|e| e.to_string())
+    stripe::parse_created_session(&response.body).map_err(|e| CreateFailure::Permanent(e.to_string()))
 }

@@ -149,6 +149,8 @@ pub struct StripeCheckout {
     /// Clamped to Stripe's 30 minutes to 24 hours.
     pub expiry_minutes: i64,
     pub chat_link: String,
+    /// How long one call to Stripe may take (`stripe_timeout_ms`, default 20 s).
+    pub timeout_ms: u64,
 }
 
 impl std::fmt::Debug for StripeCheckout {
@@ -171,6 +173,10 @@ pub fn stripe_checkout(src: &impl Source) -> Result<StripeCheckout, ConfigError>
         secret_key: required(src, "stripe_secret_key")?,
         expiry_minutes: crate::stripe::expiry_minutes_in_bounds(number(src, "checkout_expiry_minutes")? as i64),
         chat_link,
+        timeout_ms: match src.get("stripe_timeout_ms").filter(|v| !v.trim().is_empty()) {
+            None => 20_000,
+            Some(_) => number(src, "stripe_timeout_ms")? as u64,
+        },
     })
 }
 

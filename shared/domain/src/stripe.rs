@@ -210,9 +210,55 @@ pub fn checkout_form(r: &CheckoutRequest<'_>) -> String {
         .finish()
 }
 
-/// The `Idempotency-Key` of an order's session: a retry returns the same session.
-pub fn idempotency_key(order_id: &str) -> String {
-    format!("astria-checkout-{order_id}")
+/// The `Idempotency-Key` of an order's session in key generation `generation`: a retry with
+/// the same key and the same parameters returns the same session. A new generation is used
+/// only when Stripe can no longer answer the old key usefully (see [`classify_create_failure`]).
+pub fn idempotency_key(order_id: &str, generation: i64) -> String {
+    match generation {
+        0 => format!("astria-checkout-{order_id}"),
+        n => format!("astria-checkout-{order_id}-g{n}"),
+    }
+}
+
+/// Least time left before a session's `expires_at` for a request to use it: Stripe refuses an
+/// `expires_at` less than 30 minutes ahead (one more minute for the call and clock skew).
+pub const MIN_EXPIRY_LEAD_MS: i64 = 31 * 60_000;
+
+/// Whether a session request fixed to expire at `expires_at` (unix seconds) can still be sent
+/// at `now_ms`; if not, the order needs a new expiry, and so a new key generation.
+pub fn expiry_still_usable(expires_at: i64, now_ms: i64) -> bool {
+    expires_at.saturating_mul(1000) >= now_ms + MIN_EXPIRY_LEAD_MS
+}
+
+/// What to do after `POST /v1/checkout/sessions` failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateFailure {
+    /// Try again later with the same key (timeouts, 5xx seen for the first time, 409: another
+    /// request with the key is in flight, 429).
+    Retry(String),
+    /// The key can never succeed: Stripe refuses it with other parameters (400
+    /// `idempotency_error`), or replays a stored failure to every retry for 24 hours
+    /// (`Idempotent-Replayed: true` on a 5xx). Move to the next key generation.
+    NewKey(String),
+    /// A request Stripe will always refuse (bad key, invalid parameters): no retry helps until
+    /// an operator acts; the event ends in the dead letters for a replay after the fix.
+    Permanent(String),
+}
+
+/// Classifies a failed create by status, Stripe's `Idempotent-Replayed` header and the error
+/// body. The message is Stripe's own text, which never contains the key.
+pub fn classify_create_failure(status: u16, replayed: bool, body: &[u8]) -> CreateFailure {
+    let error = serde_json::from_slice::<serde_json::Value>(body).ok();
+    let kind = error.as_ref().and_then(|v| v["error"]["type"].as_str().map(str::to_string)).unwrap_or_default();
+    let message = error.as_ref().and_then(|v| v["error"]["message"].as_str().map(str::to_string)).unwrap_or_default();
+    let text = format!("Stripe answered {status}{}: {message}", if replayed { " (replayed)" } else { "" });
+    match status {
+        400 if kind == "idempotency_error" => CreateFailure::NewKey(text),
+        500..=599 if replayed => CreateFailure::NewKey(text),
+        409 | 429 | 500..=599 => CreateFailure::Retry(text),
+        400..=499 => CreateFailure::Permanent(text),
+        _ => CreateFailure::Retry(text),
+    }
 }
 
 /// Stripe's bounds on `expires_at`: between 30 minutes and 24 hours from now.
@@ -232,6 +278,32 @@ mod tests {
     }
 
     const NOW: i64 = 1_764_064_800;
+
+    #[test]
+    fn a_create_failure_moves_to_a_new_key_only_when_the_old_one_cannot_succeed() {
+        let err = |t: &str| format!(r#"{{"error":{{"type":"{t}","message":"m"}}}}"#).into_bytes();
+        let new_key = |f: CreateFailure| matches!(f, CreateFailure::NewKey(_));
+        let retry = |f: CreateFailure| matches!(f, CreateFailure::Retry(_));
+        assert!(new_key(classify_create_failure(400, false, &err("idempotency_error"))), "other parameters");
+        assert!(new_key(classify_create_failure(500, true, &err("api_error"))), "a replayed 5xx");
+        assert!(retry(classify_create_failure(500, false, &err("api_error"))), "a first 5xx");
+        assert!(retry(classify_create_failure(409, false, &err("idempotency_error"))), "a concurrent request");
+        assert!(retry(classify_create_failure(429, false, &err("rate_limit_error"))));
+        assert!(matches!(
+            classify_create_failure(401, false, &err("invalid_request_error")),
+            CreateFailure::Permanent(_)
+        ));
+        assert!(matches!(classify_create_failure(400, false, b"not json"), CreateFailure::Permanent(_)));
+    }
+
+    #[test]
+    fn an_expiry_is_usable_only_more_than_31_minutes_ahead() {
+        let now_ms = NOW * 1000;
+        assert!(expiry_still_usable(NOW + 24 * 3600, now_ms));
+        assert!(expiry_still_usable(NOW + 31 * 60, now_ms));
+        assert!(!expiry_still_usable(NOW + 31 * 60 - 1, now_ms));
+        assert!(!expiry_still_usable(NOW - 10, now_ms));
+    }
 
     #[test]
     fn a_signature_is_valid_only_for_its_secret_body_and_time() {
@@ -315,8 +387,10 @@ mod tests {
         assert_eq!((pairs["client_reference_id"].as_str(), pairs["metadata[order_id]"].as_str()), ("o1", "o1"));
         assert_eq!(pairs["expires_at"], (NOW + 3600).to_string());
         assert_eq!(pairs["success_url"], "https://wa.me/15550783881?text=STATUS");
-        assert_eq!(idempotency_key("o1"), idempotency_key("o1"));
-        assert_ne!(idempotency_key("o1"), idempotency_key("o2"));
+        assert_eq!(idempotency_key("o1", 0), idempotency_key("o1", 0));
+        assert_ne!(idempotency_key("o1", 0), idempotency_key("o2", 0));
+        assert_ne!(idempotency_key("o1", 0), idempotency_key("o1", 1), "a new generation is a new key");
+        assert_eq!(idempotency_key("o1", 0), "astria-checkout-o1", "generation 0 keeps the key orders already used");
         assert_eq!((expiry_minutes_in_bounds(5), expiry_minutes_in_bounds(5000)), (30, 1440));
     }
 

@@ -14,7 +14,16 @@ use wasi::io::streams::StreamError;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpResponse {
     pub status: u16,
+    /// Header names lowercase.
+    pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
 }
 
 /// Why no answer came. Details never include headers (they carry credentials).
@@ -128,6 +137,12 @@ pub fn send(req: &Request<'_>) -> Result<HttpResponse, HttpError> {
         Some(Err(())) | None => return Err(HttpError::Other("response already taken".into())),
     };
     let status = response.status();
+    let headers = response
+        .headers()
+        .entries()
+        .into_iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), String::from_utf8_lossy(&v).into_owned()))
+        .collect();
     let body = response.consume().map_err(|()| HttpError::Other("response body unavailable".into()))?;
     let stream = body.stream().map_err(|()| HttpError::Other("response body unavailable".into()))?;
     let mut bytes = Vec::new();
@@ -145,7 +160,7 @@ pub fn send(req: &Request<'_>) -> Result<HttpResponse, HttpError> {
             }
         }
     }
-    Ok(HttpResponse { status, body: bytes })
+    Ok(HttpResponse { status, headers, body: bytes })
 }
 
 #[cfg(test)]

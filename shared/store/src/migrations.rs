@@ -204,6 +204,16 @@ pub const MIGRATIONS: &[Migration] = &[
             "CREATE INDEX orders_in_training ON orders (status, training_started_at)",
         ],
     },
+    Migration {
+        version: 8,
+        name: "deterministic Stripe Checkout requests",
+        sql: &[
+            // The Idempotency-Key generation of the order's session request, and the expires_at
+            // it was first sent with: every retry of one key sends identical parameters.
+            "ALTER TABLE orders ADD COLUMN checkout_generation BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE orders ADD COLUMN checkout_expires_at BIGINT",
+        ],
+    },
 ];
 
 /// Applies every migration not yet recorded; answers the versions it applied.

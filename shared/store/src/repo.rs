@@ -278,6 +278,48 @@ pub fn set_checkout<D: Db + ?Sized>(
     Ok(n == 1)
 }
 
+/// The order's Checkout request as fixed so far: key generation and `expires_at` (unix
+/// seconds; `None` before the first request). `None` if the order does not exist.
+pub fn checkout_attempt<D: Db + ?Sized>(db: &D, order_id: &str) -> Result<Option<(i64, Option<i64>)>, DbError> {
+    let rows = db.query(
+        &db.dialect().sql("SELECT checkout_generation, checkout_expires_at FROM orders WHERE id = $1"),
+        &[Value::from(order_id)],
+    )?;
+    rows.first().map(|r| Ok((r.int(0)?, r.opt_int(1)?))).transpose()
+}
+
+/// Fixes the order's Checkout request to key generation `generation` expiring at `expires_at`,
+/// if it is still as the caller read it (`from`): `false` when another replica changed it first
+/// (the caller reads it again and uses theirs).
+pub fn set_checkout_attempt<D: Db + ?Sized>(
+    db: &D,
+    order_id: &str,
+    from: (i64, Option<i64>),
+    generation: i64,
+    expires_at: i64,
+    now_ms: i64,
+) -> Result<bool, DbError> {
+    let same_expiry = if from.1.is_some() { "checkout_expires_at = $6" } else { "checkout_expires_at IS NULL" };
+    let mut params = vec![
+        Value::Int(generation),
+        Value::Int(expires_at),
+        Value::Int(now_ms),
+        Value::from(order_id),
+        Value::Int(from.0),
+    ];
+    if let Some(e) = from.1 {
+        params.push(Value::Int(e));
+    }
+    let n = db.execute(
+        &db.dialect().sql(&format!(
+            "UPDATE orders SET checkout_generation = $1, checkout_expires_at = $2, updated_at = $3
+             WHERE id = $4 AND checkout_generation = $5 AND {same_expiry}"
+        )),
+        &params,
+    )?;
+    Ok(n == 1)
+}
+
 /// Marks an order awaiting payment as paid with what Stripe reported; `false` if it no longer
 /// awaited payment (a concurrent or earlier event settled it).
 pub fn mark_paid<D: Db + ?Sized>(db: &D, order_id: &str, paid: &Money, now_ms: i64) -> Result<bool, DbError> {

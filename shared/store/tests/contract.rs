@@ -634,6 +634,26 @@ fn a_checkout_session_is_stored_once_and_payment_settles_once() {
 }
 
 #[test]
+fn a_checkout_attempt_is_fixed_once_and_moves_on_only_from_what_was_read() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 0).unwrap();
+        repo::touch_contact(db.as_ref(), "16505551234", None, 1).unwrap();
+        assert_eq!(repo::checkout_attempt(db.as_ref(), "o1").unwrap(), None, "no such order");
+        repo::create_order(db.as_ref(), &new_order("o1", &usd(1999)), 10).unwrap();
+        assert_eq!(repo::checkout_attempt(db.as_ref(), "o1").unwrap(), Some((0, None)), "nothing fixed yet");
+        // Two replicas fix the first attempt at once: one wins, the other reads the winner's.
+        assert!(repo::set_checkout_attempt(db.as_ref(), "o1", (0, None), 0, 5000, 11).unwrap());
+        assert!(!repo::set_checkout_attempt(db.as_ref(), "o1", (0, None), 0, 5001, 11).unwrap());
+        assert_eq!(repo::checkout_attempt(db.as_ref(), "o1").unwrap(), Some((0, Some(5000))));
+        // The key cannot succeed any more: the next generation, once.
+        assert!(repo::set_checkout_attempt(db.as_ref(), "o1", (0, Some(5000)), 1, 9000, 12).unwrap());
+        assert!(!repo::set_checkout_attempt(db.as_ref(), "o1", (0, Some(5000)), 1, 9001, 12).unwrap());
+        assert_eq!(repo::checkout_attempt(db.as_ref(), "o1").unwrap(), Some((1, Some(9000))));
+    });
+}
+
+#[test]
 fn a_reopened_order_copies_pack_price_and_photos_but_not_the_session() {
     on_both(|connect| {
         let db = connect();
