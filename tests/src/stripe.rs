@@ -50,6 +50,8 @@ struct State {
     failures: Vec<u16>,
     /// Delays of the next answers, before the fake's constant delay applies.
     delays: Vec<Duration>,
+    /// Session ids the app asked to expire, in order.
+    expire_calls: Vec<String>,
 }
 
 struct Responder(Arc<Mutex<State>>, Duration);
@@ -144,6 +146,33 @@ fn answer(state: &mut State, key: Option<&str>, form: &HashMap<String, String>, 
     (status, body, false)
 }
 
+/// `POST /v1/checkout/sessions/{id}/expire`: an open session becomes expired (its link can no
+/// longer be paid); any other answers 400, as Stripe does.
+struct Expirer(Arc<Mutex<State>>);
+
+impl Respond for Expirer {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let id =
+            request.url.path().trim_start_matches("/v1/checkout/sessions/").trim_end_matches("/expire").to_string();
+        let mut state = self.0.lock().unwrap();
+        state.expire_calls.push(id.clone());
+        let Some(session) = state.sessions.iter_mut().find(|s| s["id"] == id.as_str()) else {
+            let (s, b) = error(404, "invalid_request_error", &format!("No such checkout.session: '{id}'"));
+            return ResponseTemplate::new(s).set_body_json(b);
+        };
+        if session["status"] != "open" {
+            let (s, b) = error(
+                400,
+                "invalid_request_error",
+                "Only Checkout Sessions with a status in [\"open\"] can be expired.",
+            );
+            return ResponseTemplate::new(s).set_body_json(b);
+        }
+        session["status"] = json!("expired");
+        ResponseTemplate::new(200).set_body_json(session.clone())
+    }
+}
+
 #[derive(Clone)]
 pub struct FakeStripe {
     pub server: Arc<MockServer>,
@@ -164,6 +193,12 @@ impl FakeStripe {
             .and(wiremock::matchers::header("authorization", format!("Bearer {SECRET_KEY}").as_str()))
             .and(wiremock::matchers::header("content-type", "application/x-www-form-urlencoded"))
             .respond_with(Responder(state.clone(), delay))
+            .mount(&server)
+            .await;
+        Mock::given(wiremock::matchers::method("POST"))
+            .and(wiremock::matchers::path_regex(r"^/v1/checkout/sessions/[^/]+/expire$"))
+            .and(wiremock::matchers::header("authorization", format!("Bearer {SECRET_KEY}").as_str()))
+            .respond_with(Expirer(state.clone()))
             .mount(&server)
             .await;
         FakeStripe { server: Arc::new(server), state }
@@ -191,6 +226,16 @@ impl FakeStripe {
     pub fn session_for_any(&self) -> Option<Value> {
         let state = self.state.lock().unwrap();
         (state.sessions.len() == 1).then(|| state.sessions[0].clone())
+    }
+
+    /// Whether a customer opening the session's link could pay now (the session is open).
+    pub fn can_pay(&self, session_id: &str) -> bool {
+        self.state.lock().unwrap().sessions.iter().any(|s| s["id"] == session_id && s["status"] == "open")
+    }
+
+    /// Session ids the app asked Stripe to expire.
+    pub fn expire_calls(&self) -> Vec<String> {
+        self.state.lock().unwrap().expire_calls.clone()
     }
 
     /// The next creates fail with these statuses; each is stored for its key, as Stripe stores

@@ -413,6 +413,39 @@ async fn relay_until_the_link(bot: &Bot) -> Vec<Value> {
 }
 
 #[tokio::test]
+async fn cancel_after_the_link_expires_the_session_so_the_old_link_cannot_be_paid_postgres() {
+    let bot = bot().await;
+    to_done_with_relay(&bot).await;
+    let sends = bot.graph.wait_for(6).await;
+    assert!(wa::summary(&sends[5]).starts_with("text:Pay securely here:"), "{:?}", wa::summary(&sends[5]));
+    let session_id = bot.stripe.session_for_any().unwrap()["id"].as_str().unwrap().to_string();
+    assert!(bot.stripe.can_pay(&session_id), "the link works before the cancel");
+
+    assert_eq!(wa::post_webhook(&bot.app, &wa::inbound(ANA, vec![wa::text(ANA, "q6", "cancel")])).await.0, 200);
+    let db = db(&bot.app).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while bot.stripe.can_pay(&session_id) {
+        assert!(std::time::Instant::now() < deadline, "the session stayed open:\n{}", bot.app.log());
+        wa::relay(&bot.app).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(bot.stripe.expire_calls(), vec![session_id.clone()], "expired once");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM orders WHERE status = 'cancelled'").await, 1);
+    let sends = bot.graph.wait_for(7).await;
+    assert!(wa::summary(&sends[6]).to_lowercase().contains("cancel"), "{:?}", wa::summary(&sends[6]));
+    // The event is done: the relay does not expire it again.
+    for _ in 0..3 {
+        wa::relay(&bot.app).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(bot.stripe.expire_calls().len(), 1);
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM outbox WHERE event_type = 'checkout.expire' AND status = 'done'").await,
+        1
+    );
+}
+
+#[tokio::test]
 async fn replayed_stripe_failures_move_to_a_new_key_and_the_link_still_goes_out_once_postgres() {
     let stripe = FakeStripe::start().await;
     // Stripe stores a first 500 (and 502) for its key and replays it to every retry with it.

@@ -8,11 +8,11 @@
 
 use astria_domain::config;
 use astria_domain::conversation::{self, Action, Context, Message, OrderView, State};
-use astria_domain::events::{channels, ORDER_AWAITING_PAYMENT};
+use astria_domain::events::{channels, CHECKOUT_EXPIRE, ORDER_AWAITING_PAYMENT};
 use astria_domain::graph::{codes, status_rank};
 use astria_domain::whatsapp::{self, InboundMessage, StatusUpdate, WebhookError};
 use astria_domain::Money;
-use astria_models::{OrderAwaitingPayment, Pack};
+use astria_models::{CheckoutExpire, OrderAwaitingPayment, Pack};
 use astria_store::outbox::RelayPolicy;
 use astria_store::repo::{self, NewOrder};
 use astria_store::{messages, transaction, Db, DbError};
@@ -162,6 +162,12 @@ fn handle_message(
                 Action::OrderAwaitingPayment { order_id } => {
                     let event =
                         events::envelope(ORDER_AWAITING_PAYMENT, &OrderAwaitingPayment { order_id }, correlation_id);
+                    pending.push(events::emit(db, channels::PAYMENTS, &event, &RelayPolicy::default())?);
+                }
+                Action::ExpireCheckout { order_id } => {
+                    // In the transaction that cancelled the order: the session is expired even
+                    // if Stripe or Redis is down right now (the relay brings the event back).
+                    let event = events::envelope(CHECKOUT_EXPIRE, &CheckoutExpire { order_id }, correlation_id);
                     pending.push(events::emit(db, channels::PAYMENTS, &event, &RelayPolicy::default())?);
                 }
             }

@@ -1,6 +1,7 @@
 //! payment-checkout: part of payment-service. A Redis-trigger component on `astria.payments`
 //! that turns `order.awaiting_payment` into a Stripe Checkout session and the payment link
-//! message.
+//! message, and `checkout.expire` (the customer cancelled an order awaiting payment) into an
+//! expired session, so that an old link can no longer take money for a cancelled order.
 //!
 //! Why a consumer and not the webhook that completes the photos: the Stripe call must not make
 //! WhatsApp's webhook wait, and a failed call must be retried; the outbox and relay already do
@@ -22,11 +23,11 @@ use std::time::Duration;
 
 use astria_domain::config::{self, StripeCheckout};
 use astria_domain::conversation::Message;
-use astria_domain::events::ORDER_AWAITING_PAYMENT;
+use astria_domain::events::{CHECKOUT_EXPIRE, ORDER_AWAITING_PAYMENT};
 use astria_domain::stripe::{self, CheckoutRequest, CreateFailure};
 use astria_domain::texts::{fill, Texts};
 use astria_domain::Money;
-use astria_models::{Order, OrderAwaitingPayment, OrderStatus};
+use astria_models::{CheckoutExpire, EventEnvelope, Order, OrderAwaitingPayment, OrderStatus};
 use astria_store::{outbox, repo, transaction};
 use spin_kit::db::SpinDb;
 use spin_kit::events::{self, now_ms};
@@ -43,9 +44,13 @@ const SAFETY_MS: i64 = 60 * 60_000;
 #[redis_component]
 fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
     let Some(event) = spin_kit::events::parse_or_drop(&payload, CONSUMER) else { return Ok(()) };
-    if event.event_type != ORDER_AWAITING_PAYMENT {
-        log::warn(CONSUMER, &format!("ignoring event type {} on the payments channel", event.event_type));
-        return Ok(());
+    match event.event_type.as_str() {
+        ORDER_AWAITING_PAYMENT => {}
+        CHECKOUT_EXPIRE => return expire(&event),
+        other => {
+            log::warn(CONSUMER, &format!("ignoring event type {other} on the payments channel"));
+            return Ok(());
+        }
     }
     let Ok(request) = serde_json::from_str::<OrderAwaitingPayment>(&event.payload) else {
         log::warn(CONSUMER, &format!("dropping {} with an unreadable payload", event.id));
@@ -133,7 +138,66 @@ fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
         Ok::<_, astria_store::DbError>(pending)
     })?;
     publish(&db, &pending);
+    // Cancelled while Stripe was making the session: nobody got its link, but it must not stay
+    // open (the cancellation's own checkout.expire found no session to expire).
+    if repo::get_order(&db, &order.id)?
+        .is_some_and(|o| o.status == OrderStatus::Cancelled && o.checkout_session_id.is_none())
+    {
+        if let Err(e) = expire_session(&cfg, &session.id) {
+            log::warn(CONSUMER, &format!("order {}: session made while it was cancelled not expired: {e}", order.id));
+        }
+    }
     Ok(())
+}
+
+/// `checkout.expire`: the order was cancelled while it awaited payment. Its session, if one was
+/// made, is expired at Stripe (safe to repeat); then the event is completed. A failure leaves
+/// it for the relay.
+fn expire(event: &EventEnvelope) -> anyhow::Result<()> {
+    let Ok(request) = serde_json::from_str::<CheckoutExpire>(&event.payload) else {
+        log::warn(CONSUMER, &format!("dropping {} with an unreadable payload", event.id));
+        return Ok(());
+    };
+    let db = spin_kit::open_db().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let order = repo::get_order(&db, &request.order_id)?;
+    // Only a cancelled order's session: a paid one completed it, and anything else keeps it.
+    if let Some(session_id) = order.filter(|o| o.status == OrderStatus::Cancelled).and_then(|o| o.checkout_session_id) {
+        let cfg = config::stripe_checkout(&SpinVars).map_err(|e| anyhow::anyhow!("{e}"))?;
+        expire_session(&cfg, &session_id).map_err(|e| {
+            log::error_with("stripe.expire", &event.correlation_id, &format!("order {}: {e}", request.order_id));
+            anyhow::anyhow!(e)
+        })?;
+        log::info_with(
+            CONSUMER,
+            &event.correlation_id,
+            &format!("order {} cancelled: Checkout session expired", request.order_id),
+        );
+    }
+    transaction(&db, |db| {
+        outbox::claim(db, &event.id, CONSUMER, now_ms())?;
+        outbox::complete(db, &event.id, now_ms())
+    })?;
+    Ok(())
+}
+
+/// `POST /v1/checkout/sessions/{id}/expire`. A session that is no longer open (expired
+/// already, or completed: then the payment webhook flags the refund) counts as done.
+fn expire_session(cfg: &StripeCheckout, session_id: &str) -> Result<(), String> {
+    let auth = format!("Bearer {}", cfg.secret_key);
+    let url = format!("{}/v1/checkout/sessions/{session_id}/expire", cfg.api_url);
+    let response = http_client::send(&http_client::Request {
+        method: "POST",
+        url: &url,
+        headers: &[("authorization", &auth), ("content-type", "application/x-www-form-urlencoded")],
+        body: b"",
+        timeout: Duration::from_millis(cfg.timeout_ms),
+        max_response: 256 * 1024,
+    })
+    .map_err(|e| format!("Stripe unreachable: {e}"))?;
+    match stripe::classify_expire(response.status, &response.body) {
+        stripe::ExpireOutcome::Expired | stripe::ExpireOutcome::NotOpen => Ok(()),
+        stripe::ExpireOutcome::Failed(e) => Err(e),
+    }
 }
 
 fn publish(db: &SpinDb, pending: &[events::Pending]) {

@@ -170,6 +170,11 @@ pub enum Action {
     OrderAwaitingPayment {
         order_id: String,
     },
+    /// An order that awaited payment ended (cancelled): its Checkout session, if one was made,
+    /// must be expired so that the old link cannot take money for a cancelled order.
+    ExpireCheckout {
+        order_id: String,
+    },
     /// A new order awaiting payment, copied from an expired one (same pack, subject, price and
     /// photos): a fresh Checkout session needs a fresh order, since an order's session is
     /// created once.
@@ -442,13 +447,9 @@ pub fn step(ctx: &Context<'_>, state: &State, inbound: &Inbound) -> Outcome {
                     same(vec![text(t.cannot_cancel_paid.clone())])
                 }
                 (_, Some(o)) if matches!(o.status, OrderStatus::CollectingPhotos | OrderStatus::AwaitingPayment) => {
-                    Outcome {
-                        state: State::Idle,
-                        actions: vec![
-                            Action::SetStatus { order_id: o.id.clone(), from: o.status, to: OrderStatus::Cancelled },
-                            text(t.cancelled.clone()),
-                        ],
-                    }
+                    let mut actions = cancel(o);
+                    actions.push(text(t.cancelled.clone()));
+                    Outcome { state: State::Idle, actions }
                 }
                 (State::ChoosingPack | State::ChoosingSubject { .. }, _) => {
                     Outcome { state: State::Idle, actions: vec![text(t.cancelled.clone())] }
@@ -463,10 +464,7 @@ pub fn step(ctx: &Context<'_>, state: &State, inbound: &Inbound) -> Outcome {
                 }
                 Some(o) if matches!(o.status, OrderStatus::CollectingPhotos | OrderStatus::AwaitingPayment) => {
                     let mut out = ctx.greet();
-                    out.actions.insert(
-                        0,
-                        Action::SetStatus { order_id: o.id.clone(), from: o.status, to: OrderStatus::Cancelled },
-                    );
+                    out.actions.splice(0..0, cancel(o));
                     out
                 }
                 _ => ctx.greet(),
@@ -569,4 +567,12 @@ fn collect(ctx: &Context<'_>, state: &State, o: &OrderView, inbound: &Inbound, c
 fn done_prompt(ctx: &Context<'_>, body: String) -> Action {
     let t = ctx.t();
     choices(&body, vec![Choice { id: "done".into(), title: t.done_button.clone(), description: None }], "", "")
+}
+/// Cancels an open order; one that awaited payment also has its Checkout session expired.
+fn cancel(o: &OrderView) -> Vec<Action> {
+    let mut actions = vec![Action::SetStatus { order_id: o.id.clone(), from: o.status, to: OrderStatus::Cancelled }];
+    if o.status == OrderStatus::AwaitingPayment {
+        actions.push(Action::ExpireCheckout { order_id: o.id.clone() });
+    }
+    actions
 }

@@ -24,6 +24,8 @@ pub const ORDER_PAID: &str = "order.paid";
 pub const TUNE_TRAINED: &str = "tune.trained";
 /// `tune.reconcile`: `{"order_id", "tune_id"}`.
 pub const TUNE_RECONCILE: &str = "tune.reconcile";
+/// `checkout.expire`: `{"order_id"}`: the order no longer awaits payment; expire its session.
+pub const CHECKOUT_EXPIRE: &str = "checkout.expire";
 /// `message.send`: `{"message_id", "to", "message"}` (see `conversation::Message`).
 pub const MESSAGE_SEND: &str = "message.send";
 
@@ -37,7 +39,7 @@ pub mod channels {
 /// The channel an event type travels on.
 pub fn channel_for(event_type: &str) -> Option<&'static str> {
     match event_type {
-        ORDER_AWAITING_PAYMENT => Some(channels::PAYMENTS),
+        ORDER_AWAITING_PAYMENT | CHECKOUT_EXPIRE => Some(channels::PAYMENTS),
         ORDER_PAID | TUNE_TRAINED | TUNE_RECONCILE => Some(channels::ORDERS),
         MESSAGE_SEND => Some(channels::MESSAGES),
         _ => None,
@@ -55,7 +57,7 @@ mod tests {
 
     #[test]
     fn every_event_type_has_exactly_one_channel() {
-        for t in [ORDER_AWAITING_PAYMENT, ORDER_PAID, TUNE_TRAINED, TUNE_RECONCILE, MESSAGE_SEND] {
+        for t in [ORDER_AWAITING_PAYMENT, CHECKOUT_EXPIRE, ORDER_PAID, TUNE_TRAINED, TUNE_RECONCILE, MESSAGE_SEND] {
             assert!(channel_for(t).is_some(), "{t}");
         }
         assert_eq!(channel_for("order.unknown"), None);

@@ -261,6 +261,29 @@ pub fn classify_create_failure(status: u16, replayed: bool, body: &[u8]) -> Crea
     }
 }
 
+/// What `POST /v1/checkout/sessions/{id}/expire` answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExpireOutcome {
+    /// The session is expired now.
+    Expired,
+    /// Stripe refused because the session is not open (expired already, or completed): nothing
+    /// left to expire.
+    NotOpen,
+    /// Anything else: try again later.
+    Failed(String),
+}
+
+/// Classifies the answer of an expire call by status and Stripe's error.
+pub fn classify_expire(status: u16, body: &[u8]) -> ExpireOutcome {
+    let json = serde_json::from_slice::<serde_json::Value>(body).ok();
+    let message = json.as_ref().and_then(|v| v["error"]["message"].as_str()).unwrap_or_default().to_string();
+    match status {
+        200..=299 => ExpireOutcome::Expired,
+        400 if json.as_ref().is_some_and(|v| v["error"]["type"] == "invalid_request_error") => ExpireOutcome::NotOpen,
+        _ => ExpireOutcome::Failed(format!("Stripe answered {status}: {message}")),
+    }
+}
+
 /// Stripe's bounds on `expires_at`: between 30 minutes and 24 hours from now.
 pub fn expiry_minutes_in_bounds(minutes: i64) -> i64 {
     minutes.clamp(30, 24 * 60)
@@ -294,6 +317,18 @@ mod tests {
             CreateFailure::Permanent(_)
         ));
         assert!(matches!(classify_create_failure(400, false, b"not json"), CreateFailure::Permanent(_)));
+    }
+
+    #[test]
+    fn an_expire_call_is_done_when_expired_or_no_longer_open() {
+        let err = |t: &str| format!(r#"{{"error":{{"type":"{t}","message":"m"}}}}"#).into_bytes();
+        assert_eq!(classify_expire(200, b"{}"), ExpireOutcome::Expired);
+        assert_eq!(classify_expire(400, &err("invalid_request_error")), ExpireOutcome::NotOpen);
+        assert!(matches!(classify_expire(500, &err("api_error")), ExpireOutcome::Failed(_)));
+        assert!(
+            matches!(classify_expire(401, &err("invalid_request_error")), ExpireOutcome::Failed(_)),
+            "a bad key is no success"
+        );
     }
 
     #[test]

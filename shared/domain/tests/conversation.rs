@@ -71,6 +71,7 @@ fn summary(out: &Outcome) -> String {
             Action::SetStatus { to, .. } => format!("S({})", format!("{to:?}").trim_start_matches("OrderStatus::")),
             Action::OrderAwaitingPayment { .. } => "A".to_string(),
             Action::ReopenOrder { .. } => "R".to_string(),
+            Action::ExpireCheckout { .. } => "E".to_string(),
         })
         .collect();
     format!("{state}:{codes}")
@@ -165,9 +166,10 @@ fn table_collecting_photos() {
 #[rustfmt::skip]
 #[test]
 fn table_awaiting_payment() {
+    // Cancelling (CANCEL, MENU) an order that awaits payment also expires its Checkout session.
     row(in_order(), Some(order(OrderStatus::AwaitingPayment, 2)), [
         "order:T", "order:T", "order:T", "order:T", "order:T", "order:T", "order:T", "order:T",
-        "order:T", "order:T", "idle:S(Cancelled)T", "pack:S(Cancelled)L", "order:O+T", "order:T",
+        "order:T", "order:T", "idle:S(Cancelled)ET", "pack:S(Cancelled)EL", "order:O+T", "order:T",
     ]);
 }
 
@@ -426,6 +428,10 @@ mod properties {
                     }
                 }
                 Action::OrderAwaitingPayment { .. } => {}
+                Action::ExpireCheckout { order_id } => {
+                    let (o, _) = w.orders.iter().find(|(o, _)| &o.id == order_id).expect("known order");
+                    prop_assert_eq!(o.status, OrderStatus::Cancelled, "only a cancelled order's session is expired");
+                }
                 Action::ReopenOrder { from_order_id, order_id } => {
                     let (from, _) = w.orders.iter().find(|(o, _)| &o.id == from_order_id).expect("known order");
                     prop_assert_eq!(from.status, OrderStatus::Expired, "only an expired order is reopened");

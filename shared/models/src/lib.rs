@@ -18,7 +18,7 @@ mod generated {
 
 pub use generated::astria_bot::models::domain::{Contact, GeneratedImage, Money, Order, OrderStatus, Pack, Photo};
 pub use generated::astria_bot::models::events::{
-    EventEnvelope, MessageSend, OrderAwaitingPayment, OrderPaid, TuneReconcile, TuneTrained,
+    CheckoutExpire, EventEnvelope, MessageSend, OrderAwaitingPayment, OrderPaid, TuneReconcile, TuneTrained,
 };
 pub use generated::astria_bot::models::health::{DependencyCheck, HealthReport, HealthStatus};
 
