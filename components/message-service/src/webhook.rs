@@ -197,13 +197,15 @@ fn handle_status(db: &impl Db, s: &StatusUpdate, correlation_id: &str) -> Result
     let code = s.error_codes.first().copied();
     transaction(db, |db| {
         let newer = |old: Option<&str>, new: &str| old.and_then(status_rank) < status_rank(new);
-        let Some(m) = messages::record_delivery(db, &s.message_id, &s.status, code, newer, now)? else {
+        let Some(delivery) = messages::record_delivery(db, &s.message_id, &s.status, code, newer, now)? else {
             return Ok(vec![]);
         };
-        // Act on a failure once: a repeated (or late) `failed` changes nothing.
-        if s.status != "failed" || m.delivery_status.as_deref() == Some("failed") {
+        // Act on a failure once: a repeated, late or concurrent `failed` changes nothing (only
+        // the webhook whose conditional update moved the status acts).
+        if s.status != "failed" || !delivery.changed {
             return Ok(vec![]);
         }
+        let m = delivery.message;
         log::error_with(
             "whatsapp.delivery",
             correlation_id,

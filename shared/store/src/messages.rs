@@ -247,8 +247,19 @@ pub fn requeue_awaiting_window<D: Db + ?Sized>(db: &D, id: &str, event_id: &str,
     Ok(n == 1)
 }
 
+/// What [`record_delivery`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// The message as it was before.
+    pub message: OutboundMessage,
+    /// Whether this call moved its delivery status: of two concurrent webhooks carrying the
+    /// same status, exactly one gets `true`, so only one acts on it.
+    pub changed: bool,
+}
+
 /// Applies a status webhook to the message WhatsApp calls `wamid`, if `newer` says the status
-/// moves it forward. Answers the message as it was before, if it is ours.
+/// moves it forward. The change is conditional on the status read, so concurrent webhooks
+/// cannot both apply the same step. `None` if the message is not ours.
 pub fn record_delivery<D: Db + ?Sized>(
     db: &D,
     wamid: &str,
@@ -256,25 +267,36 @@ pub fn record_delivery<D: Db + ?Sized>(
     error_code: Option<i64>,
     newer: impl Fn(Option<&str>, &str) -> bool,
     now_ms: i64,
-) -> Result<Option<OutboundMessage>, DbError> {
+) -> Result<Option<Delivery>, DbError> {
     let Some(m) = select(db, "WHERE wamid = $1", &[Value::from(wamid)])?.into_iter().next() else {
         return Ok(None);
     };
-    if newer(m.delivery_status.as_deref(), delivery_status) {
-        // Only a failure carries a code; other statuses keep the code already recorded.
-        let (set_code, mut params) = match error_code {
-            Some(code) => (", error_code = $4", vec![Value::Int(code)]),
-            None => ("", vec![]),
-        };
-        params.splice(0..0, [Value::from(delivery_status), Value::Int(now_ms), Value::from(m.id.as_str())]);
-        db.execute(
-            &db.dialect().sql(&format!(
-                "UPDATE outbound_messages SET delivery_status = $1, updated_at = $2{set_code} WHERE id = $3"
-            )),
-            &params,
-        )?;
+    if !newer(m.delivery_status.as_deref(), delivery_status) {
+        return Ok(Some(Delivery { message: m, changed: false }));
     }
-    Ok(Some(m))
+    let mut params = vec![Value::from(delivery_status), Value::Int(now_ms), Value::from(m.id.as_str())];
+    // Only a failure carries a code; other statuses keep the code already recorded.
+    let set_code = match error_code {
+        Some(code) => {
+            params.push(Value::Int(code));
+            format!(", error_code = ${}", params.len())
+        }
+        None => String::new(),
+    };
+    let same_status = match &m.delivery_status {
+        Some(old) => {
+            params.push(Value::from(old.as_str()));
+            format!("delivery_status = ${}", params.len())
+        }
+        None => "delivery_status IS NULL".to_string(),
+    };
+    let n = db.execute(
+        &db.dialect().sql(&format!(
+            "UPDATE outbound_messages SET delivery_status = $1, updated_at = $2{set_code} WHERE id = $3 AND {same_status}"
+        )),
+        &params,
+    )?;
+    Ok(Some(Delivery { message: m, changed: n == 1 }))
 }
 
 /// Moves a sent message whose delivery failed because the window had closed back to waiting

@@ -598,14 +598,45 @@ fn delivery_statuses_apply_forward_only_to_our_messages() {
         let rank = |s: &str| ["sent", "delivered", "read", "failed"].iter().position(|x| *x == s);
         let newer = |old: Option<&str>, new: &str| old.and_then(rank) < rank(new);
         let rec = |s: &str, code| messages::record_delivery(db.as_ref(), "wamid.1", s, code, newer, 30).unwrap();
-        assert!(rec("read", None).is_some());
-        assert!(rec("delivered", None).is_some(), "ours, but older");
+        assert!(rec("read", None).unwrap().changed);
+        assert!(!rec("delivered", None).unwrap().changed, "ours, but older");
         assert_eq!(messages::get(db.as_ref(), "m1").unwrap().unwrap().delivery_status.as_deref(), Some("read"));
         assert!(messages::record_delivery(db.as_ref(), "wamid.other", "read", None, newer, 30).unwrap().is_none());
-        rec("failed", Some(131047));
+        assert!(rec("failed", Some(131047)).unwrap().changed);
+        assert!(!rec("failed", Some(131047)).unwrap().changed, "the same failure again changes nothing");
         assert!(messages::reopen_for_window(db.as_ref(), "m1", 40).unwrap());
         let m1 = messages::get(db.as_ref(), "m1").unwrap().unwrap();
         assert_eq!((m1.status.as_str(), m1.error_code), (messages::status::AWAITING_WINDOW, Some(131047)));
+    });
+}
+
+#[test]
+fn of_concurrent_failed_statuses_exactly_one_applies() {
+    on_both(|connect| {
+        let setup = connect();
+        migrate(setup.as_ref(), 0).unwrap();
+        queue(setup.as_ref(), "m1", "wa1", 1, "image", 10);
+        messages::mark_sent(setup.as_ref(), "m1", "wamid.1", 20).unwrap();
+        // Four webhooks with the same `failed` at once, each in its own transaction.
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let (db, barrier) = (connect(), barrier.clone());
+                std::thread::spawn(move || {
+                    let rank = |s: &str| ["sent", "delivered", "read", "failed"].iter().position(|x| *x == s);
+                    let newer = |old: Option<&str>, new: &str| old.and_then(rank) < rank(new);
+                    barrier.wait();
+                    transaction(db.as_ref(), |db| {
+                        messages::record_delivery(db, "wamid.1", "failed", Some(131053), newer, 30)
+                    })
+                    .unwrap()
+                    .unwrap()
+                    .changed
+                })
+            })
+            .collect();
+        let changed: Vec<bool> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(changed.iter().filter(|c| **c).count(), 1, "{changed:?}");
     });
 }
 
