@@ -1,5 +1,5 @@
-//! Astria for tests: a fake API that trains pack tunes (multipart `POST /p/{pack}/tunes`,
-//! idempotent per `tune[title]` as Astria's is), lists a tune's prompts
+//! Astria for tests: a fake API that trains pack tunes (multipart `POST /p/{pack}/tunes`; every
+//! create is a new tune, as on an account without title idempotency), lists a tune's prompts
 //! (`GET /tunes/{id}/prompts`), and calls the callbacks back the way Astria does: the tune
 //! callback when training ends, then one prompt callback per prompt with its image URLs.
 
@@ -33,7 +33,11 @@ pub struct FakeTune {
 
 #[derive(Default)]
 struct State {
-    tunes: HashMap<String, FakeTune>,
+    /// Every tune created, in order: a create is a new tune, as on an account without title
+    /// idempotency, so "one tune per order" has to come from the app.
+    tunes: Vec<FakeTune>,
+    /// Delays of the next create answers (the tune exists at once).
+    create_delays: Vec<std::time::Duration>,
     creates: usize,
     /// Statuses to answer the next creates with (e.g. 504, 422).
     failures: Vec<u16>,
@@ -98,23 +102,22 @@ impl Respond for Create {
         }
         let pack_id = request.url.path().split('/').nth(2).unwrap_or("").to_string();
         let next_id = 1000 + state.tunes.len() as u64 + 1;
-        let tune = state
-            .tunes
-            .entry(title.clone())
-            .or_insert_with(|| FakeTune {
-                id: next_id,
-                pack_id,
-                title,
-                name: fields.get("tune[name]").cloned().unwrap_or_default(),
-                image_count: files,
-                branch: fields.get("tune[branch]").cloned(),
-                tune_callback: fields.get("tune[callback]").cloned().unwrap_or_default(),
-                prompt_callback: fields.get("tune[prompt_attributes][callback]").cloned().unwrap_or_default(),
-                released: vec![],
-                trained: false,
-            })
-            .clone();
-        ResponseTemplate::new(201).set_body_json(tune_json(&tune, false))
+        let tune = FakeTune {
+            id: next_id,
+            pack_id,
+            title,
+            name: fields.get("tune[name]").cloned().unwrap_or_default(),
+            image_count: files,
+            branch: fields.get("tune[branch]").cloned(),
+            tune_callback: fields.get("tune[callback]").cloned().unwrap_or_default(),
+            prompt_callback: fields.get("tune[prompt_attributes][callback]").cloned().unwrap_or_default(),
+            released: vec![],
+            trained: false,
+        };
+        state.tunes.push(tune.clone());
+        let delay =
+            if state.create_delays.is_empty() { std::time::Duration::ZERO } else { state.create_delays.remove(0) };
+        ResponseTemplate::new(201).set_body_json(tune_json(&tune, false)).set_delay(delay)
     }
 }
 
@@ -124,7 +127,7 @@ impl Respond for GetTune {
     fn respond(&self, request: &Request) -> ResponseTemplate {
         let id: u64 = request.url.path().split('/').nth(2).and_then(|s| s.parse().ok()).unwrap_or(0);
         let state = self.0.lock().unwrap();
-        match state.tunes.values().find(|t| t.id == id) {
+        match state.tunes.iter().find(|t| t.id == id) {
             Some(t) => ResponseTemplate::new(200).set_body_json(tune_json(t, t.trained)),
             None => ResponseTemplate::new(404).set_body_json(json!({"error": "not found"})),
         }
@@ -137,7 +140,7 @@ impl Respond for ListPrompts {
     fn respond(&self, request: &Request) -> ResponseTemplate {
         let id: u64 = request.url.path().split('/').nth(2).and_then(|s| s.parse().ok()).unwrap_or(0);
         let state = self.0.lock().unwrap();
-        match state.tunes.values().find(|t| t.id == id) {
+        match state.tunes.iter().find(|t| t.id == id) {
             Some(t) => ResponseTemplate::new(200)
                 .set_body_json((1..=PROMPTS).map(|p| prompt_json(t, p, t.released.contains(&p))).collect::<Vec<_>>()),
             None => ResponseTemplate::new(404).set_body_json(json!({"error": "not found"})),
@@ -182,12 +185,18 @@ impl FakeAstria {
     }
 
     pub fn tunes(&self) -> Vec<FakeTune> {
-        self.state.lock().unwrap().tunes.values().cloned().collect()
+        self.state.lock().unwrap().tunes.clone()
     }
 
     /// Create requests received, failed ones included.
     pub fn creates(&self) -> usize {
         self.state.lock().unwrap().creates
+    }
+
+    /// The next create answers come after these delays; the tune exists (and Astria may call
+    /// back) before the app hears of it.
+    pub fn delay_next_create(&self, delays: Vec<std::time::Duration>) {
+        self.state.lock().unwrap().create_delays.extend(delays);
     }
 
     pub fn fail_next(&self, statuses: Vec<u16>) {
@@ -198,7 +207,7 @@ impl FakeAstria {
     /// back: a dropped callback, as when the app was down or being deployed.
     pub fn finish_silently(&self, title: &str, prompts: &[u64]) {
         let mut state = self.state.lock().unwrap();
-        let t = state.tunes.get_mut(title).expect("a tune for this title");
+        let t = state.tunes.iter_mut().rev().find(|t| t.title == title).expect("a tune for this title");
         t.trained = true;
         for p in prompts {
             if !t.released.contains(p) {
@@ -211,7 +220,7 @@ impl FakeAstria {
     /// the fake keeps the path and query, with the token, and calls `app`).
     pub async fn call_back_tune(&self, app: &TestApp, title: &str, wrapped: bool) -> (u16, Value) {
         self.finish_silently(title, &[]);
-        let tune = self.tunes().into_iter().find(|t| t.title == title).expect("a tune for this title");
+        let tune = self.tunes().into_iter().rev().find(|t| t.title == title).expect("a tune for this title");
         let body = if wrapped { json!({ "tune": tune_json(&tune, true) }) } else { tune_json(&tune, true) };
         post(app, &tune.tune_callback, &body).await
     }
@@ -220,7 +229,7 @@ impl FakeAstria {
     pub async fn call_back_prompt(&self, app: &TestApp, title: &str, n: u64, wrapped: bool) -> (u16, Value) {
         let tune = {
             let mut state = self.state.lock().unwrap();
-            let t = state.tunes.get_mut(title).expect("a tune for this title");
+            let t = state.tunes.iter_mut().rev().find(|t| t.title == title).expect("a tune for this title");
             if !t.released.contains(&n) {
                 t.released.push(n);
             }

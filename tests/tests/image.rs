@@ -213,14 +213,22 @@ async fn forged_or_malformed_callbacks_are_refused_and_repeats_deliver_nothing_t
     let tune = w.astria.tunes().remove(0);
     let path = |url: &str| url.split_once(".com").unwrap().1.to_string();
     let good = path(&tune.prompt_callback);
+    let exp = query_param(&good, "exp");
     let prompt =
         serde_json::json!({"id": 7, "tune_id": tune.id, "images": ["https://mp.astria.ai/x.jpg"], "trained_at": "t"});
+    let past = (wa::unix_now() - 10).to_string();
     let bad_paths = [
-        format!("/update-images?order={order_id}&token=00"),
-        format!("/update-images?order={order_id}"),
-        format!("/update-images?token={}", token(&order_id)),
-        format!("/update-images?order={order_id}&token={}", token("another-order")),
-        format!("/pack-tune-received?order={order_id}&token={}", token("another-order")),
+        format!("/update-images?order={order_id}&exp={exp}&token=00"),
+        format!("/update-images?order={order_id}&exp={exp}"),
+        format!("/update-images?exp={exp}&token={}", token("/update-images", &order_id, &exp)),
+        format!("/update-images?order={order_id}&token={}", token("/update-images", &order_id, &exp)),
+        format!("/update-images?order={order_id}&exp={exp}&token={}", token("/update-images", "another-order", &exp)),
+        // The tune endpoint's token does not open the prompt endpoint, nor the other way round.
+        format!("/update-images?order={order_id}&exp={exp}&token={}", token("/pack-tune-received", &order_id, &exp)),
+        format!("/pack-tune-received?order={order_id}&exp={exp}&token={}", token("/update-images", &order_id, &exp)),
+        // A token past its expiry, and one whose expiry was moved.
+        format!("/update-images?order={order_id}&exp={past}&token={}", token("/update-images", &order_id, &past)),
+        format!("/update-images?order={order_id}&exp=99999999999&token={}", token("/update-images", &order_id, &exp)),
     ];
     for p in &bad_paths {
         let r = w.app.client.post(w.app.url(p)).json(&prompt).send().await.unwrap();
@@ -232,28 +240,129 @@ async fn forged_or_malformed_callbacks_are_refused_and_repeats_deliver_nothing_t
     let images: i64 = db.query_one("SELECT COUNT(*) FROM generated_images", &[]).await.unwrap().get(0);
     assert_eq!(images, 0, "nothing stored");
 
-    // The tune callback, wrapped as Astria's starter reads it, then again: once.
-    assert_eq!(w.astria.call_back_tune(&w.app, &order_id, true).await.1["result"], "trained");
-    assert_eq!(w.astria.call_back_tune(&w.app, &order_id, false).await.1["result"], "duplicate");
+    // The tune callback, wrapped as Astria's starter reads it, then again: each a signal only.
+    assert_eq!(w.astria.call_back_tune(&w.app, &order_id, true).await.1["result"], "accepted");
+    assert_eq!(w.astria.call_back_tune(&w.app, &order_id, false).await.1["result"], "accepted");
     // The same prompt callback five times: its images go out once.
     for _ in 0..5 {
         assert_eq!(w.astria.call_back_prompt(&w.app, &order_id, 1, true).await.0, 200);
     }
     let sends = w.graph.wait_for(BEFORE_IMAGES + fa::IMAGES_PER_PROMPT).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    settle(&w).await;
     assert_eq!(w.graph.requests().await.len(), BEFORE_IMAGES + fa::IMAGES_PER_PROMPT);
     assert_eq!(image_links(&sends).len(), fa::IMAGES_PER_PROMPT);
     // A callback for an order that does not exist, with that order's own valid token: 404.
-    let ghost = format!("/update-images?order=no-such-order&token={}", token("no-such-order"));
+    let ghost = format!(
+        "/update-images?order=no-such-order&exp={exp}&token={}",
+        token("/update-images", "no-such-order", &exp)
+    );
     let r = w.app.client.post(w.app.url(&ghost)).json(&prompt).send().await.unwrap();
     assert_eq!(r.status(), 404);
 }
 
-/// The callback token of `order`, computed as the app does (HMAC with the callback secret).
-fn token(order: &str) -> String {
+#[tokio::test]
+async fn a_callback_body_forged_with_a_valid_token_sends_nothing_astria_did_not_make_postgres() {
+    let w = world(true, 1, 0).await;
+    let order_id = pay(&w).await;
+    training_started(&w).await;
+    let tune = w.astria.tunes().remove(0);
+    let path = |url: &str| url.split_once(".com").unwrap().1.to_string();
+    // Someone who read the callback URLs (a log, a proxy) posts their own content: images on
+    // their host, and on Astria's host but never made by Astria, and a finished tune.
+    let forged_prompt = serde_json::json!({"prompt": {"id": 999, "tune_id": tune.id, "trained_at": "2026-11-25T10:00:00Z",
+        "images": ["https://evil.example/spam.jpg", "https://mp.astria.ai/forged/0.jpg"]}});
+    for _ in 0..3 {
+        let r = w.app.client.post(w.app.url(&path(&tune.prompt_callback))).json(&forged_prompt).send().await.unwrap();
+        assert_eq!(r.status(), 200, "a valid token: accepted as a signal");
+    }
+    let forged_tune = serde_json::json!({"id": tune.id, "title": order_id, "trained_at": "2026-11-25T10:00:00Z"});
+    let r = w.app.client.post(w.app.url(&path(&tune.tune_callback))).json(&forged_tune).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    settle(&w).await;
+    // Astria has made nothing yet: nothing is sent, and the order is still training.
+    let sends = w.graph.requests().await;
+    assert_eq!(sends.len(), BEFORE_IMAGES, "{:?}", summaries(&sends));
+    let db = db(&w.app).await;
+    let status: String = db.query_one("SELECT status FROM orders WHERE id = $1", &[&order_id]).await.unwrap().get(0);
+    assert_eq!(status, "training", "a forged 'trained' tune finishes nothing");
+    // Astria really finishes: exactly its own images go out, none of the forged ones.
+    w.astria.finish(&w.app, &order_id).await;
+    let total = BEFORE_IMAGES + IMAGES + 1;
+    let sends = w.graph.wait_for(total).await;
+    settle(&w).await;
+    let sends = w.graph.requests().await;
+    assert_eq!(sends.len(), total, "{:?}", summaries(&sends));
+    let links = image_links(&sends);
+    assert!(links.iter().all(|l| l.starts_with(&format!("https://mp.astria.ai/{}/", tune.id))), "{links:?}");
+    assert!(!sends.iter().any(|s| s.to_string().contains("evil.example") || s.to_string().contains("forged")));
+}
+
+#[tokio::test]
+async fn images_astria_lists_off_its_own_hosts_are_never_sent_postgres() {
+    // This deployment trusts only another host: Astria's links (mp.astria.ai) are then off-list.
+    let w = world_with(true, 1, 0, &[("astria_image_hosts", "cdn.example.com")]).await;
+    let order_id = pay(&w).await;
+    training_started(&w).await;
+    w.astria.finish(&w.app, &order_id).await;
+    settle(&w).await;
+    let sends = w.graph.requests().await;
+    assert!(image_links(&sends).is_empty(), "{:?}", summaries(&sends));
+    assert!(w.app.log().contains("astria.untrusted_image"), "logged for operators");
+}
+
+#[tokio::test]
+async fn callbacks_that_beat_the_training_commit_are_kept_and_acted_on_postgres() {
+    let w = world(true, 1, 0).await;
+    // Astria makes the tune, finishes it and calls back before its 201 reaches the app: the
+    // order is still `paid`, the tune id not yet recorded.
+    w.astria.delay_next_create(vec![Duration::from_millis(2500)]);
+    let order_id = pay(&w).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w.astria.tunes().is_empty() {
+        assert!(Instant::now() < deadline, "no tune created:\n{}", w.app.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let db = db(&w.app).await;
+    let status: String = db.query_one("SELECT status FROM orders WHERE id = $1", &[&order_id]).await.unwrap().get(0);
+    assert_eq!(status, "paid", "the callbacks come before the training is recorded");
+    w.astria.finish(&w.app, &order_id).await; // each callback answers 200 (asserted inside)
+                                              // Astria never calls back again; the app still delivers everything, once.
+    let total = BEFORE_IMAGES + IMAGES + 1;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while w.graph.requests().await.len() < total {
+        assert!(Instant::now() < deadline, "{:?}\n{}", summaries(&w.graph.requests().await), w.app.log());
+        relay_now(&w.app).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    settle(&w).await;
+    let sends = w.graph.requests().await;
+    assert_eq!(sends.len(), total, "{:?}", summaries(&sends));
+    let mut links = image_links(&sends);
+    links.sort();
+    links.dedup();
+    assert_eq!(links.len(), IMAGES);
+    assert_eq!(w.astria.creates(), 1);
+}
+
+/// Relay rounds and a pause: whatever the app still had to do is done.
+async fn settle(w: &World) {
+    for _ in 0..3 {
+        relay_now(&w.app).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn query_param(path: &str, name: &str) -> String {
+    let query = path.split_once('?').map(|(_, q)| q).unwrap_or("");
+    form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned()).unwrap_or_default()
+}
+
+/// The callback token for `endpoint`, `order` and expiry `exp`, computed as the app does (HMAC
+/// with the callback secret).
+fn token(endpoint: &str, order: &str, exp: &str) -> String {
     use hmac::{Hmac, Mac};
     let mut mac = Hmac::<sha2::Sha256>::new_from_slice(fa::CALLBACK_SECRET.as_bytes()).unwrap();
-    mac.update(format!("astria-callback:{order}").as_bytes());
+    mac.update(format!("astria-callback:v2:{endpoint}:{exp}:{order}").as_bytes());
     hex::encode(mac.finalize().into_bytes())
 }
 
@@ -333,7 +442,7 @@ async fn with_every_callback_dropped_reconciliation_delivers_the_order_once_and_
     );
 
     // The callbacks Astria would have made arrive late: nothing more is sent.
-    assert_eq!(w.astria.call_back_tune(&w.app, &order_id, false).await.1["result"], "duplicate");
+    assert_eq!(w.astria.call_back_tune(&w.app, &order_id, false).await.1["result"], "late");
     for n in 1..=fa::PROMPTS {
         assert_eq!(w.astria.call_back_prompt(&w.app, &order_id, n, false).await.1["result"], "late");
     }

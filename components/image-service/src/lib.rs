@@ -2,20 +2,23 @@
 //! the readiness check (`GET /health/image`). HTTP component; training itself is started by
 //! its Redis-trigger sibling, `components/image-trainer`.
 //!
-//! Astria neither signs nor retries callbacks, so each URL carries the order id and a token
-//! derived from `callback_secret` (checked in constant time: wrong or missing → 401, nothing
-//! stored), and the trainer can always fetch the same facts later. Both callbacks accept the
-//! object bare or wrapped. The tune callback records the training as finished and asks the
-//! trainer (a `tune.trained` event) for the tune's prompt list; prompt callbacks go through
-//! `spin_kit::images`, which delivers each image once. Unknown orders → 404; duplicates and
-//! late callbacks → 200 without effect.
+//! Astria neither signs nor retries callbacks, so each URL carries the order id, an expiry and
+//! a token derived from `callback_secret`, bound to the endpoint (checked in constant time:
+//! wrong, missing, expired or another endpoint's → 401, nothing stored).
+//!
+//! A callback is only a signal. Its body is checked for Astria's shape (bare or wrapped; else
+//! 400) and then ignored: whoever holds a token (Astria, a log reader) could write anything
+//! there. The callback records a `tune.reconcile` event, and the trainer asks Astria itself,
+//! with the API key, for the tune and its prompts, and delivers what is really there through
+//! `spin_kit::images` (each image once, only `https` links on Astria's hosts). A callback that
+//! comes before the training is recorded (the order is still `paid`) is kept the same way and
+//! acted on once it is. Unknown orders → 404; callbacks for finished orders → 200 `late`.
 
-use astria_domain::astria::{self, AstriaError};
-use astria_domain::events::{channels, TUNE_TRAINED};
-use astria_domain::texts::Texts;
-use astria_models::{OrderStatus, TuneTrained};
+use astria_domain::astria::{self, AstriaError, CallbackEndpoint};
+use astria_domain::events::{channels, TUNE_RECONCILE};
+use astria_models::{OrderStatus, TuneReconcile};
 use astria_store::outbox::RelayPolicy;
-use astria_store::{images, repo, transaction};
+use astria_store::{repo, transaction};
 use spin_kit::error::ApiError;
 use spin_kit::events::{self, now_ms};
 use spin_kit::var;
@@ -48,81 +51,49 @@ async fn handle(req: IncomingRequest) -> Response {
 #[derive(serde::Serialize)]
 struct Handled {
     result: &'static str,
-    new_images: usize,
 }
 
 fn malformed(e: AstriaError) -> ApiError {
     ApiError::BadRequest(e.to_string())
 }
 
-/// The order a callback is for, if its token is right; checked before the database is even
-/// opened, so a caller without the token learns nothing about which orders exist.
-fn authorized_order_id(query: &str) -> Result<String, ApiError> {
+/// The order a callback is for, if its token is right for this endpoint and not expired;
+/// checked before the database is even opened, so a caller without the token learns nothing
+/// about which orders exist.
+fn authorized_order_id(endpoint: CallbackEndpoint, query: &str) -> Result<String, ApiError> {
     let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
     let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default();
     let (order_id, token) = (param("order"), param("token"));
-    if order_id.is_empty() || !astria::verify_callback_token(&var("callback_secret")?, &order_id, &token) {
+    let expires_at: i64 = param("exp").parse().map_err(|_| ApiError::Unauthorized)?;
+    let secret = var("callback_secret")?;
+    if order_id.is_empty()
+        || !astria::verify_callback_token(&secret, endpoint, &order_id, expires_at, &token, now_ms() / 1000)
+    {
         return Err(ApiError::Unauthorized);
     }
     Ok(order_id)
 }
 
 fn callback(path: &str, query: &str, body: &[u8], request_id: &str) -> Result<Response, ApiError> {
-    let order_id = authorized_order_id(query)?;
+    let endpoint = CallbackEndpoint::from_path(path).ok_or(ApiError::NotFound)?;
+    let order_id = authorized_order_id(endpoint, query)?;
+    // The shape is checked (garbage is a caller's error), the content is not used.
+    match endpoint {
+        CallbackEndpoint::Tune => astria::parse_tune(body).map(|_| ()),
+        CallbackEndpoint::Prompt => astria::parse_prompt(body).map(|_| ()),
+    }
+    .map_err(malformed)?;
     let db = spin_kit::open_db()?;
     let order = repo::get_order(&db, &order_id)?.ok_or(ApiError::NotFound)?;
-    let texts = Texts::from_json_overrides(&var("texts_json")?).map_err(ApiError::Internal)?;
-    let (handled, pending) = if path == "/pack-tune-received" {
-        let tune = astria::parse_tune(body).map_err(malformed)?;
-        if order.astria_tune_id != Some(tune.id) || tune.trained_at.is_none() {
-            // Another tune, or not trained yet: nothing to act on.
-            (Handled { result: "ignored", new_images: 0 }, vec![])
-        } else {
-            transaction(&db, |db| {
-                repo::lock_order(db, &order.id)?;
-                if !images::mark_trained(db, &order.id, now_ms())? {
-                    return Ok((Handled { result: "duplicate", new_images: 0 }, vec![]));
-                }
-                let event = events::envelope(
-                    TUNE_TRAINED,
-                    &TuneTrained { order_id: order.id.clone(), tune_id: tune.id },
-                    request_id,
-                );
-                let mut pending = vec![events::emit(db, channels::ORDERS, &event, &RelayPolicy::default())?];
-                let mut finished = false;
-                if order.status == OrderStatus::Delivering || order.status == OrderStatus::Training {
-                    finished = spin_kit::images::finish_if_complete(
-                        db,
-                        &order.id,
-                        &order.wa_id,
-                        &texts.delivered_offer_more,
-                        request_id,
-                        &mut pending,
-                    )?;
-                }
-                let result = if finished { "delivered" } else { "trained" };
-                Ok::<_, ApiError>((Handled { result, new_images: 0 }, pending))
-            })?
-        }
-    } else {
-        let prompt = astria::parse_prompt(body).map_err(malformed)?;
-        if prompt.tune_id.is_some() && prompt.tune_id != order.astria_tune_id {
-            (Handled { result: "ignored", new_images: 0 }, vec![])
-        } else if !matches!(order.status, OrderStatus::Training | OrderStatus::Delivering) {
-            // Late: already delivered (or failed); nothing to add.
-            (Handled { result: "late", new_images: 0 }, vec![])
-        } else {
-            transaction(&db, |db| {
-                let d = spin_kit::images::record_prompt(db, &order, &prompt, &texts.delivered_offer_more, request_id)?;
-                let result = match (d.order_delivered, d.new_images) {
-                    (true, _) => "delivered",
-                    (false, 0) => "duplicate",
-                    _ => "delivering",
-                };
-                Ok::<_, ApiError>((Handled { result, new_images: d.new_images }, d.pending))
-            })?
-        }
-    };
+    if !matches!(order.status, OrderStatus::Paid | OrderStatus::Training | OrderStatus::Delivering) {
+        // Delivered, failed or otherwise finished: nothing left to fetch.
+        return Ok(spin_kit::json_response(200, &Handled { result: "late" }));
+    }
+    let pending = transaction(&db, |db| {
+        let signal = TuneReconcile { order_id: order.id.clone(), tune_id: order.astria_tune_id.unwrap_or(0) };
+        let event = events::envelope(TUNE_RECONCILE, &signal, request_id);
+        Ok::<_, ApiError>(vec![events::emit(db, channels::ORDERS, &event, &RelayPolicy::default())?])
+    })?;
     events::publish(&db, &var("redis_url")?, &pending);
-    Ok(spin_kit::json_response(200, &handled))
+    Ok(spin_kit::json_response(200, &Handled { result: "accepted" }))
 }

@@ -16,7 +16,7 @@
 
 use std::time::Duration;
 
-use astria_domain::astria::{self, Answer, FilePart, TuneRequest};
+use astria_domain::astria::{self, Answer, CallbackEndpoint, FilePart, TuneRequest};
 use astria_domain::config::{self, Astria, WhatsAppMedia};
 use astria_domain::conversation::Message;
 use astria_domain::events::{ORDER_PAID, TUNE_RECONCILE, TUNE_TRAINED};
@@ -219,9 +219,10 @@ fn create_tune(order: &Order) -> Result<u64, Failure> {
     let subject = order.subject_class.clone().unwrap_or_else(|| pack.subject_classes[0].clone());
     let photos = order.photos.iter().map(|p| download(&media, p)).collect::<Result<Vec<_>, _>>()?;
 
-    let tune_callback =
-        astria::callback_url(&cfg.public_base_url, "/pack-tune-received", &cfg.callback_secret, &order.id);
-    let prompt_callback = astria::callback_url(&cfg.public_base_url, "/update-images", &cfg.callback_secret, &order.id);
+    let expires_at = now_ms() / 1000 + astria::CALLBACK_LIFETIME_S;
+    let url =
+        |endpoint| astria::callback_url(&cfg.public_base_url, endpoint, &cfg.callback_secret, &order.id, expires_at);
+    let (tune_callback, prompt_callback) = (url(CallbackEndpoint::Tune), url(CallbackEndpoint::Prompt));
     let request = TuneRequest {
         order_id: &order.id,
         subject_class: &subject,
@@ -298,14 +299,29 @@ fn sync_with_astria(
     db: &SpinDb,
     event: &EventEnvelope,
     order_id: &str,
-    tune_id: u64,
+    event_tune_id: u64,
     check_tune: bool,
 ) -> Result<(), DbError> {
-    let Some(order) =
-        repo::get_order(db, order_id)?.filter(|o| matches!(o.status, OrderStatus::Training | OrderStatus::Delivering))
-    else {
-        return skip(db, event);
-    };
+    let Some(order) = repo::get_order(db, order_id)? else { return skip(db, event) };
+    match order.status {
+        OrderStatus::Training | OrderStatus::Delivering => {}
+        // A callback that came before our own training transaction committed: ask again once
+        // the tune is recorded (Astria does not call back twice).
+        OrderStatus::Paid => {
+            return retry_later(
+                db,
+                event,
+                &format!("asking Astria about order {order_id}"),
+                "training not recorded yet",
+            )
+        }
+        _ => return skip(db, event),
+    }
+    // The tune id we stored when training started, never one from a callback.
+    let Some(tune_id) = order.astria_tune_id else { return skip(db, event) };
+    if event_tune_id != 0 && event_tune_id != tune_id {
+        log::warn(CONSUMER, &format!("order {order_id}: event names tune {event_tune_id}, the order has {tune_id}"));
+    }
     let cfg = match config::astria(&SpinVars) {
         Ok(c) => c,
         Err(e) => return retry_later(db, event, "asking Astria", &e.to_string()),
@@ -324,7 +340,7 @@ fn sync_with_astria(
             }
         }
     }
-    let prompts = match astria_get(&cfg, &format!("/tunes/{tune_id}/prompts"), astria::parse_prompts) {
+    let mut prompts = match astria_get(&cfg, &format!("/tunes/{tune_id}/prompts"), astria::parse_prompts) {
         Ok(Answer::Ok(p)) => p,
         Ok(Answer::Retry(d)) => return retry_later(db, event, &what, &d),
         Err(e) => return retry_later(db, event, &what, &e.to_string()),
@@ -333,18 +349,42 @@ fn sync_with_astria(
             return skip(db, event);
         }
     };
+    // Only https links on Astria's own hosts are ever sent to a customer.
+    for p in &mut prompts {
+        let (trusted, untrusted): (Vec<String>, Vec<String>) =
+            p.images.drain(..).partition(|url| astria::trusted_image_url(url, &cfg.image_hosts));
+        if !untrusted.is_empty() {
+            log::error_with(
+                "astria.untrusted_image",
+                &event.correlation_id,
+                &format!(
+                    "order {order_id}: prompt {} has {} image(s) off astria_image_hosts; not sent",
+                    p.id,
+                    untrusted.len()
+                ),
+            );
+        }
+        p.images = trusted;
+    }
     let done_text = texts().delivered_offer_more;
     let pending = transaction(db, |db| {
         if !outbox::claim(db, &event.id, CONSUMER, now_ms())? {
             return Ok(vec![]);
         }
         repo::lock_order(db, &order.id)?;
+        // Read again under the lock: another replica may have moved the order since.
+        let Some(current) = repo::get_order(db, &order.id)?
+            .filter(|o| matches!(o.status, OrderStatus::Training | OrderStatus::Delivering))
+        else {
+            outbox::complete(db, &event.id, now_ms())?;
+            return Ok(vec![]);
+        };
         if check_tune {
             images::mark_trained(db, &order.id, now_ms())?;
         }
         images::set_prompts_expected(db, &order.id, prompts.len() as i64)?;
         let mut pending = vec![];
-        let mut current = order.clone();
+        let mut current = current;
         for p in &prompts {
             let d = spin_kit::images::record_prompt(db, &current, p, &done_text, &event.correlation_id)?;
             if d.new_images > 0 && current.status == OrderStatus::Training {

@@ -13,34 +13,93 @@ pub enum AstriaError {
     Malformed(String),
 }
 
-/// The token in our callback URLs: Astria does not sign callbacks, so each order's URLs carry
-/// HMAC-SHA256(`callback_secret`, "astria-callback:{order_id}"), hex.
-pub fn callback_token(secret: &str, order_id: &str) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
-    mac.update(b"astria-callback:");
-    mac.update(order_id.as_bytes());
-    hex::encode(mac.finalize().into_bytes())
+/// Our two callback endpoints. A token is valid for one of them only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallbackEndpoint {
+    /// `POST /pack-tune-received`: the tune finished training.
+    Tune,
+    /// `POST /update-images`: a prompt's images are ready.
+    Prompt,
 }
 
-/// Checks a callback's token in constant time. An empty secret never verifies.
-pub fn verify_callback_token(secret: &str, order_id: &str, token: &str) -> bool {
-    if secret.is_empty() {
+impl CallbackEndpoint {
+    pub fn path(self) -> &'static str {
+        match self {
+            CallbackEndpoint::Tune => "/pack-tune-received",
+            CallbackEndpoint::Prompt => "/update-images",
+        }
+    }
+
+    pub fn from_path(path: &str) -> Option<CallbackEndpoint> {
+        match path {
+            "/pack-tune-received" => Some(CallbackEndpoint::Tune),
+            "/update-images" => Some(CallbackEndpoint::Prompt),
+            _ => None,
+        }
+    }
+}
+
+/// How long a callback URL stays valid after training started: Astria calls back within
+/// minutes to hours; later, reconciliation fetches the same facts with the API key.
+pub const CALLBACK_LIFETIME_S: i64 = 7 * 24 * 3600;
+
+fn callback_mac(secret: &str, endpoint: CallbackEndpoint, order_id: &str, expires_at: i64) -> Hmac<Sha256> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(format!("astria-callback:v2:{}:{expires_at}:", endpoint.path()).as_bytes());
+    mac.update(order_id.as_bytes());
+    mac
+}
+
+/// The token in our callback URLs: Astria does not sign callbacks, so each URL carries
+/// HMAC-SHA256(`callback_secret`, endpoint, expiry, order id), hex. It is bound to the order
+/// (which is the tune's title), to one endpoint and to an expiry, and it only ever makes the app
+/// ask Astria: a callback's body is never trusted.
+pub fn callback_token(secret: &str, endpoint: CallbackEndpoint, order_id: &str, expires_at: i64) -> String {
+    hex::encode(callback_mac(secret, endpoint, order_id, expires_at).finalize().into_bytes())
+}
+
+/// Checks a callback's token in constant time, and that it has not expired at `now_s` (unix
+/// seconds). An empty secret never verifies.
+pub fn verify_callback_token(
+    secret: &str,
+    endpoint: CallbackEndpoint,
+    order_id: &str,
+    expires_at: i64,
+    token: &str,
+    now_s: i64,
+) -> bool {
+    if secret.is_empty() || now_s > expires_at {
         return false;
     }
     let Ok(given) = hex::decode(token) else { return false };
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
-    mac.update(b"astria-callback:");
-    mac.update(order_id.as_bytes());
-    mac.verify_slice(&given).is_ok()
+    callback_mac(secret, endpoint, order_id, expires_at).verify_slice(&given).is_ok()
 }
 
-/// `{base}{path}?order={id}&token={token}`.
-pub fn callback_url(public_base_url: &str, path: &str, secret: &str, order_id: &str) -> String {
+/// `{base}{path}?order={id}&exp={expires_at}&token={token}`.
+pub fn callback_url(
+    public_base_url: &str,
+    endpoint: CallbackEndpoint,
+    secret: &str,
+    order_id: &str,
+    expires_at: i64,
+) -> String {
     let query = form_urlencoded::Serializer::new(String::new())
         .append_pair("order", order_id)
-        .append_pair("token", &callback_token(secret, order_id))
+        .append_pair("exp", &expires_at.to_string())
+        .append_pair("token", &callback_token(secret, endpoint, order_id, expires_at))
         .finish();
-    format!("{}{path}?{query}", public_base_url.trim_end_matches('/'))
+    format!("{}{}?{query}", public_base_url.trim_end_matches('/'), endpoint.path())
+}
+
+/// Whether `url` is an `https` URL on one of `hosts` (exactly, no port, no user info): only such
+/// image links are ever sent to a customer.
+pub fn trusted_image_url(url: &str, hosts: &[String]) -> bool {
+    let Some(rest) = url.strip_prefix("https://") else { return false };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    !authority.is_empty()
+        && !authority.contains(['@', ':', '\\'])
+        && hosts.iter().any(|h| h.eq_ignore_ascii_case(authority))
+        && rest.len() > authority.len()
 }
 
 /// A tune, as far as the bot cares.
@@ -205,15 +264,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn callback_tokens_are_per_order_and_secret() {
-        let t = callback_token("s", "o1");
-        assert!(verify_callback_token("s", "o1", &t));
-        assert!(!verify_callback_token("s", "o2", &t), "another order's token");
-        assert!(!verify_callback_token("other", "o1", &t));
-        assert!(!verify_callback_token("", "o1", &callback_token("", "o1")), "empty secret");
-        assert!(!verify_callback_token("s", "o1", "zz"));
-        let url = callback_url("https://bot.example/", "/update-images", "s", "o 1");
-        assert_eq!(url, format!("https://bot.example/update-images?order=o+1&token={}", callback_token("s", "o 1")));
+    fn callback_tokens_are_per_order_endpoint_expiry_and_secret() {
+        use CallbackEndpoint::{Prompt, Tune};
+        let t = callback_token("s", Prompt, "o1", 1000);
+        assert!(verify_callback_token("s", Prompt, "o1", 1000, &t, 999));
+        assert!(verify_callback_token("s", Prompt, "o1", 1000, &t, 1000));
+        assert!(!verify_callback_token("s", Prompt, "o1", 1000, &t, 1001), "expired");
+        assert!(!verify_callback_token("s", Prompt, "o1", 5000, &t, 999), "expiry moved");
+        assert!(!verify_callback_token("s", Tune, "o1", 1000, &t, 999), "the other endpoint");
+        assert!(!verify_callback_token("s", Prompt, "o2", 1000, &t, 999), "another order's token");
+        assert!(!verify_callback_token("other", Prompt, "o1", 1000, &t, 999));
+        assert!(
+            !verify_callback_token("", Prompt, "o1", 1000, &callback_token("", Prompt, "o1", 1000), 999),
+            "empty secret"
+        );
+        assert!(!verify_callback_token("s", Prompt, "o1", 1000, "zz", 999));
+        let url = callback_url("https://bot.example/", Prompt, "s", "o 1", 1000);
+        assert_eq!(
+            url,
+            format!(
+                "https://bot.example/update-images?order=o+1&exp=1000&token={}",
+                callback_token("s", Prompt, "o 1", 1000)
+            )
+        );
+        assert_eq!(CallbackEndpoint::from_path(Tune.path()), Some(Tune));
+    }
+
+    #[test]
+    fn only_https_links_on_astrias_hosts_are_trusted() {
+        let hosts = vec!["mp.astria.ai".to_string()];
+        assert!(trusted_image_url("https://mp.astria.ai/1/2/0.jpg", &hosts));
+        assert!(trusted_image_url("https://MP.astria.ai/x.png", &hosts));
+        for bad in [
+            "http://mp.astria.ai/x.jpg",
+            "https://evil.example/x.jpg",
+            "https://mp.astria.ai.evil.example/x.jpg",
+            "https://mp.astria.ai@evil.example/x.jpg",
+            "https://mp.astria.ai:8443/x.jpg",
+            "https://mp.astria.ai",
+            "javascript:alert(1)",
+            "",
+        ] {
+            assert!(!trusted_image_url(bad, &hosts), "{bad}");
+        }
+        assert!(!trusted_image_url("https://mp.astria.ai/x.jpg", &[]), "no hosts, no trust");
     }
 
     #[test]

@@ -231,6 +231,8 @@ pub struct Astria {
     pub callback_secret: String,
     /// Where Astria reaches our callbacks, `https://bot.example.com`.
     pub public_base_url: String,
+    /// Hosts whose `https` image links may be sent to customers (`astria_image_hosts`).
+    pub image_hosts: Vec<String>,
 }
 
 impl std::fmt::Debug for Astria {
@@ -260,6 +262,13 @@ pub fn astria(src: &impl Source) -> Result<Astria, ConfigError> {
         test_mode,
         callback_secret: required(src, "callback_secret")?,
         public_base_url: base_url(src, "public_base_url")?,
+        image_hosts: src
+            .get("astria_image_hosts")
+            .unwrap_or_default()
+            .split(',')
+            .map(|h| h.trim().to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+            .collect(),
     })
 }
 
