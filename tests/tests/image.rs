@@ -344,6 +344,95 @@ async fn callbacks_that_beat_the_training_commit_are_kept_and_acted_on_postgres(
     assert_eq!(w.astria.creates(), 1);
 }
 
+#[tokio::test]
+async fn astria_down_past_the_events_retries_and_back_still_trains_and_delivers_once_postgres() {
+    let w = world_with(
+        true,
+        1,
+        0,
+        &[("reconcile_paid_after_minutes", "0"), ("reconcile_backoff_minutes", "0"), ("reconcile_after_minutes", "0")],
+    )
+    .await;
+    // Astria answers 500 to 12 creates: more than one event's eight attempts.
+    const DOWN: usize = 12;
+    w.astria.fail_next(vec![500; DOWN]);
+    let order_id = pay(&w).await;
+    let db = db(&w.app).await;
+    // First the payment's own event runs out of attempts (the reconciliation is held back).
+    db.execute("UPDATE orders SET reconcile_next_at = 9999999999999 WHERE id = $1", &[&order_id]).await.unwrap();
+    let dead = "SELECT COUNT(*) FROM outbox WHERE event_type = 'order.paid' AND status = 'dead'";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while db.query_one(dead, &[]).await.unwrap().get::<_, i64>(0) == 0 {
+        assert!(Instant::now() < deadline, "the event never died:\n{}", w.app.log());
+        relay_now(&w.app).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tried = w.astria.creates();
+    assert!(tried < DOWN, "{tried} attempts: Astria is still down");
+    assert_eq!(w.graph.requests().await.len(), BEFORE_IMAGES - 1, "the customer heard nothing yet");
+    // Then the reconciliation's time comes: the paid order is handed to the trainer again.
+    db.execute("UPDATE orders SET reconcile_next_at = NULL WHERE id = $1", &[&order_id]).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while w.graph.requests().await.len() < BEFORE_IMAGES {
+        assert!(Instant::now() < deadline, "never trained:\n{}", w.app.log());
+        relay_now(&w.app).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(w.astria.creates(), DOWN + 1, "tried until Astria came back, then one tune");
+    assert_eq!(w.astria.tunes().len(), 1);
+    w.astria.finish(&w.app, &order_id).await;
+    let total = BEFORE_IMAGES + IMAGES + 1;
+    relay_until_sends(&w, total).await;
+    settle(&w).await;
+    let sends = w.graph.requests().await;
+    assert_eq!(sends.len(), total, "{:?}", summaries(&sends));
+    let status: String = db.query_one("SELECT status FROM orders WHERE id = $1", &[&order_id]).await.unwrap().get(0);
+    assert_eq!(status, "delivered");
+}
+
+#[tokio::test]
+async fn a_paid_order_that_never_trains_fails_at_the_give_up_point_with_a_refund_flagged_postgres() {
+    let w = world_with(
+        true,
+        1,
+        0,
+        &[
+            ("reconcile_paid_after_minutes", "0"),
+            ("reconcile_backoff_minutes", "0"),
+            ("reconcile_give_up_minutes", "0"),
+        ],
+    )
+    .await;
+    w.astria.fail_next(vec![500; 1000]); // Astria never comes back
+    let order_id = pay(&w).await;
+    let db = db(&w.app).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut given_up = 0;
+    while given_up == 0 {
+        assert!(Instant::now() < deadline, "never given up:\n{}", w.app.log());
+        db.execute("UPDATE outbox SET next_attempt_at = 0 WHERE status <> 'done'", &[]).await.unwrap();
+        given_up += wa::relay(&w.app).await["given_up"].as_i64().unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(given_up, 1);
+    assert_failed_and_flagged(&w, &order_id, BEFORE_IMAGES - 1, "training never started").await;
+}
+
+#[tokio::test]
+async fn a_photo_whose_bytes_do_not_match_fails_the_order_at_once_postgres() {
+    let w = world(true, 1, 0).await;
+    // WhatsApp's bytes do not match the sha256 it announced: no download will ever match.
+    wiremock::Mock::given(wiremock::matchers::method("GET"))
+        .and(wiremock::matchers::path_regex("^/media-bytes/[^/]+$"))
+        .respond_with(wiremock::ResponseTemplate::new(200).set_body_bytes(b"not the photo".to_vec()))
+        .with_priority(1)
+        .mount(&w.graph.server)
+        .await;
+    let order_id = pay(&w).await;
+    assert_failed_and_flagged(&w, &order_id, BEFORE_IMAGES - 1, "does not match its sha256").await;
+    assert_eq!(w.astria.creates(), 0, "nothing sent to Astria");
+}
+
 /// Relay rounds and a pause: whatever the app still had to do is done.
 async fn settle(w: &World) {
     for _ in 0..3 {

@@ -71,8 +71,9 @@ enum Failure {
 }
 
 fn fail_config(e: impl std::fmt::Display) -> Failure {
-    // A configuration error is the operator's to fix; the event waits (and dead-letters).
-    Failure::Retry(format!("configuration: {e}"))
+    // No retry makes a missing or invalid setting appear: the order fails now, its refund is
+    // flagged and the customer told, rather than the payment waiting silently.
+    Failure::Final(format!("configuration: {e}"))
 }
 
 /// Completes an event that needs no work (the order moved on, or is gone).
@@ -203,7 +204,8 @@ fn download(media: &WhatsAppMedia, photo: &Photo) -> Result<Vec<u8>, Failure> {
         return Err(Failure::Retry(format!("media download answered HTTP {}", bytes.status)));
     }
     if !astria::sha256_matches(&bytes.body, &photo.sha256) {
-        return Err(Failure::Retry(format!("photo {} does not match its sha256", photo.media_id)));
+        // WhatsApp's bytes for a media id do not change: another download gives the same.
+        return Err(Failure::Final(format!("photo {} does not match its sha256", photo.media_id)));
     }
     Ok(bytes.body)
 }

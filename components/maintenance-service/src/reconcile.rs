@@ -4,11 +4,17 @@
 //! off (`reconcile_backoff_minutes`, doubling, at most two hours) and at most `reconcile_batch`
 //! orders are asked about per call. Past `reconcile_give_up_minutes` an order is failed,
 //! flagged for a refund and the customer told: honestly, rather than waiting forever.
+//!
+//! Paid orders whose training never started (their `order.paid` died in the dead letters, or
+//! Astria, WhatsApp's media or a consumer was down for longer than the event's retries) get a
+//! fresh `order.paid` after `reconcile_paid_after_minutes`, with the same backoff, and the same
+//! give-up point counted from the payment. So a paid order always ends delivered, or failed
+//! with the refund flagged and the customer told.
 
 use astria_domain::conversation::Message;
-use astria_domain::events::{channels, TUNE_RECONCILE};
+use astria_domain::events::{channels, ORDER_PAID, TUNE_RECONCILE};
 use astria_domain::texts::Texts;
-use astria_models::{OrderStatus, TuneReconcile};
+use astria_models::{OrderPaid, OrderStatus, TuneReconcile};
 use astria_store::outbox::RelayPolicy;
 use astria_store::repo::{self, PaymentIssue};
 use astria_store::{images, transaction, Db};
@@ -22,6 +28,8 @@ const MAX_BACKOFF_MS: i64 = 2 * 60 * MINUTE_MS;
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Report {
     pub reconcile_requested: usize,
+    /// Paid orders whose training had not started, handed to the trainer again.
+    pub training_requested: usize,
     pub given_up: usize,
 }
 
@@ -39,39 +47,38 @@ pub fn run<D: Db + ?Sized>(db: &D, request_id: &str) -> Result<(Report, Vec<Pend
     let mut report = Report::default();
     let mut pending = vec![];
 
-    for s in images::past_give_up(db, now - give_up, batch)? {
-        let given_up = transaction(db, |db| {
-            repo::lock_order(db, &s.order_id)?;
-            let failed = repo::set_order_status(db, &s.order_id, OrderStatus::Training, OrderStatus::Failed, now)?
-                || repo::set_order_status(db, &s.order_id, OrderStatus::Delivering, OrderStatus::Failed, now)?;
-            if !failed {
-                return Ok(None);
-            }
-            let order = repo::get_order(db, &s.order_id)?;
-            repo::record_payment_issue(
-                db,
-                &PaymentIssue {
-                    event_id: format!("reconcile-give-up:{}", s.order_id),
-                    kind: "needs_refund".into(),
-                    order_id: Some(s.order_id.clone()),
-                    session_id: order.as_ref().and_then(|o| o.checkout_session_id.clone()),
-                    payment_intent: None,
-                    amount: order.and_then(|o| o.paid),
-                    detail: format!(
-                        "Astria did not finish tune {} in time ({} reconciliations)",
-                        s.tune_id, s.attempts
-                    ),
-                    created_at: now,
-                },
-            )?;
-            let sorry = Message::text(&texts.failed);
-            Ok::<_, ApiError>(Some(spin_kit::messages::queue(db, &s.wa_id, &sorry, 0, request_id)?))
-        })?;
-        if let Some(p) = given_up {
-            spin_kit::log::error_with("reconcile.give_up", request_id, &format!("order {} failed", s.order_id));
+    let stuck = images::past_give_up(db, now - give_up, batch)?.into_iter().map(|s| {
+        let detail = format!("Astria did not finish tune {} in time ({} reconciliations)", s.tune_id, s.attempts);
+        (s.order_id, s.wa_id, detail)
+    });
+    let never_trained = images::paid_past_give_up(db, now - give_up, batch)?.into_iter().map(|s| {
+        let detail = format!("training never started after payment ({} attempts)", s.attempts);
+        (s.order_id, s.wa_id, detail)
+    });
+    for (order_id, wa_id, detail) in stuck.chain(never_trained) {
+        if let Some(p) = fail_and_flag(db, &order_id, &wa_id, &detail, &texts, request_id, now)? {
+            spin_kit::log::error_with("reconcile.give_up", request_id, &format!("order {order_id} failed: {detail}"));
             report.given_up += 1;
             pending.push(p);
         }
+    }
+
+    let paid_after = number("reconcile_paid_after_minutes")? * MINUTE_MS;
+    for s in images::paid_not_training(db, now, now - paid_after, batch)? {
+        let delay = backoff.saturating_mul(1i64 << s.attempts.clamp(0, 20)).min(MAX_BACKOFF_MS);
+        let p = transaction(db, |db| {
+            let paid =
+                OrderPaid { order_id: s.order_id.clone(), payment_event_id: format!("reconcile:{}", s.order_id) };
+            let event = events::envelope(ORDER_PAID, &paid, request_id);
+            images::schedule_reconcile(db, &s.order_id, now + delay)?;
+            Ok::<_, ApiError>(events::emit(db, channels::ORDERS, &event, &RelayPolicy::default())?)
+        })?;
+        spin_kit::log::warn(
+            "reconcile",
+            &format!("order {} paid but not training: asked the trainer again", s.order_id),
+        );
+        report.training_requested += 1;
+        pending.push(p);
     }
 
     for s in images::due_for_reconcile(db, now, now - after, batch)? {
@@ -89,4 +96,46 @@ pub fn run<D: Db + ?Sized>(db: &D, request_id: &str) -> Result<(Report, Vec<Pend
         pending.push(p);
     }
     Ok((report, pending))
+}
+
+/// Fails a paid order that cannot be delivered, flags its refund and queues the apology, in one
+/// transaction; `None` if it moved on meanwhile (delivered, or failed already).
+fn fail_and_flag<D: Db + ?Sized>(
+    db: &D,
+    order_id: &str,
+    wa_id: &str,
+    detail: &str,
+    texts: &Texts,
+    request_id: &str,
+    now: i64,
+) -> Result<Option<Pending>, ApiError> {
+    transaction(db, |db| {
+        repo::lock_order(db, order_id)?;
+        let mut failed = false;
+        for from in [OrderStatus::Paid, OrderStatus::Training, OrderStatus::Delivering] {
+            if repo::set_order_status(db, order_id, from, OrderStatus::Failed, now)? {
+                failed = true;
+                break;
+            }
+        }
+        if !failed {
+            return Ok(None);
+        }
+        let order = repo::get_order(db, order_id)?;
+        repo::record_payment_issue(
+            db,
+            &PaymentIssue {
+                event_id: format!("reconcile-give-up:{order_id}"),
+                kind: "needs_refund".into(),
+                order_id: Some(order_id.to_string()),
+                session_id: order.as_ref().and_then(|o| o.checkout_session_id.clone()),
+                payment_intent: None,
+                amount: order.and_then(|o| o.paid),
+                detail: detail.to_string(),
+                created_at: now,
+            },
+        )?;
+        let sorry = Message::text(&texts.failed);
+        Ok::<_, ApiError>(Some(spin_kit::messages::queue(db, wa_id, &sorry, 0, request_id)?))
+    })
 }

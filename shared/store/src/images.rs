@@ -12,7 +12,7 @@ use crate::{Db, DbError, Value};
 pub fn start_training<D: Db + ?Sized>(db: &D, order_id: &str, tune_id: u64, now_ms: i64) -> Result<bool, DbError> {
     let n = db.execute(
         &db.dialect()
-            .sql("UPDATE orders SET astria_tune_id = $1, status = $2, updated_at = $3, training_started_at = $3 WHERE id = $4 AND status = $5"),
+            .sql("UPDATE orders SET astria_tune_id = $1, status = $2, updated_at = $3, training_started_at = $3, reconcile_attempts = 0, reconcile_next_at = NULL WHERE id = $4 AND status = $5"),
         &[
             Value::Int(tune_id as i64),
             Value::from(status_str(OrderStatus::Training)),
@@ -179,6 +179,46 @@ pub fn past_give_up<D: Db + ?Sized>(db: &D, started_before: i64, limit: i64) -> 
         "training_started_at < $1 ORDER BY training_started_at LIMIT $2",
         &[Value::Int(started_before), Value::Int(limit)],
     )
+}
+
+/// A paid order whose training has not started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StalePaid {
+    pub order_id: String,
+    pub wa_id: String,
+    pub attempts: i64,
+}
+
+fn stale_paid_rows<D: Db + ?Sized>(db: &D, filter: &str, params: &[Value]) -> Result<Vec<StalePaid>, DbError> {
+    db.query(
+        &db.dialect()
+            .sql(&format!("SELECT id, wa_id, reconcile_attempts FROM orders WHERE status = 'paid' AND {filter}")),
+        params,
+    )?
+    .iter()
+    .map(|r| Ok(StalePaid { order_id: r.text(0)?, wa_id: r.text(1)?, attempts: r.int(2)? }))
+    .collect()
+}
+
+/// Orders paid before `paid_before` whose training has not started and whose next nudge is
+/// due, oldest first, at most `limit`: their `order.paid` may have died (dead letters, a long
+/// Astria or media outage, a consumer that was down).
+pub fn paid_not_training<D: Db + ?Sized>(
+    db: &D,
+    now_ms: i64,
+    paid_before: i64,
+    limit: i64,
+) -> Result<Vec<StalePaid>, DbError> {
+    stale_paid_rows(
+        db,
+        "paid_at < $1 AND (reconcile_next_at IS NULL OR reconcile_next_at <= $2) ORDER BY paid_at LIMIT $3",
+        &[Value::Int(paid_before), Value::Int(now_ms), Value::Int(limit)],
+    )
+}
+
+/// Paid orders still not training although paid before `paid_before`: the give-up point.
+pub fn paid_past_give_up<D: Db + ?Sized>(db: &D, paid_before: i64, limit: i64) -> Result<Vec<StalePaid>, DbError> {
+    stale_paid_rows(db, "paid_at < $1 ORDER BY paid_at LIMIT $2", &[Value::Int(paid_before), Value::Int(limit)])
 }
 
 /// Books one reconciliation request and when the next may be made.

@@ -214,6 +214,15 @@ pub const MIGRATIONS: &[Migration] = &[
             "ALTER TABLE orders ADD COLUMN checkout_expires_at BIGINT",
         ],
     },
+    Migration {
+        version: 9,
+        name: "paid orders are reconciled too",
+        sql: &[
+            // When the payment settled: the clock of a paid order whose training never started.
+            "ALTER TABLE orders ADD COLUMN paid_at BIGINT",
+            "UPDATE orders SET paid_at = updated_at WHERE paid_minor IS NOT NULL",
+        ],
+    },
 ];
 
 /// Applies every migration not yet recorded; answers the versions it applied.

@@ -325,7 +325,7 @@ pub fn set_checkout_attempt<D: Db + ?Sized>(
 pub fn mark_paid<D: Db + ?Sized>(db: &D, order_id: &str, paid: &Money, now_ms: i64) -> Result<bool, DbError> {
     let n = db.execute(
         &db.dialect().sql(
-            "UPDATE orders SET status = $1, paid_minor = $2, paid_currency = $3, updated_at = $4
+            "UPDATE orders SET status = $1, paid_minor = $2, paid_currency = $3, updated_at = $4, paid_at = $4
              WHERE id = $5 AND status = $6",
         ),
         &[
