@@ -17,7 +17,9 @@
 # A local run has no scheduler, so this script is one: it calls the outbox relay
 # (POST /maintenance/relay) every RELAY_EVERY seconds (60) with a per-run admin token.
 #
-# Also: ASTRIA_LISTEN (127.0.0.1:3000), ASTRIA_STATE_DIR (.spin: the SQLite files).
+# Also: ASTRIA_LISTEN (127.0.0.1:3000), ASTRIA_STATE_DIR (.spin: the SQLite files),
+# ASTRIA_SKIP_BUILD=1 (use what scripts/build.sh built already; the tests run it so, since a
+# cargo build inside `cargo test` would wait for, or redo, the test run's own build).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -77,12 +79,12 @@ fi
 case "$host" in
   spin)
     # The same build as the tests (the toolchain fallback applies); Spin needs no devhost.
-    ASTRIA_SKIP_DEVHOST=1 bash scripts/build.sh
+    [ "${ASTRIA_SKIP_BUILD:-0}" = 1 ] || ASTRIA_SKIP_DEVHOST=1 bash scripts/build.sh
     host_cmd=("$spin_bin" up --from "$root/spin.toml" --runtime-config-file "$runtime_config" \
       --state-dir "$state_dir" --listen "$listen" "$@")
     ;;
   devhost)
-    bash scripts/build.sh
+    [ "${ASTRIA_SKIP_BUILD:-0}" = 1 ] || bash scripts/build.sh
     host_cmd=(target/host/devhost up --from spin.toml --runtime-config-file "$runtime_config" \
       --state-dir "$state_dir" --redis memory --listen "$listen" --cache-dir target/devhost-cache "$@")
     ;;

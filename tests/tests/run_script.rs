@@ -1,6 +1,7 @@
 //! README command 1, `scripts/run.sh`, run as a newcomer runs it: on devhost (nothing to
 //! install), and with a Spin CLI while no Redis is running (the script must start one rather
-//! than let `spin up` die). Each run gets its own port, state directory and Redis port.
+//! than let `spin up` die). Each run gets its own port, state directory and Redis port. The
+//! build step is skipped (`ASTRIA_SKIP_BUILD=1`): scripts/test.sh has built everything.
 //!
 //! The Spin variant needs a Spin CLI in `ASTRIA_SPIN_CLI` (scripts/test.sh sets it from
 //! `SPIN_BIN` or ../shared/tools/spin, and skips it by name, `under_spin`, when there is none).
@@ -36,6 +37,9 @@ impl Run {
         let mut cmd = Command::new("bash");
         cmd.arg(workspace_root().join("scripts/run.sh"))
             .env("ASTRIA_HOST", host)
+            // scripts/test.sh built everything; a cargo build inside `cargo test` would redo
+            // devhost with other features (or wait for the test run's lock).
+            .env("ASTRIA_SKIP_BUILD", "1")
             .env("ASTRIA_LISTEN", &listen)
             .env("ASTRIA_STATE_DIR", dir.path().join("state"))
             .env("SPIN_VARIABLE_REDIS_URL", &redis)
