@@ -433,6 +433,43 @@ async fn a_photo_whose_bytes_do_not_match_fails_the_order_at_once_postgres() {
     assert_eq!(w.astria.creates(), 0, "nothing sent to Astria");
 }
 
+#[tokio::test]
+async fn after_stop_nothing_is_sent_and_start_brings_the_paid_portraits_once_postgres() {
+    let w = world(true, 1, 0).await;
+    let order_id = pay(&w).await;
+    training_started(&w).await;
+    // Ana sends STOP while her portraits are being made: she gets the confirmation only.
+    assert_eq!(wa::post_webhook(&w.app, &wa::inbound(ANA, vec![wa::text(ANA, "s1", "STOP")])).await.0, 200);
+    let sends = w.graph.wait_for(BEFORE_IMAGES + 1).await;
+    let confirmation = wa::summary(&sends[BEFORE_IMAGES]);
+    w.astria.finish(&w.app, &order_id).await;
+    settle(&w).await;
+    let sends = w.graph.requests().await;
+    assert_eq!(sends.len(), BEFORE_IMAGES + 1, "nothing after the STOP confirmation: {:?}", summaries(&sends));
+    let db = db(&w.app).await;
+    let held: i64 =
+        db.query_one("SELECT COUNT(*) FROM outbound_messages WHERE status = 'held'", &[]).await.unwrap().get(0);
+    assert_eq!(held as usize, IMAGES + 1, "the portraits and the closing message are kept");
+    let status: String = db.query_one("SELECT status FROM orders WHERE id = $1", &[&order_id]).await.unwrap().get(0);
+    assert_eq!(status, "delivered", "the order's results are kept for her");
+    // Something else is not START: still nothing.
+    assert_eq!(wa::post_webhook(&w.app, &wa::inbound(ANA, vec![wa::text(ANA, "s2", "hello?")])).await.0, 200);
+    settle(&w).await;
+    assert_eq!(w.graph.requests().await.len(), BEFORE_IMAGES + 1);
+    // START: everything kept back arrives, each once.
+    assert_eq!(wa::post_webhook(&w.app, &wa::inbound(ANA, vec![wa::text(ANA, "s3", "START")])).await.0, 200);
+    let total = BEFORE_IMAGES + 1 + 1 + IMAGES + 1;
+    w.graph.wait_for(total).await;
+    settle(&w).await;
+    let sends = w.graph.requests().await;
+    assert_eq!(sends.len(), total, "{:?}", summaries(&sends));
+    let mut links = image_links(&sends);
+    links.sort();
+    links.dedup();
+    assert_eq!(links.len(), IMAGES, "each portrait once");
+    assert!(confirmation.starts_with("text:"), "{confirmation}");
+}
+
 /// Relay rounds and a pause: whatever the app still had to do is done.
 async fn settle(w: &World) {
     for _ in 0..3 {

@@ -36,7 +36,15 @@ async fn full_conversation(postgres: bool) {
     let redis = TestRedis::start().await.unwrap();
     let graph = FakeGraph::start().await;
     let stripe = FakeStripe::start().await;
-    let app = wa::spawn_bot(ps::with_stripe(wa::bot_config(&graph, &redis, postgres), &stripe), &redis).await;
+    // After payment the trainer takes over: it needs Astria and the photos' media.
+    let astria = astria_tests::astria::FakeAstria::start().await;
+    graph.serve_media(0).await;
+    let config = astria_tests::astria::with_astria(
+        ps::with_stripe(wa::bot_config(&graph, &redis, postgres), &stripe),
+        &astria,
+        &graph.uri(),
+    );
+    let app = wa::spawn_bot(config, &redis).await;
 
     let s = say(&app, &graph, wa::text(ANA, "wamid.in1", "hi"), 1).await;
     assert!(s[0].starts_with("list:"), "{s:?}");
@@ -52,14 +60,15 @@ async fn full_conversation(postgres: bool) {
     let s = say(&app, &graph, wa::button_reply(ANA, "wamid.in3", "subject:woman", "Woman"), 3).await;
     assert_eq!(s[2], "text:Great choice: Corporate headshots. Send me 2 to 3 clear selfies, one face, good light.");
 
-    let photo_a = "a".repeat(64);
-    let s = say(&app, &graph, wa::image(ANA, "wamid.in4", &photo_a), 4).await;
+    let photo_a = wa::photo(ANA, "wamid.in4");
+    let s = say(&app, &graph, photo_a.clone(), 4).await;
     assert_eq!(s[3], "text:Got it (1/3).");
-    let s = say(&app, &graph, wa::image(ANA, "wamid.in5", &photo_a), 5).await;
+    let same_photo = wa::image(ANA, "wamid.in5", photo_a["image"]["sha256"].as_str().unwrap());
+    let s = say(&app, &graph, same_photo, 5).await;
     assert_eq!(s[4], "text:I already have that photo; please send a different one.");
     let s = say(&app, &graph, wa::sticker(ANA, "wamid.in6"), 6).await;
     assert_eq!(s[5], "text:Please send your selfies as photos (not files or stickers).", "a sticker is re-prompted");
-    let s = say(&app, &graph, wa::image(ANA, "wamid.in7", &"b".repeat(64)), 7).await;
+    let s = say(&app, &graph, wa::photo(ANA, "wamid.in7"), 7).await;
     assert_eq!(s[6], "buttons:Got 2 photos. Send more for better results, or tap Done.");
     let done_button = &graph.requests().await[6]["interactive"]["action"]["buttons"][0]["reply"];
     assert_eq!(done_button["id"], "done");
@@ -82,8 +91,9 @@ async fn full_conversation(postgres: bool) {
     let msg = tokio::time::timeout(Duration::from_secs(10), sub.on_message().next()).await.unwrap().unwrap();
     let event: Value = serde_json::from_slice(msg.get_payload_bytes()).unwrap();
     assert_eq!(event["event_type"], "order.paid");
-    let sends = graph.wait_for(10).await;
+    let sends = graph.wait_for(11).await;
     assert!(wa::summary(&sends[9]).starts_with("text:Payment received, thank you!"), "{sends:#?}");
+    assert!(wa::summary(&sends[10]).starts_with("text:Your AI model is training"), "{sends:#?}");
 
     if postgres {
         let db = pg(&app).await;
@@ -91,18 +101,19 @@ async fn full_conversation(postgres: bool) {
             .query_one("SELECT status, pack_id, subject_class FROM orders WHERE id = $1", &[&order_id])
             .await
             .unwrap();
-        assert_eq!((row.get::<_, String>(0), row.get::<_, String>(1)), ("paid".into(), "corporate".into()));
+        assert_eq!((row.get::<_, String>(0), row.get::<_, String>(1)), ("training".into(), "corporate".into()));
         assert_eq!(count(&db, "SELECT COUNT(*) FROM order_photos").await, 2);
-        assert_eq!(count(&db, "SELECT COUNT(*) FROM outbound_messages WHERE status = 'sent'").await, 10);
+        assert_eq!(count(&db, "SELECT COUNT(*) FROM outbound_messages WHERE status = 'sent'").await, 11);
         assert_eq!(
             count(&db, "SELECT COUNT(*) FROM outbox WHERE status <> 'done' AND channel = 'astria.messages'").await,
             0
         );
     }
-    // Nothing else was sent, and one session was made.
+    // Nothing else was sent, one session was made and one tune.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(graph.requests().await.len(), 10);
+    assert_eq!(graph.requests().await.len(), 11);
     assert_eq!(stripe.sessions_created(), 1);
+    assert_eq!(astria.creates(), 1);
 }
 
 #[tokio::test]
@@ -654,7 +665,15 @@ async fn an_image_reported_failed_as_unusable_goes_again_as_a_document_postgres(
     let send = queue_directly(&db, ANA, &image).await;
     publish_message_send(&redis, &send).await;
     graph.wait_for(2).await;
-    let wamid = message_row(&db, "image").await.3.expect("sent");
+    // The sender books WhatsApp's answer just after it arrives.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let wamid = loop {
+        if let Some(w) = message_row(&db, "image").await.3 {
+            break w;
+        }
+        assert!(std::time::Instant::now() < deadline, "the image was never booked as sent");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
     // WhatsApp accepted it, then could not fetch it (over 5 MB): a failed status with 131053,
     // delivered twice at once (Meta retries; two webhook replicas take them together).
     let failed = wa::status(&wamid, ANA, "failed", Some(131053));

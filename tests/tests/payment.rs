@@ -19,6 +19,16 @@ struct Bot {
     redis: TestRedis,
 }
 
+/// The components of spin.toml these tests run: all but the image-trainer.
+const PAYMENT_WORLD: &[&str] = &[
+    "message-service",
+    "message-sender",
+    "payment-service",
+    "payment-checkout",
+    "image-service",
+    "maintenance-service",
+];
+
 async fn bot_with(stripe: FakeStripe) -> Bot {
     bot_with_vars(stripe, &[]).await
 }
@@ -28,6 +38,10 @@ async fn bot_with_vars(stripe: FakeStripe, vars: &[(&str, &str)]) -> Bot {
     let graph = FakeGraph::start().await;
     let config =
         vars.iter().fold(ps::with_stripe(wa::bot_config(&graph, &redis, true), &stripe), |c, (k, v)| c.var(k, *v));
+    // Payments only: the image worker (which takes paid orders on to Astria) is another
+    // SpinApp's and is left out, so that a paid order stays `paid` for these assertions.
+    let config =
+        astria_tests::AppConfig { components: PAYMENT_WORLD.iter().map(|c| c.to_string()).collect(), ..config };
     let app = wa::spawn_bot(config, &redis).await;
     astria_tests::wait_for_subscribers_at(&redis.url(), "astria.payments", 1).await.unwrap();
     Bot { app, graph, stripe, redis }

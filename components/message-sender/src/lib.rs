@@ -29,7 +29,7 @@ use astria_domain::events::MESSAGE_SEND;
 use astria_domain::graph::{self, SendOutcome};
 use astria_models::MessageSend;
 use astria_store::messages::{self, OutboundMessage};
-use astria_store::{outbox, transaction, Db, DbError};
+use astria_store::{outbox, repo, transaction, Db, DbError};
 use spin_kit::db::SpinDb;
 use spin_kit::events::now_ms;
 use spin_kit::http_client::{self, HttpError};
@@ -177,6 +177,16 @@ impl Sender<'_> {
                 return Ok(true);
             }
         };
+        // STOP means nothing more is sent (but the STOP's own confirmation): the message is
+        // kept back, and goes out if the contact sends START.
+        if !m.always_send && repo::get_contact(self.db, &m.wa_id)?.is_some_and(|(c, _)| c.opted_out) {
+            transaction(self.db, |db| {
+                messages::hold(db, &m.id, now_ms())?;
+                outbox::complete(db, &m.event_id, now_ms())
+            })?;
+            log::info_with("sender", self.correlation_id, &format!("message {} held: the contact opted out", m.id));
+            return Ok(true);
+        }
         let window_closed = !matches!(message, Message::Template { .. })
             && messages::last_inbound_at(self.db, &m.wa_id)?.is_some_and(|t| now_ms() - t > WINDOW_MS);
         let outcome = if window_closed { SendOutcome::OutsideWindow } else { self.call(&m.wa_id, &message) };

@@ -126,13 +126,24 @@ fn handle_message(
         let outcome = conversation::step(&ctx, &state, &m.inbound);
 
         let mut sent = 0;
+        // The reply to STOP (its confirmation) is the one message an opted-out contact gets.
+        let confirming_stop = outcome.actions.contains(&Action::SetOptOut(true));
         for action in outcome.actions {
             match action {
+                Action::Send(message) if confirming_stop => {
+                    pending.push(spin_kit::messages::queue_always(db, &m.from, &message, sent, correlation_id)?);
+                    sent += 1;
+                }
                 Action::Send(message) => {
                     pending.push(spin_kit::messages::queue(db, &m.from, &message, sent, correlation_id)?);
                     sent += 1;
                 }
-                Action::SetOptOut(opted_out) => repo::set_opt_out(db, &m.from, opted_out, now)?,
+                Action::SetOptOut(true) => repo::set_opt_out(db, &m.from, true, now)?,
+                Action::SetOptOut(false) => {
+                    // START: what was kept back since STOP (a paid order's portraits) goes out.
+                    repo::set_opt_out(db, &m.from, false, now)?;
+                    pending.extend(spin_kit::messages::release_held(db, &m.from, correlation_id)?);
+                }
                 Action::CreateOrder { order_id, pack_id, subject_class, price } => {
                     let price = astria_models::Money {
                         amount_minor: price.amount_minor(),

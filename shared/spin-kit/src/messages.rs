@@ -20,6 +20,29 @@ pub fn queue<D: Db + ?Sized>(
     index: usize,
     correlation_id: &str,
 ) -> Result<Pending, DbError> {
+    queue_with(db, to, message, index, correlation_id, false)
+}
+
+/// Like [`queue`], for the one message sent even though the contact opted out: the
+/// confirmation of their STOP.
+pub fn queue_always<D: Db + ?Sized>(
+    db: &D,
+    to: &str,
+    message: &Message,
+    index: usize,
+    correlation_id: &str,
+) -> Result<Pending, DbError> {
+    queue_with(db, to, message, index, correlation_id, true)
+}
+
+fn queue_with<D: Db + ?Sized>(
+    db: &D,
+    to: &str,
+    message: &Message,
+    index: usize,
+    correlation_id: &str,
+    always_send: bool,
+) -> Result<Pending, DbError> {
     let now = now_ms();
     let id = uuid::Uuid::new_v4().to_string();
     let json = serde_json::to_string(message).map_err(|e| DbError::Decode(e.to_string()))?;
@@ -36,6 +59,7 @@ pub fn queue<D: Db + ?Sized>(
         message: &json,
         event_id: &event.id,
         correlation_id,
+        always_send,
     };
     messages::insert(db, &new, now)?;
     emit(db, channels::MESSAGES, &event, &RelayPolicy::default())
@@ -48,14 +72,24 @@ pub fn requeue_awaiting_window<D: Db + ?Sized>(
     wa_id: &str,
     correlation_id: &str,
 ) -> Result<Vec<Pending>, DbError> {
+    requeue(db, wa_id, messages::status::AWAITING_WINDOW, correlation_id)
+}
+
+/// Puts the messages kept back while the contact had opted out back in the queue (they sent
+/// START): the portraits of a paid order reach them after all.
+pub fn release_held<D: Db + ?Sized>(db: &D, wa_id: &str, correlation_id: &str) -> Result<Vec<Pending>, DbError> {
+    requeue(db, wa_id, messages::status::HELD, correlation_id)
+}
+
+fn requeue<D: Db + ?Sized>(db: &D, wa_id: &str, parked: &str, correlation_id: &str) -> Result<Vec<Pending>, DbError> {
     let mut pending = Vec::new();
-    for m in messages::awaiting_window(db, wa_id)? {
+    for m in messages::parked(db, wa_id, parked)? {
         let event = envelope(
             MESSAGE_SEND,
             &MessageSend { message_id: m.id.clone(), to: m.wa_id.clone(), message: m.message.clone() },
             correlation_id,
         );
-        if messages::requeue_awaiting_window(db, &m.id, &event.id, now_ms())? {
+        if messages::requeue_parked(db, &m.id, &event.id, parked, now_ms())? {
             pending.push(emit(db, channels::MESSAGES, &event, &RelayPolicy::default())?);
         }
     }

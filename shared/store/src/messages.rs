@@ -22,6 +22,8 @@ pub mod status {
     pub const QUEUED: &str = "queued";
     pub const SENT: &str = "sent";
     pub const AWAITING_WINDOW: &str = "awaiting_window";
+    /// The customer sent STOP: kept, not sent, until they send START.
+    pub const HELD: &str = "held";
     pub const FAILED: &str = "failed";
 }
 
@@ -37,6 +39,8 @@ pub struct NewMessage<'a> {
     /// The `message.send` outbox event that triggers the sender.
     pub event_id: &'a str,
     pub correlation_id: &'a str,
+    /// Sent even to a contact who opted out (only the confirmation of their STOP).
+    pub always_send: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,10 +61,12 @@ pub struct OutboundMessage {
     pub error_code: Option<i64>,
     pub last_error: Option<String>,
     pub created_at: i64,
+    /// Sent even to a contact who opted out (the confirmation of their STOP).
+    pub always_send: bool,
 }
 
 const COLUMNS: &str = "id, wa_id, seq, kind, message, status, event_id, correlation_id, attempts, next_attempt_at,
-    wamid, delivery_status, error_code, last_error, created_at";
+    wamid, delivery_status, error_code, last_error, created_at, always_send";
 
 fn from_row(r: &Row) -> Result<OutboundMessage, DbError> {
     Ok(OutboundMessage {
@@ -79,6 +85,7 @@ fn from_row(r: &Row) -> Result<OutboundMessage, DbError> {
         error_code: r.opt_int(12)?,
         last_error: r.opt_text(13)?,
         created_at: r.int(14)?,
+        always_send: r.int(15)? != 0,
     })
 }
 
@@ -94,8 +101,8 @@ pub fn insert<D: Db + ?Sized>(db: &D, m: &NewMessage<'_>, now_ms: i64) -> Result
     let n = db.execute(
         &db.dialect().sql(
             "INSERT INTO outbound_messages (id, wa_id, seq, kind, message, status, event_id, correlation_id,
-                attempts, next_attempt_at, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9, $9, $9)
+                attempts, next_attempt_at, created_at, updated_at, always_send)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9, $9, $9, $10)
              ON CONFLICT (id) DO NOTHING",
         ),
         &[
@@ -108,7 +115,17 @@ pub fn insert<D: Db + ?Sized>(db: &D, m: &NewMessage<'_>, now_ms: i64) -> Result
             Value::from(m.event_id),
             Value::from(m.correlation_id),
             Value::Int(now_ms),
+            Value::Int(m.always_send.into()),
         ],
+    )?;
+    Ok(n == 1)
+}
+
+/// Keeps a queued message back because its contact opted out; `false` if it was not queued.
+pub fn hold<D: Db + ?Sized>(db: &D, id: &str, now_ms: i64) -> Result<bool, DbError> {
+    let n = db.execute(
+        &db.dialect().sql("UPDATE outbound_messages SET status = $1, updated_at = $2 WHERE id = $3 AND status = $4"),
+        &[Value::from(status::HELD), Value::Int(now_ms), Value::from(id), Value::from(status::QUEUED)],
     )?;
     Ok(n == 1)
 }
@@ -220,29 +237,30 @@ pub fn template_since<D: Db + ?Sized>(db: &D, wa_id: &str, since_ms: i64) -> Res
     Ok(rows.first().map(|r| r.int(0)).transpose()?.unwrap_or(0) > 0)
 }
 
-/// The contact's messages kept back by the closed window, in order.
-pub fn awaiting_window<D: Db + ?Sized>(db: &D, wa_id: &str) -> Result<Vec<OutboundMessage>, DbError> {
+/// The contact's messages kept back in `parked` (`awaiting_window` or `held`), in queue order.
+pub fn parked<D: Db + ?Sized>(db: &D, wa_id: &str, parked: &str) -> Result<Vec<OutboundMessage>, DbError> {
     select(
         db,
         "WHERE wa_id = $1 AND status = $2 ORDER BY seq, created_at, id",
-        &[Value::from(wa_id), Value::from(status::AWAITING_WINDOW)],
+        &[Value::from(wa_id), Value::from(parked)],
     )
 }
 
-/// Puts a message kept back by the window into the queue again, under a fresh outbox event.
-pub fn requeue_awaiting_window<D: Db + ?Sized>(db: &D, id: &str, event_id: &str, now_ms: i64) -> Result<bool, DbError> {
+/// Puts a message kept back in `parked` (by the window, or by STOP) into the queue again, under
+/// a fresh outbox event; `false` if another request did it first.
+pub fn requeue_parked<D: Db + ?Sized>(
+    db: &D,
+    id: &str,
+    event_id: &str,
+    parked: &str,
+    now_ms: i64,
+) -> Result<bool, DbError> {
     let n = db.execute(
         &db.dialect().sql(
             "UPDATE outbound_messages SET status = $1, event_id = $2, next_attempt_at = $3, updated_at = $3
              WHERE id = $4 AND status = $5",
         ),
-        &[
-            Value::from(status::QUEUED),
-            Value::from(event_id),
-            Value::Int(now_ms),
-            Value::from(id),
-            Value::from(status::AWAITING_WINDOW),
-        ],
+        &[Value::from(status::QUEUED), Value::from(event_id), Value::Int(now_ms), Value::from(id), Value::from(parked)],
     )?;
     Ok(n == 1)
 }

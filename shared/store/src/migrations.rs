@@ -223,6 +223,14 @@ pub const MIGRATIONS: &[Migration] = &[
             "UPDATE orders SET paid_at = updated_at WHERE paid_minor IS NOT NULL",
         ],
     },
+    Migration {
+        version: 10,
+        name: "nothing is sent after STOP",
+        sql: &[
+            // The one message an opted-out contact still gets: the confirmation of their STOP.
+            "ALTER TABLE outbound_messages ADD COLUMN always_send BIGINT NOT NULL DEFAULT 0",
+        ],
+    },
 ];
 
 /// Applies every migration not yet recorded; answers the versions it applied.

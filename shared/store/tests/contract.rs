@@ -519,6 +519,7 @@ fn queue(db: &dyn Db, id: &str, wa_id: &str, seq: i64, kind: &str, now: i64) {
         message: r#"{"kind":"text","body":"x"}"#,
         event_id: &format!("ev-{id}"),
         correlation_id: "c",
+        always_send: false,
     };
     assert!(messages::insert(db, &m, now).unwrap());
     assert!(!messages::insert(db, &m, now).unwrap(), "same id twice");
@@ -579,10 +580,13 @@ fn messages_kept_back_by_the_window_are_requeued_in_order_under_new_events() {
         queue(db.as_ref(), "t1", "wa1", 3, "template", 30);
         assert!(messages::template_since(db.as_ref(), "wa1", 30).unwrap());
         assert!(!messages::template_since(db.as_ref(), "wa1", 31).unwrap(), "the contact wrote since");
-        let waiting = messages::awaiting_window(db.as_ref(), "wa1").unwrap();
+        let waiting = messages::parked(db.as_ref(), "wa1", messages::status::AWAITING_WINDOW).unwrap();
         assert_eq!(waiting.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), ["m1", "m2"]);
-        assert!(messages::requeue_awaiting_window(db.as_ref(), "m1", "ev-new", 40).unwrap());
-        assert!(!messages::requeue_awaiting_window(db.as_ref(), "m1", "ev-newer", 41).unwrap(), "once");
+        assert!(messages::requeue_parked(db.as_ref(), "m1", "ev-new", messages::status::AWAITING_WINDOW, 40).unwrap());
+        assert!(
+            !messages::requeue_parked(db.as_ref(), "m1", "ev-newer", messages::status::AWAITING_WINDOW, 41).unwrap(),
+            "once"
+        );
         let m1 = messages::get(db.as_ref(), "m1").unwrap().unwrap();
         assert_eq!((m1.status.as_str(), m1.event_id.as_str()), (messages::status::QUEUED, "ev-new"));
     });
@@ -607,6 +611,23 @@ fn delivery_statuses_apply_forward_only_to_our_messages() {
         assert!(messages::reopen_for_window(db.as_ref(), "m1", 40).unwrap());
         let m1 = messages::get(db.as_ref(), "m1").unwrap().unwrap();
         assert_eq!((m1.status.as_str(), m1.error_code), (messages::status::AWAITING_WINDOW, Some(131047)));
+    });
+}
+
+#[test]
+fn a_held_message_waits_until_released_once() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 0).unwrap();
+        queue(db.as_ref(), "m1", "wa1", 1, "image", 10);
+        assert!(messages::hold(db.as_ref(), "m1", 20).unwrap());
+        assert!(!messages::hold(db.as_ref(), "m1", 21).unwrap(), "held once");
+        assert_eq!(messages::next_in_queue(db.as_ref(), "wa1").unwrap(), None, "not in the queue while held");
+        let held = messages::parked(db.as_ref(), "wa1", messages::status::HELD).unwrap();
+        assert_eq!(held.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), vec!["m1"]);
+        assert!(messages::requeue_parked(db.as_ref(), "m1", "ev-2", messages::status::HELD, 30).unwrap());
+        assert!(!messages::requeue_parked(db.as_ref(), "m1", "ev-3", messages::status::HELD, 31).unwrap(), "once");
+        assert_eq!(messages::next_in_queue(db.as_ref(), "wa1").unwrap().map(|m| m.event_id), Some("ev-2".into()));
     });
 }
 
