@@ -16,7 +16,7 @@
 
 use std::time::Duration;
 
-use astria_domain::astria::{self, Answer, CallbackEndpoint, FilePart, TuneRequest};
+use astria_domain::astria::{self, Answer, CallbackEndpoint, FilePart, Multipart, TuneRequest};
 use astria_domain::config::{self, Astria, WhatsAppMedia};
 use astria_domain::conversation::Message;
 use astria_domain::events::{ORDER_PAID, TUNE_RECONCILE, TUNE_TRAINED};
@@ -219,7 +219,6 @@ fn create_tune(order: &Order) -> Result<u64, Failure> {
         return Err(Failure::Final(format!("pack {} is no longer in the catalogue", order.pack_id)));
     };
     let subject = order.subject_class.clone().unwrap_or_else(|| pack.subject_classes[0].clone());
-    let photos = order.photos.iter().map(|p| download(&media, p)).collect::<Result<Vec<_>, _>>()?;
 
     let expires_at = now_ms() / 1000 + astria::CALLBACK_LIFETIME_S;
     let url =
@@ -232,21 +231,24 @@ fn create_tune(order: &Order) -> Result<u64, Failure> {
         prompt_callback: &prompt_callback,
         fast: cfg.test_mode,
     };
-    let names: Vec<String> =
-        (0..photos.len()).map(|i| format!("{i}.{}", extension(&order.photos[i].mime_type))).collect();
-    let files: Vec<FilePart<'_>> = photos
-        .iter()
-        .zip(&order.photos)
-        .zip(&names)
-        .map(|((bytes, photo), name)| FilePart {
-            field: "tune[images][]",
-            filename: name,
-            content_type: &photo.mime_type,
-            bytes,
-        })
-        .collect();
+    // Each photo is downloaded, copied into the body and dropped before the next: the photos
+    // are held once (up to max_photos of them, each at most MAX_PHOTO).
     let boundary = format!("astria-{}", uuid::Uuid::new_v4().simple());
-    let body = astria::multipart(&boundary, &astria::tune_fields(&request), &files);
+    let mut body = Multipart::new(&boundary);
+    for (name, value) in astria::tune_fields(&request) {
+        body.field(name, value);
+    }
+    for (i, photo) in order.photos.iter().enumerate() {
+        let bytes = download(&media, photo)?;
+        let filename = format!("{i}.{}", extension(&photo.mime_type));
+        body.file(&FilePart {
+            field: "tune[images][]",
+            filename: &filename,
+            content_type: &photo.mime_type,
+            bytes: &bytes,
+        });
+    }
+    let body = body.finish();
     let auth = format!("Bearer {}", cfg.api_key);
     let content_type = format!("multipart/form-data; boundary={boundary}");
     let url = format!("{}/p/{}/tunes", cfg.api_url, pack.astria_pack_id);

@@ -167,27 +167,56 @@ pub struct FilePart<'a> {
     pub bytes: &'a [u8],
 }
 
-/// A `multipart/form-data` body with `boundary` (which must not occur in any part).
-pub fn multipart(boundary: &str, fields: &[(&str, &str)], files: &[FilePart<'_>]) -> Vec<u8> {
-    let mut body = Vec::new();
-    for (name, value) in fields {
-        body.extend_from_slice(
-            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes(),
+/// A `multipart/form-data` body built part by part: each file's bytes are copied in once, so a
+/// caller can download a photo, add it and drop it before fetching the next (the photos are
+/// then held once, in the body, rather than once as downloads and again in the body).
+pub struct Multipart {
+    boundary: String,
+    body: Vec<u8>,
+}
+
+impl Multipart {
+    /// `boundary` must not occur in any part.
+    pub fn new(boundary: &str) -> Multipart {
+        Multipart { boundary: boundary.to_string(), body: Vec::new() }
+    }
+
+    pub fn field(&mut self, name: &str, value: &str) {
+        let b = &self.boundary;
+        self.body.extend_from_slice(
+            format!("--{b}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes(),
         );
     }
-    for f in files {
-        body.extend_from_slice(
+
+    pub fn file(&mut self, f: &FilePart<'_>) {
+        let b = &self.boundary;
+        self.body.extend_from_slice(
             format!(
-                "--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"; filename=\"{}\"\r\nContent-Type: {}\r\n\r\n",
+                "--{b}\r\nContent-Disposition: form-data; name=\"{}\"; filename=\"{}\"\r\nContent-Type: {}\r\n\r\n",
                 f.field, f.filename, f.content_type
             )
             .as_bytes(),
         );
-        body.extend_from_slice(f.bytes);
-        body.extend_from_slice(b"\r\n");
+        self.body.extend_from_slice(f.bytes);
+        self.body.extend_from_slice(b"\r\n");
     }
-    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-    body
+
+    pub fn finish(mut self) -> Vec<u8> {
+        self.body.extend_from_slice(format!("--{}--\r\n", self.boundary).as_bytes());
+        self.body
+    }
+}
+
+/// A `multipart/form-data` body with `boundary` (which must not occur in any part).
+pub fn multipart(boundary: &str, fields: &[(&str, &str)], files: &[FilePart<'_>]) -> Vec<u8> {
+    let mut body = Multipart::new(boundary);
+    for (name, value) in fields {
+        body.field(name, value);
+    }
+    for f in files {
+        body.file(f);
+    }
+    body.finish()
 }
 
 /// The text fields of `POST /p/{pack_id}/tunes` for one order.
