@@ -99,10 +99,19 @@ pub fn list_reply(from: &str, id: &str, reply_id: &str, title: &str) -> Value {
 
 /// A status webhook for a message we sent.
 pub fn status(wamid: &str, recipient: &str, status: &str, error_code: Option<i64>) -> Value {
+    status_tagged(wamid, recipient, status, error_code, None)
+}
+
+/// A status webhook that repeats the `biz_opaque_callback_data` the send carried, as WhatsApp's
+/// do.
+pub fn status_tagged(wamid: &str, recipient: &str, status: &str, error_code: Option<i64>, tag: Option<&str>) -> Value {
     let mut s =
         json!({ "id": wamid, "status": status, "timestamp": unix_now().to_string(), "recipient_id": recipient });
     if let Some(code) = error_code {
         s["errors"] = json!([{ "code": code, "title": "error", "message": "error", "error_data": { "details": "d" } }]);
+    }
+    if let Some(tag) = tag {
+        s["biz_opaque_callback_data"] = json!(tag);
     }
     json!({
         "object": "whatsapp_business_account",
@@ -122,6 +131,9 @@ pub enum Answer {
     Error(u16, i64),
     /// A bare HTTP status without a Graph error body (a proxy's 502, say).
     Status(u16),
+    /// Accepted (a fresh wamid), but the answer comes after this delay: slower than a client's
+    /// timeout, the send went out and the sender never hears so.
+    Late(Duration),
 }
 
 /// The fake Graph API. Answers come from a script (one per request, in order), then `Ok`; or
@@ -149,16 +161,18 @@ impl Respond for Responder {
             (!s.is_empty()).then(|| s.remove(0))
         };
         let answer = scripted.or_else(|| self.rule.lock().unwrap().as_ref().map(|r| r(&body))).unwrap_or(Answer::Ok);
+        let accepted = || {
+            let n = self.counter.fetch_add(1, Ordering::SeqCst);
+            let to = body["to"].as_str().unwrap_or("");
+            ResponseTemplate::new(200).set_body_json(json!({
+                "messaging_product": "whatsapp",
+                "contacts": [{ "input": to, "wa_id": to }],
+                "messages": [{ "id": format!("wamid.TEST{n:06}") }],
+            }))
+        };
         match answer {
-            Answer::Ok => {
-                let n = self.counter.fetch_add(1, Ordering::SeqCst);
-                let to = body["to"].as_str().unwrap_or("");
-                ResponseTemplate::new(200).set_body_json(json!({
-                    "messaging_product": "whatsapp",
-                    "contacts": [{ "input": to, "wa_id": to }],
-                    "messages": [{ "id": format!("wamid.TEST{n:06}") }],
-                }))
-            }
+            Answer::Ok => accepted(),
+            Answer::Late(delay) => accepted().set_delay(delay),
             Answer::Error(status, code) => ResponseTemplate::new(status).set_body_json(json!({
                 "error": { "message": format!("(#{code}) scripted error"), "type": "OAuthException", "code": code,
                            "error_data": { "messaging_product": "whatsapp", "details": "scripted" },
@@ -304,6 +318,7 @@ pub fn bot_config(graph: &FakeGraph, redis: &TestRedis, postgres: bool) -> AppCo
         .var("whatsapp_template_name", TEMPLATE)
         .var("whatsapp_retry_base_ms", "20")
         .var("whatsapp_pace_ms", "50")
+        .var("whatsapp_unconfirmed_wait_ms", "300")
         .var("admin_token", ADMIN_TOKEN)
         .var("min_photos", "2")
         .var("max_photos", "3")

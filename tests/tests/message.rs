@@ -439,7 +439,12 @@ async fn outside_the_24_hour_window_the_template_goes_out_and_the_rest_follows_t
     assert_eq!(sends.len(), 4, "{sends:#?}");
     assert_eq!(sends[2], sends[0], "the kept message, unchanged");
     assert!(wa::summary(&sends[3]).starts_with("list:Hi!"));
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM outbound_messages WHERE status <> 'sent'").await, 0);
+    // The sender books each answer just after it arrives.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while count(&db, "SELECT COUNT(*) FROM outbound_messages WHERE status <> 'sent'").await != 0 {
+        assert!(std::time::Instant::now() < deadline, "not every message was booked as sent");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }
 
 #[tokio::test]
@@ -580,6 +585,64 @@ async fn with_two_replicas_a_burst_from_many_contacts_is_answered_exactly_once_e
         let to = format!("49160{i:07}");
         assert_eq!(sends.iter().filter(|s| s["to"] == to.as_str()).count(), 3, "{to}");
     }
+}
+
+#[tokio::test]
+async fn a_send_whose_answer_was_lost_is_not_sent_again_once_its_status_arrives_postgres() {
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    // WhatsApp takes the reply but answers after the sender's timeout.
+    graph.script(vec![Answer::Late(Duration::from_millis(1500))]);
+    let config = wa::bot_config(&graph, &redis, true)
+        .var("whatsapp_timeout_ms", "400")
+        .var("whatsapp_unconfirmed_wait_ms", "1500");
+    let app = wa::spawn_bot(config, &redis).await;
+    wa::post_webhook(&app, &wa::inbound(ANA, vec![wa::text(ANA, "wamid.l1", "hi")])).await;
+    let sends = graph.wait_for(1).await;
+    let tag = sends[0]["biz_opaque_callback_data"].as_str().expect("every send is tagged").to_string();
+    let db = pg(&app).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while message_row(&db, "list").await.3.is_none() && !count_unconfirmed(&db).await {
+        assert!(std::time::Instant::now() < deadline, "the timeout was never booked:\n{}", app.log());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // WhatsApp's status for it arrives, carrying our tag (its wamid is new to the app).
+    let status = wa::status_tagged("wamid.LATE1", ANA, "sent", None, Some(&tag));
+    assert_eq!(wa::post_webhook(&app, &status).await.0, 200);
+    // Past the wait, with the relay running: it is not sent again.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    for _ in 0..3 {
+        wa::relay(&app).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let sends = graph.requests().await;
+    assert_eq!(sends.len(), 1, "sent once: {sends:#?}\n{}", app.log());
+    let (status, _, _, wamid) = message_row(&db, "list").await;
+    assert_eq!((status.as_str(), wamid.as_deref()), ("sent", Some("wamid.LATE1")));
+}
+
+#[tokio::test]
+async fn an_unconfirmed_send_without_a_status_goes_again_only_after_the_wait_postgres() {
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    // A proxy's 502: WhatsApp may or may not have taken it.
+    graph.script(vec![Answer::Status(502)]);
+    let app =
+        wa::spawn_bot(wa::bot_config(&graph, &redis, true).var("whatsapp_unconfirmed_wait_ms", "1500"), &redis).await;
+    let started = std::time::Instant::now();
+    wa::post_webhook(&app, &wa::inbound(ANA, vec![wa::text(ANA, "wamid.u1", "hi")])).await;
+    graph.wait_for(1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    wa::relay(&app).await;
+    assert_eq!(graph.requests().await.len(), 1, "not sent again at once");
+    let sends = relay_until(&app, &graph, 2).await;
+    assert!(started.elapsed() >= Duration::from_millis(1500), "only after the wait: {:?}", started.elapsed());
+    assert_eq!(sends[0]["biz_opaque_callback_data"], sends[1]["biz_opaque_callback_data"], "the same message");
+}
+
+/// Whether the reply to Ana is waiting because its send was not confirmed.
+async fn count_unconfirmed(db: &tokio_postgres::Client) -> bool {
+    count(db, "SELECT COUNT(*) FROM outbound_messages WHERE last_error LIKE 'unconfirmed%'").await > 0
 }
 
 /// Stores a queued message as `spin_kit::messages::queue` does, and answers its `message.send`

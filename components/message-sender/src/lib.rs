@@ -9,8 +9,13 @@
 //! order), then works through the contact's queue, booking each answer in the database
 //! (`astria_store::messages`):
 //! - accepted → `sent`, with WhatsApp's id for the status webhooks;
-//! - 5xx, timeouts, rate limits → retried with backoff (the message's outbox event is made due
-//!   at the retry time; the relay brings it back), later messages wait behind it;
+//! - rate limits and transient codes → retried with backoff (the message's outbox event is made
+//!   due at the retry time; the relay brings it back), later messages wait behind it;
+//! - an answer that leaves it open whether WhatsApp took the message (a 5xx, a 2xx without an
+//!   id, a timeout after the request left) → not sent again at once: every send carries our
+//!   message id as `biz_opaque_callback_data`, and a status webhook carrying it marks the message
+//!   sent (message-service). Only if none comes within `whatsapp_unconfirmed_wait_ms` is it
+//!   sent again, so a slow Graph API no longer doubles portraits (it still can, past that bound);
 //! - 131047 or a last inbound message older than 24 hours → the message waits for the window,
 //!   the contact gets the configured template once, and the webhook requeues the message when
 //!   they write again;
@@ -38,8 +43,6 @@ use spin_sdk::redis_component;
 
 /// How long one sender may hold a contact's queue without renewing.
 const LEASE_MS: i64 = 60_000;
-/// Timeout of one call to the Graph API.
-const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// Messages sent per contact per event, so one handler invocation stays short.
 const MAX_PER_PASS: usize = 20;
 /// Longest wait the sender spends inside one event rather than leaving it to the relay.
@@ -87,11 +90,15 @@ fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
         );
         return Ok(());
     };
+    let unconfirmed_wait_ms = number_var("whatsapp_unconfirmed_wait_ms")?;
+    let timeout = Duration::from_millis(number_var("whatsapp_timeout_ms")?.max(1) as u64);
     let sender = Sender {
         db: &db,
         cfg: &cfg,
         retry_base_ms,
         pace_ms,
+        unconfirmed_wait_ms,
+        timeout,
         last_sent: std::cell::Cell::new(messages::last_sent_at(&db, &stored.wa_id)?),
         correlation_id: &event.correlation_id,
     };
@@ -99,10 +106,23 @@ fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A numeric Spin variable, or an error naming it.
+fn number_var(name: &str) -> anyhow::Result<i64> {
+    spin_kit::var(name)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{name} is not a number"))
+}
+
 struct Sender<'a> {
     db: &'a SpinDb,
     cfg: &'a WhatsApp,
     retry_base_ms: i64,
+    /// How long to wait for a status webhook after an unconfirmed send before sending again.
+    unconfirmed_wait_ms: i64,
+    /// Timeout of one call to the Graph API.
+    timeout: Duration,
     /// Least time between two images to one person (WhatsApp's pair rate limit).
     pace_ms: i64,
     /// When this contact last had a message accepted.
@@ -160,6 +180,11 @@ impl Sender<'_> {
             if !messages::acquire_lease(self.db, wa_id, holder, now_ms(), LEASE_MS)? {
                 return Ok(()); // Our lease lapsed and someone else took over.
             }
+            // Read it again after waiting: a status webhook may have confirmed an unconfirmed
+            // send meanwhile (then it is sent, and must not go again).
+            let Some(m) = messages::get(self.db, &m.id)?.filter(|m| m.status == messages::status::QUEUED) else {
+                continue;
+            };
             if !self.send_one(&m)? {
                 // Rescheduled: the next round looks at its retry time.
                 continue;
@@ -189,12 +214,12 @@ impl Sender<'_> {
         }
         let window_closed = !matches!(message, Message::Template { .. })
             && messages::last_inbound_at(self.db, &m.wa_id)?.is_some_and(|t| now_ms() - t > WINDOW_MS);
-        let outcome = if window_closed { SendOutcome::OutsideWindow } else { self.call(&m.wa_id, &message) };
+        let outcome = if window_closed { SendOutcome::OutsideWindow } else { self.call(&m.id, &m.wa_id, &message) };
         self.book(m, outcome)
     }
 
-    fn call(&self, to: &str, message: &Message) -> SendOutcome {
-        let body = graph::request_body(to, message, &self.cfg.template).to_string();
+    fn call(&self, id: &str, to: &str, message: &Message) -> SendOutcome {
+        let body = graph::request_body(to, message, &self.cfg.template, id).to_string();
         let auth = format!("Bearer {}", self.cfg.access_token);
         let url = self.cfg.messages_url();
         let request = http_client::Request {
@@ -202,7 +227,7 @@ impl Sender<'_> {
             url: &url,
             headers: &[("authorization", &auth), ("content-type", "application/json")],
             body: body.as_bytes(),
-            timeout: CALL_TIMEOUT,
+            timeout: self.timeout,
             max_response: 256 * 1024,
         };
         match http_client::send(&request) {
@@ -210,6 +235,11 @@ impl Sender<'_> {
             Err(e @ HttpError::Refused(_)) | Err(e @ HttpError::TooLarge(_)) => {
                 SendOutcome::Rejected { code: None, detail: e.to_string() }
             }
+            // The request may have reached WhatsApp before the answer was lost.
+            Err(e @ HttpError::Timeout) | Err(e @ HttpError::Other(_)) => {
+                SendOutcome::Unconfirmed { detail: e.to_string() }
+            }
+            // Never connected: nothing left.
             Err(e) => SendOutcome::Retry { code: None, detail: e.to_string(), min_delay_ms: 0 },
         }
     }
@@ -237,6 +267,21 @@ impl Sender<'_> {
                 SendOutcome::Retry { code, detail, .. } => {
                     let detail = format!("gave up after {MAX_ATTEMPTS} attempts: {detail}");
                     self.fail(db, m, code, &detail, now)?;
+                    true
+                }
+                SendOutcome::Unconfirmed { detail } if m.attempts + 1 < MAX_ATTEMPTS => {
+                    // Perhaps sent: a status webhook with our id confirms it meanwhile (then this
+                    // retry finds it sent and does nothing); only without one is it sent again.
+                    let at = now + graph::retry_delay_ms(self.retry_base_ms, m.attempts + 1, self.unconfirmed_wait_ms);
+                    let detail = format!("unconfirmed, waiting for a status webhook: {detail}");
+                    messages::schedule_retry(db, &m.id, None, &detail, at, now)?;
+                    outbox::due_at(db, &m.event_id, at)?;
+                    log::warn("sender", &format!("message {}: {detail}", m.id));
+                    false
+                }
+                SendOutcome::Unconfirmed { detail } => {
+                    let detail = format!("gave up after {MAX_ATTEMPTS} attempts: {detail}");
+                    self.fail(db, m, None, &detail, now)?;
                     true
                 }
                 SendOutcome::Rejected { code: Some(graph::codes::MEDIA_UPLOAD), detail }

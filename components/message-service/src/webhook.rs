@@ -13,7 +13,7 @@ use astria_domain::graph::{codes, status_rank};
 use astria_domain::whatsapp::{self, InboundMessage, StatusUpdate, WebhookError};
 use astria_domain::Money;
 use astria_models::{CheckoutExpire, OrderAwaitingPayment, Pack};
-use astria_store::outbox::RelayPolicy;
+use astria_store::outbox::{self, RelayPolicy};
 use astria_store::repo::{self, NewOrder};
 use astria_store::{messages, transaction, Db, DbError};
 use spin_kit::error::ApiError;
@@ -207,6 +207,16 @@ fn handle_status(db: &impl Db, s: &StatusUpdate, correlation_id: &str) -> Result
     let now = now_ms();
     let code = s.error_codes.first().copied();
     transaction(db, |db| {
+        // A send whose answer the sender never got (a timeout, a 5xx): WhatsApp's status,
+        // carrying our message id as biz_opaque_callback_data, says it went out after all.
+        if let Some(id) = s.callback_data.as_deref() {
+            if let Some(m) = messages::get(db, id)?.filter(|m| m.wamid.is_none() && m.wa_id == s.recipient) {
+                if messages::mark_sent(db, &m.id, &s.message_id, now)? {
+                    outbox::complete(db, &m.event_id, now)?;
+                    log::info_with("webhook", correlation_id, &format!("message {id} confirmed sent by its status"));
+                }
+            }
+        }
         let newer = |old: Option<&str>, new: &str| old.and_then(status_rank) < status_rank(new);
         let Some(delivery) = messages::record_delivery(db, &s.message_id, &s.status, code, newer, now)? else {
             return Ok(vec![]);

@@ -16,8 +16,13 @@ pub struct TemplateConfig {
 }
 
 /// The request body that sends `message` to `to`.
-pub fn request_body(to: &str, message: &Message, template: &TemplateConfig) -> Value {
-    let mut body = json!({ "messaging_product": "whatsapp", "recipient_type": "individual", "to": to });
+///
+/// `callback_data` (our message id) goes out as `biz_opaque_callback_data`: WhatsApp repeats it
+/// in every status webhook of the message, so a send whose answer was lost can still be
+/// recognised as sent.
+pub fn request_body(to: &str, message: &Message, template: &TemplateConfig, callback_data: &str) -> Value {
+    let mut body = json!({ "messaging_product": "whatsapp", "recipient_type": "individual", "to": to,
+                           "biz_opaque_callback_data": callback_data });
     let (kind, content) = match message {
         Message::Text { body } => ("text", json!({ "body": body, "preview_url": false })),
         Message::Buttons { body, buttons } => (
@@ -88,8 +93,13 @@ pub fn request_body(to: &str, message: &Message, template: &TemplateConfig) -> V
 pub enum SendOutcome {
     /// Accepted; `wamid` is the id later status webhooks refer to.
     Sent { wamid: String },
-    /// A temporary failure (5xx, rate limits, timeouts): retry after at least `min_delay_ms`.
+    /// A temporary failure WhatsApp reported (rate limits, transient codes): nothing was sent;
+    /// retry after at least `min_delay_ms`.
     Retry { code: Option<i64>, detail: String, min_delay_ms: i64 },
+    /// The request may have been accepted without our hearing so (a 5xx, a 2xx without a
+    /// message id, a timeout after the request left): wait for a status webhook carrying our
+    /// `biz_opaque_callback_data` before sending again, up to a bound.
+    Unconfirmed { detail: String },
     /// 131047: the user's last message is older than 24 hours; only a template gets through.
     OutsideWindow,
     /// A failure that retrying cannot fix (131026 undeliverable, 190 bad token, 100 invalid
@@ -163,12 +173,8 @@ pub fn classify(status: u16, body: &[u8]) -> SendOutcome {
         if let Some(id) = answer.as_ref().and_then(|a| a.messages.first()).map(|m| m.id.clone()) {
             return SendOutcome::Sent { wamid: id };
         }
-        // A 2xx without a message id is not an acceptance we can track; try again.
-        return SendOutcome::Retry {
-            code: None,
-            detail: format!("HTTP {status} without a message id"),
-            min_delay_ms: 0,
-        };
+        // Accepted, perhaps, but without an id to track: a status webhook may still tell.
+        return SendOutcome::Unconfirmed { detail: format!("HTTP {status} without a message id") };
     }
     let error = answer.and_then(|a| a.error);
     let code = error.as_ref().and_then(|e| e.code);
@@ -186,7 +192,7 @@ pub fn classify(status: u16, body: &[u8]) -> SendOutcome {
         }
         Some(c) if transient(c) => SendOutcome::Retry { code, detail, min_delay_ms: 0 },
         _ if status == 429 => SendOutcome::Retry { code, detail, min_delay_ms: 60_000 },
-        _ if status >= 500 => SendOutcome::Retry { code, detail, min_delay_ms: 0 },
+        _ if status >= 500 => SendOutcome::Unconfirmed { detail },
         _ => SendOutcome::Rejected { code, detail },
     }
 }
@@ -221,14 +227,15 @@ mod tests {
 
     #[test]
     fn text_and_image_bodies_follow_the_documented_shape() {
-        let b = request_body("4915", &Message::text("hi"), &template());
+        let b = request_body("4915", &Message::text("hi"), &template(), "m1");
+        assert_eq!(b["biz_opaque_callback_data"], "m1", "every send is tagged with our message id");
         assert_eq!(
             b,
             json!({"messaging_product":"whatsapp","recipient_type":"individual","to":"4915","type":"text",
-                   "text":{"body":"hi","preview_url":false}})
+                   "biz_opaque_callback_data":"m1","text":{"body":"hi","preview_url":false}})
         );
         let img = Message::Image { link: "https://x/1.png".into(), caption: Some("1/2".into()) };
-        let b = request_body("4915", &img, &template());
+        let b = request_body("4915", &img, &template(), "m1");
         assert_eq!(b["type"], "image");
         assert_eq!(b["image"], json!({"link":"https://x/1.png","caption":"1/2"}));
     }
@@ -237,12 +244,12 @@ mod tests {
     fn interactive_bodies_carry_buttons_and_list_rows() {
         let c = |id: &str| Choice { id: id.into(), title: id.to_uppercase(), description: Some("d".into()) };
         let buttons = Message::Buttons { body: "pick".into(), buttons: vec![c("a"), c("b")] };
-        let b = request_body("1", &buttons, &template());
+        let b = request_body("1", &buttons, &template(), "m1");
         assert_eq!(b["interactive"]["type"], "button");
         assert_eq!(b["interactive"]["action"]["buttons"][1], json!({"type":"reply","reply":{"id":"b","title":"B"}}));
         let list =
             Message::List { body: "pick".into(), button: "Packs".into(), section: "All".into(), rows: vec![c("x")] };
-        let b = request_body("1", &list, &template());
+        let b = request_body("1", &list, &template(), "m1");
         assert_eq!(b["interactive"]["action"]["button"], "Packs");
         assert_eq!(
             b["interactive"]["action"]["sections"][0]["rows"][0],
@@ -254,7 +261,7 @@ mod tests {
     fn an_image_too_large_goes_as_a_document_of_the_same_link() {
         let img = Message::Image { link: "https://mp.astria.ai/1/2/0.jpg".into(), caption: None };
         let doc = img.image_as_document().unwrap();
-        let b = request_body("1", &doc, &template());
+        let b = request_body("1", &doc, &template(), "m1");
         assert_eq!(b["type"], "document");
         assert_eq!(b["document"], json!({"link":"https://mp.astria.ai/1/2/0.jpg","filename":"0.jpg"}));
         assert!(doc.is_paced() && img.is_paced() && !Message::text("x").is_paced());
@@ -263,9 +270,9 @@ mod tests {
 
     #[test]
     fn templates_use_the_configured_name_and_language() {
-        let b = request_body("1", &Message::Template { parameters: vec![] }, &template());
+        let b = request_body("1", &Message::Template { parameters: vec![] }, &template(), "m1");
         assert_eq!(b["template"], json!({"name":"order_update","language":{"code":"en_US"}}));
-        let b = request_body("1", &Message::Template { parameters: vec!["Ana".into()] }, &template());
+        let b = request_body("1", &Message::Template { parameters: vec!["Ana".into()] }, &template(), "m1");
         assert_eq!(b["template"]["components"][0]["parameters"][0], json!({"type":"text","text":"Ana"}));
     }
 
@@ -287,8 +294,9 @@ mod tests {
         assert!(matches!(error(400, codes::UNDELIVERABLE), SendOutcome::Rejected { code: Some(131026), .. }));
         assert!(matches!(error(401, codes::TOKEN_INVALID), SendOutcome::Rejected { code: Some(190), .. }));
         assert!(matches!(error(400, 100), SendOutcome::Rejected { .. }));
-        assert!(matches!(classify(502, b"<html>bad gateway</html>"), SendOutcome::Retry { code: None, .. }));
-        assert!(matches!(classify(200, b"{}"), SendOutcome::Retry { .. }));
+        // No answer we can trust either way: the send may have gone out.
+        assert!(matches!(classify(502, b"<html>bad gateway</html>"), SendOutcome::Unconfirmed { .. }));
+        assert!(matches!(classify(200, b"{}"), SendOutcome::Unconfirmed { .. }));
         assert!(matches!(classify(400, b"nonsense"), SendOutcome::Rejected { code: None, .. }));
     }
 

@@ -70,6 +70,8 @@ pub struct StatusUpdate {
     pub timestamp: i64,
     /// Error codes WhatsApp reports with a `failed` status.
     pub error_codes: Vec<i64>,
+    /// Our `biz_opaque_callback_data` (the message id we gave the send), when present.
+    pub callback_data: Option<String>,
 }
 
 /// What one webhook POST carries for our phone number; anything for other numbers or fields
@@ -187,6 +189,8 @@ struct StatusJson {
     timestamp: String,
     #[serde(default)]
     errors: Vec<ErrorJson>,
+    #[serde(default)]
+    biz_opaque_callback_data: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -257,6 +261,7 @@ pub fn parse_webhook(raw: &[u8], our_phone_number_id: &str) -> Result<Webhook, W
                 recipient: s.recipient_id.clone(),
                 timestamp: seconds(&s.timestamp, "status")?,
                 error_codes: s.errors.iter().map(|e| e.code).collect(),
+                callback_data: s.biz_opaque_callback_data.clone().filter(|d| !d.is_empty()),
             });
         }
     }
