@@ -288,7 +288,7 @@ async fn a_callback_body_forged_with_a_valid_token_sends_nothing_astria_did_not_
     // Astria really finishes: exactly its own images go out, none of the forged ones.
     w.astria.finish(&w.app, &order_id).await;
     let total = BEFORE_IMAGES + IMAGES + 1;
-    let sends = w.graph.wait_for(total).await;
+    w.graph.wait_for(total).await;
     settle(&w).await;
     let sends = w.graph.requests().await;
     assert_eq!(sends.len(), total, "{:?}", summaries(&sends));
