@@ -377,7 +377,7 @@ fn sync_with_astria(
         }
         repo::lock_order(db, &order.id)?;
         // Read again under the lock: another replica may have moved the order since.
-        let Some(current) = repo::get_order(db, &order.id)?
+        let Some(mut current) = repo::get_order(db, &order.id)?
             .filter(|o| matches!(o.status, OrderStatus::Training | OrderStatus::Delivering))
         else {
             outbox::complete(db, &event.id, now_ms())?;
@@ -388,7 +388,6 @@ fn sync_with_astria(
         }
         images::set_prompts_expected(db, &order.id, prompts.len() as i64)?;
         let mut pending = vec![];
-        let mut current = current;
         for p in &prompts {
             let d = spin_kit::images::record_prompt(db, &current, p, &done_text, &event.correlation_id)?;
             if d.new_images > 0 && current.status == OrderStatus::Training {

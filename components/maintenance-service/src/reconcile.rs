@@ -63,9 +63,11 @@ pub fn run<D: Db + ?Sized>(db: &D, request_id: &str) -> Result<(Report, Vec<Pend
         }
     }
 
+    // Per order: the backoff doubles with each request already made, up to two hours.
+    let delay_after = |attempts: i64| backoff.saturating_mul(1i64 << attempts.clamp(0, 20)).min(MAX_BACKOFF_MS);
     let paid_after = number("reconcile_paid_after_minutes")? * MINUTE_MS;
     for s in images::paid_not_training(db, now, now - paid_after, batch)? {
-        let delay = backoff.saturating_mul(1i64 << s.attempts.clamp(0, 20)).min(MAX_BACKOFF_MS);
+        let delay = delay_after(s.attempts);
         let p = transaction(db, |db| {
             let paid =
                 OrderPaid { order_id: s.order_id.clone(), payment_event_id: format!("reconcile:{}", s.order_id) };
@@ -82,7 +84,7 @@ pub fn run<D: Db + ?Sized>(db: &D, request_id: &str) -> Result<(Report, Vec<Pend
     }
 
     for s in images::due_for_reconcile(db, now, now - after, batch)? {
-        let delay = backoff.saturating_mul(1i64 << s.attempts.clamp(0, 20)).min(MAX_BACKOFF_MS);
+        let delay = delay_after(s.attempts);
         let p = transaction(db, |db| {
             let event = events::envelope(
                 TUNE_RECONCILE,

@@ -69,17 +69,9 @@ fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
         }
     };
     let cfg = config::whatsapp(&SpinVars).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let retry_base_ms: i64 = spin_kit::var("whatsapp_retry_base_ms")
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?
-        .trim()
-        .parse()
-        .map_err(|_| anyhow::anyhow!("whatsapp_retry_base_ms is not a number"))?;
+    let retry_base_ms = number_var("whatsapp_retry_base_ms")?;
     let db = spin_kit::open_db().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let pace_ms: i64 = spin_kit::var("whatsapp_pace_ms")
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?
-        .trim()
-        .parse()
-        .map_err(|_| anyhow::anyhow!("whatsapp_pace_ms is not a number"))?;
+    let pace_ms = number_var("whatsapp_pace_ms")?;
     // Only what this app queued is ever sent: the event names a stored message, and the
     // recipient is the stored one. Anyone able to publish on Redis could otherwise message any
     // number with any text from the business account.
@@ -180,10 +172,14 @@ impl Sender<'_> {
             if !messages::acquire_lease(self.db, wa_id, holder, now_ms(), LEASE_MS)? {
                 return Ok(()); // Our lease lapsed and someone else took over.
             }
-            // Read it again after waiting: a status webhook may have confirmed an unconfirmed
+            // After a wait, read it again: a status webhook may have confirmed an unconfirmed
             // send meanwhile (then it is sent, and must not go again).
-            let Some(m) = messages::get(self.db, &m.id)?.filter(|m| m.status == messages::status::QUEUED) else {
-                continue;
+            let m = match wait > 0 {
+                true => match messages::get(self.db, &m.id)?.filter(|m| m.status == messages::status::QUEUED) {
+                    Some(fresh) => fresh,
+                    None => continue,
+                },
+                false => m,
             };
             if !self.send_one(&m)? {
                 // Rescheduled: the next round looks at its retry time.
@@ -255,34 +251,16 @@ impl Sender<'_> {
                     self.last_sent.set(Some(now));
                     true
                 }
-                SendOutcome::Retry { code, detail, min_delay_ms } if m.attempts + 1 < MAX_ATTEMPTS => {
+                SendOutcome::Retry { code, detail, min_delay_ms } => {
                     // The pair limit asks for the pace this deployment is configured with.
                     let floor = if code == Some(graph::codes::PAIR_LIMIT) { self.pace_ms } else { min_delay_ms };
-                    let at = now + graph::retry_delay_ms(self.retry_base_ms, m.attempts + 1, floor);
-                    messages::schedule_retry(db, &m.id, code, &detail, at, now)?;
-                    outbox::due_at(db, &m.event_id, at)?;
-                    log::warn("sender", &format!("message {} will be retried in {} ms: {detail}", m.id, at - now));
-                    false
-                }
-                SendOutcome::Retry { code, detail, .. } => {
-                    let detail = format!("gave up after {MAX_ATTEMPTS} attempts: {detail}");
-                    self.fail(db, m, code, &detail, now)?;
-                    true
-                }
-                SendOutcome::Unconfirmed { detail } if m.attempts + 1 < MAX_ATTEMPTS => {
-                    // Perhaps sent: a status webhook with our id confirms it meanwhile (then this
-                    // retry finds it sent and does nothing); only without one is it sent again.
-                    let at = now + graph::retry_delay_ms(self.retry_base_ms, m.attempts + 1, self.unconfirmed_wait_ms);
-                    let detail = format!("unconfirmed, waiting for a status webhook: {detail}");
-                    messages::schedule_retry(db, &m.id, None, &detail, at, now)?;
-                    outbox::due_at(db, &m.event_id, at)?;
-                    log::warn("sender", &format!("message {}: {detail}", m.id));
-                    false
+                    self.retry_or_give_up(db, m, code, &detail, floor, now)?
                 }
                 SendOutcome::Unconfirmed { detail } => {
-                    let detail = format!("gave up after {MAX_ATTEMPTS} attempts: {detail}");
-                    self.fail(db, m, None, &detail, now)?;
-                    true
+                    // Perhaps sent: not again before the wait for a status webhook with our id,
+                    // which marks it sent meanwhile (the retry then finds nothing to send).
+                    let detail = format!("unconfirmed, waiting for a status webhook: {detail}");
+                    self.retry_or_give_up(db, m, None, &detail, self.unconfirmed_wait_ms, now)?
                 }
                 SendOutcome::Rejected { code: Some(graph::codes::MEDIA_UPLOAD), detail }
                     if as_document(m).is_some() =>
@@ -320,6 +298,28 @@ impl Sender<'_> {
             };
             Ok(go_on)
         })
+    }
+
+    /// Schedules another try no sooner than `floor_ms` (backing off per attempt), or gives the
+    /// message up after `MAX_ATTEMPTS`; `false` when the queue must wait for the retry.
+    fn retry_or_give_up<D: Db + ?Sized>(
+        &self,
+        db: &D,
+        m: &OutboundMessage,
+        code: Option<i64>,
+        detail: &str,
+        floor_ms: i64,
+        now: i64,
+    ) -> Result<bool, DbError> {
+        if m.attempts + 1 >= MAX_ATTEMPTS {
+            self.fail(db, m, code, &format!("gave up after {MAX_ATTEMPTS} attempts: {detail}"), now)?;
+            return Ok(true);
+        }
+        let at = now + graph::retry_delay_ms(self.retry_base_ms, m.attempts + 1, floor_ms);
+        messages::schedule_retry(db, &m.id, code, detail, at, now)?;
+        outbox::due_at(db, &m.event_id, at)?;
+        log::warn("sender", &format!("message {} will be retried in {} ms: {detail}", m.id, at - now));
+        Ok(false)
     }
 
     fn fail<D: Db + ?Sized>(

@@ -130,12 +130,11 @@ fn handle_message(
         let confirming_stop = outcome.actions.contains(&Action::SetOptOut(true));
         for action in outcome.actions {
             match action {
-                Action::Send(message) if confirming_stop => {
-                    pending.push(spin_kit::messages::queue_always(db, &m.from, &message, sent, correlation_id)?);
-                    sent += 1;
-                }
                 Action::Send(message) => {
-                    pending.push(spin_kit::messages::queue(db, &m.from, &message, sent, correlation_id)?);
+                    pending.push(match confirming_stop {
+                        true => spin_kit::messages::queue_always(db, &m.from, &message, sent, correlation_id)?,
+                        false => spin_kit::messages::queue(db, &m.from, &message, sent, correlation_id)?,
+                    });
                     sent += 1;
                 }
                 Action::SetOptOut(true) => repo::set_opt_out(db, &m.from, true, now)?,
@@ -207,18 +206,21 @@ fn handle_status(db: &impl Db, s: &StatusUpdate, correlation_id: &str) -> Result
     let now = now_ms();
     let code = s.error_codes.first().copied();
     transaction(db, |db| {
-        // A send whose answer the sender never got (a timeout, a 5xx): WhatsApp's status,
-        // carrying our message id as biz_opaque_callback_data, says it went out after all.
-        if let Some(id) = s.callback_data.as_deref() {
+        let newer = |old: Option<&str>, new: &str| old.and_then(status_rank) < status_rank(new);
+        let mut delivery = messages::record_delivery(db, &s.message_id, &s.status, code, newer, now)?;
+        // A wamid we never heard of: a send whose answer the sender never got (a timeout, a
+        // 5xx). The status carries our message id as biz_opaque_callback_data, so it went out
+        // after all: booked as sent, then the status applies as to any of our messages.
+        if let (None, Some(id)) = (&delivery, s.callback_data.as_deref()) {
             if let Some(m) = messages::get(db, id)?.filter(|m| m.wamid.is_none() && m.wa_id == s.recipient) {
                 if messages::mark_sent(db, &m.id, &s.message_id, now)? {
                     outbox::complete(db, &m.event_id, now)?;
                     log::info_with("webhook", correlation_id, &format!("message {id} confirmed sent by its status"));
+                    delivery = messages::record_delivery(db, &s.message_id, &s.status, code, newer, now)?;
                 }
             }
         }
-        let newer = |old: Option<&str>, new: &str| old.and_then(status_rank) < status_rank(new);
-        let Some(delivery) = messages::record_delivery(db, &s.message_id, &s.status, code, newer, now)? else {
+        let Some(delivery) = delivery else {
             return Ok(vec![]);
         };
         // Act on a failure once: a repeated, late or concurrent `failed` changes nothing (only
