@@ -104,19 +104,25 @@ fn texts() -> Texts {
 }
 
 fn train(db: &SpinDb, event: &EventEnvelope, order_id: &str) -> Result<(), DbError> {
-    let Some(order) = repo::get_order(db, order_id)?.filter(|o| o.status == OrderStatus::Paid) else {
+    // A cheap first look spares the lease when the order has moved on.
+    if !repo::get_order(db, order_id)?.is_some_and(|o| o.status == OrderStatus::Paid) {
         return skip(db, event);
-    };
+    }
     let holder = uuid::Uuid::new_v4().to_string();
     let key = format!("train:{order_id}");
     if !lease::acquire(db, lease::Kind::Job, &key, &holder, now_ms(), LEASE_MS)? {
         return Ok(()); // Another replica is on it; the relay covers a crash.
     }
-    let result = create_tune(&order);
-    let booked = match result {
-        Ok(tune_id) => start_training(db, event, &order, tune_id),
-        Err(Failure::Retry(detail)) => retry_later(db, event, &format!("training order {order_id}"), &detail),
-        Err(Failure::Final(detail)) => fail_order(db, event, &order, &detail),
+    // Read again under the lease: every replica gets every message (pub/sub), and one that
+    // held the lease just before us may have made the tune and committed since our first read.
+    let booked = match repo::get_order(db, order_id) {
+        Ok(Some(order)) if order.status == OrderStatus::Paid => match create_tune(&order) {
+            Ok(tune_id) => start_training(db, event, &order, tune_id),
+            Err(Failure::Retry(detail)) => retry_later(db, event, &format!("training order {order_id}"), &detail),
+            Err(Failure::Final(detail)) => fail_order(db, event, &order, &detail),
+        },
+        Ok(_) => skip(db, event),
+        Err(e) => Err(e),
     };
     if let Err(e) = lease::release(db, lease::Kind::Job, &key, &holder) {
         log::warn(CONSUMER, &format!("lease left to expire: {e}"));
