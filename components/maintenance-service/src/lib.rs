@@ -106,12 +106,18 @@ fn relay(request_id: &str) -> Result<Response, ApiError> {
     if report.redis_unavailable {
         return Err(ApiError::Unavailable { dependency: "redis", detail: "relay could not publish".into() });
     }
-    if report.republished > 0 || report.dead_lettered > 0 || stale.reconcile_requested > 0 || stale.given_up > 0 {
+    if report.republished > 0
+        || report.dead_lettered > 0
+        || stale.reconcile_requested > 0
+        || stale.given_up > 0
+        || stale.held_given_up > 0
+    {
         spin_kit::log::info_with("maintenance.relay", request_id, &format!("{report:?} {stale:?}"));
     }
     let mut body = serde_json::to_value(&report).map_err(|e| ApiError::Internal(e.to_string()))?;
     body["reconcile_requested"] = stale.reconcile_requested.into();
     body["given_up"] = stale.given_up.into();
+    body["held_given_up"] = stale.held_given_up.into();
     Ok(spin_kit::json_response(200, &body))
 }
 

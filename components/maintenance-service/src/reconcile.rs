@@ -10,6 +10,11 @@
 //! fresh `order.paid` after `reconcile_paid_after_minutes`, with the same backoff, and the same
 //! give-up point counted from the payment. So a paid order always ends delivered, or failed
 //! with the refund flagged and the customer told.
+//!
+//! Portraits kept back because the customer sent STOP wait for START for `held_give_up_days`
+//! (keep it below how long Astria keeps the images). Past that the messages are given up, the
+//! order fails and the refund is flagged; the customer is not written to: they asked for
+//! silence.
 
 use astria_domain::conversation::Message;
 use astria_domain::events::{channels, ORDER_PAID, TUNE_RECONCILE};
@@ -17,7 +22,7 @@ use astria_domain::texts::Texts;
 use astria_models::{OrderPaid, OrderStatus, TuneReconcile};
 use astria_store::outbox::RelayPolicy;
 use astria_store::repo::{self, PaymentIssue};
-use astria_store::{images, transaction, Db};
+use astria_store::{images, messages, transaction, Db};
 use spin_kit::error::ApiError;
 use spin_kit::events::{self, now_ms, Pending};
 use spin_kit::var;
@@ -31,6 +36,8 @@ pub struct Report {
     /// Paid orders whose training had not started, handed to the trainer again.
     pub training_requested: usize,
     pub given_up: usize,
+    /// Orders whose portraits waited too long for START: failed, refund flagged.
+    pub held_given_up: usize,
 }
 
 fn number(name: &str) -> Result<i64, ApiError> {
@@ -46,6 +53,9 @@ pub fn run<D: Db + ?Sized>(db: &D, request_id: &str) -> Result<(Report, Vec<Pend
     let texts = Texts::from_json_overrides(&var("texts_json")?).map_err(ApiError::Internal)?;
     let mut report = Report::default();
     let mut pending = vec![];
+
+    let held_before = now - number("held_give_up_days")?.saturating_mul(24 * 60 * MINUTE_MS);
+    report.held_given_up = give_up_held(db, held_before, batch, now, request_id)?;
 
     let stuck = images::past_give_up(db, now - give_up, batch)?.into_iter().map(|s| {
         let detail = format!("Astria did not finish tune {} in time ({} reconciliations)", s.tune_id, s.attempts);
@@ -100,6 +110,45 @@ pub fn run<D: Db + ?Sized>(db: &D, request_id: &str) -> Result<(Report, Vec<Pend
     Ok((report, pending))
 }
 
+/// Gives up on the messages held since before `before` for a contact who sent STOP, fails the
+/// orders whose portraits they carry and flags their refunds, in one transaction (a crash
+/// repeats it whole; the flag is recorded once per order). Only messages it gives up name
+/// orders, so a message held (or released by START) meanwhile is left for its own turn.
+fn give_up_held<D: Db + ?Sized>(
+    db: &D,
+    before: i64,
+    batch: i64,
+    now: i64,
+    request_id: &str,
+) -> Result<usize, ApiError> {
+    let held = messages::held_since(db, before, batch.saturating_mul(50))?;
+    if held.is_empty() {
+        return Ok(0);
+    }
+    transaction(db, |db| {
+        let mut orders = std::collections::BTreeSet::new();
+        for m in &held {
+            if messages::give_up_held(db, &m.id, now)? {
+                orders.extend(m.order_id.clone());
+            }
+        }
+        let mut failed = 0;
+        for order_id in &orders {
+            let detail = "the customer sent STOP before their portraits arrived and did not send START in time";
+            let from = [OrderStatus::Training, OrderStatus::Delivering, OrderStatus::Delivered];
+            if fail_order_flag_refund(db, order_id, &from, &format!("held-give-up:{order_id}"), detail, now)? {
+                failed += 1;
+                spin_kit::log::error_with(
+                    "reconcile.held_give_up",
+                    request_id,
+                    &format!("order {order_id} failed: its portraits were held after STOP for too long"),
+                );
+            }
+        }
+        Ok::<_, ApiError>(failed)
+    })
+}
+
 /// Fails a paid order that cannot be delivered, flags its refund and queues the apology, in one
 /// transaction; `None` if it moved on meanwhile (delivered, or failed already).
 fn fail_and_flag<D: Db + ?Sized>(
@@ -112,32 +161,50 @@ fn fail_and_flag<D: Db + ?Sized>(
     now: i64,
 ) -> Result<Option<Pending>, ApiError> {
     transaction(db, |db| {
-        repo::lock_order(db, order_id)?;
-        let mut failed = false;
-        for from in [OrderStatus::Paid, OrderStatus::Training, OrderStatus::Delivering] {
-            if repo::set_order_status(db, order_id, from, OrderStatus::Failed, now)? {
-                failed = true;
-                break;
-            }
-        }
-        if !failed {
+        let from = [OrderStatus::Paid, OrderStatus::Training, OrderStatus::Delivering];
+        if !fail_order_flag_refund(db, order_id, &from, &format!("reconcile-give-up:{order_id}"), detail, now)? {
             return Ok(None);
         }
-        let order = repo::get_order(db, order_id)?;
-        repo::record_payment_issue(
-            db,
-            &PaymentIssue {
-                event_id: format!("reconcile-give-up:{order_id}"),
-                kind: "needs_refund".into(),
-                order_id: Some(order_id.to_string()),
-                session_id: order.as_ref().and_then(|o| o.checkout_session_id.clone()),
-                payment_intent: None,
-                amount: order.and_then(|o| o.paid),
-                detail: detail.to_string(),
-                created_at: now,
-            },
-        )?;
         let sorry = Message::text(&texts.failed);
         Ok::<_, ApiError>(Some(spin_kit::messages::queue(db, wa_id, &sorry, 0, request_id)?))
     })
+}
+
+/// Moves the order from one of `from` to `failed` (under its lock) and flags its refund;
+/// `false`, flagging nothing, if the order was in none of `from` (it moved on, or failed
+/// already and was flagged then).
+fn fail_order_flag_refund<D: Db + ?Sized>(
+    db: &D,
+    order_id: &str,
+    from: &[OrderStatus],
+    issue_id: &str,
+    detail: &str,
+    now: i64,
+) -> Result<bool, ApiError> {
+    repo::lock_order(db, order_id)?;
+    let mut failed = false;
+    for f in from {
+        if repo::set_order_status(db, order_id, *f, OrderStatus::Failed, now)? {
+            failed = true;
+            break;
+        }
+    }
+    if !failed {
+        return Ok(false);
+    }
+    let order = repo::get_order(db, order_id)?;
+    repo::record_payment_issue(
+        db,
+        &PaymentIssue {
+            event_id: issue_id.to_string(),
+            kind: "needs_refund".into(),
+            order_id: Some(order_id.to_string()),
+            session_id: order.as_ref().and_then(|o| o.checkout_session_id.clone()),
+            payment_intent: None,
+            amount: order.and_then(|o| o.paid),
+            detail: detail.to_string(),
+            created_at: now,
+        },
+    )?;
+    Ok(failed)
 }

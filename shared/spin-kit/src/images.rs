@@ -35,10 +35,12 @@ pub fn record_prompt<D: Db + ?Sized>(
     images::record_prompt(db, &order.id, prompt.id, prompt.images.len() as i64, prompt.is_done(), now)?;
     for url in &prompt.images {
         let message = Message::Image { link: url.clone(), caption: None };
-        // The message id is derived before the insert decides; only a new image is queued.
+        // The message id is chosen before the insert decides; only a new image is queued, under
+        // that id, so that the image row names its message (and the message its order).
         let message_id = uuid::Uuid::new_v4().to_string();
         if images::add_image(db, &order.id, url, prompt.id, &message_id, now)? {
-            out.pending.push(crate::messages::queue(db, &order.wa_id, &message, out.new_images, correlation_id)?);
+            let p = crate::messages::queue_as(db, &message_id, &order.wa_id, &message, out.new_images, correlation_id)?;
+            out.pending.push(p);
             out.new_images += 1;
         }
     }

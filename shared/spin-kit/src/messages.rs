@@ -20,7 +20,20 @@ pub fn queue<D: Db + ?Sized>(
     index: usize,
     correlation_id: &str,
 ) -> Result<Pending, DbError> {
-    queue_with(db, to, message, index, correlation_id, false)
+    queue_with(db, &uuid::Uuid::new_v4().to_string(), to, message, index, correlation_id, false)
+}
+
+/// Like [`queue`], under a message id the caller chose (a portrait's, recorded with its image
+/// so that the order can be found from the message).
+pub fn queue_as<D: Db + ?Sized>(
+    db: &D,
+    id: &str,
+    to: &str,
+    message: &Message,
+    index: usize,
+    correlation_id: &str,
+) -> Result<Pending, DbError> {
+    queue_with(db, id, to, message, index, correlation_id, false)
 }
 
 /// Like [`queue`], for the one message sent even though the contact opted out: the
@@ -32,11 +45,12 @@ pub fn queue_always<D: Db + ?Sized>(
     index: usize,
     correlation_id: &str,
 ) -> Result<Pending, DbError> {
-    queue_with(db, to, message, index, correlation_id, true)
+    queue_with(db, &uuid::Uuid::new_v4().to_string(), to, message, index, correlation_id, true)
 }
 
 fn queue_with<D: Db + ?Sized>(
     db: &D,
+    id: &str,
     to: &str,
     message: &Message,
     index: usize,
@@ -44,15 +58,14 @@ fn queue_with<D: Db + ?Sized>(
     always_send: bool,
 ) -> Result<Pending, DbError> {
     let now = now_ms();
-    let id = uuid::Uuid::new_v4().to_string();
     let json = serde_json::to_string(message).map_err(|e| DbError::Decode(e.to_string()))?;
     let event = envelope(
         MESSAGE_SEND,
-        &MessageSend { message_id: id.clone(), to: to.to_string(), message: json.clone() },
+        &MessageSend { message_id: id.to_string(), to: to.to_string(), message: json.clone() },
         correlation_id,
     );
     let new = NewMessage {
-        id: &id,
+        id,
         wa_id: to,
         seq: sequence(now, index),
         kind: message.kind(),

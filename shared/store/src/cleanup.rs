@@ -10,7 +10,9 @@
 //!   untouched for `abandoned_orders`, and of delivered orders older than `delivered_photos`,
 //!   are removed;
 //! - sent and failed outbound messages older than `messages`; generated image URLs older than
-//!   `generated_images` (Astria deletes the images after 30 days);
+//!   `generated_images` (Astria deletes the images after 30 days), but not while their message
+//!   is held after STOP (the relay gives those up first, `held_give_up_days`, and flags the
+//!   refund);
 //! - contacts who opted out and have no open order, untouched for `opted_out_contacts`: their
 //!   messages and unpaid orders go, and the contact too unless a paid order (a financial
 //!   record) still names it, in which case only its name and conversation are erased.
@@ -186,10 +188,13 @@ pub fn run<D: Db + ?Sized>(db: &D, now_ms: i64, keep: &Retention, batch: i64) ->
         batch,
     )?;
 
-    // Opted-out contacts with no open order, quiet for long enough.
+    // Opted-out contacts with no open order, quiet for long enough. Not while portraits are
+    // kept back for them (`held`): those wait for START or for the relay to give up on them and
+    // flag the refund (`held_give_up_days`); deleting them here would lose a paid order quietly.
     let gone = format!(
         "SELECT c.wa_id FROM contacts c WHERE c.opted_out = 1 AND c.updated_at < $1
-         AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.wa_id = c.wa_id AND o.status IN {OPEN})"
+         AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.wa_id = c.wa_id AND o.status IN {OPEN})
+         AND NOT EXISTS (SELECT 1 FROM outbound_messages h WHERE h.wa_id = c.wa_id AND h.status = 'held')"
     );
     let contact_cutoff = before(keep.opted_out_contacts);
     r.messages_removed += in_batches(
@@ -241,8 +246,12 @@ pub fn run<D: Db + ?Sized>(db: &D, now_ms: i64, keep: &Retention, batch: i64) ->
 
     r.generated_images = in_batches(
         db,
+        // Not while its message is held after STOP: the relay needs the link to the order to
+        // flag the refund when it gives the message up.
         "DELETE FROM generated_images WHERE (order_id, url) IN
-            (SELECT order_id, url FROM generated_images WHERE created_at < $1 LIMIT $2)",
+            (SELECT order_id, url FROM generated_images g WHERE created_at < $1
+             AND NOT EXISTS (SELECT 1 FROM outbound_messages m WHERE m.id = g.message_id AND m.status = 'held')
+             LIMIT $2)",
         &[before(keep.generated_images)],
         batch,
     )?;

@@ -265,6 +265,49 @@ pub fn requeue_parked<D: Db + ?Sized>(
     Ok(n == 1)
 }
 
+/// A message kept back (`held`) after STOP, and the order whose portrait it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub id: String,
+    pub wa_id: String,
+    pub order_id: Option<String>,
+}
+
+/// Messages held since before `before_ms`: their contact sent STOP and has not written START
+/// since. Portraits name their order.
+pub fn held_since<D: Db + ?Sized>(db: &D, before_ms: i64, limit: i64) -> Result<Vec<Held>, DbError> {
+    db.query(
+        &db.dialect().sql(
+            "SELECT m.id, m.wa_id, g.order_id FROM outbound_messages m
+             LEFT JOIN generated_images g ON g.message_id = m.id
+             WHERE m.status = $1 AND m.updated_at < $2 ORDER BY m.updated_at, m.id LIMIT $3",
+        ),
+        &[Value::from(status::HELD), Value::Int(before_ms), Value::Int(limit)],
+    )?
+    .iter()
+    .map(|r| Ok(Held { id: r.text(0)?, wa_id: r.text(1)?, order_id: r.opt_text(2)? }))
+    .collect()
+}
+
+/// Gives up on one held message (the contact never sent START): it becomes `failed` with the
+/// reason, so a START much later does not bring it, and the cleanup may remove it. `false` if
+/// it is no longer held (START came first).
+pub fn give_up_held<D: Db + ?Sized>(db: &D, id: &str, now_ms: i64) -> Result<bool, DbError> {
+    let n = db.execute(
+        &db.dialect().sql(
+            "UPDATE outbound_messages SET status = $1, last_error = $2, updated_at = $3 WHERE id = $4 AND status = $5",
+        ),
+        &[
+            Value::from(status::FAILED),
+            Value::from("held after STOP for longer than held_give_up_days: the contact never sent START"),
+            Value::Int(now_ms),
+            Value::from(id),
+            Value::from(status::HELD),
+        ],
+    )?;
+    Ok(n == 1)
+}
+
 /// What [`record_delivery`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delivery {

@@ -995,3 +995,54 @@ fn prompts_only_grow_and_each_image_is_recorded_once() {
         assert!(images::progress(db, "o1").unwrap().complete());
     });
 }
+
+#[test]
+fn portraits_held_after_stop_keep_their_contact_until_given_up_then_go() {
+    on_both(|connect| {
+        let db = connect();
+        let db = db.as_ref();
+        migrate(db, 0).unwrap();
+        let ago = |days: i64| NOW - days * DAY;
+        exec(
+            db,
+            &format!(
+                "INSERT INTO contacts VALUES ('quiet', 'Q', 1, {}, '{{\"state\":\"idle\"}}', {})",
+                ago(40),
+                ago(40)
+            ),
+        );
+        exec(
+            db,
+            &format!(
+                "INSERT INTO orders (id, wa_id, pack_id, status, price_minor, currency, created_at, updated_at)
+                 VALUES ('o-held', 'quiet', 'p', 'delivered', 1999, 'usd', {}, {})",
+                ago(41),
+                ago(40)
+            ),
+        );
+        for (id, age) in [("held-1", 40), ("held-2", 40), ("held-new", 1)] {
+            exec(db, &format!(
+                "INSERT INTO outbound_messages (id, wa_id, seq, kind, message, status, event_id, correlation_id, attempts, next_attempt_at, created_at, updated_at)
+                 VALUES ('{id}', 'quiet', 1, 'image', '{{}}', 'held', 'e-{id}', 'c', 0, 0, {}, {})", ago(age), ago(age)));
+        }
+        for (url, m) in [("https://mp.astria.ai/1.jpg", "held-1"), ("https://mp.astria.ai/2.jpg", "held-2")] {
+            exec(db, &format!("INSERT INTO generated_images VALUES ('o-held', '{url}', 1, '{m}', {})", ago(40)));
+        }
+        // The weekly cleanup leaves an opted-out contact alone while portraits wait for START.
+        cleanup::run(db, NOW, &cleanup::Retention::default(), 100).unwrap();
+        assert_eq!(ids(db, "SELECT id FROM outbound_messages"), ["held-1", "held-2", "held-new"]);
+        assert_eq!(ids(db, "SELECT wa_id FROM contacts"), ["quiet"]);
+        assert_eq!(ids(db, "SELECT message_id FROM generated_images"), ["held-1", "held-2"], "the links to the order");
+
+        // Held for longer than the limit: each message once, portraits with their order.
+        let limit = ago(25);
+        let held = messages::held_since(db, limit, 10).unwrap();
+        let seen: Vec<(&str, Option<&str>)> = held.iter().map(|h| (h.id.as_str(), h.order_id.as_deref())).collect();
+        assert_eq!(seen, [("held-1", Some("o-held")), ("held-2", Some("o-held"))]);
+        assert!(messages::give_up_held(db, "held-1", NOW).unwrap());
+        assert!(!messages::give_up_held(db, "held-1", NOW).unwrap(), "once");
+        assert!(messages::give_up_held(db, "held-2", NOW).unwrap());
+        assert!(messages::held_since(db, limit, 10).unwrap().is_empty());
+        assert_eq!(ids(db, "SELECT id FROM outbound_messages WHERE status = 'held'"), ["held-new"]);
+    });
+}
