@@ -18,7 +18,18 @@ measure() { # $1 = keep cache (1) or empty it (0)
   "$bin" up --from spin.toml --listen "127.0.0.1:$port" --state-dir "$state" --redis memory \
     --cache-dir "$cache" >/dev/null 2>&1 &
   local pid=$!
-  until curl -sf "http://127.0.0.1:$port/.well-known/spin/health" >/dev/null; do sleep 0.005; done
+  # Give up after 60 s (or as soon as devhost exits) instead of waiting forever.
+  local deadline=$(( $(date +%s) + 60 ))
+  until curl -sf --max-time 1 "http://127.0.0.1:$port/.well-known/spin/health" >/dev/null; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "devhost exited before it served (port $port taken? run it by hand to see why)" >&2; exit 1
+    fi
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      kill "$pid" 2>/dev/null || true
+      echo "devhost did not answer /.well-known/spin/health within 60 s" >&2; exit 1
+    fi
+    sleep 0.005
+  done
   local t1; t1=$(date +%s%N)
   kill "$pid"; wait "$pid" 2>/dev/null || true
   echo $(( (t1 - t0) / 1000000 ))

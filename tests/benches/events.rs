@@ -26,12 +26,16 @@ async fn main() {
     ] {
         let app = spawn_app(AppConfig { postgres, ..AppConfig::new(manifest) }).await.expect("app starts");
         // Warm up: migrations, connections, caches.
-        app.post("/events/emit?n=10", "").await;
-        app.post("/events/claim-bench?n=10", "").await;
+        let warm = post(&app, "/events/emit?n=10", "").await;
+        post(&app, "/events/claim-bench", &warm["ids"].to_string()).await;
 
-        let emit: serde_json::Value = app.post(&format!("/events/emit?n={N}"), "").await.json().await.unwrap();
-        let claim: serde_json::Value = app.post(&format!("/events/claim-bench?n={N}"), "").await.json().await.unwrap();
-        let per = |v: &serde_json::Value| v.as_u64().unwrap_or(0) as f64 / N as f64;
+        let emit = post(&app, &format!("/events/emit?n={N}"), "").await;
+        let ids = emit["ids"].as_array().expect("emit answers the ids");
+        assert_eq!(ids.len() as u64, N, "{emit}");
+        let claim = post(&app, "/events/claim-bench", &emit["ids"].to_string()).await;
+        // Every event claimed by the bench's consumer, once (live consumers claim as another).
+        assert_eq!(claim["claimed"].as_u64(), Some(N), "{claim}");
+        let per = |v: &serde_json::Value| v.as_u64().expect("a timing") as f64 / N as f64;
         println!(
             "{name:>24}: outbox insert {:>7.1} µs/event, publish+mark {:>7.1} µs/event, claim+complete {:>7.1} µs/event",
             per(&emit["insert_us"]),
@@ -39,4 +43,13 @@ async fn main() {
             per(&claim["claim_us"]),
         );
     }
+}
+
+/// Posts and answers the JSON body; any status but 200 ends the benchmark with the answer.
+async fn post(app: &astria_tests::TestApp, path: &str, body: &str) -> serde_json::Value {
+    let r = app.post(path, body.to_string()).await;
+    let status = r.status();
+    let text = r.text().await.unwrap_or_default();
+    assert_eq!(status, 200, "{path}: {text}\n{}", app.log());
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}: {text}"))
 }

@@ -31,8 +31,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 pub mod astria;
+pub mod db;
 pub mod deployment;
 pub mod fakes;
+pub mod quiet;
 pub mod stripe;
 pub mod whatsapp;
 
@@ -679,4 +681,23 @@ pub async fn redis_publish(channel: &str, payload: &[u8]) -> Result<i64> {
     let client = redis::Client::open(redis_url())?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     Ok(redis::cmd("PUBLISH").arg(channel).arg(payload).query_async(&mut conn).await?)
+}
+
+/// Runs one test body on both databases: `on_both!(name)` turns `async fn name(postgres:
+/// bool)` into the tests `name::sqlite` and `name::postgres` (the second carries the word the
+/// harness and `--skip postgres` look for).
+#[macro_export]
+macro_rules! on_both {
+    ($($f:ident),+ $(,)?) => {$(
+        mod $f {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$f(false).await
+            }
+            #[tokio::test]
+            async fn postgres() {
+                super::$f(true).await
+            }
+        }
+    )+};
 }

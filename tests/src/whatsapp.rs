@@ -1,6 +1,9 @@
 //! WhatsApp for tests: webhook payloads shaped like Meta's, signed with the app secret, and a
 //! fake Graph API (`POST /{version}/{phone-number-id}/messages`) that answers like the real one:
-//! a fresh `wamid` per accepted message, or the error a test scripts.
+//! a fresh `wamid` per accepted message, or the error a test scripts. Switched on with
+//! [`FakeGraph::report_statuses`], it also reports what it accepted as WhatsApp does: signed
+//! `sent` then `delivered` status webhooks to the app, each repeating the send's
+//! `biz_opaque_callback_data`, after the answer has left (late answers included).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -143,14 +146,22 @@ pub struct FakeGraph {
     pub server: Arc<MockServer>,
     script: Arc<Mutex<Vec<Answer>>>,
     rule: Arc<Mutex<Option<Rule>>>,
+    statuses: StatusQueue,
+    /// Status webhooks the app did not accept (see `report_statuses`).
+    refused: Arc<Mutex<Vec<String>>>,
 }
 
 type Rule = Box<dyn Fn(&Value) -> Answer + Send + Sync>;
+
+/// An accepted send to report: wamid, recipient, tag, and when its answer left.
+type Accepted = (String, String, Option<String>, Duration);
+type StatusQueue = Arc<Mutex<Option<tokio::sync::mpsc::UnboundedSender<Accepted>>>>;
 
 struct Responder {
     script: Arc<Mutex<Vec<Answer>>>,
     rule: Arc<Mutex<Option<Rule>>>,
     counter: Arc<AtomicUsize>,
+    statuses: StatusQueue,
 }
 
 impl Respond for Responder {
@@ -161,18 +172,23 @@ impl Respond for Responder {
             (!s.is_empty()).then(|| s.remove(0))
         };
         let answer = scripted.or_else(|| self.rule.lock().unwrap().as_ref().map(|r| r(&body))).unwrap_or(Answer::Ok);
-        let accepted = || {
+        let accepted = |delay: Duration| {
             let n = self.counter.fetch_add(1, Ordering::SeqCst);
             let to = body["to"].as_str().unwrap_or("");
-            ResponseTemplate::new(200).set_body_json(json!({
+            let wamid = format!("wamid.TEST{n:06}");
+            if let Some(tx) = self.statuses.lock().unwrap().as_ref() {
+                let tag = body["biz_opaque_callback_data"].as_str().map(str::to_string);
+                let _ = tx.send((wamid.clone(), to.to_string(), tag, delay));
+            }
+            ResponseTemplate::new(200).set_delay(delay).set_body_json(json!({
                 "messaging_product": "whatsapp",
                 "contacts": [{ "input": to, "wa_id": to }],
-                "messages": [{ "id": format!("wamid.TEST{n:06}") }],
+                "messages": [{ "id": wamid }],
             }))
         };
         match answer {
-            Answer::Ok => accepted(),
-            Answer::Late(delay) => accepted().set_delay(delay),
+            Answer::Ok => accepted(Duration::ZERO),
+            Answer::Late(delay) => accepted(delay),
             Answer::Error(status, code) => ResponseTemplate::new(status).set_body_json(json!({
                 "error": { "message": format!("(#{code}) scripted error"), "type": "OAuthException", "code": code,
                            "error_data": { "messaging_product": "whatsapp", "details": "scripted" },
@@ -189,16 +205,53 @@ impl FakeGraph {
         let script = Arc::new(Mutex::new(Vec::new()));
         let rule = Arc::new(Mutex::new(None));
         let counter = Arc::new(AtomicUsize::new(0));
+        let statuses: StatusQueue = Arc::default();
         // Only well-formed, authenticated sends to our number are answered; anything else is a
         // 404 the sender would treat as a bug, and the tests see as an unmatched request.
         Mock::given(wiremock::matchers::method("POST"))
             .and(wiremock::matchers::path(format!("/{API_VERSION}/{PHONE_NUMBER_ID}/messages")))
             .and(wiremock::matchers::header("authorization", format!("Bearer {ACCESS_TOKEN}").as_str()))
             .and(wiremock::matchers::header("content-type", "application/json"))
-            .respond_with(Responder { script: script.clone(), rule: rule.clone(), counter: counter.clone() })
+            .respond_with(Responder {
+                script: script.clone(),
+                rule: rule.clone(),
+                counter: counter.clone(),
+                statuses: statuses.clone(),
+            })
             .mount(&server)
             .await;
-        FakeGraph { server: Arc::new(server), script, rule }
+        FakeGraph { server: Arc::new(server), script, rule, statuses, refused: Arc::default() }
+    }
+
+    /// From now on, reports each accepted send to `app` as WhatsApp does: a signed `sent` status
+    /// webhook just after the answer left, then `delivered`, both carrying the send's tag. The
+    /// webhooks must be accepted (200); a refusal fails the test at its next `wait_for`.
+    pub fn report_statuses(&self, app: &TestApp) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
+        *self.statuses.lock().unwrap() = Some(tx);
+        let (client, url, refused) = (app.client.clone(), app.url("/SmsReceived"), self.refused.clone());
+        tokio::spawn(async move {
+            while let Some((wamid, to, tag, delay)) = rx.recv().await {
+                let (client, url, refused) = (client.clone(), url.clone(), refused.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay + Duration::from_millis(50)).await;
+                    for st in ["sent", "delivered"] {
+                        let body = serde_json::to_vec(&status_tagged(&wamid, &to, st, None, tag.as_deref())).unwrap();
+                        let r = client
+                            .post(&url)
+                            .header("content-type", "application/json")
+                            .header("x-hub-signature-256", sign(APP_SECRET, &body))
+                            .body(body)
+                            .send()
+                            .await;
+                        let code = r.map(|r| r.status().as_u16()).unwrap_or(0);
+                        if code != 200 {
+                            refused.lock().unwrap().push(format!("{st} status for {wamid}: HTTP {code}"));
+                        }
+                    }
+                });
+            }
+        });
     }
 
     pub fn uri(&self) -> String {
@@ -275,13 +328,23 @@ impl FakeGraph {
             .collect()
     }
 
-    /// Waits until at least `n` requests arrived (10 s at most), and answers them all.
+    /// Waits until at least `n` requests arrived, and answers them all; fails the test with
+    /// what did arrive if they do not within 20 s.
     pub async fn wait_for(&self, n: usize) -> Vec<Value> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
+            let refused = self.refused.lock().unwrap().clone();
+            assert!(refused.is_empty(), "the app refused WhatsApp's status webhooks: {refused:?}");
             let r = self.requests().await;
-            if r.len() >= n || std::time::Instant::now() > deadline {
+            if r.len() >= n {
                 return r;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!(
+                    "waited for {n} sends to WhatsApp, {} arrived: {:#?}",
+                    r.len(),
+                    r.iter().map(summary).collect::<Vec<_>>()
+                );
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }

@@ -5,9 +5,10 @@
 use std::time::{Duration, Instant};
 
 use astria_tests::astria::{self as fa, FakeAstria};
+use astria_tests::db::TestDb;
 use astria_tests::stripe::{self as ps, FakeStripe};
 use astria_tests::whatsapp::{self as wa, FakeGraph};
-use astria_tests::{TestApp, TestRedis};
+use astria_tests::{on_both, TestApp, TestRedis};
 use serde_json::Value;
 
 const ANA: &str = "4915112345678";
@@ -47,11 +48,8 @@ async fn world_with(postgres: bool, replicas: usize, media_failures: usize, vars
     World { app, _replicas: others, graph, astria, _stripe: stripe, _redis: redis }
 }
 
-async fn db(app: &TestApp) -> tokio_postgres::Client {
-    let (client, conn) =
-        tokio_postgres::connect(app.database_url.as_ref().unwrap(), tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
-    client
+async fn db(app: &TestApp) -> TestDb {
+    TestDb::of(app).await
 }
 
 /// Ana orders, sends two photos, pays; answers her order id once the link is paid (the
@@ -96,10 +94,13 @@ fn image_links(sends: &[Value]) -> Vec<String> {
 async fn journey(postgres: bool) {
     let started = Instant::now();
     let w = world(postgres, 3, 0).await;
+    // WhatsApp reports every message sent and delivered, as in production.
+    w.graph.report_statuses(&w.app);
     let order_id = pay(&w).await;
     training_started(&w).await;
     let tunes = w.astria.tunes();
-    assert_eq!(tunes.len(), 1, "one tune for three replicas");
+    // The fake makes a tune per create call (as Astria does): one create is the app's doing.
+    assert_eq!((w.astria.creates(), tunes.len()), (1, 1), "one tune for three replicas");
     let tune = &tunes[0];
     assert_eq!((tune.title.as_str(), tune.name.as_str(), tune.image_count), (order_id.as_str(), "man", 2));
     assert_eq!(tune.pack_id, "260", "the pack's Astria id");
@@ -110,7 +111,7 @@ async fn journey(postgres: bool) {
     w.astria.finish(&w.app, &order_id).await;
     let total = BEFORE_IMAGES + IMAGES + 1;
     let sends = w.graph.wait_for(total).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    settle(&w).await;
     let sends_after = w.graph.requests().await;
     assert_eq!(
         (sends.len(), sends_after.len()),
@@ -130,6 +131,18 @@ async fn journey(postgres: bool) {
     wa::post_webhook(&w.app, &wa::inbound(ANA, vec![wa::text(ANA, "j9", "status")])).await;
     let sends = w.graph.wait_for(total + 1).await;
     assert_eq!(wa::summary(&sends[total]), "text:Your portraits have been delivered. Want another pack? Reply MENU.");
+    // Each portrait's record names the message that carried it.
+    let db = db(&w.app).await;
+    let linked = "SELECT COUNT(*) FROM generated_images g JOIN outbound_messages m ON m.id = g.message_id \
+                  WHERE m.kind = 'image'";
+    assert_eq!(db.count(linked).await as usize, IMAGES);
+    // Every message WhatsApp took is booked delivered by its status webhooks.
+    let delivered = "SELECT COUNT(*) FROM outbound_messages WHERE delivery_status = 'delivered'";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while db.count(delivered).await < (total + 1) as i64 {
+        assert!(Instant::now() < deadline, "{} delivered of {}", db.count(delivered).await, total + 1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     eprintln!("journey ({}) took {} ms", if postgres { "postgres" } else { "sqlite" }, started.elapsed().as_millis());
 }
 
@@ -152,19 +165,19 @@ async fn assert_failed_and_flagged(w: &World, order_id: &str, index: usize, deta
         "text:Something went wrong with your order. We'll refund you and get in touch."
     );
     let db = db(&w.app).await;
-    let status: String = db.query_one("SELECT status FROM orders WHERE id = $1", &[&order_id]).await.unwrap().get(0);
+    let status = db.order_status(&order_id).await;
     assert_eq!(status, "failed");
-    let issue =
-        db.query_one("SELECT kind, detail FROM payment_issues WHERE order_id = $1", &[&order_id]).await.unwrap();
-    assert_eq!(issue.get::<_, String>(0), "needs_refund");
-    let found: String = issue.get(1);
+    let issue = db.rows("SELECT kind, detail FROM payment_issues WHERE order_id = $1", &[order_id.into()]).await;
+    assert_eq!(issue.len(), 1, "{issue:?}");
+    assert_eq!(issue[0][0].text(), "needs_refund");
+    let found = issue[0][1].text();
     assert!(found.contains(detail), "{found}");
 }
 
 /// Makes every outstanding event due and runs the relay, as the every-minute job would once
 /// the backoff has passed.
 async fn relay_now(app: &TestApp) {
-    db(app).await.execute("UPDATE outbox SET next_attempt_at = 0 WHERE status <> 'done'", &[]).await.unwrap();
+    db(app).await.execute("UPDATE outbox SET next_attempt_at = 0 WHERE status <> 'done'", &[]).await;
     wa::relay(app).await;
 }
 
@@ -200,14 +213,13 @@ async fn astria_422_fails_the_order_tells_the_customer_and_flags_a_refund_postgr
     for _ in 0..3 {
         relay_now(&w.app).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    settle(&w).await;
     assert_eq!(w.astria.creates(), 1, "not retried");
     assert!(w.app.log().contains("astria.failed"));
 }
 
-#[tokio::test]
-async fn forged_or_malformed_callbacks_are_refused_and_repeats_deliver_nothing_twice_postgres() {
-    let w = world(true, 1, 0).await;
+async fn forged_or_malformed_callbacks_are_refused_and_repeats_deliver_nothing_twice(postgres: bool) {
+    let w = world(postgres, 1, 0).await;
     let order_id = pay(&w).await;
     training_started(&w).await;
     let tune = w.astria.tunes().remove(0);
@@ -237,7 +249,7 @@ async fn forged_or_malformed_callbacks_are_refused_and_repeats_deliver_nothing_t
     let r = w.app.client.post(w.app.url(&good)).body("{not json").send().await.unwrap();
     assert_eq!(r.status(), 400);
     let db = db(&w.app).await;
-    let images: i64 = db.query_one("SELECT COUNT(*) FROM generated_images", &[]).await.unwrap().get(0);
+    let images = db.count("SELECT COUNT(*) FROM generated_images").await;
     assert_eq!(images, 0, "nothing stored");
 
     // The tune callback, wrapped as Astria's starter reads it, then again: each a signal only.
@@ -260,9 +272,8 @@ async fn forged_or_malformed_callbacks_are_refused_and_repeats_deliver_nothing_t
     assert_eq!(r.status(), 404);
 }
 
-#[tokio::test]
-async fn a_callback_body_forged_with_a_valid_token_sends_nothing_astria_did_not_make_postgres() {
-    let w = world(true, 1, 0).await;
+async fn a_callback_body_forged_with_a_valid_token_sends_nothing_astria_did_not_make(postgres: bool) {
+    let w = world(postgres, 1, 0).await;
     let order_id = pay(&w).await;
     training_started(&w).await;
     let tune = w.astria.tunes().remove(0);
@@ -283,7 +294,7 @@ async fn a_callback_body_forged_with_a_valid_token_sends_nothing_astria_did_not_
     let sends = w.graph.requests().await;
     assert_eq!(sends.len(), BEFORE_IMAGES, "{:?}", summaries(&sends));
     let db = db(&w.app).await;
-    let status: String = db.query_one("SELECT status FROM orders WHERE id = $1", &[&order_id]).await.unwrap().get(0);
+    let status = db.order_status(&order_id).await;
     assert_eq!(status, "training", "a forged 'trained' tune finishes nothing");
     // Astria really finishes: exactly its own images go out, none of the forged ones.
     w.astria.finish(&w.app, &order_id).await;
@@ -310,9 +321,8 @@ async fn images_astria_lists_off_its_own_hosts_are_never_sent_postgres() {
     assert!(w.app.log().contains("astria.untrusted_image"), "logged for operators");
 }
 
-#[tokio::test]
-async fn callbacks_that_beat_the_training_commit_are_kept_and_acted_on_postgres() {
-    let w = world(true, 1, 0).await;
+async fn callbacks_that_beat_the_training_commit_are_kept_and_acted_on(postgres: bool) {
+    let w = world(postgres, 1, 0).await;
     // Astria makes the tune, finishes it and calls back before its 201 reaches the app: the
     // order is still `paid`, the tune id not yet recorded.
     w.astria.delay_next_create(vec![Duration::from_millis(2500)]);
@@ -323,7 +333,7 @@ async fn callbacks_that_beat_the_training_commit_are_kept_and_acted_on_postgres(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let db = db(&w.app).await;
-    let status: String = db.query_one("SELECT status FROM orders WHERE id = $1", &[&order_id]).await.unwrap().get(0);
+    let status = db.order_status(&order_id).await;
     assert_eq!(status, "paid", "the callbacks come before the training is recorded");
     w.astria.finish(&w.app, &order_id).await; // each callback answers 200 (asserted inside)
                                               // Astria never calls back again; the app still delivers everything, once.
@@ -344,10 +354,9 @@ async fn callbacks_that_beat_the_training_commit_are_kept_and_acted_on_postgres(
     assert_eq!(w.astria.creates(), 1);
 }
 
-#[tokio::test]
-async fn astria_down_past_the_events_retries_and_back_still_trains_and_delivers_once_postgres() {
+async fn astria_down_past_the_events_retries_and_back_still_trains_and_delivers_once(postgres: bool) {
     let w = world_with(
-        true,
+        postgres,
         1,
         0,
         &[("reconcile_paid_after_minutes", "0"), ("reconcile_backoff_minutes", "0"), ("reconcile_after_minutes", "0")],
@@ -359,10 +368,10 @@ async fn astria_down_past_the_events_retries_and_back_still_trains_and_delivers_
     let order_id = pay(&w).await;
     let db = db(&w.app).await;
     // First the payment's own event runs out of attempts (the reconciliation is held back).
-    db.execute("UPDATE orders SET reconcile_next_at = 9999999999999 WHERE id = $1", &[&order_id]).await.unwrap();
+    db.execute("UPDATE orders SET reconcile_next_at = 9999999999999 WHERE id = $1", &[(&order_id).into()]).await;
     let dead = "SELECT COUNT(*) FROM outbox WHERE event_type = 'order.paid' AND status = 'dead'";
     let deadline = Instant::now() + Duration::from_secs(60);
-    while db.query_one(dead, &[]).await.unwrap().get::<_, i64>(0) == 0 {
+    while db.count(dead).await == 0 {
         assert!(Instant::now() < deadline, "the event never died:\n{}", w.app.log());
         relay_now(&w.app).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -371,7 +380,7 @@ async fn astria_down_past_the_events_retries_and_back_still_trains_and_delivers_
     assert!(tried < DOWN, "{tried} attempts: Astria is still down");
     assert_eq!(w.graph.requests().await.len(), BEFORE_IMAGES - 1, "the customer heard nothing yet");
     // Then the reconciliation's time comes: the paid order is handed to the trainer again.
-    db.execute("UPDATE orders SET reconcile_next_at = NULL WHERE id = $1", &[&order_id]).await.unwrap();
+    db.execute("UPDATE orders SET reconcile_next_at = NULL WHERE id = $1", &[(&order_id).into()]).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while w.graph.requests().await.len() < BEFORE_IMAGES {
         assert!(Instant::now() < deadline, "never trained:\n{}", w.app.log());
@@ -386,14 +395,13 @@ async fn astria_down_past_the_events_retries_and_back_still_trains_and_delivers_
     settle(&w).await;
     let sends = w.graph.requests().await;
     assert_eq!(sends.len(), total, "{:?}", summaries(&sends));
-    let status: String = db.query_one("SELECT status FROM orders WHERE id = $1", &[&order_id]).await.unwrap().get(0);
+    let status = db.order_status(&order_id).await;
     assert_eq!(status, "delivered");
 }
 
-#[tokio::test]
-async fn a_paid_order_that_never_trains_fails_at_the_give_up_point_with_a_refund_flagged_postgres() {
+async fn a_paid_order_that_never_trains_fails_at_the_give_up_point_with_a_refund_flagged(postgres: bool) {
     let w = world_with(
-        true,
+        postgres,
         1,
         0,
         &[
@@ -410,7 +418,7 @@ async fn a_paid_order_that_never_trains_fails_at_the_give_up_point_with_a_refund
     let mut given_up = 0;
     while given_up == 0 {
         assert!(Instant::now() < deadline, "never given up:\n{}", w.app.log());
-        db.execute("UPDATE outbox SET next_attempt_at = 0 WHERE status <> 'done'", &[]).await.unwrap();
+        db.execute("UPDATE outbox SET next_attempt_at = 0 WHERE status <> 'done'", &[]).await;
         given_up += wa::relay(&w.app).await["given_up"].as_i64().unwrap_or(0);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -418,9 +426,8 @@ async fn a_paid_order_that_never_trains_fails_at_the_give_up_point_with_a_refund
     assert_failed_and_flagged(&w, &order_id, BEFORE_IMAGES - 1, "training never started").await;
 }
 
-#[tokio::test]
-async fn a_photo_whose_bytes_do_not_match_fails_the_order_at_once_postgres() {
-    let w = world(true, 1, 0).await;
+async fn a_photo_whose_bytes_do_not_match_fails_the_order_at_once(postgres: bool) {
+    let w = world(postgres, 1, 0).await;
     // WhatsApp's bytes do not match the sha256 it announced: no download will ever match.
     wiremock::Mock::given(wiremock::matchers::method("GET"))
         .and(wiremock::matchers::path_regex("^/media-bytes/[^/]+$"))
@@ -433,9 +440,8 @@ async fn a_photo_whose_bytes_do_not_match_fails_the_order_at_once_postgres() {
     assert_eq!(w.astria.creates(), 0, "nothing sent to Astria");
 }
 
-#[tokio::test]
-async fn after_stop_nothing_is_sent_and_start_brings_the_paid_portraits_once_postgres() {
-    let w = world(true, 1, 0).await;
+async fn after_stop_nothing_is_sent_and_start_brings_the_paid_portraits_once(postgres: bool) {
+    let w = world(postgres, 1, 0).await;
     let order_id = pay(&w).await;
     training_started(&w).await;
     // Ana sends STOP while her portraits are being made: she gets the confirmation only.
@@ -447,10 +453,9 @@ async fn after_stop_nothing_is_sent_and_start_brings_the_paid_portraits_once_pos
     let sends = w.graph.requests().await;
     assert_eq!(sends.len(), BEFORE_IMAGES + 1, "nothing after the STOP confirmation: {:?}", summaries(&sends));
     let db = db(&w.app).await;
-    let held: i64 =
-        db.query_one("SELECT COUNT(*) FROM outbound_messages WHERE status = 'held'", &[]).await.unwrap().get(0);
+    let held = db.count("SELECT COUNT(*) FROM outbound_messages WHERE status = 'held'").await;
     assert_eq!(held as usize, IMAGES + 1, "the portraits and the closing message are kept");
-    let status: String = db.query_one("SELECT status FROM orders WHERE id = $1", &[&order_id]).await.unwrap().get(0);
+    let status = db.order_status(&order_id).await;
     assert_eq!(status, "delivered", "the order's results are kept for her");
     // Something else is not START: still nothing.
     assert_eq!(wa::post_webhook(&w.app, &wa::inbound(ANA, vec![wa::text(ANA, "s2", "hello?")])).await.0, 200);
@@ -470,12 +475,50 @@ async fn after_stop_nothing_is_sent_and_start_brings_the_paid_portraits_once_pos
     assert!(confirmation.starts_with("text:"), "{confirmation}");
 }
 
-/// Relay rounds and a pause: whatever the app still had to do is done.
+async fn after_stop_and_no_start_in_time_the_held_portraits_are_given_up_and_the_refund_flagged(postgres: bool) {
+    let w = world(postgres, 1, 0).await;
+    let order_id = pay(&w).await;
+    training_started(&w).await;
+    assert_eq!(wa::post_webhook(&w.app, &wa::inbound(ANA, vec![wa::text(ANA, "s1", "STOP")])).await.0, 200);
+    w.graph.wait_for(BEFORE_IMAGES + 1).await;
+    w.astria.finish(&w.app, &order_id).await;
+    // The portraits and the closing message are held as the sender reaches them.
+    settle(&w).await;
+    let db = db(&w.app).await;
+    assert_eq!(db.count("SELECT COUNT(*) FROM outbound_messages WHERE status = 'held'").await as usize, IMAGES + 1);
+    // Within held_give_up_days (25 by default) the relay keeps them.
+    assert_eq!(wa::relay(&w.app).await["held_given_up"], 0);
+    // 26 days pass without START.
+    let days = 26 * 24 * 3600 * 1000i64;
+    db.execute("UPDATE outbound_messages SET updated_at = updated_at - $1 WHERE status = 'held'", &[days.into()]).await;
+    let report = wa::relay(&w.app).await;
+    assert_eq!(report["held_given_up"], 1, "{report}");
+    settle(&w).await;
+    let given_up =
+        "SELECT COUNT(*) FROM outbound_messages WHERE status = 'failed' AND last_error LIKE '%never sent START%'";
+    assert_eq!(db.count(given_up).await as usize, IMAGES + 1, "the portraits and the closing message");
+    assert_eq!(db.count("SELECT COUNT(*) FROM outbound_messages WHERE status = 'held'").await, 0);
+    let sends = w.graph.requests().await;
+    assert_eq!(sends.len(), BEFORE_IMAGES + 1, "nothing after the STOP confirmation: {:?}", summaries(&sends));
+    assert_eq!(db.order_status(&order_id).await, "failed");
+    let issues = db.rows("SELECT kind, detail FROM payment_issues WHERE order_id = $1", &[(&order_id).into()]).await;
+    assert_eq!(issues.len(), 1, "flagged once: {issues:?}");
+    assert_eq!(issues[0][0].text(), "needs_refund");
+    assert!(issues[0][1].text().contains("STOP"), "{issues:?}");
+    assert!(w.app.log().contains("reconcile.held_give_up"), "logged for operators");
+    // START long after: the reply to it, and nothing that was given up.
+    assert_eq!(wa::post_webhook(&w.app, &wa::inbound(ANA, vec![wa::text(ANA, "s2", "START")])).await.0, 200);
+    w.graph.wait_for(BEFORE_IMAGES + 2).await;
+    settle(&w).await;
+    let sends = w.graph.requests().await;
+    assert_eq!(sends.len(), BEFORE_IMAGES + 2, "{:?}", summaries(&sends));
+    assert!(image_links(&sends).is_empty());
+}
+
+/// Waits until the app has nothing left to do (see `astria_tests::quiet`): counts compared
+/// after it are final.
 async fn settle(w: &World) {
-    for _ in 0..3 {
-        relay_now(&w.app).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    astria_tests::quiet::quiesce(&w.app).await;
 }
 
 fn query_param(path: &str, name: &str) -> String {
@@ -499,10 +542,10 @@ async fn outside_the_24_hour_window_the_template_goes_first_and_the_images_after
     training_started(&w).await;
     // A day and more passes before Astria is done.
     let long_ago = (wa::unix_now() - 25 * 3600) * 1000;
-    db(&w.app).await.execute("UPDATE contacts SET last_inbound_at = $1", &[&long_ago]).await.unwrap();
+    db(&w.app).await.execute("UPDATE contacts SET last_inbound_at = $1", &[long_ago.into()]).await;
     w.astria.finish(&w.app, &order_id).await;
     let sends = w.graph.wait_for(BEFORE_IMAGES + 1).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    settle(&w).await;
     let sends_now = w.graph.requests().await;
     assert_eq!(sends_now.len(), BEFORE_IMAGES + 1, "{:?}", sends_now.iter().map(wa::summary).collect::<Vec<_>>());
     assert_eq!(wa::summary(&sends[BEFORE_IMAGES]), format!("template:{}", wa::TEMPLATE));
@@ -549,10 +592,10 @@ fn summaries(sends: &[Value]) -> Vec<String> {
     sends.iter().map(wa::summary).collect()
 }
 
-#[tokio::test]
-async fn with_every_callback_dropped_reconciliation_delivers_the_order_once_and_late_callbacks_change_nothing_postgres()
-{
-    let w = world_with(true, 1, 0, RECONCILE_NOW).await;
+async fn with_every_callback_dropped_reconciliation_delivers_the_order_once_and_late_callbacks_change_nothing(
+    postgres: bool,
+) {
+    let w = world_with(postgres, 1, 0, RECONCILE_NOW).await;
     let order_id = pay(&w).await;
     training_started(&w).await;
     w.astria.finish_silently(&order_id, &[1, 2, 3]);
@@ -560,6 +603,7 @@ async fn with_every_callback_dropped_reconciliation_delivers_the_order_once_and_
     let sends = relay_until_sends(&w, total).await;
     assert_eq!(sends.len(), total, "{:?}", summaries(&sends));
     let mut links = image_links(&sends);
+    links.sort();
     links.dedup();
     assert_eq!(links.len(), IMAGES);
     assert_eq!(
@@ -575,7 +619,7 @@ async fn with_every_callback_dropped_reconciliation_delivers_the_order_once_and_
     for _ in 0..3 {
         wa::relay(&w.app).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    settle(&w).await;
     assert_eq!(w.graph.requests().await.len(), total);
 }
 
@@ -589,7 +633,7 @@ async fn with_half_the_prompt_callbacks_dropped_the_rest_arrive_through_reconcil
     w.astria.finish_silently(&order_id, &[2, 3]);
     let total = BEFORE_IMAGES + IMAGES + 1;
     let sends = relay_until_sends(&w, total).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    settle(&w).await;
     let sends_after = w.graph.requests().await;
     assert_eq!((sends.len(), sends_after.len()), (total, total), "{:?}", summaries(&sends_after));
     let mut links = image_links(&sends_after);
@@ -610,7 +654,7 @@ async fn when_astria_never_finishes_the_order_is_flagged_and_the_customer_told_a
     w.astria.finish_silently(&order_id, &[1, 2, 3]);
     assert_eq!(w.astria.call_back_prompt(&w.app, &order_id, 1, false).await.1["result"], "late");
     assert_eq!(wa::relay(&w.app).await["given_up"], 0);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    settle(&w).await;
     assert_eq!(w.graph.requests().await.len(), BEFORE_IMAGES + 1);
 }
 
@@ -643,7 +687,7 @@ async fn with_every_second_image_refused_by_the_pair_limit_all_arrive_exactly_on
     while accepted.lock().unwrap().len() < IMAGES && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    settle(&w).await;
     let accepted = accepted.lock().unwrap().clone();
     let mut links: Vec<&String> = accepted.iter().map(|(_, l)| l).collect();
     links.sort();
@@ -669,7 +713,7 @@ async fn an_image_whatsapp_cannot_take_goes_as_a_document_once_postgres() {
     w.astria.finish(&w.app, &order_id).await;
     let total = BEFORE_IMAGES + 2 * IMAGES + 1;
     let sends = w.graph.wait_for(total).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    settle(&w).await;
     assert_eq!(w.graph.requests().await.len(), total, "{:?}", sends.iter().map(wa::summary).collect::<Vec<_>>());
     let mut documents: Vec<String> = sends
         .iter()
@@ -699,3 +743,15 @@ async fn photos_whatsapp_no_longer_has_after_payment_fail_the_order_flag_a_refun
     assert_failed_and_flagged(&w, &order_id, BEFORE_IMAGES - 1, "no longer at WhatsApp").await;
     assert!(w.astria.tunes().is_empty(), "nothing trained");
 }
+
+on_both!(
+    a_callback_body_forged_with_a_valid_token_sends_nothing_astria_did_not_make,
+    callbacks_that_beat_the_training_commit_are_kept_and_acted_on,
+    astria_down_past_the_events_retries_and_back_still_trains_and_delivers_once,
+    a_paid_order_that_never_trains_fails_at_the_give_up_point_with_a_refund_flagged,
+    a_photo_whose_bytes_do_not_match_fails_the_order_at_once,
+    after_stop_nothing_is_sent_and_start_brings_the_paid_portraits_once,
+    forged_or_malformed_callbacks_are_refused_and_repeats_deliver_nothing_twice,
+    after_stop_and_no_start_in_time_the_held_portraits_are_given_up_and_the_refund_flagged,
+    with_every_callback_dropped_reconciliation_delivers_the_order_once_and_late_callbacks_change_nothing,
+);

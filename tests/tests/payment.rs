@@ -4,9 +4,11 @@
 
 use std::time::Duration;
 
+use astria_tests::db::TestDb;
+use astria_tests::quiet::{quiesce_with, Quiet};
 use astria_tests::stripe::{self as ps, FakeStripe};
 use astria_tests::whatsapp::{self as wa, FakeGraph};
-use astria_tests::{TestApp, TestRedis};
+use astria_tests::{on_both, TestApp, TestRedis};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -34,10 +36,15 @@ async fn bot_with(stripe: FakeStripe) -> Bot {
 }
 
 async fn bot_with_vars(stripe: FakeStripe, vars: &[(&str, &str)]) -> Bot {
+    bot_on(true, stripe, vars).await
+}
+
+/// The payment world on SQLite (`postgres` false) or PostgreSQL.
+async fn bot_on(postgres: bool, stripe: FakeStripe, vars: &[(&str, &str)]) -> Bot {
     let redis = TestRedis::start().await.unwrap();
     let graph = FakeGraph::start().await;
     let config =
-        vars.iter().fold(ps::with_stripe(wa::bot_config(&graph, &redis, true), &stripe), |c, (k, v)| c.var(k, *v));
+        vars.iter().fold(ps::with_stripe(wa::bot_config(&graph, &redis, postgres), &stripe), |c, (k, v)| c.var(k, *v));
     // Payments only: the image worker (which takes paid orders on to Astria) is another
     // SpinApp's and is left out, so that a paid order stays `paid` for these assertions.
     let config =
@@ -51,19 +58,23 @@ async fn bot() -> Bot {
     bot_with(FakeStripe::start().await).await
 }
 
-async fn db(app: &TestApp) -> tokio_postgres::Client {
-    let (client, conn) =
-        tokio_postgres::connect(app.database_url.as_ref().unwrap(), tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
-    client
+/// Waits until the payment world has nothing left to do (`order.paid` has no consumer here).
+async fn quiet(bot: &Bot) {
+    let q = Quiet { ignore_event_types: &["order.paid"], ..Default::default() };
+    quiesce_with(&bot.app, q).await;
 }
 
-async fn count(db: &tokio_postgres::Client, sql: &str) -> i64 {
-    db.query_one(sql, &[]).await.unwrap().get(0)
+/// The app's database (SQLite or PostgreSQL, whichever it runs on).
+async fn db(app: &TestApp) -> TestDb {
+    TestDb::of(app).await
 }
 
-async fn order_status(db: &tokio_postgres::Client, id: &str) -> String {
-    db.query_one("SELECT status FROM orders WHERE id = $1", &[&id]).await.unwrap().get(0)
+async fn count(db: &TestDb, sql: &str) -> i64 {
+    db.count(sql).await
+}
+
+async fn order_status(db: &TestDb, id: &str) -> String {
+    db.order_status(id).await
 }
 
 /// Ana orders the corporate pack and sends two photos (five replies so far).
@@ -139,18 +150,14 @@ async fn the_checkout_session_carries_the_order_and_is_created_once_when_the_ste
     // While the deliveries wait for Stripe, the same event arrives twice more (the relay): the
     // outbox row, published as is.
     let db = db(&bot.app).await;
-    let envelope: String = db
-        .query_one("SELECT envelope FROM outbox WHERE event_type = 'order.awaiting_payment'", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let envelope = db.text("SELECT envelope FROM outbox WHERE event_type = 'order.awaiting_payment'", &[]).await;
     let client = redis::Client::open(bot.redis.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     for _ in 0..2 {
         let _: i64 = redis::cmd("PUBLISH").arg("astria.payments").arg(&envelope).query_async(&mut conn).await.unwrap();
     }
     let sends = bot.graph.wait_for(7).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    quiet(&bot).await;
     let requests = bot.stripe.requests();
     // The deliveries overlapped at Stripe (the step really ran more than once)...
     assert!(
@@ -177,7 +184,7 @@ async fn the_checkout_session_carries_the_order_and_is_created_once_when_the_ste
     assert_eq!(form["success_url"], format!("{}?text=STATUS", ps::CHAT_LINK));
     let expires: i64 = form["expires_at"].parse().unwrap();
     assert!((expires - ps::unix_now() - 3600).abs() < 120, "60 minutes ahead");
-    let stored: Option<String> = db.query_one("SELECT checkout_session_id FROM orders", &[]).await.unwrap().get(0);
+    let stored = db.one("SELECT checkout_session_id FROM orders", &[]).await.opt_text();
     assert_eq!(stored.as_deref(), session["id"].as_str());
     assert_eq!(
         count(&db, "SELECT COUNT(*) FROM outbox WHERE event_type = 'order.awaiting_payment' AND status = 'done'").await,
@@ -222,13 +229,13 @@ async fn a_signed_completed_event_marks_the_order_paid_once_and_announces_order_
     let db = db(&bot.app).await;
     assert_eq!(order_status(&db, &order_id).await, "paid");
     let paid: (i64, String) = {
-        let r = db.query_one("SELECT paid_minor, paid_currency FROM orders", &[]).await.unwrap();
-        (r.get(0), r.get(1))
+        let r = db.rows("SELECT paid_minor, paid_currency FROM orders", &[]).await;
+        (r[0][0].int(), r[0][1].text())
     };
     assert_eq!(paid, (1999, "usd".to_string()));
     assert_eq!(count(&db, "SELECT COUNT(*) FROM outbox WHERE event_type = 'order.paid'").await, 1);
     let sends = bot.graph.wait_for(8).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    quiet(&bot).await;
     assert_eq!(bot.graph.requests().await.len(), 8, "one confirmation");
     assert!(wa::summary(&sends[7]).starts_with("text:Payment received"));
 
@@ -318,8 +325,7 @@ async fn an_expired_link_expires_the_order_and_pay_brings_a_new_link_postgres() 
     let sends = bot.graph.wait_for(10).await;
     assert_eq!(sends.len(), 10, "{sends:#?}");
     assert_eq!(bot.stripe.sessions_created(), 2, "a new order, a new session");
-    let new_order: String =
-        db.query_one("SELECT id FROM orders WHERE status = 'awaiting_payment'", &[]).await.unwrap().get(0);
+    let new_order = db.text("SELECT id FROM orders WHERE status = 'awaiting_payment'", &[]).await;
     assert_ne!(new_order, order_id);
     let new_session = bot.stripe.session_for(&new_order).unwrap();
     assert_eq!(wa::summary(&sends[9]), format!("text:Pay securely here: {}", new_session["url"].as_str().unwrap()));
@@ -410,25 +416,24 @@ async fn relay_until_the_link(bot: &Bot) -> Vec<Value> {
         if bot.graph.requests().await.len() >= 6 {
             break;
         }
-        db.execute("UPDATE outbox SET next_attempt_at = 0 WHERE status <> 'done'", &[]).await.unwrap();
+        db.execute("UPDATE outbox SET next_attempt_at = 0 WHERE status <> 'done'", &[]).await;
         wa::relay(&bot.app).await;
         tokio::time::sleep(Duration::from_millis(600)).await;
     }
     // A few more rounds: nothing further may go out.
     for _ in 0..3 {
-        db.execute("UPDATE outbox SET next_attempt_at = 0 WHERE status <> 'done'", &[]).await.unwrap();
+        db.execute("UPDATE outbox SET next_attempt_at = 0 WHERE status <> 'done'", &[]).await;
         wa::relay(&bot.app).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    quiet(&bot).await;
     let sends = bot.graph.requests().await;
     assert_eq!(sends.len(), 6, "{:#?}\n{}", sends.iter().map(wa::summary).collect::<Vec<_>>(), bot.app.log());
     assert!(wa::summary(&sends[5]).starts_with("text:Pay securely here: https://checkout.stripe.com/"));
     sends
 }
 
-#[tokio::test]
-async fn cancel_after_the_link_expires_the_session_so_the_old_link_cannot_be_paid_postgres() {
-    let bot = bot().await;
+async fn cancel_after_the_link_expires_the_session_so_the_old_link_cannot_be_paid(postgres: bool) {
+    let bot = bot_on(postgres, FakeStripe::start().await, &[]).await;
     to_done_with_relay(&bot).await;
     let sends = bot.graph.wait_for(6).await;
     assert!(wa::summary(&sends[5]).starts_with("text:Pay securely here:"), "{:?}", wa::summary(&sends[5]));
@@ -451,7 +456,7 @@ async fn cancel_after_the_link_expires_the_session_so_the_old_link_cannot_be_pai
     for _ in 0..3 {
         wa::relay(&bot.app).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    quiet(&bot).await;
     assert_eq!(bot.stripe.expire_calls().len(), 1);
     assert_eq!(
         count(&db, "SELECT COUNT(*) FROM outbox WHERE event_type = 'checkout.expire' AND status = 'done'").await,
@@ -459,12 +464,11 @@ async fn cancel_after_the_link_expires_the_session_so_the_old_link_cannot_be_pai
     );
 }
 
-#[tokio::test]
-async fn replayed_stripe_failures_move_to_a_new_key_and_the_link_still_goes_out_once_postgres() {
+async fn replayed_stripe_failures_move_to_a_new_key_and_the_link_still_goes_out_once(postgres: bool) {
     let stripe = FakeStripe::start().await;
     // Stripe stores a first 500 (and 502) for its key and replays it to every retry with it.
     stripe.fail_next(vec![500, 502]);
-    let bot = bot_with(stripe).await;
+    let bot = bot_on(postgres, stripe, &[]).await;
     to_done_with_relay(&bot).await;
     relay_until_the_link(&bot).await;
     let requests = bot.stripe.requests();
@@ -482,12 +486,11 @@ async fn replayed_stripe_failures_move_to_a_new_key_and_the_link_still_goes_out_
     assert!(!bot.app.log().contains(ps::SECRET_KEY), "the key never is");
 }
 
-#[tokio::test]
-async fn a_stripe_answer_slower_than_the_timeout_is_fetched_again_with_the_same_key_and_parameters_postgres() {
+async fn a_stripe_answer_slower_than_the_timeout_is_fetched_again_with_the_same_key_and_parameters(postgres: bool) {
     let stripe = FakeStripe::start().await;
     // Stripe creates the session but answers after the client gave up.
     stripe.delay_next(vec![Duration::from_millis(2500)]);
-    let bot = bot_with_vars(stripe, &[("stripe_timeout_ms", "1000")]).await;
+    let bot = bot_on(postgres, stripe, &[("stripe_timeout_ms", "1000")]).await;
     to_done_with_relay(&bot).await;
     relay_until_the_link(&bot).await;
     let requests = bot.stripe.requests();
@@ -507,7 +510,7 @@ async fn photos_too_old_to_survive_until_training_get_no_payment_link_postgres()
     // The selfies came almost a week ago (WhatsApp deletes media after 7 days).
     let db = db(&bot.app).await;
     let old = (ps::unix_now() - 6 * 24 * 3600 - 23 * 3600) * 1000;
-    db.execute("UPDATE order_photos SET created_at = $1", &[&old]).await.unwrap();
+    db.execute("UPDATE order_photos SET created_at = $1", &[old.into()]).await;
     wa::post_webhook(&bot.app, &wa::inbound(ANA, vec![wa::button_reply(ANA, "p6", "done", "Done")])).await;
     let sends = bot.graph.wait_for(7).await;
     assert_eq!(
@@ -517,3 +520,9 @@ async fn photos_too_old_to_survive_until_training_get_no_payment_link_postgres()
     assert!(bot.stripe.requests().is_empty(), "no link, no payment");
     assert_eq!(count(&db, "SELECT COUNT(*) FROM orders WHERE status = 'expired'").await, 1);
 }
+
+on_both!(
+    cancel_after_the_link_expires_the_session_so_the_old_link_cannot_be_paid,
+    replayed_stripe_failures_move_to_a_new_key_and_the_link_still_goes_out_once,
+    a_stripe_answer_slower_than_the_timeout_is_fetched_again_with_the_same_key_and_parameters,
+);

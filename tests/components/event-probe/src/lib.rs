@@ -45,11 +45,20 @@ async fn handle(req: IncomingRequest) -> anyhow::Result<impl IntoResponse> {
             Err(e) => e.into_response("limited"),
         });
     }
+    let path_with_query = req.path_with_query().unwrap_or_default();
+    // Only /claim-bench reads a body: the outbox ids to claim.
+    let body = if path == "/claim-bench" {
+        match read_body(req, 1 << 20).await {
+            Ok(body) => body,
+            Err(e) => return Ok(e.into_response("claim-bench")),
+        }
+    } else {
+        Vec::new()
+    };
     let db = SpinDb::open(&var("database_url")?).map_err(|e| anyhow::anyhow!("{e}"))?;
     migrations::ensure_migrated(&db, events::now_ms()).map_err(|e| anyhow::anyhow!("{e}"))?;
     db.execute("CREATE TABLE IF NOT EXISTS probe_effects (event_id TEXT NOT NULL, acted_at BIGINT NOT NULL)", &[])
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let path_with_query = req.path_with_query().unwrap_or_default();
     let query = path_with_query.split_once('?').map(|(_, q)| q).unwrap_or("");
     let q: std::collections::HashMap<String, String> =
         query.split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect();
@@ -82,18 +91,25 @@ async fn handle(req: IncomingRequest) -> anyhow::Result<impl IntoResponse> {
             )
         }
         "/claim-bench" => {
-            // Claim + complete, each in its own transaction, as a consumer does (minus its effect).
-            let n: usize = q.get("n").and_then(|n| n.parse().ok()).unwrap_or(100);
+            // Claim + complete real outbox events (the ids /emit answered), each in its own
+            // transaction, as a consumer does (minus its effect); answers how many it claimed.
+            let ids: Vec<String> = match serde_json::from_slice(&body) {
+                Ok(ids) => ids,
+                Err(e) => return Ok(json(400, serde_json::json!({ "error": format!("a JSON list of ids: {e}") }))),
+            };
             let started = std::time::Instant::now();
-            for i in 0..n {
-                transaction(&db, |db| {
-                    let id = format!("bench-{}-{i}", events::now_ms());
-                    astria_store::outbox::claim(db, &id, "bench", events::now_ms())?;
-                    astria_store::outbox::complete(db, &id, events::now_ms())
+            let mut claimed = 0u64;
+            for id in &ids {
+                let fresh = transaction(&db, |db| {
+                    let fresh = astria_store::outbox::claim(db, id, "bench", events::now_ms())?;
+                    astria_store::outbox::complete(db, id, events::now_ms())?;
+                    Ok::<_, DbError>(fresh)
                 })
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
+                claimed += u64::from(fresh);
             }
-            json(200, serde_json::json!({ "claim_us": started.elapsed().as_micros() as u64 }))
+            let elapsed = started.elapsed().as_micros() as u64;
+            json(200, serde_json::json!({ "claim_us": elapsed, "claimed": claimed }))
         }
         "/relay" => {
             let report = events::relay(&db, &redis_url, &policy()?, 500).map_err(|e| anyhow::anyhow!("{e}"))?;
