@@ -100,6 +100,9 @@ pub struct AppConfig {
     pub redis_memory: bool,
     /// Create a fresh PostgreSQL database; its URL is in `TestApp::database_url`.
     pub postgres: bool,
+    /// With `postgres`: a password in the database URL (the test server trusts local users, so
+    /// it is accepted and ignored), to prove it never reaches a log.
+    pub database_password: Option<String>,
     /// Reuse a state directory (to test persistence across restarts, or to share SQLite).
     pub state_dir: Option<PathBuf>,
     /// Use this channel prefix instead of a fresh one (apps acting as replicas share it).
@@ -435,7 +438,11 @@ pub async fn spawn_app(config: AppConfig) -> Result<TestApp> {
     }
     let (database_url, owns_database) = if config.postgres {
         let name = create_database().await?;
-        (Some(database_url(&name)), Some(name))
+        let mut url = database_url(&name);
+        if let Some(pw) = &config.database_password {
+            url = url.replacen("://postgres@", &format!("://postgres:{pw}@"), 1);
+        }
+        (Some(url), Some(name))
     } else {
         (None, None)
     };

@@ -521,6 +521,12 @@ async fn settle(w: &World) {
     astria_tests::quiet::quiesce(&w.app).await;
 }
 
+/// Like `settle`, with the app's backoffs skipped (every retry due at once).
+async fn fast_forward(w: &World) {
+    let q = astria_tests::quiet::Quiet { fast_forward: true, ..Default::default() };
+    astria_tests::quiet::quiesce_with(&w.app, q).await;
+}
+
 fn query_param(path: &str, name: &str) -> String {
     let query = path.split_once('?').map(|(_, q)| q).unwrap_or("");
     form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned()).unwrap_or_default()
@@ -755,3 +761,108 @@ on_both!(
     after_stop_and_no_start_in_time_the_held_portraits_are_given_up_and_the_refund_flagged,
     with_every_callback_dropped_reconciliation_delivers_the_order_once_and_late_callbacks_change_nothing,
 );
+
+// ------------------------------------------------------------------ logs
+
+/// A journey with retries and forgeries on the way, every secret set to a value that cannot
+/// appear by chance: no host's output holds a secret, a callback token or Ana's number.
+async fn no_secret_and_no_phone_number_in_any_log(postgres: bool) {
+    const REDIS_PASSWORD: &str = "Redis-Pw-7f3a91";
+    const DB_PASSWORD: &str = "Db-Pw-c0ffee42";
+    let redis = TestRedis::start_with_password(REDIS_PASSWORD).await.unwrap();
+    let graph = FakeGraph::start().await;
+    graph.serve_media(1).await;
+    let stripe = FakeStripe::start().await;
+    let astria = FakeAstria::start().await;
+    let base =
+        fa::with_astria(ps::with_stripe(wa::bot_config(&graph, &redis, postgres), &stripe), &astria, &graph.uri());
+    let config = astria_tests::AppConfig { database_password: Some(DB_PASSWORD.into()), ..base };
+    let app = wa::spawn_bot(config, &redis).await;
+    graph.report_statuses(&app);
+    // Faults on the way: a proxy's 502 from WhatsApp, a 504 from Astria, Stripe failing once.
+    graph.script(vec![wa::Answer::Status(502)]);
+    astria.fail_next(vec![504]);
+    stripe.fail_next(vec![500]);
+    let w = World { app, _replicas: vec![], graph, astria, _stripe: stripe, _redis: redis };
+    // Forgeries: a webhook signed with another secret, a Stripe event with a bad signature.
+    let body = serde_json::to_vec(&wa::inbound(ANA, vec![wa::text(ANA, "f1", "hi")])).unwrap();
+    let r = w
+        .app
+        .client
+        .post(w.app.url("/SmsReceived"))
+        .header("x-hub-signature-256", wa::sign("not-the-secret", &body))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = w
+        .app
+        .client
+        .post(w.app.url("/payment-received"))
+        .header("stripe-signature", "t=1,v1=00")
+        .body("{}")
+        .send()
+        .await;
+    assert_eq!(r.unwrap().status(), 400);
+
+    let steps = [
+        wa::text(ANA, "j1", "hi"),
+        wa::list_reply(ANA, "j2", "pack:corporate", "Corporate headshots"),
+        wa::button_reply(ANA, "j3", "subject:man", "Man"),
+        wa::photo(ANA, "j4"),
+        wa::photo(ANA, "j5"),
+        wa::button_reply(ANA, "j6", "done", "Done"),
+    ];
+    for m in steps {
+        assert_eq!(wa::post_webhook(&w.app, &wa::inbound(ANA, vec![m])).await.0, 200);
+        fast_forward(&w).await;
+    }
+    let session = w._stripe.session_for_any().expect("the link was made after Stripe's 500");
+    let order_id = session["client_reference_id"].as_str().unwrap().to_string();
+    let paid = ps::session(session["id"].as_str().unwrap(), &order_id, 1999, "usd", "paid");
+    let (status, _) = ps::post_event(&w.app, &ps::event("evt_logs", "checkout.session.completed", paid)).await;
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while w.astria.tunes().is_empty() {
+        assert!(Instant::now() < deadline, "never trained:\n{}", w.app.log());
+        relay_now(&w.app).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    w.astria.finish(&w.app, &order_id).await;
+    fast_forward(&w).await;
+    let sends = w.graph.requests().await;
+    assert_eq!(image_links(&sends).len(), IMAGES, "{:?}", summaries(&sends));
+
+    let tune = w.astria.tunes().remove(0);
+    let tokens: Vec<String> =
+        [&tune.tune_callback, &tune.prompt_callback].iter().map(|u| query_param(u, "token")).collect();
+    let log = w.app.log();
+    assert!(log.len() > 1000, "the app did log: {log}");
+    let secrets = [
+        ("WhatsApp app secret", wa::APP_SECRET),
+        ("WhatsApp access token", wa::ACCESS_TOKEN),
+        ("WhatsApp verify token", wa::VERIFY_TOKEN),
+        ("admin token", wa::ADMIN_TOKEN),
+        ("Stripe secret key", ps::SECRET_KEY),
+        ("Stripe webhook secret", ps::WEBHOOK_SECRET),
+        ("Astria API key", fa::API_KEY),
+        ("callback secret", fa::CALLBACK_SECRET),
+        ("Redis password", REDIS_PASSWORD),
+        ("database password", DB_PASSWORD),
+        ("tune callback token", &tokens[0]),
+        ("prompt callback token", &tokens[1]),
+        ("Ana's number", ANA),
+        ("Ana's number, national part", &ANA[2..]),
+    ];
+    for (what, value) in secrets {
+        assert!(!value.is_empty(), "{what}");
+        if let Some(at) = log.find(value) {
+            let line =
+                log[..at].rsplit('\n').next().unwrap_or("").to_string() + &log[at..].lines().next().unwrap_or("");
+            panic!("the {what} appears in the log:\n{line}");
+        }
+    }
+}
+
+on_both!(no_secret_and_no_phone_number_in_any_log);
