@@ -866,3 +866,31 @@ async fn no_secret_and_no_phone_number_in_any_log(postgres: bool) {
 }
 
 on_both!(no_secret_and_no_phone_number_in_any_log);
+
+/// Astria's prompt callbacks can overtake the tune's: each is a signal, so every portrait still
+/// goes out once, the closing message last, and the tune's callback after them changes nothing.
+async fn prompt_callbacks_before_the_tune_callback_deliver_every_portrait_once(postgres: bool) {
+    let w = world(postgres, 1, 0).await;
+    let order_id = pay(&w).await;
+    training_started(&w).await;
+    w.astria.finish_silently(&order_id, &[1, 2, 3]);
+    for n in 1..=fa::PROMPTS {
+        assert_eq!(w.astria.call_back_prompt(&w.app, &order_id, n, false).await.0, 200);
+    }
+    settle(&w).await;
+    assert_eq!(w.astria.call_back_tune(&w.app, &order_id, false).await.0, 200);
+    settle(&w).await;
+    let sends = w.graph.requests().await;
+    assert_eq!(sends.len(), BEFORE_IMAGES + IMAGES + 1, "{:?}", summaries(&sends));
+    let mut links = image_links(&sends);
+    links.sort();
+    links.dedup();
+    assert_eq!(links.len(), IMAGES, "each portrait once");
+    assert_eq!(
+        wa::summary(sends.last().unwrap()),
+        "text:Your portraits have been delivered. Want another pack? Reply MENU."
+    );
+    assert_eq!(db(&w.app).await.order_status(&order_id).await, "delivered");
+}
+
+on_both!(prompt_callbacks_before_the_tune_callback_deliver_every_portrait_once);

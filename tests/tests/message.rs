@@ -759,3 +759,37 @@ on_both!(
     a_crafted_message_send_for_no_stored_message_sends_nothing,
     an_image_reported_failed_as_unusable_goes_again_as_a_document,
 );
+
+/// Meta redelivers a message it already delivered, in one batch with new ones: the seen one is
+/// a duplicate, the new ones are handled, in order, once each.
+async fn a_batch_mixing_a_seen_message_with_new_ones_handles_only_the_new(postgres: bool) {
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, postgres), &redis).await;
+    let first = say(&app, &graph, wa::text(ANA, "wamid.b1", "hi"), 1).await;
+    assert!(first[0].starts_with("list:"), "{first:?}");
+    let batch = wa::inbound(
+        ANA,
+        vec![
+            wa::text(ANA, "wamid.b1", "hi"),
+            wa::list_reply(ANA, "wamid.b2", "pack:corporate", "Corporate headshots"),
+            wa::button_reply(ANA, "wamid.b3", "subject:man", "Man"),
+        ],
+    );
+    let (status, report) = wa::post_webhook(&app, &batch).await;
+    assert_eq!(
+        (status, report["messages"].as_i64(), report["duplicates"].as_i64()),
+        (200, Some(2), Some(1)),
+        "{report}"
+    );
+    let sends = graph.wait_for(3).await;
+    quiesce(&app).await;
+    let sends_after = graph.requests().await;
+    assert_eq!(sends_after.len(), 3, "{:?}", sends_after.iter().map(wa::summary).collect::<Vec<_>>());
+    assert!(wa::summary(&sends[1]).starts_with("buttons:"), "the subject question: {:?}", wa::summary(&sends[1]));
+    let db = pg(&app).await;
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM orders WHERE status = 'collecting_photos'").await, 1, "one order");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM processed_webhooks WHERE source = 'whatsapp'").await, 3);
+}
+
+on_both!(a_batch_mixing_a_seen_message_with_new_ones_handles_only_the_new);

@@ -526,3 +526,81 @@ on_both!(
     replayed_stripe_failures_move_to_a_new_key_and_the_link_still_goes_out_once,
     a_stripe_answer_slower_than_the_timeout_is_fetched_again_with_the_same_key_and_parameters,
 );
+
+// ------------------------------------------------------------------ out of order
+
+/// A delayed method that finally fails: the order expires, Ana is told, PAY brings a new link.
+async fn an_async_payment_that_fails_in_the_end_expires_the_order_and_pay_brings_a_new_link(postgres: bool) {
+    let bot = bot_on(postgres, FakeStripe::start().await, &[]).await;
+    let (order_id, session) = order_to_payment_link(&bot).await;
+    let db = db(&bot.app).await;
+    let pending = ps::event("evt_u1", "checkout.session.completed", completed(&session, 1999, "usd", "unpaid"));
+    assert_eq!(ps::post_event(&bot.app, &pending).await.1["result"], "awaiting_async_payment");
+    let failed =
+        ps::event("evt_f1", "checkout.session.async_payment_failed", completed(&session, 1999, "usd", "unpaid"));
+    assert_eq!(ps::post_event(&bot.app, &failed).await.1["result"], "expired");
+    assert_eq!(order_status(&db, &order_id).await, "expired");
+    let sends = bot.graph.wait_for(8).await;
+    assert_eq!(
+        wa::summary(&sends[7]),
+        "text:Your payment didn't go through. Reply PAY to try again, or MENU to start over."
+    );
+    // The same failure again: nothing more.
+    assert_eq!(ps::post_event(&bot.app, &failed).await.1["result"], "duplicate");
+    quiet(&bot).await;
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM outbox WHERE event_type = 'order.paid'").await, 0);
+    assert_eq!(bot.graph.requests().await.len(), 8);
+    wa::post_webhook(&bot.app, &wa::inbound(ANA, vec![wa::text(ANA, "f7", "PAY")])).await;
+    let sends = bot.graph.wait_for(10).await;
+    assert!(wa::summary(&sends[9]).starts_with("text:Pay securely here:"), "{:?}", wa::summary(&sends[9]));
+    assert_eq!(bot.stripe.sessions_created(), 2);
+}
+
+/// Stripe does not promise order: the success of a delayed method can come before the
+/// `completed` (unpaid) that announced it. The order is paid once; the late `completed`
+/// changes nothing.
+async fn an_async_success_before_its_completed_event_pays_once(postgres: bool) {
+    let bot = bot_on(postgres, FakeStripe::start().await, &[]).await;
+    let (order_id, session) = order_to_payment_link(&bot).await;
+    let db = db(&bot.app).await;
+    let ok = ps::event("evt_s2", "checkout.session.async_payment_succeeded", completed(&session, 1999, "usd", "paid"));
+    assert_eq!(ps::post_event(&bot.app, &ok).await.1["result"], "paid");
+    let late = ps::event("evt_u2", "checkout.session.completed", completed(&session, 1999, "usd", "unpaid"));
+    assert_eq!(ps::post_event(&bot.app, &late).await.1["result"], "awaiting_async_payment");
+    quiet(&bot).await;
+    assert_eq!(order_status(&db, &order_id).await, "paid");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM outbox WHERE event_type = 'order.paid'").await, 1);
+    let sends = bot.graph.requests().await;
+    assert_eq!(sends.len(), 8, "one confirmation: {:?}", sends.iter().map(wa::summary).collect::<Vec<_>>());
+    assert!(wa::summary(&sends[7]).starts_with("text:Payment received"));
+}
+
+/// A selfie that arrives after DONE (WhatsApp delivers it late, or Ana sends one more) is not
+/// added to the order whose price and link are fixed: Ana is reminded of the payment.
+async fn a_photo_after_done_is_not_added_and_the_link_stays_the_same(postgres: bool) {
+    let bot = bot_on(postgres, FakeStripe::start().await, &[]).await;
+    let (order_id, session) = order_to_payment_link(&bot).await;
+    assert_eq!(
+        wa::post_webhook(&bot.app, &wa::inbound(ANA, vec![wa::image(ANA, "late1", &"c".repeat(64))])).await.0,
+        200
+    );
+    let sends = bot.graph.wait_for(8).await;
+    quiet(&bot).await;
+    let db = db(&bot.app).await;
+    let photos = db.int("SELECT COUNT(*) FROM order_photos WHERE order_id = $1", &[(&order_id).into()]).await;
+    assert_eq!(photos, 2, "the order keeps the photos it was priced with");
+    assert_eq!(order_status(&db, &order_id).await, "awaiting_payment");
+    assert_eq!(bot.stripe.sessions_created(), 1, "no new session");
+    assert_eq!(bot.graph.requests().await.len(), 8, "one answer");
+    let reminder = wa::summary(&sends[7]);
+    assert!(
+        reminder.contains(session["url"].as_str().unwrap()) || reminder.to_lowercase().contains("pay"),
+        "{reminder}"
+    );
+}
+
+on_both!(
+    a_photo_after_done_is_not_added_and_the_link_stays_the_same,
+    an_async_payment_that_fails_in_the_end_expires_the_order_and_pay_brings_a_new_link,
+    an_async_success_before_its_completed_event_pays_once,
+);
