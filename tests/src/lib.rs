@@ -34,6 +34,7 @@ pub mod astria;
 pub mod db;
 pub mod deployment;
 pub mod fakes;
+pub mod postgres;
 pub mod quiet;
 pub mod stripe;
 pub mod whatsapp;
@@ -444,7 +445,8 @@ pub async fn spawn_app(config: AppConfig) -> Result<TestApp> {
         }
         (Some(url), Some(name))
     } else {
-        (None, None)
+        // A PostgreSQL URL the test gave (a server of its own): the test reads the same.
+        (config.env.get("SPIN_VARIABLE_DATABASE_URL").filter(|u| u.starts_with("postgres")).cloned(), None)
     };
     let runtime_config = match &config.runtime_config {
         Some(rc) => {

@@ -87,6 +87,15 @@ async fn training_started(w: &World) -> Vec<Value> {
     sends
 }
 
+/// Every portrait of the pack was sent, and none twice.
+fn assert_each_portrait_once(sends: &[Value]) {
+    let links = image_links(sends);
+    let mut distinct = links.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!((links.len(), distinct.len()), (IMAGES, IMAGES), "each portrait once: {links:#?}");
+}
+
 fn image_links(sends: &[Value]) -> Vec<String> {
     sends.iter().filter(|s| s["type"] == "image").map(|s| s["image"]["link"].as_str().unwrap().to_string()).collect()
 }
@@ -119,10 +128,7 @@ async fn journey(postgres: bool) {
         "{:#?}",
         sends_after.iter().map(wa::summary).collect::<Vec<_>>()
     );
-    let mut links = image_links(&sends_after);
-    links.sort();
-    links.dedup();
-    assert_eq!(links.len(), IMAGES, "each image once");
+    assert_each_portrait_once(&sends_after);
     assert_eq!(
         wa::summary(sends_after.last().unwrap()),
         "text:Your portraits have been delivered. Want another pack? Reply MENU."
@@ -347,10 +353,7 @@ async fn callbacks_that_beat_the_training_commit_are_kept_and_acted_on(postgres:
     settle(&w).await;
     let sends = w.graph.requests().await;
     assert_eq!(sends.len(), total, "{:?}", summaries(&sends));
-    let mut links = image_links(&sends);
-    links.sort();
-    links.dedup();
-    assert_eq!(links.len(), IMAGES);
+    assert_each_portrait_once(&sends);
     assert_eq!(w.astria.creates(), 1);
 }
 
@@ -468,10 +471,7 @@ async fn after_stop_nothing_is_sent_and_start_brings_the_paid_portraits_once(pos
     settle(&w).await;
     let sends = w.graph.requests().await;
     assert_eq!(sends.len(), total, "{:?}", summaries(&sends));
-    let mut links = image_links(&sends);
-    links.sort();
-    links.dedup();
-    assert_eq!(links.len(), IMAGES, "each portrait once");
+    assert_each_portrait_once(&sends);
     assert!(confirmation.starts_with("text:"), "{confirmation}");
 }
 
@@ -608,10 +608,7 @@ async fn with_every_callback_dropped_reconciliation_delivers_the_order_once_and_
     let total = BEFORE_IMAGES + IMAGES + 1;
     let sends = relay_until_sends(&w, total).await;
     assert_eq!(sends.len(), total, "{:?}", summaries(&sends));
-    let mut links = image_links(&sends);
-    links.sort();
-    links.dedup();
-    assert_eq!(links.len(), IMAGES);
+    assert_each_portrait_once(&sends);
     assert_eq!(
         wa::summary(&sends[total - 1]),
         "text:Your portraits have been delivered. Want another pack? Reply MENU."
@@ -642,10 +639,7 @@ async fn with_half_the_prompt_callbacks_dropped_the_rest_arrive_through_reconcil
     settle(&w).await;
     let sends_after = w.graph.requests().await;
     assert_eq!((sends.len(), sends_after.len()), (total, total), "{:?}", summaries(&sends_after));
-    let mut links = image_links(&sends_after);
-    links.sort();
-    links.dedup();
-    assert_eq!(links.len(), IMAGES, "each image once");
+    assert_each_portrait_once(&sends_after);
 }
 
 #[tokio::test]
@@ -882,10 +876,7 @@ async fn prompt_callbacks_before_the_tune_callback_deliver_every_portrait_once(p
     settle(&w).await;
     let sends = w.graph.requests().await;
     assert_eq!(sends.len(), BEFORE_IMAGES + IMAGES + 1, "{:?}", summaries(&sends));
-    let mut links = image_links(&sends);
-    links.sort();
-    links.dedup();
-    assert_eq!(links.len(), IMAGES, "each portrait once");
+    assert_each_portrait_once(&sends);
     assert_eq!(
         wa::summary(sends.last().unwrap()),
         "text:Your portraits have been delivered. Want another pack? Reply MENU."
@@ -894,3 +885,63 @@ async fn prompt_callbacks_before_the_tune_callback_deliver_every_portrait_once(p
 }
 
 on_both!(prompt_callbacks_before_the_tune_callback_deliver_every_portrait_once);
+
+// ------------------------------------------------------------------ PostgreSQL outage
+
+/// PostgreSQL (a server of the test's own) stops while the trainer waits for Astria's answer to
+/// its create call, and comes back: meanwhile webhooks answer 503 (Meta and Stripe retry) and
+/// readiness fails; afterwards the same running app takes the retried webhook, and the relay,
+/// trainer and sender finish the order with nothing lost and no portrait sent twice.
+///
+/// What the outage does cost: the trainer could neither record the tune Astria made nor give
+/// back its lease, so once the lease expires (10 minutes; the test expires it) the order is
+/// trained again and Astria bills a second tune. Astria has no idempotency key; the README's
+/// failure table says so.
+#[tokio::test]
+async fn postgres_restarted_under_the_running_app_loses_and_doubles_nothing() {
+    let mut pg = astria_tests::postgres::TestPostgres::start().await.unwrap();
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    graph.serve_media(0).await;
+    let stripe = FakeStripe::start().await;
+    let astria = FakeAstria::start().await;
+    let config =
+        fa::with_astria(ps::with_stripe(wa::bot_config(&graph, &redis, false), &stripe), &astria, &graph.uri());
+    let app = wa::spawn_bot(pg.app_config(config, "astria_restart").await.unwrap(), &redis).await;
+    astria_tests::wait_for_subscribers_at(&redis.url(), "astria.orders", 1).await.unwrap();
+    let w = World { app, _replicas: vec![], graph, astria, _stripe: stripe, _redis: redis };
+    w.astria.delay_next_create(vec![Duration::from_millis(1500)]);
+    let order_id = pay(&w).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w.astria.tunes().is_empty() {
+        assert!(Instant::now() < deadline, "the trainer never called Astria:\n{}", w.app.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    pg.stop();
+    let status = wa::status("wamid.elsewhere", ANA, "read", None);
+    assert_eq!(wa::post_webhook(&w.app, &status).await.0, 503, "Meta will retry");
+    assert_eq!(w.app.get("/health/message").await.status(), 503, "not ready");
+    let relay = w.app.client.post(w.app.url("/maintenance/relay")).bearer_auth(wa::ADMIN_TOKEN).send().await.unwrap();
+    assert_eq!(relay.status(), 503);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    pg.restart().await.unwrap();
+
+    // The same app, not a new one: Meta's retry is taken, readiness is back.
+    assert_eq!(wa::post_webhook(&w.app, &status).await.0, 200);
+    assert_eq!(w.app.get("/health/message").await.status(), 200);
+    // Ten minutes pass: the training lease the trainer could not give back expires.
+    let db = db(&w.app).await;
+    assert_eq!(db.execute("UPDATE job_leases SET lease_until = 0 WHERE name LIKE 'train:%'", &[]).await, 1);
+    fast_forward(&w).await;
+    training_started(&w).await;
+    w.astria.finish(&w.app, &order_id).await;
+    fast_forward(&w).await;
+    let sends = w.graph.requests().await;
+    assert_eq!(sends.len(), BEFORE_IMAGES + IMAGES + 1, "{:?}", summaries(&sends));
+    assert_each_portrait_once(&sends);
+    assert_eq!(w.astria.creates(), 2, "the tune made during the outage, and the one recorded");
+    let recorded = db.int("SELECT astria_tune_id FROM orders WHERE id = $1", &[(&order_id).into()]).await;
+    assert_eq!(recorded as u64, w.astria.tunes()[1].id, "the second is the order's");
+    assert_eq!(db.order_status(&order_id).await, "delivered");
+}

@@ -532,25 +532,27 @@ async fn with_redis_stopped_replies_wait_and_are_delivered_once_it_returns_postg
 
 #[tokio::test]
 async fn with_the_database_down_the_webhook_answers_503_and_metas_retry_succeeds_postgres() {
+    let mut pg = astria_tests::postgres::TestPostgres::start().await.unwrap();
     let redis = TestRedis::start().await.unwrap();
     let graph = FakeGraph::start().await;
+    let config = pg.app_config(wa::bot_config(&graph, &redis, false), "astria_down").await.unwrap();
+    let app = wa::spawn_bot(config, &redis).await;
     let body = wa::inbound(ANA, vec![wa::text(ANA, "wamid.db1", "hi")]);
-    {
-        // Nothing listens on port 1: the database is down.
-        let down = wa::bot_config(&graph, &redis, false)
-            .var("database_url", "postgres://postgres@127.0.0.1:1/astria")
-            .var("postgres_host", "127.0.0.1:1");
-        let app = wa::spawn_bot(down, &redis).await;
-        let (status, report) = wa::post_webhook(&app, &body).await;
-        assert_eq!(status, 503, "{report}");
-        assert_eq!(report["error"], "database unavailable");
-        assert!(!app.log().contains("postgres://postgres@"), "no connection string in the log");
-        assert_eq!(app.get("/health/message").await.status(), 503);
-    }
-    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, true), &redis).await;
+    pg.stop();
     let (status, report) = wa::post_webhook(&app, &body).await;
-    assert_eq!((status, report["messages"].as_i64()), (200, Some(1)));
-    assert_eq!(graph.wait_for(1).await.len(), 1);
+    assert_eq!(status, 503, "{report}");
+    assert_eq!(report["error"], "database unavailable");
+    assert!(!app.log().contains("postgres://postgres@"), "no connection string in the log");
+    assert_eq!(app.get("/health/message").await.status(), 503);
+    pg.restart().await.unwrap();
+    // The same running app takes Meta's retry, once.
+    assert_eq!(app.get("/health/message").await.status(), 200);
+    let (status, report) = wa::post_webhook(&app, &body).await;
+    assert_eq!((status, report["messages"].as_i64()), (200, Some(1)), "{report}");
+    assert_eq!(wa::post_webhook(&app, &body).await.1["duplicates"], 1);
+    graph.wait_for(1).await;
+    quiesce(&app).await;
+    assert_eq!(graph.requests().await.len(), 1, "one reply");
 }
 
 #[tokio::test]
