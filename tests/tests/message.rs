@@ -795,3 +795,56 @@ async fn a_batch_mixing_a_seen_message_with_new_ones_handles_only_the_new(postgr
 }
 
 on_both!(a_batch_mixing_a_seen_message_with_new_ones_handles_only_the_new);
+
+/// Ana sends four selfies at once; Meta's deliveries land on two replicas, and her DONE races
+/// the last selfie. Whatever the order the two replicas take them in, the result is one order
+/// with distinct photo counters, stored photos matching the replies, and one Checkout session.
+async fn four_selfies_at_once_on_two_replicas_with_done_racing_the_last_make_one_consistent_order(postgres: bool) {
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    let stripe = FakeStripe::start().await;
+    let config = || ps::with_stripe(wa::bot_config(&graph, &redis, postgres), &stripe).var("max_photos", "4");
+    let a = wa::spawn_bot(config(), &redis).await;
+    let b = astria_tests::spawn_app(config().replica_of(&a)).await.unwrap();
+    astria_tests::wait_for_subscribers_at(&redis.url(), "astria.messages", 2).await.unwrap();
+    say(&a, &graph, wa::text(ANA, "wamid.r1", "hi"), 1).await;
+    say(&b, &graph, wa::list_reply(ANA, "wamid.r2", "pack:corporate", "Corporate headshots"), 2).await;
+    say(&a, &graph, wa::button_reply(ANA, "wamid.r3", "subject:man", "Man"), 3).await;
+
+    async fn post(app: &TestApp, m: Value) -> u16 {
+        wa::post_webhook(app, &wa::inbound(ANA, vec![m])).await.0
+    }
+    let selfie = |i: usize| wa::photo(ANA, &format!("wamid.selfie{i}"));
+    let first = futures::future::join3(post(&a, selfie(0)), post(&b, selfie(1)), post(&a, selfie(2))).await;
+    assert_eq!(first, (200, 200, 200));
+    let done = wa::button_reply(ANA, "wamid.rdone", "done", "Done");
+    let last = futures::future::join(post(&b, selfie(3)), post(&a, done)).await;
+    assert_eq!(last, (200, 200));
+    quiesce(&a).await;
+
+    let db = pg(&a).await;
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM orders").await, 1, "one order");
+    let order = db.rows("SELECT id, status FROM orders", &[]).await;
+    assert_eq!(order[0][1].text(), "awaiting_payment");
+    let positions: Vec<i64> =
+        db.rows("SELECT position FROM order_photos ORDER BY position", &[]).await.iter().map(|r| r[0].int()).collect();
+    let stored = positions.len();
+    assert!(stored == 3 || stored == 4, "DONE took three or four selfies: {positions:?}");
+    assert_eq!(positions, (0..stored as i64).collect::<Vec<_>>(), "distinct counters, no gap");
+    assert_eq!(stripe.sessions_created(), 1, "one Checkout session");
+    let sends: Vec<String> = graph.requests().await.iter().map(wa::summary).collect();
+    // "Got it (1/4)." for the first, "Got N photos. ..." after.
+    let counter = |s: &String| {
+        let n = s.strip_prefix("text:Got it (").or_else(|| s.strip_prefix("buttons:Got "))?;
+        n.split(|c: char| !c.is_ascii_digit()).next()?.parse::<i64>().ok()
+    };
+    let mut counters: Vec<i64> = sends.iter().filter_map(counter).collect();
+    counters.sort();
+    assert_eq!(counters, (1..=stored as i64).collect::<Vec<_>>(), "one distinct counter per stored selfie: {sends:#?}");
+    assert_eq!(sends.iter().filter(|s| s.starts_with("text:Pay securely here:")).count(), 1, "{sends:#?}");
+    // Three steps, a reply to each selfie (a counter, or for one that came after DONE the
+    // payment reminder), DONE's answer and the link.
+    assert_eq!(sends.len(), 3 + 4 + 1 + 1, "{sends:#?}");
+}
+
+on_both!(four_selfies_at_once_on_two_replicas_with_done_racing_the_last_make_one_consistent_order);
