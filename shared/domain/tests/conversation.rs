@@ -478,6 +478,14 @@ mod properties {
                         w.state = out.state;
                     }
                 }
+                // One open order per contact at every step: a new order only once the last
+                // one is settled one way or another.
+                let open = w
+                    .orders
+                    .iter()
+                    .filter(|(o, _)| matches!(o.status, OrderStatus::CollectingPhotos | OrderStatus::AwaitingPayment))
+                    .count();
+                prop_assert!(open <= 1, "{open} open orders");
             }
             for (o, paid) in &w.orders {
                 prop_assert!(*paid <= 1, "order {} paid {} times", o.id, paid);
