@@ -443,6 +443,20 @@ async fn a_photo_whose_bytes_do_not_match_fails_the_order_at_once(postgres: bool
     assert_eq!(w.astria.creates(), 0, "nothing sent to Astria");
 }
 
+async fn a_photo_over_the_size_cap_fails_the_order_at_once(postgres: bool) {
+    let w = world(postgres, 1, 0).await;
+    // 17 MiB where WhatsApp keeps images under 5 MB: over the trainer's 16 MiB cap every time.
+    wiremock::Mock::given(wiremock::matchers::method("GET"))
+        .and(wiremock::matchers::path_regex("^/media-bytes/[^/]+$"))
+        .respond_with(wiremock::ResponseTemplate::new(200).set_body_bytes(vec![0u8; 17 << 20]))
+        .with_priority(1)
+        .mount(&w.graph.server)
+        .await;
+    let order_id = pay(&w).await;
+    assert_failed_and_flagged(&w, &order_id, BEFORE_IMAGES - 1, "is larger than 16777216 bytes").await;
+    assert_eq!(w.astria.creates(), 0, "nothing sent to Astria");
+}
+
 async fn after_stop_nothing_is_sent_and_start_brings_the_paid_portraits_once(postgres: bool) {
     let w = world(postgres, 1, 0).await;
     let order_id = pay(&w).await;
@@ -750,6 +764,7 @@ on_both!(
     astria_down_past_the_events_retries_and_back_still_trains_and_delivers_once,
     a_paid_order_that_never_trains_fails_at_the_give_up_point_with_a_refund_flagged,
     a_photo_whose_bytes_do_not_match_fails_the_order_at_once,
+    a_photo_over_the_size_cap_fails_the_order_at_once,
     after_stop_nothing_is_sent_and_start_brings_the_paid_portraits_once,
     forged_or_malformed_callbacks_are_refused_and_repeats_deliver_nothing_twice,
     after_stop_and_no_start_in_time_the_held_portraits_are_given_up_and_the_refund_flagged,

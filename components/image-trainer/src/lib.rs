@@ -205,7 +205,11 @@ fn download(media: &WhatsAppMedia, photo: &Photo) -> Result<Vec<u8>, Failure> {
         s => return Err(Failure::Retry(format!("media lookup answered HTTP {s}"))),
     }
     let info = astria::parse_media_info(&info.body).map_err(|e| Failure::Retry(e.to_string()))?;
-    let bytes = get(&info.url, MAX_PHOTO).map_err(|e| transient(&e))?;
+    let bytes = get(&info.url, MAX_PHOTO).map_err(|e| match e {
+        // WhatsApp keeps images under 5 MB; one over the cap will be over it on every try.
+        HttpError::TooLarge(max) => Failure::Final(format!("photo {} is larger than {max} bytes", photo.media_id)),
+        e => transient(&e),
+    })?;
     if !(200..300).contains(&bytes.status) {
         return Err(Failure::Retry(format!("media download answered HTTP {}", bytes.status)));
     }
