@@ -13,42 +13,56 @@ use astria_store::cleanup::{self, Retention};
 use astria_store::outbox::RelayPolicy;
 use spin_kit::error::ApiError;
 use spin_kit::events;
-use spin_sdk::http::{Method, Request, Response};
+use spin_sdk::http::{IncomingRequest, Method, Response};
 use spin_sdk::http_component;
 use subtle::ConstantTimeEq;
 
 const SERVICE: &str = "maintenance";
+/// No route takes a body; one is read (and dropped) only up to this size, so that a large body
+/// costs nothing but a 413 (the buffered `Request` type would hold any size in memory).
+const MAX_BODY: usize = 64 * 1024;
 
 #[http_component]
-fn handle(req: Request) -> Response {
-    let request_id = spin_kit::request_id(&req);
-    let result = match (req.method(), req.path()) {
+async fn handle(req: IncomingRequest) -> Response {
+    let request_id = spin_kit::request_id_from(spin_kit::header(&req, "x-request-id").as_deref());
+    let auth = spin_kit::header(&req, "authorization").unwrap_or_default();
+    let method = req.method();
+    let path_with_query = req.path_with_query().unwrap_or_default();
+    let (path, query) = path_with_query.split_once('?').unwrap_or((&path_with_query, ""));
+    let (path, query) = (path.to_string(), query.to_string());
+    let result = match spin_kit::error::read_body(req, MAX_BODY).await {
+        Ok(_) => route(&method, &path, &query, &auth, &request_id),
+        Err(e) => Err(e),
+    };
+    result.unwrap_or_else(|e| e.into_response(&request_id))
+}
+
+fn route(method: &Method, path: &str, query: &str, auth: &str, request_id: &str) -> Result<Response, ApiError> {
+    match (method, path) {
         (Method::Get, "/health/maintenance") => Ok(spin_kit::health::readiness(SERVICE, env!("CARGO_PKG_VERSION"))),
-        (Method::Post, "/maintenance/run") => authorize(&req).and_then(|()| cleanup(&request_id)),
-        (Method::Post, "/maintenance/relay") => authorize(&req).and_then(|()| relay(&request_id)),
-        (Method::Get, "/maintenance/dead-letters") => authorize(&req).and_then(|()| dead_letters()),
-        (Method::Get, "/maintenance/payment-issues") => authorize(&req).and_then(|()| payment_issues()),
-        (Method::Get, "/maintenance/messages") => authorize(&req).and_then(|()| outbound_messages(req.query())),
+        (Method::Post, "/maintenance/run") => authorize(auth).and_then(|()| cleanup(request_id)),
+        (Method::Post, "/maintenance/relay") => authorize(auth).and_then(|()| relay(request_id)),
+        (Method::Get, "/maintenance/dead-letters") => authorize(auth).and_then(|()| dead_letters()),
+        (Method::Get, "/maintenance/payment-issues") => authorize(auth).and_then(|()| payment_issues()),
+        (Method::Get, "/maintenance/messages") => authorize(auth).and_then(|()| outbound_messages(query)),
         // Authorised first; the id is parsed without slicing, so no path can make it panic.
-        (Method::Post, path) if path.starts_with("/maintenance/dead-letters/") => authorize(&req).and_then(|()| {
+        (Method::Post, path) if path.starts_with("/maintenance/dead-letters/") => authorize(auth).and_then(|()| {
             match path.strip_prefix("/maintenance/dead-letters/").and_then(|rest| rest.strip_suffix("/replay")) {
-                Some(id) if !id.is_empty() && !id.contains('/') => replay(id, &request_id),
+                Some(id) if !id.is_empty() && !id.contains('/') => replay(id, request_id),
                 _ => Err(ApiError::NotFound),
             }
         }),
         (_, "/maintenance/relay" | "/maintenance/run") => Err(ApiError::BadRequest("use POST".into())),
         _ => Err(ApiError::NotFound),
-    };
-    result.unwrap_or_else(|e| e.into_response(&request_id))
+    }
 }
 
 use spin_kit::var;
 
 /// Bearer `admin_token`, compared in constant time. An empty token configures no access.
-fn authorize(req: &Request) -> Result<(), ApiError> {
+fn authorize(header: &str) -> Result<(), ApiError> {
     let expected = var("admin_token")?;
-    let given =
-        req.header("authorization").and_then(|h| h.as_str()).and_then(|h| h.strip_prefix("Bearer ")).unwrap_or("");
+    let given = header.strip_prefix("Bearer ").unwrap_or("");
     if expected.is_empty() || !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
         return Err(ApiError::Unauthorized);
     }
