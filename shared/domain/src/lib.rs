@@ -14,5 +14,12 @@ pub mod stripe;
 pub mod texts;
 pub mod whatsapp;
 
+/// Whether a JSON body carries a NUL character (`\u0000`). No webhook sender uses one in real
+/// data, and PostgreSQL refuses it in text (SQLSTATE 22021): parsers refuse such bodies as
+/// malformed at the edge, so that it costs a 400 instead of a failed transaction.
+pub fn has_nul_escape(raw: &[u8]) -> bool {
+    raw.contains(&0) || raw.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000"))
+}
+
 pub use money::{Money, MoneyError};
 pub use order::{check_payment, PaymentCheck, TransitionError};

@@ -156,6 +156,9 @@ fn session_from(json: SessionJson) -> Result<Session, StripeError> {
 
 /// Parses a verified webhook body.
 pub fn parse_event(raw: &[u8]) -> Result<Event, StripeError> {
+    if crate::has_nul_escape(raw) {
+        return Err(StripeError::Malformed("NUL character in the event".into()));
+    }
     let e: EventJson = serde_json::from_slice(raw).map_err(|e| StripeError::Malformed(e.to_string()))?;
     if e.id.is_empty() {
         return Err(StripeError::Malformed("event without id".into()));

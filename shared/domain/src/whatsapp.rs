@@ -225,6 +225,9 @@ fn inbound(m: &MessageJson) -> Result<Inbound, WebhookError> {
 
 /// Parses a webhook body; keeps only `messages` changes for `our_phone_number_id`.
 pub fn parse_webhook(raw: &[u8], our_phone_number_id: &str) -> Result<Webhook, WebhookError> {
+    if crate::has_nul_escape(raw) {
+        return Err(WebhookError::Malformed("NUL character in the body".into()));
+    }
     let env: Envelope = serde_json::from_slice(raw).map_err(|e| WebhookError::Malformed(e.to_string()))?;
     if env.object != "whatsapp_business_account" {
         return Err(WebhookError::Malformed(format!("object '{}' is not whatsapp_business_account", env.object)));

@@ -145,3 +145,12 @@ proptest! {
         prop_assert_eq!(verify_signature("s3cret", &tampered, Some(&sig)), Err(WebhookError::BadSignature));
     }
 }
+
+#[test]
+fn a_body_with_a_nul_character_is_malformed() {
+    let raw = webhook(OUR_NUMBER, &message("wamid.n", r#""type":"text","text":{"body":"a\u0000b"}"#), "");
+    assert!(matches!(parse_webhook(raw.as_bytes(), OUR_NUMBER), Err(WebhookError::Malformed(_))));
+    let stripe = br#"{"id":"evt_\u0000","type":"checkout.session.completed","data":{"object":{}}}"#;
+    assert!(astria_domain::stripe::parse_event(stripe).is_err());
+    assert!(!astria_domain::has_nul_escape(br#"{"a":"u0000 and \\n are fine"}"#));
+}
