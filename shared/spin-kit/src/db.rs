@@ -23,13 +23,11 @@ impl SpinDb {
     }
 }
 
+/// spin-sdk's errors, classified by the store's shared mapping (`DbError::from_*`), the same
+/// the store's contract tests run through.
 fn sqlite_error(e: sqlite::Error) -> DbError {
     match e {
-        // spin-sdk's SQLite interface reports constraint failures only as text; this prefix is
-        // SQLite's own, stable wording for them.
-        sqlite::Error::Io(msg) if msg.starts_with("UNIQUE constraint failed") => DbError::Conflict(msg),
-        sqlite::Error::Io(msg) if msg.contains("database is locked") => DbError::Unavailable(msg),
-        sqlite::Error::Io(msg) => DbError::Query(msg),
+        sqlite::Error::Io(msg) => DbError::from_sqlite_message(msg),
         other => DbError::Unavailable(format!("{other:?}")),
     }
 }
@@ -37,13 +35,8 @@ fn sqlite_error(e: sqlite::Error) -> DbError {
 fn pg_error(e: pg4::PgError) -> DbError {
     match e {
         pg4::PgError::ConnectionFailed(msg) => DbError::Unavailable(msg),
-        pg4::PgError::QueryFailed(pg4::QueryError::DbError(db)) if db.code == "23505" => DbError::Conflict(db.message),
-        pg4::PgError::QueryFailed(pg4::QueryError::DbError(db)) => {
-            DbError::Query(format!("{} ({})", db.message, db.code))
-        }
-        pg4::PgError::QueryFailed(pg4::QueryError::Text(t)) if t.contains("connection closed") => {
-            DbError::Unavailable(t)
-        }
+        pg4::PgError::QueryFailed(pg4::QueryError::DbError(db)) => DbError::from_postgres(Some(&db.code), db.message),
+        pg4::PgError::QueryFailed(pg4::QueryError::Text(t)) => DbError::from_postgres(None, t),
         other => DbError::Query(format!("{other:?}")),
     }
 }

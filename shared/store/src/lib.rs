@@ -125,6 +125,39 @@ pub enum DbError {
     Decode(String),
 }
 
+impl DbError {
+    /// A failed SQLite statement, from SQLite's own message (spin-sdk's SQLite interface reports
+    /// failures only as text; the prefixes are SQLite's stable wording). Every adapter maps
+    /// through here, so the store's contract tests and the components agree on what a conflict
+    /// and an outage are.
+    pub fn from_sqlite_message(msg: String) -> DbError {
+        if msg.starts_with("UNIQUE constraint failed") {
+            DbError::Conflict(msg)
+        } else if msg.contains("database is locked") || msg.contains("database is busy") {
+            DbError::Unavailable(msg)
+        } else {
+            DbError::Query(msg)
+        }
+    }
+
+    /// A failed PostgreSQL statement: its SQLSTATE when the server answered (23505 is a unique
+    /// violation; class 08 and the shutdown codes 57P01-57P03 mean the server went away), or
+    /// the client's message when it did not.
+    pub fn from_postgres(sqlstate: Option<&str>, msg: String) -> DbError {
+        match sqlstate {
+            Some("23505") => DbError::Conflict(msg),
+            Some(code) if code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03") => {
+                DbError::Unavailable(msg)
+            }
+            Some(code) => DbError::Query(format!("{msg} ({code})")),
+            None if msg.contains("connection closed") || msg.contains("connection refused") => {
+                DbError::Unavailable(msg)
+            }
+            None => DbError::Query(msg),
+        }
+    }
+}
+
 /// The database operations the store needs, as both spin-sdk backends offer them.
 pub trait Db {
     fn dialect(&self) -> Dialect;
@@ -176,5 +209,19 @@ mod tests {
         let sql = "SELECT $1, '$x', $12 FROM t WHERE a = $2";
         assert_eq!(Dialect::Sqlite.sql(sql), "SELECT ?1, '$x', ?12 FROM t WHERE a = ?2");
         assert_eq!(Dialect::Postgres.sql(sql), sql);
+    }
+
+    #[test]
+    fn driver_errors_map_to_one_classification() {
+        let c = |e: DbError| std::mem::discriminant(&e);
+        let m = |s: &str| s.to_string();
+        assert_eq!(c(DbError::from_sqlite_message(m("UNIQUE constraint failed: t.id"))), c(DbError::Conflict(m(""))));
+        assert_eq!(c(DbError::from_sqlite_message(m("database is locked"))), c(DbError::Unavailable(m(""))));
+        assert_eq!(c(DbError::from_sqlite_message(m("no such table: x"))), c(DbError::Query(m(""))));
+        assert_eq!(c(DbError::from_postgres(Some("23505"), m("dup"))), c(DbError::Conflict(m(""))));
+        assert_eq!(c(DbError::from_postgres(Some("57P01"), m("shutdown"))), c(DbError::Unavailable(m(""))));
+        assert_eq!(c(DbError::from_postgres(Some("08006"), m("lost"))), c(DbError::Unavailable(m(""))));
+        assert_eq!(c(DbError::from_postgres(Some("42P01"), m("no table"))), c(DbError::Query(m(""))));
+        assert_eq!(c(DbError::from_postgres(None, m("connection closed"))), c(DbError::Unavailable(m(""))));
     }
 }

@@ -27,12 +27,9 @@ impl Sqlite {
     }
 }
 
+/// Through the mapping the components use (spin-sdk hands them SQLite's message).
 fn sqlite_err(e: rusqlite::Error) -> DbError {
-    match e.sqlite_error_code() {
-        Some(rusqlite::ErrorCode::ConstraintViolation) => DbError::Conflict(e.to_string()),
-        Some(rusqlite::ErrorCode::DatabaseBusy) => DbError::Unavailable(e.to_string()),
-        _ => DbError::Query(e.to_string()),
-    }
+    DbError::from_sqlite_message(e.to_string())
 }
 
 impl Db for Sqlite {
@@ -78,11 +75,13 @@ fn to_sqlite(v: &Value) -> rusqlite::types::Value {
 
 struct Pg(RefCell<postgres::Client>);
 
+/// Through the mapping the components use: the server's SQLSTATE and message, as spin-sdk
+/// hands them over, or the client's message.
 fn pg_err(e: postgres::Error) -> DbError {
-    match e.code() {
-        Some(c) if *c == postgres::error::SqlState::UNIQUE_VIOLATION => DbError::Conflict(e.to_string()),
-        _ if e.is_closed() => DbError::Unavailable(e.to_string()),
-        _ => DbError::Query(e.to_string()),
+    match e.as_db_error() {
+        Some(db) => DbError::from_postgres(Some(db.code().code()), db.message().to_string()),
+        None if e.is_closed() => DbError::from_postgres(None, format!("connection closed: {e}")),
+        None => DbError::from_postgres(None, e.to_string()),
     }
 }
 
