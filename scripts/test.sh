@@ -51,9 +51,9 @@ bash scripts/check-kubernetes.sh
 spin_pass() { # label, spin binary, extra skip arguments...
   local label=$1 bin=$2; shift 2
   echo "[test] integration tests under $label ($bin)" >&2
-  echo "[test] skipped under $label: tests matching 'devhost_only' (devhost-only features), 'run_script' (host-independent: ran in the devhost pass)" >&2
+  echo "[test] skipped under $label: tests matching 'devhost_only' (devhost-only features), 'run_script' (host-independent: ran in the devhost pass), 'fuzz' (tens of thousands of requests: ran in the devhost pass; scripts/fuzz.sh with SPIN_BIN runs it under Spin)" >&2
   SPIN_BIN=$bin cargo test --profile host --tests -- \
-    --skip devhost_only --skip run_script "$@"
+    --skip devhost_only --skip run_script --skip fuzz "$@"
 }
 if [ $# -eq 0 ] && [ -z "${SPIN_BIN:-}" ]; then
   if [ -n "$spin_363" ]; then

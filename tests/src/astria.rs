@@ -267,3 +267,16 @@ pub fn with_astria(config: AppConfig, astria: &FakeAstria, media_host: &str) -> 
         .var("public_base_url", "https://bot.example.com")
         .var("whatsapp_media_url", media_host)
 }
+
+/// The whole app against fake WhatsApp, Stripe and Astria servers (media served by the fake
+/// Graph API), on PostgreSQL or SQLite.
+pub fn bot_config(
+    graph: &crate::whatsapp::FakeGraph,
+    redis: &crate::TestRedis,
+    stripe: &crate::stripe::FakeStripe,
+    astria: &FakeAstria,
+    postgres: bool,
+) -> AppConfig {
+    let base = crate::stripe::with_stripe(crate::whatsapp::bot_config(graph, redis, postgres), stripe);
+    with_astria(base, astria, &graph.uri())
+}

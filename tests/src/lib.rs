@@ -261,6 +261,35 @@ impl TestApp {
         (status, body)
     }
 
+    /// POSTs `total` bytes chunk-encoded (no Content-Length) over a raw connection and answers
+    /// the status. A server that answers 413 early and closes is read, not lost as a broken
+    /// pipe (reqwest would report only the failed write).
+    pub async fn chunked_post(&self, path: &str, total: usize) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.address.trim_start_matches("http://");
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut rd, mut wr) = stream.into_split();
+        let head =
+            format!("POST {path} HTTP/1.1\r\nhost: {addr}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n");
+        let writer = tokio::spawn(async move {
+            wr.write_all(head.as_bytes()).await?;
+            let chunk = vec![b'{'; 64 * 1024];
+            let mut sent = 0;
+            while sent < total {
+                wr.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).await?;
+                wr.write_all(&chunk).await?;
+                wr.write_all(b"\r\n").await?;
+                sent += chunk.len();
+            }
+            wr.write_all(b"0\r\n\r\n").await
+        });
+        let mut raw = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut raw)).await;
+        writer.abort();
+        let text = String::from_utf8_lossy(&raw);
+        text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    }
+
     /// Polls `check` until it returns `Some`, for at most `timeout`.
     pub async fn eventually<T, F, Fut>(&self, timeout: Duration, mut check: F) -> Option<T>
     where

@@ -783,8 +783,7 @@ async fn no_secret_and_no_phone_number_in_any_log(postgres: bool) {
     graph.serve_media(1).await;
     let stripe = FakeStripe::start().await;
     let astria = FakeAstria::start().await;
-    let base =
-        fa::with_astria(ps::with_stripe(wa::bot_config(&graph, &redis, postgres), &stripe), &astria, &graph.uri());
+    let base = fa::bot_config(&graph, &redis, &stripe, &astria, postgres);
     let config = astria_tests::AppConfig { database_password: Some(DB_PASSWORD.into()), ..base };
     let app = wa::spawn_bot(config, &redis).await;
     graph.report_statuses(&app);
@@ -920,8 +919,7 @@ async fn postgres_restarted_under_the_running_app_loses_and_doubles_nothing() {
     graph.serve_media(0).await;
     let stripe = FakeStripe::start().await;
     let astria = FakeAstria::start().await;
-    let config =
-        fa::with_astria(ps::with_stripe(wa::bot_config(&graph, &redis, false), &stripe), &astria, &graph.uri());
+    let config = fa::bot_config(&graph, &redis, &stripe, &astria, false);
     let app = wa::spawn_bot(pg.app_config(config, "astria_restart").await.unwrap(), &redis).await;
     astria_tests::wait_for_subscribers_at(&redis.url(), "astria.orders", 1).await.unwrap();
     let w = World { app, _replicas: vec![], graph, astria, _stripe: stripe, _redis: redis };
