@@ -45,6 +45,24 @@ async fn wait_stats(app: &TestApp, timeout: Duration, pred: impl Fn(&Value) -> b
     }
 }
 
+/// Waits until the fixture has nothing left to do (no event pending or published but not
+/// completed, and the counts unchanged over two looks), then answers its stats: counts compared
+/// after it are final. Fails if that never comes.
+async fn quiet_stats(app: &TestApp) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut last = Value::Null;
+    loop {
+        let s = stats(app).await;
+        let idle = s["outbox"]["pending"] == 0 && s["outbox"]["published"] == 0;
+        if idle && s == last {
+            return s;
+        }
+        assert!(std::time::Instant::now() < deadline, "never quiet; last stats {s}\n{}", app.log());
+        last = s;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The fixture split as the app is deployed: the HTTP component and the Redis-trigger consumer
 /// in processes of their own, the consumer restarted after it exits (Spin's trigger ends when
 /// Redis goes away).
@@ -80,8 +98,7 @@ async fn survives_a_redis_outage(backend: Backend) {
 
     // Once done, the relay leaves it alone: acted on once.
     assert_eq!(post_json(&app, "/events/relay").await["republished"], 0);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(stats(&app).await["effects"], 1);
+    assert_eq!(quiet_stats(&app).await["effects"], 1);
     assert_eq!(app.process("probe").exits(), vec![], "the HTTP process never stopped");
 }
 
@@ -108,8 +125,7 @@ async fn three_replicas_act_once(backend: Backend) {
     assert_eq!((s["effects"].as_i64(), s["distinct_effects"].as_i64()), (Some(200), Some(200)), "{s}");
 
     // Every replica received every message; exactly one acted on each.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(stats(&third).await["effects"], 200);
+    assert_eq!(quiet_stats(&third).await["effects"], 200);
     drop((second, third));
 }
 
