@@ -12,7 +12,8 @@ const N: u64 = 500;
 
 #[tokio::main]
 async fn main() {
-    println!("event pipeline cost, {N} events, measured inside the component (devhost, this machine)");
+    let host = astria_tests::Host::from_env().expect("host").label();
+    println!("event pipeline cost, {N} events, measured inside the component ({host}, this machine)");
     // The same app without its consumer isolates the emitter's cost; with it, the figures
     // include the contention of consumers acting on the events at the same time.
     let start = MANIFEST.find("[[trigger.redis]]").expect("fixture has a redis trigger");

@@ -16,7 +16,8 @@ const REQUESTS: usize = 2000;
 
 #[tokio::main]
 async fn main() {
-    println!("POST /SmsReceived, signed text message, {REQUESTS} requests per run (devhost, this machine)");
+    let host = astria_tests::Host::from_env().expect("host").label();
+    println!("POST /SmsReceived, signed text message, {REQUESTS} requests per run ({host}, this machine)");
     for postgres in [false, true] {
         for concurrency in [1usize, 8, 32] {
             let redis = TestRedis::start().await.expect("redis-server");

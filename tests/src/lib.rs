@@ -83,6 +83,21 @@ impl Host {
         Ok(Host::Devhost(bin))
     }
 
+    /// What a benchmark prints as its host: `devhost`, or the Spin binary's version line.
+    pub fn label(&self) -> String {
+        match self {
+            Host::Devhost(_) => "devhost".into(),
+            Host::Spin(bin) => std::process::Command::new(bin)
+                .arg("--version")
+                .output()
+                .ok()
+                // "spin 3.6.3 (<commit> <date>)": the name and version are enough.
+                .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| format!("Spin at {}", bin.display())),
+        }
+    }
+
     pub fn is_spin(&self) -> bool {
         matches!(self, Host::Spin(_))
     }
