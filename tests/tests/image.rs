@@ -429,32 +429,29 @@ async fn a_paid_order_that_never_trains_fails_at_the_give_up_point_with_a_refund
     assert_failed_and_flagged(&w, &order_id, BEFORE_IMAGES - 1, "training never started").await;
 }
 
-async fn a_photo_whose_bytes_do_not_match_fails_the_order_at_once(postgres: bool) {
+/// WhatsApp serves `bytes` for every photo: a fault no retry can mend, so the paid order fails
+/// at once (refund flagged, customer told, the message naming `detail`) and Astria is not asked.
+async fn photo_bytes_fail_the_order_at_once(postgres: bool, bytes: Vec<u8>, detail: &str) {
     let w = world(postgres, 1, 0).await;
-    // WhatsApp's bytes do not match the sha256 it announced: no download will ever match.
     wiremock::Mock::given(wiremock::matchers::method("GET"))
         .and(wiremock::matchers::path_regex("^/media-bytes/[^/]+$"))
-        .respond_with(wiremock::ResponseTemplate::new(200).set_body_bytes(b"not the photo".to_vec()))
+        .respond_with(wiremock::ResponseTemplate::new(200).set_body_bytes(bytes))
         .with_priority(1)
         .mount(&w.graph.server)
         .await;
     let order_id = pay(&w).await;
-    assert_failed_and_flagged(&w, &order_id, BEFORE_IMAGES - 1, "does not match its sha256").await;
+    assert_failed_and_flagged(&w, &order_id, BEFORE_IMAGES - 1, detail).await;
     assert_eq!(w.astria.creates(), 0, "nothing sent to Astria");
 }
 
+async fn a_photo_whose_bytes_do_not_match_fails_the_order_at_once(postgres: bool) {
+    // WhatsApp's bytes do not match the sha256 it announced: no download will ever match.
+    photo_bytes_fail_the_order_at_once(postgres, b"not the photo".to_vec(), "does not match its sha256").await;
+}
+
 async fn a_photo_over_the_size_cap_fails_the_order_at_once(postgres: bool) {
-    let w = world(postgres, 1, 0).await;
     // 17 MiB where WhatsApp keeps images under 5 MB: over the trainer's 16 MiB cap every time.
-    wiremock::Mock::given(wiremock::matchers::method("GET"))
-        .and(wiremock::matchers::path_regex("^/media-bytes/[^/]+$"))
-        .respond_with(wiremock::ResponseTemplate::new(200).set_body_bytes(vec![0u8; 17 << 20]))
-        .with_priority(1)
-        .mount(&w.graph.server)
-        .await;
-    let order_id = pay(&w).await;
-    assert_failed_and_flagged(&w, &order_id, BEFORE_IMAGES - 1, "is larger than 16777216 bytes").await;
-    assert_eq!(w.astria.creates(), 0, "nothing sent to Astria");
+    photo_bytes_fail_the_order_at_once(postgres, vec![0u8; 17 << 20], "is larger than 16777216 bytes").await;
 }
 
 async fn after_stop_nothing_is_sent_and_start_brings_the_paid_portraits_once(postgres: bool) {
