@@ -342,7 +342,7 @@ fn operator_cases(rng: &mut StdRng, signed: bool) -> Case {
 // ------------------------------------------------------------------ running
 
 /// Sends every case; answers (status, case) for each answer outside 2xx/4xx, and the count.
-async fn run(app: &TestApp, cases: Vec<Case>) -> Vec<(u16, Case)> {
+async fn run(app: &TestApp, cases: Vec<Case>, concurrency: usize) -> Vec<(u16, Case)> {
     let bad = futures::stream::iter(cases)
         .map(|c| async move {
             let mut req = app.client.request(c.method.clone(), app.url(&c.target)).body(c.body.clone());
@@ -355,11 +355,27 @@ async fn run(app: &TestApp, cases: Vec<Case>) -> Vec<(u16, Case)> {
             };
             (status, c)
         })
-        .buffer_unordered(concurrency())
+        .buffer_unordered(concurrency)
         .filter(|(status, _)| futures::future::ready(!(200..500).contains(status)))
         .collect::<Vec<_>>()
         .await;
     bad
+}
+
+/// Fails the test when any answer was outside 2xx/4xx. The app's log goes first and the
+/// verdict (the seed and the first bad cases) last, so that the end of the output, which is
+/// what CI keeps, says what failed.
+fn check(app: &TestApp, seed: u64, phase: &str, bad: &[(u16, Case)]) {
+    if bad.is_empty() {
+        return;
+    }
+    eprintln!("---- the app's log ----\n{}\n---- end of the app's log ----", app.log());
+    panic!(
+        "{phase}: {} answers outside 2xx/4xx (0 = no answer within the client's 30 s); replay with \
+         ASTRIA_FUZZ_SEED={seed}:\n{}",
+        bad.len(),
+        show(bad)
+    );
 }
 
 fn show(bad: &[(u16, Case)]) -> String {
@@ -411,8 +427,8 @@ async fn fuzzed_input_through_every_public_route(postgres: bool) {
     }
     eprintln!("fuzz: generated in {} ms", g.elapsed().as_millis());
     let t = Instant::now();
-    let bad = run(&app, forged).await;
-    assert!(bad.is_empty(), "{} answers outside 2xx/4xx:\n{}\n{}", bad.len(), show(&bad), app.log());
+    let bad = run(&app, forged, concurrency()).await;
+    check(&app, seed, "forged requests", &bad);
     eprintln!("fuzz: 4 signed routes, {n} forged cases each, in {} ms", t.elapsed().as_millis());
     // A refused request does not even migrate: the relay does, then every table is empty.
     assert_eq!(app.get("/health/message").await.status(), 200);
@@ -439,18 +455,28 @@ async fn fuzzed_input_through_every_public_route(postgres: bool) {
             }),
         ),
     ];
+    // Signed requests reach the database. SQLite lets one writer in at a time and makes the
+    // others poll for its lock for up to 5 s (Spin's and devhost's busy timeout), then answer
+    // 503 "database is locked", which is the right answer to overload but not what this test
+    // looks for; so on SQLite at most 4 are in flight. The webhook benchmark measures load.
+    let signed_concurrency = if postgres { concurrency() } else { concurrency().min(4) };
     for (name, count, make) in &routes {
         let (n, t) = (*count, Instant::now());
         let cases: Vec<Case> = (0..n).map(|_| make(&mut rng)).collect();
-        let bad = run(&app, cases).await;
-        assert!(bad.is_empty(), "{name}: {} answers outside 2xx/4xx:\n{}\n{}", bad.len(), show(&bad), app.log());
+        let bad = run(&app, cases, signed_concurrency).await;
+        check(&app, seed, name, &bad);
         eprintln!("fuzz: {name}: {n} cases in {} ms", t.elapsed().as_millis());
     }
 
     // 3. No trap, no panic, and the app still serves: a real customer gets a real answer.
     let log = app.log();
     for sign in ["panicked", "wasm trap", "wasm backtrace", "RUST_BACKTRACE"] {
-        assert!(!log.contains(sign), "'{sign}' in the log:\n{log}");
+        if let Some(at) = log.find(sign) {
+            eprintln!("---- the app's log ----\n{log}\n---- end of the app's log ----");
+            let line = log[..at].rfind('\n').map_or(0, |i| i + 1);
+            let end = log[at..].find('\n').map_or(log.len(), |i| at + i);
+            panic!("'{sign}' in the log (seed {seed}): {}", &log[line..end]);
+        }
     }
     for svc in ["message", "image", "payment", "maintenance"] {
         assert_eq!(app.get(&format!("/health/{svc}")).await.status(), 200, "{svc}");
@@ -460,7 +486,10 @@ async fn fuzzed_input_through_every_public_route(postgres: bool) {
     assert_eq!(wa::post_webhook(&app, &hi).await.0, 200);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !graph.requests().await[before..].iter().any(|s| s["to"] == "4915199999999") {
-        assert!(Instant::now() < deadline, "no answer after the fuzzing:\n{}", app.log());
+        if Instant::now() > deadline {
+            eprintln!("---- the app's log ----\n{}\n---- end of the app's log ----", app.log());
+            panic!("no answer to a real customer within 60 s after the fuzzing (seed {seed})");
+        }
         wa::relay(&app).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
