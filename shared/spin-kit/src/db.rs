@@ -18,7 +18,15 @@ impl SpinDb {
             pg4::Connection::open(database_url).map(SpinDb::Postgres).map_err(pg_error)
         } else {
             let label = database_url.strip_prefix("sqlite:").filter(|l| !l.is_empty()).unwrap_or("default");
-            sqlite::Connection::open(label).map(SpinDb::Sqlite).map_err(sqlite_error)
+            let conn = sqlite::Connection::open(label).map_err(sqlite_error)?;
+            // Spin opens the file with SQLite's default rollback journal: every commit then
+            // writes and syncs a journal, the database and the journal's removal, and readers
+            // wait for writers. The write-ahead log costs one sync per commit and lets readers
+            // run beside the writer; the mode is stored in the file, so after the first
+            // connection this is a no-op that takes no lock. If another connection holds the
+            // file at that moment the switch waits for the next open (rollback still works).
+            let _ = conn.execute("PRAGMA journal_mode=WAL", &[]);
+            Ok(SpinDb::Sqlite(conn))
         }
     }
 }

@@ -18,14 +18,20 @@ pub fn connect(path: &Path) -> anyhow::Result<rusqlite::Connection> {
     }
     let conn =
         rusqlite::Connection::open(path).with_context(|| format!("opening sqlite database {}", path.display()))?;
-    // Several instances, or several devhost processes in tests, may write one file at once.
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    conn.execute_batch("PRAGMA journal_mode=WAL;").with_context(|| format!("preparing {}", path.display()))?;
+    // Several instances, or several devhost processes in tests, may write one file at once: a
+    // writer waits for the lock up to rusqlite's default of 5 s, as Spin's does (Spin opens
+    // with `rusqlite::Connection::open` and sets nothing else), then gets "database is locked".
+    // No journal mode of our own: Spin opens the file with SQLite's defaults (a rollback
+    // journal), and the app switches it to WAL itself (spin-kit's `SpinDb::open`), so devhost
+    // shows what the app costs under Spin instead of hiding it.
     Ok(conn)
 }
 
 pub struct SqliteConnection {
     db: Arc<Mutex<rusqlite::Connection>>,
+    /// Statements run on this connection, logged when the guest drops it
+    /// (`DEVHOST_LOG=devhost::sqlite=debug`; `=trace` logs each statement): what a request costs.
+    statements: u64,
 }
 
 fn to_sql(v: &Value) -> ToSqlOutput<'_> {
@@ -74,7 +80,7 @@ impl HostConnection for HostState {
             .map_err(|e| Error::Io(e.to_string()))?
             .map_err(|e| Error::Io(format!("{e:#}")))?;
         let db = Arc::new(Mutex::new(conn));
-        self.table.push(SqliteConnection { db }).map_err(|e| Error::Io(e.to_string()))
+        self.table.push(SqliteConnection { db, statements: 0 }).map_err(|e| Error::Io(e.to_string()))
     }
 
     async fn execute(
@@ -83,7 +89,10 @@ impl HostConnection for HostState {
         statement: String,
         parameters: Vec<Value>,
     ) -> Result<QueryResult, Error> {
-        let db = self.table.get(&conn).map_err(|_| Error::InvalidConnection)?.db.clone();
+        let entry = self.table.get_mut(&conn).map_err(|_| Error::InvalidConnection)?;
+        entry.statements += 1;
+        let db = entry.db.clone();
+        tracing::trace!(target: "devhost::sqlite", component = %self.ctx.id, statement = %statement, "execute");
         tokio::task::spawn_blocking(move || {
             let guard = db.lock().map_err(|_| Error::Io("database lock poisoned".into()))?;
             execute(&guard, &statement, &parameters).map_err(|e| Error::Io(e.to_string()))
@@ -93,7 +102,8 @@ impl HostConnection for HostState {
     }
 
     async fn drop(&mut self, conn: Resource<SqliteConnection>) -> wasmtime::Result<()> {
-        self.table.delete(conn)?;
+        let closed = self.table.delete(conn)?;
+        tracing::debug!(target: "devhost::sqlite", component = %self.ctx.id, statements = closed.statements, "connection closed");
         Ok(())
     }
 }
