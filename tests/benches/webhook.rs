@@ -1,76 +1,315 @@
-//! Prints the throughput of `POST /SmsReceived` for a signed text message under devhost on
-//! this machine: requests per second and latency percentiles, on SQLite and PostgreSQL, at a
-//! few concurrency levels. Every request is a new message from one of many contacts (so each
-//! is a real conversation step: dedupe, contact upsert, state, reply queued, event published),
-//! and the sender delivers the replies to a fake Graph API meanwhile.
+//! Throughput and latency of `POST /SmsReceived` on this machine, under the host the tests use
+//! (devhost, or the Spin CLI in `SPIN_BIN`), on SQLite and on PostgreSQL.
+//!
+//! The load is a realistic mix, not one repeated request: contacts walk through the
+//! conversation (hi, the pack list reply, the subject button, two photos, a question), so most
+//! requests change state and queue a reply; about a quarter are status webhooks for messages
+//! the bot sent, and about one in ten is a duplicate WhatsApp redelivers. The sender delivers
+//! the replies to a fake Graph API meanwhile, as in production.
+//!
+//! Phases per database, on one app:
+//! - closed loop at 1, 8 and 32 requests in flight: requests/s, p50, p99, max;
+//! - open loop at a fixed 500 requests/s for 10 s: each request leaves at its scheduled time
+//!   whether or not earlier ones were answered, and its latency counts from that time, so a
+//!   server that falls behind shows its queue instead of slowing the client down;
+//! - unsigned requests at 32 in flight, refused with 401 before any work.
+//!
+//! Under devhost it first counts the SQLite statements each kind of request costs, per
+//! component (devhost counts them per guest connection).
+//!
+//! Prints the tables and writes them, as Markdown, to `target/bench/webhook-<host>.md`, which
+//! `scripts/bench.sh` gathers into `docs/performance.md`.
 //!
 //! Run: `cargo bench --profile host -p astria-tests --bench webhook` (after scripts/build.sh,
-//! with PostgreSQL and Redis up; `scripts/bench.sh` does all of it).
+//! with PostgreSQL and Redis up); `SPIN_BIN=/path/to/spin` runs it under real Spin;
+//! `ASTRIA_BENCH_DATABASES=sqlite` limits it to one database (Spin 4.0.0-4.0.2 hang on
+//! PostgreSQL, spinframework/spin#3671).
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use astria_tests::whatsapp::{self as wa, FakeGraph};
-use astria_tests::TestRedis;
+use astria_tests::{TestApp, TestRedis};
+use serde_json::Value;
 
-const REQUESTS: usize = 2000;
+/// Requests per closed-loop run.
+const CLOSED: usize = 2000;
+const OPEN_RATE: usize = 500;
+const OPEN_SECONDS: usize = 10;
+const FORGED: usize = 10_000;
+
+/// One signed request.
+type Signed = (Vec<u8>, String);
+
+/// A mixed load of `n` requests from `contacts` contacts, named apart by `tag` so that phases
+/// on one app do not collide.
+fn mixed_load(tag: &str, n: usize, contacts: usize) -> Vec<Signed> {
+    let mut out: Vec<Signed> = Vec::with_capacity(n);
+    let mut step = vec![0usize; contacts];
+    for i in 0..n {
+        let c = i % contacts;
+        let from = format!("49{tag}{c:07}");
+        let id = format!("wamid.{tag}.{i}");
+        let body: Value = match i % 20 {
+            // About one in ten: WhatsApp redelivers an earlier message (same id and body).
+            0 | 10 if !out.is_empty() => {
+                let again = out[(i * 7919) % out.len()].clone();
+                out.push(again);
+                continue;
+            }
+            // About a quarter: delivery statuses for messages the bot sent.
+            1 | 5 | 9 | 13 | 17 => wa::status(&format!("wamid.sent.{tag}.{i}"), &from, "delivered", None),
+            _ => {
+                let s = step[c];
+                step[c] += 1;
+                let m = match s % 6 {
+                    0 => wa::text(&from, &id, "hi"),
+                    1 => wa::list_reply(&from, &id, "pack:corporate", "Corporate headshots"),
+                    2 => wa::button_reply(&from, &id, "subject:man", "Man"),
+                    3 | 4 => wa::photo(&from, &id),
+                    _ => wa::text(&from, &id, "how long does it take?"),
+                };
+                wa::inbound(&from, vec![m])
+            }
+        };
+        let body = serde_json::to_vec(&body).unwrap();
+        let sig = wa::sign(wa::APP_SECRET, &body);
+        out.push((body, sig));
+    }
+    out
+}
+
+/// Latency figures of one run.
+struct Figures {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+    over_1s: usize,
+    /// Answers other than the expected status, by status (0: no answer within 30 s).
+    errors: BTreeMap<u16, usize>,
+}
+
+fn figures(mut latencies: Vec<Duration>, errors: BTreeMap<u16, usize>, elapsed: Duration) -> Figures {
+    latencies.sort();
+    let n = latencies.len().max(1);
+    let pct = |p: f64| latencies.get(((n as f64 * p) as usize).min(n - 1)).copied().unwrap_or_default();
+    Figures {
+        rate: (latencies.len() + errors.values().sum::<usize>()) as f64 / elapsed.as_secs_f64(),
+        p50: pct(0.50),
+        p99: pct(0.99),
+        max: latencies.last().copied().unwrap_or_default(),
+        over_1s: latencies.iter().filter(|l| **l > Duration::from_secs(1)).count(),
+        errors,
+    }
+}
+
+/// Closed loop: `concurrency` workers, each sending its next request when the last answered.
+async fn closed_loop(app: &TestApp, load: Vec<Signed>, concurrency: usize, expect: u16, signed: bool) -> Figures {
+    let queue = Arc::new(Mutex::new(load));
+    let errors = Arc::new(Mutex::new(BTreeMap::new()));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (queue, errors, client, url) =
+                (queue.clone(), errors.clone(), app.client.clone(), app.url("/SmsReceived"));
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                loop {
+                    let Some((body, sig)) = queue.lock().unwrap().pop() else { break };
+                    let t = Instant::now();
+                    let mut req = client.post(&url).body(body);
+                    if signed {
+                        req = req.header("x-hub-signature-256", sig);
+                    }
+                    match req.send().await.map(|r| r.status().as_u16()).unwrap_or(0) {
+                        s if s == expect => latencies.push(t.elapsed()),
+                        s => *errors.lock().unwrap().entry(s).or_insert(0) += 1,
+                    }
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for w in workers {
+        latencies.extend(w.await.unwrap());
+    }
+    let errors = errors.lock().unwrap().clone();
+    figures(latencies, errors, started.elapsed())
+}
+
+/// Open loop: request `i` leaves at `start + i / rate`; its latency counts from then.
+async fn open_loop(app: &TestApp, load: Vec<Signed>, rate: usize) -> Figures {
+    let start = tokio::time::Instant::now() + Duration::from_millis(100);
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let mut tasks = Vec::with_capacity(load.len());
+    for (i, (body, sig)) in load.into_iter().enumerate() {
+        let scheduled = start + interval * i as u32;
+        tokio::time::sleep_until(scheduled).await;
+        let (client, url) = (app.client.clone(), app.url("/SmsReceived"));
+        tasks.push(tokio::spawn(async move {
+            let r = client.post(&url).header("x-hub-signature-256", sig).body(body).send().await;
+            (r.map(|r| r.status().as_u16()).unwrap_or(0), scheduled.elapsed())
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut errors = BTreeMap::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            (200, l) => latencies.push(l),
+            (s, _) => *errors.entry(s).or_insert(0) += 1,
+        }
+    }
+    figures(latencies, errors, start.elapsed())
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1000.0)
+}
+
+fn row(db: &str, load: &str, f: &Figures) -> String {
+    let other = if f.errors.is_empty() {
+        "0".to_string()
+    } else {
+        f.errors
+            .iter()
+            .map(|(s, n)| if *s == 0 { format!("{n} no answer") } else { format!("{n} × {s}") })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "| {db} | {load} | {:.0} | {} | {} | {} | {} | {other} |",
+        f.rate,
+        ms(f.p50),
+        ms(f.p99),
+        ms(f.max),
+        f.over_1s
+    )
+}
+
+/// Under devhost: the SQLite statements each kind of request costs, per component (the webhook
+/// itself, and the sender's work it causes), from devhost's count of the statements each guest
+/// connection ran (`DEVHOST_LOG=devhost::sqlite=debug`; `=trace` logs each statement).
+async fn statement_census() -> Vec<String> {
+    let redis = TestRedis::start().await.expect("redis-server");
+    let graph = FakeGraph::start().await;
+    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, false), &redis).await;
+    let from = "4915100000001";
+    let kinds: Vec<(&str, Value)> = vec![
+        ("hi (the first request: migrations)", wa::inbound(from, vec![wa::text(from, "census.1", "hi")])),
+        ("pack list reply", wa::inbound(from, vec![wa::list_reply(from, "census.2", "pack:corporate", "Corporate")])),
+        ("subject button", wa::inbound(from, vec![wa::button_reply(from, "census.3", "subject:man", "Man")])),
+        ("photo", wa::inbound(from, vec![wa::photo(from, "census.4")])),
+        ("question", wa::inbound(from, vec![wa::text(from, "census.5", "how long does it take?")])),
+        ("duplicate", wa::inbound(from, vec![wa::text(from, "census.5", "how long does it take?")])),
+        ("delivery status", wa::status("wamid.census", from, "delivered", None)),
+    ];
+    let mut out = vec!["| request | statements by component (connections) |".to_string(), "| --- | --- |".to_string()];
+    for (kind, body) in kinds {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let mark = app.log().len();
+        wa::post_webhook(&app, &body).await;
+        // The sender delivers the reply within a moment.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let log = app.log();
+        let mut by: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for line in log[mark..].lines().filter(|l| l.contains("connection closed")) {
+            let field = |name: &str| {
+                line.split(&format!("{name}="))
+                    .nth(1)
+                    .map(|v| v.split_whitespace().next().unwrap_or("").trim_matches('"').to_string())
+            };
+            if let (Some(c), Some(n)) = (field("component"), field("statements").and_then(|n| n.parse::<u64>().ok())) {
+                let e = by.entry(c).or_default();
+                e.0 += n;
+                e.1 += 1;
+            }
+        }
+        let cells: Vec<String> = by.iter().map(|(c, (n, k))| format!("{c} {n} ({k})")).collect();
+        out.push(format!("| {kind} | {} |", cells.join(", ")));
+    }
+    out
+}
 
 #[tokio::main]
 async fn main() {
-    let host = astria_tests::Host::from_env().expect("host").label();
-    println!("POST /SmsReceived, signed text message, {REQUESTS} requests per run ({host}, this machine)");
-    for postgres in [false, true] {
-        for concurrency in [1usize, 8, 32] {
-            let redis = TestRedis::start().await.expect("redis-server");
-            let graph = FakeGraph::start().await;
-            let app = wa::spawn_bot(wa::bot_config(&graph, &redis, postgres), &redis).await;
-            // Warm-up: migrations, compiled paths, connections.
-            for i in 0..20 {
-                let from = format!("49000{i:07}");
-                wa::post_webhook(&app, &wa::inbound(&from, vec![wa::text(&from, &format!("warm{i}"), "hi")])).await;
-            }
-            let bodies: Vec<(Vec<u8>, String)> = (0..REQUESTS)
-                .map(|i| {
-                    let from = format!("49170{:07}", i % 500);
-                    let body =
-                        serde_json::to_vec(&wa::inbound(&from, vec![wa::text(&from, &format!("wamid.b{i}"), "help")]))
-                            .unwrap();
-                    let sig = wa::sign(wa::APP_SECRET, &body);
-                    (body, sig)
-                })
-                .collect();
-            let queue = std::sync::Arc::new(std::sync::Mutex::new(bodies));
-            let started = Instant::now();
-            let workers: Vec<_> = (0..concurrency)
-                .map(|_| {
-                    let (queue, client, url) = (queue.clone(), app.client.clone(), app.url("/SmsReceived"));
-                    tokio::spawn(async move {
-                        let mut latencies = Vec::new();
-                        loop {
-                            let Some((body, sig)) = queue.lock().unwrap().pop() else { break };
-                            let t = Instant::now();
-                            let r = client.post(&url).header("x-hub-signature-256", sig).body(body).send().await;
-                            assert_eq!(r.expect("reachable").status(), 200);
-                            latencies.push(t.elapsed());
-                        }
-                        latencies
-                    })
-                })
-                .collect();
-            let mut latencies: Vec<Duration> = Vec::new();
-            for w in workers {
-                latencies.extend(w.await.unwrap());
-            }
-            let elapsed = started.elapsed();
-            latencies.sort();
-            let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
-            println!(
-                "{:>8}, {concurrency:>2} concurrent: {:>6.0} requests/s, p50 {:>6.1} ms, p99 {:>6.1} ms, max {:>6.1} ms",
-                if postgres { "postgres" } else { "sqlite" },
-                REQUESTS as f64 / elapsed.as_secs_f64(),
-                pct(0.50).as_secs_f64() * 1000.0,
-                pct(0.99).as_secs_f64() * 1000.0,
-                latencies.last().unwrap().as_secs_f64() * 1000.0,
-            );
+    let host_kind = astria_tests::Host::from_env().expect("host");
+    let host = host_kind.label();
+    let census = if host_kind.is_spin() {
+        vec![]
+    } else {
+        std::env::set_var("DEVHOST_LOG", "info,wasmtime_wasi_http=warn,devhost::sqlite=debug");
+        let c = statement_census().await;
+        std::env::remove_var("DEVHOST_LOG");
+        println!("SQLite statements per request (devhost's count)\n{}", c.join("\n"));
+        c
+    };
+    let databases = std::env::var("ASTRIA_BENCH_DATABASES").unwrap_or_else(|_| "sqlite,postgres".into());
+    let mut rows = vec![
+        "| database | load | requests/s | p50 ms | p99 ms | max ms | over 1 s | other answers |".to_string(),
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |".to_string(),
+    ];
+    println!("POST /SmsReceived under {host}, this machine");
+    println!("{}\n{}", rows[0], rows[1]);
+    for db in databases.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let postgres = match db {
+            "sqlite" => false,
+            "postgres" => true,
+            other => panic!("ASTRIA_BENCH_DATABASES: unknown database {other}"),
+        };
+        let redis = TestRedis::start().await.expect("redis-server");
+        let graph = FakeGraph::start().await;
+        let app = wa::spawn_bot(wa::bot_config(&graph, &redis, postgres), &redis).await;
+        // Warm-up: migrations, compiled paths, connections.
+        for (body, sig) in mixed_load("00", 60, 10) {
+            app.client.post(app.url("/SmsReceived")).header("x-hub-signature-256", sig).body(body).send().await.ok();
         }
+        let mut emit = |line: String| {
+            println!("{line}");
+            rows.push(line);
+        };
+        for (n, concurrency) in [(1usize, 1usize), (2, 8), (3, 32)] {
+            let f = closed_loop(&app, mixed_load(&format!("1{n}"), CLOSED, 500), concurrency, 200, true).await;
+            emit(row(db, &format!("mixed, {concurrency} in flight"), &f));
+        }
+        let f = open_loop(&app, mixed_load("20", OPEN_RATE * OPEN_SECONDS, 500), OPEN_RATE).await;
+        emit(row(db, &format!("mixed, open loop {OPEN_RATE}/s for {OPEN_SECONDS} s"), &f));
+        if f.errors.keys().any(|s| *s >= 500) {
+            // What the host and the app said about the 5xx answers, for the reader of the table.
+            let log = app.log();
+            let why: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("unavailable") || l.contains("internal") || l.contains("rror"))
+                .take(3)
+                .collect();
+            eprintln!("first 5xx causes in the log:\n{}", why.join("\n"));
+        }
+        let f = closed_loop(&app, mixed_load("30", FORGED, 500), 32, 401, false).await;
+        emit(row(db, "unsigned (401), 32 in flight", &f));
+        drop(app);
     }
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let dir = astria_tests::workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(format!("webhook-{}.md", host.replace(' ', "-")));
+    let mut text = format!(
+        "### {host}\n\nCommit {commit}; closed loops of {CLOSED} requests, open loop {OPEN_RATE}/s for {OPEN_SECONDS} s, \
+         {FORGED} unsigned requests.\n\n{}\n",
+        rows.join("\n")
+    );
+    if !census.is_empty() {
+        text.push_str(&format!(
+            "\nSQLite statements per request, one request at a time, counted by devhost per guest connection \
+             (the webhook's own, and the sender's work it caused within 1.5 s):\n\n{}\n",
+            census.join("\n")
+        ));
+    }
+    std::fs::write(&file, text).unwrap();
+    println!("written to {}", file.display());
 }
