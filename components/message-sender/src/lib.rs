@@ -43,6 +43,8 @@ use spin_sdk::redis_component;
 
 /// How long one sender may hold a contact's queue without renewing.
 const LEASE_MS: i64 = 60_000;
+/// A lease taken this recently is not renewed before a send (see `drain_leased`).
+const RENEW_AFTER_MS: i64 = 1_000;
 /// Messages sent per contact per event, so one handler invocation stays short.
 const MAX_PER_PASS: usize = 20;
 /// Longest wait the sender spends inside one event rather than leaving it to the relay.
@@ -135,7 +137,7 @@ impl Sender<'_> {
                 // Another sender is working through this queue and will look again when done.
                 return Ok(());
             }
-            let result = self.drain_leased(wa_id, &holder);
+            let result = self.drain_leased(wa_id, &holder, now_ms());
             if let Err(e) = messages::release_lease(self.db, wa_id, &holder) {
                 log::warn("sender", &format!("lease left to expire: {e}"));
             }
@@ -149,7 +151,9 @@ impl Sender<'_> {
         Ok(())
     }
 
-    fn drain_leased(&self, wa_id: &str, holder: &str) -> Result<(), DbError> {
+    /// Sends up to `MAX_PER_PASS` messages of the queue; the lease was taken at `leased_at`.
+    fn drain_leased(&self, wa_id: &str, holder: &str, leased_at: i64) -> Result<(), DbError> {
+        let mut leased_at = leased_at;
         for _ in 0..MAX_PER_PASS {
             let Some(m) = messages::next_in_queue(self.db, wa_id)? else { return Ok(()) };
             let wait = m.next_attempt_at - now_ms();
@@ -169,8 +173,14 @@ impl Sender<'_> {
             if wait > 0 {
                 std::thread::sleep(Duration::from_millis(wait as u64));
             }
-            if !messages::acquire_lease(self.db, wa_id, holder, now_ms(), LEASE_MS)? {
-                return Ok(()); // Our lease lapsed and someone else took over.
+            // Renew the lease before each send, so that it outlasts the call; but not for a
+            // send right after taking it (no wait, under RENEW_AFTER_MS ago), where renewing
+            // would only cost a write for a lease that has almost all of LEASE_MS left.
+            if wait > 0 || now_ms() - leased_at > RENEW_AFTER_MS {
+                if !messages::acquire_lease(self.db, wa_id, holder, now_ms(), LEASE_MS)? {
+                    return Ok(()); // Our lease lapsed and someone else took over.
+                }
+                leased_at = now_ms();
             }
             // After a wait, read it again: a status webhook may have confirmed an unconfirmed
             // send meanwhile (then it is sent, and must not go again).

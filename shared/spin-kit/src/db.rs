@@ -96,6 +96,12 @@ fn from_pg(v: &pg4::DbValue) -> Result<Value, DbError> {
     })
 }
 
+/// Whether `sql` is a statement whose affected rows SQLite counts (`changes()`).
+fn changes_rows(sql: &str) -> bool {
+    let verb = sql.trim_start().split(|c: char| !c.is_ascii_alphabetic()).next().unwrap_or("");
+    ["INSERT", "UPDATE", "DELETE", "REPLACE", "WITH"].iter().any(|v| verb.eq_ignore_ascii_case(v))
+}
+
 impl Db for SpinDb {
     fn dialect(&self) -> Dialect {
         match self {
@@ -108,6 +114,10 @@ impl Db for SpinDb {
         match self {
             SpinDb::Sqlite(c) => {
                 c.execute(sql, &sqlite_params(params)).map_err(sqlite_error)?;
+                if !changes_rows(sql) {
+                    // BEGIN, COMMIT, PRAGMA...: no rows to count, and no statement to pay for.
+                    return Ok(0);
+                }
                 // spin-sdk does not report affected rows for SQLite; ask SQLite itself.
                 let r = c.execute("SELECT changes()", &[]).map_err(sqlite_error)?;
                 Ok(r.rows.first().and_then(|row| row.get::<i64>(0)).unwrap_or(0) as u64)
@@ -126,6 +136,23 @@ impl Db for SpinDb {
                 let r = c.query(sql, &pg_params(params)).map_err(pg_error)?;
                 r.rows.iter().map(|row| row.iter().map(from_pg).collect::<Result<Vec<_>, _>>().map(Row)).collect()
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::changes_rows;
+
+    #[test]
+    fn only_statements_that_change_rows_are_counted() {
+        for sql in
+            ["INSERT INTO t VALUES (1)", "  update t SET a = 1", "DELETE FROM t", "WITH x AS (SELECT 1) DELETE FROM t"]
+        {
+            assert!(changes_rows(sql), "{sql}");
+        }
+        for sql in ["BEGIN IMMEDIATE", "COMMIT", "ROLLBACK", "PRAGMA journal_mode=WAL", "SELECT 1", ""] {
+            assert!(!changes_rows(sql), "{sql}");
         }
     }
 }
