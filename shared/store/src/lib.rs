@@ -15,6 +15,8 @@ pub mod images;
 pub mod lease;
 pub mod messages;
 pub mod migrations;
+#[cfg(feature = "native")]
+pub mod native;
 pub mod outbox;
 pub mod repo;
 

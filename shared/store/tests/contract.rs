@@ -1,7 +1,6 @@
 //! The store contract: the same suite against real SQLite and real PostgreSQL, through native
 //! `Db` implementations that behave like the spin-sdk backends the components use.
 
-use std::cell::RefCell;
 use std::sync::{Arc, Barrier};
 
 use astria_models::{EventEnvelope, OrderStatus};
@@ -10,147 +9,10 @@ use astria_store::images;
 use astria_store::lease;
 use astria_store::messages;
 use astria_store::migrations::{latest_version, migrate};
+use astria_store::native::{Pg, Sqlite};
 use astria_store::outbox::{self, status, Attempt, RelayPolicy};
 use astria_store::repo::{self, NewOrder};
-use astria_store::{transaction, Db, DbError, Dialect, Row, Value};
-
-// ------------------------------------------------------------------ native backends
-
-struct Sqlite(rusqlite::Connection);
-
-impl Sqlite {
-    fn open(path: &std::path::Path) -> Self {
-        let c = rusqlite::Connection::open(path).unwrap();
-        c.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
-        c.execute_batch("PRAGMA journal_mode=WAL;").unwrap();
-        Sqlite(c)
-    }
-}
-
-/// Through the mapping the components use (spin-sdk hands them SQLite's message).
-fn sqlite_err(e: rusqlite::Error) -> DbError {
-    DbError::from_sqlite_message(e.to_string())
-}
-
-impl Db for Sqlite {
-    fn dialect(&self) -> Dialect {
-        Dialect::Sqlite
-    }
-    fn execute(&self, sql: &str, params: &[Value]) -> Result<u64, DbError> {
-        let p: Vec<rusqlite::types::Value> = params.iter().map(to_sqlite).collect();
-        self.0.execute(sql, rusqlite::params_from_iter(p)).map(|n| n as u64).map_err(sqlite_err)
-    }
-    fn query(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError> {
-        let p: Vec<rusqlite::types::Value> = params.iter().map(to_sqlite).collect();
-        let mut stmt = self.0.prepare(sql).map_err(sqlite_err)?;
-        let n = stmt.column_count();
-        let rows = stmt
-            .query_map(rusqlite::params_from_iter(p), |r| {
-                (0..n)
-                    .map(|i| {
-                        Ok(match r.get_ref(i)? {
-                            rusqlite::types::ValueRef::Null => Value::Null,
-                            rusqlite::types::ValueRef::Integer(v) => Value::Int(v),
-                            rusqlite::types::ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into()),
-                            rusqlite::types::ValueRef::Blob(b) => Value::Blob(b.to_vec()),
-                            rusqlite::types::ValueRef::Real(f) => Value::Text(f.to_string()),
-                        })
-                    })
-                    .collect::<rusqlite::Result<Vec<_>>>()
-                    .map(Row)
-            })
-            .map_err(sqlite_err)?;
-        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(sqlite_err)
-    }
-}
-
-fn to_sqlite(v: &Value) -> rusqlite::types::Value {
-    match v {
-        Value::Null => rusqlite::types::Value::Null,
-        Value::Int(i) => rusqlite::types::Value::Integer(*i),
-        Value::Text(s) => rusqlite::types::Value::Text(s.clone()),
-        Value::Blob(b) => rusqlite::types::Value::Blob(b.clone()),
-    }
-}
-
-struct Pg(RefCell<postgres::Client>);
-
-/// Through the mapping the components use: the server's SQLSTATE and message, as spin-sdk
-/// hands them over, or the client's message.
-fn pg_err(e: postgres::Error) -> DbError {
-    match e.as_db_error() {
-        Some(db) => DbError::from_postgres(Some(db.code().code()), db.message().to_string()),
-        None if e.is_closed() => DbError::from_postgres(None, format!("connection closed: {e}")),
-        None => DbError::from_postgres(None, e.to_string()),
-    }
-}
-
-/// SQL NULL for a parameter of any type, as spin-sdk's `DbNull` is.
-#[derive(Debug)]
-struct Null;
-
-impl postgres::types::ToSql for Null {
-    fn to_sql(
-        &self,
-        _: &postgres::types::Type,
-        _: &mut postgres::types::private::BytesMut,
-    ) -> Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        Ok(postgres::types::IsNull::Yes)
-    }
-    fn accepts(_: &postgres::types::Type) -> bool {
-        true
-    }
-    postgres::types::to_sql_checked!();
-}
-
-fn pg_params(params: &[Value]) -> Vec<Box<dyn postgres::types::ToSql + Sync>> {
-    params
-        .iter()
-        .map(|v| -> Box<dyn postgres::types::ToSql + Sync> {
-            match v {
-                Value::Null => Box::new(Null),
-                Value::Int(i) => Box::new(*i),
-                Value::Text(s) => Box::new(s.clone()),
-                Value::Blob(b) => Box::new(b.clone()),
-            }
-        })
-        .collect()
-}
-
-impl Db for Pg {
-    fn dialect(&self) -> Dialect {
-        Dialect::Postgres
-    }
-    fn execute(&self, sql: &str, params: &[Value]) -> Result<u64, DbError> {
-        let p = pg_params(params);
-        let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = p.iter().map(|b| b.as_ref()).collect();
-        self.0.borrow_mut().execute(sql, &refs).map_err(pg_err)
-    }
-    fn query(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError> {
-        let p = pg_params(params);
-        let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = p.iter().map(|b| b.as_ref()).collect();
-        let rows = self.0.borrow_mut().query(sql, &refs).map_err(pg_err)?;
-        rows.iter()
-            .map(|r| {
-                (0..r.len())
-                    .map(|i| {
-                        use postgres::types::Type;
-                        let t = r.columns()[i].type_().clone();
-                        Ok(match t {
-                            Type::INT8 => r.get::<_, Option<i64>>(i).map(Value::Int),
-                            Type::INT4 => r.get::<_, Option<i32>>(i).map(|v| Value::Int(v.into())),
-                            Type::TEXT | Type::VARCHAR => r.get::<_, Option<String>>(i).map(Value::Text),
-                            Type::BYTEA => r.get::<_, Option<Vec<u8>>>(i).map(Value::Blob),
-                            other => return Err(DbError::Decode(format!("type {other}"))),
-                        }
-                        .unwrap_or(Value::Null))
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-                    .map(Row)
-            })
-            .collect()
-    }
-}
+use astria_store::{transaction, Db, DbError, Value};
 
 fn admin_url() -> String {
     std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
@@ -173,7 +35,7 @@ impl PgDatabase {
     fn connect(&self) -> Pg {
         let base = admin_url();
         let url = format!("{}/{}", base.rsplit_once('/').unwrap().0, self.name);
-        Pg(RefCell::new(postgres::Client::connect(&url, postgres::NoTls).unwrap()))
+        Pg::connect(&url).unwrap()
     }
 }
 
@@ -190,7 +52,7 @@ impl Drop for PgDatabase {
 fn on_both(suite: fn(&dyn Fn() -> Box<dyn Db + Send>)) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.db");
-    suite(&|| Box::new(Sqlite::open(&path)));
+    suite(&|| Box::new(Sqlite::open(&path).unwrap()));
 
     let db = PgDatabase::new();
     suite(&|| Box::new(db.connect()));
