@@ -33,6 +33,52 @@ use astria_tests::whatsapp::{self as wa, FakeGraph};
 use astria_tests::{TestApp, TestRedis};
 use serde_json::Value;
 
+/// Where the load goes: the app under a host, or the native reference server.
+struct Target {
+    client: reqwest::Client,
+    url: String,
+    /// The native reference's process, stopped on drop.
+    child: Option<std::process::Child>,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Target {
+    fn of(app: &TestApp) -> Target {
+        Target { client: app.client.clone(), url: app.url("/SmsReceived"), child: None }
+    }
+
+    /// Starts `tools/native-reference` (built by scripts/bench.sh) on a free port.
+    async fn native(bin: &str, database_url: &str, redis: &TestRedis) -> Target {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = std::process::Command::new(bin)
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--database-url", database_url])
+            .args(["--redis-url", &redis.url()])
+            .args(std::env::var("ASTRIA_NATIVE_FRESH").is_ok().then_some("--fresh-connections"))
+            .args(["--var", &format!("whatsapp_app_secret={}", wa::APP_SECRET)])
+            .args(["--var", &format!("whatsapp_phone_number_id={}", wa::PHONE_NUMBER_ID)])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        for _ in 0..100 {
+            if client.get(format!("{base}/health")).send().await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Target { client, url: format!("{base}/SmsReceived"), child: Some(child) }
+    }
+}
+
 /// Requests per closed-loop run.
 const CLOSED: usize = 2000;
 const OPEN_RATE: usize = 500;
@@ -106,14 +152,13 @@ fn figures(mut latencies: Vec<Duration>, errors: BTreeMap<u16, usize>, elapsed: 
 }
 
 /// Closed loop: `concurrency` workers, each sending its next request when the last answered.
-async fn closed_loop(app: &TestApp, load: Vec<Signed>, concurrency: usize, expect: u16, signed: bool) -> Figures {
+async fn closed_loop(app: &Target, load: Vec<Signed>, concurrency: usize, expect: u16, signed: bool) -> Figures {
     let queue = Arc::new(Mutex::new(load));
     let errors = Arc::new(Mutex::new(BTreeMap::new()));
     let started = Instant::now();
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
-            let (queue, errors, client, url) =
-                (queue.clone(), errors.clone(), app.client.clone(), app.url("/SmsReceived"));
+            let (queue, errors, client, url) = (queue.clone(), errors.clone(), app.client.clone(), app.url.clone());
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 loop {
@@ -141,14 +186,14 @@ async fn closed_loop(app: &TestApp, load: Vec<Signed>, concurrency: usize, expec
 }
 
 /// Open loop: request `i` leaves at `start + i / rate`; its latency counts from then.
-async fn open_loop(app: &TestApp, load: Vec<Signed>, rate: usize) -> Figures {
+async fn open_loop(app: &Target, load: Vec<Signed>, rate: usize) -> Figures {
     let start = tokio::time::Instant::now() + Duration::from_millis(100);
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let mut tasks = Vec::with_capacity(load.len());
     for (i, (body, sig)) in load.into_iter().enumerate() {
         let scheduled = start + interval * i as u32;
         tokio::time::sleep_until(scheduled).await;
-        let (client, url) = (app.client.clone(), app.url("/SmsReceived"));
+        let (client, url) = (app.client.clone(), app.url.clone());
         tasks.push(tokio::spawn(async move {
             let r = client.post(&url).header("x-hub-signature-256", sig).body(body).send().await;
             (r.map(|r| r.status().as_u16()).unwrap_or(0), scheduled.elapsed())
@@ -169,7 +214,7 @@ fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
 }
 
-fn row(db: &str, load: &str, f: &Figures) -> String {
+fn row(db: &str, setup: &str, load: &str, f: &Figures) -> String {
     let other = if f.errors.is_empty() {
         "0".to_string()
     } else {
@@ -180,7 +225,7 @@ fn row(db: &str, load: &str, f: &Figures) -> String {
             .join(", ")
     };
     format!(
-        "| {db} | {load} | {:.0} | {} | {} | {} | {} | {other} |",
+        "| {db} | {setup} | {load} | {:.0} | {} | {} | {} | {} | {other} |",
         f.rate,
         ms(f.p50),
         ms(f.p99),
@@ -236,8 +281,13 @@ async fn statement_census() -> Vec<String> {
 #[tokio::main]
 async fn main() {
     let host_kind = astria_tests::Host::from_env().expect("host");
-    let host = host_kind.label();
-    let census = if host_kind.is_spin() {
+    let native = std::env::var("ASTRIA_NATIVE_REFERENCE").ok();
+    let host = match (&native, std::env::var("ASTRIA_NATIVE_FRESH").is_ok()) {
+        (Some(_), false) => "native reference".to_string(),
+        (Some(_), true) => "native reference, connections per request".to_string(),
+        (None, _) => host_kind.label(),
+    };
+    let census = if host_kind.is_spin() || native.is_some() {
         vec![]
     } else {
         std::env::set_var("DEVHOST_LOG", "info,wasmtime_wasi_http=warn,devhost::sqlite=debug");
@@ -248,8 +298,8 @@ async fn main() {
     };
     let databases = std::env::var("ASTRIA_BENCH_DATABASES").unwrap_or_else(|_| "sqlite,postgres".into());
     let mut rows = vec![
-        "| database | load | requests/s | p50 ms | p99 ms | max ms | over 1 s | other answers |".to_string(),
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |".to_string(),
+        "| database | running | load | requests/s | p50 ms | p99 ms | max ms | over 1 s | other answers |".to_string(),
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |".to_string(),
     ];
     println!("POST /SmsReceived under {host}, this machine");
     println!("{}\n{}", rows[0], rows[1]);
@@ -259,36 +309,78 @@ async fn main() {
             "postgres" => true,
             other => panic!("ASTRIA_BENCH_DATABASES: unknown database {other}"),
         };
-        let redis = TestRedis::start().await.expect("redis-server");
-        let graph = FakeGraph::start().await;
-        let app = wa::spawn_bot(wa::bot_config(&graph, &redis, postgres), &redis).await;
-        // Warm-up: migrations, compiled paths, connections.
-        for (body, sig) in mixed_load("00", 60, 10) {
-            app.client.post(app.url("/SmsReceived")).header("x-hub-signature-256", sig).body(body).send().await.ok();
+        // Alone: message-service by itself, as production's HTTP SpinApp runs it (the sender and
+        // the relay run in the worker SpinApp, on other pods). Whole: every component in one
+        // process, as `spin up` runs the app locally; the sender competes for the CPU and the
+        // database meanwhile.
+        let variants: &[bool] = if native.is_some() { &[false] } else { &[false, true] };
+        for &whole in variants {
+            let redis = TestRedis::start().await.expect("redis-server");
+            let graph = FakeGraph::start().await;
+            let mut _state = None;
+            let mut pg_database = None;
+            let (app, bot) = match &native {
+                Some(bin) => {
+                    let url = if postgres {
+                        let name = astria_tests::create_database().await.expect("PostgreSQL");
+                        let url = astria_tests::database_url(&name);
+                        pg_database = Some(name);
+                        url
+                    } else {
+                        let dir = tempfile::tempdir().unwrap();
+                        let url = format!("sqlite:{}", dir.path().join("native.db").display());
+                        _state = Some(dir);
+                        url
+                    };
+                    (Target::native(bin, &url, &redis).await, None)
+                }
+                None if whole => {
+                    let bot = wa::spawn_bot(wa::bot_config(&graph, &redis, postgres), &redis).await;
+                    (Target::of(&bot), Some(bot))
+                }
+                None => {
+                    let config = wa::bot_config(&graph, &redis, postgres)
+                        .split(&[("webhook", &["message-service"])], Duration::from_millis(500));
+                    let bot = astria_tests::spawn_app(config).await.expect("message-service starts");
+                    (Target::of(&bot), Some(bot))
+                }
+            };
+            let setup = if whole { "whole app" } else { "message-service alone" };
+            // Warm-up: migrations, compiled paths, connections.
+            for (body, sig) in mixed_load("00", 60, 10) {
+                app.client.post(&app.url).header("x-hub-signature-256", sig).body(body).send().await.ok();
+            }
+            let mut emit = |line: String| {
+                println!("{line}");
+                rows.push(line);
+            };
+            let loops: &[usize] = if whole { &[8] } else { &[1, 8, 32] };
+            for (n, &concurrency) in loops.iter().enumerate() {
+                let f = closed_loop(&app, mixed_load(&format!("1{n}"), CLOSED, 500), concurrency, 200, true).await;
+                emit(row(db, setup, &format!("mixed, {concurrency} in flight"), &f));
+            }
+            if whole {
+                continue;
+            }
+            let f = open_loop(&app, mixed_load("20", OPEN_RATE * OPEN_SECONDS, 500), OPEN_RATE).await;
+            emit(row(db, setup, &format!("mixed, open loop {OPEN_RATE}/s for {OPEN_SECONDS} s"), &f));
+            if let Some(bot) = bot.as_ref().filter(|_| f.errors.keys().any(|s| *s >= 500)) {
+                // What the host and the app said about the 5xx answers, for the reader.
+                let log = bot.log();
+                let why: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("unavailable") || l.contains("internal") || l.contains("rror"))
+                    .take(3)
+                    .collect();
+                eprintln!("first 5xx causes in the log:\n{}", why.join("\n"));
+            }
+            let f = closed_loop(&app, mixed_load("30", FORGED, 500), 32, 401, false).await;
+            emit(row(db, setup, "unsigned (401), 32 in flight", &f));
+            drop(app);
+            if let Some(name) = pg_database {
+                astria_tests::drop_database(&name).await.ok();
+            }
         }
-        let mut emit = |line: String| {
-            println!("{line}");
-            rows.push(line);
-        };
-        for (n, concurrency) in [(1usize, 1usize), (2, 8), (3, 32)] {
-            let f = closed_loop(&app, mixed_load(&format!("1{n}"), CLOSED, 500), concurrency, 200, true).await;
-            emit(row(db, &format!("mixed, {concurrency} in flight"), &f));
-        }
-        let f = open_loop(&app, mixed_load("20", OPEN_RATE * OPEN_SECONDS, 500), OPEN_RATE).await;
-        emit(row(db, &format!("mixed, open loop {OPEN_RATE}/s for {OPEN_SECONDS} s"), &f));
-        if f.errors.keys().any(|s| *s >= 500) {
-            // What the host and the app said about the 5xx answers, for the reader of the table.
-            let log = app.log();
-            let why: Vec<&str> = log
-                .lines()
-                .filter(|l| l.contains("unavailable") || l.contains("internal") || l.contains("rror"))
-                .take(3)
-                .collect();
-            eprintln!("first 5xx causes in the log:\n{}", why.join("\n"));
-        }
-        let f = closed_loop(&app, mixed_load("30", FORGED, 500), 32, 401, false).await;
-        emit(row(db, "unsigned (401), 32 in flight", &f));
-        drop(app);
     }
     let commit = std::process::Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])

@@ -10,7 +10,7 @@ use astria_domain::config;
 use astria_domain::conversation::{self, Action, Context, Message, OrderView, State};
 use astria_domain::events::{channels, CHECKOUT_EXPIRE, ORDER_AWAITING_PAYMENT};
 use astria_domain::graph::{codes, status_rank};
-use astria_domain::whatsapp::{self, InboundMessage, StatusUpdate, WebhookError};
+use astria_domain::whatsapp::{self, InboundMessage, StatusUpdate, Webhook, WebhookError};
 use astria_domain::Money;
 use astria_models::{CheckoutExpire, OrderAwaitingPayment, Pack};
 use astria_store::outbox::{self, RelayPolicy};
@@ -39,44 +39,66 @@ pub fn verify(query: &str) -> Result<Response, ApiError> {
 }
 
 /// What one POST did, for the response body (Meta ignores it; operators and tests read it).
-#[derive(serde::Serialize, Default)]
-struct Report {
-    messages: usize,
-    duplicates: usize,
-    statuses: usize,
+#[derive(serde::Serialize, Default, Debug)]
+pub struct Report {
+    pub messages: usize,
+    pub duplicates: usize,
+    pub statuses: usize,
 }
 
 /// `POST /SmsReceived`.
 pub fn receive(body: &[u8], signature: Option<&str>, request_id: &str) -> Result<Response, ApiError> {
     whatsapp::verify_signature(&var("whatsapp_app_secret")?, body, signature).map_err(|_| ApiError::Unauthorized)?;
-    let hook = whatsapp::parse_webhook(body, &var("whatsapp_phone_number_id")?).map_err(|e| match e {
-        WebhookError::BadSignature => ApiError::Unauthorized,
-        WebhookError::Malformed(m) => ApiError::BadRequest(m),
-    })?;
-    let mut report = Report::default();
+    let hook = parse(body, &var("whatsapp_phone_number_id")?)?;
     if hook.messages.is_empty() && hook.statuses.is_empty() {
-        return Ok(spin_kit::json_response(200, &report));
+        return Ok(spin_kit::json_response(200, &Report::default()));
     }
     let packs = config::catalogue(&SpinVars).map_err(|e| ApiError::Internal(e.to_string()))?;
     let settings = config::conversation(&SpinVars).map_err(|e| ApiError::Internal(e.to_string()))?;
     let redis_url = var("redis_url")?;
     let db = spin_kit::open_db()?;
+    let report = handle(&db, &hook, &packs, &settings, request_id, |db, pending| {
+        events::publish(db, &redis_url, pending);
+    })?;
+    Ok(spin_kit::json_response(200, &report))
+}
 
+/// The signed body, parsed for our phone number.
+pub fn parse(body: &[u8], phone_number_id: &str) -> Result<Webhook, ApiError> {
+    whatsapp::parse_webhook(body, phone_number_id).map_err(|e| match e {
+        WebhookError::BadSignature => ApiError::Unauthorized,
+        WebhookError::Malformed(m) => ApiError::BadRequest(m),
+    })
+}
+
+/// The work of a verified, parsed webhook, whatever the host: each message and each status in
+/// its own transaction, and its events handed to `publish` right after that commit. The
+/// benchmark's native reference server (`tools/native-reference`) calls this too, so that the
+/// two measure the same work.
+pub fn handle<D: Db>(
+    db: &D,
+    hook: &Webhook,
+    packs: &[Pack],
+    settings: &conversation::Config,
+    request_id: &str,
+    mut publish: impl FnMut(&D, &[Pending]),
+) -> Result<Report, ApiError> {
+    let mut report = Report::default();
     for m in &hook.messages {
-        match handle_message(&db, m, &packs, &settings, request_id)? {
+        match handle_message(db, m, packs, settings, request_id)? {
             Some(pending) => {
                 report.messages += 1;
-                events::publish(&db, &redis_url, &pending);
+                publish(db, &pending);
             }
             None => report.duplicates += 1,
         }
     }
     for s in &hook.statuses {
-        let pending = handle_status(&db, s, request_id)?;
+        let pending = handle_status(db, s, request_id)?;
         report.statuses += 1;
-        events::publish(&db, &redis_url, &pending);
+        publish(db, &pending);
     }
-    Ok(spin_kit::json_response(200, &report))
+    Ok(report)
 }
 
 /// Conflicting concurrent work: roll back and let Meta redeliver.
