@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Prints the project's performance figures and writes the webhook table to docs/performance.md:
 # devhost start-up, the event pipeline's cost, the WhatsApp webhook's throughput and latency
-# (under devhost and, when ../shared/tools/spin is present, under Spin 3.6.3 and 4.0.2), and the
-# sender's pace. Usage: scripts/bench.sh [--webhook-only]
+# (under devhost, the native reference server and, when ../shared/tools/spin is present, Spin
+# 3.6.3 and 4.0.2), and the sender's pace. Usage: scripts/bench.sh [--webhook-only]
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -21,6 +21,12 @@ if [ "${1:-}" != --webhook-only ]; then
   cargo bench --profile host -p astria-tests --bench events
   cargo bench --profile host -p astria-tests --bench pace
 fi
+# The native reference: the same webhook code in a native server (tools/native-reference),
+# with kept connections, and with connections opened per request as Spin's hosts do.
+cargo build --profile host -p native-reference
+webhook "native reference" ASTRIA_NATIVE_REFERENCE="$root/target/host/native-reference"
+webhook "native reference, connections per request" \
+  ASTRIA_NATIVE_REFERENCE="$root/target/host/native-reference" ASTRIA_NATIVE_FRESH=1
 webhook devhost
 if [ -x ../shared/tools/spin/install.sh ]; then
   for bin in $(bash ../shared/tools/spin/install.sh target/spin-cli); do
