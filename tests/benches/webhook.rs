@@ -12,7 +12,9 @@
 //! - open loop at a fixed 500 requests/s for 10 s: each request leaves at its scheduled time
 //!   whether or not earlier ones were answered, and its latency counts from that time, so a
 //!   server that falls behind shows its queue instead of slowing the client down;
-//! - unsigned requests at 32 in flight, refused with 401 before any work.
+//! - unsigned requests at 32 in flight, refused with 401 after the signature check;
+//! - `PUT` requests at 32 in flight, refused with 400 before the handler reads anything: the cost
+//!   of an instance of the component and nothing else.
 //!
 //! Under devhost it first counts the SQLite statements each kind of request costs, per
 //! component (devhost counts them per guest connection).
@@ -153,18 +155,30 @@ fn figures(mut latencies: Vec<Duration>, errors: BTreeMap<u16, usize>, elapsed: 
 
 /// Closed loop: `concurrency` workers, each sending its next request when the last answered.
 async fn closed_loop(app: &Target, load: Vec<Signed>, concurrency: usize, expect: u16, signed: bool) -> Figures {
+    closed_loop_with(app, reqwest::Method::POST, load, concurrency, expect, signed).await
+}
+
+async fn closed_loop_with(
+    app: &Target,
+    method: reqwest::Method,
+    load: Vec<Signed>,
+    concurrency: usize,
+    expect: u16,
+    signed: bool,
+) -> Figures {
     let queue = Arc::new(Mutex::new(load));
     let errors = Arc::new(Mutex::new(BTreeMap::new()));
     let started = Instant::now();
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
-            let (queue, errors, client, url) = (queue.clone(), errors.clone(), app.client.clone(), app.url.clone());
+            let (queue, errors, client, url, method) =
+                (queue.clone(), errors.clone(), app.client.clone(), app.url.clone(), method.clone());
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 loop {
                     let Some((body, sig)) = queue.lock().unwrap().pop() else { break };
                     let t = Instant::now();
-                    let mut req = client.post(&url).body(body);
+                    let mut req = client.request(method.clone(), &url).body(body);
                     if signed {
                         req = req.header("x-hub-signature-256", sig);
                     }
@@ -376,6 +390,10 @@ async fn main() {
             }
             let f = closed_loop(&app, mixed_load("30", FORGED, 500), 32, 401, false).await;
             emit(row(db, setup, "unsigned (401), 32 in flight", &f));
+            // The floor: a method the route refuses before reading anything (400), which is what
+            // creating and dropping an instance of the component costs.
+            let f = closed_loop_with(&app, reqwest::Method::PUT, mixed_load("40", FORGED, 500), 32, 400, false).await;
+            emit(row(db, setup, "PUT, refused before any work (400), 32 in flight", &f));
             drop(app);
             if let Some(name) = pg_database {
                 astria_tests::drop_database(&name).await.ok();

@@ -100,6 +100,21 @@ pub fn list_reply(from: &str, id: &str, reply_id: &str, title: &str) -> Value {
     m
 }
 
+/// The messages of one order, as a customer sends them: hi, the pack list reply (corporate),
+/// the subject button (man), two photos (the fake Graph API serves them), Done. Message ids are
+/// `{prefix}1` to `{prefix}6`.
+pub fn order_steps(from: &str, prefix: &str) -> [Value; 6] {
+    let id = |n: u8| format!("{prefix}{n}");
+    [
+        text(from, &id(1), "hi"),
+        list_reply(from, &id(2), "pack:corporate", "Corporate headshots"),
+        button_reply(from, &id(3), "subject:man", "Man"),
+        photo(from, &id(4)),
+        photo(from, &id(5)),
+        button_reply(from, &id(6), "done", "Done"),
+    ]
+}
+
 /// A status webhook for a message we sent.
 pub fn status(wamid: &str, recipient: &str, status: &str, error_code: Option<i64>) -> Value {
     status_tagged(wamid, recipient, status, error_code, None)

@@ -55,14 +55,7 @@ async fn db(app: &TestApp) -> TestDb {
 /// Ana orders, sends two photos, pays; answers her order id once the link is paid (the
 /// trainer takes it from there).
 async fn pay(w: &World) -> String {
-    let steps = [
-        wa::text(ANA, "j1", "hi"),
-        wa::list_reply(ANA, "j2", "pack:corporate", "Corporate headshots"),
-        wa::button_reply(ANA, "j3", "subject:man", "Man"),
-        wa::photo(ANA, "j4"),
-        wa::photo(ANA, "j5"),
-        wa::button_reply(ANA, "j6", "done", "Done"),
-    ];
+    let steps = wa::order_steps(ANA, "j");
     for (i, m) in steps.into_iter().enumerate() {
         assert_eq!(wa::post_webhook(&w.app, &wa::inbound(ANA, vec![m])).await.0, 200);
         w.graph.wait_for(i + 1).await;
@@ -811,14 +804,7 @@ async fn no_secret_and_no_phone_number_in_any_log(postgres: bool) {
         .await;
     assert_eq!(r.unwrap().status(), 400);
 
-    let steps = [
-        wa::text(ANA, "j1", "hi"),
-        wa::list_reply(ANA, "j2", "pack:corporate", "Corporate headshots"),
-        wa::button_reply(ANA, "j3", "subject:man", "Man"),
-        wa::photo(ANA, "j4"),
-        wa::photo(ANA, "j5"),
-        wa::button_reply(ANA, "j6", "done", "Done"),
-    ];
+    let steps = wa::order_steps(ANA, "j");
     for m in steps {
         assert_eq!(wa::post_webhook(&w.app, &wa::inbound(ANA, vec![m])).await.0, 200);
         fast_forward(&w).await;

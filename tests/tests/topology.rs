@@ -70,14 +70,7 @@ async fn sends_with_relay(w: &World, n: usize, timeout: Duration) -> Vec<Value> 
 
 /// Ana orders, sends two photos and pays; answers her order id once training has started.
 async fn order_paid_and_training(w: &World) -> String {
-    let steps = [
-        wa::text(ANA, "o1", "hi"),
-        wa::list_reply(ANA, "o2", "pack:corporate", "Corporate headshots"),
-        wa::button_reply(ANA, "o3", "subject:man", "Man"),
-        wa::photo(ANA, "o4"),
-        wa::photo(ANA, "o5"),
-        wa::button_reply(ANA, "o6", "done", "Done"),
-    ];
+    let steps = wa::order_steps(ANA, "o");
     for (i, m) in steps.into_iter().enumerate() {
         assert_eq!(wa::post_webhook(&w.app, &wa::inbound(ANA, vec![m])).await.0, 200);
         sends_with_relay(w, i + 1, Duration::from_secs(20)).await;

@@ -187,6 +187,8 @@ async fn serve(server: Arc<Server>, req: Request<Incoming>) -> Result<Response<F
                 Err(e) => respond(500, serde_json::json!({ "error": e.to_string() }).to_string()),
             })
         }
+        // As message-service answers a method it does not serve: before any work.
+        (_, "/SmsReceived") => Ok(respond(400, r#"{"error":"use GET or POST"}"#.into())),
         _ => Ok(respond(404, r#"{"error":"not found"}"#.into())),
     }
 }
