@@ -24,7 +24,7 @@ use anyhow::{bail, Context};
 use astria_domain::config::{self, Source};
 use astria_domain::whatsapp;
 use astria_store::native::{Pg, Sqlite};
-use astria_store::{outbox, Db, DbError, Dialect, Row, Value};
+use astria_store::{Db, DbError, Dialect, Row, Value};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response};
@@ -135,19 +135,12 @@ impl Server {
     }
 }
 
-/// spin-kit's `events::publish`, natively: publish each event, note it published; on a Redis
-/// failure leave the rest due for the relay at once.
+/// spin-kit's `events::publish`, natively: the same outbox bookkeeping, through this server's
+/// kept Redis connection.
 fn publish(db: &NativeDb, redis: &mut redis::Connection, pending: &[Pending]) {
-    for (i, p) in pending.iter().enumerate() {
-        let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH").arg(&p.channel).arg(&p.json).query(redis);
-        if sent.is_err() {
-            for rest in &pending[i..] {
-                let _ = outbox::due_at(db, &rest.id, now_ms());
-            }
-            return;
-        }
-        let _ = outbox::mark_published(db, &p.id);
-    }
+    spin_kit::events::publish_with(db, pending, |p| {
+        redis::cmd("PUBLISH").arg(&p.channel).arg(&p.json).query::<i64>(redis).map(drop).map_err(|e| e.to_string())
+    });
 }
 
 fn respond(status: u16, body: String) -> Response<Full<Bytes>> {
