@@ -14,7 +14,12 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 started=$(date +%s)
 bash scripts/ensure-services.sh
-bash scripts/build.sh
+ASTRIA_SKIP_DEVHOST=1 bash scripts/build.sh
+# The native binaries (devhost) are built here, with the tests' feature resolution, so that
+# `cargo test` and `cargo bench` below compile nothing again. (scripts/build.sh's `-p devhost`
+# resolves features differently, and a `-p astria-tests` bench build differently again: each
+# compiled wasmtime, or most of the tree, a second time.)
+cargo build --profile host --bins --tests
 
 # Spin CLIs, when this machine has them.
 spin_363="" spin_402=""
@@ -44,7 +49,7 @@ if [ ${#skips[@]} -gt 0 ]; then
   case " $* " in *" -- "*) args+=("${skips[@]}") ;; *) args+=(-- "${skips[@]}") ;; esac
 fi
 cargo test --profile host "${args[@]}"
-cargo bench --profile host -p astria-tests --no-run
+cargo bench --profile host --no-run
 bash scripts/check-kubernetes.sh
 
 # The integration suite under real Spin (only for a full run).
