@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use astria_wire::astria as wire;
 use serde_json::{json, Value};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
@@ -48,21 +49,14 @@ pub const PROMPTS: u64 = 3;
 pub const IMAGES_PER_PROMPT: usize = 2;
 
 fn prompt_json(tune: &FakeTune, prompt: u64, with_images: bool) -> Value {
-    let id = tune.id * 100 + prompt;
-    let images: Vec<String> = if with_images {
-        (0..IMAGES_PER_PROMPT).map(|i| format!("https://mp.astria.ai/{}/{id}/{i}.jpg", tune.id)).collect()
-    } else {
-        vec![]
-    };
-    json!({ "id": id, "tune_id": tune.id, "text": format!("portrait {prompt} of ohwx {}", tune.name),
-            "trained_at": if with_images { json!("2026-11-25T10:00:00.000Z") } else { Value::Null },
-            "images": images, "url": format!("https://api.astria.ai/tunes/{}/prompts/{id}.json", tune.id) })
+    let id = wire::prompt_id(tune.id, prompt);
+    let images: Vec<String> =
+        if with_images { (0..IMAGES_PER_PROMPT).map(|i| wire::image_url(tune.id, id, i)).collect() } else { vec![] };
+    wire::prompt(tune.id, prompt, &format!("portrait {prompt} of ohwx {}", tune.name), &images)
 }
 
 fn tune_json(t: &FakeTune, trained: bool) -> Value {
-    json!({ "id": t.id, "title": t.title, "name": t.name, "branch": t.branch,
-            "trained_at": if trained { json!("2026-11-25T10:00:00.000Z") } else { Value::Null },
-            "created_at": "2026-11-25T09:50:00.000Z", "orig_images": vec!["https://sdbooth.s3/x.jpg"; t.image_count] })
+    wire::tune(t.id, &t.title, &t.name, t.branch.as_deref(), t.image_count, trained)
 }
 
 /// The text fields and the file count of a multipart body.
@@ -95,7 +89,7 @@ impl Respond for Create {
             let status = state.failures.remove(0);
             return ResponseTemplate::new(status).set_body_json(json!({"base": ["scripted failure"]}));
         }
-        let title = fields.get("tune[title]").cloned().unwrap_or_default();
+        let title = fields.get(wire::TITLE).cloned().unwrap_or_default();
         if title.is_empty() || files == 0 {
             return ResponseTemplate::new(422)
                 .set_body_json(json!({"title": ["can't be blank"], "images": ["required"]}));
@@ -106,11 +100,11 @@ impl Respond for Create {
             id: next_id,
             pack_id,
             title,
-            name: fields.get("tune[name]").cloned().unwrap_or_default(),
+            name: fields.get(wire::NAME).cloned().unwrap_or_default(),
             image_count: files,
-            branch: fields.get("tune[branch]").cloned(),
-            tune_callback: fields.get("tune[callback]").cloned().unwrap_or_default(),
-            prompt_callback: fields.get("tune[prompt_attributes][callback]").cloned().unwrap_or_default(),
+            branch: fields.get(wire::BRANCH).cloned(),
+            tune_callback: fields.get(wire::TUNE_CALLBACK).cloned().unwrap_or_default(),
+            prompt_callback: fields.get(wire::PROMPT_CALLBACK).cloned().unwrap_or_default(),
             released: vec![],
             trained: false,
         };

@@ -11,9 +11,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hmac::{Hmac, Mac};
+use astria_wire::stripe as wire;
 use serde_json::{json, Value};
-use sha2::Sha256;
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
 use crate::{AppConfig, TestApp};
@@ -57,7 +56,7 @@ struct State {
 struct Responder(Arc<Mutex<State>>, Duration);
 
 fn error(status: u16, kind: &str, message: &str) -> (u16, Value) {
-    (status, json!({"error": {"type": kind, "message": message}}))
+    (status, wire::error(kind, message))
 }
 
 impl Respond for Responder {
@@ -96,46 +95,15 @@ fn answer(state: &mut State, key: Option<&str>, form: &HashMap<String, String>, 
         }
         return (stored.status, stored.body.clone(), true);
     }
-    let required = [
-        "mode",
-        "line_items[0][price_data][unit_amount]",
-        "line_items[0][price_data][currency]",
-        "line_items[0][price_data][product_data][name]",
-        "line_items[0][quantity]",
-        "success_url",
-        "cancel_url",
-    ];
-    if let Some(missing) = required.iter().find(|k| !form.contains_key(**k)) {
-        let (s, b) = error(400, "invalid_request_error", &format!("Missing required param: {missing}."));
-        return (s, b, false);
-    }
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-    match form.get("expires_at").map(|v| v.parse::<i64>()) {
-        Some(Ok(at)) if (now + 30 * 60..=now + 24 * 3600).contains(&at) => {}
-        Some(_) => {
-            let (s, b) = error(
-                400,
-                "invalid_request_error",
-                "The `expires_at` timestamp must be between 30 minutes and 24 hours from now.",
-            );
-            return (s, b, false);
-        }
-        None => {}
+    if let Err(body) = wire::validate_create(form) {
+        return (400, body, false);
     }
     let (status, body) = if !state.failures.is_empty() {
         let status = state.failures.remove(0);
         error(status, "api_error", "scripted failure")
     } else {
         let id = format!("cs_test_{:04}", state.sessions.len() + 1);
-        let session = json!({
-            "id": id, "object": "checkout.session", "url": format!("https://checkout.stripe.com/c/pay/{id}"),
-            "status": "open", "payment_status": "unpaid", "mode": form["mode"],
-            "amount_total": form["line_items[0][price_data][unit_amount]"].parse::<i64>().unwrap_or(0),
-            "currency": form["line_items[0][price_data][currency]"],
-            "client_reference_id": form.get("client_reference_id"),
-            "metadata": { "order_id": form.get("metadata[order_id]") },
-            "expires_at": form.get("expires_at").and_then(|v| v.parse::<i64>().ok()),
-        });
+        let session = wire::created_session(&id, form);
         state.sessions.push(session.clone());
         (200, session)
     };
@@ -261,33 +229,12 @@ pub fn with_stripe(config: AppConfig, stripe: &FakeStripe) -> AppConfig {
         .var("whatsapp_chat_link", CHAT_LINK)
 }
 
-/// `Stripe-Signature` for `body` at unix time `t`, one `v1` per secret.
-pub fn signature(secrets: &[&str], t: i64, body: &[u8]) -> String {
-    let mut header = format!("t={t}");
-    for secret in secrets {
-        let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-        mac.update(format!("{t}.").as_bytes());
-        mac.update(body);
-        header.push_str(&format!(",v1={}", hex::encode(mac.finalize().into_bytes())));
-    }
-    header
-}
-
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
-}
-
-/// A webhook event whose `data.object` is a Checkout session.
-pub fn event(id: &str, kind: &str, session: Value) -> Value {
-    json!({ "id": id, "object": "event", "api_version": "2025-10-29.clover", "created": unix_now(),
-            "livemode": false, "type": kind, "data": { "object": session } })
-}
+pub use astria_wire::stripe::{event, signature};
+pub use astria_wire::unix_now;
 
 /// A completed session for `order_id`.
 pub fn session(session_id: &str, order_id: &str, amount: i64, currency: &str, payment_status: &str) -> Value {
-    json!({ "id": session_id, "object": "checkout.session", "status": "complete", "mode": "payment",
-            "payment_status": payment_status, "amount_total": amount, "currency": currency,
-            "client_reference_id": order_id, "metadata": { "order_id": order_id }, "payment_intent": "pi_test_1" })
+    wire::completed_session(session_id, order_id, amount, currency, payment_status)
 }
 
 /// Posts an event signed with the webhook secret; answers status and JSON.

@@ -9,9 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hmac::{Hmac, Mac};
+use astria_wire::whatsapp as wire;
 use serde_json::{json, Value};
-use sha2::Sha256;
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
 use crate::{app_manifest, spawn_app, AppConfig, TestApp, TestRedis};
@@ -24,50 +23,17 @@ pub const API_VERSION: &str = "v24.0";
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 pub const TEMPLATE: &str = "order_update";
 
-/// `sha256=<hex HMAC-SHA256(secret, body)>`, as Meta signs.
-pub fn sign(secret: &str, body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
-    mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
-}
+pub use astria_wire::unix_now;
+pub use astria_wire::whatsapp::{sign, sticker, text};
 
 /// A webhook POST body carrying `messages` from one contact to our number.
 pub fn inbound(from: &str, messages: Vec<Value>) -> Value {
-    json!({
-        "object": "whatsapp_business_account",
-        "entry": [{
-            "id": "102290129340398",
-            "changes": [{
-                "field": "messages",
-                "value": {
-                    "messaging_product": "whatsapp",
-                    "metadata": { "display_phone_number": "15550783881", "phone_number_id": PHONE_NUMBER_ID },
-                    "contacts": [{ "profile": { "name": "Ana" }, "wa_id": from }],
-                    "messages": messages,
-                }
-            }]
-        }]
-    })
+    wire::inbound(PHONE_NUMBER_ID, from, "Ana", messages)
 }
 
-fn base(from: &str, id: &str, kind: &str) -> Value {
-    json!({ "from": from, "id": id, "timestamp": unix_now().to_string(), "type": kind })
-}
-
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
-}
-
-pub fn text(from: &str, id: &str, body: &str) -> Value {
-    let mut m = base(from, id, "text");
-    m["text"] = json!({ "body": body });
-    m
-}
-
+/// An image message of media `media-{id}`.
 pub fn image(from: &str, id: &str, sha256_hex: &str) -> Value {
-    let mut m = base(from, id, "image");
-    m["image"] = json!({ "mime_type": "image/jpeg", "sha256": sha256_hex, "id": format!("media-{id}") });
-    m
+    wire::image(from, id, &format!("media-{id}"), sha256_hex)
 }
 
 /// The bytes the fake Graph API serves for `media_id`.
@@ -77,27 +43,15 @@ pub fn photo_bytes(media_id: &str) -> Vec<u8> {
 
 /// An image message whose sha256 matches what the fake serves for it (media id `media-{id}`).
 pub fn photo(from: &str, id: &str) -> Value {
-    use sha2::Digest;
-    image(from, id, &hex::encode(sha2::Sha256::digest(photo_bytes(&format!("media-{id}")))))
-}
-
-pub fn sticker(from: &str, id: &str) -> Value {
-    let mut m = base(from, id, "sticker");
-    m["sticker"] = json!({ "mime_type": "image/webp", "sha256": "00", "id": "media-sticker", "animated": false });
-    m
+    image(from, id, &astria_wire::sha256_hex(&photo_bytes(&format!("media-{id}"))))
 }
 
 pub fn button_reply(from: &str, id: &str, reply_id: &str, title: &str) -> Value {
-    let mut m = base(from, id, "interactive");
-    m["context"] = json!({ "from": "15550783881", "id": "wamid.previous" });
-    m["interactive"] = json!({ "type": "button_reply", "button_reply": { "id": reply_id, "title": title } });
-    m
+    wire::button_reply(from, id, Some("wamid.previous"), reply_id, title)
 }
 
 pub fn list_reply(from: &str, id: &str, reply_id: &str, title: &str) -> Value {
-    let mut m = base(from, id, "interactive");
-    m["interactive"] = json!({ "type": "list_reply", "list_reply": { "id": reply_id, "title": title } });
-    m
+    wire::list_reply(from, id, None, reply_id, title)
 }
 
 /// The messages of one order, as a customer sends them: hi, the pack list reply (corporate),
@@ -123,22 +77,7 @@ pub fn status(wamid: &str, recipient: &str, status: &str, error_code: Option<i64
 /// A status webhook that repeats the `biz_opaque_callback_data` the send carried, as WhatsApp's
 /// do.
 pub fn status_tagged(wamid: &str, recipient: &str, status: &str, error_code: Option<i64>, tag: Option<&str>) -> Value {
-    let mut s =
-        json!({ "id": wamid, "status": status, "timestamp": unix_now().to_string(), "recipient_id": recipient });
-    if let Some(code) = error_code {
-        s["errors"] = json!([{ "code": code, "title": "error", "message": "error", "error_data": { "details": "d" } }]);
-    }
-    if let Some(tag) = tag {
-        s["biz_opaque_callback_data"] = json!(tag);
-    }
-    json!({
-        "object": "whatsapp_business_account",
-        "entry": [{ "id": "102290129340398", "changes": [{ "field": "messages", "value": {
-            "messaging_product": "whatsapp",
-            "metadata": { "display_phone_number": "15550783881", "phone_number_id": PHONE_NUMBER_ID },
-            "statuses": [s],
-        }}]}]
-    })
+    wire::status(PHONE_NUMBER_ID, wamid, recipient, status, error_code, tag)
 }
 
 /// What the fake Graph API answers to one send.
@@ -195,20 +134,14 @@ impl Respond for Responder {
                 let tag = body["biz_opaque_callback_data"].as_str().map(str::to_string);
                 let _ = tx.send((wamid.clone(), to.to_string(), tag, delay));
             }
-            ResponseTemplate::new(200).set_delay(delay).set_body_json(json!({
-                "messaging_product": "whatsapp",
-                "contacts": [{ "input": to, "wa_id": to }],
-                "messages": [{ "id": wamid }],
-            }))
+            ResponseTemplate::new(200).set_delay(delay).set_body_json(wire::send_accepted(to, &wamid))
         };
         match answer {
             Answer::Ok => accepted(Duration::ZERO),
             Answer::Late(delay) => accepted(delay),
-            Answer::Error(status, code) => ResponseTemplate::new(status).set_body_json(json!({
-                "error": { "message": format!("(#{code}) scripted error"), "type": "OAuthException", "code": code,
-                           "error_data": { "messaging_product": "whatsapp", "details": "scripted" },
-                           "fbtrace_id": "Az8or2yhqkZfEZ-_4Qn_Bam" }
-            })),
+            Answer::Error(status, code) => {
+                ResponseTemplate::new(status).set_body_json(wire::graph_error(code, "scripted error"))
+            }
             Answer::Status(status) => ResponseTemplate::new(status).set_body_string("<html>bad gateway</html>"),
         }
     }
@@ -289,12 +222,11 @@ impl FakeGraph {
                         .set_body_json(json!({"error": {"message": "temporary", "code": 2}}));
                 }
                 let id = req.url.path().rsplit('/').next().unwrap_or("").to_string();
-                use sha2::Digest;
-                ResponseTemplate::new(200).set_body_json(json!({
-                    "messaging_product": "whatsapp", "url": format!("{base}/media-bytes/{id}"),
-                    "mime_type": "image/jpeg", "sha256": hex::encode(sha2::Sha256::digest(photo_bytes(&id))),
-                    "file_size": photo_bytes(&id).len().to_string(), "id": id,
-                }))
+                ResponseTemplate::new(200).set_body_json(wire::media_info(
+                    &id,
+                    &format!("{base}/media-bytes/{id}"),
+                    &photo_bytes(&id),
+                ))
             })
             .mount(&self.server)
             .await;
