@@ -15,10 +15,10 @@ cd "$root"
 started=$(date +%s)
 bash scripts/ensure-services.sh
 ASTRIA_SKIP_DEVHOST=1 bash scripts/build.sh
-# The native binaries (devhost) are built here, with the tests' feature resolution, so that
-# `cargo test` and `cargo bench` below compile nothing again. (scripts/build.sh's `-p devhost`
-# resolves features differently, and a `-p astria-tests` bench build differently again: each
-# compiled wasmtime, or most of the tree, a second time.)
+# The native binaries (devhost, the sandbox) are built here, with the tests' feature resolution,
+# so that `cargo test` and `cargo bench` below compile nothing again. (scripts/build.sh's
+# `-p devhost` resolves features differently, and a `-p astria-tests` bench build differently
+# again: each compiled wasmtime, or most of the tree, a second time.)
 cargo build --profile host --bins --tests
 
 # Spin CLIs, when this machine has them.
@@ -41,6 +41,10 @@ export ASTRIA_SPIN_CLI=${ASTRIA_SPIN_CLI:-${SPIN_BIN:-$spin_363}}
 if [ -n "${SPIN_BIN:-}" ]; then
   skip devhost_only "SPIN_BIN is set: devhost-only features"
 fi
+# The sandbox in headless Chromium (tests/tests/browser.rs) needs Chromium and chromedriver.
+if ! bash scripts/ensure-chromium.sh; then
+  skip browser "no Chromium/chromedriver could be installed (scripts/ensure-chromium.sh says why above)"
+fi
 
 # Same profile as devhost so the test binaries reuse its compiled dependencies. Benchmarks are
 # compiled too (not run), so that they cannot rot.
@@ -56,9 +60,9 @@ bash scripts/check-kubernetes.sh
 spin_pass() { # label, spin binary, extra skip arguments...
   local label=$1 bin=$2; shift 2
   echo "[test] integration tests under $label ($bin)" >&2
-  echo "[test] skipped under $label: tests matching 'devhost_only' (devhost-only features), 'run_script' (host-independent: ran in the devhost pass), 'fuzz' (tens of thousands of requests: ran in the devhost pass; scripts/fuzz.sh with SPIN_BIN runs it under Spin)" >&2
+  echo "[test] skipped under $label: tests matching 'devhost_only' (devhost-only features), 'run_script', 'browser' and 'sandbox_' (the scripts' own runs, host-independent: ran in the devhost pass), 'fuzz' (tens of thousands of requests: ran in the devhost pass; scripts/fuzz.sh with SPIN_BIN runs it under Spin)" >&2
   SPIN_BIN=$bin cargo test --profile host --tests -- \
-    --skip devhost_only --skip run_script --skip fuzz "$@"
+    --skip devhost_only --skip run_script --skip browser --skip sandbox_ --skip fuzz "$@"
 }
 if [ $# -eq 0 ] && [ -z "${SPIN_BIN:-}" ]; then
   if [ -n "$spin_363" ]; then

@@ -1,0 +1,457 @@
+//! The sandbox in a real browser: `scripts/sandbox.sh` started as a newcomer starts it, and
+//! headless Chromium (driven over WebDriver by chromedriver) playing a customer by clicking:
+//! hi → pack list → pack → subject → four photos → Done → the payment link → Pay → the
+//! portraits appear in the chat, each once. A second run drops Astria's callbacks and still
+//! ends with the portraits (the app's reconciliation asks Astria).
+//!
+//! Screenshots of the chat and the checkout page are saved under `target/browser/`.
+//!
+//! Needs `chromium` and `chromedriver` (Debian's `chromium` and `chromium-driver`;
+//! `scripts/ensure-chromium.sh` installs them, and scripts/test.sh skips these tests by name,
+//! `browser`, with the reason, when they cannot be had). `ASTRIA_CHROMEDRIVER` and
+//! `ASTRIA_CHROMIUM` name other binaries.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use astria_tests::workspace_root;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{json, Value};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A process group stopped (TERM, then KILL) when dropped.
+struct Group(Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let pgid = self.0.id() as i32;
+        let _ = Command::new("kill").args(["-s", "TERM", "--", &format!("-{pgid}")]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("kill").args(["-s", "KILL", "--", &format!("-{pgid}")]).status();
+        let _ = self.0.wait();
+    }
+}
+
+/// `scripts/sandbox.sh` on devhost, on free ports, with a state directory of its own.
+struct Sandbox {
+    _group: Group,
+    url: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    async fn start(env: &[(&str, &str)]) -> Sandbox {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("sandbox.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let (app, url) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+        let child = Command::new("bash")
+            .arg(workspace_root().join("scripts/sandbox.sh"))
+            .env("ASTRIA_HOST", "devhost")
+            // scripts/test.sh built everything (the sandbox binary included).
+            .env("ASTRIA_SKIP_BUILD", "1")
+            .env("ASTRIA_LISTEN", &app)
+            .env("SANDBOX_LISTEN", &url)
+            .env("ASTRIA_STATE_DIR", dir.path().join("state"))
+            .env("SANDBOX_TRAINING_SECONDS", "2")
+            .envs(env.iter().copied())
+            .env_remove("SPIN_BIN")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let sandbox = Sandbox { _group: Group(child), url: format!("http://{url}"), log, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !std::fs::read_to_string(&sandbox.log).unwrap_or_default().contains("ready: open") {
+            assert!(Instant::now() < deadline, "scripts/sandbox.sh not ready in 90 s:\n{}", sandbox.log());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        sandbox
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn state(&self) -> Value {
+        reqwest::get(format!("{}/sandbox/state", self.url)).await.unwrap().json().await.unwrap()
+    }
+}
+
+fn binary(env: &str, names: &[&str]) -> String {
+    if let Ok(b) = std::env::var(env) {
+        return b;
+    }
+    for name in names {
+        for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/bin", "/usr/lib/chromium"]) {
+            let p = Path::new(dir).join(name);
+            if p.is_file() {
+                return p.display().to_string();
+            }
+        }
+    }
+    panic!("no {names:?} on this machine: scripts/ensure-chromium.sh installs Debian's chromium and chromium-driver ({env} names another)");
+}
+
+/// Headless Chromium under its own chromedriver.
+struct Browser {
+    client: Client,
+    _driver: Group,
+}
+
+impl Browser {
+    async fn start() -> Browser {
+        let driver_bin = binary("ASTRIA_CHROMEDRIVER", &["chromedriver"]);
+        let chromium = binary("ASTRIA_CHROMIUM", &["chromium", "chromium-browser", "google-chrome"]);
+        let port = free_port();
+        let driver = Group(
+            Command::new(driver_bin)
+                .arg(format!("--port={port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .spawn()
+                .expect("chromedriver starts"),
+        );
+        let caps: serde_json::Map<String, Value> = serde_json::from_value(json!({
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,1000"],
+            }
+        }))
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+            match ClientBuilder::new(connector)
+                .capabilities(caps.clone())
+                .connect(&format!("http://127.0.0.1:{port}"))
+                .await
+            {
+                Ok(client) => return Browser { client, _driver: driver },
+                Err(e) if Instant::now() > deadline => panic!("no WebDriver session in 30 s: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    }
+}
+
+fn screenshot_dir() -> PathBuf {
+    let dir = workspace_root().join("target/browser");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Distinct test selfies: PNGs of a face-like figure on different backgrounds.
+fn selfies(dir: &Path) -> Vec<PathBuf> {
+    let colours = [[230, 120, 90], [90, 160, 220], [120, 200, 130], [200, 180, 90]];
+    colours
+        .iter()
+        .enumerate()
+        .map(|(i, bg)| {
+            let img = image::RgbImage::from_fn(360, 480, |x, y| {
+                let (dx, dy) = (x as i32 - 180, y as i32 - 200);
+                if dx * dx + dy * dy < 110 * 110 {
+                    image::Rgb([240, 200, 170])
+                } else if y > 330 && (x as i32 - 180).abs() < 150 {
+                    image::Rgb([40, 50, 70])
+                } else {
+                    image::Rgb([bg[0], bg[1], (bg[2] + i as u8 * 10)])
+                }
+            });
+            let path = dir.join(format!("selfie-{i}.png"));
+            img.save(&path).unwrap();
+            path
+        })
+        .collect()
+}
+
+/// Waits until `find` returns something, or fails with the page's chat text and the log.
+async fn wait<T, F, Fut>(what: &str, within: Duration, sandbox: &Sandbox, mut find: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(t) = find().await {
+            return t;
+        }
+        if Instant::now() > deadline {
+            let chats = sandbox.state().await["chats"].clone();
+            panic!("{what}: not within {within:?}\nchats: {chats:#}\nlog:\n{}", sandbox.log());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The bot's messages of the phone, as the page shows them (`data-kind`, text).
+async fn bot_messages(c: &Client, phone: &str) -> Vec<(String, String)> {
+    let mut out = vec![];
+    let css = format!(".phone[data-number='{phone}'] [data-testid=bot-message]");
+    for m in c.find_all(Locator::Css(&css)).await.unwrap_or_default() {
+        let kind = m.attr("data-kind").await.ok().flatten().unwrap_or_default();
+        out.push((kind, m.text().await.unwrap_or_default()));
+    }
+    out
+}
+
+/// Clicks the first shown `css` element whose text contains `text`, once there is one. The page
+/// redraws a chat when it changes, so an element found can be gone by the click: try again.
+async fn click_when(c: &Client, sandbox: &Sandbox, css: &str, text: &str) {
+    wait(&format!("a '{css}' reading '{text}' to click"), Duration::from_secs(30), sandbox, || async {
+        for e in c.find_all(Locator::Css(css)).await.ok()? {
+            if e.text().await.ok()?.contains(text) && e.is_displayed().await.ok()? {
+                return e.click().await.ok();
+            }
+        }
+        None
+    })
+    .await;
+}
+
+async fn journey(drop_callbacks: bool) {
+    // Reconciliation asks Astria at the next relay call (every 5 s) rather than after the
+    // sandbox's one minute: the same path, sooner.
+    let env: &[(&str, &str)] = if drop_callbacks { &[("SPIN_VARIABLE_RECONCILE_AFTER_MINUTES", "0")] } else { &[] };
+    let sandbox = Sandbox::start(env).await;
+    let browser = Browser::start().await;
+    let c = &browser.client;
+    // Two customers side by side; the first buys, the second only says hi.
+    let (phone, other) = ("447700900123", "447700900456");
+    let label = if drop_callbacks { "dropped-callbacks" } else { "journey" };
+    c.goto(&format!("{}/?phones={phone},{other}", sandbox.url)).await.unwrap();
+    let on = |css: &str| format!(".phone[data-number='{phone}'] {css}");
+    let on_other = |css: &str| format!(".phone[data-number='{other}'] {css}");
+    c.find(Locator::Css(&on_other("[data-testid=text-input]"))).await.unwrap().send_keys("hello").await.unwrap();
+    c.find(Locator::Css(&on_other("[data-testid=send]"))).await.unwrap().click().await.unwrap();
+    if drop_callbacks {
+        c.find(Locator::Css("#fault-drop")).await.unwrap().click().await.unwrap();
+        wait("the switch reaches the sandbox", Duration::from_secs(5), &sandbox, || async {
+            (sandbox.state().await["faults"]["drop_astria_callbacks"] == true).then_some(())
+        })
+        .await;
+    }
+
+    // hi → the pack list.
+    let input = c.find(Locator::Css(&on("[data-testid=text-input]"))).await.unwrap();
+    input.send_keys("hi").await.unwrap();
+    c.find(Locator::Css(&on("[data-testid=send]"))).await.unwrap().click().await.unwrap();
+    click_when(c, &sandbox, &on("[data-testid=list-open]"), "See packs").await;
+    click_when(c, &sandbox, &on("[data-testid=list-row]"), "Corporate headshots").await;
+    click_when(c, &sandbox, &on("[data-testid=reply-button]"), "Man").await;
+    wait("the bot asks for selfies", Duration::from_secs(30), &sandbox, || async {
+        bot_messages(c, phone).await.iter().any(|(_, t)| t.contains("Send me 4 to 10")).then_some(())
+    })
+    .await;
+
+    // Four photos, one at a time as a person picks them.
+    let photos = tempfile::tempdir().unwrap();
+    for (i, path) in selfies(photos.path()).iter().enumerate() {
+        let file = c.find(Locator::Css(&on("[data-testid=photo-input]"))).await.unwrap();
+        file.send_keys(&path.display().to_string()).await.unwrap();
+        wait(&format!("photo {} acknowledged", i + 1), Duration::from_secs(30), &sandbox, || async {
+            let want = format!("Got it ({}/10)", i + 1);
+            let min = "Got 4 photos";
+            bot_messages(c, phone)
+                .await
+                .iter()
+                .any(|(_, t)| t.contains(&want) || (i == 3 && t.contains(min)))
+                .then_some(())
+        })
+        .await;
+    }
+    click_when(c, &sandbox, &on("[data-testid=reply-button]"), "Done").await;
+
+    // The payment link opens Stripe's checkout (played by the sandbox).
+    let link = wait("the payment link", Duration::from_secs(30), &sandbox, || async {
+        let a = c.find(Locator::Css(&on("[data-testid=payment-link]"))).await.ok()?;
+        a.attr("href").await.ok().flatten()
+    })
+    .await;
+    assert!(link.contains("/checkout/cs_test_"), "the link opens the sandbox's checkout: {link}");
+    let chat_window = c.window().await.unwrap();
+    click_when(c, &sandbox, &on("[data-testid=payment-link]"), "checkout.stripe.com").await;
+    let checkout = wait("the checkout tab", Duration::from_secs(10), &sandbox, || async {
+        c.windows().await.ok()?.into_iter().find(|w| *w != chat_window)
+    })
+    .await;
+    c.switch_to_window(checkout).await.unwrap();
+    wait("the checkout page shows the session", Duration::from_secs(10), &sandbox, || async {
+        let s = c.find(Locator::Css("[data-testid=checkout-state]")).await.ok()?.text().await.ok()?;
+        s.contains("open").then_some(())
+    })
+    .await;
+    let amount = c.find(Locator::Css("#amount")).await.unwrap().text().await.unwrap();
+    assert_eq!(amount, "19.99 USD", "the corporate pack's price");
+    std::fs::write(screenshot_dir().join(format!("checkout-{label}.png")), c.screenshot().await.unwrap()).unwrap();
+    c.find(Locator::Css("[data-testid=pay]")).await.unwrap().click().await.unwrap();
+    let events = wait("Stripe's event accepted", Duration::from_secs(20), &sandbox, || async {
+        let t = c.find(Locator::Css("[data-testid=checkout-events]")).await.ok()?.text().await.ok()?;
+        t.contains("checkout.session.completed").then_some(t)
+    })
+    .await;
+    assert!(events.contains("answered 200"), "the app took the payment event: {events}");
+    c.close_window().await.unwrap();
+    c.switch_to_window(chat_window).await.unwrap();
+
+    // The portraits: three prompts of two images each, each shown once and loaded.
+    let within = if drop_callbacks { Duration::from_secs(150) } else { Duration::from_secs(60) };
+    wait("six portraits in the chat", within, &sandbox, || async {
+        let imgs = c.find_all(Locator::Css(&on("[data-testid=bot-image]"))).await.ok()?;
+        (imgs.len() >= 6).then_some(())
+    })
+    .await;
+    wait("the delivered message", Duration::from_secs(30), &sandbox, || async {
+        bot_messages(c, phone).await.iter().any(|(_, t)| t.contains("have been delivered")).then_some(())
+    })
+    .await;
+    let loaded: Value = c
+        .execute(
+            "return [...document.querySelectorAll(arguments[0])].map(i => [i.getAttribute('src'), i.complete && i.naturalWidth])",
+            vec![json!(on("[data-testid=bot-image]"))],
+        )
+        .await
+        .unwrap();
+    let loaded = loaded.as_array().unwrap();
+    assert_eq!(loaded.len(), 6, "each portrait once: {loaded:?}");
+    assert!(loaded.iter().all(|l| l[1].as_u64().unwrap_or(0) > 0), "every portrait loaded: {loaded:?}");
+    // Each send carried a different Astria image: no portrait twice, none missing.
+    let chat = &sandbox.state().await["chats"][phone]["messages"];
+    let mut links: Vec<&str> =
+        chat.as_array().unwrap().iter().filter_map(|m| m["body"]["image"]["link"].as_str()).collect();
+    links.sort();
+    let sent = links.len();
+    links.dedup();
+    assert_eq!((sent, links.len()), (6, 6), "six distinct portraits sent: {links:?}");
+    let activity = sandbox.state().await["activity"].to_string();
+    if drop_callbacks {
+        assert!(activity.contains("callback dropped"), "the callbacks were dropped: {activity}");
+        assert!(!activity.contains("callback /update-images"), "no prompt callback reached the app");
+    } else {
+        assert!(activity.contains("callback /update-images → 200"), "the prompt callbacks reached the app");
+    }
+    // The other customer got the greeting and nothing of the first one's order.
+    let others = sandbox.state().await["chats"][other]["messages"].clone();
+    let bot: Vec<&Value> = others.as_array().unwrap().iter().filter(|m| m["from_customer"] == false).collect();
+    assert_eq!(bot.len(), 1, "one reply, the pack list, to the other customer: {others:#}");
+    assert_eq!(bot[0]["body"]["interactive"]["type"], "list");
+    // For the picture a reviewer looks at: the payment receipt at the top, portraits below.
+    c.execute(
+        "const b = [...document.querySelectorAll(arguments[0])].find(b => b.textContent.includes('Payment received')); \
+         if (b) b.parentElement.scrollTop = b.offsetTop - b.parentElement.offsetTop - 8;",
+        vec![json!(on("[data-testid=bot-message]"))],
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(screenshot_dir().join(format!("chat-{label}.png")), c.screenshot().await.unwrap()).unwrap();
+    c.clone().close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn browser_customer_buys_a_pack_end_to_end() {
+    journey(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn browser_portraits_arrive_when_astria_callbacks_are_dropped() {
+    journey(true).await;
+}
+
+/// The sandbox's fault switches, driven over HTTP as the control panel does (no browser): while
+/// the Graph API fails sends (500), the bot's reply waits; switched back, it arrives once. While
+/// Stripe is slower than the app's timeout, the app retries with its idempotency key and the
+/// customer gets one payment link for one Checkout Session.
+#[tokio::test(flavor = "multi_thread")]
+async fn sandbox_fault_switches_delay_but_never_double() {
+    let sandbox = Sandbox::start(&[]).await;
+    let http = reqwest::Client::new();
+    let phone = "447700900789";
+    let post = |path: String, body: Value| {
+        let (http, url) = (http.clone(), format!("{}{path}", sandbox.url));
+        async move {
+            let r = http.post(url).json(&body).send().await.unwrap();
+            assert!(r.status().is_success(), "{} answered {}", r.url(), r.status());
+        }
+    };
+    let faults = |graph: &str, stripe_slow: bool| json!({ "drop_astria_callbacks": false, "graph": graph, "stripe_slow": stripe_slow });
+    let bot = |state: &Value| -> Vec<Value> {
+        state["chats"][phone]["messages"]
+            .as_array()
+            .map(|m| m.iter().filter(|m| m["from_customer"] == false).cloned().collect())
+            .unwrap_or_default()
+    };
+
+    post("/sandbox/faults".into(), faults("fail", false)).await;
+    post(format!("/sandbox/phone/{phone}/text"), json!({ "body": "hi" })).await;
+    wait("a send failed with 500", Duration::from_secs(20), &sandbox, || async {
+        sandbox.state().await["activity"].to_string().contains("failed: 500").then_some(())
+    })
+    .await;
+    assert!(bot(&sandbox.state().await).is_empty(), "nothing reached the phone while sends failed");
+    post("/sandbox/faults".into(), faults("", true)).await;
+    let list = wait("the pack list once sends succeed", Duration::from_secs(60), &sandbox, || async {
+        bot(&sandbox.state().await).into_iter().find(|m| m["body"]["interactive"]["type"] == "list")
+    })
+    .await;
+
+    // On to the payment link with Stripe slow.
+    let context = list["id"].as_str().unwrap().to_string();
+    let reply = |kind: &str, context: &str, id: &str, title: &str| json!({ "kind": kind, "context": context, "id": id, "title": title });
+    post(format!("/sandbox/phone/{phone}/reply"), reply("list", &context, "pack:corporate", "Corporate headshots"))
+        .await;
+    let buttons = wait("the subject buttons", Duration::from_secs(30), &sandbox, || async {
+        bot(&sandbox.state().await).into_iter().find(|m| m["body"]["interactive"]["type"] == "button")
+    })
+    .await;
+    post(
+        format!("/sandbox/phone/{phone}/reply"),
+        reply("button", buttons["id"].as_str().unwrap(), "subject:man", "Man"),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    for path in selfies(dir.path()) {
+        let r = http.post(format!("{}/sandbox/phone/{phone}/photo", sandbox.url)).body(std::fs::read(path).unwrap());
+        assert!(r.send().await.unwrap().status().is_success());
+    }
+    let done = wait("the Done button", Duration::from_secs(30), &sandbox, || async {
+        bot(&sandbox.state().await)
+            .into_iter()
+            .find(|m| m["body"]["interactive"]["action"]["buttons"][0]["reply"]["id"] == "done")
+    })
+    .await;
+    post(format!("/sandbox/phone/{phone}/reply"), reply("button", done["id"].as_str().unwrap(), "done", "Done")).await;
+    wait("the payment link, after Stripe's slow answer", Duration::from_secs(90), &sandbox, || async {
+        let links = bot(&sandbox.state().await)
+            .into_iter()
+            .filter(|m| m["body"]["text"]["body"].as_str().is_some_and(|t| t.contains("checkout.stripe.com")))
+            .count();
+        (links > 0).then_some(())
+    })
+    .await;
+    let state = sandbox.state().await;
+    let activity = state["activity"].to_string();
+    assert!(activity.contains("answering in 8 s"), "Stripe was slow: {activity}");
+    assert_eq!(state["sessions"].as_array().unwrap().len(), 1, "one Checkout Session: {:#}", state["sessions"]);
+    // Let the app settle, then count: one list, one link.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let sent = bot(&sandbox.state().await);
+    let count = |needle: &str| sent.iter().filter(|m| m["body"].to_string().contains(needle)).count();
+    assert_eq!(count("checkout.stripe.com"), 1, "one payment link: {sent:#?}");
+    assert_eq!(count("\"type\":\"list\""), 1, "one pack list: {sent:#?}");
+}
