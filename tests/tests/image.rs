@@ -941,3 +941,107 @@ async fn postgres_restarted_under_the_running_app_loses_and_doubles_nothing() {
     assert_eq!(recorded as u64, w.astria.tunes()[1].id, "the second is the order's");
     assert_eq!(db.order_status(&order_id).await, "delivered");
 }
+
+const METRICS_TOKEN: &str = "test-metrics-token";
+
+/// `GET /maintenance/metrics` with `token`: status and body.
+async fn scrape(app: &TestApp, token: &str) -> (u16, String) {
+    let r = app
+        .client
+        .get(app.url("/maintenance/metrics"))
+        .header("authorization", format!("Bearer {token}"))
+        .send()
+        .await
+        .expect("metrics reachable");
+    (r.status().as_u16(), r.text().await.unwrap_or_default())
+}
+
+/// Every sample of a scrape, parsed with a Prometheus text-format parser, keyed
+/// `name{label="value",...}` (labels sorted).
+fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid exposition");
+    assert!(!scrape.docs.is_empty(), "HELP lines parsed");
+    scrape
+        .samples
+        .into_iter()
+        .map(|s| {
+            let mut labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+            labels.sort();
+            let key =
+                if labels.is_empty() { s.metric.clone() } else { format!("{}{{{}}}", s.metric, labels.join(",")) };
+            let value = match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                prometheus_parse::Value::Histogram(buckets) => {
+                    buckets.iter().find(|b| b.less_than == f64::INFINITY).map_or(f64::NAN, |b| b.count)
+                }
+                prometheus_parse::Value::Summary(_) => f64::NAN,
+            };
+            (key, value)
+        })
+        .collect()
+}
+
+/// The metrics route after a real journey, then after a stuck order and a dead letter are
+/// injected: each value is exact. Only the admin token and the read-only metrics token read it,
+/// and the metrics token runs nothing else.
+async fn metrics_are_exact_after_a_journey_and_injected_failures(postgres: bool) {
+    let w = world_with(postgres, 1, 0, &[("metrics_token", METRICS_TOKEN)]).await;
+    assert_eq!(scrape(&w.app, "wrong").await.0, 401);
+    assert_eq!(scrape(&w.app, wa::ADMIN_TOKEN).await.0, 200);
+    let run = w
+        .app
+        .client
+        .post(w.app.url("/maintenance/run"))
+        .header("authorization", format!("Bearer {METRICS_TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(run.status().as_u16(), 401, "the metrics token is read-only");
+
+    let order_id = pay(&w).await;
+    training_started(&w).await;
+    w.astria.finish(&w.app, &order_id).await;
+    w.graph.wait_for(BEFORE_IMAGES + IMAGES + 1).await;
+    settle(&w).await;
+    let (status, text) = scrape(&w.app, METRICS_TOKEN).await;
+    assert_eq!(status, 200);
+    let m = samples(&text);
+    let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no sample {k} in\n{text}"));
+    assert_eq!(get("astria_orders{status=\"delivered\"}"), 1.0, "{text}");
+    assert_eq!(get("astria_portraits_delivered"), IMAGES as f64);
+    assert_eq!(get("astria_dead_letters_total"), 0.0);
+    assert_eq!(get("astria_payment_issues_open"), 0.0);
+    assert!(!text.contains("astria_outbox_backlog{"), "nothing left in the outbox once settled:\n{text}");
+    assert!(!text.contains("astria_order_oldest_age_seconds{"), "no order in a non-final status:\n{text}");
+    assert_eq!(get("astria_payment_to_delivery_seconds"), 1.0, "one delivered order in the histogram");
+    assert!(
+        text.contains("astria_payment_to_delivery_seconds_bucket{le=\"60\"} 1"),
+        "delivered within a minute:\n{text}"
+    );
+
+    // Injected: an order stuck in training for two hours, and a dead letter.
+    let db = db(&w.app).await;
+    let two_hours_ago = wa::unix_now() * 1000 - 7_200_000;
+    db.execute(
+        "INSERT INTO orders (id, wa_id, pack_id, status, price_minor, currency, created_at, updated_at, paid_at)
+         VALUES ('stuck-order', $1, 'corporate', 'training', 1999, 'usd', $2, $2, $2)",
+        &[ANA.into(), two_hours_ago.into()],
+    )
+    .await;
+    let channel = db.text("SELECT channel FROM outbox ORDER BY created_at LIMIT 1", &[]).await;
+    db.execute("UPDATE outbox SET status = 'dead' WHERE id = (SELECT id FROM outbox ORDER BY created_at LIMIT 1)", &[])
+        .await;
+    let (_, text) = scrape(&w.app, wa::ADMIN_TOKEN).await;
+    let m = samples(&text);
+    let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no sample {k} in\n{text}"));
+    assert_eq!(get("astria_orders{status=\"training\"}"), 1.0);
+    let age = get("astria_order_oldest_age_seconds{status=\"training\"}");
+    assert!((7200.0..7260.0).contains(&age), "two hours, give or take the test's own time: {age}");
+    assert_eq!(get(&format!("astria_dead_letters{{channel=\"{channel}\"}}")), 1.0);
+    assert_eq!(get("astria_dead_letters_total"), 1.0);
+    assert_eq!(get("astria_orders{status=\"delivered\"}"), 1.0, "the delivered order is still counted");
+}
+
+on_both!(metrics_are_exact_after_a_journey_and_injected_failures);

@@ -2,7 +2,8 @@
 //! (`POST /maintenance/relay`) and operators' views. HTTP component; a thin adapter over the
 //! store's `cleanup` and spin-kit's relay.
 //!
-//! Every route but health takes `Authorization: Bearer <admin_token>`. Schedule: the cleanup on
+//! Every route but health takes `Authorization: Bearer <admin_token>`; `GET /maintenance/metrics`
+//! (Prometheus' text format, `astria_store::metrics`) also takes the read-only `metrics_token`. Schedule: the cleanup on
 //! Wednesdays at 04:00 UTC, the relay every minute (Kubernetes CronJobs in production, a loop in
 //! `scripts/run.sh` for a local run). A second cleanup while one runs answers 409 and does
 //! nothing; a crashed run's lease expires after `cleanup_lease_seconds`.
@@ -42,6 +43,7 @@ fn route(method: &Method, path: &str, query: &str, auth: &str, request_id: &str)
         (Method::Get, "/health/maintenance") => Ok(spin_kit::health::readiness(SERVICE, env!("CARGO_PKG_VERSION"))),
         (Method::Post, "/maintenance/run") => authorize(auth).and_then(|()| cleanup(request_id)),
         (Method::Post, "/maintenance/relay") => authorize(auth).and_then(|()| relay(request_id)),
+        (Method::Get, "/maintenance/metrics") => authorize_read(auth).and_then(|()| metrics()),
         (Method::Get, "/maintenance/dead-letters") => authorize(auth).and_then(|()| dead_letters()),
         (Method::Get, "/maintenance/payment-issues") => authorize(auth).and_then(|()| payment_issues()),
         (Method::Get, "/maintenance/messages") => authorize(auth).and_then(|()| outbound_messages(query)),
@@ -67,6 +69,28 @@ fn authorize(header: &str) -> Result<(), ApiError> {
         return Err(ApiError::Unauthorized);
     }
     Ok(())
+}
+
+/// The admin token, or the read-only `metrics_token` (for a Prometheus scraper, which should
+/// not be able to run the cleanup or replay dead letters).
+fn authorize_read(header: &str) -> Result<(), ApiError> {
+    let metrics = var("metrics_token")?;
+    let given = header.strip_prefix("Bearer ").unwrap_or("");
+    if !metrics.is_empty() && bool::from(given.as_bytes().ct_eq(metrics.as_bytes())) {
+        return Ok(());
+    }
+    authorize(header)
+}
+
+fn metrics() -> Result<Response, ApiError> {
+    let snapshot = astria_store::metrics::snapshot(&open_db()?)?;
+    let body = astria_store::metrics::render(&snapshot, events::now_ms());
+    Ok(Response::builder()
+        .status(200)
+        .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+        .header("cache-control", "no-store")
+        .body(body)
+        .build())
 }
 
 fn number(name: &str) -> Result<i64, ApiError> {

@@ -14,6 +14,7 @@ pub mod cleanup;
 pub mod images;
 pub mod lease;
 pub mod messages;
+pub mod metrics;
 pub mod migrations;
 #[cfg(feature = "native")]
 pub mod native;

@@ -907,3 +907,76 @@ fn portraits_held_after_stop_keep_their_contact_until_given_up_then_go() {
         assert_eq!(ids(db, "SELECT id FROM outbound_messages WHERE status = 'held'"), ["held-new"]);
     });
 }
+
+#[test]
+fn the_metrics_snapshot_counts_exactly_what_the_tables_hold() {
+    use astria_store::metrics;
+    on_both(|connect| {
+        let db = connect();
+        let db = db.as_ref();
+        migrate(db, 0).unwrap();
+        assert_eq!(metrics::snapshot(db).unwrap().delivery_count, 0, "an empty database has no deliveries");
+        repo::touch_contact(db, "16505551234", None, 1_000).unwrap();
+        let order = |id: &str, status: &str, updated: i64, paid: Option<i64>| {
+            let paid = paid.map(Value::Int).unwrap_or(Value::Null);
+            db.execute(
+                "INSERT INTO orders (id, wa_id, pack_id, status, price_minor, currency, created_at, updated_at, paid_at)
+                 VALUES ($1, '16505551234', 'corporate', $2, 1999, 'usd', 0, $3, $4)",
+                &[id.into(), status.into(), Value::Int(updated), paid],
+            )
+            .unwrap();
+        };
+        order("o1", "delivered", 200_000, Some(80_000)); // 120 s
+        order("o2", "delivered", 4_000_000, Some(0)); // 4000 s
+        order("o3", "training", 5_000, Some(1_000));
+        order("o4", "training", 9_000, Some(2_000));
+        let outbox = |id: &str, channel: &str, status: &str, created: i64| {
+            db.execute(
+                "INSERT INTO outbox (id, channel, event_type, envelope, correlation_id, created_at, status, next_attempt_at)
+                 VALUES ($1, $2, 'order.paid', '{}', 'c', $3, $4, 0)",
+                &[id.into(), channel.into(), Value::Int(created), status.into()],
+            )
+            .unwrap();
+        };
+        outbox("e1", "astria.orders", status::PENDING, 700);
+        outbox("e2", "astria.orders", status::PUBLISHED, 300);
+        outbox("e3", "astria.orders", status::DONE, 100);
+        outbox("e4", "astria.messages", status::DEAD, 100);
+        db.execute(
+            "INSERT INTO payment_issues (event_id, kind, detail, created_at) VALUES ('evt_1', 'refund', 'd', 1)",
+            &[],
+        )
+        .unwrap();
+        let message = |id: &str, status: &str| {
+            db.execute(
+                "INSERT INTO outbound_messages (id, wa_id, seq, kind, message, status, event_id, correlation_id,
+                 next_attempt_at, created_at, updated_at) VALUES ($1, '16505551234', 1, 'image', '{}', $2, 'e', 'c', 0, 0, 0)",
+                &[id.into(), status.into()],
+            )
+            .unwrap();
+        };
+        message("m1", messages::status::SENT);
+        message("m2", messages::status::SENT);
+        message("m3", messages::status::FAILED);
+        for (url, m) in [("https://a/1", "m1"), ("https://a/2", "m2"), ("https://a/3", "m3")] {
+            db.execute(
+                "INSERT INTO generated_images (order_id, url, prompt_id, message_id, created_at) VALUES ('o1', $1, 1, $2, 0)",
+                &[url.into(), m.into()],
+            )
+            .unwrap();
+        }
+
+        let s = metrics::snapshot(db).unwrap();
+        let mut orders = s.orders.clone();
+        orders.sort();
+        assert_eq!(orders, vec![("delivered".into(), 2, 200_000), ("training".into(), 2, 5_000)]);
+        assert_eq!(s.outbox_backlog, vec![("astria.orders".into(), 2, 300)]);
+        assert_eq!(s.dead_letters, vec![("astria.messages".into(), 1)]);
+        assert_eq!(s.payment_issues_open, 1);
+        assert_eq!(s.messages, vec![("failed".into(), 1)]);
+        assert_eq!(s.portraits_delivered, 2, "the image whose message failed is not delivered");
+        // Buckets 60, 300, 900, 1800, 3600, 7200, ...: 120 s falls in 300, 4000 s in 7200.
+        assert_eq!(s.delivery_buckets, vec![0, 1, 1, 1, 1, 2, 2, 2]);
+        assert_eq!((s.delivery_count, s.delivery_sum_ms), (2, 4_120_000));
+    });
+}

@@ -1,0 +1,220 @@
+//! What an operator and an autoscaler watch, read from the database in a handful of aggregate
+//! queries, each served by an index (`orders_by_status`, `outbox_due`, `outbound_by_status`,
+//! `payment_issues_open`): orders by status and the age of the oldest in each, the outbox
+//! backlog per channel and its oldest event, dead letters, open payment issues, outbound
+//! messages waiting or failed, portraits delivered, and the payment-to-delivery time.
+//!
+//! Everything here is a gauge over what the database holds now (retention applies), except the
+//! payment-to-delivery histogram, which covers the delivered orders the database still holds.
+//! [`render`] writes it in Prometheus' text exposition format (0.0.4), ages in seconds as
+//! Prometheus' conventions ask; the maintenance service serves it at `GET /maintenance/metrics`.
+
+use std::fmt::Write;
+
+use crate::outbox::status as outbox_status;
+use crate::{Db, DbError, Value};
+
+/// Upper bounds (seconds) of the payment-to-delivery histogram's buckets; `+Inf` follows.
+pub const DELIVERY_BUCKETS_S: [i64; 8] = [60, 300, 900, 1800, 3600, 7200, 21600, 86400];
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    /// Per order status: how many orders, and the oldest one's last change (ms since epoch).
+    pub orders: Vec<(String, i64, i64)>,
+    /// Per channel: events not yet done (pending or published), and the oldest one's creation.
+    pub outbox_backlog: Vec<(String, i64, i64)>,
+    /// Per channel: dead-lettered events.
+    pub dead_letters: Vec<(String, i64)>,
+    pub payment_issues_open: i64,
+    /// Per outbound message status other than `sent`: how many.
+    pub messages: Vec<(String, i64)>,
+    /// Generated images whose message was sent.
+    pub portraits_delivered: i64,
+    /// Delivered orders per bucket of [`DELIVERY_BUCKETS_S`] (cumulative, as Prometheus'
+    /// buckets are), then the count, and the sum of their payment-to-delivery times (ms).
+    pub delivery_buckets: Vec<i64>,
+    pub delivery_count: i64,
+    pub delivery_sum_ms: i64,
+}
+
+pub fn snapshot<D: Db + ?Sized>(db: &D) -> Result<Snapshot, DbError> {
+    let mut s = Snapshot::default();
+    for r in db.query("SELECT status, COUNT(*), MIN(updated_at) FROM orders GROUP BY status", &[])? {
+        s.orders.push((r.text(0)?, r.int(1)?, r.int(2)?));
+    }
+    let backlog = "SELECT channel, COUNT(*), MIN(created_at) FROM outbox WHERE status IN ($1, $2) GROUP BY channel";
+    let open = [Value::from(outbox_status::PENDING), Value::from(outbox_status::PUBLISHED)];
+    for r in db.query(backlog, &open)? {
+        s.outbox_backlog.push((r.text(0)?, r.int(1)?, r.int(2)?));
+    }
+    let dead = "SELECT channel, COUNT(*) FROM outbox WHERE status = $1 GROUP BY channel";
+    for r in db.query(dead, &[Value::from(outbox_status::DEAD)])? {
+        s.dead_letters.push((r.text(0)?, r.int(1)?));
+    }
+    let issues = db.query("SELECT COUNT(*) FROM payment_issues WHERE resolved_at IS NULL", &[])?;
+    s.payment_issues_open = issues.first().map(|r| r.int(0)).transpose()?.unwrap_or(0);
+    let waiting = "SELECT status, COUNT(*) FROM outbound_messages WHERE status <> $1 GROUP BY status";
+    for r in db.query(waiting, &[Value::from(crate::messages::status::SENT)])? {
+        s.messages.push((r.text(0)?, r.int(1)?));
+    }
+    let delivered = "SELECT COUNT(*) FROM generated_images g JOIN outbound_messages m ON m.id = g.message_id \
+                     WHERE m.status = $1";
+    let rows = db.query(delivered, &[Value::from(crate::messages::status::SENT)])?;
+    s.portraits_delivered = rows.first().map(|r| r.int(0)).transpose()?.unwrap_or(0);
+    // One pass over the delivered orders: a cumulative count per bucket, the count and the sum
+    // (PostgreSQL sums BIGINTs as NUMERIC, hence the cast).
+    let buckets: Vec<String> = DELIVERY_BUCKETS_S
+        .iter()
+        .map(|le| format!("COALESCE(SUM(CASE WHEN updated_at - paid_at <= {} THEN 1 ELSE 0 END), 0)", le * 1000))
+        .collect();
+    let histogram = format!(
+        "SELECT {}, COUNT(*), CAST(COALESCE(SUM(updated_at - paid_at), 0) AS BIGINT) FROM orders \
+         WHERE status = 'delivered' AND paid_at IS NOT NULL",
+        buckets.join(", ")
+    );
+    if let Some(r) = db.query(&histogram, &[])?.first() {
+        let n = DELIVERY_BUCKETS_S.len();
+        s.delivery_buckets = (0..n).map(|i| r.int(i)).collect::<Result<_, _>>()?;
+        s.delivery_count = r.int(n)?;
+        s.delivery_sum_ms = r.int(n + 1)?;
+    }
+    Ok(s)
+}
+
+/// Order statuses an order ends in: their "oldest" is not a warning sign, so it is left out.
+const FINAL: [&str; 4] = ["delivered", "failed", "cancelled", "expired"];
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn seconds(ms: i64) -> f64 {
+    ms.max(0) as f64 / 1000.0
+}
+
+/// Label values are ours (statuses, channel names), but escape them as the format requires.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+pub fn render(s: &Snapshot, now_ms: i64) -> String {
+    let mut out = String::new();
+    header(&mut out, "astria_orders", "gauge", "Orders by status.");
+    for (status, count, _) in &s.orders {
+        let _ = writeln!(out, "astria_orders{{status=\"{}\"}} {count}", label(status));
+    }
+    header(
+        &mut out,
+        "astria_order_oldest_age_seconds",
+        "gauge",
+        "Per non-final order status, seconds since the oldest order in it last changed.",
+    );
+    for (status, _, oldest) in s.orders.iter().filter(|(st, _, _)| !FINAL.contains(&st.as_str())) {
+        let _ = writeln!(
+            out,
+            "astria_order_oldest_age_seconds{{status=\"{}\"}} {}",
+            label(status),
+            seconds(now_ms - oldest)
+        );
+    }
+    header(&mut out, "astria_outbox_backlog", "gauge", "Events not yet handled by their consumer, per channel.");
+    for (channel, count, _) in &s.outbox_backlog {
+        let _ = writeln!(out, "astria_outbox_backlog{{channel=\"{}\"}} {count}", label(channel));
+    }
+    header(
+        &mut out,
+        "astria_outbox_oldest_pending_age_seconds",
+        "gauge",
+        "Per channel, seconds since the oldest event not yet handled was written.",
+    );
+    for (channel, _, oldest) in &s.outbox_backlog {
+        let _ = writeln!(
+            out,
+            "astria_outbox_oldest_pending_age_seconds{{channel=\"{}\"}} {}",
+            label(channel),
+            seconds(now_ms - oldest)
+        );
+    }
+    header(&mut out, "astria_dead_letters", "gauge", "Dead-lettered events, per channel (replay or resolve them).");
+    for (channel, count) in &s.dead_letters {
+        let _ = writeln!(out, "astria_dead_letters{{channel=\"{}\"}} {count}", label(channel));
+    }
+    let dead: i64 = s.dead_letters.iter().map(|(_, n)| n).sum();
+    header(&mut out, "astria_dead_letters_total", "gauge", "Dead-lettered events, all channels.");
+    let _ = writeln!(out, "astria_dead_letters_total {dead}");
+    header(
+        &mut out,
+        "astria_payment_issues_open",
+        "gauge",
+        "Payment issues no operator has resolved (refunds owed, unknown orders).",
+    );
+    let _ = writeln!(out, "astria_payment_issues_open {}", s.payment_issues_open);
+    header(
+        &mut out,
+        "astria_outbound_messages",
+        "gauge",
+        "WhatsApp messages not (yet) sent, by status: queued, awaiting_window (outside the 24-hour window), held, failed.",
+    );
+    for (status, count) in &s.messages {
+        let _ = writeln!(out, "astria_outbound_messages{{status=\"{}\"}} {count}", label(status));
+    }
+    header(
+        &mut out,
+        "astria_portraits_delivered",
+        "gauge",
+        "Portraits sent to customers (rows retained in the database).",
+    );
+    let _ = writeln!(out, "astria_portraits_delivered {}", s.portraits_delivered);
+    header(
+        &mut out,
+        "astria_payment_to_delivery_seconds",
+        "histogram",
+        "Time from payment to the last portrait, over the delivered orders the database holds.",
+    );
+    for (le, count) in DELIVERY_BUCKETS_S.iter().zip(&s.delivery_buckets) {
+        let _ = writeln!(out, "astria_payment_to_delivery_seconds_bucket{{le=\"{le}\"}} {count}");
+    }
+    let _ = writeln!(out, "astria_payment_to_delivery_seconds_bucket{{le=\"+Inf\"}} {}", s.delivery_count);
+    let _ = writeln!(out, "astria_payment_to_delivery_seconds_sum {}", seconds(s.delivery_sum_ms));
+    let _ = writeln!(out, "astria_payment_to_delivery_seconds_count {}", s.delivery_count);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_renders_as_prometheus_text() {
+        let s = Snapshot {
+            orders: vec![("delivered".into(), 3, 0), ("training".into(), 2, 10_000)],
+            outbox_backlog: vec![("astria.messages".into(), 5, 40_000)],
+            dead_letters: vec![("astria.orders".into(), 1)],
+            payment_issues_open: 2,
+            messages: vec![("failed".into(), 1)],
+            portraits_delivered: 18,
+            delivery_buckets: vec![0, 1, 2, 3, 3, 3, 3, 3],
+            delivery_count: 3,
+            delivery_sum_ms: 1_500_000,
+        };
+        let text = render(&s, 70_000);
+        for line in [
+            "astria_orders{status=\"delivered\"} 3",
+            "astria_order_oldest_age_seconds{status=\"training\"} 60",
+            "astria_outbox_backlog{channel=\"astria.messages\"} 5",
+            "astria_outbox_oldest_pending_age_seconds{channel=\"astria.messages\"} 30",
+            "astria_dead_letters{channel=\"astria.orders\"} 1",
+            "astria_dead_letters_total 1",
+            "astria_payment_issues_open 2",
+            "astria_outbound_messages{status=\"failed\"} 1",
+            "astria_portraits_delivered 18",
+            "astria_payment_to_delivery_seconds_bucket{le=\"300\"} 1",
+            "astria_payment_to_delivery_seconds_bucket{le=\"+Inf\"} 3",
+            "astria_payment_to_delivery_seconds_sum 1500",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        assert!(!text.contains("oldest_age_seconds{status=\"delivered\"}"), "final statuses have no age");
+    }
+}
