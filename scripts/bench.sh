@@ -14,18 +14,18 @@ rm -f target/bench/webhook-*.md
 webhook() { # label, then env assignments
   echo "[bench] webhook under $1" >&2
   shift
-  env "$@" cargo bench --profile host -p astria-tests --bench webhook
+  env "$@" cargo bench --profile host --config profile.host.package.astria-tests.opt-level=2 -p astria-tests --bench webhook
 }
 delivery() { # label, then env assignments
   echo "[bench] delivery under $1" >&2
   shift
-  env "$@" cargo bench --profile host -p astria-tests --bench delivery
+  env "$@" cargo bench --profile host --config profile.host.package.astria-tests.opt-level=2 -p astria-tests --bench delivery
 }
 
 if [ "${1:-}" != --webhook-only ]; then
   bash scripts/bench-startup.sh 5
-  cargo bench --profile host -p astria-tests --bench events
-  cargo bench --profile host -p astria-tests --bench pace
+  cargo bench --profile host --config profile.host.package.astria-tests.opt-level=2 -p astria-tests --bench events
+  cargo bench --profile host --config profile.host.package.astria-tests.opt-level=2 -p astria-tests --bench pace
 fi
 # The native reference: the same webhook code in a native server (tools/native-reference),
 # with kept connections, and with connections opened per request as Spin's hosts do.
