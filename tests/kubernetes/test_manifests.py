@@ -1,14 +1,19 @@
 """Every Kubernetes overlay, rendered with `kubectl kustomize`: core objects valid against the
-Kubernetes schemas (kubernetes-validate, offline), SpinApp, SpinAppExecutor and ScaledObject
-against their CRDs with unknown fields as errors, SpinApps and their neighbours checked against
-spin.toml (manifest_checks), and each check shown to catch the fault it is for.
+Kubernetes schemas (kubernetes-validate, offline), SpinApp, SpinAppExecutor, ScaledObject,
+ServiceMonitor and PrometheusRule against their CRDs with unknown fields as errors, SpinApps and
+their neighbours checked against spin.toml (manifest_checks), the monitoring wired to the
+metrics route, the alert rules through `promtool test rules`, and each check shown to catch the
+fault it is for.
 
 Run by scripts/check-kubernetes.sh (part of scripts/test.sh).
 """
 
 import copy
+import os
 import pathlib
 import re
+import shutil
+import tempfile
 import subprocess
 import sys
 import tomllib
@@ -26,16 +31,26 @@ KUBERNETES_VERSION = "1.32"
 # The seed's scaling.
 PRODUCTION_BOUNDS = {"astria-message": (3, 10), "astria-image": (2, 5), "astria-payment": (2, 3)}
 DEV_BOUNDS = {name: (1, 2) for name in PRODUCTION_BOUNDS}
-OVERLAYS = {"dev": DEV_BOUNDS, "production": PRODUCTION_BOUNDS, "production-keda": PRODUCTION_BOUNDS}
+# Under KEDA the workers scale on their outbox backlog (overlays/production-keda).
+WORKER_BOUNDS = {f"{name}-worker": (2, 6) for name in PRODUCTION_BOUNDS}
+OVERLAYS = {"dev": DEV_BOUNDS, "production": PRODUCTION_BOUNDS, "production-keda": PRODUCTION_BOUNDS | WORKER_BOUNDS}
 # Kinds whose schemas are not Kubernetes' own (checked by manifest_checks instead).
-CUSTOM_KINDS = {"SpinApp", "SpinAppExecutor", "ScaledObject"}
-# Who may open a connection to each SpinApp (network-policies.yaml).
+CUSTOM_KINDS = {"SpinApp", "SpinAppExecutor", "ScaledObject", "ServiceMonitor", "PrometheusRule"}
+# Who may open a connection to each SpinApp (network-policies.yaml), and in the overlays with
+# monitoring (../../monitoring) Prometheus too, to scrape the maintenance SpinApp.
 INGRESS_SOURCES = {
     "astria-message": {"namespace=ingress-nginx"},
     "astria-image": {"namespace=ingress-nginx"},
     "astria-payment": {"namespace=ingress-nginx"},
     "astria-maintenance": {"pods=app.kubernetes.io/component=maintenance-job"},
 }
+MONITORED = {"production", "production-keda"}
+
+
+def ingress_sources(overlay):
+    if overlay not in MONITORED:
+        return INGRESS_SOURCES
+    return INGRESS_SOURCES | {"astria-maintenance": INGRESS_SOURCES["astria-maintenance"] | {"namespace=monitoring"}}
 
 
 def crd_schema(path):
@@ -51,10 +66,19 @@ def scaled_object_schema():
     return manifest_checks.strict_schema(ScaledObject.model_json_schema(by_alias=True))
 
 
+def prometheus_operator_schema(kind):
+    # The Prometheus Operator's CRDs, as models generated from them (cloudcoil-models-prometheus-operator).
+    from cloudcoil.models.prometheus_operator import v1
+
+    return manifest_checks.strict_schema(getattr(v1, kind).model_json_schema(by_alias=True))
+
+
 SCHEMAS = {
     "SpinApp": crd_schema("core.spinkube.dev_spinapps.yaml"),
     "SpinAppExecutor": crd_schema("core.spinkube.dev_spinappexecutors.yaml"),
     "ScaledObject": scaled_object_schema(),
+    "ServiceMonitor": prometheus_operator_schema("ServiceMonitor"),
+    "PrometheusRule": prometheus_operator_schema("PrometheusRule"),
 }
 
 
@@ -80,6 +104,34 @@ def render(overlay):
     return [d for d in yaml.safe_load_all(out) if d]
 
 
+ALERT_TESTS = pathlib.Path(__file__).parent / "alerts.test.yaml"
+MAINTENANCE_SOURCE = (ROOT / "components/maintenance-service/src/lib.rs").read_text()
+
+
+def metric_names(expr):
+    """The metric names a PromQL expression reads (words followed by `{`, `[` or standing alone
+    as an argument), leaving out functions, keywords and label names."""
+    words = set(re.findall(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?=\{|\[|\))", re.sub(r'"[^"]*"', '""', expr)))
+    return {w for w in words if w not in {"by", "without", "on", "ignoring", "vector"}}
+
+
+def promtool_problems(groups):
+    """Runs `promtool check rules` and `promtool test rules` (tests/kubernetes/alerts.test.yaml)
+    on `groups`: '' when both pass, their output otherwise, None when there is no promtool."""
+    promtool = os.environ.get("PROMTOOL") or shutil.which("promtool")
+    if not promtool:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        (pathlib.Path(tmp) / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
+        shutil.copy(ALERT_TESTS, pathlib.Path(tmp) / "alerts.test.yaml")
+        out = ""
+        for args in (["check", "rules", "rules.yaml"], ["test", "rules", "alerts.test.yaml"]):
+            r = subprocess.run([promtool, *args], cwd=tmp, capture_output=True, text=True)
+            if r.returncode != 0:
+                out += f"promtool {' '.join(args)}:\n{r.stdout}{r.stderr}"
+        return out
+
+
 def secret_keys():
     keys = set()
     for line in (K8S / "secrets.env.example").read_text().splitlines():
@@ -88,7 +140,8 @@ def secret_keys():
     return keys
 
 
-APP = manifest_checks.App(tomllib.loads((ROOT / "spin.toml").read_text()))
+SPIN_TOML = tomllib.loads((ROOT / "spin.toml").read_text())
+APP = manifest_checks.App(SPIN_TOML)
 
 
 class EveryOverlay(unittest.TestCase):
@@ -113,7 +166,7 @@ class EveryOverlay(unittest.TestCase):
     def test_only_the_ingress_controller_and_the_cronjobs_reach_the_spinapps(self):
         for overlay in OVERLAYS:
             with self.subTest(overlay=overlay):
-                self.assertEqual(manifest_checks.ingress_policy_problems(render(overlay), INGRESS_SOURCES), [])
+                self.assertEqual(manifest_checks.ingress_policy_problems(render(overlay), ingress_sources(overlay)), [])
 
     def test_the_ingress_admits_the_largest_body_the_app_accepts(self):
         self.assertEqual(largest_accepted_body(), 3 * 1024 * 1024, "the WhatsApp webhook's limit")
@@ -169,10 +222,56 @@ class EveryOverlay(unittest.TestCase):
             server.shutdown()
         self.assertEqual(sorted(seen), [("/maintenance/relay", "Bearer t0ken-from-the-secret"), ("/maintenance/run", "Bearer t0ken-from-the-secret")])
 
-    def test_keda_replaces_every_hpa(self):
-        kinds = [d["kind"] for d in render("production-keda")]
+    def test_keda_replaces_every_hpa_and_scales_the_workers_on_their_backlog(self):
+        docs = render("production-keda")
+        kinds = [d["kind"] for d in docs]
         self.assertNotIn("HorizontalPodAutoscaler", kinds)
-        self.assertEqual(kinds.count("ScaledObject"), 3)
+        self.assertEqual(kinds.count("ScaledObject"), 6)
+        channels = {t["component"]: t["channel"] for t in SPIN_TOML["trigger"]["redis"]}
+        spinapps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "SpinApp"}
+        for so in (d for d in docs if d["kind"] == "ScaledObject" and d["spec"]["scaleTargetRef"]["name"].endswith("-worker")):
+            target = so["spec"]["scaleTargetRef"]["name"]
+            with self.subTest(worker=target):
+                (component,) = spinapps[target]["spec"]["components"]
+                (trigger,) = so["spec"]["triggers"]
+                self.assertEqual(trigger["type"], "prometheus")
+                self.assertIn(f'astria_outbox_backlog{{channel="{channels[component]}"}}', trigger["metadata"]["query"])
+                self.assertIn(metric_names(trigger["metadata"]["query"]), [{"astria_outbox_backlog"}])
+
+    def test_the_service_monitor_scrapes_the_metrics_route_of_the_maintenance_pods_with_the_read_only_token(self):
+        for overlay in MONITORED:
+            with self.subTest(overlay=overlay):
+                docs = render(overlay)
+                (monitor,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
+                services = [d for d in docs if d["kind"] == "Service"
+                            and all(d["metadata"].get("labels", {}).get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())]
+                self.assertEqual(len(services), 1, "the ServiceMonitor selects exactly one Service")
+                self.assertEqual(services[0]["spec"]["selector"], {"core.spinkube.dev/app-name": "astria-maintenance"})
+                (endpoint,) = monitor["spec"]["endpoints"]
+                self.assertIn(endpoint["port"], [p["name"] for p in services[0]["spec"]["ports"]])
+                self.assertEqual(endpoint["path"], "/maintenance/metrics")
+                self.assertIn('"/maintenance/metrics") => authorize_read', MAINTENANCE_SOURCE, "the route and its read-only auth")
+                self.assertEqual(endpoint["authorization"]["credentials"], {"name": "astria-secrets", "key": "metrics_token"})
+                self.assertIn("metrics_token", secret_keys())
+
+    def test_the_alerts_use_only_metrics_the_app_exports_and_each_has_a_promtool_test(self):
+        (rule,) = [d for d in render("production") if d["kind"] == "PrometheusRule"]
+        rules = [r for g in rule["spec"]["groups"] for r in g["rules"]]
+        exported = set(re.findall(r'"(astria_[a-z_]+)"', (ROOT / "shared/store/src/metrics.rs").read_text()))
+        tested = {t["alertname"] for case in yaml.safe_load(ALERT_TESTS.read_text())["tests"] for t in case["alert_rule_test"]}
+        self.assertEqual({r["alert"] for r in rules}, tested, "every alert has a promtool test, and every test an alert")
+        for r in rules:
+            with self.subTest(alert=r["alert"]):
+                ours = {m for m in metric_names(r["expr"]) if m.startswith("astria_")}
+                self.assertLessEqual(ours, exported, "a metric the app does not export never fires")
+                self.assertIn(r["labels"]["severity"], {"warning", "critical"})
+
+    def test_the_alert_rules_pass_promtool(self):
+        (rule,) = [d for d in render("production") if d["kind"] == "PrometheusRule"]
+        problems = promtool_problems(rule["spec"]["groups"])
+        if problems is None:
+            self.skipTest("promtool is not installed (scripts/check-kubernetes.sh installs Debian's prometheus); checked by schema only")
+        self.assertEqual(problems, "")
 
     def test_every_service_has_an_http_spinapp_and_a_worker_spinapp(self):
         names = sorted(d["metadata"]["name"] for d in render("production") if d["kind"] == "SpinApp")
@@ -284,16 +383,36 @@ class TheChecksCatchFaults(unittest.TestCase):
         found = manifest_checks.schema_problems(keda, SCHEMAS)
         self.assertTrue(any("spec: Additional properties are not allowed ('minReplicas'" in p for p in found), found)
         self.assertTrue(any("spec/triggers/0/metadata: '70' is not of type 'object'" in p for p in found), found)
+        monitoring = [d for d in copy.deepcopy(self.docs) if d["kind"] in ("ServiceMonitor", "PrometheusRule")]
+        next(d for d in monitoring if d["kind"] == "ServiceMonitor")["spec"]["endpoints"][0]["bearerTokenSecrett"] = "x"
+        next(d for d in monitoring if d["kind"] == "PrometheusRule")["spec"]["groups"][0]["rules"][0]["for"] = 5
+        found = manifest_checks.schema_problems(monitoring, SCHEMAS)
+        self.assertTrue(any(p.startswith("ServiceMonitor") and "'bearerTokenSecrett' was unexpected" in p for p in found), found)
+        self.assertTrue(any(p.startswith("PrometheusRule") and "'for': 5" in p for p in found), found)
 
     def test_a_network_policy_that_opens_a_worker_or_no_default_deny(self):
         docs = copy.deepcopy(self.docs)
         docs.append({"kind": "NetworkPolicy", "metadata": {"name": "oops"}, "spec": {
             "podSelector": {"matchLabels": {"core.spinkube.dev/app-name": "astria-image-worker"}},
             "ingress": [{}]}})
-        found = manifest_checks.ingress_policy_problems(docs, INGRESS_SOURCES)
+        found = manifest_checks.ingress_policy_problems(docs, ingress_sources("production"))
         self.assertIn("SpinApp astria-image-worker: ingress allowed from ['anyone'], expected nobody", found)
         docs = [d for d in copy.deepcopy(self.docs) if not (d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "default-deny")]
-        self.assertIn("no default-deny NetworkPolicy (ingress and egress) for the namespace", manifest_checks.ingress_policy_problems(docs, INGRESS_SOURCES))
+        self.assertIn("no default-deny NetworkPolicy (ingress and egress) for the namespace", manifest_checks.ingress_policy_problems(docs, ingress_sources("production")))
+
+    def test_an_alert_that_fires_too_late_or_for_the_wrong_series(self):
+        (rule,) = [d for d in self.docs if d["kind"] == "PrometheusRule"]
+        if promtool_problems(rule["spec"]["groups"]) is None:
+            self.skipTest("promtool is not installed")
+        for alert, change in [
+            ("AstriaOutboxBacklogOld", lambda r: r.__setitem__("expr", r["expr"].replace("> 600", "> 1200"))),
+            ("AstriaWebhook5xx", lambda r: r.__setitem__("expr", r["expr"].replace('ingress="astria-webhooks", ', ""))),
+            ("AstriaDeadLetters", lambda r: r.__setitem__("for", "10m")),
+        ]:
+            with self.subTest(alert=alert):
+                groups = copy.deepcopy(rule["spec"]["groups"])
+                change(next(r for g in groups for r in g["rules"] if r["alert"] == alert))
+                self.assertIn(f"alertname: {alert}", promtool_problems(groups))
 
     def test_an_ingress_body_limit_below_what_the_app_accepts(self):
         docs = copy.deepcopy(self.docs)
