@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 pub mod astria;
+pub mod browser;
 pub mod db;
 pub mod deployment;
 pub mod fakes;
@@ -392,7 +393,8 @@ fn check_postgres_test_name() -> Result<()> {
     Ok(())
 }
 
-fn free_port() -> u16 {
+/// A port free on loopback now (the OS picks it).
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind :0").local_addr().expect("addr").port()
 }
 

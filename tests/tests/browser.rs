@@ -13,35 +13,13 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use astria_tests::workspace_root;
-use fantoccini::{Client, ClientBuilder, Locator};
+use astria_tests::browser::{screenshot_dir, Browser, Group};
+use astria_tests::{free_port, workspace_root};
+use fantoccini::{Client, Locator};
 use serde_json::{json, Value};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A process group stopped (TERM, then KILL) when dropped.
-struct Group(Child);
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        let pgid = self.0.id() as i32;
-        let _ = Command::new("kill").args(["-s", "TERM", "--", &format!("-{pgid}")]).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = Command::new("kill").args(["-s", "KILL", "--", &format!("-{pgid}")]).status();
-        let _ = self.0.wait();
-    }
-}
 
 /// `scripts/sandbox.sh` on devhost, on free ports, with a state directory of its own.
 struct Sandbox {
@@ -90,70 +68,6 @@ impl Sandbox {
     async fn state(&self) -> Value {
         reqwest::get(format!("{}/sandbox/state", self.url)).await.unwrap().json().await.unwrap()
     }
-}
-
-fn binary(env: &str, names: &[&str]) -> String {
-    if let Ok(b) = std::env::var(env) {
-        return b;
-    }
-    for name in names {
-        for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/bin", "/usr/lib/chromium"]) {
-            let p = Path::new(dir).join(name);
-            if p.is_file() {
-                return p.display().to_string();
-            }
-        }
-    }
-    panic!("no {names:?} on this machine: scripts/ensure-chromium.sh installs Debian's chromium and chromium-driver ({env} names another)");
-}
-
-/// Headless Chromium under its own chromedriver.
-struct Browser {
-    client: Client,
-    _driver: Group,
-}
-
-impl Browser {
-    async fn start() -> Browser {
-        let driver_bin = binary("ASTRIA_CHROMEDRIVER", &["chromedriver"]);
-        let chromium = binary("ASTRIA_CHROMIUM", &["chromium", "chromium-browser", "google-chrome"]);
-        let port = free_port();
-        let driver = Group(
-            Command::new(driver_bin)
-                .arg(format!("--port={port}"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .process_group(0)
-                .spawn()
-                .expect("chromedriver starts"),
-        );
-        let caps: serde_json::Map<String, Value> = serde_json::from_value(json!({
-            "goog:chromeOptions": {
-                "binary": chromium,
-                "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,1000"],
-            }
-        }))
-        .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-            match ClientBuilder::new(connector)
-                .capabilities(caps.clone())
-                .connect(&format!("http://127.0.0.1:{port}"))
-                .await
-            {
-                Ok(client) => return Browser { client, _driver: driver },
-                Err(e) if Instant::now() > deadline => panic!("no WebDriver session in 30 s: {e}"),
-                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-            }
-        }
-    }
-}
-
-fn screenshot_dir() -> PathBuf {
-    let dir = workspace_root().join("target/browser");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// Distinct test selfies: PNGs of a face-like figure on different backgrounds.
