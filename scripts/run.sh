@@ -43,6 +43,11 @@ if [ "$state_dir" != .spin ]; then
   runtime_config="$state_dir/runtime-config.toml"
   sed -e "s#\"\\.spin/#\"$state_dir/#" runtime-config.toml > "$runtime_config"
 fi
+# The operator console (/maintenance/console) asks for the admin token: keep it in a file only
+# this user can read, never on the terminal or in a log.
+mkdir -p "$state_dir"
+(umask 077 && printf '%s\n' "$SPIN_VARIABLE_ADMIN_TOKEN" > "$state_dir/admin-token")
+say "operator console: http://$listen/maintenance/console (admin token in $state_dir/admin-token)"
 
 redis_url=${SPIN_VARIABLE_REDIS_URL:-redis://127.0.0.1:6379}
 redis_port=$(sed -nE 's#^rediss?://([^@/]*@)?(127\.0\.0\.1|localhost):([0-9]+).*#\3#p' <<<"$redis_url")

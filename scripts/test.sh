@@ -41,7 +41,8 @@ export ASTRIA_SPIN_CLI=${ASTRIA_SPIN_CLI:-${SPIN_BIN:-$spin_363}}
 if [ -n "${SPIN_BIN:-}" ]; then
   skip devhost_only "SPIN_BIN is set: devhost-only features"
 fi
-# The sandbox in headless Chromium (tests/tests/browser.rs) needs Chromium and chromedriver.
+# The browser tests (the sandbox, tests/tests/browser.rs; the operator console, tests/tests/image.rs)
+# need Chromium and chromedriver.
 if ! bash scripts/ensure-chromium.sh; then
   skip browser "no Chromium/chromedriver could be installed (scripts/ensure-chromium.sh says why above)"
 fi

@@ -1045,3 +1045,277 @@ async fn metrics_are_exact_after_a_journey_and_injected_failures(postgres: bool)
 }
 
 on_both!(metrics_are_exact_after_a_journey_and_injected_failures);
+
+// ---------------------------------------------------------------- the operator console
+
+/// A request to a maintenance route with `token` (None: no Authorization header).
+async fn admin(app: &TestApp, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
+    let mut req = app.client.request(method.parse().unwrap(), app.url(path));
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Today's entry of the funnel, as [chats, orders, paid, delivered].
+fn today(funnel: &Value) -> [i64; 4] {
+    let day = funnel["days"].as_array().unwrap().last().unwrap().clone();
+    ["chats", "orders", "paid", "delivered"].map(|k| day[k].as_i64().unwrap())
+}
+
+/// Ana's order paid and training, then left two hours without change (as if Astria never
+/// called back and nobody looked); a Stripe payment for an order that does not exist.
+async fn console_world(postgres: bool) -> (World, String) {
+    let w = world(postgres, 1, 0).await;
+    let order_id = pay(&w).await;
+    training_started(&w).await;
+    settle(&w).await;
+    let db = db(&w.app).await;
+    db.execute("UPDATE orders SET updated_at = updated_at - 7200000 WHERE id = $1", &[order_id.as_str().into()]).await;
+    let ghost = ps::event(
+        "evt_ghost",
+        "checkout.session.completed",
+        ps::session("cs_ghost", "no-such-order", 1999, "usd", "paid"),
+    );
+    assert_eq!(ps::post_event(&w.app, &ghost).await.1["result"], "unknown_order");
+    (w, order_id)
+}
+
+async fn console_answers_what_the_database_holds_and_refuses_bad_input(postgres: bool) {
+    let (w, order_id) = console_world(postgres).await;
+    let app = &w.app;
+    let db = db(app).await;
+    let token = Some(wa::ADMIN_TOKEN);
+
+    // The page itself holds no data: served without a token, locked down by its CSP.
+    let page = app.get("/maintenance/console").await;
+    assert_eq!(page.status(), 200);
+    let csp = page.headers()["content-security-policy"].to_str().unwrap().to_string();
+    assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'"), "{csp}");
+    assert!(page.text().await.unwrap().contains("Admin token"));
+    assert_eq!(app.get("/maintenance/console/app.js").await.status(), 200);
+
+    // Data needs the admin token; the read-only metrics token is not enough.
+    for path in ["/maintenance/console/api/funnel", "/maintenance/console/api/attention"] {
+        assert_eq!(admin(app, "GET", path, None, None).await.0, 401, "{path}");
+        assert_eq!(admin(app, "GET", path, Some("wrong"), None).await.0, 401, "{path}");
+    }
+    let (status, funnel) = admin(app, "GET", "/maintenance/console/api/funnel", token, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(funnel["days"].as_array().unwrap().len(), 14);
+    assert_eq!(today(&funnel), [1, 1, 1, 0], "one chat, one order, paid, none delivered: {funnel}");
+    assert_eq!(
+        admin(app, "GET", "/maintenance/console/api/funnel?days=3", token, None).await.1["days"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    for bad in ["days=0", "days=91", "days=two"] {
+        let (status, body) = admin(app, "GET", &format!("/maintenance/console/api/funnel?{bad}"), token, None).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+
+    // The order left in training for two hours is stuck at the default threshold (an hour),
+    // and not at three hours.
+    let (_, attention) = admin(app, "GET", "/maintenance/console/api/attention", token, None).await;
+    let orders = attention["orders"].as_array().unwrap();
+    assert_eq!(orders.len(), 1, "{attention}");
+    assert_eq!(
+        (orders[0]["order_id"].as_str(), orders[0]["reason"].as_str()),
+        (Some(order_id.as_str()), Some("stuck"))
+    );
+    assert_eq!(orders[0]["status"], "training");
+    let (_, later) = admin(app, "GET", "/maintenance/console/api/attention?stuck_minutes=180", token, None).await;
+    assert_eq!(later["orders"].as_array().unwrap().len(), 0, "{later}");
+
+    // Its story: every message sent to Ana, and every event that names the order.
+    let (status, story) = admin(app, "GET", &format!("/maintenance/console/api/orders/{order_id}"), token, None).await;
+    assert_eq!(status, 200, "{story}");
+    let sent = db.int("SELECT COUNT(*) FROM outbound_messages WHERE wa_id = $1", &[ANA.into()]).await;
+    assert_eq!(story["messages"].as_array().unwrap().len() as i64, sent);
+    assert_eq!(sent, BEFORE_IMAGES as i64);
+    assert!(story["messages"][0]["message"]["body"].as_str().is_some(), "messages parsed: {story}");
+    let types: Vec<&str> =
+        story["events"].as_array().unwrap().iter().map(|e| e["event_type"].as_str().unwrap()).collect();
+    assert!(types.contains(&"order.paid"), "{types:?}");
+    let naming = db.int("SELECT COUNT(*) FROM outbox WHERE envelope LIKE $1", &[format!("%{order_id}%").into()]).await;
+    assert_eq!(types.len() as i64, naming);
+    assert_eq!(story["order"]["photos"], 2);
+    assert_eq!(story["conversation"]["state"].as_str().is_some(), true);
+    assert_eq!(admin(app, "GET", "/maintenance/console/api/orders/no-such-order", token, None).await.0, 404);
+    assert_eq!(admin(app, "GET", "/maintenance/console/api/orders/a%25b", token, None).await.0, 400);
+    assert_eq!(admin(app, "GET", "/maintenance/console/api/orders/x_y", token, None).await.0, 400);
+
+    // Resolving a payment issue is recorded with the operator's note, once.
+    let resolve = "/maintenance/payment-issues/evt_ghost/resolve";
+    let note = json_note("refunded pi_123 in the Stripe dashboard");
+    assert_eq!(admin(app, "POST", resolve, None, Some(note.clone())).await.0, 401);
+    for bad in [
+        serde_json::json!({}),
+        json_note(""),
+        json_note("   "),
+        json_note(&"x".repeat(501)),
+        serde_json::json!({"note": "ok", "by": "me"}),
+    ] {
+        let (status, body) = admin(app, "POST", resolve, token, Some(bad.clone())).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM payment_issues WHERE resolved_at IS NOT NULL").await,
+        0,
+        "bad input changes nothing"
+    );
+    assert_eq!(
+        admin(app, "POST", "/maintenance/payment-issues/evt_other/resolve", token, Some(note.clone())).await.0,
+        404
+    );
+    let (status, body) = admin(app, "POST", resolve, token, Some(note.clone())).await;
+    assert_eq!((status, body["resolved"].as_str()), (200, Some("evt_ghost")));
+    let recorded =
+        db.rows("SELECT resolution, resolved_at FROM payment_issues WHERE event_id = 'evt_ghost'", &[]).await;
+    assert_eq!(recorded[0][0].text(), "refunded pi_123 in the Stripe dashboard");
+    assert!(recorded[0][1].int() > 0);
+    assert_eq!(
+        admin(app, "POST", resolve, token, Some(json_note("again"))).await.0,
+        404,
+        "the first resolution stands"
+    );
+    let (_, issues) = admin(app, "GET", "/maintenance/payment-issues", token, None).await;
+    assert_eq!(issues["payment_issues"].as_array().unwrap().len(), 0, "{issues}");
+}
+
+fn json_note(note: &str) -> Value {
+    serde_json::json!({ "note": note })
+}
+
+on_both!(console_answers_what_the_database_holds_and_refuses_bad_input);
+
+/// The console in headless Chromium, as an operator uses it: a wrong token is refused; the
+/// right one shows the funnel and the stuck order; the order opens with Ana's messages and its
+/// events; a dead letter is replayed and leaves the list; a payment issue is resolved with a
+/// note. Screenshots under target/browser/console-*.png.
+#[tokio::test(flavor = "multi_thread")]
+async fn browser_console_shows_the_funnel_and_a_stuck_order_and_replays_a_dead_letter() {
+    use astria_tests::browser::{screenshot_dir, Browser};
+    use fantoccini::Locator;
+
+    let (w, order_id) = console_world(false).await;
+    let db = db(&w.app).await;
+    let dead = db
+        .text(
+            "SELECT id FROM outbox WHERE event_type = 'order.paid' AND envelope LIKE $1",
+            &[format!("%{order_id}%").into()],
+        )
+        .await;
+    db.execute(
+        "UPDATE outbox SET status = 'dead', last_error = 'not completed after 12 attempts' WHERE id = $1",
+        &[dead.as_str().into()],
+    )
+    .await;
+
+    let browser = Browser::start().await;
+    let c = &browser.client;
+    let shots = screenshot_dir();
+    c.goto(&w.app.url("/maintenance/console")).await.unwrap();
+    let find = |css: &'static str| async move { c.wait().for_element(Locator::Css(css)).await.unwrap() };
+    let text_of = |css: String| async move {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(e) = c.find(Locator::Css(&css)).await {
+                if let Ok(t) = e.text().await {
+                    if !t.is_empty() {
+                        return t;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "nothing shown at {css}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let gone = |css: String| async move {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while c.find(Locator::Css(&css)).await.is_ok() {
+            assert!(Instant::now() < deadline, "{css} still shown");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+
+    // A wrong token: refused, the console stays closed.
+    find("#token").await.send_keys("not-the-token").await.unwrap();
+    find("#login button").await.click().await.unwrap();
+    assert_eq!(text_of("#status".into()).await, "That token was refused.");
+    assert!(!find("#console").await.is_displayed().await.unwrap());
+
+    find("#token").await.send_keys(wa::ADMIN_TOKEN).await.unwrap();
+    find("#login button").await.click().await.unwrap();
+    // The funnel: 14 days of four bars, and the totals the database holds.
+    let totals: Vec<String> = {
+        let mut out = vec![];
+        for series in ["chats", "orders", "paid", "delivered"] {
+            out.push(text_of(format!("#funnel-totals td[data-total={series}]")).await);
+        }
+        out
+    };
+    assert_eq!(totals, ["1", "1", "1", "0"]);
+    assert!(!find("#login").await.is_displayed().await.unwrap(), "the login form goes once logged in");
+    assert_eq!(c.find_all(Locator::Css("#funnel svg rect")).await.unwrap().len(), 14 * 4);
+
+    // The stuck order, and its story.
+    let row = format!("#attention tr[data-order='{order_id}']");
+    assert_eq!(text_of(format!("{row} td:nth-child(2)")).await, "stuck");
+    assert_eq!(c.find_all(Locator::Css("#attention tbody tr")).await.unwrap().len(), 1);
+    c.find(Locator::Css(&row)).await.unwrap().click().await.unwrap();
+    assert!(text_of("#order h3".into()).await.contains(ANA));
+    let bubbles = c.find_all(Locator::Css("#order-chat .bubble")).await.unwrap();
+    assert_eq!(bubbles.len(), BEFORE_IMAGES);
+    assert!(bubbles[BEFORE_IMAGES - 2].text().await.unwrap().starts_with("Payment received"));
+    let events = c.find_all(Locator::Css("#order-events tbody tr")).await.unwrap();
+    let naming = db.int("SELECT COUNT(*) FROM outbox WHERE envelope LIKE $1", &[format!("%{order_id}%").into()]).await;
+    assert_eq!(events.len() as i64, naming);
+    std::fs::write(shots.join("console-overview.png"), c.screenshot().await.unwrap()).unwrap();
+    c.execute("document.querySelector('#order').scrollIntoView()", vec![]).await.unwrap();
+    std::fs::write(shots.join("console-order.png"), c.screenshot().await.unwrap()).unwrap();
+
+    // Replay the dead letter: it leaves the list and the relay has it again.
+    let dead_in_order = Locator::XPath("//table[@id='order-events']//td[text()='dead']");
+    assert!(c.find(dead_in_order).await.is_ok(), "the open order shows its dead event");
+    let dead_row = format!("#dead-letters tr[data-event='{dead}']");
+    assert!(text_of(dead_row.clone()).await.contains("order.paid"));
+    c.find(Locator::Css(&format!("{dead_row} button"))).await.unwrap().click().await.unwrap();
+    gone(dead_row).await;
+    assert_eq!(text_of("#dead-letters td.empty".into()).await, "No dead letters.");
+    let status = db.text("SELECT status FROM outbox WHERE id = $1", &[dead.as_str().into()]).await;
+    assert_ne!(status, "dead");
+    // The open order shows the event handed back, too.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while c.find(dead_in_order).await.is_ok() {
+        assert!(Instant::now() < deadline, "the order's events still show the dead letter");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Resolve the payment issue: a note is required, then it is recorded.
+    let issue_row = "#payment-issues tr[data-issue='evt_ghost']".to_string();
+    assert!(text_of(issue_row.clone()).await.contains("unknown_order"));
+    c.find(Locator::Css(&format!("{issue_row} button"))).await.unwrap().click().await.unwrap();
+    assert!(text_of("#status".into()).await.starts_with("Say what was done"));
+    assert_eq!(db.count("SELECT COUNT(*) FROM payment_issues WHERE resolved_at IS NOT NULL").await, 0);
+    c.find(Locator::Css(&format!("{issue_row} input")))
+        .await
+        .unwrap()
+        .send_keys("no order: refunded in Stripe")
+        .await
+        .unwrap();
+    c.find(Locator::Css(&format!("{issue_row} button"))).await.unwrap().click().await.unwrap();
+    gone(issue_row).await;
+    assert_eq!(
+        db.text("SELECT resolution FROM payment_issues WHERE event_id = 'evt_ghost'", &[]).await,
+        "no order: refunded in Stripe"
+    );
+    std::fs::write(shots.join("console-after-actions.png"), c.screenshot().await.unwrap()).unwrap();
+}

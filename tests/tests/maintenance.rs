@@ -44,7 +44,7 @@ async fn a_cleanup_run_reports_what_it_removed_and_the_next_run_removes_nothing_
     for (id, at) in [("old", old), ("recent", recent)] {
         db.execute("INSERT INTO processed_webhooks VALUES ('whatsapp', $1, $2)", &[&id, &at]).await.unwrap();
     }
-    db.execute("INSERT INTO contacts VALUES ('4915', 'Ana', 0, $1, '{\"state\":\"idle\"}', $1)", &[&old])
+    db.execute("INSERT INTO contacts (wa_id, profile_name, opted_out, last_inbound_at, conversation, updated_at) VALUES ('4915', 'Ana', 0, $1, '{\"state\":\"idle\"}', $1)", &[&old])
         .await
         .unwrap();
     for (id, status) in [("abandoned", "awaiting_payment"), ("paid", "paid")] {

@@ -11,12 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use astria_tests::whatsapp as wa;
-use astria_tests::workspace_root;
+use astria_tests::{free_port, workspace_root};
 use serde_json::Value;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 struct Run {
     child: Child,
@@ -98,6 +94,24 @@ impl Run {
         assert_eq!((status, report["messages"].as_i64()), (200, Some(1)), "{report}\n{}", self.log());
     }
 
+    /// The admin token the script generated opens the operator console's data: it is in
+    /// `<state>/admin-token`, readable by its owner only, and on no line of the output.
+    async fn console_opens_with_the_kept_token(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self._dir.path().join("state/admin-token");
+        let token = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}\n{}", self.log()));
+        let token = token.trim();
+        assert!(token.len() >= 32, "a generated token: {token:?}");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(!self.log().contains(token), "the token is never printed:\n{}", self.log());
+        assert!(self.log().contains("/maintenance/console (admin token in "), "{}", self.log());
+        let client = reqwest::Client::new();
+        let funnel = format!("http://{}/maintenance/console/api/funnel", self.listen);
+        let r = client.get(&funnel).bearer_auth(token).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{}", self.log());
+        assert_eq!(client.get(&funnel).bearer_auth("wrong").send().await.unwrap().status(), 401);
+    }
+
     /// Ctrl-C: SIGINT to the group, then waits for the script to end.
     fn interrupt(&mut self) {
         signal_group(&self.child, "INT");
@@ -142,6 +156,7 @@ async fn run_script_serves_the_app_on_devhost_with_nothing_running() {
     let took = run.serving(Duration::from_secs(300)).await;
     eprintln!("scripts/run.sh (devhost) served /health/message after {took:?}");
     run.accepts_a_webhook().await;
+    run.console_opens_with_the_kept_token().await;
     assert!(!redis_answers(run.redis_port).await, "devhost needs no Redis: none was started");
     run.interrupt();
 }

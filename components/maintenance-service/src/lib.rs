@@ -1,13 +1,16 @@
 //! maintenance-service: the weekly cleanup (`POST /maintenance/run`), the outbox relay
-//! (`POST /maintenance/relay`) and operators' views. HTTP component; a thin adapter over the
-//! store's `cleanup` and spin-kit's relay.
+//! (`POST /maintenance/relay`) and operators' views: JSON lists, the metrics, and the console
+//! page (`/maintenance/console`, console.rs). HTTP component; a thin adapter over the store's
+//! `cleanup`, `metrics` and `console` and spin-kit's relay.
 //!
-//! Every route but health takes `Authorization: Bearer <admin_token>`; `GET /maintenance/metrics`
-//! (Prometheus' text format, `astria_store::metrics`) also takes the read-only `metrics_token`. Schedule: the cleanup on
+//! Every route but health and the console's static page takes `Authorization: Bearer
+//! <admin_token>`; `GET /maintenance/metrics` (Prometheus' text format, `astria_store::metrics`)
+//! also takes the read-only `metrics_token`. Schedule: the cleanup on
 //! Wednesdays at 04:00 UTC, the relay every minute (Kubernetes CronJobs in production, a loop in
 //! `scripts/run.sh` for a local run). A second cleanup while one runs answers 409 and does
 //! nothing; a crashed run's lease expires after `cleanup_lease_seconds`.
 
+mod console;
 mod reconcile;
 
 use astria_store::cleanup::{self, Retention};
@@ -19,8 +22,9 @@ use spin_sdk::http_component;
 use subtle::ConstantTimeEq;
 
 const SERVICE: &str = "maintenance";
-/// No route takes a body; one is read (and dropped) only up to this size, so that a large body
-/// costs nothing but a 413 (the buffered `Request` type would hold any size in memory).
+/// Only resolving a payment issue takes a body (a short JSON note); any body is read only up to
+/// this size, so that a large one costs nothing but a 413 (the buffered `Request` type would
+/// hold any size in memory).
 const MAX_BODY: usize = 64 * 1024;
 
 #[http_component]
@@ -32,13 +36,23 @@ async fn handle(req: IncomingRequest) -> Response {
     let (path, query) = path_with_query.split_once('?').unwrap_or((&path_with_query, ""));
     let (path, query) = (path.to_string(), query.to_string());
     let result = match spin_kit::error::read_body(req, MAX_BODY).await {
-        Ok(_) => route(&method, &path, &query, &auth, &request_id),
+        Ok(body) => route(&method, &path, &query, &auth, &body, &request_id),
         Err(e) => Err(e),
     };
     result.unwrap_or_else(|e| e.into_response(&request_id))
 }
 
-fn route(method: &Method, path: &str, query: &str, auth: &str, request_id: &str) -> Result<Response, ApiError> {
+fn route(
+    method: &Method,
+    path: &str,
+    query: &str,
+    auth: &str,
+    body: &[u8],
+    request_id: &str,
+) -> Result<Response, ApiError> {
+    if path == "/maintenance/console" || path.starts_with("/maintenance/console/") {
+        return console::route(method, path, query, auth);
+    }
     match (method, path) {
         (Method::Get, "/health/maintenance") => Ok(spin_kit::health::readiness(SERVICE, env!("CARGO_PKG_VERSION"))),
         (Method::Post, "/maintenance/run") => authorize(auth).and_then(|()| cleanup(request_id)),
@@ -54,6 +68,12 @@ fn route(method: &Method, path: &str, query: &str, auth: &str, request_id: &str)
                 _ => Err(ApiError::NotFound),
             }
         }),
+        (Method::Post, path) if path.starts_with("/maintenance/payment-issues/") => authorize(auth).and_then(|()| {
+            match path.strip_prefix("/maintenance/payment-issues/").and_then(|rest| rest.strip_suffix("/resolve")) {
+                Some(id) if !id.is_empty() && !id.contains('/') => resolve_payment_issue(id, body, request_id),
+                _ => Err(ApiError::NotFound),
+            }
+        }),
         (_, "/maintenance/relay" | "/maintenance/run") => Err(ApiError::BadRequest("use POST".into())),
         _ => Err(ApiError::NotFound),
     }
@@ -62,7 +82,7 @@ fn route(method: &Method, path: &str, query: &str, auth: &str, request_id: &str)
 use spin_kit::var;
 
 /// Bearer `admin_token`, compared in constant time. An empty token configures no access.
-fn authorize(header: &str) -> Result<(), ApiError> {
+pub(crate) fn authorize(header: &str) -> Result<(), ApiError> {
     let expected = var("admin_token")?;
     let given = header.strip_prefix("Bearer ").unwrap_or("");
     if expected.is_empty() || !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
@@ -210,6 +230,30 @@ fn payment_issues() -> Result<Response, ApiError> {
         })
         .collect();
     Ok(spin_kit::json_response(200, &serde_json::json!({ "payment_issues": list })))
+}
+
+/// The most an operator's note on a resolved payment issue may hold.
+const MAX_NOTE_CHARS: usize = 500;
+
+/// Records that an operator resolved a payment issue (refunded it, matched it by hand, ...):
+/// body `{"note": "what was done"}`. 404 if the issue is unknown or resolved already.
+fn resolve_payment_issue(event_id: &str, body: &[u8], request_id: &str) -> Result<Response, ApiError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Resolution {
+        note: String,
+    }
+    let Resolution { note } = serde_json::from_slice(body)
+        .map_err(|_| ApiError::BadRequest("the body must be {\"note\": \"what was done\"}".into()))?;
+    let note = note.trim();
+    if note.is_empty() || note.chars().count() > MAX_NOTE_CHARS {
+        return Err(ApiError::BadRequest(format!("the note must hold 1 to {MAX_NOTE_CHARS} characters")));
+    }
+    if !astria_store::console::resolve_payment_issue(&open_db()?, event_id, note, events::now_ms())? {
+        return Err(ApiError::NotFound);
+    }
+    spin_kit::log::info_with("maintenance.payment_issue", request_id, &format!("payment issue {event_id} resolved"));
+    Ok(spin_kit::json_response(200, &serde_json::json!({ "resolved": event_id })))
 }
 
 /// Hands a dead-lettered event back to the relay with fresh attempts.

@@ -11,6 +11,7 @@
 //! for strings and JSON.
 
 pub mod cleanup;
+pub mod console;
 pub mod images;
 pub mod lease;
 pub mod messages;

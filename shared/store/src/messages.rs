@@ -43,7 +43,7 @@ pub struct NewMessage<'a> {
     pub always_send: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct OutboundMessage {
     pub id: String,
     pub wa_id: String,
@@ -378,6 +378,17 @@ pub fn list<D: Db + ?Sized>(db: &D, status: &str, limit: i64) -> Result<Vec<Outb
 /// Messages to one contact in queue order (tests and operators).
 pub fn for_contact<D: Db + ?Sized>(db: &D, wa_id: &str) -> Result<Vec<OutboundMessage>, DbError> {
     select(db, "WHERE wa_id = $1 ORDER BY seq, created_at, id", &[Value::from(wa_id)])
+}
+
+/// The newest `limit` messages to one contact, in queue order (the operator console).
+pub fn latest_for_contact<D: Db + ?Sized>(db: &D, wa_id: &str, limit: i64) -> Result<Vec<OutboundMessage>, DbError> {
+    let mut newest = select(
+        db,
+        "WHERE wa_id = $1 ORDER BY seq DESC, created_at DESC, id DESC LIMIT $2",
+        &[Value::from(wa_id), Value::Int(limit)],
+    )?;
+    newest.reverse();
+    Ok(newest)
 }
 
 /// When the last message to the contact was accepted by WhatsApp (ms), for pacing.

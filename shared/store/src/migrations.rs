@@ -231,6 +231,18 @@ pub const MIGRATIONS: &[Migration] = &[
             "ALTER TABLE outbound_messages ADD COLUMN always_send BIGINT NOT NULL DEFAULT 0",
         ],
     },
+    Migration {
+        version: 11,
+        name: "the operator console",
+        sql: &[
+            // When the contact first wrote (the console's funnel counts new chats per day);
+            // contacts from before this migration count from their last change.
+            "ALTER TABLE contacts ADD COLUMN first_seen_at BIGINT",
+            "UPDATE contacts SET first_seen_at = updated_at",
+            // What the operator who resolved a payment issue wrote about it.
+            "ALTER TABLE payment_issues ADD COLUMN resolution TEXT",
+        ],
+    },
 ];
 
 /// Applies every migration not yet recorded; answers the versions it applied.

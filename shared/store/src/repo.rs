@@ -77,8 +77,8 @@ pub fn touch_contact<D: Db + ?Sized>(
 ) -> Result<(), DbError> {
     db.execute(
         &db.dialect().sql(
-            "INSERT INTO contacts (wa_id, profile_name, opted_out, last_inbound_at, conversation, updated_at)
-             VALUES ($1, $2, 0, $3, $4, $3)
+            "INSERT INTO contacts (wa_id, profile_name, opted_out, last_inbound_at, conversation, updated_at, first_seen_at)
+             VALUES ($1, $2, 0, $3, $4, $3, $3)
              ON CONFLICT (wa_id) DO UPDATE SET
                 profile_name = COALESCE(excluded.profile_name, contacts.profile_name),
                 last_inbound_at = excluded.last_inbound_at,

@@ -660,7 +660,7 @@ fn seed(db: &dyn Db) {
         exec(
             db,
             &format!(
-                "INSERT INTO contacts VALUES ('{wa}', 'Name {wa}', {opted}, {}, '{{\"state\":\"idle\"}}', {})",
+                "INSERT INTO contacts (wa_id, profile_name, opted_out, last_inbound_at, conversation, updated_at) VALUES ('{wa}', 'Name {wa}', {opted}, {}, '{{\"state\":\"idle\"}}', {})",
                 ago(age),
                 ago(age)
             ),
@@ -867,7 +867,7 @@ fn portraits_held_after_stop_keep_their_contact_until_given_up_then_go() {
         exec(
             db,
             &format!(
-                "INSERT INTO contacts VALUES ('quiet', 'Q', 1, {}, '{{\"state\":\"idle\"}}', {})",
+                "INSERT INTO contacts (wa_id, profile_name, opted_out, last_inbound_at, conversation, updated_at) VALUES ('quiet', 'Q', 1, {}, '{{\"state\":\"idle\"}}', {})",
                 ago(40),
                 ago(40)
             ),
