@@ -220,11 +220,10 @@ async fn the_same_webhook_delivered_five_times_gets_one_reply_postgres() {
     assert_eq!(count(&db, "SELECT COUNT(*) FROM outbound_messages").await, 1);
 }
 
-#[tokio::test]
-async fn forged_requests_are_refused_with_401_and_store_nothing_postgres() {
+async fn forged_requests_are_refused_with_401_and_store_nothing(postgres: bool) {
     let redis = TestRedis::start().await.unwrap();
     let graph = FakeGraph::start().await;
-    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, true), &redis).await;
+    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, postgres), &redis).await;
     assert_eq!(app.get("/health/message").await.status(), 200, "ready");
     assert!(wa::relay(&app).await["republished"].is_number(), "the relay's first call put the schema in place");
     let body = serde_json::to_vec(&wa::inbound(ANA, vec![wa::text(ANA, "wamid.forged", "hi")])).unwrap();
@@ -259,6 +258,8 @@ async fn forged_requests_are_refused_with_401_and_store_nothing_postgres() {
     // The genuine request still works afterwards (nothing was marked as seen).
     say(&app, &graph, wa::text(ANA, "wamid.forged", "hi"), 1).await;
 }
+
+on_both!(forged_requests_are_refused_with_401_and_store_nothing);
 
 #[tokio::test]
 async fn bad_input_gets_the_right_status_and_changes_nothing_postgres() {
