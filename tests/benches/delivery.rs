@@ -9,7 +9,10 @@
 //!
 //! Prints a table and writes it to `target/bench/webhook-<host>-delivery.md` for `scripts/bench.sh`.
 //! Run: `cargo bench --profile host -p astria-tests --bench delivery`
-//! (`ASTRIA_BENCH_DATABASES=sqlite` for one database).
+//! (`ASTRIA_BENCH_DATABASES=sqlite` for one database; `ASTRIA_BENCH_WORKER_REPLICAS=N` runs N
+//! copies of the app's workers on the same database and Redis, as N worker pods would, to see
+//! what more replicas of a pub/sub consumer add; `ASTRIA_BENCH_GRAPH_LATENCY_MS=M` makes the fake
+//! Graph API take M ms per send, as the real one does).
 
 use std::time::{Duration, Instant};
 
@@ -26,6 +29,15 @@ const ANA: &str = "4915112345678";
 async fn main() {
     let host = astria_tests::Host::from_env().expect("host").label();
     let databases = std::env::var("ASTRIA_BENCH_DATABASES").unwrap_or_else(|_| "sqlite,postgres".into());
+    // The real Graph API takes a while to answer a send; the fake answers at once unless told.
+    let graph_latency = Duration::from_millis(
+        std::env::var("ASTRIA_BENCH_GRAPH_LATENCY_MS").ok().and_then(|n| n.parse().ok()).unwrap_or(0),
+    );
+    let worker_replicas: usize = std::env::var("ASTRIA_BENCH_WORKER_REPLICAS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or(1);
     let mut rows = vec!["| database | what | figure |".to_string(), "| --- | --- | --- |".to_string()];
     println!("Delivery with pacing off under {host}, this machine");
     for db in databases.split(',').map(str::trim).filter(|d| !d.is_empty()) {
@@ -33,10 +45,21 @@ async fn main() {
         let redis = TestRedis::start().await.expect("redis-server");
         let graph = FakeGraph::start().await;
         graph.serve_media(0).await;
+        if graph_latency > Duration::ZERO {
+            graph.rule(move |_| astria_tests::whatsapp::Answer::Late(graph_latency));
+        }
         let stripe = FakeStripe::start().await;
         let astria = FakeAstria::start().await;
-        let config = fa::bot_config(&graph, &redis, &stripe, &astria, postgres).var("whatsapp_pace_ms", "0");
-        let app = wa::spawn_bot(config, &redis).await;
+        let config = || fa::bot_config(&graph, &redis, &stripe, &astria, postgres).var("whatsapp_pace_ms", "0");
+        let app = wa::spawn_bot(config(), &redis).await;
+        let mut _replicas = vec![];
+        for _ in 1..worker_replicas {
+            _replicas.push(astria_tests::spawn_app(config().replica_of(&app)).await.expect("a replica"));
+        }
+        // The app's own spin.toml, on a Redis of this run's own: the channels carry no prefix.
+        astria_tests::wait_for_subscribers_at(&redis.url(), "astria.messages", worker_replicas as i64)
+            .await
+            .expect("every replica's sender subscribed");
         let mut emit = |what: &str, figure: String| {
             let line = format!("| {db} | {what} | {figure} |");
             println!("{line}");
@@ -69,8 +92,15 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let delivered = started.elapsed();
+        // Each customer got one reply, whatever the number of replicas racing for the messages.
+        let sent = graph.requests().await;
+        let recipients: std::collections::BTreeSet<&str> = sent.iter().filter_map(|r| r["to"].as_str()).collect();
+        assert_eq!((sent.len(), recipients.len()), (CUSTOMERS, CUSTOMERS), "one reply per customer");
         emit(
-            &format!("{CUSTOMERS} replies, 8 webhooks in flight"),
+            &format!(
+                "{CUSTOMERS} replies, 8 webhooks in flight, {worker_replicas} worker replica(s), Graph answering in {} ms",
+                graph_latency.as_millis()
+            ),
             format!(
                 "{:.0} replies/s; webhooks answered in {:.2} s, last reply sent {:.2} s after the first webhook ({:.2} s after the last answer)",
                 CUSTOMERS as f64 / delivered.as_secs_f64(),
