@@ -95,6 +95,9 @@ fn selfies(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Waits until `find` returns something, or fails with the page's chat text and the log.
+/// Polls every 250 ms rather than through `astria_tests::eventually` (25 ms): each poll here is
+/// a round of WebDriver calls, and polling that often loads the two cores Chromium shares with
+/// the app.
 async fn wait<T, F, Fut>(what: &str, within: Duration, sandbox: &Sandbox, mut find: F) -> T
 where
     F: FnMut() -> Fut,

@@ -82,7 +82,10 @@ pub fn snapshot<D: Db + ?Sized>(db: &D) -> Result<Snapshot, DbError> {
 }
 
 /// Order statuses an order ends in: their "oldest" is not a warning sign, so it is left out.
-const FINAL: [&str; 4] = ["delivered", "failed", "cancelled", "expired"];
+fn is_final(status: &str) -> bool {
+    use astria_models::OrderStatus::{Cancelled, Delivered, Expired, Failed};
+    [Delivered, Failed, Cancelled, Expired].into_iter().any(|s| crate::repo::status_str(s) == status)
+}
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
@@ -110,7 +113,7 @@ pub fn render(s: &Snapshot, now_ms: i64) -> String {
         "gauge",
         "Per non-final order status, seconds since the oldest order in it last changed.",
     );
-    for (status, _, oldest) in s.orders.iter().filter(|(st, _, _)| !FINAL.contains(&st.as_str())) {
+    for (status, _, oldest) in s.orders.iter().filter(|(st, _, _)| !is_final(st)) {
         let _ = writeln!(
             out,
             "astria_order_oldest_age_seconds{{status=\"{}\"}} {}",
