@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use astria_wire::astria as wire;
 
-use crate::world::{Tune, World};
+use crate::world::{bearer_is, Tune, World};
 
 /// What each pack's prompts ask for; the portraits show the words.
 pub const PROMPTS: [&str; 3] =
@@ -32,8 +32,7 @@ pub fn routes() -> Router<Arc<World>> {
 }
 
 fn authorized(world: &World, headers: &HeaderMap) -> bool {
-    headers.get("authorization").and_then(|v| v.to_str().ok())
-        == Some(&format!("Bearer {}", world.config.astria_api_key))
+    bearer_is(headers, &world.config.astria_api_key)
 }
 
 fn unauthorized() -> Response {
@@ -157,16 +156,7 @@ async fn call_back(world: &World, url: &str, body: &Value, what: &str) {
     }
     let path = url.split_once("://").and_then(|(_, rest)| rest.find('/').map(|i| &rest[i..])).unwrap_or(url);
     let bytes = serde_json::to_vec(body).expect("json");
-    let mut status = 0;
-    for attempt in 0..4u32 {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
-        }
-        status = world.post_to_app(path, &[], bytes.clone()).await;
-        if status == 200 {
-            break;
-        }
-    }
+    let status = world.deliver(path, &[], bytes, 4, |status| status == 200, |_| {}).await;
     let route = path.split('?').next().unwrap_or(path);
     world.log("astria", format!("{what}: callback {route} → {status}"));
 }

@@ -19,17 +19,13 @@ use serde_json::Value;
 
 use astria_wire::whatsapp as wire;
 
-use crate::world::{ChatMessage, World};
+use crate::world::{bearer_is, ChatMessage, World};
 
 pub fn routes(version: &str) -> Router<Arc<World>> {
     Router::new()
         .route(&format!("/{version}/{{phone}}/messages"), post(send))
         .route(&format!("/{version}/{{media}}"), get(media_info))
         .route("/media-bytes/{media}", get(media_bytes))
-}
-
-fn bearer_is(headers: &HeaderMap, token: &str) -> bool {
-    headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {token}"))
 }
 
 fn graph_error(status: StatusCode, code: i64, message: &str) -> Response {

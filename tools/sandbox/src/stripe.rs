@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use astria_wire::stripe as wire;
 
-use crate::world::{Session, Stored, World};
+use crate::world::{bearer_is, Session, Stored, World};
 
 pub fn routes() -> Router<Arc<World>> {
     Router::new()
@@ -37,8 +37,7 @@ fn error(status: StatusCode, kind: &str, message: &str) -> Response {
 }
 
 fn authorized(world: &World, headers: &HeaderMap) -> bool {
-    headers.get("authorization").and_then(|v| v.to_str().ok())
-        == Some(&format!("Bearer {}", world.config.stripe_secret_key))
+    bearer_is(headers, &world.config.stripe_secret_key)
 }
 
 async fn create(State(world): State<Arc<World>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -198,18 +197,10 @@ async fn act(State(world): State<Arc<World>>, Path((id, action)): Path<(String, 
         let event_id = format!("evt_sbx{:06}", world.state.lock().unwrap().next());
         let body = serde_json::to_vec(&wire::event(&event_id, kind, object)).expect("json");
         let signature = wire::signature(&[&world.config.stripe_webhook_secret], astria_wire::unix_now(), &body);
-        let mut status = 0;
         // Stripe retries an event the endpoint did not take (for days; here a few times).
-        for attempt in 0..5u32 {
-            if attempt > 0 {
-                tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
-            }
-            status =
-                world.post_to_app("/payment-received", &[("stripe-signature", signature.clone())], body.clone()).await;
-            if (200..300).contains(&status) {
-                break;
-            }
-        }
+        let headers = [("stripe-signature", signature)];
+        let taken = |status| (200..300).contains(&status);
+        let status = world.deliver("/payment-received", &headers, body, 5, taken, |_| {}).await;
         world.log("stripe", format!("{kind} for {id} → the app answered {status}"));
         answers.push(json!({ "event": kind, "status": status }));
     }

@@ -124,6 +124,11 @@ pub struct World {
 /// the sandbox gives up sooner).
 const WEBHOOK_ATTEMPTS: u32 = 6;
 
+/// Whether a request to one of the faked APIs carries `Authorization: Bearer <token>`.
+pub fn bearer_is(headers: &axum::http::HeaderMap, token: &str) -> bool {
+    headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {token}"))
+}
+
 impl World {
     pub fn new(config: Config, url: String) -> World {
         World {
@@ -173,24 +178,40 @@ impl World {
         }
     }
 
+    /// Delivers `body` to the app's `path` as an outside party delivers a webhook: up to
+    /// `attempts` tries, 2, 4, 8, 16, 16, ... seconds apart, until `taken(status)`; `refused` hears
+    /// of each answer that was not taken. The last answer (0: the app could not be reached).
+    pub async fn deliver(
+        &self,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Vec<u8>,
+        attempts: u32,
+        taken: impl Fn(u16) -> bool,
+        refused: impl Fn(u16),
+    ) -> u16 {
+        let mut status = 0;
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_secs(1 << attempt.min(4))).await;
+            }
+            status = self.post_to_app(path, headers, body.clone()).await;
+            if taken(status) {
+                break;
+            }
+            refused(status);
+        }
+        status
+    }
+
     /// A WhatsApp webhook to `/SmsReceived`, signed with the app secret, retried as WhatsApp
     /// retries while the app answers anything but 200. The last answer.
     pub async fn whatsapp_webhook(&self, payload: &Value, what: &str) -> u16 {
         let body = serde_json::to_vec(payload).expect("json");
         let signature = astria_wire::whatsapp::sign(&self.config.app_secret, &body);
-        let mut status = 0;
-        for attempt in 0..WEBHOOK_ATTEMPTS {
-            if attempt > 0 {
-                tokio::time::sleep(Duration::from_secs(1 << attempt.min(4))).await;
-            }
-            status =
-                self.post_to_app("/SmsReceived", &[("x-hub-signature-256", signature.clone())], body.clone()).await;
-            if status == 200 {
-                break;
-            }
-            self.log("whatsapp", format!("webhook ({what}) answered {status}; WhatsApp retries"));
-        }
-        status
+        let headers = [("x-hub-signature-256", signature)];
+        let refused = |status| self.log("whatsapp", format!("webhook ({what}) answered {status}; WhatsApp retries"));
+        self.deliver("/SmsReceived", &headers, body, WEBHOOK_ATTEMPTS, |status| status == 200, refused).await
     }
 
     /// A snapshot for the page.
