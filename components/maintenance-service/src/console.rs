@@ -67,9 +67,7 @@ fn asset(body: &'static str, content_type: &str) -> Response {
 
 /// `name=<whole number in 1..=max>` from the query string, or `default` when absent.
 fn bounded(query: &str, name: &str, default: i64, max: i64) -> Result<i64, ApiError> {
-    let Some(raw) = query.split('&').find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('='))) else {
-        return Ok(default);
-    };
+    let Some(raw) = crate::query_param(query, name) else { return Ok(default) };
     match raw.parse::<i64>() {
         Ok(n) if (1..=max).contains(&n) => Ok(n),
         _ => Err(ApiError::BadRequest(format!("{name} must be a whole number from 1 to {max}"))),

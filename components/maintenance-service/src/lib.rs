@@ -63,40 +63,52 @@ fn route(
         (Method::Get, "/maintenance/messages") => authorize(auth).and_then(|()| outbound_messages(query)),
         // Authorised first; the id is parsed without slicing, so no path can make it panic.
         (Method::Post, path) if path.starts_with("/maintenance/dead-letters/") => authorize(auth).and_then(|()| {
-            match path.strip_prefix("/maintenance/dead-letters/").and_then(|rest| rest.strip_suffix("/replay")) {
-                Some(id) if !id.is_empty() && !id.contains('/') => replay(id, request_id),
-                _ => Err(ApiError::NotFound),
-            }
+            let id = id_in(path, "/maintenance/dead-letters/", "/replay").ok_or(ApiError::NotFound)?;
+            replay(id, request_id)
         }),
         (Method::Post, path) if path.starts_with("/maintenance/payment-issues/") => authorize(auth).and_then(|()| {
-            match path.strip_prefix("/maintenance/payment-issues/").and_then(|rest| rest.strip_suffix("/resolve")) {
-                Some(id) if !id.is_empty() && !id.contains('/') => resolve_payment_issue(id, body, request_id),
-                _ => Err(ApiError::NotFound),
-            }
+            let id = id_in(path, "/maintenance/payment-issues/", "/resolve").ok_or(ApiError::NotFound)?;
+            resolve_payment_issue(id, body, request_id)
         }),
         (_, "/maintenance/relay" | "/maintenance/run") => Err(ApiError::BadRequest("use POST".into())),
         _ => Err(ApiError::NotFound),
     }
 }
 
+/// The `{id}` of `<prefix>{id}<suffix>`: one non-empty path segment, or None.
+fn id_in<'a>(path: &'a str, prefix: &str, suffix: &str) -> Option<&'a str> {
+    let id = path.strip_prefix(prefix)?.strip_suffix(suffix)?;
+    (!id.is_empty() && !id.contains('/')).then_some(id)
+}
+
+/// The value of `name=` in a query string, as given (the first one).
+pub(crate) fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+}
+
 use spin_kit::var;
 
-/// Bearer `admin_token`, compared in constant time. An empty token configures no access.
-pub(crate) fn authorize(header: &str) -> Result<(), ApiError> {
-    let expected = var("admin_token")?;
+/// Whether `header` is `Bearer <the value of variable token_var>`, compared in constant time.
+/// An empty token configures no access.
+fn bearer_matches(header: &str, token_var: &str) -> Result<bool, ApiError> {
+    let expected = var(token_var)?;
     let given = header.strip_prefix("Bearer ").unwrap_or("");
-    if expected.is_empty() || !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
-        return Err(ApiError::Unauthorized);
+    Ok(!expected.is_empty() && bool::from(given.as_bytes().ct_eq(expected.as_bytes())))
+}
+
+/// Bearer `admin_token`.
+pub(crate) fn authorize(header: &str) -> Result<(), ApiError> {
+    if bearer_matches(header, "admin_token")? {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
     }
-    Ok(())
 }
 
 /// The admin token, or the read-only `metrics_token` (for a Prometheus scraper, which should
 /// not be able to run the cleanup or replay dead letters).
 fn authorize_read(header: &str) -> Result<(), ApiError> {
-    let metrics = var("metrics_token")?;
-    let given = header.strip_prefix("Bearer ").unwrap_or("");
-    if !metrics.is_empty() && bool::from(given.as_bytes().ct_eq(metrics.as_bytes())) {
+    if bearer_matches(header, "metrics_token")? {
         return Ok(());
     }
     authorize(header)
@@ -200,7 +212,7 @@ fn dead_letters() -> Result<Response, ApiError> {
 /// `awaiting_window`, `queued`), newest first: what WhatsApp refused and why, for an operator.
 fn outbound_messages(query: &str) -> Result<Response, ApiError> {
     use astria_store::messages::{self, status};
-    let wanted = query.split('&').find_map(|kv| kv.strip_prefix("status=")).unwrap_or(status::FAILED);
+    let wanted = query_param(query, "status").unwrap_or(status::FAILED);
     let known = [status::FAILED, status::AWAITING_WINDOW, status::QUEUED, status::SENT];
     let Some(wanted) = known.into_iter().find(|s| *s == wanted) else {
         return Err(ApiError::BadRequest(format!("status must be one of {}", known.join(", "))));
