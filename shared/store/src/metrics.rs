@@ -101,74 +101,87 @@ fn label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
+/// A gauge family with one label: its HELP and TYPE lines, then a sample per (label value, value).
+fn gauge_by<'a, V: std::fmt::Display>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label_name: &str,
+    samples: impl IntoIterator<Item = (&'a str, V)>,
+) {
+    header(out, name, "gauge", help);
+    for (value_of_label, value) in samples {
+        let _ = writeln!(out, "{name}{{{label_name}=\"{}\"}} {value}", label(value_of_label));
+    }
+}
+
+/// A gauge without labels.
+fn gauge(out: &mut String, name: &str, help: &str, value: i64) {
+    header(out, name, "gauge", help);
+    let _ = writeln!(out, "{name} {value}");
+}
+
 pub fn render(s: &Snapshot, now_ms: i64) -> String {
     let mut out = String::new();
-    header(&mut out, "astria_orders", "gauge", "Orders by status.");
-    for (status, count, _) in &s.orders {
-        let _ = writeln!(out, "astria_orders{{status=\"{}\"}} {count}", label(status));
-    }
-    header(
+    gauge_by(
+        &mut out,
+        "astria_orders",
+        "Orders by status.",
+        "status",
+        s.orders.iter().map(|(st, n, _)| (st.as_str(), n)),
+    );
+    gauge_by(
         &mut out,
         "astria_order_oldest_age_seconds",
-        "gauge",
         "Per non-final order status, seconds since the oldest order in it last changed.",
+        "status",
+        s.orders
+            .iter()
+            .filter(|(st, _, _)| !is_final(st))
+            .map(|(st, _, oldest)| (st.as_str(), seconds(now_ms - oldest))),
     );
-    for (status, _, oldest) in s.orders.iter().filter(|(st, _, _)| !is_final(st)) {
-        let _ = writeln!(
-            out,
-            "astria_order_oldest_age_seconds{{status=\"{}\"}} {}",
-            label(status),
-            seconds(now_ms - oldest)
-        );
-    }
-    header(&mut out, "astria_outbox_backlog", "gauge", "Events not yet handled by their consumer, per channel.");
-    for (channel, count, _) in &s.outbox_backlog {
-        let _ = writeln!(out, "astria_outbox_backlog{{channel=\"{}\"}} {count}", label(channel));
-    }
-    header(
+    gauge_by(
+        &mut out,
+        "astria_outbox_backlog",
+        "Events not yet handled by their consumer, per channel.",
+        "channel",
+        s.outbox_backlog.iter().map(|(ch, n, _)| (ch.as_str(), n)),
+    );
+    gauge_by(
         &mut out,
         "astria_outbox_oldest_pending_age_seconds",
-        "gauge",
         "Per channel, seconds since the oldest event not yet handled was written.",
+        "channel",
+        s.outbox_backlog.iter().map(|(ch, _, oldest)| (ch.as_str(), seconds(now_ms - oldest))),
     );
-    for (channel, _, oldest) in &s.outbox_backlog {
-        let _ = writeln!(
-            out,
-            "astria_outbox_oldest_pending_age_seconds{{channel=\"{}\"}} {}",
-            label(channel),
-            seconds(now_ms - oldest)
-        );
-    }
-    header(&mut out, "astria_dead_letters", "gauge", "Dead-lettered events, per channel (replay or resolve them).");
-    for (channel, count) in &s.dead_letters {
-        let _ = writeln!(out, "astria_dead_letters{{channel=\"{}\"}} {count}", label(channel));
-    }
+    gauge_by(
+        &mut out,
+        "astria_dead_letters",
+        "Dead-lettered events, per channel (replay or resolve them).",
+        "channel",
+        s.dead_letters.iter().map(|(ch, n)| (ch.as_str(), n)),
+    );
     let dead: i64 = s.dead_letters.iter().map(|(_, n)| n).sum();
-    header(&mut out, "astria_dead_letters_total", "gauge", "Dead-lettered events, all channels.");
-    let _ = writeln!(out, "astria_dead_letters_total {dead}");
-    header(
+    gauge(&mut out, "astria_dead_letters_total", "Dead-lettered events, all channels.", dead);
+    gauge(
         &mut out,
         "astria_payment_issues_open",
-        "gauge",
         "Payment issues no operator has resolved (refunds owed, unknown orders).",
+        s.payment_issues_open,
     );
-    let _ = writeln!(out, "astria_payment_issues_open {}", s.payment_issues_open);
-    header(
+    gauge_by(
         &mut out,
         "astria_outbound_messages",
-        "gauge",
         "WhatsApp messages not (yet) sent, by status: queued, awaiting_window (outside the 24-hour window), held, failed.",
+        "status",
+        s.messages.iter().map(|(st, n)| (st.as_str(), n)),
     );
-    for (status, count) in &s.messages {
-        let _ = writeln!(out, "astria_outbound_messages{{status=\"{}\"}} {count}", label(status));
-    }
-    header(
+    gauge(
         &mut out,
         "astria_portraits_delivered",
-        "gauge",
         "Portraits sent to customers (rows retained in the database).",
+        s.portraits_delivered,
     );
-    let _ = writeln!(out, "astria_portraits_delivered {}", s.portraits_delivered);
     header(
         &mut out,
         "astria_payment_to_delivery_seconds",
