@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use serde_json::Value;
 
 pub mod astria;
 pub mod browser;
@@ -216,6 +217,21 @@ impl TestApp {
 
     pub async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
         self.client.post(self.url(path)).body(body).send().await.expect("POST reaches the app")
+    }
+
+    /// `method path` with an optional bearer token and JSON body: the status, and the answer's
+    /// JSON (Null when it is not JSON). How tests call the maintenance routes.
+    pub async fn call(&self, method: &str, path: &str, bearer: Option<&str>, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.client.request(method.parse().expect("an HTTP method"), self.url(path));
+        if let Some(token) = bearer {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let r = req.send().await.expect("the app is reachable");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
     }
 
     /// What the host printed so far (every process's, for a deployment).

@@ -359,12 +359,5 @@ pub async fn post_webhook(app: &TestApp, body: &Value) -> (u16, Value) {
 
 /// Calls the outbox relay as the scheduler would.
 pub async fn relay(app: &TestApp) -> Value {
-    let r = app
-        .client
-        .post(app.url("/maintenance/relay"))
-        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
-        .send()
-        .await
-        .expect("relay reachable");
-    r.json().await.unwrap_or(Value::Null)
+    app.call("POST", "/maintenance/relay", Some(ADMIN_TOKEN), None).await.1
 }

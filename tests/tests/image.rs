@@ -1048,20 +1048,6 @@ on_both!(metrics_are_exact_after_a_journey_and_injected_failures);
 
 // ---------------------------------------------------------------- the operator console
 
-/// A request to a maintenance route with `token` (None: no Authorization header).
-async fn admin(app: &TestApp, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
-    let mut req = app.client.request(method.parse().unwrap(), app.url(path));
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let r = req.send().await.unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
 /// Today's entry of the funnel, as [chats, orders, paid, delivered].
 fn today(funnel: &Value) -> [i64; 4] {
     let day = funnel["days"].as_array().unwrap().last().unwrap().clone();
@@ -1102,28 +1088,28 @@ async fn console_answers_what_the_database_holds_and_refuses_bad_input(postgres:
 
     // Data needs the admin token; the read-only metrics token is not enough.
     for path in ["/maintenance/console/api/funnel", "/maintenance/console/api/attention"] {
-        assert_eq!(admin(app, "GET", path, None, None).await.0, 401, "{path}");
-        assert_eq!(admin(app, "GET", path, Some("wrong"), None).await.0, 401, "{path}");
+        assert_eq!(app.call("GET", path, None, None).await.0, 401, "{path}");
+        assert_eq!(app.call("GET", path, Some("wrong"), None).await.0, 401, "{path}");
     }
-    let (status, funnel) = admin(app, "GET", "/maintenance/console/api/funnel", token, None).await;
+    let (status, funnel) = app.call("GET", "/maintenance/console/api/funnel", token, None).await;
     assert_eq!(status, 200);
     assert_eq!(funnel["days"].as_array().unwrap().len(), 14);
     assert_eq!(today(&funnel), [1, 1, 1, 0], "one chat, one order, paid, none delivered: {funnel}");
     assert_eq!(
-        admin(app, "GET", "/maintenance/console/api/funnel?days=3", token, None).await.1["days"]
+        app.call("GET", "/maintenance/console/api/funnel?days=3", token, None).await.1["days"]
             .as_array()
             .unwrap()
             .len(),
         3
     );
     for bad in ["days=0", "days=91", "days=two"] {
-        let (status, body) = admin(app, "GET", &format!("/maintenance/console/api/funnel?{bad}"), token, None).await;
+        let (status, body) = app.call("GET", &format!("/maintenance/console/api/funnel?{bad}"), token, None).await;
         assert_eq!(status, 400, "{bad}: {body}");
     }
 
     // The order left in training for two hours is stuck at the default threshold (an hour),
     // and not at three hours.
-    let (_, attention) = admin(app, "GET", "/maintenance/console/api/attention", token, None).await;
+    let (_, attention) = app.call("GET", "/maintenance/console/api/attention", token, None).await;
     let orders = attention["orders"].as_array().unwrap();
     assert_eq!(orders.len(), 1, "{attention}");
     assert_eq!(
@@ -1131,11 +1117,11 @@ async fn console_answers_what_the_database_holds_and_refuses_bad_input(postgres:
         (Some(order_id.as_str()), Some("stuck"))
     );
     assert_eq!(orders[0]["status"], "training");
-    let (_, later) = admin(app, "GET", "/maintenance/console/api/attention?stuck_minutes=180", token, None).await;
+    let (_, later) = app.call("GET", "/maintenance/console/api/attention?stuck_minutes=180", token, None).await;
     assert_eq!(later["orders"].as_array().unwrap().len(), 0, "{later}");
 
     // Its story: every message sent to Ana, and every event that names the order.
-    let (status, story) = admin(app, "GET", &format!("/maintenance/console/api/orders/{order_id}"), token, None).await;
+    let (status, story) = app.call("GET", &format!("/maintenance/console/api/orders/{order_id}"), token, None).await;
     assert_eq!(status, 200, "{story}");
     let sent = db.int("SELECT COUNT(*) FROM outbound_messages WHERE wa_id = $1", &[ANA.into()]).await;
     assert_eq!(story["messages"].as_array().unwrap().len() as i64, sent);
@@ -1148,14 +1134,14 @@ async fn console_answers_what_the_database_holds_and_refuses_bad_input(postgres:
     assert_eq!(types.len() as i64, naming);
     assert_eq!(story["order"]["photos"], 2);
     assert_eq!(story["conversation"]["state"].as_str().is_some(), true);
-    assert_eq!(admin(app, "GET", "/maintenance/console/api/orders/no-such-order", token, None).await.0, 404);
-    assert_eq!(admin(app, "GET", "/maintenance/console/api/orders/a%25b", token, None).await.0, 400);
-    assert_eq!(admin(app, "GET", "/maintenance/console/api/orders/x_y", token, None).await.0, 400);
+    assert_eq!(app.call("GET", "/maintenance/console/api/orders/no-such-order", token, None).await.0, 404);
+    assert_eq!(app.call("GET", "/maintenance/console/api/orders/a%25b", token, None).await.0, 400);
+    assert_eq!(app.call("GET", "/maintenance/console/api/orders/x_y", token, None).await.0, 400);
 
     // Resolving a payment issue is recorded with the operator's note, once.
     let resolve = "/maintenance/payment-issues/evt_ghost/resolve";
     let note = json_note("refunded pi_123 in the Stripe dashboard");
-    assert_eq!(admin(app, "POST", resolve, None, Some(note.clone())).await.0, 401);
+    assert_eq!(app.call("POST", resolve, None, Some(note.clone())).await.0, 401);
     for bad in [
         serde_json::json!({}),
         json_note(""),
@@ -1163,7 +1149,7 @@ async fn console_answers_what_the_database_holds_and_refuses_bad_input(postgres:
         json_note(&"x".repeat(501)),
         serde_json::json!({"note": "ok", "by": "me"}),
     ] {
-        let (status, body) = admin(app, "POST", resolve, token, Some(bad.clone())).await;
+        let (status, body) = app.call("POST", resolve, token, Some(bad.clone())).await;
         assert_eq!(status, 400, "{bad}: {body}");
     }
     assert_eq!(
@@ -1172,21 +1158,17 @@ async fn console_answers_what_the_database_holds_and_refuses_bad_input(postgres:
         "bad input changes nothing"
     );
     assert_eq!(
-        admin(app, "POST", "/maintenance/payment-issues/evt_other/resolve", token, Some(note.clone())).await.0,
+        app.call("POST", "/maintenance/payment-issues/evt_other/resolve", token, Some(note.clone())).await.0,
         404
     );
-    let (status, body) = admin(app, "POST", resolve, token, Some(note.clone())).await;
+    let (status, body) = app.call("POST", resolve, token, Some(note.clone())).await;
     assert_eq!((status, body["resolved"].as_str()), (200, Some("evt_ghost")));
     let recorded =
         db.rows("SELECT resolution, resolved_at FROM payment_issues WHERE event_id = 'evt_ghost'", &[]).await;
     assert_eq!(recorded[0][0].text(), "refunded pi_123 in the Stripe dashboard");
     assert!(recorded[0][1].int() > 0);
-    assert_eq!(
-        admin(app, "POST", resolve, token, Some(json_note("again"))).await.0,
-        404,
-        "the first resolution stands"
-    );
-    let (_, issues) = admin(app, "GET", "/maintenance/payment-issues", token, None).await;
+    assert_eq!(app.call("POST", resolve, token, Some(json_note("again"))).await.0, 404, "the first resolution stands");
+    let (_, issues) = app.call("GET", "/maintenance/payment-issues", token, None).await;
     assert_eq!(issues["payment_issues"].as_array().unwrap().len(), 0, "{issues}");
 }
 

@@ -125,15 +125,7 @@ fn completed(session: &Value, amount: i64, currency: &str, status: &str) -> Valu
 }
 
 async fn admin_get(app: &TestApp, path: &str) -> Value {
-    app.client
-        .get(app.url(path))
-        .header("authorization", format!("Bearer {}", wa::ADMIN_TOKEN))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    app.call("GET", path, Some(wa::ADMIN_TOKEN), None).await.1
 }
 
 #[tokio::test]

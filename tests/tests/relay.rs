@@ -13,13 +13,7 @@ async fn stats(app: &TestApp) -> Value {
 }
 
 async fn relay(app: &TestApp, token: Option<&str>) -> (u16, Value) {
-    let mut req = app.client.post(app.url("/maintenance/relay"));
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    let r = req.send().await.unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    app.call("POST", "/maintenance/relay", token, None).await
 }
 
 #[tokio::test]
