@@ -34,6 +34,9 @@ async fn handle(req: IncomingRequest) -> Response {
     let path_with_query = req.path_with_query().unwrap_or_default();
     let (path, query) = path_with_query.split_once('?').unwrap_or((&path_with_query, ""));
     let (path, query) = (path.to_string(), query.to_string());
+    // Health probes are not traced (see message-service).
+    let trace = matches!(path.as_str(), "/pack-tune-received" | "/update-images")
+        .then(|| spin_kit::trace::Invocation::incoming("image-service", &req, &path));
     let result = match (req.method(), path.as_str()) {
         (Method::Get, "/health/image") => Ok(spin_kit::health::readiness(SERVICE, env!("CARGO_PKG_VERSION"))),
         (Method::Post, "/pack-tune-received" | "/update-images") => {
@@ -45,7 +48,11 @@ async fn handle(req: IncomingRequest) -> Response {
         (_, "/pack-tune-received" | "/update-images") => Err(ApiError::BadRequest("use POST".into())),
         _ => Err(ApiError::NotFound),
     };
-    result.unwrap_or_else(|e| e.into_response(&request_id))
+    let response = result.unwrap_or_else(|e| e.into_response(&request_id));
+    match &trace {
+        Some(t) => t.answered(response),
+        None => response,
+    }
 }
 
 #[derive(serde::Serialize)]
@@ -77,6 +84,7 @@ fn authorized_order_id(endpoint: CallbackEndpoint, query: &str) -> Result<String
 fn callback(path: &str, query: &str, body: &[u8], request_id: &str) -> Result<Response, ApiError> {
     let endpoint = CallbackEndpoint::from_path(path).ok_or(ApiError::NotFound)?;
     let order_id = authorized_order_id(endpoint, query)?;
+    spin_kit::trace::set_order(&order_id);
     // The shape is checked (garbage is a caller's error), the content is not used.
     match endpoint {
         CallbackEndpoint::Tune => astria::parse_tune(body).map(|_| ()),

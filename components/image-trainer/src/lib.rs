@@ -19,7 +19,7 @@ use std::time::Duration;
 use astria_domain::astria::{self, Answer, CallbackEndpoint, FilePart, Multipart, TuneRequest};
 use astria_domain::config::{self, Astria, WhatsAppMedia};
 use astria_domain::conversation::Message;
-use astria_domain::events::{ORDER_PAID, TUNE_RECONCILE, TUNE_TRAINED};
+use astria_domain::events::{channels, ORDER_PAID, TUNE_RECONCILE, TUNE_TRAINED};
 use astria_domain::texts::Texts;
 use astria_models::{EventEnvelope, Order, OrderPaid, OrderStatus, Photo, TuneReconcile, TuneTrained};
 use astria_store::outbox::{self, RelayPolicy};
@@ -42,19 +42,29 @@ const LEASE_MS: i64 = 10 * 60_000;
 
 #[redis_component]
 fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
+    let _trace = spin_kit::trace::Invocation::message(CONSUMER, channels::ORDERS, &payload);
     let Some(event) = spin_kit::events::parse_or_drop(&payload, CONSUMER) else { return Ok(()) };
     let db = spin_kit::open_db().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     match event.event_type.as_str() {
         ORDER_PAID => match serde_json::from_str::<OrderPaid>(&event.payload) {
-            Ok(p) => train(&db, &event, &p.order_id)?,
+            Ok(p) => {
+                spin_kit::trace::set_order(&p.order_id);
+                train(&db, &event, &p.order_id)?
+            }
             Err(e) => log::warn(CONSUMER, &format!("dropping {} with an unreadable payload: {e}", event.id)),
         },
         TUNE_TRAINED => match serde_json::from_str::<TuneTrained>(&event.payload) {
-            Ok(t) => sync_with_astria(&db, &event, &t.order_id, t.tune_id, false)?,
+            Ok(t) => {
+                spin_kit::trace::set_order(&t.order_id);
+                sync_with_astria(&db, &event, &t.order_id, t.tune_id, false)?
+            }
             Err(e) => log::warn(CONSUMER, &format!("dropping {} with an unreadable payload: {e}", event.id)),
         },
         TUNE_RECONCILE => match serde_json::from_str::<TuneReconcile>(&event.payload) {
-            Ok(t) => sync_with_astria(&db, &event, &t.order_id, t.tune_id, true)?,
+            Ok(t) => {
+                spin_kit::trace::set_order(&t.order_id);
+                sync_with_astria(&db, &event, &t.order_id, t.tune_id, true)?
+            }
             Err(e) => log::warn(CONSUMER, &format!("dropping {} with an unreadable payload: {e}", event.id)),
         },
         other => log::warn(CONSUMER, &format!("ignoring event type {other} on the orders channel")),

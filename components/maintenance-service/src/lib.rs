@@ -35,11 +35,19 @@ async fn handle(req: IncomingRequest) -> Response {
     let path_with_query = req.path_with_query().unwrap_or_default();
     let (path, query) = path_with_query.split_once('?').unwrap_or((&path_with_query, ""));
     let (path, query) = (path.to_string(), query.to_string());
+    // The operations (cleanup, relay, replay, resolve) are traced; the reads (metrics scrapes,
+    // the console, health probes) come every few seconds and change nothing.
+    let trace =
+        (method == Method::Post).then(|| spin_kit::trace::Invocation::incoming("maintenance-service", &req, &path));
     let result = match spin_kit::error::read_body(req, MAX_BODY).await {
         Ok(body) => route(&method, &path, &query, &auth, &body, &request_id),
         Err(e) => Err(e),
     };
-    result.unwrap_or_else(|e| e.into_response(&request_id))
+    let response = result.unwrap_or_else(|e| e.into_response(&request_id));
+    match &trace {
+        Some(t) => t.answered(response),
+        None => response,
+    }
 }
 
 fn route(

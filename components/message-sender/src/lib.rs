@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use astria_domain::config::{self, WhatsApp};
 use astria_domain::conversation::Message;
-use astria_domain::events::MESSAGE_SEND;
+use astria_domain::events::{channels, MESSAGE_SEND};
 use astria_domain::graph::{self, SendOutcome};
 use astria_models::MessageSend;
 use astria_store::messages::{self, OutboundMessage};
@@ -58,6 +58,7 @@ const WINDOW_MS: i64 = 24 * 60 * 60 * 1000;
 
 #[redis_component]
 fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
+    let _trace = spin_kit::trace::Invocation::message("message-sender", channels::MESSAGES, &payload);
     let Some(event) = spin_kit::events::parse_or_drop(&payload, "sender") else { return Ok(()) };
     if event.event_type != MESSAGE_SEND {
         log::warn("sender", &format!("ignoring event type {} on the messages channel", event.event_type));
@@ -199,8 +200,21 @@ impl Sender<'_> {
         Ok(())
     }
 
-    /// Sends one message and books the answer; `false` when the queue must wait (retry).
+    /// [`Self::deliver`] in a span of the trace that queued the message: whichever sender
+    /// invocation holds the contact's lease sends it, often not the one its event woke.
     fn send_one(&self, m: &OutboundMessage) -> Result<bool, DbError> {
+        let queued_by = outbox::get(self.db, &m.event_id)?.and_then(|e| {
+            serde_json::from_str::<astria_models::EventEnvelope>(&e.envelope).ok().and_then(|e| e.traceparent)
+        });
+        spin_kit::trace::in_span_under(queued_by.as_deref(), "deliver message", spin_kit::trace::Kind::Internal, || {
+            spin_kit::trace::attr("astria.message_id", m.id.as_str());
+            spin_kit::trace::attr("astria.message_kind", m.kind.as_str());
+            self.deliver(m)
+        })
+    }
+
+    /// Sends one message and books the answer; `false` when the queue must wait (retry).
+    fn deliver(&self, m: &OutboundMessage) -> Result<bool, DbError> {
         let message: Message = match serde_json::from_str(&m.message) {
             Ok(msg) => msg,
             Err(e) => {

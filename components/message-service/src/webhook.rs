@@ -134,7 +134,10 @@ fn handle_message(
         let mut pending = spin_kit::messages::requeue_awaiting_window(db, &m.from, correlation_id)?;
 
         let order = match &state {
-            State::Order { order_id } => repo::get_order(db, order_id)?.map(order_view).transpose()?,
+            State::Order { order_id } => {
+                spin_kit::trace::set_order(order_id);
+                repo::get_order(db, order_id)?.map(order_view).transpose()?
+            }
             _ => None,
         };
         let new_order_id = uuid::Uuid::new_v4().to_string();
@@ -166,6 +169,7 @@ fn handle_message(
                     pending.extend(spin_kit::messages::release_held(db, &m.from, correlation_id)?);
                 }
                 Action::CreateOrder { order_id, pack_id, subject_class, price } => {
+                    spin_kit::trace::set_order(&order_id);
                     let price = astria_models::Money {
                         amount_minor: price.amount_minor(),
                         currency: price.currency().to_string(),

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use astria_domain::config::{self, StripeCheckout};
 use astria_domain::conversation::Message;
-use astria_domain::events::{CHECKOUT_EXPIRE, ORDER_AWAITING_PAYMENT};
+use astria_domain::events::{channels, CHECKOUT_EXPIRE, ORDER_AWAITING_PAYMENT};
 use astria_domain::stripe::{self, CheckoutRequest, CreateFailure};
 use astria_domain::texts::{fill, Texts};
 use astria_domain::Money;
@@ -43,6 +43,7 @@ const SAFETY_MS: i64 = 60 * 60_000;
 
 #[redis_component]
 fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
+    let _trace = spin_kit::trace::Invocation::message(CONSUMER, channels::PAYMENTS, &payload);
     let Some(event) = spin_kit::events::parse_or_drop(&payload, CONSUMER) else { return Ok(()) };
     match event.event_type.as_str() {
         ORDER_AWAITING_PAYMENT => {}
@@ -56,6 +57,7 @@ fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
         log::warn(CONSUMER, &format!("dropping {} with an unreadable payload", event.id));
         return Ok(());
     };
+    spin_kit::trace::set_order(&request.order_id);
     let fail = |e: String| anyhow::anyhow!(e);
     let db = spin_kit::open_db().map_err(|e| fail(format!("{e:?}")))?;
     let now = now_ms();
@@ -158,6 +160,7 @@ fn expire(event: &EventEnvelope) -> anyhow::Result<()> {
         log::warn(CONSUMER, &format!("dropping {} with an unreadable payload", event.id));
         return Ok(());
     };
+    spin_kit::trace::set_order(&request.order_id);
     let db = spin_kit::open_db().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let order = repo::get_order(&db, &request.order_id)?;
     // Only a cancelled order's session: a paid one completed it, and anything else keeps it.

@@ -40,6 +40,9 @@ async fn handle(req: IncomingRequest) -> Response {
     let request_id = spin_kit::request_id_from(spin_kit::header(&req, "x-request-id").as_deref());
     let path = req.path_with_query().unwrap_or_default();
     let path = path.split('?').next().unwrap_or("").to_string();
+    // Health probes are not traced (see message-service).
+    let trace =
+        (path == "/payment-received").then(|| spin_kit::trace::Invocation::incoming("payment-service", &req, &path));
     let result = match (req.method(), path.as_str()) {
         (Method::Get, "/health/payment") => Ok(spin_kit::health::readiness(SERVICE, env!("CARGO_PKG_VERSION"))),
         (Method::Post, "/payment-received") => {
@@ -52,7 +55,11 @@ async fn handle(req: IncomingRequest) -> Response {
         (_, "/payment-received") => Err(ApiError::BadRequest("use POST".into())),
         _ => Err(ApiError::NotFound),
     };
-    result.unwrap_or_else(|e| e.into_response(&request_id))
+    let response = result.unwrap_or_else(|e| e.into_response(&request_id));
+    match &trace {
+        Some(t) => t.answered(response),
+        None => response,
+    }
 }
 
 /// What the webhook did with one event (the response body; Stripe ignores it).
@@ -72,6 +79,9 @@ fn receive(body: &[u8], signature: Option<&str>, request_id: &str) -> Result<Res
         StripeError::BadSignature => ApiError::BadRequest(e.to_string()),
         StripeError::Malformed(m) => ApiError::BadRequest(m),
     })?;
+    if let Some(order_id) = event.session.as_ref().and_then(|s| s.order_id.as_deref()) {
+        spin_kit::trace::set_order(order_id);
+    }
     let texts = Texts::from_json_overrides(&var("texts_json")?).map_err(ApiError::Internal)?;
     let db = spin_kit::open_db()?;
     let (result, pending) = transaction(&db, |db| {

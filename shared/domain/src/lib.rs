@@ -12,6 +12,7 @@ pub mod money;
 pub mod order;
 pub mod stripe;
 pub mod texts;
+pub mod trace;
 pub mod whatsapp;
 
 /// Whether a JSON body carries a NUL character (`\u0000`). No webhook sender uses one in real

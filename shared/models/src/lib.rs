@@ -71,8 +71,16 @@ mod tests {
             occurred_at: "2026-11-25T06:00:00Z".into(),
             correlation_id: "req-42".into(),
             payload: r#"{"order_id":"o-1","emoji":"📸"}"#.into(),
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         };
         assert_eq!(round_trip(&event), event);
+    }
+
+    #[test]
+    fn an_envelope_stored_before_traces_were_carried_still_parses() {
+        let old = r#"{"id":"e","event_type":"order.paid","occurred_at":"o","correlation_id":"c","payload":"{}"}"#;
+        let event: EventEnvelope = serde_json::from_str(old).unwrap();
+        assert_eq!(event.traceparent, None);
     }
 
     #[test]
@@ -97,6 +105,7 @@ mod tests {
             occurred_at: "o".into(),
             correlation_id: "c".into(),
             payload: "{}".into(),
+            traceparent: None,
         };
         let value = serde_json::to_value(&event).unwrap();
         for key in ["id", "event_type", "occurred_at", "correlation_id", "payload"] {

@@ -23,6 +23,8 @@ pub fn envelope(event_type: &str, payload: &impl serde::Serialize, correlation_i
         occurred_at: now_rfc3339(),
         correlation_id: correlation_id.to_string(),
         payload: serde_json::to_string(payload).unwrap_or_else(|_| "null".into()),
+        // The emitting span: the consumer continues this trace across the outbox and Redis.
+        traceparent: crate::trace::traceparent(),
     }
 }
 

@@ -92,11 +92,35 @@ fn error_code(e: ErrorCode) -> HttpError {
     }
 }
 
-/// Sends `req` and reads the whole answer.
+/// Sends `req` and reads the whole answer, in a client span of the current trace whose
+/// `traceparent` goes with the request (`crate::trace`).
 pub fn send(req: &Request<'_>) -> Result<HttpResponse, HttpError> {
+    let host = split_url(req.url).map(|(_, authority, _)| authority.to_string()).unwrap_or_default();
+    crate::trace::in_span(req.method, crate::trace::Kind::Client, || {
+        crate::trace::attr("http.request.method", req.method);
+        crate::trace::attr("server.address", host.as_str());
+        let answer = send_with(req, crate::trace::traceparent());
+        match &answer {
+            Ok(r) => crate::trace::status_code(r.status),
+            Err(e) => crate::trace::fail(&e.to_string()),
+        }
+        answer
+    })
+}
+
+/// Sends `req` outside any span: for exporting the spans themselves.
+pub fn send_untraced(req: &Request<'_>) -> Result<HttpResponse, HttpError> {
+    send_with(req, None)
+}
+
+fn send_with(req: &Request<'_>, traceparent: Option<String>) -> Result<HttpResponse, HttpError> {
     let (scheme, authority, path) = split_url(req.url)?;
-    let entries: Vec<(String, Vec<u8>)> =
+    let mut entries: Vec<(String, Vec<u8>)> =
         req.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.as_bytes().to_vec())).collect();
+    if let Some(tp) = traceparent {
+        entries.retain(|(k, _)| k != "traceparent");
+        entries.push(("traceparent".into(), tp.into_bytes()));
+    }
     let fields = Fields::from_list(&entries).map_err(|e| HttpError::Refused(format!("header: {e:?}")))?;
     let request = OutgoingRequest::new(fields);
     let method = match req.method {

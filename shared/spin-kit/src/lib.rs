@@ -10,6 +10,7 @@ pub mod http_client;
 pub mod images;
 pub mod log;
 pub mod messages;
+pub mod trace;
 
 use astria_models::HealthReport;
 use spin_sdk::http::Response;

@@ -65,6 +65,7 @@ fn event(id: &str) -> EventEnvelope {
         occurred_at: "2026-11-25T06:00:00Z".into(),
         correlation_id: "corr-1".into(),
         payload: r#"{"order_id":"o-1"}"#.into(),
+        traceparent: None,
     }
 }
 
