@@ -104,6 +104,36 @@ def render(overlay):
     return [d for d in yaml.safe_load_all(out) if d]
 
 
+def render_with_tracing(overlay):
+    """`overlay` with the opt-in tracing Component added, as a user's overlay would add it."""
+    (ROOT / "target").mkdir(exist_ok=True)
+    work = pathlib.Path(tempfile.mkdtemp(dir=ROOT / "target"))
+    try:
+        rel = lambda p: os.path.relpath(p, work)  # noqa: E731 (kustomize refuses absolute paths)
+        (work / "kustomization.yaml").write_text(yaml.safe_dump({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": [rel(K8S / "overlays" / overlay)],
+            "components": [rel(K8S / "tracing")],
+        }))
+        out = subprocess.run(["kubectl", "kustomize", str(work)], check=True, capture_output=True, text=True).stdout
+    finally:
+        shutil.rmtree(work)
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def selects(selector, labels):
+    """Whether a NetworkPolicy podSelector (matchLabels, matchExpressions In/Exists) selects `labels`."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        if e["operator"] == "Exists" and e["key"] not in labels:
+            return False
+        if e["operator"] == "In" and labels.get(e["key"]) not in e["values"]:
+            return False
+    return True
+
+
 ALERT_TESTS = pathlib.Path(__file__).parent / "alerts.test.yaml"
 MAINTENANCE_SOURCE = (ROOT / "components/maintenance-service/src/lib.rs").read_text()
 
@@ -279,6 +309,46 @@ class EveryOverlay(unittest.TestCase):
             "astria-message", "astria-message-worker", "astria-image", "astria-image-worker",
             "astria-payment", "astria-payment-worker", "astria-maintenance",
         ]))
+
+
+class TheTracingComponent(unittest.TestCase):
+    """kubernetes/tracing, added to each overlay: every SpinApp exports its spans to the collector
+    its components may call and its pods may reach, Spin's own spans go to the same place, and
+    the overlay still passes every other check."""
+
+    def test_every_spinapp_exports_to_a_collector_it_may_reach_and_the_overlay_stays_valid(self):
+        for overlay, bounds in OVERLAYS.items():
+            with self.subTest(overlay=overlay):
+                docs = render_with_tracing(overlay)
+                self.assertEqual(manifest_checks.problems(docs, APP, secret_keys(), bounds), [])
+                self.assertEqual(manifest_checks.schema_problems(docs, SCHEMAS), [])
+                policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+                for p in policies:
+                    kubernetes_validate.validate(p, KUBERNETES_VERSION, strict=True)
+                (executor,) = [d for d in docs if d["kind"] == "SpinAppExecutor"]
+                endpoint = executor["spec"]["deploymentConfig"]["otel"]["exporter_otlp_endpoint"]
+                for app in (d for d in docs if d["kind"] == "SpinApp"):
+                    name = app["metadata"]["name"]
+                    variables = {v["name"]: v.get("value") for v in app["spec"]["variables"]}
+                    self.assertEqual(variables.get("otel_traces_enabled"), "true", name)
+                    self.assertEqual(variables.get("otel_collector_url"), endpoint, name)
+                    port = int(endpoint.rsplit(":", 1)[1])
+                    labels = {"core.spinkube.dev/app-name": name}
+                    self.assertTrue(any(
+                        selects(p["spec"]["podSelector"], labels)
+                        and any(port in [x["port"] for x in rule.get("ports", [])] for rule in p["spec"].get("egress", []))
+                        for p in policies), f"{name} may not reach the collector's port {port}")
+                    for component in app["spec"]["components"]:
+                        c = SPIN_TOML["component"][component]
+                        self.assertIn("{{ otel_collector_url }}", c["allowed_outbound_hosts"], component)
+                        self.assertEqual(c["variables"].get("otel_traces_enabled"), "{{ otel_traces_enabled }}", component)
+                        self.assertEqual(c["variables"].get("otel_collector_url"), "{{ otel_collector_url }}", component)
+
+    def test_without_the_component_nothing_is_exported(self):
+        self.assertEqual(SPIN_TOML["variables"]["otel_traces_enabled"]["default"], "false")
+        for overlay in OVERLAYS:
+            for app in (d for d in render(overlay) if d["kind"] == "SpinApp"):
+                self.assertNotIn("otel_traces_enabled", {v["name"] for v in app["spec"]["variables"]})
 
 
 class TheChecksCatchFaults(unittest.TestCase):

@@ -36,6 +36,7 @@ pub mod browser;
 pub mod db;
 pub mod deployment;
 pub mod fakes;
+pub mod otel;
 pub mod postgres;
 pub mod quiet;
 pub mod stripe;

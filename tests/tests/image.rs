@@ -1301,3 +1301,178 @@ async fn browser_console_shows_the_funnel_and_a_stuck_order_and_replays_a_dead_l
     );
     std::fs::write(shots.join("console-after-actions.png"), c.screenshot().await.unwrap()).unwrap();
 }
+
+// ------------------------------------------------------------------ traces
+
+/// The trace a caller's `traceparent` names on Stripe's webhook, and that caller's span.
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CALLER_SPAN: &str = "00f067aa0ba902b7";
+
+/// The `traceparent` headers a fake API received, in order.
+async fn traceparents(server: &wiremock::MockServer, method: &str) -> Vec<String> {
+    let requests = server.received_requests().await.unwrap_or_default();
+    requests
+        .iter()
+        .filter(|r| r.method.as_str() == method)
+        .filter_map(|r| r.headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string))
+        .collect()
+}
+
+/// With tracing on, a payment is one trace, whatever the hops: Stripe's webhook, sent inside a
+/// trace of the caller's, → the outbox → Redis → the trainer → Astria, and → the sender →
+/// WhatsApp, for the sender's news of the payment and the trainer's news of the training. Each
+/// consumer's span is the child of the span that emitted its event, each outbound call sends
+/// its own span's `traceparent`, and every log line of the journey carries a trace id (the
+/// trainer's also the order id). Spans are decoded as a collector decodes OTLP protobuf.
+#[tokio::test]
+async fn one_trace_follows_a_payment_across_redis_to_astria_and_whatsapp_postgres() {
+    use astria_tests::otel::{FakeCollector, ReceivedSpan, CLIENT, CONSUMER, INTERNAL, SERVER};
+    let collector = FakeCollector::start().await;
+    let collector_url = collector.url();
+    let w = world_with(true, 1, 0, &[("otel_traces_enabled", "true"), ("otel_collector_url", &collector_url)]).await;
+    for (i, m) in wa::order_steps(ANA, "t").into_iter().enumerate() {
+        assert_eq!(wa::post_webhook(&w.app, &wa::inbound(ANA, vec![m])).await.0, 200);
+        w.graph.wait_for(i + 1).await;
+    }
+    let sends = w.graph.wait_for(7).await;
+    let session_id = wa::summary(&sends[6]).rsplit('/').next().unwrap().to_string();
+    let order_id = w._stripe.session_for_any().unwrap()["client_reference_id"].as_str().unwrap().to_string();
+    let paid = ps::session(&session_id, &order_id, 1999, "usd", "paid");
+    let body = serde_json::to_vec(&ps::event("evt_traced", "checkout.session.completed", paid)).unwrap();
+    let r = w
+        .app
+        .client
+        .post(w.app.url("/payment-received"))
+        .header("content-type", "application/json")
+        .header("stripe-signature", ps::signature(&[ps::WEBHOOK_SECRET], ps::unix_now(), &body))
+        .header("traceparent", format!("00-{TRACE}-{CALLER_SPAN}-01"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    training_started(&w).await;
+
+    // The payment's trace: the webhook, the trainer and two sender invocations, each with the
+    // call it made. Spans come when each invocation ends, so wait for all of them.
+    let in_trace = |spans: &[ReceivedSpan], service: &str, kind: i32| -> Vec<ReceivedSpan> {
+        spans.iter().filter(|s| s.trace_id == TRACE && s.service == service && s.kind == kind).cloned().collect()
+    };
+    let spans = w
+        .app
+        .eventually(Duration::from_secs(20), || async {
+            let spans = collector.spans().await;
+            let complete = in_trace(&spans, "payment-service", SERVER).len() == 1
+                && in_trace(&spans, "image-trainer", CONSUMER).len() == 1
+                && !in_trace(&spans, "image-trainer", CLIENT).is_empty()
+                && in_trace(&spans, "message-sender", INTERNAL).len() >= 2
+                && in_trace(&spans, "message-sender", CLIENT).len() >= 2;
+            complete.then_some(spans)
+        })
+        .await;
+    let Some(spans) = spans else {
+        panic!("the payment's trace is incomplete: {:#?}\n{}", collector.spans().await, w.app.log());
+    };
+
+    let webhook = &in_trace(&spans, "payment-service", SERVER)[0];
+    assert_eq!(webhook.name, "POST /payment-received");
+    assert_eq!(webhook.parent_span_id, CALLER_SPAN, "the webhook continues the caller's trace");
+    assert_eq!(webhook.attr("astria.order_id"), Some(order_id.as_str()));
+    assert_eq!(webhook.attr("http.response.status_code"), Some("200"));
+    assert_eq!(webhook.error, None);
+
+    // Across the outbox and Redis: the order.paid event stored the webhook's span, and the
+    // trainer's span is its child.
+    let db = db(&w.app).await;
+    let paid_event = db
+        .text(
+            &format!("SELECT envelope FROM outbox WHERE envelope LIKE '%order.paid%' AND envelope LIKE '%{order_id}%'"),
+            &[],
+        )
+        .await;
+    let paid_event: Value = serde_json::from_str(&paid_event).unwrap();
+    assert_eq!(paid_event["traceparent"], format!("00-{TRACE}-{}-01", webhook.span_id));
+    let trainer = &in_trace(&spans, "image-trainer", CONSUMER)[0];
+    assert_eq!(trainer.name, "process astria.orders");
+    assert_eq!(trainer.parent_span_id, webhook.span_id, "the consumer continues the span that emitted the event");
+    assert_eq!(trainer.attr("messaging.message.id"), paid_event["id"].as_str());
+    assert_eq!(trainer.attr("astria.event_type"), Some("order.paid"));
+    assert_eq!(trainer.attr("astria.order_id"), Some(order_id.as_str()));
+
+    // The trainer's calls to Astria are its children, and Astria saw their traceparents.
+    let astria_calls = in_trace(&spans, "image-trainer", CLIENT);
+    let astria_host = w.astria.server.address().to_string();
+    assert!(astria_calls.iter().all(|c| c.parent_span_id == trainer.span_id), "{astria_calls:#?}");
+    let create =
+        astria_calls.iter().find(|c| c.attr("server.address") == Some(astria_host.as_str())).expect("a call to Astria");
+    assert_eq!(create.attr("http.request.method"), Some("POST"));
+    assert!(
+        traceparents(&w.astria.server, "POST").await.contains(&format!("00-{TRACE}-{}-01", create.span_id)),
+        "Astria received the call's traceparent"
+    );
+
+    // The sender: the payment's news (queued by the webhook) and the training's (queued by the
+    // trainer) are each delivered in a span of the trace that queued them, whichever sender
+    // invocation held the contact's queue; each call to WhatsApp is a child of its delivery.
+    let deliveries = in_trace(&spans, "message-sender", INTERNAL);
+    let parents: Vec<&str> = deliveries.iter().map(|s| s.parent_span_id.as_str()).collect();
+    assert!(
+        parents.contains(&webhook.span_id.as_str()) && parents.contains(&trainer.span_id.as_str()),
+        "{deliveries:#?}"
+    );
+    assert!(deliveries.iter().all(|d| d.name == "deliver message" && d.attr("astria.message_id").is_some()));
+    let graph_host = w.graph.server.address().to_string();
+    let graph_headers = traceparents(&w.graph.server, "POST").await;
+    for call in in_trace(&spans, "message-sender", CLIENT) {
+        assert!(deliveries.iter().any(|d| d.span_id == call.parent_span_id), "{call:#?}");
+        assert_eq!(call.attr("server.address"), Some(graph_host.as_str()));
+        assert_eq!(call.attr("http.response.status_code"), Some("200"));
+        assert!(graph_headers.contains(&format!("00-{TRACE}-{}-01", call.span_id)), "WhatsApp saw {call:#?}");
+    }
+
+    // Every hop of the whole journey links: each consumer span's parent is a span the
+    // collector received, in the same trace; the customer's webhooks start their own traces.
+    let all = collector.spans().await;
+    let consumers: Vec<&ReceivedSpan> = all.iter().filter(|s| s.kind == CONSUMER).collect();
+    assert!(
+        consumers.len() >= 9,
+        "a consumer span per message sent, the checkout's and the trainer's: {}",
+        consumers.len()
+    );
+    let sent = w.graph.requests().await.len();
+    let delivered: Vec<&ReceivedSpan> =
+        all.iter().filter(|s| s.kind == INTERNAL && s.name == "deliver message").collect();
+    assert!(delivered.len() >= sent, "a delivery span per message WhatsApp took ({sent}): {}", delivered.len());
+    for c in consumers.iter().chain(&delivered) {
+        assert!(
+            all.iter().any(|p| p.span_id == c.parent_span_id && p.trace_id == c.trace_id),
+            "{c:#?} has no parent among {all:#?}"
+        );
+    }
+    let customer_webhooks: Vec<&ReceivedSpan> =
+        all.iter().filter(|s| s.service == "message-service" && s.kind == SERVER).collect();
+    assert_eq!(customer_webhooks.len(), 6, "one per step");
+    assert!(customer_webhooks.iter().all(|s| s.parent_span_id.is_empty() && s.trace_id != TRACE));
+    assert!(all.iter().all(|s| s.attributes.values().all(|v| !v.contains(ANA))), "no phone number in a span");
+
+    // Logs: every line of the components carries a trace id; the trainer's carry the order.
+    let log = w.app.log();
+    // A component's line is its JSON object, wherever the host puts it on its own line.
+    let lines: Vec<Value> = log
+        .lines()
+        .filter_map(|l| {
+            let json = &l[l.find("{\"")?..];
+            serde_json::Deserializer::from_str(json).into_iter::<Value>().next()?.ok()
+        })
+        .filter(|v| v.get("level").is_some() && v.get("target").is_some())
+        .collect();
+    assert!(lines.len() >= 2, "the journey logged too little:\n{log}");
+    for line in &lines {
+        let trace_id = line["trace_id"].as_str().unwrap_or_default();
+        assert!(trace_id.len() == 32 && trace_id.bytes().all(|b| b.is_ascii_hexdigit()), "{line}");
+    }
+    let of_the_payment: Vec<&Value> = lines.iter().filter(|l| l["trace_id"] == TRACE).collect();
+    assert!(of_the_payment.iter().any(|l| l["target"] == "payment.paid"), "{lines:#?}");
+    assert!(of_the_payment.iter().any(|l| l["target"] == "astria.tune"), "the trainer's line: {lines:#?}");
+    assert!(of_the_payment.iter().all(|l| l["order_id"] == order_id.as_str()), "{of_the_payment:#?}");
+}
