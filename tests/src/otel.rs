@@ -26,6 +26,9 @@ pub struct ReceivedSpan {
     pub attributes: BTreeMap<String, String>,
     /// The error status's message, when the span failed.
     pub error: Option<String>,
+    /// What the span's flags say of its parent: `Some(true)` when it came from another
+    /// process or invocation (a header, an event), `None` when the flags do not say.
+    pub remote_parent: Option<bool>,
 }
 
 pub const INTERNAL: i32 = 1;
@@ -108,6 +111,7 @@ impl FakeCollector {
                             .map(|kv| (kv.key, text(kv.value.as_ref().and_then(|v| v.value.as_ref()))))
                             .collect(),
                         error,
+                        remote_parent: (span.flags & 0x100 != 0).then_some(span.flags & 0x200 != 0),
                     });
                 }
             }

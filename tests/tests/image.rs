@@ -1324,12 +1324,12 @@ async fn traceparents(server: &wiremock::MockServer, method: &str) -> Vec<String
 /// consumer's span is the child of the span that emitted its event, each outbound call sends
 /// its own span's `traceparent`, and every log line of the journey carries a trace id (the
 /// trainer's also the order id). Spans are decoded as a collector decodes OTLP protobuf.
-#[tokio::test]
-async fn one_trace_follows_a_payment_across_redis_to_astria_and_whatsapp_postgres() {
+async fn one_trace_follows_a_payment_across_redis_to_astria_and_whatsapp(postgres: bool) {
     use astria_tests::otel::{FakeCollector, ReceivedSpan, CLIENT, CONSUMER, INTERNAL, SERVER};
     let collector = FakeCollector::start().await;
     let collector_url = collector.url();
-    let w = world_with(true, 1, 0, &[("otel_traces_enabled", "true"), ("otel_collector_url", &collector_url)]).await;
+    let w =
+        world_with(postgres, 1, 0, &[("otel_traces_enabled", "true"), ("otel_collector_url", &collector_url)]).await;
     for (i, m) in wa::order_steps(ANA, "t").into_iter().enumerate() {
         assert_eq!(wa::post_webhook(&w.app, &wa::inbound(ANA, vec![m])).await.0, 200);
         w.graph.wait_for(i + 1).await;
@@ -1377,6 +1377,7 @@ async fn one_trace_follows_a_payment_across_redis_to_astria_and_whatsapp_postgre
     let webhook = &in_trace(&spans, "payment-service", SERVER)[0];
     assert_eq!(webhook.name, "POST /payment-received");
     assert_eq!(webhook.parent_span_id, CALLER_SPAN, "the webhook continues the caller's trace");
+    assert_eq!(webhook.remote_parent, Some(true));
     assert_eq!(webhook.attr("astria.order_id"), Some(order_id.as_str()));
     assert_eq!(webhook.attr("http.response.status_code"), Some("200"));
     assert_eq!(webhook.error, None);
@@ -1395,6 +1396,7 @@ async fn one_trace_follows_a_payment_across_redis_to_astria_and_whatsapp_postgre
     let trainer = &in_trace(&spans, "image-trainer", CONSUMER)[0];
     assert_eq!(trainer.name, "process astria.orders");
     assert_eq!(trainer.parent_span_id, webhook.span_id, "the consumer continues the span that emitted the event");
+    assert_eq!(trainer.remote_parent, Some(true), "its parent ran in another invocation");
     assert_eq!(trainer.attr("messaging.message.id"), paid_event["id"].as_str());
     assert_eq!(trainer.attr("astria.event_type"), Some("order.paid"));
     assert_eq!(trainer.attr("astria.order_id"), Some(order_id.as_str()));
@@ -1403,6 +1405,7 @@ async fn one_trace_follows_a_payment_across_redis_to_astria_and_whatsapp_postgre
     let astria_calls = in_trace(&spans, "image-trainer", CLIENT);
     let astria_host = w.astria.server.address().to_string();
     assert!(astria_calls.iter().all(|c| c.parent_span_id == trainer.span_id), "{astria_calls:#?}");
+    assert!(astria_calls.iter().all(|c| c.remote_parent == Some(false)), "{astria_calls:#?}");
     let create =
         astria_calls.iter().find(|c| c.attr("server.address") == Some(astria_host.as_str())).expect("a call to Astria");
     assert_eq!(create.attr("http.request.method"), Some("POST"));
@@ -1432,6 +1435,8 @@ async fn one_trace_follows_a_payment_across_redis_to_astria_and_whatsapp_postgre
 
     // Every hop of the whole journey links: each consumer span's parent is a span the
     // collector received, in the same trace; the customer's webhooks start their own traces.
+    assert_eq!(w.app.get("/health/message").await.status(), 200);
+    assert_eq!(w.app.get("/health/payment").await.status(), 200);
     let all = collector.spans().await;
     let consumers: Vec<&ReceivedSpan> = all.iter().filter(|s| s.kind == CONSUMER).collect();
     assert!(
@@ -1454,6 +1459,9 @@ async fn one_trace_follows_a_payment_across_redis_to_astria_and_whatsapp_postgre
     assert_eq!(customer_webhooks.len(), 6, "one per step");
     assert!(customer_webhooks.iter().all(|s| s.parent_span_id.is_empty() && s.trace_id != TRACE));
     assert!(all.iter().all(|s| s.attributes.values().all(|v| !v.contains(ANA))), "no phone number in a span");
+    // Health probes are not exported (one was made before the spans were read).
+    assert!(all.iter().all(|s| !s.name.contains("/health")), "{all:#?}");
+    assert!(all.iter().filter(|s| s.kind == SERVER).all(|s| s.name.starts_with("POST /")), "{all:#?}");
 
     // Logs: every line of the components carries a trace id; the trainer's carry the order.
     let log = w.app.log();
@@ -1476,3 +1484,5 @@ async fn one_trace_follows_a_payment_across_redis_to_astria_and_whatsapp_postgre
     assert!(of_the_payment.iter().any(|l| l["target"] == "astria.tune"), "the trainer's line: {lines:#?}");
     assert!(of_the_payment.iter().all(|l| l["order_id"] == order_id.as_str()), "{of_the_payment:#?}");
 }
+
+on_both!(one_trace_follows_a_payment_across_redis_to_astria_and_whatsapp);

@@ -857,3 +857,34 @@ async fn four_selfies_at_once_on_two_replicas_with_done_racing_the_last_make_one
 }
 
 on_both!(four_selfies_at_once_on_two_replicas_with_done_racing_the_last_make_one_consistent_order);
+
+/// Tracing is best effort: with the collector refusing spans (503) or not there at all, the
+/// webhook still answers, the reply still goes out once, and the log says the spans were
+/// dropped (under the trace id of the work they describe).
+#[tokio::test]
+async fn with_the_collector_down_or_refusing_the_replies_still_go_once() {
+    let refusing = astria_tests::fakes::fake_server().await;
+    astria_tests::fakes::Mock::given(astria_tests::fakes::matchers::path("/v1/traces"))
+        .respond_with(astria_tests::fakes::ResponseTemplate::new(503))
+        .mount(&refusing)
+        .await;
+    let closed = format!("http://127.0.0.1:{}", astria_tests::free_port());
+    for (collector, says) in [(refusing.uri(), "the collector answered 503"), (closed, "spans dropped")] {
+        let redis = TestRedis::start().await.unwrap();
+        let graph = FakeGraph::start().await;
+        let config = wa::bot_config(&graph, &redis, false)
+            .var("otel_traces_enabled", "true")
+            .var("otel_collector_url", collector.as_str());
+        let app = wa::spawn_bot(config, &redis).await;
+        let (status, _) = wa::post_webhook(&app, &wa::inbound(ANA, vec![wa::text(ANA, "wamid.t1", "hi")])).await;
+        assert_eq!(status, 200, "{collector}");
+        graph.wait_for(1).await;
+        quiesce(&app).await;
+        assert_eq!(graph.requests().await.len(), 1, "one reply with {collector}");
+        let log = app.log();
+        let dropped: Vec<&str> = log.lines().filter(|l| l.contains("trace.export") && l.contains(says)).collect();
+        assert!(!dropped.is_empty(), "{collector}: {log}");
+        assert!(dropped.iter().all(|l| l.contains("\"trace_id\":\"")), "{dropped:#?}");
+    }
+    assert!(!refusing.received_requests().await.unwrap_or_default().is_empty(), "the refusing collector was asked");
+}

@@ -34,9 +34,9 @@ async fn handle(req: IncomingRequest) -> Response {
     let path_with_query = req.path_with_query().unwrap_or_default();
     let (path, query) = path_with_query.split_once('?').unwrap_or((&path_with_query, ""));
     let (path, query) = (path.to_string(), query.to_string());
-    // Health probes are not traced (see message-service).
-    let trace = matches!(path.as_str(), "/pack-tune-received" | "/update-images")
-        .then(|| spin_kit::trace::Invocation::incoming("image-service", &req, &path));
+    // Only the callbacks' spans are exported (see message-service).
+    let trace = spin_kit::trace::Invocation::incoming("image-service", &req, &path)
+        .exported(matches!(path.as_str(), "/pack-tune-received" | "/update-images"));
     let result = match (req.method(), path.as_str()) {
         (Method::Get, "/health/image") => Ok(spin_kit::health::readiness(SERVICE, env!("CARGO_PKG_VERSION"))),
         (Method::Post, "/pack-tune-received" | "/update-images") => {
@@ -49,10 +49,7 @@ async fn handle(req: IncomingRequest) -> Response {
         _ => Err(ApiError::NotFound),
     };
     let response = result.unwrap_or_else(|e| e.into_response(&request_id));
-    match &trace {
-        Some(t) => t.answered(response),
-        None => response,
-    }
+    trace.answered(response)
 }
 
 #[derive(serde::Serialize)]

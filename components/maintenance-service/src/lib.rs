@@ -35,19 +35,17 @@ async fn handle(req: IncomingRequest) -> Response {
     let path_with_query = req.path_with_query().unwrap_or_default();
     let (path, query) = path_with_query.split_once('?').unwrap_or((&path_with_query, ""));
     let (path, query) = (path.to_string(), query.to_string());
-    // The operations (cleanup, relay, replay, resolve) are traced; the reads (metrics scrapes,
-    // the console, health probes) come every few seconds and change nothing.
+    // The operations' spans (cleanup, relay, replay, resolve) are exported; the reads (metrics
+    // scrapes, the console, health probes) come every few seconds and change nothing, so theirs
+    // are not, though their log lines carry a trace id too.
     let trace =
-        (method == Method::Post).then(|| spin_kit::trace::Invocation::incoming("maintenance-service", &req, &path));
+        spin_kit::trace::Invocation::incoming("maintenance-service", &req, &path).exported(method == Method::Post);
     let result = match spin_kit::error::read_body(req, MAX_BODY).await {
         Ok(body) => route(&method, &path, &query, &auth, &body, &request_id),
         Err(e) => Err(e),
     };
     let response = result.unwrap_or_else(|e| e.into_response(&request_id));
-    match &trace {
-        Some(t) => t.answered(response),
-        None => response,
-    }
+    trace.answered(response)
 }
 
 fn route(

@@ -19,8 +19,9 @@ async fn handle(req: IncomingRequest) -> Response {
     let request_id = request_id(&req);
     let path_with_query = req.path_with_query().unwrap_or_default();
     let (path, query) = path_with_query.split_once('?').unwrap_or((&path_with_query, ""));
-    // Health probes come every few seconds and log nothing: they are not traced.
-    let trace = (path == "/SmsReceived").then(|| spin_kit::trace::Invocation::incoming("message-service", &req, path));
+    // Every request's log lines carry a trace id; only the webhook's spans are exported (health
+    // probes come every few seconds, and an unknown path must not name a span).
+    let trace = spin_kit::trace::Invocation::incoming("message-service", &req, path).exported(path == "/SmsReceived");
     let result = match (req.method(), path) {
         (Method::Get, "/health/message") => Ok(spin_kit::health::readiness(SERVICE, env!("CARGO_PKG_VERSION"))),
         (Method::Get, "/SmsReceived") => webhook::verify(query),
@@ -35,10 +36,7 @@ async fn handle(req: IncomingRequest) -> Response {
         _ => Err(ApiError::NotFound),
     };
     let response = result.unwrap_or_else(|e| e.into_response(&request_id));
-    match &trace {
-        Some(t) => t.answered(response),
-        None => response,
-    }
+    trace.answered(response)
 }
 
 fn request_id(req: &IncomingRequest) -> String {

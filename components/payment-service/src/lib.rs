@@ -40,9 +40,9 @@ async fn handle(req: IncomingRequest) -> Response {
     let request_id = spin_kit::request_id_from(spin_kit::header(&req, "x-request-id").as_deref());
     let path = req.path_with_query().unwrap_or_default();
     let path = path.split('?').next().unwrap_or("").to_string();
-    // Health probes are not traced (see message-service).
+    // Only the webhook's spans are exported (see message-service).
     let trace =
-        (path == "/payment-received").then(|| spin_kit::trace::Invocation::incoming("payment-service", &req, &path));
+        spin_kit::trace::Invocation::incoming("payment-service", &req, &path).exported(path == "/payment-received");
     let result = match (req.method(), path.as_str()) {
         (Method::Get, "/health/payment") => Ok(spin_kit::health::readiness(SERVICE, env!("CARGO_PKG_VERSION"))),
         (Method::Post, "/payment-received") => {
@@ -56,10 +56,7 @@ async fn handle(req: IncomingRequest) -> Response {
         _ => Err(ApiError::NotFound),
     };
     let response = result.unwrap_or_else(|e| e.into_response(&request_id));
-    match &trace {
-        Some(t) => t.answered(response),
-        None => response,
-    }
+    trace.answered(response)
 }
 
 /// What the webhook did with one event (the response body; Stripe ignores it).

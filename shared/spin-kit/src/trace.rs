@@ -52,9 +52,12 @@ impl Kind {
     }
 }
 
+#[derive(Clone)]
 struct Open {
     context: SpanContext,
     parent: Option<[u8; 8]>,
+    /// The parent came from elsewhere: a caller's header, an event, a queued message.
+    remote_parent: bool,
     name: String,
     kind: Kind,
     start_ns: u64,
@@ -64,6 +67,9 @@ struct Open {
 
 struct State {
     service: &'static str,
+    /// Whether the spans go to the collector: not for reads that come every few seconds
+    /// (health probes, metrics scrapes, the console), whose log lines still carry a trace id.
+    export: bool,
     /// The open spans, innermost last; the first is the invocation's root.
     open: Vec<Open>,
     done: Vec<Span>,
@@ -122,13 +128,16 @@ impl Invocation {
         let root = Open {
             context,
             parent: parent.map(|p| p.span_id),
+            remote_parent: parent.is_some(),
             name: name.to_string(),
             kind,
             start_ns: now_ns(),
             attributes: Vec::new(),
             error: None,
         };
-        STATE.with(|s| *s.borrow_mut() = Some(State { service, open: vec![root], done: Vec::new(), order_id: None }));
+        STATE.with(|s| {
+            *s.borrow_mut() = Some(State { service, export: true, open: vec![root], done: Vec::new(), order_id: None })
+        });
         Invocation(())
     }
 
@@ -144,6 +153,17 @@ impl Invocation {
     /// tokens).
     pub fn incoming(service: &'static str, req: &spin_sdk::http::IncomingRequest, path: &str) -> Invocation {
         Invocation::http(service, &req.method().to_string(), path, crate::header(req, "traceparent").as_deref())
+    }
+
+    /// Keeps the spans from the collector when `export` is false; the log lines still carry
+    /// the trace id.
+    pub fn exported(self, export: bool) -> Invocation {
+        STATE.with(|s| {
+            if let Some(st) = s.borrow_mut().as_mut() {
+                st.export = export;
+            }
+        });
+        self
     }
 
     /// Records the answer's status on the root span, and passes the answer on.
@@ -181,11 +201,25 @@ impl Invocation {
 
 impl Drop for Invocation {
     fn drop(&mut self) {
-        let Some(mut state) = STATE.with(|s| s.borrow_mut().take()) else { return };
-        while let Some(open) = state.open.pop() {
-            state.done.push(finish(open, &state.order_id));
+        // End every span, but keep the root open while exporting: a failed export's log line
+        // then carries the trace id of the work it describes.
+        let ended = STATE.with(|s| {
+            let mut s = s.borrow_mut();
+            let st = s.as_mut()?;
+            while st.open.len() > 1 {
+                let open = st.open.pop()?;
+                let span = finish(open, &st.order_id);
+                st.done.push(span);
+            }
+            let root = finish(st.open.first()?.clone(), &st.order_id);
+            let mut spans = std::mem::take(&mut st.done);
+            spans.push(root);
+            Some((st.service, st.export, spans))
+        });
+        if let Some((service, true, spans)) = ended {
+            export(service, spans);
         }
-        export(state.service, state.done);
+        STATE.with(|s| s.borrow_mut().take());
     }
 }
 
@@ -202,7 +236,8 @@ fn finish(open: Open, order_id: &Option<String>) -> Span {
         trace_id: open.context.trace_id.to_vec(),
         span_id: open.context.span_id.to_vec(),
         parent_span_id: open.parent.map(|p| p.to_vec()).unwrap_or_default(),
-        flags: 0x100 | u32::from(open.context.sampled), // bit 8: the parent-is-remote flag is known
+        // Bits 0-7: the W3C trace flags; bit 8: whether the parent is remote is known; bit 9: it is.
+        flags: u32::from(open.context.sampled) | 0x100 | if open.remote_parent { 0x200 } else { 0 },
         name: open.name,
         kind: open.kind.otlp() as i32,
         start_time_unix_nano: open.start_ns,
@@ -273,14 +308,15 @@ pub fn in_span<T>(name: &str, kind: Kind, f: impl FnOnce() -> T) -> T {
 /// this invocation does on behalf of another trace, as the sender does when it delivers a
 /// message another invocation queued.
 pub fn in_span_under<T>(parent: Option<&str>, name: &str, kind: Kind, f: impl FnOnce() -> T) -> T {
-    let parent = parent.and_then(SpanContext::parse);
+    let remote = parent.and_then(SpanContext::parse);
     let opened = STATE.with(|s| {
         let mut s = s.borrow_mut();
         let Some(st) = s.as_mut() else { return false };
-        let Some(parent) = parent.or_else(|| st.open.last().map(|o| o.context)) else { return false };
+        let Some(parent) = remote.or_else(|| st.open.last().map(|o| o.context)) else { return false };
         st.open.push(Open {
             context: parent.child(random()),
             parent: Some(parent.span_id),
+            remote_parent: remote.is_some(),
             name: name.to_string(),
             kind,
             start_ns: now_ns(),
