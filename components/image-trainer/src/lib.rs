@@ -42,7 +42,11 @@ const LEASE_MS: i64 = 10 * 60_000;
 
 #[redis_component]
 fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
-    let _trace = spin_kit::trace::Invocation::message(CONSUMER, channels::ORDERS, &payload);
+    spin_kit::trace::Invocation::message(CONSUMER, channels::ORDERS, &payload).run(|| consume(&payload))
+}
+
+/// One message of the channel, inside its trace.
+fn consume(payload: &[u8]) -> anyhow::Result<()> {
     let Some(event) = spin_kit::events::parse_or_drop(&payload, CONSUMER) else { return Ok(()) };
     let db = spin_kit::open_db().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     match event.event_type.as_str() {

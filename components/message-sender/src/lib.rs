@@ -58,7 +58,11 @@ const WINDOW_MS: i64 = 24 * 60 * 60 * 1000;
 
 #[redis_component]
 fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
-    let _trace = spin_kit::trace::Invocation::message("message-sender", channels::MESSAGES, &payload);
+    spin_kit::trace::Invocation::message("message-sender", channels::MESSAGES, &payload).run(|| consume(&payload))
+}
+
+/// One message of the channel, inside its trace.
+fn consume(payload: &[u8]) -> anyhow::Result<()> {
     let Some(event) = spin_kit::events::parse_or_drop(&payload, "sender") else { return Ok(()) };
     if event.event_type != MESSAGE_SEND {
         log::warn("sender", &format!("ignoring event type {} on the messages channel", event.event_type));

@@ -43,7 +43,11 @@ const SAFETY_MS: i64 = 60 * 60_000;
 
 #[redis_component]
 fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
-    let _trace = spin_kit::trace::Invocation::message(CONSUMER, channels::PAYMENTS, &payload);
+    spin_kit::trace::Invocation::message(CONSUMER, channels::PAYMENTS, &payload).run(|| consume(&payload))
+}
+
+/// One message of the channel, inside its trace.
+fn consume(payload: &[u8]) -> anyhow::Result<()> {
     let Some(event) = spin_kit::events::parse_or_drop(&payload, CONSUMER) else { return Ok(()) };
     match event.event_type.as_str() {
         ORDER_AWAITING_PAYMENT => {}

@@ -172,6 +172,16 @@ impl Invocation {
         response
     }
 
+    /// Runs a Redis handler as this invocation's work: an error marks the root span failed (the
+    /// log says why; the relay delivers the event again).
+    pub fn run<T, E>(&self, handler: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+        let result = handler();
+        if result.is_err() {
+            fail("the handler failed; the event is delivered again by the relay");
+        }
+        result
+    }
+
     /// One Redis message: `process <channel>`, continuing the trace of the span that emitted
     /// the event. A payload that is no envelope starts a new trace (and is dropped by the
     /// caller, which logs why under this trace).
@@ -187,12 +197,14 @@ impl Invocation {
         let inv = Invocation::begin(service, &format!("process {channel}"), Kind::Consumer, parent);
         attr("messaging.system", "redis");
         attr("messaging.destination.name", channel);
+        // Anyone who can publish on Redis writes these: a span keeps a bounded part.
+        let bounded = |v: String| v.chars().take(128).collect::<String>();
         if let Some(h) = head {
             if let Some(id) = h.id {
-                attr("messaging.message.id", id);
+                attr("messaging.message.id", bounded(id));
             }
             if let Some(t) = h.event_type {
-                attr("astria.event_type", t);
+                attr("astria.event_type", bounded(t));
             }
         }
         inv
@@ -419,6 +431,27 @@ mod tests {
         assert_eq!(spans.2, status::StatusCode::Error as i32);
         drop(inv);
         assert_eq!(trace_id(), None, "the invocation's state ends with it");
+    }
+
+    #[test]
+    fn a_failed_handler_fails_its_span_and_long_ids_are_cut() {
+        let payload = format!(r#"{{"id":"{}","event_type":"order.paid"}}"#, "x".repeat(5000));
+        let inv = Invocation::message("test", "astria.orders", payload.as_bytes());
+        let root_error = || STATE.with(|s| s.borrow().as_ref().unwrap().open[0].error.clone());
+        let id = STATE.with(|s| {
+            let st = s.borrow();
+            let kv =
+                st.as_ref().unwrap().open[0].attributes.iter().find(|kv| kv.key == "messaging.message.id").cloned();
+            match kv.and_then(|kv| kv.value).and_then(|v| v.value) {
+                Some(any_value::Value::StringValue(v)) => v,
+                other => panic!("{other:?}"),
+            }
+        });
+        assert_eq!(id, "x".repeat(128));
+        assert_eq!(inv.run(|| Ok::<_, ()>(())), Ok(()));
+        assert_eq!(root_error(), None);
+        assert_eq!(inv.run(|| Err::<(), _>("boom")), Err("boom"));
+        assert!(root_error().is_some());
     }
 
     #[test]
