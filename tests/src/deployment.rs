@@ -144,6 +144,10 @@ impl Process {
                     };
                     let Some(status) = exited else { continue };
                     exits.lock().unwrap().push(status);
+                    // Its trigger processes (Spin 3.x) must not outlive it, as in a pod.
+                    if let Some(c) = child.lock().unwrap().as_mut() {
+                        reap_group(c);
+                    }
                     tokio::time::sleep(restart_delay).await;
                     let mut slot = child.lock().unwrap();
                     if slot.is_none() {
@@ -194,19 +198,34 @@ impl Drop for Process {
     }
 }
 
-/// SIGTERM, wait up to 5 s, then SIGKILL. Answers the exit status if it stopped by itself.
+/// Stops a host started in a process group of its own (the harness sets
+/// `process_group(0)`): SIGTERM to the group, up to 5 s for the leader to exit, then SIGKILL to
+/// whatever is left of the group. Spin 3.x runs each trigger as a child process (`spin trigger
+/// http`, `spin trigger redis`): signalling the leader alone would orphan them, still
+/// subscribed to the shared Redis. Answers the exit status if the leader stopped by itself.
 pub fn terminate(child: &mut Child) -> Option<ExitStatus> {
-    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let group = format!("-{}", child.id());
+    let _ = Command::new("kill").args(["-s", "TERM", "--", &group]).stderr(std::process::Stdio::null()).status();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut status = None;
     while std::time::Instant::now() < deadline {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
+        if let Ok(Some(s)) = child.try_wait() {
+            status = Some(s);
+            break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    reap_group(child);
+    status
+}
+
+/// SIGKILL to what is left of `child`'s process group (the leader may have exited by itself,
+/// as Spin does when Redis goes away), and reaps the leader.
+pub fn reap_group(child: &mut Child) {
+    let group = format!("-{}", child.id());
+    let _ = Command::new("kill").args(["-s", "KILL", "--", &group]).stderr(std::process::Stdio::null()).status();
     let _ = child.kill();
     let _ = child.wait();
-    None
 }
 
 /// The Ingress of the test: routes each request to the process serving its path.

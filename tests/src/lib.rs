@@ -266,7 +266,9 @@ impl TestApp {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                self.child = None;
+                if let Some(mut c) = self.child.take() {
+                    deployment::reap_group(&mut c);
+                }
                 return Some(status);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -474,6 +476,9 @@ impl Launch {
         cmd.envs(&self.env);
         cmd.current_dir(&self.cwd);
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        // A group of its own, so that stopping it stops Spin's trigger processes too
+        // (deployment::terminate).
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         Ok(cmd)
     }
 }
@@ -559,6 +564,7 @@ pub async fn spawn_app(config: AppConfig) -> Result<TestApp> {
     loop {
         if let Some(child) = app.child.as_mut() {
             if let Some(status) = child.try_wait()? {
+                deployment::reap_group(child);
                 app.child = None;
                 bail!("host exited during start-up ({status}):\n{}", app.log());
             }
