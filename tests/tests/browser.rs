@@ -17,7 +17,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use astria_tests::browser::{screenshot_dir, Browser, Group};
-use astria_tests::{free_port, workspace_root};
+use astria_tests::db::TestDb;
+use astria_tests::{free_port, quiet, workspace_root};
+use fantoccini::elements::Element;
 use fantoccini::{Client, Locator};
 use serde_json::{json, Value};
 
@@ -26,6 +28,8 @@ struct Sandbox {
     _group: Group,
     url: String,
     log: PathBuf,
+    /// The app's database (the SQLite file in its state directory), read by [`Sandbox::quiet`].
+    db: TestDb,
     _dir: tempfile::TempDir,
 }
 
@@ -52,7 +56,8 @@ impl Sandbox {
             .process_group(0)
             .spawn()
             .unwrap();
-        let sandbox = Sandbox { _group: Group(child), url: format!("http://{url}"), log, _dir: dir };
+        let db = TestDb::Sqlite(dir.path().join("state/sqlite_db.db"));
+        let sandbox = Sandbox { _group: Group(child), url: format!("http://{url}"), log, db, _dir: dir };
         let deadline = Instant::now() + Duration::from_secs(90);
         while !std::fs::read_to_string(&sandbox.log).unwrap_or_default().contains("ready: open") {
             assert!(Instant::now() < deadline, "scripts/sandbox.sh not ready in 90 s:\n{}", sandbox.log());
@@ -67,6 +72,18 @@ impl Sandbox {
 
     async fn state(&self) -> Value {
         reqwest::get(format!("{}/sandbox/state", self.url)).await.unwrap().json().await.unwrap()
+    }
+
+    /// Waits until the app has nothing left to do (no event, queued message or lease: see
+    /// `astria_tests::quiet`), on two looks in a row; the sandbox's own loop calls the relay.
+    async fn quiet(&self, within: Duration) {
+        let calm = std::cell::Cell::new(0);
+        let calm = &calm;
+        wait("the app to go quiet", within, self, || async move {
+            calm.set(if quiet::busy(&self.db, &[]).await.is_empty() { calm.get() + 1 } else { 0 });
+            (calm.get() >= 2).then_some(())
+        })
+        .await;
     }
 }
 
@@ -141,6 +158,33 @@ async fn click_when(c: &Client, sandbox: &Sandbox, css: &str, text: &str) {
     .await;
 }
 
+/// The first shown `css` element, once the page has drawn one. Right after `goto` (or a redraw)
+/// the page's script may not have drawn it yet, however busy the machine: never look it up once.
+async fn find_when(c: &Client, sandbox: &Sandbox, css: &str) -> Element {
+    wait(&format!("a '{css}' on the page"), Duration::from_secs(30), sandbox, || async {
+        for e in c.find_all(Locator::Css(css)).await.ok()? {
+            if e.is_displayed().await.ok()? {
+                return Some(e);
+            }
+        }
+        None
+    })
+    .await
+}
+
+/// Types `text` into the `css` input, then clicks the `send` button beside it: each retried
+/// until the page has them.
+async fn type_and_send(c: &Client, sandbox: &Sandbox, input: &str, send: &str, text: &str) {
+    wait(&format!("typing '{text}' into '{input}'"), Duration::from_secs(30), sandbox, || async {
+        find_when(c, sandbox, input).await.send_keys(text).await.ok()
+    })
+    .await;
+    wait(&format!("a click on '{send}'"), Duration::from_secs(30), sandbox, || async {
+        find_when(c, sandbox, send).await.click().await.ok()
+    })
+    .await;
+}
+
 async fn journey(drop_callbacks: bool) {
     // Reconciliation asks Astria at the next relay call (every 5 s) rather than after the
     // sandbox's one minute: the same path, sooner.
@@ -154,10 +198,9 @@ async fn journey(drop_callbacks: bool) {
     c.goto(&format!("{}/?phones={phone},{other}", sandbox.url)).await.unwrap();
     let on = |css: &str| format!(".phone[data-number='{phone}'] {css}");
     let on_other = |css: &str| format!(".phone[data-number='{other}'] {css}");
-    c.find(Locator::Css(&on_other("[data-testid=text-input]"))).await.unwrap().send_keys("hello").await.unwrap();
-    c.find(Locator::Css(&on_other("[data-testid=send]"))).await.unwrap().click().await.unwrap();
+    type_and_send(c, &sandbox, &on_other("[data-testid=text-input]"), &on_other("[data-testid=send]"), "hello").await;
     if drop_callbacks {
-        c.find(Locator::Css("#fault-drop")).await.unwrap().click().await.unwrap();
+        find_when(c, &sandbox, "#fault-drop").await.click().await.unwrap();
         wait("the switch reaches the sandbox", Duration::from_secs(5), &sandbox, || async {
             (sandbox.state().await["faults"]["drop_astria_callbacks"] == true).then_some(())
         })
@@ -165,9 +208,7 @@ async fn journey(drop_callbacks: bool) {
     }
 
     // hi → the pack list.
-    let input = c.find(Locator::Css(&on("[data-testid=text-input]"))).await.unwrap();
-    input.send_keys("hi").await.unwrap();
-    c.find(Locator::Css(&on("[data-testid=send]"))).await.unwrap().click().await.unwrap();
+    type_and_send(c, &sandbox, &on("[data-testid=text-input]"), &on("[data-testid=send]"), "hi").await;
     click_when(c, &sandbox, &on("[data-testid=list-open]"), "See packs").await;
     click_when(c, &sandbox, &on("[data-testid=list-row]"), "Corporate headshots").await;
     click_when(c, &sandbox, &on("[data-testid=reply-button]"), "Man").await;
@@ -179,7 +220,12 @@ async fn journey(drop_callbacks: bool) {
     // Four photos, one at a time as a person picks them.
     let photos = tempfile::tempdir().unwrap();
     for (i, path) in selfies(photos.path()).iter().enumerate() {
-        let file = c.find(Locator::Css(&on("[data-testid=photo-input]"))).await.unwrap();
+        // A file input is drawn hidden (its label is what a person taps): present is enough.
+        let css = on("[data-testid=photo-input]");
+        let file = wait("the photo input", Duration::from_secs(30), &sandbox, || async {
+            c.find(Locator::Css(&css)).await.ok()
+        })
+        .await;
         file.send_keys(&path.display().to_string()).await.unwrap();
         wait(&format!("photo {} acknowledged", i + 1), Duration::from_secs(30), &sandbox, || async {
             let want = format!("Got it ({}/10)", i + 1);
@@ -213,10 +259,10 @@ async fn journey(drop_callbacks: bool) {
         s.contains("open").then_some(())
     })
     .await;
-    let amount = c.find(Locator::Css("#amount")).await.unwrap().text().await.unwrap();
+    let amount = find_when(c, &sandbox, "#amount").await.text().await.unwrap();
     assert_eq!(amount, "19.99 USD", "the corporate pack's price");
     std::fs::write(screenshot_dir().join(format!("checkout-{label}.png")), c.screenshot().await.unwrap()).unwrap();
-    c.find(Locator::Css("[data-testid=pay]")).await.unwrap().click().await.unwrap();
+    find_when(c, &sandbox, "[data-testid=pay]").await.click().await.unwrap();
     let events = wait("Stripe's event accepted", Duration::from_secs(20), &sandbox, || async {
         let t = c.find(Locator::Css("[data-testid=checkout-events]")).await.ok()?.text().await.ok()?;
         t.contains("checkout.session.completed").then_some(t)
@@ -275,7 +321,11 @@ async fn journey(drop_callbacks: bool) {
     )
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The screenshot after the page has painted the scroll (two animation frames), not after a
+    // pause that a busy machine can outlast.
+    c.execute_async("const done = arguments[0]; requestAnimationFrame(() => requestAnimationFrame(() => done()));", vec![])
+        .await
+        .unwrap();
     std::fs::write(screenshot_dir().join(format!("chat-{label}.png")), c.screenshot().await.unwrap()).unwrap();
     c.clone().close().await.unwrap();
 }
@@ -365,8 +415,9 @@ async fn sandbox_fault_switches_delay_but_never_double() {
     let activity = state["activity"].to_string();
     assert!(activity.contains("answering in 8 s"), "Stripe was slow: {activity}");
     assert_eq!(state["sessions"].as_array().unwrap().len(), 1, "one Checkout Session: {:#}", state["sessions"]);
-    // Let the app settle, then count: one list, one link.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Once the app has nothing left to do (no retry of the slow Stripe call, no message still
+    // queued), count: one list, one link.
+    sandbox.quiet(Duration::from_secs(60)).await;
     let sent = bot(&sandbox.state().await);
     let count = |needle: &str| sent.iter().filter(|m| m["body"].to_string().contains(needle)).count();
     assert_eq!(count("checkout.stripe.com"), 1, "one payment link: {sent:#?}");
