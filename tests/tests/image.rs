@@ -985,7 +985,8 @@ fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
 
 /// The metrics route after a real journey, then after a stuck order and a dead letter are
 /// injected: each value is exact. Only the admin token and the read-only metrics token read it,
-/// and the metrics token runs nothing else.
+/// and the metrics token runs nothing else (every other operator route with it:
+/// `maintenance.rs`, `every_operator_route_takes_exactly_the_tokens_its_scope_names`).
 async fn metrics_are_exact_after_a_journey_and_injected_failures(postgres: bool) {
     let w = world_with(postgres, 1, 0, &[("metrics_token", METRICS_TOKEN)]).await;
     assert_eq!(scrape(&w.app, "wrong").await.0, 401);
@@ -1057,7 +1058,7 @@ fn today(funnel: &Value) -> [i64; 4] {
 /// Ana's order paid and training, then left two hours without change (as if Astria never
 /// called back and nobody looked); a Stripe payment for an order that does not exist.
 async fn console_world(postgres: bool) -> (World, String) {
-    let w = world(postgres, 1, 0).await;
+    let w = world_with(postgres, 1, 0, &[("metrics_token", METRICS_TOKEN)]).await;
     let order_id = pay(&w).await;
     training_started(&w).await;
     settle(&w).await;
@@ -1090,7 +1091,9 @@ async fn console_answers_what_the_database_holds_and_refuses_bad_input(postgres:
     for path in ["/maintenance/console/api/funnel", "/maintenance/console/api/attention"] {
         assert_eq!(app.call("GET", path, None, None).await.0, 401, "{path}");
         assert_eq!(app.call("GET", path, Some("wrong"), None).await.0, 401, "{path}");
+        assert_eq!(app.call("GET", path, Some(METRICS_TOKEN), None).await.0, 401, "{path} with the metrics token");
     }
+    assert_eq!(scrape(app, METRICS_TOKEN).await.0, 200, "the metrics token is configured: it reads the metrics");
     let (status, funnel) = app.call("GET", "/maintenance/console/api/funnel", token, None).await;
     assert_eq!(status, 200);
     assert_eq!(funnel["days"].as_array().unwrap().len(), 14);

@@ -108,3 +108,59 @@ async fn a_second_cleanup_while_one_holds_the_lease_is_refused_until_the_lease_e
     }
     assert_eq!(app.get("/maintenance/run").await.status(), 400, "POST only");
 }
+
+/// Every operator route, with every kind of credential: the admin token opens each of them; the
+/// read-only metrics token opens the metrics and nothing else (no cleanup, relay, replay,
+/// resolution, list or console data); no token, a wrong one, a near miss or the token without
+/// `Bearer` opens none. The console's static files and the health routes need none.
+#[tokio::test]
+async fn every_operator_route_takes_exactly_the_tokens_its_scope_names() {
+    const METRICS_TOKEN: &str = "scope-metrics-token";
+    let app = spawn_app(
+        AppConfig::new(app_manifest()).var("admin_token", wa::ADMIN_TOKEN).var("metrics_token", METRICS_TOKEN),
+    )
+    .await
+    .unwrap();
+    schema_in_place(&app).await;
+    let note = Some(serde_json::json!({ "note": "refunded by hand" }));
+    // (method, path, body, what the admin token gets: the route's own answer, never 401).
+    let routes: &[(&str, &str, Option<Value>, u16)] = &[
+        ("POST", "/maintenance/run", None, 200),
+        ("POST", "/maintenance/relay", None, 200),
+        ("GET", "/maintenance/metrics", None, 200),
+        ("GET", "/maintenance/dead-letters", None, 200),
+        ("GET", "/maintenance/payment-issues", None, 200),
+        ("GET", "/maintenance/messages?status=failed", None, 200),
+        ("POST", "/maintenance/dead-letters/no-such-event/replay", None, 404),
+        ("POST", "/maintenance/payment-issues/no-such-issue/resolve", note.clone(), 404),
+        ("GET", "/maintenance/console/api/funnel", None, 200),
+        ("GET", "/maintenance/console/api/attention", None, 200),
+        ("GET", "/maintenance/console/api/orders/no-such-order", None, 404),
+    ];
+    let near_miss = &wa::ADMIN_TOKEN[..wa::ADMIN_TOKEN.len() - 1];
+    for (method, path, body, admin_gets) in routes {
+        let (status, answer) = app.call(method, path, Some(wa::ADMIN_TOKEN), body.clone()).await;
+        assert_eq!(status, *admin_gets, "{method} {path} with the admin token: {answer}");
+        let metrics_gets = if *path == "/maintenance/metrics" { 200 } else { 401 };
+        let (status, answer) = app.call(method, path, Some(METRICS_TOKEN), body.clone()).await;
+        assert_eq!(status, metrics_gets, "{method} {path} with the metrics token: {answer}");
+        for bad in [None, Some("wrong"), Some(near_miss), Some("")] {
+            let (status, answer) = app.call(method, path, bad, body.clone()).await;
+            assert_eq!(status, 401, "{method} {path} with {bad:?}: {answer}");
+        }
+        // The token itself, without the scheme, is not a bearer credential.
+        let r = app.client.request(method.parse().unwrap(), app.url(path)).header("authorization", wa::ADMIN_TOKEN);
+        assert_eq!(r.send().await.unwrap().status().as_u16(), 401, "{method} {path} without 'Bearer '");
+    }
+    for open in [
+        "/maintenance/console",
+        "/maintenance/console/app.js",
+        "/maintenance/console/style.css",
+        "/health/message",
+        "/health/image",
+        "/health/payment",
+        "/health/maintenance",
+    ] {
+        assert_eq!(app.call("GET", open, None, None).await.0, 200, "{open} needs no token");
+    }
+}
