@@ -11,6 +11,8 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# target/ may be this machine's shared build cache (scripts/build-cache.sh says why and how).
+bash "$root/scripts/build-cache.sh"
 env_file="$root/target/toolchain.env"
 mkdir -p "$root/target"
 

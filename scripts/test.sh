@@ -9,17 +9,79 @@
 # (SpinKube's runtime: SQLite and PostgreSQL) and Spin 4.0.2 (SQLite only: 4.0.0-4.0.2 hang on a
 # PostgreSQL query that returns no rows, spinframework/spin#3671). A test a host cannot run is
 # skipped by name, with the reason printed here, never passed silently.
+#
+# Builds go to target/, which scripts/build-cache.sh links to a cache shared by this machine's
+# clones: a second clone (CI's) compiles only this repository's crates. One run at a time uses
+# that cache (a lock), since the tests run what it holds.
+#
+# At the end the run prints where its time went, and fails if any process it started (a host,
+# a Spin trigger, a browser, a server) is still running: each carries ASTRIA_TEST_RUN in its
+# environment, which is how they are found.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 started=$(date +%s)
+
+# Where the time went, printed at the end whatever happens.
+phases=() phase_at=$started
+phase() { local now; now=$(date +%s); phases+=("$(printf '%6d s  %s' $((now - phase_at)) "$1")"); phase_at=$now; }
+
+# The processes this run started and that still run (not this script, which was started
+# before the mark existed, nor the scan, which runs without it).
+leftovers() {
+  env -u ASTRIA_TEST_RUN bash -c '
+    for f in /proc/[0-9]*/environ; do
+      { tr "\0" "\n" < "$f"; } 2>/dev/null | grep -qxF "ASTRIA_TEST_RUN=$1" && { p=${f#/proc/}; echo "${p%/environ}"; }
+    done; true' _ "$ASTRIA_TEST_RUN"
+}
+
+finish() {
+  local rc=$? left=""
+  trap - EXIT
+  if [ -n "${ASTRIA_TEST_RUN:-}" ]; then
+    # Hosts and browsers are stopped by the tests that started them; give a process group that
+    # was just killed a moment to be gone, then whatever is left is a leak.
+    for _ in $(seq 50); do left=$(leftovers); [ -z "$left" ] && break; sleep 0.2; done
+    if [ -n "$left" ]; then
+      echo "[test] FAILED: processes started by this run are still running (stopped now):" >&2
+      ps -o pid,ppid,etime,args -p "$(echo $left | tr ' ' ',')" >&2 || true
+      kill -KILL $left 2>/dev/null || true
+      [ "$rc" -ne 0 ] || rc=1
+    else
+      echo "[test] no process started by this run is left running" >&2
+    fi
+  fi
+  phase "end"
+  echo "[test] where the time went ($build_state build cache):" >&2
+  printf '[test] %s\n' "${phases[@]}" >&2
+  echo "[test] done in $(( $(date +%s) - started )) s (exit $rc)" >&2
+  exit "$rc"
+}
+build_state="cold"
+trap finish EXIT
+
 bash scripts/ensure-services.sh
+phase "services (PostgreSQL, Redis)"
+bash scripts/build-cache.sh
+[ -x target/host/devhost ] && build_state="warm"
+# One run at a time uses the (shared) target/: the tests run the components and hosts it holds.
+exec 9>>target/.test-run.lock
+if ! flock -n 9; then
+  echo "[test] another test run uses target/ ($(readlink -f target)): waiting for it" >&2
+  flock 9
+fi
+# Every process started from here on carries the mark that `leftovers` looks for.
+ASTRIA_TEST_RUN="$(date +%s)-$$-$RANDOM"
+export ASTRIA_TEST_RUN
+
 ASTRIA_SKIP_DEVHOST=1 bash scripts/build.sh
+phase "wasm components (cargo build --target wasm32-wasip2)"
 # The native binaries (devhost, the sandbox) are built here, with the tests' feature resolution,
 # so that `cargo test` and `cargo bench` below compile nothing again. (scripts/build.sh's
 # `-p devhost` resolves features differently, and a `-p astria-tests` bench build differently
 # again: each compiled wasmtime, or most of the tree, a second time.)
 cargo build --profile host --bins --tests
+phase "native build (devhost, sandbox, test binaries)"
 
 # Spin CLIs, when this machine has them.
 spin_363="" spin_402=""
@@ -46,6 +108,7 @@ fi
 if ! bash scripts/ensure-chromium.sh; then
   skip browser "no Chromium/chromedriver could be installed (scripts/ensure-chromium.sh says why above)"
 fi
+phase "Spin CLIs, Chromium"
 
 # Same profile as devhost so the test binaries reuse its compiled dependencies. Benchmarks are
 # compiled too (not run), so that they cannot rot.
@@ -54,8 +117,11 @@ if [ ${#skips[@]} -gt 0 ]; then
   case " $* " in *" -- "*) args+=("${skips[@]}") ;; *) args+=(-- "${skips[@]}") ;; esac
 fi
 cargo test --profile host "${args[@]}"
+phase "tests: unit and integration under ${SPIN_BIN:-devhost}"
 cargo bench --profile host --no-run
+phase "benchmarks compiled"
 bash scripts/check-kubernetes.sh
+phase "Kubernetes checks"
 
 # The integration suite under real Spin (only for a full run).
 spin_pass() { # label, spin binary, extra skip arguments...
@@ -64,6 +130,7 @@ spin_pass() { # label, spin binary, extra skip arguments...
   echo "[test] skipped under $label: tests matching 'devhost_only' (devhost-only features), 'run_script', 'browser' and 'sandbox_' (the scripts' own runs, host-independent: ran in the devhost pass), 'fuzz' (tens of thousands of requests: ran in the devhost pass; scripts/fuzz.sh with SPIN_BIN runs it under Spin)" >&2
   SPIN_BIN=$bin cargo test --profile host --tests -- \
     --skip devhost_only --skip run_script --skip browser --skip sandbox_ --skip fuzz "$@"
+  phase "tests: integration under $label"
 }
 if [ $# -eq 0 ] && [ -z "${SPIN_BIN:-}" ]; then
   if [ -n "$spin_363" ]; then
@@ -75,4 +142,3 @@ if [ $# -eq 0 ] && [ -z "${SPIN_BIN:-}" ]; then
   fi
   [ -n "$spin_363$spin_402" ] || echo "[test] no ../shared/tools/spin: the integration suite ran under devhost only" >&2
 fi
-echo "[test] done in $(( $(date +%s) - started )) s" >&2

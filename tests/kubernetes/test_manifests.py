@@ -107,9 +107,12 @@ def render(overlay):
 def render_with_tracing(overlay):
     """`overlay` with the opt-in tracing Component added, as a user's overlay would add it."""
     (ROOT / "target").mkdir(exist_ok=True)
-    work = pathlib.Path(tempfile.mkdtemp(dir=ROOT / "target"))
+    # Resolved: target/ may be a link to the machine's shared build cache
+    # (scripts/build-cache.sh), and the relative paths must lead back from where the folder
+    # really is.
+    work = pathlib.Path(tempfile.mkdtemp(dir=ROOT / "target")).resolve()
     try:
-        rel = lambda p: os.path.relpath(p, work)  # noqa: E731 (kustomize refuses absolute paths)
+        rel = lambda p: os.path.relpath(p.resolve(), work)  # noqa: E731 (kustomize refuses absolute paths)
         (work / "kustomization.yaml").write_text(yaml.safe_dump({
             "apiVersion": "kustomize.config.k8s.io/v1beta1",
             "kind": "Kustomization",
