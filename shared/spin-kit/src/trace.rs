@@ -214,24 +214,40 @@ impl Invocation {
 impl Drop for Invocation {
     fn drop(&mut self) {
         // End every span, but keep the root open while exporting: a failed export's log line
-        // then carries the trace id of the work it describes.
+        // then carries the trace id of the work it describes. Spans that are not exported are
+        // never built (a health probe or a scrape pays for nothing but the ids).
         let ended = STATE.with(|s| {
             let mut s = s.borrow_mut();
             let st = s.as_mut()?;
+            if !st.export {
+                return None;
+            }
             while st.open.len() > 1 {
-                let open = st.open.pop()?;
-                let span = finish(open, &st.order_id);
-                st.done.push(span);
+                st.end_innermost();
             }
             let root = finish(st.open.first()?.clone(), &st.order_id);
             let mut spans = std::mem::take(&mut st.done);
             spans.push(root);
-            Some((st.service, st.export, spans))
+            Some((st.service, spans))
         });
-        if let Some((service, true, spans)) = ended {
+        if let Some((service, spans)) = ended {
             export(service, spans);
         }
         STATE.with(|s| s.borrow_mut().take());
+    }
+}
+
+impl State {
+    /// Ends the innermost open span: into `done` when the invocation is exported, otherwise
+    /// just closed. The one place a child span ends, whether its work returned or the
+    /// invocation ended around it.
+    fn end_innermost(&mut self) {
+        if let Some(open) = self.open.pop() {
+            if self.export {
+                let span = finish(open, &self.order_id);
+                self.done.push(span);
+            }
+        }
     }
 }
 
@@ -341,10 +357,7 @@ pub fn in_span_under<T>(parent: Option<&str>, name: &str, kind: Kind, f: impl Fn
     if opened {
         STATE.with(|s| {
             if let Some(st) = s.borrow_mut().as_mut() {
-                if let Some(open) = st.open.pop() {
-                    let span = finish(open, &None);
-                    st.done.push(span);
-                }
+                st.end_innermost();
             }
         });
     }
@@ -462,6 +475,27 @@ mod tests {
         let _inv = Invocation::http("test", "POST", "/SmsReceived", Some("00-zz"));
         assert_ne!(trace_id().unwrap(), a);
         assert_eq!(trace_id().unwrap().len(), 32);
+    }
+
+    #[test]
+    fn spans_of_an_invocation_that_is_not_exported_are_never_built() {
+        let inv = Invocation::http("test", "GET", "/health/test", None).exported(false);
+        let inner = in_span("SELECT", Kind::Client, || traceparent());
+        assert!(inner.is_some(), "ids still exist for the log lines");
+        let done = STATE.with(|s| s.borrow().as_ref().unwrap().done.len());
+        assert_eq!(done, 0, "a closed child span of an unexported invocation is not built");
+        drop(inv);
+        assert_eq!(trace_id(), None);
+    }
+
+    #[test]
+    fn child_spans_name_the_order_once_it_is_known() {
+        let _inv = Invocation::http("test", "POST", "/payment-received", None);
+        set_order("o-7");
+        in_span("POST", Kind::Client, || ());
+        let attrs = STATE.with(|s| s.borrow().as_ref().unwrap().done[0].attributes.clone());
+        let order = attrs.iter().find(|kv| kv.key == "astria.order_id").and_then(|kv| kv.value.clone());
+        assert_eq!(order.and_then(|v| v.value), Some(any_value::Value::StringValue("o-7".into())));
     }
 
     fn hex_of(b: &[u8]) -> String {
