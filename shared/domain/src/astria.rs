@@ -283,9 +283,18 @@ pub fn parse_media_info(raw: &[u8]) -> Result<MediaInfo, AstriaError> {
     Ok(m)
 }
 
-/// Whether downloaded bytes are the photo the customer sent (WhatsApp's sha256, hex).
-pub fn sha256_matches(bytes: &[u8], expected_hex: &str) -> bool {
-    hex::encode(Sha256::digest(bytes)).eq_ignore_ascii_case(expected_hex.trim())
+/// Whether downloaded bytes are the photo the customer sent (the `sha256` of the image
+/// message and of the media lookup). Meta's reference calls it hex, but the webhooks observed
+/// carry it base64-encoded; either is accepted, since a digest cannot match by accident in both.
+pub fn sha256_matches(bytes: &[u8], expected: &str) -> bool {
+    use base64::Engine;
+    let digest = Sha256::digest(bytes);
+    let expected = expected.trim();
+    if hex::encode(digest).eq_ignore_ascii_case(expected) {
+        return true;
+    }
+    let b64 = base64::engine::general_purpose::STANDARD_NO_PAD;
+    b64.decode(expected.trim_end_matches('=')).is_ok_and(|d| d[..] == digest[..])
 }
 
 #[cfg(test)]
@@ -406,6 +415,11 @@ mod tests {
         let hex = hex::encode(Sha256::digest(bytes));
         assert!(sha256_matches(bytes, &hex.to_uppercase()));
         assert!(!sha256_matches(b"other", &hex));
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(bytes));
+        assert!(sha256_matches(bytes, &b64), "base64, as the webhooks carry it");
+        assert!(sha256_matches(bytes, b64.trim_end_matches('=')));
+        assert!(!sha256_matches(b"other", &b64));
         assert!(parse_media_info(br#"{"url":"https://lookaside.fbsbx.com/x","mime_type":"image/jpeg","sha256":"ab","file_size":"303833","id":"1"}"#).is_ok());
         assert!(parse_media_info(br#"{"url":"file:///etc/passwd"}"#).is_err());
     }
