@@ -256,3 +256,17 @@ pub async fn post_signed(app: &TestApp, body: &[u8], signature: &str) -> (u16, V
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
 }
+
+/// Pays the Checkout session whose link is the WhatsApp send `link` (its text carries the
+/// session's URL), as Stripe does: a signed `checkout.session.completed` the app must accept
+/// as `paid`. Answers the order id.
+pub async fn pay_link(app: &TestApp, stripe: &FakeStripe, link: &Value) -> String {
+    let text = crate::whatsapp::summary(link);
+    assert!(text.contains("checkout.stripe.com"), "not a payment link: {text}");
+    let session_id = text.rsplit('/').next().unwrap().to_string();
+    let order_id = stripe.session_for_any().unwrap()["client_reference_id"].as_str().unwrap().to_string();
+    let paid = session(&session_id, &order_id, 1999, "usd", "paid");
+    let (status, r) = post_event(app, &event(&format!("evt_{order_id}"), "checkout.session.completed", paid)).await;
+    assert_eq!((status, r["result"].as_str()), (200, Some("paid")), "{r}");
+    order_id
+}

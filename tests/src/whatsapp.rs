@@ -24,7 +24,7 @@ pub const ADMIN_TOKEN: &str = "test-admin-token";
 pub const TEMPLATE: &str = "order_update";
 
 pub use astria_wire::unix_now;
-pub use astria_wire::whatsapp::{sign, sticker, text};
+pub use astria_wire::whatsapp::{addressee, as_username, sign, sticker, text, with_bsuid};
 
 /// A webhook POST body carrying `messages` from one contact to our number.
 pub fn inbound(from: &str, messages: Vec<Value>) -> Value {
@@ -93,6 +93,45 @@ pub enum Answer {
     Late(Duration),
 }
 
+/// A send the fake Graph API holds, unanswered, until the test opens it: for a test that must
+/// change something in the app while a send is in flight, whatever the machine's speed.
+#[derive(Clone, Default)]
+pub struct Gate(Arc<(Mutex<(bool, bool)>, std::sync::Condvar)>);
+
+impl Gate {
+    /// Whether the held send has arrived.
+    pub fn arrived(&self) -> bool {
+        self.0 .0.lock().unwrap().0
+    }
+
+    /// Waits (at most 30 s) until the held send has arrived.
+    pub async fn wait_arrived(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !self.arrived() {
+            assert!(std::time::Instant::now() < deadline, "the send to hold never reached the fake Graph API");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Lets the held send be answered.
+    pub fn open(&self) {
+        self.0 .0.lock().unwrap().1 = true;
+        self.0 .1.notify_all();
+    }
+
+    /// In the fake's own server thread: marks the send arrived and blocks until the test opens
+    /// the gate (60 s at most, so that a failed test cannot hang the run).
+    fn hold(&self) {
+        let (lock, opened) = &*self.0;
+        let mut state = lock.lock().unwrap();
+        state.0 = true;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !state.1 && std::time::Instant::now() < deadline {
+            state = opened.wait_timeout(state, Duration::from_millis(100)).unwrap().0;
+        }
+    }
+}
+
 /// The fake Graph API. Answers come from a script (one per request, in order), then `Ok`; or
 /// from a rule given per request body.
 #[derive(Clone)]
@@ -103,6 +142,7 @@ pub struct FakeGraph {
     statuses: StatusQueue,
     /// Status webhooks the app did not accept (see `report_statuses`).
     refused: Arc<Mutex<Vec<String>>>,
+    held: Arc<Mutex<Option<(Gate, Answer)>>>,
 }
 
 type Rule = Box<dyn Fn(&Value) -> Answer + Send + Sync>;
@@ -116,19 +156,30 @@ struct Responder {
     rule: Arc<Mutex<Option<Rule>>>,
     counter: Arc<AtomicUsize>,
     statuses: StatusQueue,
+    held: Arc<Mutex<Option<(Gate, Answer)>>>,
 }
 
 impl Respond for Responder {
     fn respond(&self, request: &Request) -> ResponseTemplate {
         let body: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
-        let scripted = {
-            let mut s = self.script.lock().unwrap();
-            (!s.is_empty()).then(|| s.remove(0))
+        let held = self.held.lock().unwrap().take();
+        let scripted = match held {
+            Some((gate, answer)) => {
+                gate.hold();
+                Some(answer)
+            }
+            None => {
+                let mut s = self.script.lock().unwrap();
+                (!s.is_empty()).then(|| s.remove(0))
+            }
         };
         let answer = scripted.or_else(|| self.rule.lock().unwrap().as_ref().map(|r| r(&body))).unwrap_or(Answer::Ok);
+        // Like the Graph API: a send names its recipient (`to`, or `recipient` for a BSUID).
+        let Some(to) = wire::addressee(&body) else {
+            return ResponseTemplate::new(400).set_body_json(wire::graph_error(100, "The parameter to is required."));
+        };
         let accepted = |delay: Duration| {
             let n = self.counter.fetch_add(1, Ordering::SeqCst);
-            let to = body["to"].as_str().unwrap_or("");
             let wamid = format!("wamid.TEST{n:06}");
             if let Some(tx) = self.statuses.lock().unwrap().as_ref() {
                 let tag = body["biz_opaque_callback_data"].as_str().map(str::to_string);
@@ -154,6 +205,7 @@ impl FakeGraph {
         let rule = Arc::new(Mutex::new(None));
         let counter = Arc::new(AtomicUsize::new(0));
         let statuses: StatusQueue = Arc::default();
+        let held = Arc::new(Mutex::new(None));
         // Only well-formed, authenticated sends to our number are answered; anything else is a
         // 404 the sender would treat as a bug, and the tests see as an unmatched request.
         Mock::given(wiremock::matchers::method("POST"))
@@ -165,10 +217,11 @@ impl FakeGraph {
                 rule: rule.clone(),
                 counter: counter.clone(),
                 statuses: statuses.clone(),
+                held: held.clone(),
             })
             .mount(&server)
             .await;
-        FakeGraph { server: Arc::new(server), script, rule, statuses, refused: Arc::default() }
+        FakeGraph { server: Arc::new(server), script, rule, statuses, refused: Arc::default(), held }
     }
 
     /// From now on, reports each accepted send to `app` as WhatsApp does: a signed `sent` status
@@ -251,6 +304,14 @@ impl FakeGraph {
             .iter()
             .filter(|r| r.method.as_str() == "GET" && r.url.path().starts_with(&prefix))
             .count()
+    }
+
+    /// Holds the next send unanswered until the returned gate is opened, then answers it with
+    /// `answer`. The fake answers nothing else meanwhile (one server thread).
+    pub fn hold_next(&self, answer: Answer) -> Gate {
+        let gate = Gate::default();
+        *self.held.lock().unwrap() = Some((gate.clone(), answer));
+        gate
     }
 
     /// The next answers, in order.

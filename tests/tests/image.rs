@@ -61,14 +61,7 @@ async fn pay(w: &World) -> String {
         w.graph.wait_for(i + 1).await;
     }
     let sends = w.graph.wait_for(7).await;
-    let link = wa::summary(&sends[6]);
-    let session_id = link.rsplit('/').next().unwrap().to_string();
-    let order_id = w._stripe.session_for_any().unwrap()["client_reference_id"].as_str().unwrap().to_string();
-    let paid = ps::session(&session_id, &order_id, 1999, "usd", "paid");
-    let (status, r) =
-        ps::post_event(&w.app, &ps::event(&format!("evt_{order_id}"), "checkout.session.completed", paid)).await;
-    assert_eq!((status, r["result"].as_str()), (200, Some("paid")), "{r}");
-    order_id
+    ps::pay_link(&w.app, &w._stripe, &sends[6]).await
 }
 
 /// Waits for the training message (the 9th) and answers every send so far.

@@ -76,13 +76,7 @@ async fn order_paid_and_training(w: &World) -> String {
         sends_with_relay(w, i + 1, Duration::from_secs(20)).await;
     }
     let sends = sends_with_relay(w, 7, Duration::from_secs(20)).await;
-    let link = wa::summary(&sends[6]);
-    let session_id = link.rsplit('/').next().unwrap().to_string();
-    let order_id = w.stripe.session_for_any().unwrap()["client_reference_id"].as_str().unwrap().to_string();
-    let paid = ps::session(&session_id, &order_id, 1999, "usd", "paid");
-    let (status, r) =
-        ps::post_event(&w.app, &ps::event(&format!("evt_{order_id}"), "checkout.session.completed", paid)).await;
-    assert_eq!((status, r["result"].as_str()), (200, Some("paid")), "{r}");
+    let order_id = ps::pay_link(&w.app, &w.stripe, &sends[6]).await;
     let sends = sends_with_relay(w, BEFORE_IMAGES, Duration::from_secs(20)).await;
     assert!(wa::summary(&sends[8]).starts_with("text:Your AI model is training"), "{:?}", wa::summary(&sends[8]));
     order_id

@@ -31,8 +31,9 @@ use std::time::Duration;
 use astria_domain::config::{self, WhatsApp};
 use astria_domain::conversation::Message;
 use astria_domain::events::{channels, MESSAGE_SEND};
-use astria_domain::graph::{self, SendOutcome};
+use astria_domain::graph::{self, Recipient, SendOutcome};
 use astria_models::MessageSend;
+use astria_store::identity;
 use astria_store::messages::{self, OutboundMessage};
 use astria_store::{outbox, repo, transaction, Db, DbError};
 use spin_kit::db::SpinDb;
@@ -238,11 +239,39 @@ impl Sender<'_> {
         }
         let window_closed = !matches!(message, Message::Template { .. })
             && messages::last_inbound_at(self.db, &m.wa_id)?.is_some_and(|t| now_ms() - t > WINDOW_MS);
-        let outcome = if window_closed { SendOutcome::OutsideWindow } else { self.call(&m.id, &m.wa_id, &message) };
+        let outcome = if window_closed { SendOutcome::OutsideWindow } else { self.send_to_contact(m, &message)? };
         self.book(m, outcome)
     }
 
-    fn call(&self, id: &str, to: &str, message: &Message) -> SendOutcome {
+    /// Sends to whatever the contact is known by now (a number change since the message was
+    /// queued is followed): the phone number when known, else the BSUID. WhatsApp refuses a
+    /// BSUID for some kinds of message (131062): then the phone number, if one is known by
+    /// now, else the message fails with that reason.
+    fn send_to_contact(&self, m: &OutboundMessage, message: &Message) -> Result<SendOutcome, DbError> {
+        let Some(to) = recipient(self.db, &m.wa_id)? else {
+            return Ok(SendOutcome::Rejected {
+                code: None,
+                detail: "the contact has no phone number or user id to send to".into(),
+            });
+        };
+        let outcome = self.call(&m.id, &to, message);
+        let bsuid_refused =
+            matches!(outcome, SendOutcome::Rejected { code: Some(graph::codes::BSUID_NOT_SUPPORTED), .. });
+        if !(bsuid_refused && matches!(to, Recipient::User(_))) {
+            return Ok(outcome);
+        }
+        Ok(match recipient(self.db, &m.wa_id)? {
+            Some(phone @ Recipient::Phone(_)) => self.call(&m.id, &phone, message),
+            _ => SendOutcome::Rejected {
+                code: Some(graph::codes::BSUID_NOT_SUPPORTED),
+                detail: "WhatsApp takes no user id (BSUID) as the recipient of this kind of message (131062), \
+                         and the customer shares no phone number"
+                    .into(),
+            },
+        })
+    }
+
+    fn call(&self, id: &str, to: &Recipient, message: &Message) -> SendOutcome {
         let body = graph::request_body(to, message, &self.cfg.template, id).to_string();
         let auth = format!("Bearer {}", self.cfg.access_token);
         let url = self.cfg.messages_url();
@@ -367,6 +396,14 @@ impl Sender<'_> {
         );
         Ok(())
     }
+}
+
+/// Where the contact `key`'s messages go now (`astria_store::identity::recipient`).
+fn recipient(db: &SpinDb, key: &str) -> Result<Option<Recipient>, DbError> {
+    Ok(identity::recipient(db, key)?.map(|r| match r {
+        identity::Recipient::Phone(p) => Recipient::Phone(p),
+        identity::Recipient::User(u) => Recipient::User(u),
+    }))
 }
 
 fn is_paced(m: &OutboundMessage) -> bool {

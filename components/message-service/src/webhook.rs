@@ -10,11 +10,12 @@ use astria_domain::config;
 use astria_domain::conversation::{self, Action, Context, Message, OrderView, State};
 use astria_domain::events::{channels, CHECKOUT_EXPIRE, ORDER_AWAITING_PAYMENT};
 use astria_domain::graph::{codes, status_rank};
-use astria_domain::whatsapp::{self, InboundMessage, StatusUpdate, Webhook, WebhookError};
+use astria_domain::whatsapp::{self, DeliveryStatus, Identity, InboundMessage, StatusUpdate, Webhook, WebhookError};
 use astria_domain::Money;
 use astria_models::{CheckoutExpire, OrderAwaitingPayment, Pack};
 use astria_store::outbox::{self, RelayPolicy};
 use astria_store::repo::{self, NewOrder};
+use astria_store::identity::{self, Ids};
 use astria_store::{messages, transaction, Db, DbError};
 use spin_kit::error::ApiError;
 use spin_kit::events::{self, now_ms, Pending};
@@ -50,7 +51,7 @@ pub struct Report {
 pub fn receive(body: &[u8], signature: Option<&str>, request_id: &str) -> Result<Response, ApiError> {
     whatsapp::verify_signature(&var("whatsapp_app_secret")?, body, signature).map_err(|_| ApiError::Unauthorized)?;
     let hook = parse(body, &var("whatsapp_phone_number_id")?)?;
-    if hook.messages.is_empty() && hook.statuses.is_empty() {
+    if hook.messages.is_empty() && hook.statuses.is_empty() && hook.preferences.is_empty() {
         return Ok(spin_kit::json_response(200, &Report::default()));
     }
     let packs = config::catalogue(&SpinVars).map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -98,7 +99,19 @@ pub fn handle<D: Db>(
         report.statuses += 1;
         publish(db, &pending);
     }
+    for p in &hook.preferences {
+        // The marketing opt-out from WhatsApp's chat menu: recorded for whoever sends
+        // marketing; this bot sends none, and its STOP/START stays the customer's own word.
+        if p.category == "marketing_messages" {
+            transaction(db, |db| identity::set_marketing_opt_out(db, ids(&p.who), p.opted_out, now_ms()))?;
+        }
+    }
     Ok(report)
+}
+
+/// The store's view of an identity.
+fn ids(id: &Identity) -> Ids<'_> {
+    Ids { phone: id.phone.as_deref(), bsuid: id.bsuid.as_deref(), parent_bsuid: id.parent_bsuid.as_deref() }
 }
 
 /// Conflicting concurrent work: roll back and let Meta redeliver.
@@ -121,17 +134,37 @@ fn handle_message(
         }
         // The window runs from the message's own time (Meta may deliver it late), never ahead.
         let sent_at = m.timestamp.saturating_mul(1000).clamp(0, now);
-        // The upsert also locks the contact's row until commit (PostgreSQL), so two messages
-        // from one person are stepped one after the other, each seeing the other's effects.
-        repo::touch_contact(db, &m.from, m.profile_name.as_deref(), sent_at)?;
+        // The contact the sender's identifiers lead to (by BSUID, then phone), created or
+        // completed with every identifier this message carries. Its row stays locked until
+        // commit (PostgreSQL), so two messages from one person are stepped one after the
+        // other, each seeing the other's effects.
+        let fresh_key = format!("contact-{}", uuid::Uuid::new_v4());
+        // Two first messages of one person, one naming the phone and the other only the BSUID,
+        // can race to record the same identifier: the loser answers 503 and Meta's retry finds
+        // the winner's contact.
+        let who = identity::identify(db, ids(&m.sender), m.profile_name.as_deref(), sent_at, &fresh_key, now)
+            .map_err(|e| match e {
+                DbError::Conflict(_) => retry_later("another message of this person was being recorded"),
+                other => other.into(),
+            })?;
+        let key = who.key.as_str();
+        if !who.merged.is_empty() {
+            log::info_with("webhook", correlation_id, "two contacts of one person merged (same identifiers)");
+        }
+        // WhatsApp says the sender's number (and with it their BSUID) changed: what they are
+        // known by moves, their orders and conversation stay.
+        if let Some(new) = &m.identity_change {
+            identity::attach(db, key, ids(new), identity::Merge::Never, now)?;
+            log::info_with("webhook", correlation_id, "a contact's WhatsApp identifiers changed");
+        }
         let (contact, state_json) =
-            repo::get_contact(db, &m.from)?.ok_or_else(|| ApiError::Internal("contact vanished".into()))?;
+            repo::get_contact(db, key)?.ok_or_else(|| ApiError::Internal("contact vanished".into()))?;
         let state: State = serde_json::from_str(&state_json).unwrap_or_else(|e| {
             log::warn("webhook", &format!("unreadable conversation state reset to idle: {e}"));
             State::Idle
         });
         // The contact wrote: the 24-hour window is open again for messages that waited for it.
-        let mut pending = spin_kit::messages::requeue_awaiting_window(db, &m.from, correlation_id)?;
+        let mut pending = spin_kit::messages::requeue_awaiting_window(db, key, correlation_id)?;
 
         let order = match &state {
             State::Order { order_id } => {
@@ -157,16 +190,16 @@ fn handle_message(
             match action {
                 Action::Send(message) => {
                     pending.push(match confirming_stop {
-                        true => spin_kit::messages::queue_always(db, &m.from, &message, sent, correlation_id)?,
-                        false => spin_kit::messages::queue(db, &m.from, &message, sent, correlation_id)?,
+                        true => spin_kit::messages::queue_always(db, key, &message, sent, correlation_id)?,
+                        false => spin_kit::messages::queue(db, key, &message, sent, correlation_id)?,
                     });
                     sent += 1;
                 }
-                Action::SetOptOut(true) => repo::set_opt_out(db, &m.from, true, now)?,
+                Action::SetOptOut(true) => repo::set_opt_out(db, key, true, now)?,
                 Action::SetOptOut(false) => {
                     // START: what was kept back since STOP (a paid order's portraits) goes out.
-                    repo::set_opt_out(db, &m.from, false, now)?;
-                    pending.extend(spin_kit::messages::release_held(db, &m.from, correlation_id)?);
+                    repo::set_opt_out(db, key, false, now)?;
+                    pending.extend(spin_kit::messages::release_held(db, key, correlation_id)?);
                 }
                 Action::CreateOrder { order_id, pack_id, subject_class, price } => {
                     spin_kit::trace::set_order(&order_id);
@@ -176,7 +209,7 @@ fn handle_message(
                     };
                     let new = NewOrder {
                         id: &order_id,
-                        wa_id: &m.from,
+                        wa_id: key,
                         pack_id: &pack_id,
                         subject_class: &subject_class,
                         price: &price,
@@ -209,7 +242,7 @@ fn handle_message(
             }
         }
         let state_json = serde_json::to_string(&outcome.state).map_err(|e| ApiError::Internal(e.to_string()))?;
-        repo::save_conversation(db, &m.from, &state_json, now)?;
+        repo::save_conversation(db, key, &state_json, now)?;
         Ok(Some(pending))
     })
 }
@@ -233,16 +266,23 @@ fn handle_status(db: &impl Db, s: &StatusUpdate, correlation_id: &str) -> Result
     let code = s.error_codes.first().copied();
     transaction(db, |db| {
         let newer = |old: Option<&str>, new: &str| old.and_then(status_rank) < status_rank(new);
-        let mut delivery = messages::record_delivery(db, &s.message_id, &s.status, code, newer, now)?;
+        let status = s.status.as_str();
+        let mut delivery = messages::record_delivery(db, &s.message_id, status, code, newer, now)?;
         // A wamid we never heard of: a send whose answer the sender never got (a timeout, a
         // 5xx). The status carries our message id as biz_opaque_callback_data, so it went out
-        // after all: booked as sent, then the status applies as to any of our messages.
+        // after all: booked as sent, then the status applies as to any of our messages. The
+        // message is matched by that id, whatever recipient fields the status carries (a send
+        // to a BSUID comes back without a phone); a recipient that names another contact of
+        // ours, though, is not this message's.
         if let (None, Some(id)) = (&delivery, s.callback_data.as_deref()) {
-            if let Some(m) = messages::get(db, id)?.filter(|m| m.wamid.is_none() && m.wa_id == s.recipient) {
+            let named = identity::find(db, ids(&s.recipient))?;
+            if let Some(m) = messages::get(db, id)?
+                .filter(|m| m.wamid.is_none() && named.as_deref().is_none_or(|key| key == m.wa_id))
+            {
                 if messages::mark_sent(db, &m.id, &s.message_id, now)? {
                     outbox::complete(db, &m.event_id, now)?;
                     log::info_with("webhook", correlation_id, &format!("message {id} confirmed sent by its status"));
-                    delivery = messages::record_delivery(db, &s.message_id, &s.status, code, newer, now)?;
+                    delivery = messages::record_delivery(db, &s.message_id, status, code, newer, now)?;
                 }
             }
         }
@@ -251,7 +291,7 @@ fn handle_status(db: &impl Db, s: &StatusUpdate, correlation_id: &str) -> Result
         };
         // Act on a failure once: a repeated, late or concurrent `failed` changes nothing (only
         // the webhook whose conditional update moved the status acts).
-        if s.status != "failed" || !delivery.changed {
+        if s.status != DeliveryStatus::Failed || !delivery.changed {
             return Ok(vec![]);
         }
         let m = delivery.message;

@@ -56,8 +56,12 @@ pub enum Inbound {
         id: String,
         title: String,
     },
-    /// Anything else (audio, sticker, location, ...), by WhatsApp's type name.
+    /// Anything else the customer sent (audio, sticker, location, a Flow's answer, ...), by
+    /// WhatsApp's type name: answered as the conversation's state says.
     Other(String),
+    /// What changes nothing and asks for no answer: a reaction (or its removal), an edit or a
+    /// deletion of an earlier message, a system notice.
+    Ignored(String),
 }
 
 /// An outbound message, already within WhatsApp's limits.
@@ -428,6 +432,9 @@ pub fn step(ctx: &Context<'_>, state: &State, inbound: &Inbound) -> Outcome {
     let cmd = command(inbound);
     let same = |actions: Vec<Action>| Outcome { state: state.clone(), actions };
 
+    if let Inbound::Ignored(_) = inbound {
+        return same(vec![]);
+    }
     // An opted-out contact gets nothing until START.
     if ctx.opted_out {
         return match cmd {

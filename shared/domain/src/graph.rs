@@ -15,14 +15,38 @@ pub struct TemplateConfig {
     pub language: String,
 }
 
+/// Whom a send goes to.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Recipient {
+    /// A phone number (`wa_id`): `"to"`. Meta's advice: use it whenever it is known.
+    Phone(String),
+    /// A business-scoped user id or parent BSUID, for a customer with a username who shares
+    /// no phone number: `"recipient"` (and no `"to"`, which would win).
+    User(String),
+}
+
+impl std::fmt::Debug for Recipient {
+    // Personal data: which kind, never the value.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Recipient::Phone(_) => "Recipient::Phone(…)",
+            Recipient::User(_) => "Recipient::User(…)",
+        })
+    }
+}
+
 /// The request body that sends `message` to `to`.
 ///
 /// `callback_data` (our message id) goes out as `biz_opaque_callback_data`: WhatsApp repeats it
 /// in every status webhook of the message, so a send whose answer was lost can still be
 /// recognised as sent.
-pub fn request_body(to: &str, message: &Message, template: &TemplateConfig, callback_data: &str) -> Value {
-    let mut body = json!({ "messaging_product": "whatsapp", "recipient_type": "individual", "to": to,
+pub fn request_body(to: &Recipient, message: &Message, template: &TemplateConfig, callback_data: &str) -> Value {
+    let mut body = json!({ "messaging_product": "whatsapp", "recipient_type": "individual",
                            "biz_opaque_callback_data": callback_data });
+    match to {
+        Recipient::Phone(phone) => body["to"] = json!(phone),
+        Recipient::User(user_id) => body["recipient"] = json!(user_id),
+    }
     let (kind, content) = match message {
         Message::Text { body } => ("text", json!({ "body": body, "preview_url": false })),
         Message::Buttons { body, buttons } => (
@@ -118,6 +142,9 @@ pub mod codes {
     pub const TOKEN_INVALID: i64 = 190;
     /// The media could not be fetched or used (an image over 5 MB, say).
     pub const MEDIA_UPLOAD: i64 = 131053;
+    /// A business-scoped user id is not accepted as the recipient of this kind of message
+    /// (authentication templates, for one): send to the phone number, if known.
+    pub const BSUID_NOT_SUPPORTED: i64 = 131062;
 }
 
 #[derive(Deserialize)]
@@ -226,8 +253,19 @@ mod tests {
     }
 
     #[test]
+    fn a_customer_known_only_by_a_bsuid_is_sent_to_as_recipient_without_to() {
+        let b = request_body(&Recipient::User("US.13491208655302741918".into()), &Message::text("hi"), &template(), "m1");
+        assert_eq!(b["recipient"], "US.13491208655302741918");
+        assert!(b.get("to").is_none(), "`to` would win over `recipient`: {b}");
+        let b = request_body(&Recipient::Phone("4915".into()), &Message::text("hi"), &template(), "m1");
+        assert_eq!(b["to"], "4915");
+        assert!(b.get("recipient").is_none());
+        assert_eq!(format!("{:?}", Recipient::User("US.1".into())), "Recipient::User(…)", "never printed");
+    }
+
+    #[test]
     fn text_and_image_bodies_follow_the_documented_shape() {
-        let b = request_body("4915", &Message::text("hi"), &template(), "m1");
+        let b = request_body(&Recipient::Phone("4915".into()), &Message::text("hi"), &template(), "m1");
         assert_eq!(b["biz_opaque_callback_data"], "m1", "every send is tagged with our message id");
         assert_eq!(
             b,
@@ -235,7 +273,7 @@ mod tests {
                    "biz_opaque_callback_data":"m1","text":{"body":"hi","preview_url":false}})
         );
         let img = Message::Image { link: "https://x/1.png".into(), caption: Some("1/2".into()) };
-        let b = request_body("4915", &img, &template(), "m1");
+        let b = request_body(&Recipient::Phone("4915".into()), &img, &template(), "m1");
         assert_eq!(b["type"], "image");
         assert_eq!(b["image"], json!({"link":"https://x/1.png","caption":"1/2"}));
     }
@@ -244,12 +282,12 @@ mod tests {
     fn interactive_bodies_carry_buttons_and_list_rows() {
         let c = |id: &str| Choice { id: id.into(), title: id.to_uppercase(), description: Some("d".into()) };
         let buttons = Message::Buttons { body: "pick".into(), buttons: vec![c("a"), c("b")] };
-        let b = request_body("1", &buttons, &template(), "m1");
+        let b = request_body(&Recipient::Phone("1".into()), &buttons, &template(), "m1");
         assert_eq!(b["interactive"]["type"], "button");
         assert_eq!(b["interactive"]["action"]["buttons"][1], json!({"type":"reply","reply":{"id":"b","title":"B"}}));
         let list =
             Message::List { body: "pick".into(), button: "Packs".into(), section: "All".into(), rows: vec![c("x")] };
-        let b = request_body("1", &list, &template(), "m1");
+        let b = request_body(&Recipient::Phone("1".into()), &list, &template(), "m1");
         assert_eq!(b["interactive"]["action"]["button"], "Packs");
         assert_eq!(
             b["interactive"]["action"]["sections"][0]["rows"][0],
@@ -261,7 +299,7 @@ mod tests {
     fn an_image_too_large_goes_as_a_document_of_the_same_link() {
         let img = Message::Image { link: "https://mp.astria.ai/1/2/0.jpg".into(), caption: None };
         let doc = img.image_as_document().unwrap();
-        let b = request_body("1", &doc, &template(), "m1");
+        let b = request_body(&Recipient::Phone("1".into()), &doc, &template(), "m1");
         assert_eq!(b["type"], "document");
         assert_eq!(b["document"], json!({"link":"https://mp.astria.ai/1/2/0.jpg","filename":"0.jpg"}));
         assert!(doc.is_paced() && img.is_paced() && !Message::text("x").is_paced());
@@ -270,9 +308,9 @@ mod tests {
 
     #[test]
     fn templates_use_the_configured_name_and_language() {
-        let b = request_body("1", &Message::Template { parameters: vec![] }, &template(), "m1");
+        let b = request_body(&Recipient::Phone("1".into()), &Message::Template { parameters: vec![] }, &template(), "m1");
         assert_eq!(b["template"], json!({"name":"order_update","language":{"code":"en_US"}}));
-        let b = request_body("1", &Message::Template { parameters: vec!["Ana".into()] }, &template(), "m1");
+        let b = request_body(&Recipient::Phone("1".into()), &Message::Template { parameters: vec!["Ana".into()] }, &template(), "m1");
         assert_eq!(b["template"]["components"][0]["parameters"][0], json!({"type":"text","text":"Ana"}));
     }
 

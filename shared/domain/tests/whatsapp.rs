@@ -2,7 +2,7 @@
 //! Meta documents them.
 
 use astria_domain::conversation::Inbound;
-use astria_domain::whatsapp::{parse_webhook, verify_signature, verify_subscription, WebhookError};
+use astria_domain::whatsapp::{parse_webhook, verify_signature, verify_subscription, DeliveryStatus, Identity, WebhookError};
 use hmac::{Hmac, Mac};
 use proptest::prelude::*;
 use sha2::Sha256;
@@ -82,9 +82,111 @@ fn text_image_and_replies_become_inbound_messages() {
     assert_eq!(got[5].1, Inbound::Other("sticker".into()));
     let first = &parsed.messages[0];
     assert_eq!(
-        (first.from.as_str(), first.profile_name.as_deref(), first.timestamp),
-        ("16505551234", Some("Zoë"), 1739321024)
+        (first.sender.phone.as_deref(), first.profile_name.as_deref(), first.timestamp),
+        (Some("16505551234"), Some("Zoë"), 1739321024)
     );
+}
+
+const BSUID: &str = "US.13491208655302741918";
+
+/// A webhook from a customer with a username: no `wa_id`, no `from`.
+fn username_webhook(messages: &str) -> String {
+    format!(
+        r#"{{"object":"whatsapp_business_account","entry":[{{"id":"1","changes":[{{"field":"messages","value":{{
+            "messaging_product":"whatsapp",
+            "metadata":{{"display_phone_number":"15550783881","phone_number_id":"{OUR_NUMBER}"}},
+            "contacts":[{{"profile":{{"name":"Ana","username":"ana.photos"}},"user_id":"{BSUID}","parent_user_id":"US.ENT.11815799212886844830"}}],
+            "messages":[{messages}]}}}}]}}]}}"#
+    )
+}
+
+#[test]
+fn a_customer_with_a_username_is_known_by_their_bsuid_and_their_contact_completes_it() {
+    let m = format!(r#"{{"from_user_id":"{BSUID}","id":"wamid.u","timestamp":"1767000000","type":"text","text":{{"body":"hi"}}}}"#);
+    let parsed = parse_webhook(username_webhook(&m).as_bytes(), OUR_NUMBER).unwrap();
+    let got = &parsed.messages[0];
+    assert_eq!(
+        got.sender,
+        Identity { phone: None, bsuid: Some(BSUID.into()), parent_bsuid: Some("US.ENT.11815799212886844830".into()) }
+    );
+    assert_eq!((got.profile_name.as_deref(), &got.inbound), (Some("Ana"), &Inbound::Text("hi".into())));
+    assert_eq!(format!("{:?}", got.sender).contains("1349"), false, "an identity's Debug names no identifier");
+
+    // Both shapes at once: phone and BSUID on one sender.
+    let both = webhook(OUR_NUMBER, &message("wamid.b", &format!(r#""from_user_id":"{BSUID}","type":"text","text":{{"body":"hi"}}"#)), "");
+    let sender = &parse_webhook(both.as_bytes(), OUR_NUMBER).unwrap().messages[0].sender;
+    assert_eq!((sender.phone.as_deref(), sender.bsuid.as_deref()), (Some("16505551234"), Some(BSUID)));
+}
+
+#[test]
+fn a_message_naming_no_sender_or_a_malformed_one_is_refused() {
+    let none = r#"{"id":"wamid.n","timestamp":"1767000000","type":"text","text":{"body":"hi"}}"#;
+    let bad_bsuid = r#"{"from_user_id":"not a bsuid","id":"wamid.n","timestamp":"1767000000","type":"text","text":{"body":"hi"}}"#;
+    let bad_phone = r#"{"from":"+1 650","id":"wamid.n","timestamp":"1767000000","type":"text","text":{"body":"hi"}}"#;
+    for m in [none, bad_bsuid, bad_phone] {
+        let body = username_webhook(m).replace(&format!(r#""user_id":"{BSUID}","#), "").replace(r#""parent_user_id":"US.ENT.11815799212886844830""#, r#""x":1"#);
+        assert!(matches!(parse_webhook(body.as_bytes(), OUR_NUMBER), Err(WebhookError::Malformed(_))), "{m}");
+    }
+}
+
+#[test]
+fn kinds_the_bot_cannot_use_are_other_and_kinds_that_change_nothing_are_ignored() {
+    let messages = [
+        message("wamid.f", r#""type":"interactive","interactive":{"type":"nfm_reply","nfm_reply":{"name":"flow","body":"Sent","response_json":"{\"flow_token\":\"t\"}"}}"#),
+        message("wamid.c", r#""type":"interactive","interactive":{"type":"call_permission_reply","call_permission_reply":{"response":"accept"}}"#),
+        message("wamid.e", r#""type":"interactive","errors":[{"code":131051,"title":"Unsupported"}]"#),
+        message("wamid.r", r#""type":"reaction","reaction":{"message_id":"wamid.x","emoji":""}"#),
+        message("wamid.v", r#""type":"audio","audio":{"mime_type":"audio/ogg","sha256":"x","id":"1","voice":true}"#),
+        message("wamid.x", r#""type":"text""#),
+    ]
+    .join(",");
+    let parsed = parse_webhook(webhook(OUR_NUMBER, &messages, "").as_bytes(), OUR_NUMBER).unwrap();
+    let got: Vec<_> = parsed.messages.iter().map(|m| m.inbound.clone()).collect();
+    assert_eq!(
+        got,
+        [
+            Inbound::Other("interactive:nfm_reply".into()),
+            Inbound::Other("interactive:call_permission_reply".into()),
+            Inbound::Other("interactive:unknown".into()),
+            Inbound::Ignored("reaction".into()),
+            Inbound::Other("audio".into()),
+            Inbound::Other("text".into()),
+        ]
+    );
+}
+
+#[test]
+fn a_number_change_announces_the_new_identity_and_preferences_are_read() {
+    let change = message(
+        "wamid.sys",
+        r#""type":"system","system":{"body":"changed","wa_id":"16505559876","user_id":"US.48120937561029384756","type":"user_changed_number"}"#,
+    );
+    let parsed = parse_webhook(webhook(OUR_NUMBER, &change, "").as_bytes(), OUR_NUMBER).unwrap();
+    let m = &parsed.messages[0];
+    assert_eq!(m.inbound, Inbound::Ignored("system".into()));
+    let new = m.identity_change.clone().unwrap();
+    assert_eq!((new.phone.as_deref(), new.bsuid.as_deref()), (Some("16505559876"), Some("US.48120937561029384756")));
+
+    let prefs = format!(
+        r#"{{"object":"whatsapp_business_account","entry":[{{"id":"1","changes":[{{"field":"user_preferences","value":{{
+            "messaging_product":"whatsapp","metadata":{{"display_phone_number":"1","phone_number_id":"{OUR_NUMBER}"}},
+            "user_preferences":[{{"wa_id":"16505551234","user_id":"{BSUID}","category":"marketing_messages","value":"stop","timestamp":1767003300}}]}}}}]}}]}}"#
+    );
+    let parsed = parse_webhook(prefs.as_bytes(), OUR_NUMBER).unwrap();
+    assert_eq!(parsed.preferences.len(), 1);
+    assert!(parsed.preferences[0].opted_out);
+    assert_eq!(parsed.preferences[0].category, "marketing_messages");
+}
+
+#[test]
+fn a_status_for_a_send_to_a_bsuid_names_the_user_id_only() {
+    let statuses = format!(r#"{{"id":"wamid.o","status":"read","timestamp":"1767000000","recipient_user_id":"{BSUID}"}},
+        {{"id":"wamid.p","status":"played","timestamp":"1767000001","recipient_id":"120363041234567890","recipient_type":"group"}}"#);
+    let parsed = parse_webhook(webhook(OUR_NUMBER, "", &statuses).as_bytes(), OUR_NUMBER).unwrap();
+    assert_eq!(parsed.statuses[0].recipient.bsuid.as_deref(), Some(BSUID));
+    assert_eq!(parsed.statuses[0].status, DeliveryStatus::Read);
+    assert_eq!(parsed.statuses[1].status, DeliveryStatus::Played);
+    assert!(parsed.statuses[1].recipient.is_empty(), "a group's status names no person");
 }
 
 #[test]
@@ -95,6 +197,7 @@ fn statuses_are_parsed_with_their_error_codes() {
     let parsed = parse_webhook(webhook(OUR_NUMBER, "", statuses).as_bytes(), OUR_NUMBER).unwrap();
     assert_eq!(parsed.statuses.len(), 2);
     assert_eq!((parsed.statuses[0].status.as_str(), parsed.statuses[0].error_codes.len()), ("delivered", 0));
+    assert_eq!(parsed.statuses[0].recipient.phone.as_deref(), Some("16505551234"));
     assert_eq!(parsed.statuses[1].error_codes, vec![131047]);
 }
 
@@ -113,7 +216,8 @@ fn malformed_bodies_have_typed_errors() {
         "",
         "not json",
         r#"{"object":"page","entry":[]}"#,
-        &webhook(OUR_NUMBER, &message("wamid.1", r#""type":"text""#), ""),
+        // (A text without its text is answered as a kind the bot cannot read: see
+        // kinds_the_bot_cannot_use_are_other_and_kinds_that_change_nothing_are_ignored.)
         &webhook(OUR_NUMBER, r#"{"from":"1","id":"w","timestamp":"yesterday","type":"text","text":{"body":"x"}}"#, ""),
     ] {
         assert!(matches!(parse_webhook(bad.as_bytes(), OUR_NUMBER), Err(WebhookError::Malformed(_))), "{bad}");

@@ -243,6 +243,30 @@ pub const MIGRATIONS: &[Migration] = &[
             "ALTER TABLE payment_issues ADD COLUMN resolution TEXT",
         ],
     },
+    Migration {
+        version: 12,
+        name: "customers known by a username: phone, business-scoped user id, parent id",
+        sql: &[
+            // `wa_id` stays the contact's key (orders and messages refer to it); what WhatsApp
+            // knows the person by moves to these columns, any of which may be absent (a
+            // customer with a username may share no phone number).
+            "ALTER TABLE contacts ADD COLUMN phone TEXT",
+            "ALTER TABLE contacts ADD COLUMN bsuid TEXT",
+            "ALTER TABLE contacts ADD COLUMN parent_bsuid TEXT",
+            // The marketing opt-out WhatsApp offers in its chat menu (user_preferences).
+            "ALTER TABLE contacts ADD COLUMN marketing_opt_out BIGINT NOT NULL DEFAULT 0",
+            // Whether this release has recorded the identifiers: 0 on a row a pod of the
+            // previous release adds during a rollout (keyed by its phone, `phone` not filled),
+            // which lookups by phone also match (identity.rs). A row whose phone was taken by
+            // a number change has 1 and no phone: nothing is sent to its old key.
+            "ALTER TABLE contacts ADD COLUMN ids_known BIGINT NOT NULL DEFAULT 0",
+            // Every contact so far was keyed by its phone number.
+            "UPDATE contacts SET phone = wa_id, ids_known = 1",
+            "CREATE UNIQUE INDEX contacts_by_phone ON contacts (phone)",
+            "CREATE UNIQUE INDEX contacts_by_bsuid ON contacts (bsuid)",
+            "CREATE INDEX contacts_by_parent_bsuid ON contacts (parent_bsuid)",
+        ],
+    },
 ];
 
 /// Applies every migration not yet recorded; answers the versions it applied.

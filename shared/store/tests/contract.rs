@@ -5,6 +5,7 @@ use std::sync::{Arc, Barrier};
 
 use astria_models::{EventEnvelope, OrderStatus};
 use astria_store::cleanup;
+use astria_store::identity::{self, Ids, Merge, Recipient};
 use astria_store::images;
 use astria_store::lease;
 use astria_store::messages;
@@ -979,5 +980,104 @@ fn the_metrics_snapshot_counts_exactly_what_the_tables_hold() {
         // Buckets 60, 300, 900, 1800, 3600, 7200, ...: 120 s falls in 300, 4000 s in 7200.
         assert_eq!(s.delivery_buckets, vec![0, 1, 1, 1, 1, 2, 2, 2]);
         assert_eq!((s.delivery_count, s.delivery_sum_ms), (2, 4_120_000));
+    });
+}
+
+const PHONE: &str = "16505551234";
+const BSUID: &str = "US.13491208655302741918";
+
+fn who<'a>(phone: Option<&'a str>, bsuid: Option<&'a str>) -> Ids<'a> {
+    Ids { phone, bsuid, parent_bsuid: None }
+}
+
+#[test]
+fn a_contact_is_found_by_bsuid_then_phone_and_gains_every_identifier_it_is_seen_with() {
+    on_both(|connect| {
+        let db = connect();
+        let db = db.as_ref();
+        migrate(db, 0).unwrap();
+        // A username customer: keyed by the BSUID, sent to as a user id.
+        let first = identity::identify(db, who(None, Some(BSUID)), Some("Ana"), 1_000, "fresh-1", 1_000).unwrap();
+        assert_eq!((first.key.as_str(), first.new), (BSUID, true));
+        assert_eq!(identity::recipient(db, BSUID).unwrap(), Some(Recipient::User(BSUID.into())));
+        // Later seen with the phone too: the same contact, now sent to by phone.
+        let again = identity::identify(db, who(Some(PHONE), Some(BSUID)), None, 2_000, "fresh-2", 2_000).unwrap();
+        assert_eq!((again.key.as_str(), again.new, again.merged.len()), (BSUID, false, 0));
+        assert_eq!(identity::recipient(db, BSUID).unwrap(), Some(Recipient::Phone(PHONE.into())));
+        // By phone alone it is still them.
+        assert_eq!(identity::find(db, who(Some(PHONE), None)).unwrap().as_deref(), Some(BSUID));
+        let (contact, _) = repo::get_contact(db, BSUID).unwrap().unwrap();
+        assert_eq!(contact.profile_name.as_deref(), Some("Ana"));
+        assert_eq!(db.query("SELECT COUNT(*) FROM contacts", &[]).unwrap()[0].int(0).unwrap(), 1);
+    });
+}
+
+#[test]
+fn a_person_seen_by_phone_then_by_bsuid_then_by_both_becomes_one_contact_with_every_order() {
+    on_both(|connect| {
+        let db = connect();
+        let db = db.as_ref();
+        migrate(db, 0).unwrap();
+        let by_phone = identity::identify(db, who(Some(PHONE), None), None, 1, "f1", 1).unwrap().key;
+        let price = usd(1999);
+        repo::create_order(db, &NewOrder { wa_id: &by_phone, ..new_order("o-phone", &price) }, 2).unwrap();
+        repo::save_conversation(db, &by_phone, r#"{"state":"order","order_id":"o-phone"}"#, 2).unwrap();
+        repo::set_opt_out(db, &by_phone, true, 2).unwrap();
+        let by_bsuid = identity::identify(db, who(None, Some(BSUID)), None, 3, "f2", 3).unwrap().key;
+        assert_ne!(by_phone, by_bsuid, "nothing said yet that they are one person");
+        repo::save_conversation(db, &by_bsuid, r#"{"state":"choosing_pack"}"#, 3).unwrap();
+
+        let both = transaction(db, |db| identity::identify(db, who(Some(PHONE), Some(BSUID)), None, 4, "f3", 4)).unwrap();
+        assert_eq!((both.key.as_str(), both.merged.clone()), (by_bsuid.as_str(), vec![by_phone.clone()]));
+        let contacts = db.query("SELECT wa_id, phone, bsuid, opted_out, conversation FROM contacts", &[]).unwrap();
+        assert_eq!(contacts.len(), 1);
+        let c = &contacts[0];
+        assert_eq!(
+            (c.text(0).unwrap(), c.opt_text(1).unwrap(), c.opt_text(2).unwrap(), c.int(3).unwrap()),
+            (by_bsuid.clone(), Some(PHONE.into()), Some(BSUID.into()), 1),
+            "one contact with both identifiers, still opted out"
+        );
+        assert_eq!(c.text(4).unwrap(), r#"{"state":"order","order_id":"o-phone"}"#, "the open order goes on");
+        assert_eq!(repo::get_order(db, "o-phone").unwrap().unwrap().wa_id, by_bsuid, "the order moved");
+    });
+}
+
+#[test]
+fn a_number_change_moves_the_identifiers_and_takes_a_recycled_number_from_its_old_holder() {
+    on_both(|connect| {
+        let db = connect();
+        let db = db.as_ref();
+        migrate(db, 0).unwrap();
+        let ana = identity::identify(db, who(Some(PHONE), Some(BSUID)), None, 1, "f1", 1).unwrap().key;
+        // Someone else had the number Ana moves to.
+        let old_holder = identity::identify(db, who(Some("16505559876"), None), None, 1, "f2", 1).unwrap().key;
+        let new = who(Some("16505559876"), Some("US.48120937561029384756"));
+        let merged = identity::attach(db, &ana, new, Merge::Never, 2).unwrap();
+        assert!(merged.is_empty(), "a number change never merges two people");
+        assert_eq!(identity::recipient(db, &ana).unwrap(), Some(Recipient::Phone("16505559876".into())));
+        assert_eq!(identity::find(db, who(None, Some("US.48120937561029384756"))).unwrap(), Some(ana.clone()));
+        assert_eq!(identity::find(db, who(None, Some(BSUID))).unwrap(), None, "the old BSUID is gone with the number");
+        assert_eq!(identity::recipient(db, &old_holder).unwrap(), None, "the old holder lost the number, kept its key");
+        // A new person writing from Ana's old number gets a contact of their own.
+        let newcomer = identity::identify(db, who(Some(PHONE), None), None, 3, "fresh-key", 3).unwrap();
+        assert!(newcomer.new);
+        assert_eq!(newcomer.key, "fresh-key", "the old number is Ana's key: the newcomer gets a fresh one");
+    });
+}
+
+#[test]
+fn a_contact_written_by_the_release_before_usernames_is_found_by_its_phone() {
+    on_both(|connect| {
+        let db = connect();
+        let db = db.as_ref();
+        migrate(db, 0).unwrap();
+        // What a pod of the previous release writes during a rollout: no identifier columns.
+        repo::touch_contact(db, PHONE, Some("Ana"), 1).unwrap();
+        assert_eq!(identity::recipient(db, PHONE).unwrap(), Some(Recipient::Phone(PHONE.into())));
+        let seen = identity::identify(db, who(Some(PHONE), Some(BSUID)), None, 2, "f", 2).unwrap();
+        assert_eq!((seen.key.as_str(), seen.new, seen.merged.len()), (PHONE, false, 0));
+        assert_eq!(identity::find(db, who(None, Some(BSUID))).unwrap().as_deref(), Some(PHONE));
+        assert!(identity::set_marketing_opt_out(db, who(None, Some(BSUID)), true, 3).unwrap());
+        assert!(!identity::set_marketing_opt_out(db, who(Some("99"), None), true, 3).unwrap(), "unknown: nothing");
     });
 }

@@ -80,6 +80,51 @@ pub fn list_reply(from: &str, id: &str, context_id: Option<&str>, reply_id: &str
     m
 }
 
+/// Whether `id` is a business-scoped user id (`US.13491208655302741918`, or a parent BSUID
+/// `US.ENT.…`) rather than a phone number.
+pub fn is_user_id(id: &str) -> bool {
+    id.contains('.')
+}
+
+/// The same webhook body as a customer with a WhatsApp username who shares no phone number
+/// sends it (2026): each contact and message loses `wa_id` / `from` and carries `user_id` /
+/// `from_user_id` = `bsuid` and the profile's `username` instead.
+pub fn as_username(body: &Value, bsuid: &str, username: &str) -> Value {
+    with_user_id(body, bsuid, Some(username), false)
+}
+
+/// The same webhook body with `bsuid` added beside the phone number, as every webhook carries
+/// it since April 2026 (`contacts[].user_id`, `messages[].from_user_id`).
+pub fn with_bsuid(body: &Value, bsuid: &str) -> Value {
+    with_user_id(body, bsuid, None, true)
+}
+
+fn with_user_id(body: &Value, bsuid: &str, username: Option<&str>, keep_phone: bool) -> Value {
+    let mut body = body.clone();
+    for change in body["entry"].as_array_mut().into_iter().flatten().flat_map(|e| {
+        e["changes"].as_array_mut().map(|c| c.iter_mut().collect::<Vec<_>>()).unwrap_or_default()
+    }) {
+        let value = &mut change["value"];
+        // get_mut: indexing would add a list as null where there is none (a status webhook).
+        for c in value.get_mut("contacts").and_then(Value::as_array_mut).into_iter().flatten() {
+            c["user_id"] = json!(bsuid);
+            if let Some(u) = username {
+                c["profile"]["username"] = json!(u);
+            }
+            if !keep_phone {
+                c.as_object_mut().map(|o| o.remove("wa_id"));
+            }
+        }
+        for m in value.get_mut("messages").and_then(Value::as_array_mut).into_iter().flatten() {
+            m["from_user_id"] = json!(bsuid);
+            if !keep_phone {
+                m.as_object_mut().map(|o| o.remove("from"));
+            }
+        }
+    }
+    body
+}
+
 /// A status webhook (`sent`, `delivered`, `read`, `failed`) for the message `wamid` we sent,
 /// repeating its `biz_opaque_callback_data` as WhatsApp does; `failed` carries `error_code`.
 pub fn status(
@@ -90,8 +135,9 @@ pub fn status(
     error_code: Option<i64>,
     tag: Option<&str>,
 ) -> Value {
-    let mut s =
-        json!({ "id": wamid, "status": status, "timestamp": unix_now().to_string(), "recipient_id": recipient });
+    // A send to a BSUID comes back naming the user id, without `recipient_id`.
+    let field = if is_user_id(recipient) { "recipient_user_id" } else { "recipient_id" };
+    let mut s = json!({ "id": wamid, "status": status, "timestamp": unix_now().to_string(), field: recipient });
     if let Some(code) = error_code {
         s["errors"] = json!([{ "code": code, "title": "error", "message": "error", "error_data": { "details": "d" } }]);
     }
@@ -101,13 +147,20 @@ pub fn status(
     envelope(phone_number_id, json!({ "statuses": [s] }))
 }
 
-/// The Graph API's answer to an accepted send.
+/// The Graph API's answer to an accepted send to `to` (a phone number, or a BSUID sent as
+/// `recipient`, whose answer names a `user_id` and no `wa_id`).
 pub fn send_accepted(to: &str, wamid: &str) -> Value {
+    let contact = if is_user_id(to) { json!({ "input": to, "user_id": to }) } else { json!({ "input": to, "wa_id": to }) };
     json!({
         "messaging_product": "whatsapp",
-        "contacts": [{ "input": to, "wa_id": to }],
+        "contacts": [contact],
         "messages": [{ "id": wamid }],
     })
+}
+
+/// Whom a send request addresses, as the Graph API reads it: `to` wins over `recipient`.
+pub fn addressee(send: &Value) -> Option<&str> {
+    send["to"].as_str().or_else(|| send["recipient"].as_str()).filter(|a| !a.is_empty())
 }
 
 /// A Graph API error body (`code` is Meta's, e.g. 130429 rate limit, 131047 outside the
