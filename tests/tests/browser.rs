@@ -2,7 +2,8 @@
 //! headless Chromium (driven over WebDriver by chromedriver) playing a customer by clicking:
 //! hi → pack list → pack → subject → four photos → Done → the payment link → Pay → the
 //! portraits appear in the chat, each once. A second run drops Astria's callbacks and still
-//! ends with the portraits (the app's reconciliation asks Astria).
+//! ends with the portraits (the app's reconciliation asks Astria); its buyer is a customer with
+//! a WhatsApp username, known to the bot by a business-scoped user id only.
 //!
 //! Screenshots of the chat and the checkout page are saved under `target/browser/`.
 //!
@@ -192,8 +193,10 @@ async fn journey(drop_callbacks: bool) {
     let sandbox = Sandbox::start(env).await;
     let browser = Browser::start().await;
     let c = &browser.client;
-    // Two customers side by side; the first buys, the second only says hi.
-    let (phone, other) = ("447700900123", "447700900456");
+    // Two customers side by side; the first buys, the second only says hi. With the callbacks
+    // dropped, the buyer is a customer with a WhatsApp username who shares no phone number: the
+    // sandbox names them by their business-scoped user id only, and the bot answers that.
+    let (phone, other) = if drop_callbacks { ("US.447700900123", "447700900456") } else { ("447700900123", "447700900456") };
     let label = if drop_callbacks { "dropped-callbacks" } else { "journey" };
     c.goto(&format!("{}/?phones={phone},{other}", sandbox.url)).await.unwrap();
     let on = |css: &str| format!(".phone[data-number='{phone}'] {css}");
@@ -207,6 +210,10 @@ async fn journey(drop_callbacks: bool) {
         .await;
     }
 
+    if drop_callbacks {
+        let shown = find_when(c, &sandbox, &on(".number")).await.text().await.unwrap();
+        assert!(shown.contains("no number shared"), "a username customer's phone says so: {shown}");
+    }
     // hi → the pack list.
     type_and_send(c, &sandbox, &on("[data-testid=text-input]"), &on("[data-testid=send]"), "hi").await;
     click_when(c, &sandbox, &on("[data-testid=list-open]"), "See packs").await;
@@ -294,6 +301,7 @@ async fn journey(drop_callbacks: bool) {
     assert_eq!(loaded.len(), 6, "each portrait once: {loaded:?}");
     assert!(loaded.iter().all(|l| l[1].as_u64().unwrap_or(0) > 0), "every portrait loaded: {loaded:?}");
     // Each send carried a different Astria image: no portrait twice, none missing.
+    // The chat is the one WhatsApp routed by the send's `to` (or `recipient`, for a BSUID).
     let chat = &sandbox.state().await["chats"][phone]["messages"];
     let mut links: Vec<&str> =
         chat.as_array().unwrap().iter().filter_map(|m| m["body"]["image"]["link"].as_str()).collect();

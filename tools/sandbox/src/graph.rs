@@ -42,7 +42,8 @@ async fn send(State(world): State<Arc<World>>, Path(phone): Path<String>, header
     let Ok(send): Result<Value, _> = serde_json::from_slice(&body) else {
         return graph_error(StatusCode::BAD_REQUEST, 100, "Invalid JSON");
     };
-    let Some(to) = send["to"].as_str().map(str::to_string) else {
+    // `to` (a phone number) wins over `recipient` (a BSUID), as in the Graph API.
+    let Some(to) = wire::addressee(&send).map(str::to_string) else {
         return graph_error(StatusCode::BAD_REQUEST, 100, "The parameter to is required.");
     };
     let fault = world.state.lock().unwrap().faults.graph.clone();

@@ -90,15 +90,21 @@ async fn media(State(world): State<Arc<World>>, Path(id): Path<String>) -> Respo
     }
 }
 
-/// A phone number as WhatsApp writes a `wa_id`: digits only, with the country code.
+/// A phone number as WhatsApp writes a `wa_id` (digits only, with the country code), or the
+/// business-scoped user id (`US.` and digits) of a customer with a username.
 fn valid_wa_id(wa_id: &str) -> bool {
-    (8..=15).contains(&wa_id.len()) && wa_id.bytes().all(|b| b.is_ascii_digit())
+    let digits = |s: &str, n: std::ops::RangeInclusive<usize>| n.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit());
+    match wa_id.split_once('.') {
+        Some((country, rest)) => country.len() == 2 && country.bytes().all(|b| b.is_ascii_uppercase()) && digits(rest, 8..=20),
+        None => digits(wa_id, 8..=15),
+    }
 }
 
 /// Records the customer's message and sends it to the app as WhatsApp would.
 async fn deliver(world: Arc<World>, wa_id: String, shown: Value, message: impl FnOnce(&str) -> Value) -> Response {
     if !valid_wa_id(&wa_id) {
-        return (StatusCode::BAD_REQUEST, "a phone number is 8 to 15 digits, country code first").into_response();
+        return (StatusCode::BAD_REQUEST, "a phone number is 8 to 15 digits, country code first (or a user id: US. and digits)")
+            .into_response();
     }
     let (id, name) = {
         let mut state = world.state.lock().unwrap();
@@ -114,7 +120,11 @@ async fn deliver(world: Arc<World>, wa_id: String, shown: Value, message: impl F
         (id, chat.name.clone())
     };
     world.changed(&format!("chat:{wa_id}"));
-    let payload = wire::inbound(&world.config.phone_number_id, &wa_id, &name, vec![message(&id)]);
+    let mut payload = wire::inbound(&world.config.phone_number_id, &wa_id, &name, vec![message(&id)]);
+    if wire::is_user_id(&wa_id) {
+        // A customer with a username: WhatsApp names them by their BSUID only.
+        payload = wire::as_username(&payload, &wa_id, "sandbox.customer");
+    }
     let world2 = world.clone();
     let (wa, mid) = (wa_id.clone(), id.clone());
     // WhatsApp retries in the background; the page sees the answer as the message's status.

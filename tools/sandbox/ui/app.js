@@ -4,8 +4,11 @@
 'use strict';
 
 const params = new URLSearchParams(location.search);
+// A customer is a phone number, or a business-scoped user id (`US.1349…`) for one with a
+// WhatsApp username who shares no number.
+const isUser = n => /^[A-Z]{2}\.[0-9]{8,20}$/.test(n);
 let numbers = (params.get('phones') || localStorage.getItem('sandbox.phones') || '447700900123')
-  .split(',').filter(n => /^[0-9]{8,15}$/.test(n));
+  .split(',').filter(n => /^[0-9]{8,15}$/.test(n) || isUser(n));
 let state = { chats: {}, faults: {}, activity: [] };
 const openLists = new Set();
 
@@ -129,7 +132,8 @@ function drawPhone(wa) {
   if (!phone) {
     phone = document.getElementById('phone-template').content.firstElementChild.cloneNode(true);
     phone.dataset.number = wa;
-    phone.querySelector('.number').textContent = '+' + wa;
+    phone.querySelector('.number').textContent = isUser(wa) ? '@customer · no number shared' : '+' + wa;
+    if (isUser(wa)) phone.dataset.username = 'true';
     phone.querySelector('.close').onclick = () => { numbers = numbers.filter(n => n !== wa); save(); phone.remove(); };
     const input = phone.querySelector('.text');
     phone.querySelector('.compose').onsubmit = e => {
@@ -189,6 +193,12 @@ function faults() {
   });
 }
 for (const id of ['fault-drop', 'fault-graph', 'fault-stripe']) document.getElementById(id).onchange = faults;
+
+document.getElementById('add-username').onclick = () => {
+  let id;
+  do { id = 'US.' + String(Math.floor(1e11 + Math.random() * 9e11)); } while (numbers.includes(id));
+  numbers.push(id); save(); draw();
+};
 
 document.getElementById('add-phone').onsubmit = e => {
   e.preventDefault();
