@@ -224,14 +224,42 @@ fn random_query(rng: &mut StdRng) -> String {
 
 // ------------------------------------------------------------------ the routes
 
+/// The webhook corpus (`tests/fixtures/whatsapp-webhooks`: every kind Meta documents, with
+/// phone, BSUID and username fields), read once.
+fn corpus() -> &'static [Value] {
+    static CORPUS: std::sync::OnceLock<Vec<Value>> = std::sync::OnceLock::new();
+    CORPUS.get_or_init(|| {
+        let dir = astria_tests::workspace_root().join("tests/fixtures/whatsapp-webhooks");
+        let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        files
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .map(|p| {
+                let text = std::fs::read_to_string(p).unwrap().replace("PHONE_NUMBER_ID", wa::PHONE_NUMBER_ID);
+                serde_json::from_str(&text).unwrap()
+            })
+            .collect()
+    })
+}
+
+const ANA_BSUID: &str = "DE.4915112345678";
+
 fn whatsapp_cases(rng: &mut StdRng, signed: bool) -> Case {
-    let base = match rng.random_range(0..6) {
+    let mut base = match rng.random_range(0..7) {
         0 => wa::inbound(ANA, vec![wa::text(ANA, &format!("wamid.f{}", rng.random::<u32>()), "hi")]),
         1 => wa::inbound(ANA, vec![wa::photo(ANA, &format!("wamid.f{}", rng.random::<u32>()))]),
         2 => wa::inbound(ANA, vec![wa::list_reply(ANA, "wamid.l", "pack:corporate", "Corporate")]),
         3 => wa::inbound(ANA, vec![wa::button_reply(ANA, "wamid.b", "done", "Done")]),
         4 => wa::status("wamid.TEST000001", ANA, "failed", Some(131053)),
+        5 => corpus()[rng.random_range(0..corpus().len())].clone(),
         _ => wa::inbound(ANA, vec![wa::text(ANA, "wamid.long", &random_string(rng))]),
+    };
+    // The identity fields of 2026: the same customer by phone and BSUID, or by BSUID only.
+    base = match rng.random_range(0..3) {
+        0 => wa::with_bsuid(&base, ANA_BSUID),
+        1 => wa::as_username(&base, ANA_BSUID, "ana.fuzz"),
+        _ => base,
     };
     let body = body_from(rng, &base);
     let mut headers = random_headers(rng);
