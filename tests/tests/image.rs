@@ -1144,6 +1144,9 @@ async fn console_answers_what_the_database_holds_and_refuses_bad_input(postgres:
         json_note("   "),
         json_note(&"x".repeat(501)),
         serde_json::json!({"note": "ok", "by": "me"}),
+        // A NUL (which PostgreSQL cannot store: a 500 before) and other control characters.
+        json_note("refunded\u{0}"),
+        json_note("refunded\u{1b}[31m"),
     ] {
         let (status, body) = app.call("POST", resolve, token, Some(bad.clone())).await;
         assert_eq!(status, 400, "{bad}: {body}");

@@ -267,6 +267,11 @@ fn resolve_payment_issue(event_id: &str, body: &[u8], request_id: &str) -> Resul
     if note.is_empty() || note.chars().count() > MAX_NOTE_CHARS {
         return Err(ApiError::BadRequest(format!("the note must hold 1 to {MAX_NOTE_CHARS} characters")));
     }
+    // Text a person wrote: line breaks and tabs, but no other control characters (PostgreSQL
+    // cannot store a NUL, and none belongs in a note shown on the console).
+    if note.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return Err(ApiError::BadRequest("the note must not hold control characters".into()));
+    }
     if !astria_store::console::resolve_payment_issue(&open_db()?, event_id, note, events::now_ms())? {
         return Err(ApiError::NotFound);
     }
