@@ -15,13 +15,15 @@
 //! acted on once it is. Unknown orders → 404; callbacks for finished orders → 200 `late`.
 
 use astria_domain::astria::{self, AstriaError, CallbackEndpoint};
+use astria_domain::config::{self, ExposeSecret};
 use astria_domain::events::{channels, TUNE_RECONCILE};
 use astria_models::{OrderStatus, TuneReconcile};
 use astria_store::outbox::RelayPolicy;
 use astria_store::{repo, transaction};
 use spin_kit::error::ApiError;
 use spin_kit::events::{self, now_ms};
-use spin_kit::var;
+use spin_kit::request::{read_body, Route};
+use spin_kit::SpinVars;
 use spin_sdk::http::{IncomingRequest, Method, Response};
 use spin_sdk::http_component;
 
@@ -30,17 +32,14 @@ const MAX_BODY: usize = 1024 * 1024;
 
 #[http_component]
 async fn handle(req: IncomingRequest) -> Response {
-    let request_id = spin_kit::request_id_from(spin_kit::header(&req, "x-request-id").as_deref());
-    let path_with_query = req.path_with_query().unwrap_or_default();
-    let (path, query) = path_with_query.split_once('?').unwrap_or((&path_with_query, ""));
-    let (path, query) = (path.to_string(), query.to_string());
+    let Route { request_id, method, path, query } = Route::of(&req);
     // Only the callbacks' spans are exported (see message-service).
     let trace = spin_kit::trace::Invocation::incoming("image-service", &req, &path)
         .exported(matches!(path.as_str(), "/pack-tune-received" | "/update-images"));
-    let result = match (req.method(), path.as_str()) {
+    let result = match (method, path.as_str()) {
         (Method::Get, "/health/image") => Ok(spin_kit::health::readiness(SERVICE, env!("CARGO_PKG_VERSION"))),
         (Method::Post, "/pack-tune-received" | "/update-images") => {
-            match spin_kit::error::read_body(req, MAX_BODY).await {
+            match read_body(req, MAX_BODY).await {
                 Ok(body) => callback(&path, &query, &body, &request_id),
                 Err(e) => Err(e),
             }
@@ -69,9 +68,10 @@ fn authorized_order_id(endpoint: CallbackEndpoint, query: &str) -> Result<String
     let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default();
     let (order_id, token) = (param("order"), param("token"));
     let expires_at: i64 = param("exp").parse().map_err(|_| ApiError::Unauthorized)?;
-    let secret = var("callback_secret")?;
+    let cfg = config::callbacks(&SpinVars)?;
+    let secret = cfg.callback_secret.expose_secret();
     if order_id.is_empty()
-        || !astria::verify_callback_token(&secret, endpoint, &order_id, expires_at, &token, now_ms() / 1000)
+        || !astria::verify_callback_token(secret, endpoint, &order_id, expires_at, &token, now_ms() / 1000)
     {
         return Err(ApiError::Unauthorized);
     }
@@ -99,6 +99,6 @@ fn callback(path: &str, query: &str, body: &[u8], request_id: &str) -> Result<Re
         let event = events::envelope(TUNE_RECONCILE, &signal, request_id);
         Ok::<_, ApiError>(vec![events::emit(db, channels::ORDERS, &event, &RelayPolicy::default())?])
     })?;
-    events::publish(&db, &var("redis_url")?, &pending);
+    events::publish(&db, config::redis_url(&SpinVars)?.expose_secret(), &pending);
     Ok(spin_kit::json_response(200, &Handled { result: "accepted" }))
 }

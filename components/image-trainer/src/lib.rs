@@ -14,29 +14,23 @@
 //! Astria from training twice). Astria 401/402/422 or a missing photo are final: the order
 //! fails, the customer is told, and the payment is flagged for a refund.
 
-use std::time::Duration;
-
-use astria_domain::astria::{self, Answer, CallbackEndpoint, FilePart, Multipart, TuneRequest};
-use astria_domain::config::{self, Astria, WhatsAppMedia};
+use astria_domain::astria::{self, Answer, CallbackEndpoint, TuneRequest};
+use astria_domain::config::{self, ExposeSecret, Trainer};
 use astria_domain::conversation::Message;
 use astria_domain::events::{channels, ORDER_PAID, TUNE_RECONCILE, TUNE_TRAINED};
 use astria_domain::texts::Texts;
-use astria_models::{EventEnvelope, Order, OrderPaid, OrderStatus, Photo, TuneReconcile, TuneTrained};
+use astria_models::{EventEnvelope, Order, OrderPaid, OrderStatus, TuneReconcile, TuneTrained};
 use astria_store::outbox::{self, RelayPolicy};
-use astria_store::repo::{self, PaymentIssue};
+use astria_store::repo::{self, IssueKind, PaymentIssue};
 use astria_store::{images, lease, transaction, DbError};
+use spin_kit::astria::AstriaClient;
 use spin_kit::db::SpinDb;
 use spin_kit::events::{self, now_ms, Pending};
-use spin_kit::http_client::{self, HttpError};
-use spin_kit::{log, var, SpinVars};
+use spin_kit::whatsapp_media::{MediaClient, PhotoError};
+use spin_kit::{log, SpinVars};
 use spin_sdk::redis_component;
 
 const CONSUMER: &str = "image-trainer";
-/// Uploading photos to Astria can take a while; Astria itself gives up after 30 s (504).
-const ASTRIA_TIMEOUT: Duration = Duration::from_secs(60);
-const MEDIA_TIMEOUT: Duration = Duration::from_secs(20);
-/// WhatsApp images are at most 5 MB; allow some slack, refuse anything absurd.
-const MAX_PHOTO: usize = 16 * 1024 * 1024;
 /// How long one replica may work on an order before another may take over.
 const LEASE_MS: i64 = 10 * 60_000;
 
@@ -84,12 +78,6 @@ enum Failure {
     Final(String),
 }
 
-fn fail_config(e: impl std::fmt::Display) -> Failure {
-    // No retry makes a missing or invalid setting appear: the order fails now, its refund is
-    // flagged and the customer told, rather than the payment waiting silently.
-    Failure::Final(format!("configuration: {e}"))
-}
-
 /// Completes an event that needs no work (the order moved on, or is gone).
 fn skip(db: &SpinDb, event: &EventEnvelope) -> Result<(), DbError> {
     transaction(db, |db| {
@@ -108,13 +96,19 @@ fn retry_later(db: &SpinDb, event: &EventEnvelope, what: &str, detail: &str) -> 
 }
 
 fn publish(db: &SpinDb, pending: &[Pending]) {
-    if let Ok(url) = var("redis_url") {
-        events::publish(db, &url, pending);
+    // Unset or unreadable, the events wait in the outbox for the relay.
+    if let Ok(url) = config::redis_url(&SpinVars) {
+        events::publish(db, url.expose_secret(), pending);
     }
 }
 
-fn texts() -> Texts {
-    var("texts_json").ok().and_then(|j| Texts::from_json_overrides(&j).ok()).unwrap_or_default()
+/// The texts for telling a customer their order failed, even when the configuration is what
+/// failed: then the defaults, said in the log.
+fn texts_for_failure() -> Texts {
+    config::texts(&SpinVars).unwrap_or_else(|e| {
+        log::warn(CONSUMER, &format!("{e}; the customer is told with the default text"));
+        Texts::default()
+    })
 }
 
 fn train(db: &SpinDb, event: &EventEnvelope, order_id: &str) -> Result<(), DbError> {
@@ -130,10 +124,17 @@ fn train(db: &SpinDb, event: &EventEnvelope, order_id: &str) -> Result<(), DbErr
     // Read again under the lease: every replica gets every message (pub/sub), and one that
     // held the lease just before us may have made the tune and committed since our first read.
     let booked = match repo::get_order(db, order_id) {
-        Ok(Some(order)) if order.status == OrderStatus::Paid => match create_tune(&order) {
-            Ok(tune_id) => start_training(db, event, &order, tune_id),
-            Err(Failure::Retry(detail)) => retry_later(db, event, &format!("training order {order_id}"), &detail),
-            Err(Failure::Final(detail)) => fail_order(db, event, &order, &detail),
+        Ok(Some(order)) if order.status == OrderStatus::Paid => match config::trainer(&SpinVars) {
+            // No retry makes a missing or invalid setting appear: the order fails now, its
+            // refund is flagged and the customer told, rather than the payment waiting silently.
+            Err(e) => fail_order(db, event, &order, &format!("configuration: {e}")),
+            Ok(cfg) => match create_tune(&cfg, &order) {
+                Ok(tune_id) => start_training(db, event, &order, tune_id, &cfg.texts),
+                Err(Failure::Retry(detail)) => {
+                    retry_later(db, event, &format!("training order {order_id}"), &detail)
+                }
+                Err(Failure::Final(detail)) => fail_order(db, event, &order, &detail),
+            },
         },
         Ok(_) => skip(db, event),
         Err(e) => Err(e),
@@ -144,14 +145,14 @@ fn train(db: &SpinDb, event: &EventEnvelope, order_id: &str) -> Result<(), DbErr
     booked
 }
 
-fn start_training(db: &SpinDb, event: &EventEnvelope, order: &Order, tune_id: u64) -> Result<(), DbError> {
+fn start_training(db: &SpinDb, event: &EventEnvelope, order: &Order, tune_id: u64, texts: &Texts) -> Result<(), DbError> {
     let pending = transaction(db, |db| {
         if !outbox::claim(db, &event.id, CONSUMER, now_ms())? {
             return Ok(vec![]);
         }
         let mut pending = vec![];
         if images::start_training(db, &order.id, tune_id, now_ms())? {
-            let news = Message::text(texts().training);
+            let news = Message::text(&texts.training);
             pending.push(spin_kit::messages::queue(db, &order.wa_id, &news, 0, &event.correlation_id)?);
         }
         outbox::complete(db, &event.id, now_ms())?;
@@ -175,7 +176,7 @@ fn fail_order(db: &SpinDb, event: &EventEnvelope, order: &Order, detail: &str) -
                 db,
                 &PaymentIssue {
                     event_id: event.id.clone(),
-                    kind: "needs_refund".into(),
+                    kind: IssueKind::NeedsRefund,
                     order_id: Some(order.id.clone()),
                     session_id: order.checkout_session_id.clone(),
                     payment_intent: None,
@@ -184,7 +185,7 @@ fn fail_order(db: &SpinDb, event: &EventEnvelope, order: &Order, detail: &str) -
                     created_at: now_ms(),
                 },
             )?;
-            let sorry = Message::text(texts().failed);
+            let sorry = Message::text(texts_for_failure().failed);
             pending.push(spin_kit::messages::queue(db, &order.wa_id, &sorry, 0, &event.correlation_id)?);
         }
         outbox::complete(db, &event.id, now_ms())?;
@@ -194,98 +195,44 @@ fn fail_order(db: &SpinDb, event: &EventEnvelope, order: &Order, detail: &str) -
     Ok(())
 }
 
-fn transient(e: &HttpError) -> Failure {
-    Failure::Retry(e.to_string())
-}
-
-/// Fetches one photo: its download URL, then the bytes, checked against WhatsApp's sha256.
-fn download(media: &WhatsAppMedia, photo: &Photo) -> Result<Vec<u8>, Failure> {
-    let auth = format!("Bearer {}", media.access_token);
-    let get = |url: &str, max: usize| {
-        http_client::send(&http_client::Request {
-            method: "GET",
-            url,
-            headers: &[("authorization", &auth)],
-            body: &[],
-            timeout: MEDIA_TIMEOUT,
-            max_response: max,
-        })
-    };
-    let info = get(&media.lookup_url(&photo.media_id), 64 * 1024).map_err(|e| transient(&e))?;
-    match info.status {
-        200..=299 => {}
-        // The media id expired or never existed: this photo is gone.
-        400 | 404 => return Err(Failure::Final(format!("photo {} is no longer at WhatsApp", photo.media_id))),
-        s => return Err(Failure::Retry(format!("media lookup answered HTTP {s}"))),
+impl From<PhotoError> for Failure {
+    fn from(e: PhotoError) -> Failure {
+        match e {
+            PhotoError::Transient(detail) => Failure::Retry(detail),
+            gone_or_wrong => Failure::Final(gone_or_wrong.to_string()),
+        }
     }
-    let info = astria::parse_media_info(&info.body).map_err(|e| Failure::Retry(e.to_string()))?;
-    let bytes = get(&info.url, MAX_PHOTO).map_err(|e| match e {
-        // WhatsApp keeps images under 5 MB; one over the cap will be over it on every try.
-        HttpError::TooLarge(max) => Failure::Final(format!("photo {} is larger than {max} bytes", photo.media_id)),
-        e => transient(&e),
-    })?;
-    if !(200..300).contains(&bytes.status) {
-        return Err(Failure::Retry(format!("media download answered HTTP {}", bytes.status)));
-    }
-    if !astria::sha256_matches(&bytes.body, &photo.sha256) {
-        // WhatsApp's bytes for a media id do not change: another download gives the same.
-        return Err(Failure::Final(format!("photo {} does not match its sha256", photo.media_id)));
-    }
-    Ok(bytes.body)
 }
 
 /// Downloads the photos and creates the tune; answers its id.
-fn create_tune(order: &Order) -> Result<u64, Failure> {
-    let cfg: Astria = config::astria(&SpinVars).map_err(fail_config)?;
-    let media = config::whatsapp_media(&SpinVars).map_err(fail_config)?;
-    let packs = config::catalogue(&SpinVars).map_err(fail_config)?;
-    let Some(pack) = packs.iter().find(|p| p.id == order.pack_id) else {
+fn create_tune(cfg: &Trainer, order: &Order) -> Result<u64, Failure> {
+    let Some(pack) = cfg.packs.iter().find(|p| p.id == order.pack_id) else {
         return Err(Failure::Final(format!("pack {} is no longer in the catalogue", order.pack_id)));
     };
     let subject = order.subject_class.clone().unwrap_or_else(|| pack.subject_classes[0].clone());
-
+    let a = &cfg.astria;
     let expires_at = now_ms() / 1000 + astria::CALLBACK_LIFETIME_S;
-    let url =
-        |endpoint| astria::callback_url(&cfg.public_base_url, endpoint, &cfg.callback_secret, &order.id, expires_at);
+    let url = |endpoint| {
+        astria::callback_url(&a.public_base_url, endpoint, a.callback_secret.expose_secret(), &order.id, expires_at)
+    };
     let (tune_callback, prompt_callback) = (url(CallbackEndpoint::Tune), url(CallbackEndpoint::Prompt));
     let request = TuneRequest {
         order_id: &order.id,
         subject_class: &subject,
         tune_callback: &tune_callback,
         prompt_callback: &prompt_callback,
-        fast: cfg.test_mode,
+        fast: a.test_mode,
     };
+    let astria = AstriaClient::new(a);
+    let media = MediaClient::new(&cfg.media);
     // Each photo is downloaded, copied into the body and dropped before the next: the photos
-    // are held once (up to max_photos of them, each at most MAX_PHOTO).
-    let boundary = format!("astria-{}", uuid::Uuid::new_v4().simple());
-    let mut body = Multipart::new(&boundary);
-    for (name, value) in astria::tune_fields(&request) {
-        body.field(name, value);
-    }
+    // are held once (up to max_photos of them, each at most whatsapp_media::MAX_PHOTO).
+    let mut upload = astria.tune_upload(&request);
     for (i, photo) in order.photos.iter().enumerate() {
-        let bytes = download(&media, photo)?;
-        let filename = format!("{i}.{}", extension(&photo.mime_type));
-        body.file(&FilePart {
-            field: "tune[images][]",
-            filename: &filename,
-            content_type: &photo.mime_type,
-            bytes: &bytes,
-        });
+        let bytes = media.download(photo)?;
+        upload.photo(&format!("{i}.{}", extension(&photo.mime_type)), &photo.mime_type, &bytes);
     }
-    let body = body.finish();
-    let auth = format!("Bearer {}", cfg.api_key);
-    let content_type = format!("multipart/form-data; boundary={boundary}");
-    let url = format!("{}/p/{}/tunes", cfg.api_url, pack.astria_pack_id);
-    let answer = http_client::send(&http_client::Request {
-        method: "POST",
-        url: &url,
-        headers: &[("authorization", &auth), ("content-type", &content_type)],
-        body: &body,
-        timeout: ASTRIA_TIMEOUT,
-        max_response: 1024 * 1024,
-    })
-    .map_err(|e| transient(&e))?;
-    match astria::classify(answer.status, &answer.body, astria::parse_tune) {
+    match astria.create_tune(pack.astria_pack_id, upload).map_err(|e| Failure::Retry(e.to_string()))? {
         Answer::Ok(tune) => Ok(tune.id),
         Answer::Retry(d) => Err(Failure::Retry(format!("Astria: {d}"))),
         Answer::Rejected(d) => Err(Failure::Final(format!("Astria refused the tune: {d}"))),
@@ -298,25 +245,6 @@ fn extension(mime: &str) -> &'static str {
     } else {
         "jpg"
     }
-}
-
-/// A GET on Astria's API.
-fn astria_get<T>(
-    cfg: &Astria,
-    path: &str,
-    parse: impl Fn(&[u8]) -> Result<T, astria::AstriaError>,
-) -> Result<Answer<T>, HttpError> {
-    let auth = format!("Bearer {}", cfg.api_key);
-    let url = format!("{}{path}", cfg.api_url);
-    let answer = http_client::send(&http_client::Request {
-        method: "GET",
-        url: &url,
-        headers: &[("authorization", &auth)],
-        body: &[],
-        timeout: MEDIA_TIMEOUT,
-        max_response: 4 * 1024 * 1024,
-    })?;
-    Ok(astria::classify(answer.status, &answer.body, parse))
 }
 
 /// Learns from Astria what the callbacks said (or would have said): after the tune callback,
@@ -350,13 +278,14 @@ fn sync_with_astria(
     if event_tune_id != 0 && event_tune_id != tune_id {
         log::warn(CONSUMER, &format!("order {order_id}: event names tune {event_tune_id}, the order has {tune_id}"));
     }
-    let cfg = match config::astria(&SpinVars) {
+    let cfg = match config::trainer(&SpinVars) {
         Ok(c) => c,
         Err(e) => return retry_later(db, event, "asking Astria", &e.to_string()),
     };
+    let client = AstriaClient::new(&cfg.astria);
     let what = format!("asking Astria about order {order_id}");
     if check_tune {
-        match astria_get(&cfg, &format!("/tunes/{tune_id}"), astria::parse_tune) {
+        match client.tune(tune_id) {
             Ok(Answer::Ok(tune)) if tune.trained_at.is_some() => {}
             // Still training: the next reconciliation asks again.
             Ok(Answer::Ok(_)) => return skip(db, event),
@@ -368,7 +297,7 @@ fn sync_with_astria(
             }
         }
     }
-    let mut prompts = match astria_get(&cfg, &format!("/tunes/{tune_id}/prompts"), astria::parse_prompts) {
+    let mut prompts = match client.prompts(tune_id) {
         Ok(Answer::Ok(p)) => p,
         Ok(Answer::Retry(d)) => return retry_later(db, event, &what, &d),
         Err(e) => return retry_later(db, event, &what, &e.to_string()),
@@ -380,7 +309,7 @@ fn sync_with_astria(
     // Only https links on Astria's own hosts are ever sent to a customer.
     for p in &mut prompts {
         let (trusted, untrusted): (Vec<String>, Vec<String>) =
-            p.images.drain(..).partition(|url| astria::trusted_image_url(url, &cfg.image_hosts));
+            p.images.drain(..).partition(|url| astria::trusted_image_url(url, &cfg.astria.image_hosts));
         if !untrusted.is_empty() {
             log::error_with(
                 "astria.untrusted_image",
@@ -394,7 +323,7 @@ fn sync_with_astria(
         }
         p.images = trusted;
     }
-    let done_text = texts().delivered_offer_more;
+    let done_text = cfg.texts.delivered_offer_more.clone();
     let pending = transaction(db, |db| {
         if !outbox::claim(db, &event.id, CONSUMER, now_ms())? {
             return Ok(vec![]);

@@ -13,10 +13,12 @@
 mod console;
 mod reconcile;
 
+use astria_domain::config::{self, ExposeSecret, SecretString};
 use astria_store::cleanup::{self, Retention};
 use astria_store::outbox::RelayPolicy;
 use spin_kit::error::ApiError;
 use spin_kit::events;
+use spin_kit::SpinVars;
 use spin_sdk::http::{IncomingRequest, Method, Response};
 use spin_sdk::http_component;
 use subtle::ConstantTimeEq;
@@ -29,18 +31,14 @@ const MAX_BODY: usize = 64 * 1024;
 
 #[http_component]
 async fn handle(req: IncomingRequest) -> Response {
-    let request_id = spin_kit::request_id_from(spin_kit::header(&req, "x-request-id").as_deref());
+    let spin_kit::request::Route { request_id, method, path, query } = spin_kit::request::Route::of(&req);
     let auth = spin_kit::header(&req, "authorization").unwrap_or_default();
-    let method = req.method();
-    let path_with_query = req.path_with_query().unwrap_or_default();
-    let (path, query) = path_with_query.split_once('?').unwrap_or((&path_with_query, ""));
-    let (path, query) = (path.to_string(), query.to_string());
     // The operations' spans (cleanup, relay, replay, resolve) are exported; the reads (metrics
     // scrapes, the console, health probes) come every few seconds and change nothing, so theirs
     // are not, though their log lines carry a trace id too.
     let trace =
         spin_kit::trace::Invocation::incoming("maintenance-service", &req, &path).exported(method == Method::Post);
-    let result = match spin_kit::error::read_body(req, MAX_BODY).await {
+    let result = match spin_kit::request::read_body(req, MAX_BODY).await {
         Ok(body) => route(&method, &path, &query, &auth, &body, &request_id),
         Err(e) => Err(e),
     };
@@ -92,32 +90,31 @@ pub(crate) fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     query.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
 }
 
-use spin_kit::var;
 
 /// Whether `header` is `Bearer <the value of variable token_var>`, compared in constant time.
 /// An empty token configures no access.
-fn bearer_matches(header: &str, token_var: &str) -> Result<bool, ApiError> {
-    let expected = var(token_var)?;
+fn bearer_matches(header: &str, expected: &SecretString) -> bool {
+    let expected = expected.expose_secret();
     let given = header.strip_prefix("Bearer ").unwrap_or("");
-    Ok(!expected.is_empty() && bool::from(given.as_bytes().ct_eq(expected.as_bytes())))
+    !expected.is_empty() && bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
 }
 
 /// Bearer `admin_token`.
 pub(crate) fn authorize(header: &str) -> Result<(), ApiError> {
-    if bearer_matches(header, "admin_token")? {
-        Ok(())
-    } else {
-        Err(ApiError::Unauthorized)
+    match bearer_matches(header, &config::operator_tokens(&SpinVars)?.admin) {
+        true => Ok(()),
+        false => Err(ApiError::Unauthorized),
     }
 }
 
 /// The admin token, or the read-only `metrics_token` (for a Prometheus scraper, which should
 /// not be able to run the cleanup or replay dead letters).
 fn authorize_read(header: &str) -> Result<(), ApiError> {
-    if bearer_matches(header, "metrics_token")? {
-        return Ok(());
+    let tokens = config::operator_tokens(&SpinVars)?;
+    match bearer_matches(header, &tokens.metrics) || bearer_matches(header, &tokens.admin) {
+        true => Ok(()),
+        false => Err(ApiError::Unauthorized),
     }
-    authorize(header)
 }
 
 fn metrics() -> Result<Response, ApiError> {
@@ -131,29 +128,26 @@ fn metrics() -> Result<Response, ApiError> {
         .build())
 }
 
-fn number(name: &str) -> Result<i64, ApiError> {
-    var(name)?.trim().parse().map_err(|_| ApiError::Internal(format!("{name} is not a number")))
-}
-
-/// The retention periods, in days, from the `retention_*_days` variables.
-fn retention() -> Result<Retention, ApiError> {
-    Ok(Retention {
-        webhook_ids: number("retention_webhook_ids_days")?,
-        events: number("retention_events_days")?,
-        dead_letters: number("retention_dead_letters_days")?,
-        abandoned_orders: number("retention_abandoned_orders_days")?,
-        delivered_photos: number("retention_delivered_photos_days")?,
-        messages: number("retention_messages_days")?,
-        opted_out_contacts: number("retention_opted_out_contacts_days")?,
-        generated_images: number("retention_generated_images_days")?,
-    })
+/// The store's retention periods from the configuration's (both in days).
+fn retention(days: &config::RetentionDays) -> Retention {
+    Retention {
+        webhook_ids: days.webhook_ids,
+        events: days.events,
+        dead_letters: days.dead_letters,
+        abandoned_orders: days.abandoned_orders,
+        delivered_photos: days.delivered_photos,
+        messages: days.messages,
+        opted_out_contacts: days.opted_out_contacts,
+        generated_images: days.generated_images,
+    }
 }
 
 /// One cleanup run under the `cleanup` lease; answers what it did.
 fn cleanup(request_id: &str) -> Result<Response, ApiError> {
-    let keep = retention()?;
-    let batch = number("cleanup_batch")?;
-    let lease_ms = number("cleanup_lease_seconds")?.saturating_mul(1000);
+    let cfg = config::maintenance(&SpinVars)?;
+    let keep = retention(&cfg.retention);
+    let batch = cfg.cleanup_batch;
+    let lease_ms = cfg.cleanup_lease_seconds.saturating_mul(1000);
     let db = open_db()?;
     let holder = request_id.to_string();
     if !cleanup::acquire_lease(&db, "cleanup", &holder, events::now_ms(), lease_ms)? {
@@ -172,13 +166,13 @@ fn cleanup(request_id: &str) -> Result<Response, ApiError> {
 
 /// Asks about stale orders (reconcile.rs), then republishes what is due.
 fn relay(request_id: &str) -> Result<Response, ApiError> {
+    let cfg = config::maintenance(&SpinVars)?;
     let db = open_db()?;
-    let batch: i64 =
-        var("relay_batch")?.parse().map_err(|_| ApiError::Internal("relay_batch is not a number".into()))?;
-    let redis_url = var("redis_url")?;
-    let (stale, pending) = reconcile::run(&db, request_id)?;
-    events::publish(&db, &redis_url, &pending);
-    let report = events::relay(&db, &redis_url, &RelayPolicy::default(), batch)?;
+    let redis_url = config::redis_url(&SpinVars)?;
+    let redis_url = redis_url.expose_secret();
+    let (stale, pending) = reconcile::run(&db, &cfg, request_id)?;
+    events::publish(&db, redis_url, &pending);
+    let report = events::relay(&db, redis_url, &RelayPolicy::default(), cfg.relay_batch)?;
     if report.redis_unavailable {
         return Err(ApiError::Unavailable { dependency: "redis", detail: "relay could not publish".into() });
     }
@@ -190,7 +184,7 @@ fn relay(request_id: &str) -> Result<Response, ApiError> {
     {
         spin_kit::log::info_with("maintenance.relay", request_id, &format!("{report:?} {stale:?}"));
     }
-    let mut body = serde_json::to_value(&report).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut body = serde_json::to_value(&report).map_err(|e| ApiError::Internal(e.into()))?;
     body["reconcile_requested"] = stale.reconcile_requested.into();
     body["given_up"] = stale.given_up.into();
     body["held_given_up"] = stale.held_given_up.into();
@@ -242,7 +236,7 @@ fn payment_issues() -> Result<Response, ApiError> {
         .iter()
         .map(|i| {
             serde_json::json!({
-                "event_id": i.event_id, "kind": i.kind, "order_id": i.order_id, "session_id": i.session_id,
+                "event_id": i.event_id, "kind": i.kind.as_str(), "order_id": i.order_id, "session_id": i.session_id,
                 "payment_intent": i.payment_intent, "amount": i.amount, "detail": i.detail, "created_at": i.created_at,
             })
         })

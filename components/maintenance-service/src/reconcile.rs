@@ -18,14 +18,14 @@
 
 use astria_domain::conversation::Message;
 use astria_domain::events::{channels, ORDER_PAID, TUNE_RECONCILE};
+use astria_domain::config::Maintenance;
 use astria_domain::texts::Texts;
 use astria_models::{OrderPaid, OrderStatus, TuneReconcile};
 use astria_store::outbox::RelayPolicy;
-use astria_store::repo::{self, PaymentIssue};
+use astria_store::repo::{self, IssueKind, PaymentIssue};
 use astria_store::{images, messages, transaction, Db};
 use spin_kit::error::ApiError;
 use spin_kit::events::{self, now_ms, Pending};
-use spin_kit::var;
 
 const MINUTE_MS: i64 = 60_000;
 const MAX_BACKOFF_MS: i64 = 2 * 60 * MINUTE_MS;
@@ -40,21 +40,18 @@ pub struct Report {
     pub held_given_up: usize,
 }
 
-fn number(name: &str) -> Result<i64, ApiError> {
-    var(name)?.trim().parse().map_err(|_| ApiError::Internal(format!("{name} is not a number")))
-}
-
-pub fn run<D: Db + ?Sized>(db: &D, request_id: &str) -> Result<(Report, Vec<Pending>), ApiError> {
+pub fn run<D: Db + ?Sized>(db: &D, cfg: &Maintenance, request_id: &str) -> Result<(Report, Vec<Pending>), ApiError> {
     let now = now_ms();
-    let after = number("reconcile_after_minutes")? * MINUTE_MS;
-    let backoff = number("reconcile_backoff_minutes")? * MINUTE_MS;
-    let give_up = number("reconcile_give_up_minutes")? * MINUTE_MS;
-    let batch = number("reconcile_batch")?;
-    let texts = Texts::from_json_overrides(&var("texts_json")?).map_err(ApiError::Internal)?;
+    let r = &cfg.reconcile;
+    let after = r.after_minutes * MINUTE_MS;
+    let backoff = r.backoff_minutes * MINUTE_MS;
+    let give_up = r.give_up_minutes * MINUTE_MS;
+    let batch = r.batch;
+    let texts = &cfg.texts;
     let mut report = Report::default();
     let mut pending = vec![];
 
-    let held_before = now - number("held_give_up_days")?.saturating_mul(24 * 60 * MINUTE_MS);
+    let held_before = now - r.held_give_up_days.saturating_mul(24 * 60 * MINUTE_MS);
     report.held_given_up = give_up_held(db, held_before, batch, now, request_id)?;
 
     let stuck = images::past_give_up(db, now - give_up, batch)?.into_iter().map(|s| {
@@ -66,7 +63,7 @@ pub fn run<D: Db + ?Sized>(db: &D, request_id: &str) -> Result<(Report, Vec<Pend
         (s.order_id, s.wa_id, detail)
     });
     for (order_id, wa_id, detail) in stuck.chain(never_trained) {
-        if let Some(p) = fail_and_flag(db, &order_id, &wa_id, &detail, &texts, request_id, now)? {
+        if let Some(p) = fail_and_flag(db, &order_id, &wa_id, &detail, texts, request_id, now)? {
             spin_kit::log::error_with("reconcile.give_up", request_id, &format!("order {order_id} failed: {detail}"));
             report.given_up += 1;
             pending.push(p);
@@ -75,7 +72,7 @@ pub fn run<D: Db + ?Sized>(db: &D, request_id: &str) -> Result<(Report, Vec<Pend
 
     // Per order: the backoff doubles with each request already made, up to two hours.
     let delay_after = |attempts: i64| backoff.saturating_mul(1i64 << attempts.clamp(0, 20)).min(MAX_BACKOFF_MS);
-    let paid_after = number("reconcile_paid_after_minutes")? * MINUTE_MS;
+    let paid_after = r.paid_after_minutes * MINUTE_MS;
     for s in images::paid_not_training(db, now, now - paid_after, batch)? {
         let delay = delay_after(s.attempts);
         let p = transaction(db, |db| {
@@ -197,7 +194,7 @@ fn fail_order_flag_refund<D: Db + ?Sized>(
         db,
         &PaymentIssue {
             event_id: issue_id.to_string(),
-            kind: "needs_refund".into(),
+            kind: IssueKind::NeedsRefund,
             order_id: Some(order_id.to_string()),
             session_id: order.as_ref().and_then(|o| o.checkout_session_id.clone()),
             payment_intent: None,

@@ -28,10 +28,10 @@
 
 use std::time::Duration;
 
-use astria_domain::config::{self, WhatsApp};
+use astria_domain::config::{self, ExposeSecret, WhatsApp};
 use astria_domain::conversation::Message;
 use astria_domain::events::{channels, MESSAGE_SEND};
-use astria_domain::graph::{self, Recipient, SendOutcome};
+use astria_domain::whatsapp::send::{self, Recipient, SendOutcome};
 use astria_models::MessageSend;
 use astria_store::identity;
 use astria_store::messages::{self, OutboundMessage};
@@ -76,10 +76,8 @@ fn consume(payload: &[u8]) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    let cfg = config::whatsapp(&SpinVars).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let retry_base_ms = number_var("whatsapp_retry_base_ms")?;
+    let cfg = config::sender(&SpinVars)?;
     let db = spin_kit::open_db().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let pace_ms = number_var("whatsapp_pace_ms")?;
     // Only what this app queued is ever sent: the event names a stored message, and the
     // recipient is the stored one. Anyone able to publish on Redis could otherwise message any
     // number with any text from the business account.
@@ -90,29 +88,18 @@ fn consume(payload: &[u8]) -> anyhow::Result<()> {
         );
         return Ok(());
     };
-    let unconfirmed_wait_ms = number_var("whatsapp_unconfirmed_wait_ms")?;
-    let timeout = Duration::from_millis(number_var("whatsapp_timeout_ms")?.max(1) as u64);
     let sender = Sender {
         db: &db,
-        cfg: &cfg,
-        retry_base_ms,
-        pace_ms,
-        unconfirmed_wait_ms,
-        timeout,
+        cfg: &cfg.whatsapp,
+        retry_base_ms: cfg.retry_base_ms,
+        pace_ms: cfg.pace_ms,
+        unconfirmed_wait_ms: cfg.unconfirmed_wait_ms,
+        timeout: cfg.timeout,
         last_sent: std::cell::Cell::new(messages::last_sent_at(&db, &stored.wa_id)?),
         correlation_id: &event.correlation_id,
     };
     sender.drain(&stored.wa_id)?;
     Ok(())
-}
-
-/// A numeric Spin variable, or an error naming it.
-fn number_var(name: &str) -> anyhow::Result<i64> {
-    spin_kit::var(name)
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?
-        .trim()
-        .parse()
-        .map_err(|_| anyhow::anyhow!("{name} is not a number"))
 }
 
 struct Sender<'a> {
@@ -256,14 +243,14 @@ impl Sender<'_> {
         };
         let outcome = self.call(&m.id, &to, message);
         let bsuid_refused =
-            matches!(outcome, SendOutcome::Rejected { code: Some(graph::codes::BSUID_NOT_SUPPORTED), .. });
+            matches!(outcome, SendOutcome::Rejected { code: Some(send::codes::BSUID_NOT_SUPPORTED), .. });
         if !(bsuid_refused && matches!(to, Recipient::User(_))) {
             return Ok(outcome);
         }
         Ok(match recipient(self.db, &m.wa_id)? {
             Some(phone @ Recipient::Phone(_)) => self.call(&m.id, &phone, message),
             _ => SendOutcome::Rejected {
-                code: Some(graph::codes::BSUID_NOT_SUPPORTED),
+                code: Some(send::codes::BSUID_NOT_SUPPORTED),
                 detail: "WhatsApp takes no user id (BSUID) as the recipient of this kind of message (131062), \
                          and the customer shares no phone number"
                     .into(),
@@ -272,8 +259,8 @@ impl Sender<'_> {
     }
 
     fn call(&self, id: &str, to: &Recipient, message: &Message) -> SendOutcome {
-        let body = graph::request_body(to, message, &self.cfg.template, id).to_string();
-        let auth = format!("Bearer {}", self.cfg.access_token);
+        let body = send::request_body(to, message, &self.cfg.template, id).to_string();
+        let auth = format!("Bearer {}", self.cfg.access_token.expose_secret());
         let url = self.cfg.messages_url();
         let request = http_client::Request {
             method: "POST",
@@ -284,7 +271,7 @@ impl Sender<'_> {
             max_response: 256 * 1024,
         };
         match http_client::send(&request) {
-            Ok(r) => graph::classify(r.status, &r.body),
+            Ok(r) => send::classify(r.status, &r.body),
             Err(e @ HttpError::Refused(_)) | Err(e @ HttpError::TooLarge(_)) => {
                 SendOutcome::Rejected { code: None, detail: e.to_string() }
             }
@@ -310,7 +297,7 @@ impl Sender<'_> {
                 }
                 SendOutcome::Retry { code, detail, min_delay_ms } => {
                     // The pair limit asks for the pace this deployment is configured with.
-                    let floor = if code == Some(graph::codes::PAIR_LIMIT) { self.pace_ms } else { min_delay_ms };
+                    let floor = if code == Some(send::codes::PAIR_LIMIT) { self.pace_ms } else { min_delay_ms };
                     self.retry_or_give_up(db, m, code, &detail, floor, now)?
                 }
                 SendOutcome::Unconfirmed { detail } => {
@@ -319,14 +306,14 @@ impl Sender<'_> {
                     let detail = format!("unconfirmed, waiting for a status webhook: {detail}");
                     self.retry_or_give_up(db, m, None, &detail, self.unconfirmed_wait_ms, now)?
                 }
-                SendOutcome::Rejected { code: Some(graph::codes::MEDIA_UPLOAD), detail }
+                SendOutcome::Rejected { code: Some(send::codes::MEDIA_UPLOAD), detail }
                     if as_document(m).is_some() =>
                 {
                     // Too large (or unusable) as an image: the same link goes as a document.
                     self.fail(
                         db,
                         m,
-                        Some(graph::codes::MEDIA_UPLOAD),
+                        Some(send::codes::MEDIA_UPLOAD),
                         &format!("{detail}; resent as a document"),
                         now,
                     )?;
@@ -341,7 +328,7 @@ impl Sender<'_> {
                     true
                 }
                 SendOutcome::OutsideWindow => {
-                    messages::mark_awaiting_window(db, &m.id, Some(graph::codes::OUTSIDE_WINDOW), now)?;
+                    messages::mark_awaiting_window(db, &m.id, Some(send::codes::OUTSIDE_WINDOW), now)?;
                     outbox::complete(db, &m.event_id, now)?;
                     let since = messages::last_inbound_at(db, &m.wa_id)?.unwrap_or(0);
                     if !messages::template_since(db, &m.wa_id, since)? {
@@ -372,7 +359,7 @@ impl Sender<'_> {
             self.fail(db, m, code, &format!("gave up after {MAX_ATTEMPTS} attempts: {detail}"), now)?;
             return Ok(true);
         }
-        let at = now + graph::retry_delay_ms(self.retry_base_ms, m.attempts + 1, floor_ms);
+        let at = now + send::retry_delay_ms(self.retry_base_ms, m.attempts + 1, floor_ms);
         messages::schedule_retry(db, &m.id, code, detail, at, now)?;
         outbox::due_at(db, &m.event_id, at)?;
         log::warn("sender", &format!("message {} will be retried in {} ms: {detail}", m.id, at - now));

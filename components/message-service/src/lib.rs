@@ -7,6 +7,7 @@
 mod webhook;
 
 use spin_kit::error::ApiError;
+use spin_kit::request::{read_body, Route};
 use spin_sdk::http::{IncomingRequest, Method, Response};
 use spin_sdk::http_component;
 
@@ -16,18 +17,16 @@ const MAX_BODY: usize = 3 * 1024 * 1024;
 
 #[http_component]
 async fn handle(req: IncomingRequest) -> Response {
-    let request_id = request_id(&req);
-    let path_with_query = req.path_with_query().unwrap_or_default();
-    let (path, query) = path_with_query.split_once('?').unwrap_or((&path_with_query, ""));
+    let Route { request_id, method, path, query } = Route::of(&req);
     // Every request's log lines carry a trace id; only the webhook's spans are exported (health
     // probes come every few seconds, and an unknown path must not name a span).
-    let trace = spin_kit::trace::Invocation::incoming("message-service", &req, path).exported(path == "/SmsReceived");
-    let result = match (req.method(), path) {
+    let trace = spin_kit::trace::Invocation::incoming("message-service", &req, &path).exported(path == "/SmsReceived");
+    let result = match (method, path.as_str()) {
         (Method::Get, "/health/message") => Ok(spin_kit::health::readiness(SERVICE, env!("CARGO_PKG_VERSION"))),
-        (Method::Get, "/SmsReceived") => webhook::verify(query),
+        (Method::Get, "/SmsReceived") => webhook::verify(&query),
         (Method::Post, "/SmsReceived") => {
             let signature = spin_kit::header(&req, "x-hub-signature-256");
-            match spin_kit::error::read_body(req, MAX_BODY).await {
+            match read_body(req, MAX_BODY).await {
                 Ok(body) => webhook::receive(&body, signature.as_deref(), &request_id),
                 Err(e) => Err(e),
             }
@@ -37,8 +36,4 @@ async fn handle(req: IncomingRequest) -> Response {
     };
     let response = result.unwrap_or_else(|e| e.into_response(&request_id));
     trace.answered(response)
-}
-
-fn request_id(req: &IncomingRequest) -> String {
-    spin_kit::request_id_from(spin_kit::header(req, "x-request-id").as_deref())
 }

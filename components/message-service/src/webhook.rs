@@ -6,10 +6,11 @@
 //! answers 503 so that Meta redelivers; messages already handled are then skipped as duplicates.
 //! Events are published after commit; if Redis is down they wait in the outbox for the relay.
 
-use astria_domain::config;
+use anyhow::Context as _;
+use astria_domain::config::{self, ExposeSecret};
 use astria_domain::conversation::{self, Action, Context, Message, OrderView, State};
 use astria_domain::events::{channels, CHECKOUT_EXPIRE, ORDER_AWAITING_PAYMENT};
-use astria_domain::graph::{codes, status_rank};
+use astria_domain::whatsapp::send::{codes, status_rank};
 use astria_domain::whatsapp::{self, DeliveryStatus, Identity, InboundMessage, StatusUpdate, Webhook, WebhookError};
 use astria_domain::Money;
 use astria_models::{CheckoutExpire, OrderAwaitingPayment, Pack};
@@ -19,7 +20,7 @@ use astria_store::identity::{self, Ids};
 use astria_store::{messages, transaction, Db, DbError};
 use spin_kit::error::ApiError;
 use spin_kit::events::{self, now_ms, Pending};
-use spin_kit::{log, var, SpinVars};
+use spin_kit::{log, SpinVars};
 use spin_sdk::http::Response;
 
 /// Where WhatsApp dedupe ids are recorded (`processed_webhooks.source`).
@@ -29,13 +30,14 @@ const SOURCE: &str = "whatsapp";
 pub fn verify(query: &str) -> Result<Response, ApiError> {
     let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
     let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
-    let expected = var("whatsapp_verify_token")?;
-    match whatsapp::verify_subscription(param("hub.mode"), param("hub.verify_token"), param("hub.challenge"), &expected)
+    let cfg = config::whatsapp_webhook(&SpinVars)?;
+    let expected = cfg.verify_token.expose_secret();
+    match whatsapp::verify_subscription(param("hub.mode"), param("hub.verify_token"), param("hub.challenge"), expected)
     {
         Some(challenge) => {
             Ok(Response::builder().status(200).header("content-type", "text/plain").body(challenge.to_string()).build())
         }
-        None => Ok(spin_kit::error_response(403, "verification failed")),
+        None => Err(ApiError::Forbidden("verification failed")),
     }
 }
 
@@ -49,17 +51,17 @@ pub struct Report {
 
 /// `POST /SmsReceived`.
 pub fn receive(body: &[u8], signature: Option<&str>, request_id: &str) -> Result<Response, ApiError> {
-    whatsapp::verify_signature(&var("whatsapp_app_secret")?, body, signature).map_err(|_| ApiError::Unauthorized)?;
-    let hook = parse(body, &var("whatsapp_phone_number_id")?)?;
+    let edge = config::whatsapp_webhook(&SpinVars)?;
+    whatsapp::verify_signature(edge.app_secret.expose_secret(), body, signature).map_err(|_| ApiError::Unauthorized)?;
+    let hook = parse(body, &edge.phone_number_id)?;
     if hook.messages.is_empty() && hook.statuses.is_empty() && hook.preferences.is_empty() {
         return Ok(spin_kit::json_response(200, &Report::default()));
     }
-    let packs = config::catalogue(&SpinVars).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let settings = config::conversation(&SpinVars).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let redis_url = var("redis_url")?;
+    let cfg = config::message_service(&SpinVars)?;
+    let redis_url = config::redis_url(&SpinVars)?;
     let db = spin_kit::open_db()?;
-    let report = handle(&db, &hook, &packs, &settings, request_id, |db, pending| {
-        events::publish(db, &redis_url, pending);
+    let report = handle(&db, &hook, &cfg.packs, &cfg.conversation, request_id, |db, pending| {
+        events::publish(db, redis_url.expose_secret(), pending);
     })?;
     Ok(spin_kit::json_response(200, &report))
 }
@@ -158,7 +160,7 @@ fn handle_message(
             log::info_with("webhook", correlation_id, "a contact's WhatsApp identifiers changed");
         }
         let (contact, state_json) =
-            repo::get_contact(db, key)?.ok_or_else(|| ApiError::Internal("contact vanished".into()))?;
+            repo::get_contact(db, key)?.ok_or_else(|| anyhow::anyhow!("the contact just recorded is gone"))?;
         let state: State = serde_json::from_str(&state_json).unwrap_or_else(|e| {
             log::warn("webhook", &format!("unreadable conversation state reset to idle: {e}"));
             State::Idle
@@ -203,10 +205,7 @@ fn handle_message(
                 }
                 Action::CreateOrder { order_id, pack_id, subject_class, price } => {
                     spin_kit::trace::set_order(&order_id);
-                    let price = astria_models::Money {
-                        amount_minor: price.amount_minor(),
-                        currency: price.currency().to_string(),
-                    };
+                    let price = astria_models::Money::from(&price);
                     let new = NewOrder {
                         id: &order_id,
                         wa_id: key,
@@ -241,7 +240,7 @@ fn handle_message(
                 }
             }
         }
-        let state_json = serde_json::to_string(&outcome.state).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let state_json = serde_json::to_string(&outcome.state).context("serialising the conversation state")?;
         repo::save_conversation(db, key, &state_json, now)?;
         Ok(Some(pending))
     })
@@ -301,15 +300,16 @@ fn handle_status(db: &impl Db, s: &StatusUpdate, correlation_id: &str) -> Result
             &format!("message {} ({}) failed with code {}", m.id, m.kind, code.unwrap_or(0)),
         );
         let mut pending = vec![];
+        // What was sent, as the domain's message (the stored JSON of one we queued).
+        let sent: Option<Message> = serde_json::from_str(&m.message).ok();
         // An image WhatsApp could not use (over 5 MB): the same link again, as a document.
         if s.error_codes.contains(&codes::MEDIA_UPLOAD) {
-            if let Some(doc) = serde_json::from_str::<Message>(&m.message).ok().and_then(|msg| msg.image_as_document())
-            {
+            if let Some(doc) = sent.as_ref().and_then(Message::image_as_document) {
                 pending.push(spin_kit::messages::queue(db, &m.wa_id, &doc, 0, correlation_id)?);
             }
         }
         if s.error_codes.contains(&codes::OUTSIDE_WINDOW)
-            && m.kind != "template"
+            && !matches!(sent, Some(Message::Template { .. }))
             && messages::reopen_for_window(db, &m.id, now)?
         {
             let since = messages::last_inbound_at(db, &m.wa_id)?.unwrap_or(0);

@@ -21,18 +21,18 @@
 
 use std::time::Duration;
 
-use astria_domain::config::{self, StripeCheckout};
+use astria_domain::config::{self, ExposeSecret, StripeCheckout};
 use astria_domain::conversation::Message;
 use astria_domain::events::{channels, CHECKOUT_EXPIRE, ORDER_AWAITING_PAYMENT};
 use astria_domain::stripe::{self, CheckoutRequest, CreateFailure};
-use astria_domain::texts::{fill, Texts};
+use astria_domain::texts::fill;
 use astria_domain::Money;
 use astria_models::{CheckoutExpire, EventEnvelope, Order, OrderAwaitingPayment, OrderStatus};
 use astria_store::{outbox, repo, transaction};
 use spin_kit::db::SpinDb;
 use spin_kit::events::{self, now_ms};
 use spin_kit::http_client;
-use spin_kit::{log, var, SpinVars};
+use spin_kit::{log, SpinVars};
 use spin_sdk::redis_component;
 
 const CONSUMER: &str = "payment-checkout";
@@ -79,8 +79,7 @@ fn consume(payload: &[u8]) -> anyhow::Result<()> {
         }
     };
 
-    let cfg = config::stripe_checkout(&SpinVars).map_err(|e| fail(e.to_string()))?;
-    let texts = Texts::from_json_overrides(&var("texts_json").map_err(|e| fail(format!("{e:?}")))?).map_err(fail)?;
+    let config::Checkout { stripe: cfg, packs, texts } = config::checkout(&SpinVars)?;
 
     // WhatsApp deletes media 7 days after it arrived; training starts right after payment,
     // which can come as late as the link's expiry. Photos that would be gone by then are
@@ -103,7 +102,6 @@ fn consume(payload: &[u8]) -> anyhow::Result<()> {
         publish(&db, &pending);
         return Ok(());
     }
-    let packs = config::catalogue(&SpinVars).map_err(|e| fail(e.to_string()))?;
     let product =
         packs.iter().find(|p| p.id == order.pack_id).map(|p| p.title.clone()).unwrap_or(order.pack_id.clone());
     let (generation, expires_at) = checkout_attempt(&db, &order.id, cfg.expiry_minutes)?;
@@ -169,7 +167,7 @@ fn expire(event: &EventEnvelope) -> anyhow::Result<()> {
     let order = repo::get_order(&db, &request.order_id)?;
     // Only a cancelled order's session: a paid one completed it, and anything else keeps it.
     if let Some(session_id) = order.filter(|o| o.status == OrderStatus::Cancelled).and_then(|o| o.checkout_session_id) {
-        let cfg = config::stripe_checkout(&SpinVars).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let cfg = config::stripe_checkout(&SpinVars)?;
         expire_session(&cfg, &session_id).map_err(|e| {
             log::error_with("stripe.expire", &event.correlation_id, &format!("order {}: {e}", request.order_id));
             anyhow::anyhow!(e)
@@ -190,7 +188,7 @@ fn expire(event: &EventEnvelope) -> anyhow::Result<()> {
 /// `POST /v1/checkout/sessions/{id}/expire`. A session that is no longer open (expired
 /// already, or completed: then the payment webhook flags the refund) counts as done.
 fn expire_session(cfg: &StripeCheckout, session_id: &str) -> Result<(), String> {
-    let auth = format!("Bearer {}", cfg.secret_key);
+    let auth = format!("Bearer {}", cfg.secret_key.expose_secret());
     let url = format!("{}/v1/checkout/sessions/{session_id}/expire", cfg.api_url);
     let response = http_client::send(&http_client::Request {
         method: "POST",
@@ -208,11 +206,11 @@ fn expire_session(cfg: &StripeCheckout, session_id: &str) -> Result<(), String> 
 }
 
 fn publish(db: &SpinDb, pending: &[events::Pending]) {
-    match var("redis_url") {
+    match config::redis_url(&SpinVars) {
         Ok(url) => {
-            events::publish(db, &url, pending);
+            events::publish(db, url.expose_secret(), pending);
         }
-        Err(_) => log::warn(CONSUMER, "redis_url unset: the link waits for the relay"),
+        Err(e) => log::warn(CONSUMER, &format!("{e}: the link waits for the relay")),
     }
 }
 
@@ -258,7 +256,7 @@ fn create_session(
         success_url: &back("STATUS"),
         cancel_url: &back("PAY"),
     });
-    let auth = format!("Bearer {}", cfg.secret_key);
+    let auth = format!("Bearer {}", cfg.secret_key.expose_secret());
     let key = stripe::idempotency_key(&order.id, generation);
     let url = format!("{}/v1/checkout/sessions", cfg.api_url);
     let response = http_client::send(&http_client::Request {

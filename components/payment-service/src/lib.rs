@@ -14,6 +14,7 @@
 //! - an order that does not exist: recorded for an operator, 200 (Stripe must not retry forever).
 //! A status never moves backwards: a late `expired` after `paid` changes nothing.
 
+use astria_domain::config::{self, ExposeSecret};
 use astria_domain::events::{channels, ORDER_PAID};
 use astria_domain::order::{check_payment, PaymentCheck, RefundReason};
 use astria_domain::stripe::{self, EventKind, Session, StripeError};
@@ -21,11 +22,12 @@ use astria_domain::texts::Texts;
 use astria_domain::Money;
 use astria_models::{OrderPaid, OrderStatus};
 use astria_store::outbox::RelayPolicy;
-use astria_store::repo::{self, PaymentIssue};
+use astria_store::repo::{self, IssueKind, PaymentIssue};
 use astria_store::{transaction, Db};
 use spin_kit::error::ApiError;
 use spin_kit::events::{self, now_ms, Pending};
-use spin_kit::{log, var, SpinVars};
+use spin_kit::request::{read_body, Route};
+use spin_kit::{log, SpinVars};
 use spin_sdk::http::{IncomingRequest, Method, Response};
 use spin_sdk::http_component;
 
@@ -37,17 +39,15 @@ const SOURCE: &str = "stripe";
 
 #[http_component]
 async fn handle(req: IncomingRequest) -> Response {
-    let request_id = spin_kit::request_id_from(spin_kit::header(&req, "x-request-id").as_deref());
-    let path = req.path_with_query().unwrap_or_default();
-    let path = path.split('?').next().unwrap_or("").to_string();
+    let Route { request_id, method, path, .. } = Route::of(&req);
     // Only the webhook's spans are exported (see message-service).
     let trace =
         spin_kit::trace::Invocation::incoming("payment-service", &req, &path).exported(path == "/payment-received");
-    let result = match (req.method(), path.as_str()) {
+    let result = match (method, path.as_str()) {
         (Method::Get, "/health/payment") => Ok(spin_kit::health::readiness(SERVICE, env!("CARGO_PKG_VERSION"))),
         (Method::Post, "/payment-received") => {
             let signature = spin_kit::header(&req, "stripe-signature");
-            match spin_kit::error::read_body(req, MAX_BODY).await {
+            match read_body(req, MAX_BODY).await {
                 Ok(body) => receive(&body, signature.as_deref(), &request_id),
                 Err(e) => Err(e),
             }
@@ -67,10 +67,9 @@ struct Handled {
 }
 
 fn receive(body: &[u8], signature: Option<&str>, request_id: &str) -> Result<Response, ApiError> {
-    let tolerance =
-        astria_domain::config::stripe_webhook_tolerance(&SpinVars).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let cfg = config::payment_webhook(&SpinVars)?;
     let now_s = now_ms() / 1000;
-    stripe::verify_signature(&var("stripe_webhook_secret")?, body, signature, now_s, tolerance)
+    stripe::verify_signature(cfg.webhook_secret.expose_secret(), body, signature, now_s, cfg.tolerance_s)
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let event = stripe::parse_event(body).map_err(|e| match e {
         StripeError::BadSignature => ApiError::BadRequest(e.to_string()),
@@ -79,13 +78,13 @@ fn receive(body: &[u8], signature: Option<&str>, request_id: &str) -> Result<Res
     if let Some(order_id) = event.session.as_ref().and_then(|s| s.order_id.as_deref()) {
         spin_kit::trace::set_order(order_id);
     }
-    let texts = Texts::from_json_overrides(&var("texts_json")?).map_err(ApiError::Internal)?;
+    let texts = &cfg.texts;
     let db = spin_kit::open_db()?;
     let (result, pending) = transaction(&db, |db| {
         if !repo::first_delivery(db, SOURCE, &event.id, now_ms())? {
             return Ok(("duplicate", vec![]));
         }
-        let ctx = Ctx { db, texts: &texts, event_id: &event.id, request_id };
+        let ctx = Ctx { db, texts, event_id: &event.id, request_id };
         match (&event.kind, &event.session) {
             (EventKind::Other(_), _) | (_, None) => Ok(("ignored", vec![])),
             (EventKind::Completed, Some(s)) if s.payment_status == "unpaid" => Ok(("awaiting_async_payment", vec![])),
@@ -94,7 +93,7 @@ fn receive(body: &[u8], signature: Option<&str>, request_id: &str) -> Result<Res
             (EventKind::Expired, Some(s)) => ctx.lapse(s, &texts.payment_expired),
         }
     })?;
-    events::publish(&db, &var("redis_url")?, &pending);
+    events::publish(&db, config::redis_url(&SpinVars)?.expose_secret(), &pending);
     Ok(spin_kit::json_response(200, &Handled { event_id: event.id, result }))
 }
 
@@ -108,20 +107,18 @@ struct Ctx<'a, D: Db + ?Sized> {
 type Outcome = Result<(&'static str, Vec<Pending>), ApiError>;
 
 impl<D: Db + ?Sized> Ctx<'_, D> {
-    fn issue(&self, kind: &str, s: &Session, detail: String) -> Result<(), ApiError> {
-        log::error_with("payment.issue", self.request_id, &format!("{kind} for event {}: {detail}", self.event_id));
+    fn issue(&self, kind: IssueKind, s: &Session, detail: String) -> Result<(), ApiError> {
+        let name = kind.as_str();
+        log::error_with("payment.issue", self.request_id, &format!("{name} for event {}: {detail}", self.event_id));
         repo::record_payment_issue(
             self.db,
             &PaymentIssue {
                 event_id: self.event_id.to_string(),
-                kind: kind.to_string(),
+                kind,
                 order_id: s.order_id.clone(),
                 session_id: Some(s.id.clone()),
                 payment_intent: s.payment_intent.clone(),
-                amount: s.amount.as_ref().map(|m| astria_models::Money {
-                    amount_minor: m.amount_minor(),
-                    currency: m.currency().to_string(),
-                }),
+                amount: s.amount.as_ref().map(astria_models::Money::from),
                 detail,
                 created_at: now_ms(),
             },
@@ -136,13 +133,13 @@ impl<D: Db + ?Sized> Ctx<'_, D> {
             None => None,
         };
         let Some(order) = order else {
-            self.issue("unknown_order", s, format!("paid session {} names no known order", s.id))?;
-            return Ok(("unknown_order", vec![]));
+            self.issue(IssueKind::UnknownOrder, s, format!("paid session {} names no known order", s.id))?;
+            return Ok((IssueKind::UnknownOrder.as_str(), vec![]));
         };
-        let price = Money::try_from(&order.price).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let price = Money::try_from(&order.price).map_err(|e| anyhow::anyhow!("order {}: stored price: {e}", order.id))?;
         let Some(paid) = s.amount.clone() else {
-            self.issue("needs_refund", s, "paid session without an amount".into())?;
-            return Ok(("needs_refund", vec![]));
+            self.issue(IssueKind::NeedsRefund, s, "paid session without an amount".into())?;
+            return Ok((IssueKind::NeedsRefund.as_str(), vec![]));
         };
         let other_session = order.checkout_session_id.as_deref().is_some_and(|id| id != s.id);
         let check = match check_payment(order.status, &price, &paid) {
@@ -157,7 +154,7 @@ impl<D: Db + ?Sized> Ctx<'_, D> {
                 if !repo::mark_paid(
                     self.db,
                     &order.id,
-                    &astria_models::Money { amount_minor: paid.amount_minor(), currency: paid.currency().to_string() },
+                    &astria_models::Money::from(&paid),
                     now_ms(),
                 )? {
                     // Someone else moved the order in between: let Stripe retry on fresh state.
@@ -183,10 +180,10 @@ impl<D: Db + ?Sized> Ctx<'_, D> {
                     RefundReason::AmountMismatch { expected, paid } => format!("paid {paid}, expected {expected}"),
                     RefundReason::OrderNotPayable(status) => format!("order {} is {status:?}", order.id),
                 };
-                self.issue("needs_refund", s, detail)?;
+                self.issue(IssueKind::NeedsRefund, s, detail)?;
                 let sorry = astria_domain::conversation::Message::text(&self.texts.payment_needs_refund);
                 Ok((
-                    "needs_refund",
+                    IssueKind::NeedsRefund.as_str(),
                     vec![spin_kit::messages::queue(self.db, &order.wa_id, &sorry, 0, self.request_id)?],
                 ))
             }

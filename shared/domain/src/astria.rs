@@ -5,7 +5,7 @@
 
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AstriaError {
@@ -265,38 +265,6 @@ pub fn classify<T>(status: u16, body: &[u8], parse: impl Fn(&[u8]) -> Result<T, 
     }
 }
 
-/// WhatsApp's answer to `GET /{version}/{media-id}`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct MediaInfo {
-    pub url: String,
-    #[serde(default)]
-    pub mime_type: Option<String>,
-    #[serde(default)]
-    pub sha256: Option<String>,
-}
-
-pub fn parse_media_info(raw: &[u8]) -> Result<MediaInfo, AstriaError> {
-    let m: MediaInfo = serde_json::from_slice(raw).map_err(|e| AstriaError::Malformed(e.to_string()))?;
-    if !m.url.starts_with("https://") && !m.url.starts_with("http://") {
-        return Err(AstriaError::Malformed("media url is not http(s)".into()));
-    }
-    Ok(m)
-}
-
-/// Whether downloaded bytes are the photo the customer sent (the `sha256` of the image
-/// message and of the media lookup). Meta's reference calls it hex, but the webhooks observed
-/// carry it base64-encoded; either is accepted, since a digest cannot match by accident in both.
-pub fn sha256_matches(bytes: &[u8], expected: &str) -> bool {
-    use base64::Engine;
-    let digest = Sha256::digest(bytes);
-    let expected = expected.trim();
-    if hex::encode(digest).eq_ignore_ascii_case(expected) {
-        return true;
-    }
-    let b64 = base64::engine::general_purpose::STANDARD_NO_PAD;
-    b64.decode(expected.trim_end_matches('=')).is_ok_and(|d| d[..] == digest[..])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,18 +377,4 @@ mod tests {
         }
     }
 
-    #[test]
-    fn media_is_checked_against_its_sha256() {
-        let bytes = b"photo";
-        let hex = hex::encode(Sha256::digest(bytes));
-        assert!(sha256_matches(bytes, &hex.to_uppercase()));
-        assert!(!sha256_matches(b"other", &hex));
-        use base64::Engine;
-        let b64 = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(bytes));
-        assert!(sha256_matches(bytes, &b64), "base64, as the webhooks carry it");
-        assert!(sha256_matches(bytes, b64.trim_end_matches('=')));
-        assert!(!sha256_matches(b"other", &b64));
-        assert!(parse_media_info(br#"{"url":"https://lookaside.fbsbx.com/x","mime_type":"image/jpeg","sha256":"ab","file_size":"303833","id":"1"}"#).is_ok());
-        assert!(parse_media_info(br#"{"url":"file:///etc/passwd"}"#).is_err());
-    }
 }

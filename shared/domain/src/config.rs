@@ -1,7 +1,17 @@
 //! Configuration shared by the services, parsed from Spin variables into typed values at
-//! first use. Every error names the variable, so a misconfigured deployment says what to fix.
+//! first use. Every error names the variable, so a misconfigured deployment says what to fix;
+//! an invalid value is an error, never a silent default (defaults live in `spin.toml`).
+//!
+//! One loader per component (`message_service`, `sender`, `trainer`, `callbacks`,
+//! `payment_webhook`, `checkout`, `maintenance`), built from the shared pieces below, and the
+//! infrastructure's own (`database_url`, `redis_url`, `tracing`). Secrets are
+//! [`SecretString`]s: they print as `[REDACTED]`, and using one takes an explicit
+//! `expose_secret()`.
+
+use std::time::Duration;
 
 use astria_models::Pack;
+pub use secrecy::{ExposeSecret, SecretString};
 
 use crate::conversation;
 use crate::money::Money;
@@ -32,6 +42,27 @@ fn required(src: &impl Source, name: &'static str) -> Result<String, ConfigError
 
 fn number(src: &impl Source, name: &'static str) -> Result<usize, ConfigError> {
     required(src, name)?.trim().parse().map_err(|e| ConfigError::Invalid { name, reason: format!("{e}") })
+}
+
+/// A whole number of at least `min`.
+fn at_least(src: &impl Source, name: &'static str, min: i64) -> Result<i64, ConfigError> {
+    let n: i64 = required(src, name)?.trim().parse().map_err(|e| ConfigError::Invalid { name, reason: format!("{e}") })?;
+    if n < min {
+        return Err(ConfigError::Invalid { name, reason: format!("must be at least {min}") });
+    }
+    Ok(n)
+}
+
+/// A secret. Present (spin.toml gives every variable a value) but possibly empty: an empty
+/// secret refuses everything it guards, never accepts.
+fn secret(src: &impl Source, name: &'static str) -> Result<SecretString, ConfigError> {
+    src.get(name).map(SecretString::from).ok_or(ConfigError::Missing { name })
+}
+
+/// The bot's texts: `texts_json` overrides the defaults; empty keeps them all.
+pub fn texts(src: &impl Source) -> Result<Texts, ConfigError> {
+    Texts::from_json_overrides(&src.get("texts_json").unwrap_or_default())
+        .map_err(|reason| ConfigError::Invalid { name: "texts_json", reason })
 }
 
 /// The packs on sale, from `catalogue_json`: a JSON array of packs as in `wit/models.wit`
@@ -73,13 +104,11 @@ pub fn conversation(src: &impl Source) -> Result<conversation::Config, ConfigErr
             reason: format!("need 1 <= min_photos ({min_photos}) <= max_photos ({max_photos})"),
         });
     }
-    let texts = Texts::from_json_overrides(&src.get("texts_json").unwrap_or_default())
-        .map_err(|reason| ConfigError::Invalid { name: "texts_json", reason })?;
-    Ok(conversation::Config { min_photos, max_photos, texts })
+    Ok(conversation::Config { min_photos, max_photos, texts: texts(src)? })
 }
 
 /// How the sender reaches the WhatsApp Cloud API.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct WhatsApp {
     /// `scheme://host[:port]` (`whatsapp_api_url`), no path: it is also the
     /// `allowed_outbound_hosts` entry.
@@ -87,20 +116,8 @@ pub struct WhatsApp {
     /// Graph API version, e.g. `v24.0` (`whatsapp_api_version`).
     pub api_version: String,
     pub phone_number_id: String,
-    /// Secret; never logged (Debug leaves it out).
-    pub access_token: String,
-    pub template: crate::graph::TemplateConfig,
-}
-
-impl std::fmt::Debug for WhatsApp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WhatsApp")
-            .field("api_url", &self.api_url)
-            .field("api_version", &self.api_version)
-            .field("phone_number_id", &self.phone_number_id)
-            .field("template", &self.template)
-            .finish_non_exhaustive()
-    }
+    pub access_token: SecretString,
+    pub template: crate::whatsapp::send::TemplateConfig,
 }
 
 impl WhatsApp {
@@ -131,8 +148,8 @@ pub fn whatsapp(src: &impl Source) -> Result<WhatsApp, ConfigError> {
         api_url: base_url(src, "whatsapp_api_url")?,
         api_version,
         phone_number_id: required(src, "whatsapp_phone_number_id")?.trim().to_string(),
-        access_token: required(src, "whatsapp_access_token")?,
-        template: crate::graph::TemplateConfig {
+        access_token: required(src, "whatsapp_access_token")?.into(),
+        template: crate::whatsapp::send::TemplateConfig {
             name: required(src, "whatsapp_template_name")?.trim().to_string(),
             language: required(src, "whatsapp_template_language")?.trim().to_string(),
         },
@@ -141,26 +158,15 @@ pub fn whatsapp(src: &impl Source) -> Result<WhatsApp, ConfigError> {
 
 /// What creating a Checkout session needs: `stripe_api_url`, `stripe_secret_key`,
 /// `checkout_expiry_minutes`, `whatsapp_chat_link` (where Stripe sends the customer back).
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct StripeCheckout {
     pub api_url: String,
-    /// Secret; never logged (Debug leaves it out).
-    pub secret_key: String,
+    pub secret_key: SecretString,
     /// Clamped to Stripe's 30 minutes to 24 hours.
     pub expiry_minutes: i64,
     pub chat_link: String,
     /// How long one call to Stripe may take (`stripe_timeout_ms`, default 20 s).
     pub timeout_ms: u64,
-}
-
-impl std::fmt::Debug for StripeCheckout {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StripeCheckout")
-            .field("api_url", &self.api_url)
-            .field("expiry_minutes", &self.expiry_minutes)
-            .field("chat_link", &self.chat_link)
-            .finish_non_exhaustive()
-    }
 }
 
 pub fn stripe_checkout(src: &impl Source) -> Result<StripeCheckout, ConfigError> {
@@ -170,7 +176,7 @@ pub fn stripe_checkout(src: &impl Source) -> Result<StripeCheckout, ConfigError>
     }
     Ok(StripeCheckout {
         api_url: base_url(src, "stripe_api_url")?,
-        secret_key: required(src, "stripe_secret_key")?,
+        secret_key: required(src, "stripe_secret_key")?.into(),
         expiry_minutes: crate::stripe::expiry_minutes_in_bounds(number(src, "checkout_expiry_minutes")? as i64),
         chat_link,
         timeout_ms: match src.get("stripe_timeout_ms").filter(|v| !v.trim().is_empty()) {
@@ -190,17 +196,11 @@ pub fn stripe_webhook_tolerance(src: &impl Source) -> Result<i64, ConfigError> {
 
 /// What fetching the customer's photos from WhatsApp needs: `whatsapp_api_url`,
 /// `whatsapp_api_version`, `whatsapp_access_token`.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct WhatsAppMedia {
     pub api_url: String,
     pub api_version: String,
-    pub access_token: String,
-}
-
-impl std::fmt::Debug for WhatsAppMedia {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WhatsAppMedia").field("api_url", &self.api_url).finish_non_exhaustive()
-    }
+    pub access_token: SecretString,
 }
 
 impl WhatsAppMedia {
@@ -214,35 +214,24 @@ pub fn whatsapp_media(src: &impl Source) -> Result<WhatsAppMedia, ConfigError> {
     Ok(WhatsAppMedia {
         api_url: base_url(src, "whatsapp_api_url")?,
         api_version: required(src, "whatsapp_api_version")?.trim().to_string(),
-        access_token: required(src, "whatsapp_access_token")?,
+        access_token: required(src, "whatsapp_access_token")?.into(),
     })
 }
 
 /// The image-service's Astria settings: `astria_api_url`, `astria_api_key`, `astria_test_mode`,
 /// `callback_secret`, `public_base_url`.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Astria {
     pub api_url: String,
-    /// Secret; never logged (Debug leaves it out).
-    pub api_key: String,
+    pub api_key: SecretString,
     /// `tune[branch]=fast`: Astria's free mock training.
     pub test_mode: bool,
-    /// Secret; signs our callback URLs.
-    pub callback_secret: String,
+    /// Signs our callback URLs.
+    pub callback_secret: SecretString,
     /// Where Astria reaches our callbacks, `https://bot.example.com`.
     pub public_base_url: String,
     /// Hosts whose `https` image links may be sent to customers (`astria_image_hosts`).
     pub image_hosts: Vec<String>,
-}
-
-impl std::fmt::Debug for Astria {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Astria")
-            .field("api_url", &self.api_url)
-            .field("test_mode", &self.test_mode)
-            .field("public_base_url", &self.public_base_url)
-            .finish_non_exhaustive()
-    }
 }
 
 pub fn astria(src: &impl Source) -> Result<Astria, ConfigError> {
@@ -258,9 +247,9 @@ pub fn astria(src: &impl Source) -> Result<Astria, ConfigError> {
     };
     Ok(Astria {
         api_url: base_url(src, "astria_api_url")?,
-        api_key: required(src, "astria_api_key")?,
+        api_key: required(src, "astria_api_key")?.into(),
         test_mode,
-        callback_secret: required(src, "callback_secret")?,
+        callback_secret: required(src, "callback_secret")?.into(),
         public_base_url: base_url(src, "public_base_url")?,
         image_hosts: src
             .get("astria_image_hosts")
@@ -270,6 +259,221 @@ pub fn astria(src: &impl Source) -> Result<Astria, ConfigError> {
             .filter(|h| !h.is_empty())
             .collect(),
     })
+}
+
+// ------------------------------------------------------------------ one loader per component
+
+/// message-service's edge: what checks a WhatsApp webhook (`whatsapp_app_secret`,
+/// `whatsapp_verify_token`) and which number's messages are ours (`whatsapp_phone_number_id`).
+/// Read apart from [`message_service`] so that a refused request costs three variables.
+#[derive(Debug)]
+pub struct WhatsAppWebhook {
+    /// Signs every webhook POST (HMAC-SHA256); empty accepts none.
+    pub app_secret: SecretString,
+    /// The subscription handshake's token; empty passes none.
+    pub verify_token: SecretString,
+    pub phone_number_id: String,
+}
+
+pub fn whatsapp_webhook(src: &impl Source) -> Result<WhatsAppWebhook, ConfigError> {
+    Ok(WhatsAppWebhook {
+        app_secret: secret(src, "whatsapp_app_secret")?,
+        verify_token: secret(src, "whatsapp_verify_token")?,
+        phone_number_id: src.get("whatsapp_phone_number_id").unwrap_or_default().trim().to_string(),
+    })
+}
+
+/// message-service's conversation: the packs (`catalogue_json`) and its settings
+/// (`min_photos`, `max_photos`, `texts_json`).
+#[derive(Debug)]
+pub struct MessageService {
+    pub packs: Vec<Pack>,
+    pub conversation: conversation::Config,
+}
+
+pub fn message_service(src: &impl Source) -> Result<MessageService, ConfigError> {
+    Ok(MessageService { packs: catalogue(src)?, conversation: conversation(src)? })
+}
+
+/// message-sender: the Graph API ([`WhatsApp`]) and the sender's pace (`whatsapp_retry_base_ms`,
+/// `whatsapp_pace_ms`, `whatsapp_unconfirmed_wait_ms`, `whatsapp_timeout_ms`).
+#[derive(Debug)]
+pub struct Sender {
+    pub whatsapp: WhatsApp,
+    /// First retry delay; doubles per attempt.
+    pub retry_base_ms: i64,
+    /// Least time between two images to one customer.
+    pub pace_ms: i64,
+    /// After an answer that leaves it open whether a message went out, how long to wait for
+    /// its status webhook before sending it again.
+    pub unconfirmed_wait_ms: i64,
+    /// How long one Graph API call may take.
+    pub timeout: Duration,
+}
+
+pub fn sender(src: &impl Source) -> Result<Sender, ConfigError> {
+    Ok(Sender {
+        whatsapp: whatsapp(src)?,
+        retry_base_ms: at_least(src, "whatsapp_retry_base_ms", 1)?,
+        pace_ms: at_least(src, "whatsapp_pace_ms", 0)?,
+        unconfirmed_wait_ms: at_least(src, "whatsapp_unconfirmed_wait_ms", 0)?,
+        timeout: Duration::from_millis(at_least(src, "whatsapp_timeout_ms", 1)? as u64),
+    })
+}
+
+/// image-trainer: Astria ([`Astria`]), WhatsApp's media ([`WhatsAppMedia`]), the packs and
+/// the texts.
+#[derive(Debug)]
+pub struct Trainer {
+    pub astria: Astria,
+    pub media: WhatsAppMedia,
+    pub packs: Vec<Pack>,
+    pub texts: Texts,
+}
+
+pub fn trainer(src: &impl Source) -> Result<Trainer, ConfigError> {
+    Ok(Trainer { astria: astria(src)?, media: whatsapp_media(src)?, packs: catalogue(src)?, texts: texts(src)? })
+}
+
+/// image-service: what checks Astria's callbacks (`callback_secret`; empty accepts none).
+#[derive(Debug)]
+pub struct Callbacks {
+    pub callback_secret: SecretString,
+}
+
+pub fn callbacks(src: &impl Source) -> Result<Callbacks, ConfigError> {
+    Ok(Callbacks { callback_secret: secret(src, "callback_secret")? })
+}
+
+/// payment-service: Stripe's signed webhook (`stripe_webhook_secret`, empty accepts none;
+/// `stripe_webhook_tolerance_seconds`) and the texts.
+#[derive(Debug)]
+pub struct PaymentWebhook {
+    pub webhook_secret: SecretString,
+    pub tolerance_s: i64,
+    pub texts: Texts,
+}
+
+pub fn payment_webhook(src: &impl Source) -> Result<PaymentWebhook, ConfigError> {
+    Ok(PaymentWebhook {
+        webhook_secret: secret(src, "stripe_webhook_secret")?,
+        tolerance_s: stripe_webhook_tolerance(src)?,
+        texts: texts(src)?,
+    })
+}
+
+/// payment-checkout: Stripe's Checkout API ([`StripeCheckout`]), the packs and the texts.
+#[derive(Debug)]
+pub struct Checkout {
+    pub stripe: StripeCheckout,
+    pub packs: Vec<Pack>,
+    pub texts: Texts,
+}
+
+pub fn checkout(src: &impl Source) -> Result<Checkout, ConfigError> {
+    Ok(Checkout { stripe: stripe_checkout(src)?, packs: catalogue(src)?, texts: texts(src)? })
+}
+
+/// How long the weekly cleanup keeps each kind of record, in days (`retention_*_days`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionDays {
+    pub webhook_ids: i64,
+    pub events: i64,
+    pub dead_letters: i64,
+    pub abandoned_orders: i64,
+    pub delivered_photos: i64,
+    pub messages: i64,
+    pub opted_out_contacts: i64,
+    pub generated_images: i64,
+}
+
+/// The maintenance relay's reconciliation with Astria and its give-ups (`reconcile_*`,
+/// `held_give_up_days`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reconcile {
+    pub after_minutes: i64,
+    pub backoff_minutes: i64,
+    pub give_up_minutes: i64,
+    pub batch: i64,
+    pub paid_after_minutes: i64,
+    pub held_give_up_days: i64,
+}
+
+/// maintenance-service's edge: the operators' tokens (`admin_token`; the read-only
+/// `metrics_token` for a Prometheus scraper; an empty one opens nothing). Read apart from
+/// [`maintenance`] so that a refused request costs two variables.
+#[derive(Debug)]
+pub struct OperatorTokens {
+    pub admin: SecretString,
+    pub metrics: SecretString,
+}
+
+pub fn operator_tokens(src: &impl Source) -> Result<OperatorTokens, ConfigError> {
+    Ok(OperatorTokens { admin: secret(src, "admin_token")?, metrics: secret(src, "metrics_token")? })
+}
+
+/// maintenance-service's work: the relay (`relay_batch`), the cleanup (`retention_*_days`,
+/// `cleanup_batch`, `cleanup_lease_seconds`), the reconciliation and the texts.
+#[derive(Debug)]
+pub struct Maintenance {
+    pub relay_batch: i64,
+    pub retention: RetentionDays,
+    pub cleanup_batch: i64,
+    pub cleanup_lease_seconds: i64,
+    pub reconcile: Reconcile,
+    pub texts: Texts,
+}
+
+pub fn maintenance(src: &impl Source) -> Result<Maintenance, ConfigError> {
+    let days = |name| at_least(src, name, 1);
+    Ok(Maintenance {
+        relay_batch: at_least(src, "relay_batch", 1)?,
+        retention: RetentionDays {
+            webhook_ids: days("retention_webhook_ids_days")?,
+            events: days("retention_events_days")?,
+            dead_letters: days("retention_dead_letters_days")?,
+            abandoned_orders: days("retention_abandoned_orders_days")?,
+            delivered_photos: days("retention_delivered_photos_days")?,
+            messages: days("retention_messages_days")?,
+            opted_out_contacts: days("retention_opted_out_contacts_days")?,
+            generated_images: days("retention_generated_images_days")?,
+        },
+        cleanup_batch: at_least(src, "cleanup_batch", 1)?,
+        cleanup_lease_seconds: at_least(src, "cleanup_lease_seconds", 1)?,
+        reconcile: Reconcile {
+            after_minutes: at_least(src, "reconcile_after_minutes", 0)?,
+            backoff_minutes: at_least(src, "reconcile_backoff_minutes", 0)?,
+            give_up_minutes: at_least(src, "reconcile_give_up_minutes", 0)?,
+            batch: at_least(src, "reconcile_batch", 1)?,
+            paid_after_minutes: at_least(src, "reconcile_paid_after_minutes", 0)?,
+            held_give_up_days: at_least(src, "held_give_up_days", 0)?,
+        },
+        texts: texts(src)?,
+    })
+}
+
+// ------------------------------------------------------------------ infrastructure
+
+/// `database_url`: `sqlite:<label>` or `postgres://user:password@host:port/db` (a secret: it
+/// may carry a password).
+pub fn database_url(src: &impl Source) -> Result<SecretString, ConfigError> {
+    Ok(required(src, "database_url")?.into())
+}
+
+/// `redis_url`: where events are announced (a secret: a managed Redis's URL carries its
+/// password).
+pub fn redis_url(src: &impl Source) -> Result<SecretString, ConfigError> {
+    Ok(required(src, "redis_url")?.into())
+}
+
+/// Where spans go: the collector's base URL when `otel_traces_enabled` is `true`, `None` when
+/// it is `false` or empty.
+pub fn tracing(src: &impl Source) -> Result<Option<String>, ConfigError> {
+    match src.get("otel_traces_enabled").unwrap_or_default().trim() {
+        "" | "false" => Ok(None),
+        "true" => Ok(Some(base_url(src, "otel_collector_url")?)),
+        other => Err(ConfigError::Invalid { name: "otel_traces_enabled", reason: format!("'{other}' is not true/false") }),
+    }
 }
 
 #[cfg(test)]
@@ -378,6 +582,128 @@ mod tests {
         assert!(!debug.contains("sd_secret") && !debug.contains("cb_secret"));
         assert!(!astria(&vars("")).unwrap().test_mode);
         assert!(astria(&vars("maybe")).is_err());
+    }
+
+    /// Every variable a component reads, at spin.toml's defaults, with distinctive secrets.
+    fn defaults(overrides: &[(&str, &str)]) -> impl Source {
+        let mut vars: HashMap<String, String> = [
+            ("whatsapp_app_secret", "app-SECRET-1"),
+            ("whatsapp_verify_token", "verify-SECRET-2"),
+            ("whatsapp_access_token", "EAAG-SECRET-3"),
+            ("whatsapp_phone_number_id", "1055"),
+            ("whatsapp_api_url", "https://graph.facebook.com"),
+            ("whatsapp_api_version", "v24.0"),
+            ("whatsapp_template_name", "hello_world"),
+            ("whatsapp_template_language", "en_US"),
+            ("whatsapp_retry_base_ms", "5000"),
+            ("whatsapp_pace_ms", "3000"),
+            ("whatsapp_timeout_ms", "15000"),
+            ("whatsapp_unconfirmed_wait_ms", "120000"),
+            ("catalogue_json", &format!("[{PACK}]")),
+            ("min_photos", "4"),
+            ("max_photos", "10"),
+            ("texts_json", ""),
+            ("astria_api_url", "https://api.astria.ai"),
+            ("astria_api_key", "sd_SECRET-4"),
+            ("astria_test_mode", "false"),
+            ("callback_secret", "cb-SECRET-5"),
+            ("public_base_url", "https://bot.example.com"),
+            ("stripe_api_url", "https://api.stripe.com"),
+            ("stripe_secret_key", "sk_SECRET-6"),
+            ("stripe_webhook_secret", "whsec_SECRET-7"),
+            ("checkout_expiry_minutes", "1440"),
+            ("whatsapp_chat_link", "https://wa.me/"),
+            ("admin_token", "admin-SECRET-8"),
+            ("metrics_token", "metrics-SECRET-9"),
+            ("relay_batch", "500"),
+            ("retention_webhook_ids_days", "30"),
+            ("retention_events_days", "14"),
+            ("retention_dead_letters_days", "90"),
+            ("retention_abandoned_orders_days", "7"),
+            ("retention_delivered_photos_days", "7"),
+            ("retention_messages_days", "30"),
+            ("retention_opted_out_contacts_days", "30"),
+            ("retention_generated_images_days", "30"),
+            ("cleanup_batch", "1000"),
+            ("cleanup_lease_seconds", "900"),
+            ("reconcile_after_minutes", "60"),
+            ("reconcile_backoff_minutes", "5"),
+            ("reconcile_give_up_minutes", "1440"),
+            ("reconcile_batch", "20"),
+            ("reconcile_paid_after_minutes", "15"),
+            ("held_give_up_days", "25"),
+            ("database_url", "postgres://u:db-SECRET-10@db:5432/astria"),
+            ("redis_url", "redis://:redis-SECRET-11@redis:6379"),
+            ("otel_traces_enabled", "false"),
+            ("otel_collector_url", "http://127.0.0.1:4318"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in overrides {
+            vars.insert(k.to_string(), v.to_string());
+        }
+        move |name: &str| vars.get(name).cloned()
+    }
+
+    #[test]
+    fn every_component_loads_from_the_defaults_and_prints_no_secret() {
+        let src = defaults(&[]);
+        let printed = format!(
+            "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+            whatsapp_webhook(&src).unwrap(),
+            message_service(&src).unwrap(),
+            sender(&src).unwrap(),
+            trainer(&src).unwrap(),
+            callbacks(&src).unwrap(),
+            payment_webhook(&src).unwrap(),
+            checkout(&src).unwrap(),
+            operator_tokens(&src).unwrap(),
+            maintenance(&src).unwrap(),
+            database_url(&src).unwrap(),
+            redis_url(&src).unwrap(),
+            tracing(&src).unwrap(),
+        );
+        assert!(!printed.contains("SECRET"), "a secret in a Debug print: {printed}");
+        assert!(printed.contains("REDACTED"));
+        assert_eq!(sender(&src).unwrap().timeout, Duration::from_millis(15_000));
+        assert_eq!(maintenance(&src).unwrap().reconcile.held_give_up_days, 25);
+        assert_eq!(tracing(&defaults(&[("otel_traces_enabled", "true")])).unwrap().as_deref(), Some("http://127.0.0.1:4318"));
+    }
+
+    #[test]
+    fn an_invalid_value_is_an_error_naming_its_variable_never_a_default() {
+        let cases: &[(&str, &str)] = &[
+            ("whatsapp_retry_base_ms", "soon"),
+            ("whatsapp_pace_ms", "-1"),
+            ("whatsapp_timeout_ms", "0"),
+            ("whatsapp_unconfirmed_wait_ms", ""),
+            ("texts_json", "{not json"),
+            ("relay_batch", "0"),
+            ("retention_events_days", "two weeks"),
+            ("cleanup_lease_seconds", "1.5"),
+            ("reconcile_batch", "x"),
+            ("held_give_up_days", "-3"),
+            ("otel_traces_enabled", "yes"),
+            ("astria_test_mode", "maybe"),
+        ];
+        for (name, value) in cases {
+            let src = defaults(&[(name, value)]);
+            let errors: Vec<String> = [
+                sender(&src).err(),
+                trainer(&src).err(),
+                payment_webhook(&src).err(),
+                checkout(&src).err(),
+                maintenance(&src).err(),
+                tracing(&src).err(),
+            ]
+            .into_iter()
+            .flatten()
+            .map(|e| e.to_string())
+            .collect();
+            assert!(!errors.is_empty(), "{name}={value:?} was accepted");
+            assert!(errors.iter().all(|e| e.contains(name)), "{name}={value:?}: {errors:?}");
+        }
     }
 
     #[test]

@@ -7,7 +7,6 @@ pub mod astria;
 pub mod config;
 pub mod conversation;
 pub mod events;
-pub mod graph;
 pub mod money;
 pub mod order;
 pub mod stripe;

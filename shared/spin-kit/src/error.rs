@@ -2,6 +2,7 @@
 //! codes and bodies. Bodies carry only public text and a request id; the detail of 5xx errors
 //! goes to the log with the same request id.
 
+use astria_domain::config::ConfigError;
 use astria_store::DbError;
 use spin_sdk::http::Response;
 
@@ -13,6 +14,10 @@ pub enum ApiError {
     /// 401: missing or wrong credentials or signature.
     #[error("unauthorized")]
     Unauthorized,
+    /// 403: the credentials are understood and refused (a webhook handshake with the wrong
+    /// verify token).
+    #[error("{0}")]
+    Forbidden(&'static str),
     /// 404: unknown route or id.
     #[error("not found")]
     NotFound,
@@ -25,9 +30,17 @@ pub enum ApiError {
     /// 503: a dependency is down; the caller should retry.
     #[error("{dependency} unavailable")]
     Unavailable { dependency: &'static str, detail: String },
-    /// 500: a bug. The body says nothing more.
+    /// 500: a bug or a misconfiguration. The body says nothing more; the cause, with its whole
+    /// chain, goes to the log.
     #[error("internal error")]
-    Internal(String),
+    Internal(#[from] anyhow::Error),
+}
+
+/// A misconfigured deployment (the error names the variable): a 500, never the caller's fault.
+impl From<ConfigError> for ApiError {
+    fn from(e: ConfigError) -> Self {
+        ApiError::Internal(anyhow::Error::new(e).context("configuration"))
+    }
 }
 
 impl ApiError {
@@ -35,6 +48,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => 400,
             ApiError::Unauthorized => 401,
+            ApiError::Forbidden(_) => 403,
             ApiError::NotFound => 404,
             ApiError::Conflict(_) => 409,
             ApiError::TooLarge { .. } => 413,
@@ -49,8 +63,8 @@ impl ApiError {
             ApiError::Unavailable { dependency, detail } => {
                 crate::log::error_with("http", request_id, &format!("{dependency} unavailable: {detail}"))
             }
-            ApiError::Internal(detail) => {
-                crate::log::error_with("http", request_id, &format!("internal error: {detail}"))
+            ApiError::Internal(cause) => {
+                crate::log::error_with("http", request_id, &format!("internal error: {cause:#}"))
             }
             _ => {}
         }
@@ -69,35 +83,9 @@ impl From<DbError> for ApiError {
     fn from(e: DbError) -> Self {
         match e {
             DbError::Unavailable(detail) => ApiError::Unavailable { dependency: "database", detail },
-            other => ApiError::Internal(other.to_string()),
+            other => ApiError::Internal(anyhow::Error::new(other)),
         }
     }
-}
-
-/// Reads a request body, refusing more than `limit` bytes (from `content-length` before
-/// reading anything, and while streaming for chunked bodies).
-pub async fn read_body(req: spin_sdk::http::IncomingRequest, limit: usize) -> Result<Vec<u8>, ApiError> {
-    use futures::StreamExt;
-    let declared = req
-        .headers()
-        .entries()
-        .into_iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| String::from_utf8(v).ok())
-        .and_then(|v| v.trim().parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(ApiError::TooLarge { limit });
-    }
-    let mut body = Vec::new();
-    let mut stream = std::pin::pin!(req.into_body_stream());
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("could not read the body: {e:?}")))?;
-        if body.len() + chunk.len() > limit {
-            return Err(ApiError::TooLarge { limit });
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
 }
 
 #[cfg(test)]
@@ -109,15 +97,31 @@ mod tests {
         let cases = [
             (ApiError::BadRequest("x".into()), 400),
             (ApiError::Unauthorized, 401),
+            (ApiError::Forbidden("verification failed"), 403),
             (ApiError::NotFound, 404),
             (ApiError::Conflict("busy".into()), 409),
             (ApiError::TooLarge { limit: 10 }, 413),
             (ApiError::Unavailable { dependency: "redis", detail: "refused".into() }, 503),
-            (ApiError::Internal("bug".into()), 500),
+            (ApiError::Internal(anyhow::anyhow!("bug")), 500),
         ];
         for (e, status) in cases {
             assert_eq!(e.status(), status, "{e:?}");
         }
+    }
+
+    #[test]
+    fn an_internal_error_keeps_its_cause_for_the_log() {
+        use anyhow::Context;
+        let e: ApiError = Err::<(), _>(DbError::Query("syntax error at or near".into()))
+            .context("saving the conversation")
+            .unwrap_err()
+            .into();
+        let ApiError::Internal(cause) = e else { panic!("internal") };
+        let chain = format!("{cause:#}");
+        assert!(chain.contains("saving the conversation") && chain.contains("syntax error"), "{chain}");
+        let config = ApiError::from(ConfigError::Missing { name: "texts_json" });
+        let ApiError::Internal(cause) = config else { panic!("internal") };
+        assert!(format!("{cause:#}").contains("texts_json"), "the log names the variable");
     }
 
     #[test]
@@ -128,8 +132,10 @@ mod tests {
 
     #[test]
     fn public_messages_never_carry_internal_detail() {
-        let internal = ApiError::Internal("password=hunter2 in connection string".into());
+        let internal = ApiError::Internal(anyhow::anyhow!("password=hunter2 in connection string"));
         assert_eq!(internal.to_string(), "internal error");
+        let config = ApiError::from(ConfigError::Missing { name: "whatsapp_app_secret" });
+        assert_eq!((config.status(), config.to_string()), (500, "internal error".to_string()));
         let down = ApiError::Unavailable { dependency: "database", detail: "postgres://u:secret@db".into() };
         assert_eq!(down.to_string(), "database unavailable");
     }

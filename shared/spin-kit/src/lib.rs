@@ -3,6 +3,7 @@
 //! This is the only shared crate that knows spin-sdk: it turns domain answers into Spin HTTP
 //! responses. Domain logic does not belong here.
 
+pub mod astria;
 pub mod db;
 pub mod error;
 pub mod events;
@@ -10,18 +11,15 @@ pub mod http_client;
 pub mod images;
 pub mod log;
 pub mod messages;
+pub mod request;
 pub mod trace;
+pub mod whatsapp_media;
 
 use astria_models::HealthReport;
 use spin_sdk::http::Response;
 
-/// The request's id for logs and error bodies: the caller's `x-request-id` if it sent a
-/// reasonable one, else a fresh UUID.
-pub fn request_id(req: &spin_sdk::http::Request) -> String {
-    request_id_from(req.header("x-request-id").and_then(|h| h.as_str()))
-}
-
-/// [`request_id`] from the header's value, for handlers that take an `IncomingRequest`.
+/// The request's id for logs and error bodies, from its `x-request-id` header: the caller's
+/// if it sent a reasonable one, else a fresh UUID ([`request::Route`] reads it).
 pub fn request_id_from(header: Option<&str>) -> String {
     header
         .filter(|v| !v.is_empty() && v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
@@ -53,11 +51,6 @@ pub fn error_response(status: u16, message: &str) -> Response {
     json_response(status, &serde_json::json!({ "error": message }))
 }
 
-/// A Spin variable, or a 500 naming it (a deployment error, not the caller's).
-pub fn var(name: &str) -> Result<String, error::ApiError> {
-    spin_sdk::variables::get(name).map_err(|e| error::ApiError::Internal(format!("variable {name}: {e:?}")))
-}
-
 /// Spin variables as the domain's configuration source.
 pub struct SpinVars;
 
@@ -69,15 +62,13 @@ impl astria_domain::config::Source for SpinVars {
 
 /// Opens the database `database_url` names, migrated to the current schema.
 pub fn open_db() -> Result<db::SpinDb, error::ApiError> {
-    let db = db::SpinDb::open(&var("database_url")?)?;
+    use astria_domain::config::ExposeSecret;
+    let db = db::SpinDb::open(astria_domain::config::database_url(&SpinVars)?.expose_secret())?;
     astria_store::migrations::ensure_migrated(&db, events::now_ms())?;
     Ok(db)
 }
 
-/// A header of an `IncomingRequest`, as text.
-pub fn header(req: &spin_sdk::http::IncomingRequest, name: &str) -> Option<String> {
-    req.headers().get(&name.to_string()).into_iter().next().and_then(|v| String::from_utf8(v).ok())
-}
+pub use request::header;
 
 /// Readiness checks for `GET /health/<service>`.
 pub mod health {
@@ -96,9 +87,10 @@ pub mod health {
     /// The database answers a query. The detail names the failure, never the URL (it may
     /// carry a password).
     pub fn database() -> DependencyCheck {
-        let result = crate::var("database_url")
-            .map_err(|_| "database_url is not set".to_string())
-            .and_then(|url| crate::db::SpinDb::open(&url).map_err(|e| e.to_string()))
+        use astria_domain::config::ExposeSecret;
+        let result = astria_domain::config::database_url(&crate::SpinVars)
+            .map_err(|e| e.to_string())
+            .and_then(|url| crate::db::SpinDb::open(url.expose_secret()).map_err(|e| e.to_string()))
             .and_then(|db| db.query("SELECT 1", &[]).map(|_| ()).map_err(|e| e.to_string()));
         DependencyCheck { name: "database".to_string(), ok: result.is_ok(), detail: result.err() }
     }

@@ -374,10 +374,14 @@ fn export(service: &str, spans: Vec<Span>) {
     if cfg!(not(target_arch = "wasm32")) {
         return;
     }
-    if spans.is_empty() || spin_sdk::variables::get("otel_traces_enabled").ok().as_deref() != Some("true") {
+    if spans.is_empty() {
         return;
     }
-    let Ok(base) = spin_sdk::variables::get("otel_collector_url") else { return };
+    let base = match astria_domain::config::tracing(&crate::SpinVars) {
+        Ok(Some(base)) => base,
+        Ok(None) => return,
+        Err(e) => return crate::log::warn("trace.export", &format!("{e}; spans dropped")),
+    };
     let request = ExportTraceServiceRequest {
         resource_spans: vec![ResourceSpans {
             resource: Some(Resource {

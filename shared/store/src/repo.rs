@@ -365,13 +365,39 @@ pub fn reopen_order<D: Db + ?Sized>(db: &D, from_id: &str, new_id: &str, now_ms:
     Ok(())
 }
 
+/// What a payment issue asks of an operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IssueKind {
+    /// Money was taken for an order the app cannot fulfil: refund it.
+    NeedsRefund,
+    /// A paid session names no order the app knows.
+    UnknownOrder,
+}
+
+impl IssueKind {
+    /// The stored (and reported) name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IssueKind::NeedsRefund => "needs_refund",
+            IssueKind::UnknownOrder => "unknown_order",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<IssueKind, DbError> {
+        match s {
+            "needs_refund" => Ok(IssueKind::NeedsRefund),
+            "unknown_order" => Ok(IssueKind::UnknownOrder),
+            other => Err(DbError::Decode(format!("unknown payment issue kind '{other}'"))),
+        }
+    }
+}
+
 /// A payment an operator must look at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PaymentIssue {
     /// The Stripe event that revealed it (one issue per event).
     pub event_id: String,
-    /// `needs_refund` or `unknown_order`.
-    pub kind: String,
+    pub kind: IssueKind,
     pub order_id: Option<String>,
     pub session_id: Option<String>,
     pub payment_intent: Option<String>,
@@ -414,7 +440,7 @@ pub fn open_payment_issues<D: Db + ?Sized>(db: &D, limit: i64) -> Result<Vec<Pay
     .map(|r| {
         Ok(PaymentIssue {
             event_id: r.text(0)?,
-            kind: r.text(1)?,
+            kind: IssueKind::parse(&r.text(1)?)?,
             order_id: r.opt_text(2)?,
             session_id: r.opt_text(3)?,
             payment_intent: r.opt_text(4)?,

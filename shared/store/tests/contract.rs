@@ -596,7 +596,7 @@ fn payment_issues_are_kept_once_per_event_for_operators() {
         migrate(db.as_ref(), 0).unwrap();
         let issue = repo::PaymentIssue {
             event_id: "evt_1".into(),
-            kind: "needs_refund".into(),
+            kind: repo::IssueKind::NeedsRefund,
             order_id: Some("o1".into()),
             session_id: Some("cs_1".into()),
             payment_intent: None,
@@ -608,7 +608,7 @@ fn payment_issues_are_kept_once_per_event_for_operators() {
         assert!(!repo::record_payment_issue(db.as_ref(), &issue).unwrap());
         let unknown = repo::PaymentIssue {
             event_id: "evt_2".into(),
-            kind: "unknown_order".into(),
+            kind: repo::IssueKind::UnknownOrder,
             amount: None,
             order_id: None,
             created_at: 20,

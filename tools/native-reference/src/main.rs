@@ -21,7 +21,7 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
-use astria_domain::config::{self, Source};
+use astria_domain::config::{self, ExposeSecret, Source};
 use astria_domain::whatsapp;
 use astria_store::native::{Pg, Sqlite};
 use astria_store::{Db, DbError, Dialect, Row, Value};
@@ -109,25 +109,22 @@ impl Server {
         Ok(Worker { db, redis })
     }
 
-    fn var(&self, name: &str) -> Result<String, ApiError> {
-        self.vars.get(name).ok_or_else(|| ApiError::Internal(format!("variable {name} is not set")))
-    }
-
     /// message-service's `receive`, natively.
     fn receive(&self, body: &[u8], signature: Option<&str>, request_id: &str) -> Result<String, ApiError> {
-        whatsapp::verify_signature(&self.var("whatsapp_app_secret")?, body, signature)
+        let edge = config::whatsapp_webhook(&self.vars)?;
+        whatsapp::verify_signature(edge.app_secret.expose_secret(), body, signature)
             .map_err(|_| ApiError::Unauthorized)?;
-        let hook = webhook::parse(body, &self.var("whatsapp_phone_number_id")?)?;
-        if hook.messages.is_empty() && hook.statuses.is_empty() {
+        let hook = webhook::parse(body, &edge.phone_number_id)?;
+        if hook.messages.is_empty() && hook.statuses.is_empty() && hook.preferences.is_empty() {
             return Ok(serde_json::to_string(&webhook::Report::default()).unwrap());
         }
-        let packs = config::catalogue(&self.vars).map_err(|e| ApiError::Internal(e.to_string()))?;
-        let settings = config::conversation(&self.vars).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let cfg = config::message_service(&self.vars)?;
+        let (packs, settings) = (&cfg.packs, &cfg.conversation);
         let mut w = self.worker()?;
         astria_store::migrations::ensure_migrated(&w.db, now_ms())?;
         let redis = &mut w.redis;
         let report =
-            webhook::handle(&w.db, &hook, &packs, &settings, request_id, |db, pending| publish(db, redis, pending));
+            webhook::handle(&w.db, &hook, packs, settings, request_id, |db, pending| publish(db, redis, pending));
         if !self.fresh {
             self.idle.lock().unwrap().push(w);
         }
