@@ -1,5 +1,10 @@
-//! Fake external HTTP servers for tests, built on `wiremock`: each test declares what it
-//! expects (`.expect(n)`), and the expectations are verified when the server is dropped.
+//! A bare fake HTTP server (`wiremock`) for tests of the host and of the app's outbound calls
+//! that need no fake of a real party (devhost's outbound checks, a collector that refuses
+//! spans). A mock given `.expect(n)` is verified when the server is dropped.
+//!
+//! The parties the app talks to have fakes of their own that behave like them and record
+//! what they received, for the tests to assert on: `whatsapp.rs`, `stripe.rs`, `astria.rs`,
+//! all started together by `world.rs`.
 
 pub use wiremock::matchers;
 pub use wiremock::{Mock, MockServer, ResponseTemplate};

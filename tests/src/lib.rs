@@ -41,6 +41,7 @@ pub mod postgres;
 pub mod quiet;
 pub mod stripe;
 pub mod whatsapp;
+pub mod world;
 
 /// The workspace root (this crate lives in `<root>/tests`).
 pub fn workspace_root() -> PathBuf {
@@ -325,6 +326,16 @@ impl TestApp {
         text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
     }
 
+    /// Waits until `check` answers `Some`, for at most `timeout`; then fails the test naming
+    /// what it waited for, with the app's log.
+    pub async fn wait_until<T, F, Fut>(&self, what: &str, timeout: Duration, check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        wait_until_or(what, timeout, check, || format!("---- the app's log ----\n{}", self.log())).await
+    }
+
     /// Polls `check` until it returns `Some`, for at most `timeout`.
     pub async fn eventually<T, F, Fut>(&self, timeout: Duration, mut check: F) -> Option<T>
     where
@@ -332,6 +343,29 @@ impl TestApp {
         Fut: std::future::Future<Output = Option<T>>,
     {
         eventually(timeout, &mut check).await
+    }
+}
+
+/// Waits until `check` answers `Some`, polling every 25 ms for at most `timeout`; then fails
+/// the test saying what it waited for. The one way a test waits: for a condition, with a
+/// deadline, never for a time.
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    wait_until_or(what, timeout, check, String::new).await
+}
+
+/// [`wait_until`], adding `context()` (the app's log, say) to the failure.
+pub async fn wait_until_or<T, F, Fut>(what: &str, timeout: Duration, mut check: F, context: impl FnOnce() -> String) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    match eventually(timeout, &mut check).await {
+        Some(v) => v,
+        None => panic!("waited {timeout:?} for {what}, in vain\n{}", context()),
     }
 }
 

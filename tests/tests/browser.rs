@@ -59,11 +59,13 @@ impl Sandbox {
             .unwrap();
         let db = TestDb::Sqlite(dir.path().join("state/sqlite_db.db"));
         let sandbox = Sandbox { _group: Group(child), url: format!("http://{url}"), log, db, _dir: dir };
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while !std::fs::read_to_string(&sandbox.log).unwrap_or_default().contains("ready: open") {
-            assert!(Instant::now() < deadline, "scripts/sandbox.sh not ready in 90 s:\n{}", sandbox.log());
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        astria_tests::wait_until_or(
+            "scripts/sandbox.sh to say it is ready",
+            Duration::from_secs(90),
+            || async { sandbox.log().contains("ready: open").then_some(()) },
+            || sandbox.log(),
+        )
+        .await;
         sandbox
     }
 

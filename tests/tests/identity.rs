@@ -9,12 +9,13 @@
 
 use std::path::PathBuf;
 
-use astria_tests::astria::{self as fa, FakeAstria};
+use astria_tests::astria as fa;
 use astria_tests::db::TestDb;
 use astria_tests::quiet::quiesce;
-use astria_tests::stripe::{self as ps, FakeStripe};
-use astria_tests::whatsapp::{self as wa, Answer, FakeGraph};
-use astria_tests::{on_both, workspace_root, AppConfig, TestApp, TestRedis};
+use astria_tests::stripe as ps;
+use astria_tests::whatsapp::{self as wa, Answer};
+use astria_tests::world::{Options, World};
+use astria_tests::{on_both, workspace_root};
 use serde_json::{json, Value};
 
 /// The customer of the corpus and of the journeys: a phone number and a BSUID.
@@ -25,24 +26,8 @@ const USERNAME: &str = "ana.photos";
 const BEFORE_IMAGES: usize = 9;
 const IMAGES: usize = fa::PROMPTS as usize * fa::IMAGES_PER_PROMPT;
 
-struct World {
-    app: TestApp,
-    graph: FakeGraph,
-    astria: FakeAstria,
-    stripe: FakeStripe,
-    _redis: TestRedis,
-}
-
 async fn world_with(postgres: bool, vars: &[(&str, &str)]) -> World {
-    let redis = TestRedis::start().await.unwrap();
-    let graph = FakeGraph::start().await;
-    graph.serve_media(0).await;
-    let stripe = FakeStripe::start().await;
-    let astria = FakeAstria::start().await;
-    let config: AppConfig =
-        vars.iter().fold(fa::bot_config(&graph, &redis, &stripe, &astria, postgres), |c, (k, v)| c.var(k, *v));
-    let app = wa::spawn_bot(config, &redis).await;
-    World { app, graph, astria, stripe, _redis: redis }
+    World::start(vars.iter().fold(Options::on(postgres), |o, (k, v)| o.var(k, v))).await
 }
 
 async fn world(postgres: bool) -> World {
@@ -268,12 +253,10 @@ async fn a_customer_with_a_username_buys_a_pack_and_every_message_goes_to_their_
     assert_eq!(db.order_status(&order_id).await, "delivered");
     // The status webhooks (naming only the BSUID) were matched to the messages.
     let delivered = "SELECT COUNT(*) FROM outbound_messages WHERE delivery_status = 'delivered'";
-    let n = astria_tests::eventually(std::time::Duration::from_secs(30), &mut || async {
-        let n = db.count(delivered).await;
-        (n == total as i64).then_some(n)
+    w.wait_until("every send booked delivered by its status webhook", std::time::Duration::from_secs(30), || async {
+        (db.count(delivered).await == total as i64).then_some(())
     })
     .await;
-    assert_eq!(n, Some(total as i64), "every send booked delivered by its status webhook");
     let log = w.app.log();
     for personal in [BSUID, USERNAME, PHONE] {
         assert!(!log.contains(personal), "the customer's identifier {personal} in the log");

@@ -8,7 +8,8 @@ use astria_tests::astria::{self as fa, FakeAstria};
 use astria_tests::db::TestDb;
 use astria_tests::stripe::{self as ps, FakeStripe};
 use astria_tests::whatsapp::{self as wa, FakeGraph};
-use astria_tests::{on_both, TestApp, TestRedis};
+use astria_tests::world::{Options, World};
+use astria_tests::{on_both, wait_until, TestApp, TestRedis};
 use serde_json::Value;
 
 const ANA: &str = "4915112345678";
@@ -16,36 +17,15 @@ const ANA: &str = "4915112345678";
 const BEFORE_IMAGES: usize = 9;
 const IMAGES: usize = fa::PROMPTS as usize * fa::IMAGES_PER_PROMPT;
 
-struct World {
-    app: TestApp,
-    _replicas: Vec<TestApp>,
-    graph: FakeGraph,
-    astria: FakeAstria,
-    _stripe: FakeStripe,
-    _redis: TestRedis,
-}
-
+/// The app and its fakes (`astria_tests::world`): `replicas` apps sharing the database, and a
+/// Graph API whose first `media_failures` media lookups fail.
 async fn world(postgres: bool, replicas: usize, media_failures: usize) -> World {
     world_with(postgres, replicas, media_failures, &[]).await
 }
 
 async fn world_with(postgres: bool, replicas: usize, media_failures: usize, vars: &[(&str, &str)]) -> World {
-    let redis = TestRedis::start().await.unwrap();
-    let graph = FakeGraph::start().await;
-    graph.serve_media(media_failures).await;
-    let stripe = FakeStripe::start().await;
-    let astria = FakeAstria::start().await;
-    let config = || {
-        let base = ps::with_stripe(wa::bot_config(&graph, &redis, postgres), &stripe);
-        vars.iter().fold(fa::with_astria(base, &astria, &graph.uri()), |c, (k, v)| c.var(k, *v))
-    };
-    let app = wa::spawn_bot(config(), &redis).await;
-    let mut others = vec![];
-    for _ in 1..replicas {
-        others.push(astria_tests::spawn_app(config().replica_of(&app)).await.unwrap());
-    }
-    astria_tests::wait_for_subscribers_at(&redis.url(), "astria.orders", replicas as i64).await.unwrap();
-    World { app, _replicas: others, graph, astria, _stripe: stripe, _redis: redis }
+    let options = Options::on(postgres).replicas(replicas).media_failures(media_failures);
+    World::start(vars.iter().fold(options, |o, (k, v)| o.var(k, v))).await
 }
 
 async fn db(app: &TestApp) -> TestDb {
@@ -61,7 +41,7 @@ async fn pay(w: &World) -> String {
         w.graph.wait_for(i + 1).await;
     }
     let sends = w.graph.wait_for(7).await;
-    ps::pay_link(&w.app, &w._stripe, &sends[6]).await
+    ps::pay_link(&w.app, &w.stripe, &sends[6]).await
 }
 
 /// Waits for the training message (the 9th) and answers every send so far.
@@ -130,11 +110,11 @@ async fn journey(postgres: bool) {
     assert_eq!(db.count(linked).await as usize, IMAGES);
     // Every message WhatsApp took is booked delivered by its status webhooks.
     let delivered = "SELECT COUNT(*) FROM outbound_messages WHERE delivery_status = 'delivered'";
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while db.count(delivered).await < (total + 1) as i64 {
-        assert!(Instant::now() < deadline, "{} delivered of {}", db.count(delivered).await, total + 1);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    w.app
+        .wait_until(&format!("{} messages booked delivered", total + 1), Duration::from_secs(20), || async {
+            (db.count(delivered).await >= (total + 1) as i64).then_some(())
+        })
+        .await;
     eprintln!("journey ({}) took {} ms", if postgres { "postgres" } else { "sqlite" }, started.elapsed().as_millis());
 }
 
@@ -175,13 +155,14 @@ async fn relay_now(app: &TestApp) {
 
 /// Relays until the training message went out (the trainer's retries are due at once).
 async fn relay_until_training(w: &World) {
-    for _ in 0..50 {
+    w.wait_until("the training message, relaying", Duration::from_secs(30), || async {
         if w.graph.requests().await.len() >= BEFORE_IMAGES {
-            return;
+            return Some(());
         }
         relay_now(&w.app).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        None
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -319,23 +300,22 @@ async fn callbacks_that_beat_the_training_commit_are_kept_and_acted_on(postgres:
     // order is still `paid`, the tune id not yet recorded.
     w.astria.delay_next_create(vec![Duration::from_millis(2500)]);
     let order_id = pay(&w).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while w.astria.tunes().is_empty() {
-        assert!(Instant::now() < deadline, "no tune created:\n{}", w.app.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    w.wait_until("a tune created at Astria", Duration::from_secs(10), || async { (!w.astria.tunes().is_empty()).then_some(()) })
+        .await;
     let db = db(&w.app).await;
     let status = db.order_status(&order_id).await;
     assert_eq!(status, "paid", "the callbacks come before the training is recorded");
     w.astria.finish(&w.app, &order_id).await; // each callback answers 200 (asserted inside)
                                               // Astria never calls back again; the app still delivers everything, once.
     let total = BEFORE_IMAGES + IMAGES + 1;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while w.graph.requests().await.len() < total {
-        assert!(Instant::now() < deadline, "{:?}\n{}", summaries(&w.graph.requests().await), w.app.log());
+    w.wait_until(&format!("{total} sends, relaying"), Duration::from_secs(30), || async {
+        if w.graph.requests().await.len() >= total {
+            return Some(());
+        }
         relay_now(&w.app).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+        None
+    })
+    .await;
     settle(&w).await;
     let sends = w.graph.requests().await;
     assert_eq!(sends.len(), total, "{:?}", summaries(&sends));
@@ -359,23 +339,27 @@ async fn astria_down_past_the_events_retries_and_back_still_trains_and_delivers_
     // First the payment's own event runs out of attempts (the reconciliation is held back).
     db.execute("UPDATE orders SET reconcile_next_at = 9999999999999 WHERE id = $1", &[(&order_id).into()]).await;
     let dead = "SELECT COUNT(*) FROM outbox WHERE event_type = 'order.paid' AND status = 'dead'";
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while db.count(dead).await == 0 {
-        assert!(Instant::now() < deadline, "the event never died:\n{}", w.app.log());
+    w.wait_until("order.paid dead-lettered, relaying", Duration::from_secs(60), || async {
+        if db.count(dead).await > 0 {
+            return Some(());
+        }
         relay_now(&w.app).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        None
+    })
+    .await;
     let tried = w.astria.creates();
     assert!(tried < DOWN, "{tried} attempts: Astria is still down");
     assert_eq!(w.graph.requests().await.len(), BEFORE_IMAGES - 1, "the customer heard nothing yet");
     // Then the reconciliation's time comes: the paid order is handed to the trainer again.
     db.execute("UPDATE orders SET reconcile_next_at = NULL WHERE id = $1", &[(&order_id).into()]).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while w.graph.requests().await.len() < BEFORE_IMAGES {
-        assert!(Instant::now() < deadline, "never trained:\n{}", w.app.log());
+    w.wait_until("the training message, relaying", Duration::from_secs(60), || async {
+        if w.graph.requests().await.len() >= BEFORE_IMAGES {
+            return Some(());
+        }
         relay_now(&w.app).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        None
+    })
+    .await;
     assert_eq!(w.astria.creates(), DOWN + 1, "tried until Astria came back, then one tune");
     assert_eq!(w.astria.tunes().len(), 1);
     w.astria.finish(&w.app, &order_id).await;
@@ -403,14 +387,12 @@ async fn a_paid_order_that_never_trains_fails_at_the_give_up_point_with_a_refund
     w.astria.fail_next(vec![500; 1000]); // Astria never comes back
     let order_id = pay(&w).await;
     let db = db(&w.app).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut given_up = 0;
-    while given_up == 0 {
-        assert!(Instant::now() < deadline, "never given up:\n{}", w.app.log());
-        db.execute("UPDATE outbox SET next_attempt_at = 0 WHERE status <> 'done'", &[]).await;
-        given_up += wa::relay(&w.app).await["given_up"].as_i64().unwrap_or(0);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let given_up = w
+        .wait_until("the relay giving the order up", Duration::from_secs(30), || async {
+            db.execute("UPDATE outbox SET next_attempt_at = 0 WHERE status <> 'done'", &[]).await;
+            Some(wa::relay(&w.app).await["given_up"].as_i64().unwrap_or(0)).filter(|n| *n > 0)
+        })
+        .await;
     assert_eq!(given_up, 1);
     assert_failed_and_flagged(&w, &order_id, BEFORE_IMAGES - 1, "training never started").await;
 }
@@ -680,10 +662,10 @@ async fn with_every_second_image_refused_by_the_pair_limit_all_arrive_exactly_on
     training_started(&w).await;
     w.astria.finish(&w.app, &order_id).await;
     // No relay call: short waits happen inside the sender.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while accepted.lock().unwrap().len() < IMAGES && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    w.wait_until(&format!("{IMAGES} images accepted"), Duration::from_secs(20), || async {
+        (accepted.lock().unwrap().len() >= IMAGES).then_some(())
+    })
+    .await;
     settle(&w).await;
     let accepted = accepted.lock().unwrap().clone();
     let mut links: Vec<&String> = accepted.iter().map(|(_, l)| l).collect();
@@ -774,7 +756,7 @@ async fn no_secret_and_no_phone_number_in_any_log(postgres: bool) {
     graph.script(vec![wa::Answer::Status(502)]);
     astria.fail_next(vec![504]);
     stripe.fail_next(vec![500]);
-    let w = World { app, _replicas: vec![], graph, astria, _stripe: stripe, _redis: redis };
+    let w = World { app, replicas: vec![], graph, stripe, astria, redis };
     // Forgeries: a webhook signed with another secret, a Stripe event with a bad signature.
     let body = serde_json::to_vec(&wa::inbound(ANA, vec![wa::text(ANA, "f1", "hi")])).unwrap();
     let r = w
@@ -802,17 +784,19 @@ async fn no_secret_and_no_phone_number_in_any_log(postgres: bool) {
         assert_eq!(wa::post_webhook(&w.app, &wa::inbound(ANA, vec![m])).await.0, 200);
         fast_forward(&w).await;
     }
-    let session = w._stripe.session_for_any().expect("the link was made after Stripe's 500");
+    let session = w.stripe.session_for_any().expect("the link was made after Stripe's 500");
     let order_id = session["client_reference_id"].as_str().unwrap().to_string();
     let paid = ps::session(session["id"].as_str().unwrap(), &order_id, 1999, "usd", "paid");
     let (status, _) = ps::post_event(&w.app, &ps::event("evt_logs", "checkout.session.completed", paid)).await;
     assert_eq!(status, 200);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while w.astria.tunes().is_empty() {
-        assert!(Instant::now() < deadline, "never trained:\n{}", w.app.log());
+    w.wait_until("a tune created at Astria, relaying", Duration::from_secs(30), || async {
+        if !w.astria.tunes().is_empty() {
+            return Some(());
+        }
         relay_now(&w.app).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        None
+    })
+    .await;
     w.astria.finish(&w.app, &order_id).await;
     fast_forward(&w).await;
     let sends = w.graph.requests().await;
@@ -898,14 +882,13 @@ async fn postgres_restarted_under_the_running_app_loses_and_doubles_nothing() {
     let config = fa::bot_config(&graph, &redis, &stripe, &astria, false);
     let app = wa::spawn_bot(pg.app_config(config, "astria_restart").await.unwrap(), &redis).await;
     astria_tests::wait_for_subscribers_at(&redis.url(), "astria.orders", 1).await.unwrap();
-    let w = World { app, _replicas: vec![], graph, astria, _stripe: stripe, _redis: redis };
+    let w = World { app, replicas: vec![], graph, stripe, astria, redis };
     w.astria.delay_next_create(vec![Duration::from_millis(1500)]);
     let order_id = pay(&w).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while w.astria.tunes().is_empty() {
-        assert!(Instant::now() < deadline, "the trainer never called Astria:\n{}", w.app.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    w.wait_until("the trainer calling Astria", Duration::from_secs(10), || async {
+        (!w.astria.tunes().is_empty()).then_some(())
+    })
+    .await;
 
     pg.stop();
     let status = wa::status("wamid.elsewhere", ANA, "read", None);
@@ -1206,25 +1189,17 @@ async fn browser_console_shows_the_funnel_and_a_stuck_order_and_replays_a_dead_l
     c.goto(&w.app.url("/maintenance/console")).await.unwrap();
     let find = |css: &'static str| async move { c.wait().for_element(Locator::Css(css)).await.unwrap() };
     let text_of = |css: String| async move {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Ok(e) = c.find(Locator::Css(&css)).await {
-                if let Ok(t) = e.text().await {
-                    if !t.is_empty() {
-                        return t;
-                    }
-                }
-            }
-            assert!(Instant::now() < deadline, "nothing shown at {css}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let what = format!("text shown at {css}");
+        wait_until(&what, Duration::from_secs(15), || async {
+            c.find(Locator::Css(&css)).await.ok()?.text().await.ok().filter(|t| !t.is_empty())
+        })
+        .await
     };
     let gone = |css: String| async move {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while c.find(Locator::Css(&css)).await.is_ok() {
-            assert!(Instant::now() < deadline, "{css} still shown");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_until(&format!("{css} gone from the page"), Duration::from_secs(15), || async {
+            c.find(Locator::Css(&css)).await.is_err().then_some(())
+        })
+        .await
     };
 
     // A wrong token: refused, the console stays closed.
@@ -1274,11 +1249,10 @@ async fn browser_console_shows_the_funnel_and_a_stuck_order_and_replays_a_dead_l
     let status = db.text("SELECT status FROM outbox WHERE id = $1", &[dead.as_str().into()]).await;
     assert_ne!(status, "dead");
     // The open order shows the event handed back, too.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while c.find(dead_in_order).await.is_ok() {
-        assert!(Instant::now() < deadline, "the order's events still show the dead letter");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_until("the order's events without the dead letter", Duration::from_secs(15), || async {
+        c.find(dead_in_order).await.is_err().then_some(())
+    })
+    .await;
 
     // Resolve the payment issue: a note is required, then it is recorded.
     let issue_row = "#payment-issues tr[data-issue='evt_ghost']".to_string();
@@ -1335,7 +1309,7 @@ async fn one_trace_follows_a_payment_across_redis_to_astria_and_whatsapp(postgre
     }
     let sends = w.graph.wait_for(7).await;
     let session_id = wa::summary(&sends[6]).rsplit('/').next().unwrap().to_string();
-    let order_id = w._stripe.session_for_any().unwrap()["client_reference_id"].as_str().unwrap().to_string();
+    let order_id = w.stripe.session_for_any().unwrap()["client_reference_id"].as_str().unwrap().to_string();
     let paid = ps::session(&session_id, &order_id, 1999, "usd", "paid");
     let body = serde_json::to_vec(&ps::event("evt_traced", "checkout.session.completed", paid)).unwrap();
     let r = w

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use astria_tests::world::{Options, World};
 use astria_tests::db::TestDb;
 use astria_tests::quiet::quiesce;
 use astria_tests::stripe::{self as ps, FakeStripe};
@@ -130,9 +131,8 @@ async fn a_customer_goes_from_hi_through_the_payment_link_to_paid_postgres() {
 
 #[tokio::test]
 async fn the_handshake_answers_the_challenge_only_to_the_configured_token() {
-    let redis = TestRedis::start().await.unwrap();
-    let graph = FakeGraph::start().await;
-    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, false), &redis).await;
+    let w = World::start(Options::on(false)).await;
+    let app = &w.app;
     let ok = format!("/SmsReceived?hub.mode=subscribe&hub.verify_token={}&hub.challenge=1158201444", wa::VERIFY_TOKEN);
     let r = app.get(&ok).await;
     assert_eq!(r.status(), 200);
@@ -149,9 +149,8 @@ async fn the_handshake_answers_the_challenge_only_to_the_configured_token() {
 
 #[tokio::test]
 async fn commands_work_from_several_states_postgres() {
-    let redis = TestRedis::start().await.unwrap();
-    let graph = FakeGraph::start().await;
-    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, true), &redis).await;
+    let w = World::start(Options::on(true)).await;
+    let (app, graph) = (&w.app, &w.graph);
     let db = pg(&app).await;
     let help =
         "text:Commands: MENU (packs), STATUS, CANCEL (before paying), DONE (after photos), STOP (no more messages).";
@@ -199,9 +198,8 @@ async fn commands_work_from_several_states_postgres() {
 
 #[tokio::test]
 async fn the_same_webhook_delivered_five_times_gets_one_reply_postgres() {
-    let redis = TestRedis::start().await.unwrap();
-    let graph = FakeGraph::start().await;
-    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, true), &redis).await;
+    let w = World::start(Options::on(true)).await;
+    let (app, graph) = (&w.app, &w.graph);
     let body = wa::inbound(ANA, vec![wa::text(ANA, "wamid.same", "hi")]);
     // Two at once, then three more: Meta's retries may overlap the first delivery.
     let (a, b) = tokio::join!(wa::post_webhook(&app, &body), wa::post_webhook(&app, &body));
@@ -221,9 +219,8 @@ async fn the_same_webhook_delivered_five_times_gets_one_reply_postgres() {
 }
 
 async fn forged_requests_are_refused_with_401_and_store_nothing(postgres: bool) {
-    let redis = TestRedis::start().await.unwrap();
-    let graph = FakeGraph::start().await;
-    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, postgres), &redis).await;
+    let w = World::start(Options::on(postgres)).await;
+    let (app, graph) = (&w.app, &w.graph);
     assert_eq!(app.get("/health/message").await.status(), 200, "ready");
     assert!(wa::relay(&app).await["republished"].is_number(), "the relay's first call put the schema in place");
     let body = serde_json::to_vec(&wa::inbound(ANA, vec![wa::text(ANA, "wamid.forged", "hi")])).unwrap();
@@ -263,9 +260,8 @@ on_both!(forged_requests_are_refused_with_401_and_store_nothing);
 
 #[tokio::test]
 async fn bad_input_gets_the_right_status_and_changes_nothing_postgres() {
-    let redis = TestRedis::start().await.unwrap();
-    let graph = FakeGraph::start().await;
-    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, true), &redis).await;
+    let w = World::start(Options::on(true)).await;
+    let (app, graph) = (&w.app, &w.graph);
     assert_eq!(app.get("/health/message").await.status(), 200, "ready");
     assert!(wa::relay(&app).await["republished"].is_number(), "the relay's first call put the schema in place");
     let signed_post = |body: Vec<u8>| {
@@ -441,18 +437,16 @@ async fn outside_the_24_hour_window_the_template_goes_out_and_the_rest_follows_t
     assert_eq!(sends[2], sends[0], "the kept message, unchanged");
     assert!(wa::summary(&sends[3]).starts_with("list:Hi!"));
     // The sender books each answer just after it arrives.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while count(&db, "SELECT COUNT(*) FROM outbound_messages WHERE status <> 'sent'").await != 0 {
-        assert!(std::time::Instant::now() < deadline, "not every message was booked as sent");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    app.wait_until("every message booked as sent", Duration::from_secs(10), || async {
+        (count(&db, "SELECT COUNT(*) FROM outbound_messages WHERE status <> 'sent'").await == 0).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_reply_to_a_message_older_than_24_hours_becomes_the_template_without_a_failed_call() {
-    let redis = TestRedis::start().await.unwrap();
-    let graph = FakeGraph::start().await;
-    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, false), &redis).await;
+    let w = World::start(Options::on(false)).await;
+    let (app, graph) = (&w.app, &w.graph);
     let mut old = wa::text(ANA, "wamid.old", "hi");
     old["timestamp"] = json!((wa::unix_now() - 25 * 3600).to_string());
     wa::post_webhook(&app, &wa::inbound(ANA, vec![old])).await;
@@ -464,9 +458,8 @@ async fn a_reply_to_a_message_older_than_24_hours_becomes_the_template_without_a
 
 #[tokio::test]
 async fn statuses_are_recorded_forward_only_and_a_window_failure_brings_the_template_postgres() {
-    let redis = TestRedis::start().await.unwrap();
-    let graph = FakeGraph::start().await;
-    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, true), &redis).await;
+    let w = World::start(Options::on(true)).await;
+    let (app, graph) = (&w.app, &w.graph);
     let db = pg(&app).await;
     let s = say(&app, &graph, wa::text(ANA, "wamid.s1", "hi"), 1).await;
     assert!(s[0].starts_with("list:"));
@@ -512,11 +505,10 @@ async fn with_redis_stopped_replies_wait_and_are_delivered_once_it_returns_postg
     let health: Value = r.json().await.unwrap();
     let names: Vec<&str> = health["checks"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
     assert_eq!(names, vec!["database"], "{health}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while app.process("astria-message-worker").exits().is_empty() {
-        assert!(std::time::Instant::now() < deadline, "the sender outlived Redis:\n{}", app.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    app.wait_until("the sender's process to exit with Redis", Duration::from_secs(10), || async {
+        (!app.process("astria-message-worker").exits().is_empty()).then_some(())
+    })
+    .await;
     assert_eq!(app.process("astria-message").exits(), vec![], "the webhook's process stays up");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(graph.requests().await.len(), 1, "nothing can be announced while Redis is down");
@@ -560,9 +552,8 @@ async fn with_the_database_down_the_webhook_answers_503_and_metas_retry_succeeds
 
 #[tokio::test]
 async fn with_two_replicas_a_burst_from_many_contacts_is_answered_exactly_once_each_postgres() {
-    let redis = TestRedis::start().await.unwrap();
-    let graph = FakeGraph::start().await;
-    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, true), &redis).await;
+    let w = World::start(Options::on(true)).await;
+    let (app, graph, redis) = (&w.app, &w.graph, &w.redis);
     let replica = astria_tests::spawn_app(wa::bot_config(&graph, &redis, false).replica_of(&app)).await.unwrap();
     astria_tests::wait_for_subscribers_at(&redis.url(), "astria.messages", 2).await.unwrap();
     // 10 contacts write 3 messages each, all at once, to either replica.
@@ -603,11 +594,10 @@ async fn a_send_whose_answer_was_lost_is_not_sent_again_once_its_status_arrives(
     let sends = graph.wait_for(1).await;
     assert!(sends[0]["biz_opaque_callback_data"].is_string(), "every send is tagged");
     let db = pg(&app).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while message_row(&db, "list").await.3.is_none() && !count_unconfirmed(&db).await {
-        assert!(std::time::Instant::now() < deadline, "the timeout was never booked:\n{}", app.log());
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    app.wait_until("the timed-out send booked", Duration::from_secs(10), || async {
+        (message_row(&db, "list").await.3.is_some() || count_unconfirmed(&db).await).then_some(())
+    })
+    .await;
     // Past the wait, with the relay running: it is not sent again.
     tokio::time::sleep(Duration::from_millis(2000)).await;
     for _ in 0..3 {
@@ -687,9 +677,8 @@ async fn publish_message_send(redis: &TestRedis, envelope: &Value) {
 }
 
 async fn a_crafted_message_send_for_no_stored_message_sends_nothing(postgres: bool) {
-    let redis = TestRedis::start().await.unwrap();
-    let graph = FakeGraph::start().await;
-    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, postgres), &redis).await;
+    let w = World::start(Options::on(postgres)).await;
+    let (app, graph, redis) = (&w.app, &w.graph, &w.redis);
     say(&app, &graph, wa::text(ANA, "wamid.x1", "hi"), 1).await;
     let db = pg(&app).await;
     let before = count(&db, "SELECT COUNT(*) FROM outbound_messages").await;
@@ -724,9 +713,8 @@ async fn a_crafted_message_send_for_no_stored_message_sends_nothing(postgres: bo
 }
 
 async fn an_image_reported_failed_as_unusable_goes_again_as_a_document(postgres: bool) {
-    let redis = TestRedis::start().await.unwrap();
-    let graph = FakeGraph::start().await;
-    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, postgres), &redis).await;
+    let w = World::start(Options::on(postgres)).await;
+    let (app, graph, redis) = (&w.app, &w.graph, &w.redis);
     say(&app, &graph, wa::text(ANA, "wamid.i1", "hi"), 1).await;
     // Another service queues an image (as the image-service does for each portrait: the row,
     // then its message.send).
@@ -736,14 +724,9 @@ async fn an_image_reported_failed_as_unusable_goes_again_as_a_document(postgres:
     publish_message_send(&redis, &send).await;
     graph.wait_for(2).await;
     // The sender books WhatsApp's answer just after it arrives.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let wamid = loop {
-        if let Some(w) = message_row(&db, "image").await.3 {
-            break w;
-        }
-        assert!(std::time::Instant::now() < deadline, "the image was never booked as sent");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    };
+    let wamid = app
+        .wait_until("the image booked as sent", Duration::from_secs(10), || async { message_row(&db, "image").await.3 })
+        .await;
     // WhatsApp accepted it, then could not fetch it (over 5 MB): a failed status with 131053,
     // delivered twice at once (Meta retries; two webhook replicas take them together).
     let failed = wa::status(&wamid, ANA, "failed", Some(131053));
@@ -768,9 +751,8 @@ on_both!(
 /// Meta redelivers a message it already delivered, in one batch with new ones: the seen one is
 /// a duplicate, the new ones are handled, in order, once each.
 async fn a_batch_mixing_a_seen_message_with_new_ones_handles_only_the_new(postgres: bool) {
-    let redis = TestRedis::start().await.unwrap();
-    let graph = FakeGraph::start().await;
-    let app = wa::spawn_bot(wa::bot_config(&graph, &redis, postgres), &redis).await;
+    let w = World::start(Options::on(postgres)).await;
+    let (app, graph) = (&w.app, &w.graph);
     let first = say(&app, &graph, wa::text(ANA, "wamid.b1", "hi"), 1).await;
     assert!(first[0].starts_with("list:"), "{first:?}");
     let batch = wa::inbound(
@@ -866,6 +848,8 @@ async fn with_the_collector_down_or_refusing_the_replies_still_go_once() {
     let refusing = astria_tests::fakes::fake_server().await;
     astria_tests::fakes::Mock::given(astria_tests::fakes::matchers::path("/v1/traces"))
         .respond_with(astria_tests::fakes::ResponseTemplate::new(503))
+        // Spans were offered to it (verified when the server is dropped).
+        .expect(1..)
         .mount(&refusing)
         .await;
     let closed = format!("http://127.0.0.1:{}", astria_tests::free_port());

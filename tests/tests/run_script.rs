@@ -178,11 +178,13 @@ async fn run_script_under_spin_starts_the_redis_it_needs_and_serves() {
     let client = redis::Client::open(format!("redis://127.0.0.1:{}", run.redis_port)).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let _ = redis::cmd("SHUTDOWN").arg("NOSAVE").query_async::<()>(&mut conn).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !run.log().contains("Redis is back: starting spin up again") {
-        assert!(Instant::now() < deadline, "no restart:\n{}", run.log());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    astria_tests::wait_until_or(
+        "the script to start spin up again once Redis is back",
+        Duration::from_secs(60),
+        || async { run.log().contains("Redis is back: starting spin up again").then_some(()) },
+        || run.log(),
+    )
+    .await;
     run.serving(Duration::from_secs(60)).await;
     run.interrupt();
     assert!(!redis_answers(run.redis_port).await, "the Redis the script started is stopped with it");

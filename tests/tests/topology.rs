@@ -92,11 +92,10 @@ async fn http_spinapps_ready(app: &TestApp) {
 
 /// Waits (bounded) until every worker has exited at least `n` times.
 async fn workers_exited(app: &TestApp, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while WORKERS.iter().any(|w| app.process(w).exits().len() < n) {
-        assert!(Instant::now() < deadline, "workers did not exit {n} times:\n{}", app.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    app.wait_until(&format!("every worker to exit {n} times"), Duration::from_secs(30), || async {
+        WORKERS.iter().all(|w| app.process(w).exits().len() >= n).then_some(())
+    })
+    .await;
 }
 
 async fn redis_outage_mid_journey(postgres: bool) {
@@ -184,12 +183,14 @@ async fn with_redis_absent_at_start_the_http_spinapps_serve_and_the_workers_wait
 
     redis.restart().await.unwrap();
     astria_tests::wait_for_subscribers_at(&redis.url(), "astria.messages", 1).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while graph.requests().await.is_empty() {
-        assert!(Instant::now() < deadline, "the reply never came:\n{}", app.log());
+    app.wait_until("the reply, relaying", Duration::from_secs(20), || async {
+        if !graph.requests().await.is_empty() {
+            return Some(());
+        }
         wa::relay(&app).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        None
+    })
+    .await;
     for _ in 0..3 {
         wa::relay(&app).await;
     }
