@@ -23,6 +23,9 @@ pub struct Options {
     pub media_failures: usize,
     /// Spin variables over the fakes' configuration.
     pub vars: Vec<(String, String)>,
+    /// Started as SpinKube runs it (one supervised process per SpinApp, restarted this long
+    /// after it exits) instead of in one host process.
+    pub deployment: Option<Duration>,
 }
 
 impl Options {
@@ -37,6 +40,12 @@ impl Options {
 
     pub fn media_failures(mut self, n: usize) -> Options {
         self.media_failures = n;
+        self
+    }
+
+    /// As SpinKube runs the app: one supervised process per SpinApp (see `deployment`).
+    pub fn as_deployment(mut self, restart_delay: Duration) -> Options {
+        self.deployment = Some(restart_delay);
         self
     }
 
@@ -68,7 +77,11 @@ impl World {
         let astria = FakeAstria::start().await;
         let config = || {
             let base = fa::bot_config(&graph, &redis, &stripe, &astria, options.postgres);
-            options.vars.iter().fold(base, |c, (k, v)| c.var(k, v.as_str()))
+            let config = options.vars.iter().fold(base, |c, (k, v)| c.var(k, v.as_str()));
+            match options.deployment {
+                Some(restart_delay) => config.as_deployment(restart_delay),
+                None => config,
+            }
         };
         let app = wa::spawn_bot(config(), &redis).await;
         let mut replicas = vec![];

@@ -6,9 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use astria_tests::astria::{self as fa, FakeAstria};
-use astria_tests::stripe::{self as ps, FakeStripe};
+use astria_tests::astria as fa;
+use astria_tests::stripe as ps;
 use astria_tests::whatsapp::{self as wa, FakeGraph};
+use astria_tests::world::{Options, World};
 use astria_tests::{TestApp, TestRedis};
 use serde_json::Value;
 
@@ -21,51 +22,38 @@ const RESTART_DELAY: Duration = Duration::from_millis(1500);
 const HTTP_SPINAPPS: [&str; 4] = ["astria-message", "astria-image", "astria-payment", "astria-maintenance"];
 const WORKERS: [&str; 3] = ["astria-message-worker", "astria-image-worker", "astria-payment-worker"];
 
-struct World {
-    app: TestApp,
-    graph: FakeGraph,
-    astria: FakeAstria,
-    stripe: FakeStripe,
-    redis: TestRedis,
-}
-
+/// The app as SpinKube runs it, with its fakes (`astria_tests::world`).
 async fn world(postgres: bool) -> World {
-    let redis = TestRedis::start().await.unwrap();
-    let graph = FakeGraph::start().await;
-    graph.serve_media(0).await;
-    let stripe = FakeStripe::start().await;
-    let astria = FakeAstria::start().await;
-    let config =
-        fa::with_astria(ps::with_stripe(wa::bot_config(&graph, &redis, postgres), &stripe), &astria, &graph.uri())
-            .as_deployment(RESTART_DELAY);
-    let app = wa::spawn_bot(config, &redis).await;
-    World { app, graph, astria, stripe, redis }
+    World::start(Options::on(postgres).as_deployment(RESTART_DELAY)).await
 }
 
 /// Waits until the fake WhatsApp has `n` sends, calling the relay every second as the CronJob
-/// does every minute; fails with what was seen if they do not come within `timeout`.
+/// does every minute; fails with what was sent if they do not come within `timeout`.
 async fn sends_with_relay(w: &World, n: usize, timeout: Duration) -> Vec<Value> {
-    let deadline = Instant::now() + timeout;
-    let mut last_relay = Instant::now() - Duration::from_secs(1);
-    loop {
-        let sends = w.graph.requests().await;
-        if sends.len() >= n {
-            return sends;
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "{} of {n} sends after {timeout:?}: {:#?}\n{}",
-                sends.len(),
-                sends.iter().map(wa::summary).collect::<Vec<_>>(),
-                w.app.log()
-            );
-        }
-        if last_relay.elapsed() >= Duration::from_secs(1) {
-            wa::relay(&w.app).await;
-            last_relay = Instant::now();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let last_relay = std::cell::Cell::new(Instant::now() - Duration::from_secs(1));
+    // What had arrived at the last look, for the report if the rest never comes.
+    let seen = std::cell::RefCell::new(Vec::<Value>::new());
+    let (last_relay, seen_ref) = (&last_relay, &seen);
+    let what = format!("{n} sends, relaying every second");
+    astria_tests::wait_until_or(
+        &what,
+        timeout,
+        || async move {
+            let sends = w.graph.requests().await;
+            if sends.len() >= n {
+                return Some(sends);
+            }
+            *seen_ref.borrow_mut() = sends;
+            if last_relay.get().elapsed() >= Duration::from_secs(1) {
+                wa::relay(&w.app).await;
+                last_relay.set(Instant::now());
+            }
+            None
+        },
+        || format!("{:#?}
+{}", seen.borrow().iter().map(wa::summary).collect::<Vec<_>>(), w.app.log()),
+    )
+    .await
 }
 
 /// Ana orders, sends two photos and pays; answers her order id once training has started.
