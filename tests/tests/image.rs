@@ -129,7 +129,8 @@ async fn from_hi_to_every_portrait_delivered_once_with_three_trainer_replicas_po
 }
 
 /// The order failed after payment: the customer's message at `index` says so, the order is
-/// `failed`, and a refund is flagged whose detail contains `detail`.
+/// `failed`, a refund issue whose detail contains `detail` is recorded, and the payment goes
+/// back without a human: one refund of all of it, the customer told once, the issue resolved.
 async fn assert_failed_and_flagged(w: &World, order_id: &str, index: usize, detail: &str) {
     let sends = w.graph.wait_for(index + 1).await;
     assert_eq!(
@@ -144,6 +145,25 @@ async fn assert_failed_and_flagged(w: &World, order_id: &str, index: usize, deta
     assert_eq!(issue[0][0].text(), "needs_refund");
     let found = issue[0][1].text();
     assert!(found.contains(detail), "{found}");
+    let refunds = w
+        .wait_until("the payment refunded, relaying", Duration::from_secs(60), || async {
+            let made = w.stripe.refunds();
+            if !made.is_empty() {
+                return Some(made);
+            }
+            relay_now(&w.app).await;
+            None
+        })
+        .await;
+    assert_eq!(refunds.len(), 1, "{refunds:#?}");
+    assert_eq!((refunds[0]["amount"].as_i64(), refunds[0]["metadata"]["order_id"].as_str()), (Some(1999), Some(order_id)));
+    let told = "text:Your refund of 19.99 USD is on its way back to you. Your bank may take 5 to 10 days to show it.";
+    w.wait_until("the customer told of the refund", Duration::from_secs(30), || async {
+        w.graph.requests().await.iter().any(|s| wa::summary(s) == told).then_some(())
+    })
+    .await;
+    let open = db.count("SELECT COUNT(*) FROM payment_issues WHERE resolved_at IS NULL").await;
+    assert_eq!(open, 0, "the refund settles the issue");
 }
 
 /// Makes every outstanding event due and runs the relay, as the every-minute job would once
@@ -485,6 +505,7 @@ async fn after_stop_and_no_start_in_time_the_held_portraits_are_given_up_and_the
     assert_eq!(issues[0][0].text(), "needs_refund");
     assert!(issues[0][1].text().contains("STOP"), "{issues:?}");
     assert!(w.app.log().contains("reconcile.held_give_up"), "logged for operators");
+    assert_eq!(w.stripe.refunds().len(), 1, "refunded, in silence: the customer asked for it");
     // START long after: the reply to it, and nothing that was given up.
     assert_eq!(wa::post_webhook(&w.app, &wa::inbound(ANA, vec![wa::text(ANA, "s2", "START")])).await.0, 200);
     w.graph.wait_for(BEFORE_IMAGES + 2).await;
@@ -634,7 +655,7 @@ async fn when_astria_never_finishes_the_order_is_flagged_and_the_customer_told_a
     assert_eq!(w.astria.call_back_prompt(&w.app, &order_id, 1, false).await.1["result"], "late");
     assert_eq!(wa::relay(&w.app).await["given_up"], 0);
     settle(&w).await;
-    assert_eq!(w.graph.requests().await.len(), BEFORE_IMAGES + 1);
+    assert_eq!(w.graph.requests().await.len(), BEFORE_IMAGES + 2, "the apology and the refund's message");
 }
 
 // ------------------------------------------------------------------ paced delivery

@@ -43,8 +43,10 @@ async fn bot_with_vars(stripe: FakeStripe, vars: &[(&str, &str)]) -> Bot {
 async fn bot_on(postgres: bool, stripe: FakeStripe, vars: &[(&str, &str)]) -> Bot {
     let redis = TestRedis::start().await.unwrap();
     let graph = FakeGraph::start().await;
-    let config =
-        vars.iter().fold(ps::with_stripe(wa::bot_config(&graph, &redis, postgres), &stripe), |c, (k, v)| c.var(k, *v));
+    // What is flagged, and how, is this file's; that flagged money goes back by itself is
+    // refund.rs's (auto_refund on): here the issues stay for the assertions to read.
+    let base = ps::with_stripe(wa::bot_config(&graph, &redis, postgres), &stripe).var("auto_refund", "false");
+    let config = vars.iter().fold(base, |c, (k, v)| c.var(k, *v));
     // Payments only: the image worker (which takes paid orders on to Astria) is another
     // SpinApp's and is left out, so that a paid order stays `paid` for these assertions.
     let config =

@@ -172,19 +172,24 @@ fn fail_order(db: &SpinDb, event: &EventEnvelope, order: &Order, detail: &str) -
         }
         let mut pending = vec![];
         if repo::set_order_status(db, &order.id, OrderStatus::Paid, OrderStatus::Failed, now_ms())? {
-            repo::record_payment_issue(
-                db,
-                &PaymentIssue {
-                    event_id: event.id.clone(),
-                    kind: IssueKind::NeedsRefund,
-                    order_id: Some(order.id.clone()),
-                    session_id: order.checkout_session_id.clone(),
-                    payment_intent: None,
-                    amount: order.paid.clone(),
-                    detail: format!("training failed: {detail}"),
-                    created_at: now_ms(),
-                },
-            )?;
+            let issue = PaymentIssue {
+                event_id: event.id.clone(),
+                kind: IssueKind::NeedsRefund,
+                order_id: Some(order.id.clone()),
+                session_id: order.checkout_session_id.clone(),
+                payment_intent: None,
+                amount: order.paid.clone(),
+                detail: format!("training failed: {detail}"),
+                created_at: now_ms(),
+            };
+            // auto_refund is read on its own: the trainer's configuration may be what failed.
+            let auto = config::auto_refund(&SpinVars).unwrap_or_else(|e| {
+                log::warn(CONSUMER, &format!("{e}: the refund is flagged for an operator only"));
+                false
+            });
+            if repo::record_payment_issue(db, &issue)? && auto {
+                pending.extend(spin_kit::refunds::request(db, &issue, &event.correlation_id)?);
+            }
             let sorry = Message::text(texts_for_failure().failed);
             pending.push(spin_kit::messages::queue(db, &order.wa_id, &sorry, 0, &event.correlation_id)?);
         }

@@ -68,21 +68,29 @@ fn route(
         // Authorised first; the id is parsed without slicing, so no path can make it panic.
         (Method::Post, path) if path.starts_with("/maintenance/dead-letters/") => authorize(auth).and_then(|()| {
             let id = id_in(path, "/maintenance/dead-letters/", "/replay").ok_or(ApiError::NotFound)?;
-            replay(id, request_id)
+            replay(&id, request_id)
         }),
         (Method::Post, path) if path.starts_with("/maintenance/payment-issues/") => authorize(auth).and_then(|()| {
-            let id = id_in(path, "/maintenance/payment-issues/", "/resolve").ok_or(ApiError::NotFound)?;
-            resolve_payment_issue(id, body, request_id)
+            if let Some(id) = id_in(path, "/maintenance/payment-issues/", "/resolve") {
+                return resolve_payment_issue(&id, body, request_id);
+            }
+            let id = id_in(path, "/maintenance/payment-issues/", "/refund").ok_or(ApiError::NotFound)?;
+            refund_payment_issue(&id, request_id)
         }),
         (_, "/maintenance/relay" | "/maintenance/run") => Err(ApiError::BadRequest("use POST".into())),
         _ => Err(ApiError::NotFound),
     }
 }
 
-/// The `{id}` of `<prefix>{id}<suffix>`: one non-empty path segment, or None.
-fn id_in<'a>(path: &'a str, prefix: &str, suffix: &str) -> Option<&'a str> {
-    let id = path.strip_prefix(prefix)?.strip_suffix(suffix)?;
-    (!id.is_empty() && !id.contains('/')).then_some(id)
+/// The `{id}` of `<prefix>{id}<suffix>`: one non-empty path segment, percent-decoded (the
+/// console encodes ids, and the app's own issue ids hold a `:`), or None.
+fn id_in(path: &str, prefix: &str, suffix: &str) -> Option<String> {
+    let raw = path.strip_prefix(prefix)?.strip_suffix(suffix)?;
+    if raw.is_empty() || raw.contains('/') {
+        return None;
+    }
+    let id = percent_encoding::percent_decode_str(raw).decode_utf8().ok()?;
+    (!id.is_empty() && !id.contains('/') && !id.chars().any(char::is_control)).then(|| id.into_owned())
 }
 
 /// The value of `name=` in a query string, as given (the first one).
@@ -232,16 +240,62 @@ fn outbound_messages(query: &str) -> Result<Response, ApiError> {
 
 /// Payments that need an operator: money to refund, or events for unknown orders.
 fn payment_issues() -> Result<Response, ApiError> {
-    let list: Vec<_> = astria_store::repo::open_payment_issues(&open_db()?, 200)?
+    let db = open_db()?;
+    let issues = astria_store::repo::open_payment_issues(&db, 200)?;
+    // Where each issue's refund stands, if one was asked for.
+    let mut refunds = std::collections::HashMap::new();
+    for i in &issues {
+        if let Some(r) = astria_store::refunds::of_issue(&db, &i.event_id)? {
+            let view = serde_json::json!({ "status": r.status, "stripe_refund_id": r.stripe_refund_id,
+                                           "attempts": r.attempts, "last_error": r.last_error });
+            refunds.insert(i.event_id.clone(), view);
+        }
+    }
+    let list: Vec<_> = issues
         .iter()
         .map(|i| {
             serde_json::json!({
                 "event_id": i.event_id, "kind": i.kind.as_str(), "order_id": i.order_id, "session_id": i.session_id,
                 "payment_intent": i.payment_intent, "amount": i.amount, "detail": i.detail, "created_at": i.created_at,
+                "refund": refunds.get(&i.event_id),
             })
         })
         .collect();
     Ok(spin_kit::json_response(200, &serde_json::json!({ "payment_issues": list })))
+}
+
+/// An operator's Refund for a flagged payment (with `auto_refund` off, or after Stripe refused
+/// and the cause is fixed): the same path as the app's own refunds, the same key, so pressing
+/// it twice, or after the app refunded, gives the money back once. 202 with where the refund
+/// stands; 404 for an unknown issue, 400 for a dispute (the bank settles those).
+fn refund_payment_issue(issue_id: &str, request_id: &str) -> Result<Response, ApiError> {
+    use astria_store::refunds;
+    let db = open_db()?;
+    let issue = astria_store::repo::payment_issue(&db, issue_id)?.ok_or(ApiError::NotFound)?;
+    if issue.kind == astria_store::repo::IssueKind::Dispute {
+        return Err(ApiError::BadRequest("a disputed payment is settled by the bank, not refunded".into()));
+    }
+    let pending = astria_store::transaction(&db, |db| -> Result<Vec<events::Pending>, astria_store::DbError> {
+        let now = events::now_ms();
+        match refunds::of_issue(db, issue_id)? {
+            Some(r) if refunds::request_again(db, &r.id, now)? => {
+                let event = events::envelope(
+                    astria_domain::events::PAYMENT_REFUND,
+                    &astria_models::PaymentRefund { refund_id: r.id.clone() },
+                    request_id,
+                );
+                let policy = astria_store::outbox::RelayPolicy::default();
+                Ok(vec![events::emit(db, astria_domain::events::channels::PAYMENTS, &event, &policy)?])
+            }
+            Some(_) => Ok(vec![]),
+            None => Ok(spin_kit::refunds::request(db, &issue, request_id)?.into_iter().collect()),
+        }
+    })
+    .map_err(ApiError::from)?;
+    events::publish(&db, config::redis_url(&SpinVars)?.expose_secret(), &pending);
+    let state = spin_kit::refunds::standing(&db, &issue)?.map(|r| r.status).unwrap_or_else(|| "none".into());
+    spin_kit::log::info_with("maintenance.refund", request_id, &format!("refund of payment issue {issue_id}: {state}"));
+    Ok(spin_kit::json_response(202, &serde_json::json!({ "issue": issue_id, "refund": state })))
 }
 
 /// The most an operator's note on a resolved payment issue may hold.

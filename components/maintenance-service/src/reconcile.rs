@@ -52,7 +52,9 @@ pub fn run<D: Db + ?Sized>(db: &D, cfg: &Maintenance, request_id: &str) -> Resul
     let mut pending = vec![];
 
     let held_before = now - r.held_give_up_days.saturating_mul(24 * 60 * MINUTE_MS);
-    report.held_given_up = give_up_held(db, held_before, batch, now, request_id)?;
+    let (held_given_up, refunds) = give_up_held(db, held_before, batch, cfg.auto_refund, now, request_id)?;
+    report.held_given_up = held_given_up;
+    pending.extend(refunds);
 
     let stuck = images::past_give_up(db, now - give_up, batch)?.into_iter().map(|s| {
         let detail = format!("Astria did not finish tune {} in time ({} reconciliations)", s.tune_id, s.attempts);
@@ -63,10 +65,10 @@ pub fn run<D: Db + ?Sized>(db: &D, cfg: &Maintenance, request_id: &str) -> Resul
         (s.order_id, s.wa_id, detail)
     });
     for (order_id, wa_id, detail) in stuck.chain(never_trained) {
-        if let Some(p) = fail_and_flag(db, &order_id, &wa_id, &detail, texts, request_id, now)? {
+        if let Some(p) = fail_and_flag(db, &order_id, &wa_id, &detail, texts, cfg.auto_refund, request_id, now)? {
             spin_kit::log::error_with("reconcile.give_up", request_id, &format!("order {order_id} failed: {detail}"));
             report.given_up += 1;
-            pending.push(p);
+            pending.extend(p);
         }
     }
 
@@ -115,12 +117,13 @@ fn give_up_held<D: Db + ?Sized>(
     db: &D,
     before: i64,
     batch: i64,
+    auto_refund: bool,
     now: i64,
     request_id: &str,
-) -> Result<usize, ApiError> {
+) -> Result<(usize, Vec<Pending>), ApiError> {
     let held = messages::held_since(db, before, batch.saturating_mul(50))?;
     if held.is_empty() {
-        return Ok(0);
+        return Ok((0, vec![]));
     }
     transaction(db, |db| {
         let mut orders = std::collections::BTreeSet::new();
@@ -129,12 +132,16 @@ fn give_up_held<D: Db + ?Sized>(
                 orders.extend(m.order_id.clone());
             }
         }
-        let mut failed = 0;
+        let (mut failed, mut refunds) = (0, vec![]);
         for order_id in &orders {
             let detail = "the customer sent STOP before their portraits arrived and did not send START in time";
             let from = [OrderStatus::Training, OrderStatus::Delivering, OrderStatus::Delivered];
-            if fail_order_flag_refund(db, order_id, &from, &format!("held-give-up:{order_id}"), detail, now)? {
+            let issue = format!("held-give-up:{order_id}");
+            // The refund is given back in silence too: the customer asked for it (refunds.rs
+            // tells no one who opted out).
+            if let Some(refund) = fail_order_flag_refund(db, order_id, &from, &issue, detail, auto_refund, request_id, now)? {
                 failed += 1;
+                refunds.extend(refund);
                 spin_kit::log::error_with(
                     "reconcile.held_give_up",
                     request_id,
@@ -142,42 +149,51 @@ fn give_up_held<D: Db + ?Sized>(
                 );
             }
         }
-        Ok::<_, ApiError>(failed)
+        Ok::<_, ApiError>((failed, refunds))
     })
 }
 
 /// Fails a paid order that cannot be delivered, flags its refund and queues the apology, in one
 /// transaction; `None` if it moved on meanwhile (delivered, or failed already).
+#[allow(clippy::too_many_arguments)]
 fn fail_and_flag<D: Db + ?Sized>(
     db: &D,
     order_id: &str,
     wa_id: &str,
     detail: &str,
     texts: &Texts,
+    auto_refund: bool,
     request_id: &str,
     now: i64,
-) -> Result<Option<Pending>, ApiError> {
+) -> Result<Option<Vec<Pending>>, ApiError> {
     transaction(db, |db| {
         let from = [OrderStatus::Paid, OrderStatus::Training, OrderStatus::Delivering];
-        if !fail_order_flag_refund(db, order_id, &from, &format!("reconcile-give-up:{order_id}"), detail, now)? {
+        let issue = format!("reconcile-give-up:{order_id}");
+        let Some(mut pending) = fail_order_flag_refund(db, order_id, &from, &issue, detail, auto_refund, request_id, now)?
+        else {
             return Ok(None);
-        }
+        };
         let sorry = Message::text(&texts.failed);
-        Ok::<_, ApiError>(Some(spin_kit::messages::queue(db, wa_id, &sorry, 0, request_id)?))
+        pending.push(spin_kit::messages::queue(db, wa_id, &sorry, 0, request_id)?);
+        Ok::<_, ApiError>(Some(pending))
     })
 }
 
-/// Moves the order from one of `from` to `failed` (under its lock) and flags its refund;
-/// `false`, flagging nothing, if the order was in none of `from` (it moved on, or failed
-/// already and was flagged then).
+/// Moves the order from one of `from` to `failed` (under its lock), flags its refund and, with
+/// `auto_refund`, asks for it; answers the refund's event to publish, or `None`, flagging
+/// nothing, if the order was in none of `from` (it moved on, or failed already and was flagged
+/// then).
+#[allow(clippy::too_many_arguments)]
 fn fail_order_flag_refund<D: Db + ?Sized>(
     db: &D,
     order_id: &str,
     from: &[OrderStatus],
     issue_id: &str,
     detail: &str,
+    auto_refund: bool,
+    request_id: &str,
     now: i64,
-) -> Result<bool, ApiError> {
+) -> Result<Option<Vec<Pending>>, ApiError> {
     repo::lock_order(db, order_id)?;
     let mut failed = false;
     for f in from {
@@ -187,21 +203,21 @@ fn fail_order_flag_refund<D: Db + ?Sized>(
         }
     }
     if !failed {
-        return Ok(false);
+        return Ok(None);
     }
     let order = repo::get_order(db, order_id)?;
-    repo::record_payment_issue(
-        db,
-        &PaymentIssue {
-            event_id: issue_id.to_string(),
-            kind: IssueKind::NeedsRefund,
-            order_id: Some(order_id.to_string()),
-            session_id: order.as_ref().and_then(|o| o.checkout_session_id.clone()),
-            payment_intent: None,
-            amount: order.and_then(|o| o.paid),
-            detail: detail.to_string(),
-            created_at: now,
-        },
-    )?;
-    Ok(failed)
+    let issue = PaymentIssue {
+        event_id: issue_id.to_string(),
+        kind: IssueKind::NeedsRefund,
+        order_id: Some(order_id.to_string()),
+        session_id: order.as_ref().and_then(|o| o.checkout_session_id.clone()),
+        payment_intent: None,
+        amount: order.and_then(|o| o.paid),
+        detail: detail.to_string(),
+        created_at: now,
+    };
+    if !repo::record_payment_issue(db, &issue)? || !auto_refund {
+        return Ok(Some(vec![]));
+    }
+    Ok(Some(spin_kit::refunds::request(db, &issue, request_id)?.into_iter().collect()))
 }

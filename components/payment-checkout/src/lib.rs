@@ -1,7 +1,8 @@
 //! payment-checkout: part of payment-service. A Redis-trigger component on `astria.payments`
 //! that turns `order.awaiting_payment` into a Stripe Checkout session and the payment link
-//! message, and `checkout.expire` (the customer cancelled an order awaiting payment) into an
-//! expired session, so that an old link can no longer take money for a cancelled order.
+//! message, `checkout.expire` (the customer cancelled an order awaiting payment) into an
+//! expired session, so that an old link can no longer take money for a cancelled order, and
+//! `payment.refund` into money given back (refund.rs).
 //!
 //! Why a consumer and not the webhook that completes the photos: the Stripe call must not make
 //! WhatsApp's webhook wait, and a failed call must be retried; the outbox and relay already do
@@ -23,7 +24,7 @@ use std::time::Duration;
 
 use astria_domain::config::{self, ExposeSecret, StripeCheckout};
 use astria_domain::conversation::Message;
-use astria_domain::events::{channels, CHECKOUT_EXPIRE, ORDER_AWAITING_PAYMENT};
+use astria_domain::events::{channels, CHECKOUT_EXPIRE, ORDER_AWAITING_PAYMENT, PAYMENT_REFUND};
 use astria_domain::stripe::{self, CheckoutRequest, CreateFailure};
 use astria_domain::texts::fill;
 use astria_domain::Money;
@@ -35,7 +36,9 @@ use spin_kit::http_client;
 use spin_kit::{log, SpinVars};
 use spin_sdk::redis_component;
 
-const CONSUMER: &str = "payment-checkout";
+mod refund;
+
+pub(crate) const CONSUMER: &str = "payment-checkout";
 /// How long WhatsApp keeps a media id after the message arrived.
 const MEDIA_LIFETIME_MS: i64 = 7 * 24 * 60 * 60_000;
 /// Time to fetch the photos after payment (and clock skew).
@@ -52,6 +55,7 @@ fn consume(payload: &[u8]) -> anyhow::Result<()> {
     match event.event_type.as_str() {
         ORDER_AWAITING_PAYMENT => {}
         CHECKOUT_EXPIRE => return expire(&event),
+        PAYMENT_REFUND => return refund::refund(&event),
         other => {
             log::warn(CONSUMER, &format!("ignoring event type {other} on the payments channel"));
             return Ok(());
@@ -205,7 +209,7 @@ fn expire_session(cfg: &StripeCheckout, session_id: &str) -> Result<(), String> 
     }
 }
 
-fn publish(db: &SpinDb, pending: &[events::Pending]) {
+pub(crate) fn publish(db: &SpinDb, pending: &[events::Pending]) {
     match config::redis_url(&SpinVars) {
         Ok(url) => {
             events::publish(db, url.expose_secret(), pending);

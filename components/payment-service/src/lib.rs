@@ -23,6 +23,7 @@ use astria_domain::Money;
 use astria_models::{OrderPaid, OrderStatus};
 use astria_store::outbox::RelayPolicy;
 use astria_store::repo::{self, IssueKind, PaymentIssue};
+use astria_store::{console, refunds};
 use astria_store::{transaction, Db};
 use spin_kit::error::ApiError;
 use spin_kit::events::{self, now_ms, Pending};
@@ -84,8 +85,11 @@ fn receive(body: &[u8], signature: Option<&str>, request_id: &str) -> Result<Res
         if !repo::first_delivery(db, SOURCE, &event.id, now_ms())? {
             return Ok(("duplicate", vec![]));
         }
-        let ctx = Ctx { db, texts, event_id: &event.id, request_id };
+        let ctx = Ctx { db, texts, event_id: &event.id, request_id, auto_refund: cfg.auto_refund };
         match (&event.kind, &event.session) {
+            (EventKind::Refund(r), _) => ctx.refund_changed(r),
+            (EventKind::ChargeRefunded(c), _) => ctx.charge_refunded(c),
+            (EventKind::DisputeCreated(d), _) => ctx.dispute(d),
             (EventKind::Other(_), _) | (_, None) => Ok(("ignored", vec![])),
             (EventKind::Completed, Some(s)) if s.payment_status == "unpaid" => Ok(("awaiting_async_payment", vec![])),
             (EventKind::Completed | EventKind::AsyncSucceeded, Some(s)) => ctx.settle(s),
@@ -102,28 +106,32 @@ struct Ctx<'a, D: Db + ?Sized> {
     texts: &'a Texts,
     event_id: &'a str,
     request_id: &'a str,
+    /// Give back money the app cannot use by itself (`auto_refund`).
+    auto_refund: bool,
 }
 
 type Outcome = Result<(&'static str, Vec<Pending>), ApiError>;
 
 impl<D: Db + ?Sized> Ctx<'_, D> {
-    fn issue(&self, kind: IssueKind, s: &Session, detail: String) -> Result<(), ApiError> {
+    /// Records a payment issue for the session's payment and, with `auto_refund`, asks for its
+    /// refund; answers the refund's event to publish, if any.
+    fn issue(&self, kind: IssueKind, s: &Session, detail: String) -> Result<Vec<Pending>, ApiError> {
         let name = kind.as_str();
         log::error_with("payment.issue", self.request_id, &format!("{name} for event {}: {detail}", self.event_id));
-        repo::record_payment_issue(
-            self.db,
-            &PaymentIssue {
-                event_id: self.event_id.to_string(),
-                kind,
-                order_id: s.order_id.clone(),
-                session_id: Some(s.id.clone()),
-                payment_intent: s.payment_intent.clone(),
-                amount: s.amount.as_ref().map(astria_models::Money::from),
-                detail,
-                created_at: now_ms(),
-            },
-        )?;
-        Ok(())
+        let issue = PaymentIssue {
+            event_id: self.event_id.to_string(),
+            kind,
+            order_id: s.order_id.clone(),
+            session_id: Some(s.id.clone()),
+            payment_intent: s.payment_intent.clone(),
+            amount: s.amount.as_ref().map(astria_models::Money::from),
+            detail,
+            created_at: now_ms(),
+        };
+        if !repo::record_payment_issue(self.db, &issue)? || !self.auto_refund {
+            return Ok(vec![]);
+        }
+        Ok(spin_kit::refunds::request(self.db, &issue, self.request_id)?.into_iter().collect())
     }
 
     /// Money arrived for the session's order.
@@ -133,13 +141,13 @@ impl<D: Db + ?Sized> Ctx<'_, D> {
             None => None,
         };
         let Some(order) = order else {
-            self.issue(IssueKind::UnknownOrder, s, format!("paid session {} names no known order", s.id))?;
-            return Ok((IssueKind::UnknownOrder.as_str(), vec![]));
+            let refund = self.issue(IssueKind::UnknownOrder, s, format!("paid session {} names no known order", s.id))?;
+            return Ok((IssueKind::UnknownOrder.as_str(), refund));
         };
         let price = Money::try_from(&order.price).map_err(|e| anyhow::anyhow!("order {}: stored price: {e}", order.id))?;
         let Some(paid) = s.amount.clone() else {
-            self.issue(IssueKind::NeedsRefund, s, "paid session without an amount".into())?;
-            return Ok((IssueKind::NeedsRefund.as_str(), vec![]));
+            let refund = self.issue(IssueKind::NeedsRefund, s, "paid session without an amount".into())?;
+            return Ok((IssueKind::NeedsRefund.as_str(), refund));
         };
         let other_session = order.checkout_session_id.as_deref().is_some_and(|id| id != s.id);
         let check = match check_payment(order.status, &price, &paid) {
@@ -155,6 +163,7 @@ impl<D: Db + ?Sized> Ctx<'_, D> {
                     self.db,
                     &order.id,
                     &astria_models::Money::from(&paid),
+                    s.payment_intent.as_deref(),
                     now_ms(),
                 )? {
                     // Someone else moved the order in between: let Stripe retry on fresh state.
@@ -180,14 +189,109 @@ impl<D: Db + ?Sized> Ctx<'_, D> {
                     RefundReason::AmountMismatch { expected, paid } => format!("paid {paid}, expected {expected}"),
                     RefundReason::OrderNotPayable(status) => format!("order {} is {status:?}", order.id),
                 };
-                self.issue(IssueKind::NeedsRefund, s, detail)?;
+                let mut pending = self.issue(IssueKind::NeedsRefund, s, detail)?;
                 let sorry = astria_domain::conversation::Message::text(&self.texts.payment_needs_refund);
-                Ok((
-                    IssueKind::NeedsRefund.as_str(),
-                    vec![spin_kit::messages::queue(self.db, &order.wa_id, &sorry, 0, self.request_id)?],
-                ))
+                pending.push(spin_kit::messages::queue(self.db, &order.wa_id, &sorry, 0, self.request_id)?);
+                Ok((IssueKind::NeedsRefund.as_str(), pending))
             }
         }
+    }
+
+    /// A refund changed at Stripe. One that failed or was canceled after the app counted the
+    /// money as given back opens its payment issue again, for a human.
+    fn refund_changed(&self, r: &stripe::Refund) -> Outcome {
+        let known = match refunds::by_stripe_id(self.db, &r.id)? {
+            Some(k) => Some(k),
+            None => r.payment_intent.as_deref().map(|pi| refunds::of_payment(self.db, pi)).transpose()?.flatten(),
+        };
+        let Some(known) = known else {
+            // Made at Stripe by hand: charge.refunded records it with its payment.
+            return Ok(("ignored", vec![]));
+        };
+        let error = r.failure_reason.as_ref().map(|why| format!("Stripe: refund {}: {why}", r.status.as_str()));
+        if !refunds::settle(self.db, &known.id, r.status.as_str(), Some(&r.id), error.as_deref(), now_ms())? {
+            return Ok(("unchanged", vec![]));
+        }
+        if !r.status.gives_money_back() {
+            if let Some(issue) = &known.issue_id {
+                let why = format!("refund {} {} at Stripe", r.id, r.status.as_str());
+                console::reopen_payment_issue(self.db, issue, &why)?;
+                log::error_with("payment.refund_failed", self.request_id, &format!("issue {issue}: {why}"));
+            }
+            return Ok(("refund_failed", vec![]));
+        }
+        Ok(("refund_updated", vec![]))
+    }
+
+    /// Money went back at Stripe (by the app, or by hand in the dashboard): recorded with its
+    /// payment, so that the app never gives it back again, and its payment issue settled.
+    fn charge_refunded(&self, c: &stripe::ChargeRefunded) -> Outcome {
+        let Some(pi) = c.payment_intent.as_deref() else { return Ok(("ignored", vec![])) };
+        let refund = c.refunds.first();
+        let stripe_id = refund.map(|r| r.id.clone()).unwrap_or_else(|| format!("charge:{}", c.charge_id));
+        let status = refund.map(|r| r.status.as_str()).unwrap_or(refunds::status::SUCCEEDED);
+        let order = repo::order_of_payment(self.db, pi)?;
+        let amount = c.amount_refunded.as_ref().map(astria_models::Money::from);
+        let Some(recorded) = refunds::record_at_stripe(
+            self.db,
+            &stripe_id,
+            pi,
+            order.as_ref().map(|o| o.id.as_str()),
+            status,
+            amount.as_ref(),
+            now_ms(),
+        )?
+        else {
+            // Stripe's refund id is booked for another payment: the event contradicts what
+            // Stripe told before. Nothing is changed; acknowledged so that Stripe does not
+            // redeliver it for days, and logged for an operator.
+            log::error_with(
+                "payment.refund_conflict",
+                self.request_id,
+                &format!("refund {stripe_id} names payment {pi}, but is booked for another payment"),
+            );
+            return Ok(("refund_conflict", vec![]));
+        };
+        if recorded.status == refunds::status::REQUESTED {
+            // The app's own refund was about to be asked for: it was made (in the dashboard,
+            // say). Booked, so the worker finds nothing to do.
+            refunds::settle(self.db, &recorded.id, status, Some(&stripe_id), None, now_ms())?;
+        }
+        // Every open issue asking for this payment back is settled (the app's own, or one an
+        // operator was to handle by hand).
+        let mut issues = repo::open_refund_issues(self.db, pi, order.as_ref().map(|o| o.id.as_str()))?;
+        issues.extend(recorded.issue_id.clone());
+        for issue in issues {
+            console::resolve_payment_issue(self.db, &issue, &format!("refunded at Stripe ({stripe_id})"), now_ms())?;
+        }
+        Ok(("refund_recorded", vec![]))
+    }
+
+    /// A chargeback: the payment is the bank's to settle now. Flagged for an operator (and the
+    /// alert), the order stopped if it was still being made, nothing refunded on top.
+    fn dispute(&self, d: &stripe::Dispute) -> Outcome {
+        let order = d.payment_intent.as_deref().map(|pi| repo::order_of_payment(self.db, pi)).transpose()?.flatten();
+        let issue = PaymentIssue {
+            event_id: self.event_id.to_string(),
+            kind: IssueKind::Dispute,
+            order_id: order.as_ref().map(|o| o.id.clone()),
+            session_id: order.as_ref().and_then(|o| o.checkout_session_id.clone()),
+            payment_intent: d.payment_intent.clone(),
+            amount: d.amount.as_ref().map(astria_models::Money::from),
+            detail: format!("dispute {} ({})", d.id, d.reason.as_deref().unwrap_or("no reason given")),
+            created_at: now_ms(),
+        };
+        repo::record_payment_issue(self.db, &issue)?;
+        log::error_with("payment.dispute", self.request_id, &format!("{} for event {}", issue.detail, self.event_id));
+        if let Some(o) = &order {
+            for from in [OrderStatus::Paid, OrderStatus::Training, OrderStatus::Delivering] {
+                if repo::set_order_status(self.db, &o.id, from, OrderStatus::Failed, now_ms())? {
+                    let stopped = astria_store::images::stop_delivery(self.db, &o.id, "the payment is disputed", now_ms())?;
+                    log::info_with("payment.dispute", self.request_id, &format!("order {} stopped ({stopped} messages)", o.id));
+                }
+            }
+        }
+        Ok(("dispute", vec![]))
     }
 
     /// The session lapsed (expired, or its async payment failed): an order still waiting for

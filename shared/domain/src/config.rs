@@ -59,6 +59,21 @@ fn secret(src: &impl Source, name: &'static str) -> Result<SecretString, ConfigE
     src.get(name).map(SecretString::from).ok_or(ConfigError::Missing { name })
 }
 
+/// `true` or `false`.
+fn boolean(src: &impl Source, name: &'static str) -> Result<bool, ConfigError> {
+    match required(src, name)?.trim() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        other => Err(ConfigError::Invalid { name, reason: format!("'{other}' is not true/false") }),
+    }
+}
+
+/// `auto_refund`: give money back by itself when an order cannot be fulfilled after payment
+/// (`true`, the default), or only flag it for an operator (`false`).
+pub fn auto_refund(src: &impl Source) -> Result<bool, ConfigError> {
+    boolean(src, "auto_refund")
+}
+
 /// The bot's texts: `texts_json` overrides the defaults; empty keeps them all.
 pub fn texts(src: &impl Source) -> Result<Texts, ConfigError> {
     Texts::from_json_overrides(&src.get("texts_json").unwrap_or_default())
@@ -329,10 +344,17 @@ pub struct Trainer {
     pub media: WhatsAppMedia,
     pub packs: Vec<Pack>,
     pub texts: Texts,
+    pub auto_refund: bool,
 }
 
 pub fn trainer(src: &impl Source) -> Result<Trainer, ConfigError> {
-    Ok(Trainer { astria: astria(src)?, media: whatsapp_media(src)?, packs: catalogue(src)?, texts: texts(src)? })
+    Ok(Trainer {
+        astria: astria(src)?,
+        media: whatsapp_media(src)?,
+        packs: catalogue(src)?,
+        texts: texts(src)?,
+        auto_refund: auto_refund(src)?,
+    })
 }
 
 /// image-service: what checks Astria's callbacks (`callback_secret`; empty accepts none).
@@ -352,6 +374,7 @@ pub struct PaymentWebhook {
     pub webhook_secret: SecretString,
     pub tolerance_s: i64,
     pub texts: Texts,
+    pub auto_refund: bool,
 }
 
 pub fn payment_webhook(src: &impl Source) -> Result<PaymentWebhook, ConfigError> {
@@ -359,6 +382,7 @@ pub fn payment_webhook(src: &impl Source) -> Result<PaymentWebhook, ConfigError>
         webhook_secret: secret(src, "stripe_webhook_secret")?,
         tolerance_s: stripe_webhook_tolerance(src)?,
         texts: texts(src)?,
+        auto_refund: auto_refund(src)?,
     })
 }
 
@@ -422,6 +446,7 @@ pub struct Maintenance {
     pub cleanup_lease_seconds: i64,
     pub reconcile: Reconcile,
     pub texts: Texts,
+    pub auto_refund: bool,
 }
 
 pub fn maintenance(src: &impl Source) -> Result<Maintenance, ConfigError> {
@@ -449,6 +474,7 @@ pub fn maintenance(src: &impl Source) -> Result<Maintenance, ConfigError> {
             held_give_up_days: at_least(src, "held_give_up_days", 0)?,
         },
         texts: texts(src)?,
+        auto_refund: auto_refund(src)?,
     })
 }
 
@@ -636,6 +662,7 @@ mod tests {
             ("redis_url", "redis://:redis-SECRET-11@redis:6379"),
             ("otel_traces_enabled", "false"),
             ("otel_collector_url", "http://127.0.0.1:4318"),
+            ("auto_refund", "true"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -686,6 +713,7 @@ mod tests {
             ("held_give_up_days", "-3"),
             ("otel_traces_enabled", "yes"),
             ("astria_test_mode", "maybe"),
+            ("auto_refund", "sometimes"),
         ];
         for (name, value) in cases {
             let src = defaults(&[(name, value)]);

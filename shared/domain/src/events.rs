@@ -12,7 +12,7 @@
 //!
 //! | channel | event types | consumer |
 //! | --- | --- | --- |
-//! | `astria.payments` | `order.awaiting_payment` | payment-service: creates the Checkout session |
+//! | `astria.payments` | `order.awaiting_payment`, `checkout.expire`, `payment.refund` | payment-service: creates and expires Checkout sessions, refunds |
 //! | `astria.orders` | `order.paid`, `tune.trained`, `tune.reconcile` | image-service trainer: fetches the photos and trains the tune; fetches a trained tune's prompts |
 //! | `astria.messages` | `message.send` | message-service sender: calls the WhatsApp API |
 
@@ -26,6 +26,8 @@ pub const TUNE_TRAINED: &str = "tune.trained";
 pub const TUNE_RECONCILE: &str = "tune.reconcile";
 /// `checkout.expire`: `{"order_id"}`: the order no longer awaits payment; expire its session.
 pub const CHECKOUT_EXPIRE: &str = "checkout.expire";
+/// `payment.refund`: `{"refund_id"}`: give a payment back (see `store::refunds`).
+pub const PAYMENT_REFUND: &str = "payment.refund";
 /// `message.send`: `{"message_id", "to", "message"}` (see `conversation::Message`).
 pub const MESSAGE_SEND: &str = "message.send";
 
@@ -39,7 +41,7 @@ pub mod channels {
 /// The channel an event type travels on.
 pub fn channel_for(event_type: &str) -> Option<&'static str> {
     match event_type {
-        ORDER_AWAITING_PAYMENT | CHECKOUT_EXPIRE => Some(channels::PAYMENTS),
+        ORDER_AWAITING_PAYMENT | CHECKOUT_EXPIRE | PAYMENT_REFUND => Some(channels::PAYMENTS),
         ORDER_PAID | TUNE_TRAINED | TUNE_RECONCILE => Some(channels::ORDERS),
         MESSAGE_SEND => Some(channels::MESSAGES),
         _ => None,
@@ -57,7 +59,7 @@ mod tests {
 
     #[test]
     fn every_event_type_has_exactly_one_channel() {
-        for t in [ORDER_AWAITING_PAYMENT, CHECKOUT_EXPIRE, ORDER_PAID, TUNE_TRAINED, TUNE_RECONCILE, MESSAGE_SEND] {
+        for t in [ORDER_AWAITING_PAYMENT, CHECKOUT_EXPIRE, PAYMENT_REFUND, ORDER_PAID, TUNE_TRAINED, TUNE_RECONCILE, MESSAGE_SEND] {
             assert!(channel_for(t).is_some(), "{t}");
         }
         assert_eq!(channel_for("order.unknown"), None);

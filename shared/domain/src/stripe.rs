@@ -73,6 +73,75 @@ pub struct Session {
     pub url: Option<String>,
 }
 
+/// A refund as Stripe reports it (`refund.*` events, and the answer to `POST /v1/refunds`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refund {
+    pub id: String,
+    pub status: RefundStatus,
+    pub payment_intent: Option<String>,
+    pub amount: Option<Money>,
+    /// Stripe's reason when the refund failed (`failure_reason`).
+    pub failure_reason: Option<String>,
+}
+
+/// Where a refund stands at Stripe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefundStatus {
+    Pending,
+    Succeeded,
+    Failed,
+    Canceled,
+    RequiresAction,
+}
+
+impl RefundStatus {
+    pub fn parse(s: &str) -> Option<RefundStatus> {
+        Some(match s {
+            "pending" => RefundStatus::Pending,
+            "succeeded" => RefundStatus::Succeeded,
+            "failed" => RefundStatus::Failed,
+            "canceled" => RefundStatus::Canceled,
+            "requires_action" => RefundStatus::RequiresAction,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RefundStatus::Pending => "pending",
+            RefundStatus::Succeeded => "succeeded",
+            RefundStatus::Failed => "failed",
+            RefundStatus::Canceled => "canceled",
+            RefundStatus::RequiresAction => "requires_action",
+        }
+    }
+
+    /// The money is (or is on its way) back: the payment issue is settled.
+    pub fn gives_money_back(&self) -> bool {
+        matches!(self, RefundStatus::Pending | RefundStatus::Succeeded | RefundStatus::RequiresAction)
+    }
+}
+
+/// A charge refunded at Stripe, by the app or by hand in the dashboard (`charge.refunded`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChargeRefunded {
+    pub charge_id: String,
+    pub payment_intent: Option<String>,
+    /// The refunds the event lists, newest first as Stripe lists them.
+    pub refunds: Vec<Refund>,
+    pub amount_refunded: Option<Money>,
+}
+
+/// A chargeback opened by the customer's bank (`charge.dispute.created`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dispute {
+    pub id: String,
+    pub payment_intent: Option<String>,
+    pub charge_id: Option<String>,
+    pub amount: Option<Money>,
+    pub reason: Option<String>,
+}
+
 /// What a webhook event means for us.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EventKind {
@@ -84,6 +153,12 @@ pub enum EventKind {
     AsyncFailed,
     /// `checkout.session.expired`.
     Expired,
+    /// `refund.created`, `refund.updated`, `refund.failed`: a refund changed.
+    Refund(Refund),
+    /// `charge.refunded`: money went back, perhaps refunded by hand in the dashboard.
+    ChargeRefunded(ChargeRefunded),
+    /// `charge.dispute.created`: a chargeback.
+    DisputeCreated(Dispute),
     /// Anything else: acknowledged and ignored.
     Other(String),
 }
@@ -94,6 +169,168 @@ pub struct Event {
     pub kind: EventKind,
     /// The session for the four checkout kinds; `None` for others.
     pub session: Option<Session>,
+}
+
+#[derive(Deserialize)]
+struct RefundJson {
+    id: String,
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    payment_intent: Option<serde_json::Value>,
+    #[serde(default)]
+    amount: Option<i64>,
+    #[serde(default)]
+    currency: Option<String>,
+    #[serde(default)]
+    failure_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ListJson<T> {
+    #[serde(default = "Vec::new")]
+    data: Vec<T>,
+}
+
+#[derive(Deserialize)]
+struct ChargeJson {
+    id: String,
+    #[serde(default)]
+    payment_intent: Option<serde_json::Value>,
+    #[serde(default)]
+    amount_refunded: Option<i64>,
+    #[serde(default)]
+    currency: Option<String>,
+    #[serde(default)]
+    refunds: Option<ListJson<RefundJson>>,
+}
+
+#[derive(Deserialize)]
+struct DisputeJson {
+    id: String,
+    #[serde(default)]
+    payment_intent: Option<serde_json::Value>,
+    #[serde(default)]
+    charge: Option<serde_json::Value>,
+    #[serde(default)]
+    amount: Option<i64>,
+    #[serde(default)]
+    currency: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// An id Stripe gives as a string, or as an expanded object carrying one.
+fn id_of(v: Option<serde_json::Value>) -> Option<String> {
+    match v {
+        Some(serde_json::Value::String(s)) if !s.is_empty() => Some(s),
+        Some(serde_json::Value::Object(o)) => o.get("id").and_then(|v| v.as_str()).map(str::to_string),
+        _ => None,
+    }
+}
+
+fn money_of(amount: Option<i64>, currency: Option<&str>) -> Result<Option<Money>, StripeError> {
+    match (amount, currency) {
+        (Some(a), Some(c)) => Ok(Some(Money::new(a, c).map_err(|e| StripeError::Malformed(e.to_string()))?)),
+        _ => Ok(None),
+    }
+}
+
+fn refund_from(json: RefundJson) -> Result<Refund, StripeError> {
+    let status = json.status.as_deref().unwrap_or_default();
+    Ok(Refund {
+        status: RefundStatus::parse(status)
+            .ok_or_else(|| StripeError::Malformed(format!("refund {} has status '{status}'", json.id)))?,
+        amount: money_of(json.amount, json.currency.as_deref())?,
+        payment_intent: id_of(json.payment_intent),
+        failure_reason: json.failure_reason,
+        id: json.id,
+    })
+}
+
+/// Parses the answer of `POST /v1/refunds`.
+pub fn parse_refund(raw: &[u8]) -> Result<Refund, StripeError> {
+    let json: RefundJson = serde_json::from_slice(raw).map_err(|e| StripeError::Malformed(e.to_string()))?;
+    refund_from(json)
+}
+
+/// What a refund asks Stripe for.
+pub struct RefundRequest<'a> {
+    pub payment_intent: &'a str,
+    /// What was paid, all of it; `None` lets Stripe refund everything left.
+    pub amount: Option<&'a Money>,
+    /// The order it belongs to, if the app knows one (`metadata[order_id]`).
+    pub order_id: Option<&'a str>,
+    /// The refund's own id in the app (`metadata[refund_id]`).
+    pub refund_id: &'a str,
+}
+
+/// The form body of `POST /v1/refunds`.
+pub fn refund_form(r: &RefundRequest<'_>) -> String {
+    let mut form = form_urlencoded::Serializer::new(String::new());
+    form.append_pair("payment_intent", r.payment_intent);
+    if let Some(m) = r.amount {
+        form.append_pair("amount", &m.amount_minor().to_string());
+    }
+    form.append_pair("reason", "requested_by_customer");
+    form.append_pair("metadata[refund_id]", r.refund_id);
+    if let Some(order) = r.order_id {
+        form.append_pair("metadata[order_id]", order);
+    }
+    form.finish()
+}
+
+/// The `Idempotency-Key` of a payment's refund: from the order and the payment, so that
+/// every retry, replica and redelivery asks for the same refund and gets it once, and two
+/// payments of one order (a second Checkout paid by mistake) get a refund each. A new
+/// `generation` only when Stripe replays a stored failure to the old key (see
+/// [`RefundOutcome::NewKey`]).
+pub fn refund_idempotency_key(order_id: Option<&str>, payment_intent: &str, generation: i64) -> String {
+    let base = match order_id {
+        Some(order) => format!("astria-refund-{order}-{payment_intent}"),
+        None => format!("astria-refund-{payment_intent}"),
+    };
+    match generation {
+        0 => base,
+        n => format!("{base}-g{n}"),
+    }
+}
+
+/// What to do after `POST /v1/refunds` answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefundOutcome {
+    /// Stripe made the refund (or had made it for this key before).
+    Made(Refund),
+    /// The payment was refunded already (in the dashboard, say): nothing more to give back.
+    AlreadyRefunded(String),
+    /// Try again later with the same key (timeouts, 409, 429, a first 5xx).
+    Retry(String),
+    /// Stripe replays a stored 5xx to this key (for 24 hours): try again with the next key
+    /// generation. Safe: no refund was made under the old key, and the whole payment cannot be
+    /// given back twice (Stripe refuses with `charge_already_refunded`).
+    NewKey(String),
+    /// Stripe will always refuse it (the amount exceeds what is left, a disputed charge, a bad
+    /// key): an operator must look, with Stripe's words.
+    Refused(String),
+}
+
+/// Classifies the answer of a refund call by status, Stripe's `Idempotent-Replayed` header and
+/// its error.
+pub fn classify_refund(status: u16, replayed: bool, body: &[u8]) -> RefundOutcome {
+    let json = serde_json::from_slice::<serde_json::Value>(body).ok();
+    let code = json.as_ref().and_then(|v| v["error"]["code"].as_str()).unwrap_or_default().to_string();
+    let message = json.as_ref().and_then(|v| v["error"]["message"].as_str()).unwrap_or_default().to_string();
+    let text = format!("Stripe answered {status}{}: {message}", if code.is_empty() { String::new() } else { format!(" ({code})") });
+    match status {
+        200..=299 => match parse_refund(body) {
+            Ok(r) => RefundOutcome::Made(r),
+            Err(e) => RefundOutcome::Retry(format!("Stripe answered {status} with {e}")),
+        },
+        400 if code == "charge_already_refunded" => RefundOutcome::AlreadyRefunded(text),
+        500..=599 if replayed => RefundOutcome::NewKey(text),
+        409 | 429 | 500..=599 => RefundOutcome::Retry(text),
+        _ => RefundOutcome::Refused(text),
+    }
 }
 
 #[derive(Deserialize)]
@@ -139,11 +376,7 @@ fn session_from(json: SessionJson) -> Result<Session, StripeError> {
         .or_else(|| json.metadata.and_then(|m| m.get("order_id").cloned()))
         .filter(|s| !s.is_empty());
     // `payment_intent` is an id, or an expanded object with one.
-    let payment_intent = match json.payment_intent {
-        Some(serde_json::Value::String(s)) => Some(s),
-        Some(serde_json::Value::Object(o)) => o.get("id").and_then(|v| v.as_str()).map(str::to_string),
-        _ => None,
-    };
+    let payment_intent = id_of(json.payment_intent);
     Ok(Session {
         id: json.id,
         order_id,
@@ -163,17 +396,50 @@ pub fn parse_event(raw: &[u8]) -> Result<Event, StripeError> {
     if e.id.is_empty() {
         return Err(StripeError::Malformed("event without id".into()));
     }
+    let object = || e.data.as_ref().map(|d| d.object.clone()).ok_or_else(|| StripeError::Malformed("event without data".into()));
+    let malformed = |what: &str, err: serde_json::Error| StripeError::Malformed(format!("{what}: {err}"));
     let kind = match e.kind.as_str() {
         "checkout.session.completed" => EventKind::Completed,
         "checkout.session.async_payment_succeeded" => EventKind::AsyncSucceeded,
         "checkout.session.async_payment_failed" => EventKind::AsyncFailed,
         "checkout.session.expired" => EventKind::Expired,
+        "refund.created" | "refund.updated" | "refund.failed" => {
+            let json: RefundJson = serde_json::from_value(object()?).map_err(|err| malformed("refund", err))?;
+            return Ok(Event { id: e.id, kind: EventKind::Refund(refund_from(json)?), session: None });
+        }
+        "charge.refunded" => {
+            let json: ChargeJson = serde_json::from_value(object()?).map_err(|err| malformed("charge", err))?;
+            let charge = ChargeRefunded {
+                amount_refunded: money_of(json.amount_refunded, json.currency.as_deref())?,
+                payment_intent: id_of(json.payment_intent),
+                refunds: json.refunds.map(|l| l.data).unwrap_or_default().into_iter().map(refund_from).collect::<Result<_, _>>()?,
+                charge_id: json.id,
+            };
+            return Ok(Event { id: e.id, kind: EventKind::ChargeRefunded(charge), session: None });
+        }
+        "charge.dispute.created" => {
+            let json: DisputeJson = serde_json::from_value(object()?).map_err(|err| malformed("dispute", err))?;
+            let dispute = Dispute {
+                amount: money_of(json.amount, json.currency.as_deref())?,
+                payment_intent: id_of(json.payment_intent),
+                charge_id: id_of(json.charge),
+                reason: json.reason,
+                id: json.id,
+            };
+            return Ok(Event { id: e.id, kind: EventKind::DisputeCreated(dispute), session: None });
+        }
         other => return Ok(Event { id: e.id, kind: EventKind::Other(other.to_string()), session: None }),
     };
-    let object = e.data.ok_or_else(|| StripeError::Malformed("event without data".into()))?.object;
+    let object = object()?;
     let session: SessionJson =
         serde_json::from_value(object).map_err(|e| StripeError::Malformed(format!("session: {e}")))?;
     Ok(Event { id: e.id, kind, session: Some(session_from(session)?) })
+}
+
+/// Parses a Checkout session as `GET /v1/checkout/sessions/{id}` answers it.
+pub fn parse_session(raw: &[u8]) -> Result<Session, StripeError> {
+    let json: SessionJson = serde_json::from_slice(raw).map_err(|e| StripeError::Malformed(e.to_string()))?;
+    session_from(json)
 }
 
 /// Parses the answer of `POST /v1/checkout/sessions`; the URL must be there.
@@ -394,8 +660,8 @@ mod tests {
         let raw = br#"{"id":"evt_2","type":"checkout.session.expired","data":{"object":{"id":"cs_2","metadata":{"order_id":"o2"},"payment_status":"unpaid"}}}"#;
         let e = parse_event(raw).unwrap();
         assert_eq!((e.kind, e.session.unwrap().order_id.as_deref()), (EventKind::Expired, Some("o2")));
-        let other = parse_event(br#"{"id":"evt_3","type":"charge.refunded","data":{"object":{"id":"ch_1"}}}"#).unwrap();
-        assert_eq!(other.kind, EventKind::Other("charge.refunded".into()));
+        let other = parse_event(br#"{"id":"evt_3","type":"charge.captured","data":{"object":{"id":"ch_1"}}}"#).unwrap();
+        assert_eq!(other.kind, EventKind::Other("charge.captured".into()));
         for bad in [
             &b"nope"[..],
             br#"{"type":"checkout.session.completed"}"#,
@@ -430,6 +696,51 @@ mod tests {
         assert_ne!(idempotency_key("o1", 0), idempotency_key("o1", 1), "a new generation is a new key");
         assert_eq!(idempotency_key("o1", 0), "astria-checkout-o1", "generation 0 keeps the key orders already used");
         assert_eq!((expiry_minutes_in_bounds(5), expiry_minutes_in_bounds(5000)), (30, 1440));
+    }
+
+    #[test]
+    fn refund_events_charges_refunded_and_disputes_are_read() {
+        let refund = parse_event(br#"{"id":"evt_r","type":"refund.updated","data":{"object":{"id":"re_1","object":"refund",
+            "status":"failed","payment_intent":"pi_1","amount":1999,"currency":"usd","failure_reason":"expired_or_canceled_card",
+            "metadata":{"order_id":"o1"}}}}"#).unwrap();
+        let EventKind::Refund(r) = refund.kind else { panic!("{:?}", refund.kind) };
+        assert_eq!((r.id.as_str(), &r.status, r.payment_intent.as_deref()), ("re_1", &RefundStatus::Failed, Some("pi_1")));
+        assert_eq!(r.failure_reason.as_deref(), Some("expired_or_canceled_card"));
+        let charge = parse_event(br#"{"id":"evt_c","type":"charge.refunded","data":{"object":{"id":"ch_1","object":"charge",
+            "payment_intent":"pi_1","amount_refunded":1999,"currency":"usd","refunded":true,
+            "refunds":{"object":"list","data":[{"id":"re_9","status":"succeeded","amount":1999,"currency":"usd","payment_intent":"pi_1"}]}}}}"#).unwrap();
+        let EventKind::ChargeRefunded(c) = charge.kind else { panic!() };
+        assert_eq!((c.payment_intent.as_deref(), c.refunds[0].id.as_str()), (Some("pi_1"), "re_9"));
+        assert_eq!(c.amount_refunded, Some(Money::new(1999, "usd").unwrap()));
+        let dispute = parse_event(br#"{"id":"evt_d","type":"charge.dispute.created","data":{"object":{"id":"dp_1","object":"dispute",
+            "charge":"ch_1","payment_intent":"pi_1","amount":1999,"currency":"usd","reason":"fraudulent","status":"needs_response"}}}"#).unwrap();
+        let EventKind::DisputeCreated(d) = dispute.kind else { panic!() };
+        assert_eq!((d.id.as_str(), d.payment_intent.as_deref(), d.reason.as_deref()), ("dp_1", Some("pi_1"), Some("fraudulent")));
+        let odd = parse_event(br#"{"id":"evt_x","type":"refund.updated","data":{"object":{"id":"re_2","status":"lost"}}}"#);
+        assert!(matches!(odd, Err(StripeError::Malformed(_))), "a status Stripe does not document");
+    }
+
+    #[test]
+    fn a_refund_asks_for_the_payment_once_per_order_and_payment() {
+        let paid = Money::new(1999, "usd").unwrap();
+        let form = refund_form(&RefundRequest { payment_intent: "pi_1", amount: Some(&paid), order_id: Some("o1"), refund_id: "r1" });
+        let pairs: std::collections::HashMap<String, String> = form_urlencoded::parse(form.as_bytes()).into_owned().collect();
+        assert_eq!(pairs["payment_intent"], "pi_1");
+        assert_eq!(pairs["amount"], "1999");
+        assert_eq!(pairs["reason"], "requested_by_customer");
+        assert_eq!((pairs["metadata[order_id]"].as_str(), pairs["metadata[refund_id]"].as_str()), ("o1", "r1"));
+        assert_eq!(refund_idempotency_key(Some("o1"), "pi_1", 0), refund_idempotency_key(Some("o1"), "pi_1", 0));
+        assert_ne!(refund_idempotency_key(Some("o1"), "pi_1", 0), refund_idempotency_key(Some("o1"), "pi_2", 0));
+        assert_ne!(refund_idempotency_key(Some("o1"), "pi_1", 0), refund_idempotency_key(Some("o1"), "pi_1", 1));
+        let err = |code: &str| format!(r#"{{"error":{{"type":"invalid_request_error","code":"{code}","message":"m"}}}}"#).into_bytes();
+        assert!(matches!(classify_refund(200, false, br#"{"id":"re_1","status":"succeeded"}"#), RefundOutcome::Made(_)));
+        assert!(matches!(classify_refund(400, false, &err("charge_already_refunded")), RefundOutcome::AlreadyRefunded(_)));
+        assert!(matches!(classify_refund(400, false, &err("amount_too_large")), RefundOutcome::Refused(_)));
+        assert!(matches!(classify_refund(402, false, &err("card_declined")), RefundOutcome::Refused(_)));
+        for s in [409, 429, 500, 503] {
+            assert!(matches!(classify_refund(s, false, &err("")), RefundOutcome::Retry(_)), "{s}");
+        }
+        assert!(matches!(classify_refund(500, true, &err("")), RefundOutcome::NewKey(_)), "a replayed 5xx");
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub struct Texts {
     pub payment_needs_refund: String,
     /// The photos would be gone (WhatsApp keeps media 7 days) before training could start.
     pub photos_too_old: String,
+    /// Stripe took the refund of a payment the bot could not use: `{amount}`.
+    pub refund_issued: String,
 }
 
 impl Default for Texts {
@@ -101,6 +103,7 @@ impl Default for Texts {
             payment_failed: s("Your payment didn't go through. Reply PAY to try again, or MENU to start over."),
             photos_too_old: s("WhatsApp only keeps photos for 7 days and yours are nearly that old, so I can't use them. Reply MENU to start again with fresh selfies."),
             payment_needs_refund: s("We received a payment we couldn't match to your order. We'll refund it and get in touch."),
+            refund_issued: s("Your refund of {amount} is on its way back to you. Your bank may take 5 to 10 days to show it."),
         }
     }
 }

@@ -18,7 +18,8 @@ mod generated {
 
 pub use generated::astria_bot::models::domain::{Contact, GeneratedImage, Money, Order, OrderStatus, Pack, Photo};
 pub use generated::astria_bot::models::events::{
-    CheckoutExpire, EventEnvelope, MessageSend, OrderAwaitingPayment, OrderPaid, TuneReconcile, TuneTrained,
+    CheckoutExpire, EventEnvelope, MessageSend, OrderAwaitingPayment, OrderPaid, PaymentRefund, TuneReconcile,
+    TuneTrained,
 };
 pub use generated::astria_bot::models::health::{DependencyCheck, HealthReport, HealthStatus};
 

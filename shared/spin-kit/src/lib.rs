@@ -11,6 +11,7 @@ pub mod http_client;
 pub mod images;
 pub mod log;
 pub mod messages;
+pub mod refunds;
 pub mod request;
 pub mod trace;
 pub mod whatsapp_media;

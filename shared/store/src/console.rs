@@ -267,6 +267,18 @@ pub fn order_story<D: Db + ?Sized>(db: &D, order_id: &str, limit: i64) -> Result
 
 /// Records that an operator resolved an open payment issue, with their note. `false` if there
 /// is no such issue or it was resolved already (the first resolution stands).
+/// Opens a resolved payment issue again (its refund failed at Stripe after all), saying why.
+pub fn reopen_payment_issue<D: Db + ?Sized>(db: &D, event_id: &str, why: &str) -> Result<bool, DbError> {
+    let n = db.execute(
+        &db.dialect().sql(
+            "UPDATE payment_issues SET resolved_at = NULL, resolution = NULL, detail = detail || $1
+             WHERE event_id = $2 AND resolved_at IS NOT NULL",
+        ),
+        &[Value::from(format!("; {why}")), Value::from(event_id)],
+    )?;
+    Ok(n == 1)
+}
+
 pub fn resolve_payment_issue<D: Db + ?Sized>(db: &D, event_id: &str, note: &str, now_ms: i64) -> Result<bool, DbError> {
     let n = db.execute(
         &db.dialect().sql(

@@ -230,3 +230,40 @@ pub fn schedule_reconcile<D: Db + ?Sized>(db: &D, order_id: &str, next_at: i64) 
     )?;
     Ok(())
 }
+
+/// Stops the delivery of an order's portraits (its payment is disputed): every portrait not
+/// yet sent fails with `reason`, and its send event is completed, so nothing of the order goes
+/// out any more and nothing waits in the outbox for it. Answers how many messages it stopped.
+pub fn stop_delivery<D: Db + ?Sized>(db: &D, order_id: &str, reason: &str, now_ms: i64) -> Result<u64, DbError> {
+    use crate::messages::status as m;
+    let unsent = "SELECT id FROM outbound_messages WHERE status IN ($3, $4, $5)
+                  AND id IN (SELECT message_id FROM generated_images WHERE order_id = $2)";
+    db.execute(
+        &db.dialect().sql(&format!(
+            "UPDATE outbox SET status = $1, completed_at = $6
+             WHERE id IN (SELECT event_id FROM outbound_messages WHERE id IN ({unsent}))"
+        )),
+        &[
+            Value::from(crate::outbox::status::DONE),
+            Value::from(order_id),
+            Value::from(m::QUEUED),
+            Value::from(m::AWAITING_WINDOW),
+            Value::from(m::HELD),
+            Value::Int(now_ms),
+        ],
+    )?;
+    db.execute(
+        &db.dialect().sql(&format!(
+            "UPDATE outbound_messages SET status = $1, last_error = $6, updated_at = $7 WHERE id IN ({unsent})"
+        )),
+        &[
+            Value::from(m::FAILED),
+            Value::from(order_id),
+            Value::from(m::QUEUED),
+            Value::from(m::AWAITING_WINDOW),
+            Value::from(m::HELD),
+            Value::from(reason),
+            Value::Int(now_ms),
+        ],
+    )
+}

@@ -21,6 +21,7 @@ pub mod migrations;
 #[cfg(feature = "native")]
 pub mod native;
 pub mod outbox;
+pub mod refunds;
 pub mod repo;
 
 use std::fmt;

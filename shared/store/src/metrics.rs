@@ -2,7 +2,8 @@
 //! queries, each served by an index (`orders_by_status`, `outbox_due`, `outbound_by_status`,
 //! `payment_issues_open`): orders by status and the age of the oldest in each, the outbox
 //! backlog per channel and its oldest event, dead letters, open payment issues, outbound
-//! messages waiting or failed, portraits delivered, and the payment-to-delivery time.
+//! messages waiting or failed, portraits delivered, the payment-to-delivery time, refunds by
+//! status with the oldest still on its way, and open disputes.
 //!
 //! Everything here is a gauge over what the database holds now (retention applies), except the
 //! payment-to-delivery histogram, which covers the delivered orders the database still holds.
@@ -35,6 +36,12 @@ pub struct Snapshot {
     pub delivery_buckets: Vec<i64>,
     pub delivery_count: i64,
     pub delivery_sum_ms: i64,
+    /// Refunds by status (`refunds.rs`).
+    pub refunds: Vec<(String, i64)>,
+    /// When the oldest refund still on its way (asked for, or pending at Stripe) last moved.
+    pub refund_oldest_waiting: Option<i64>,
+    /// Chargebacks no operator has resolved.
+    pub disputes_open: i64,
 }
 
 pub fn snapshot<D: Db + ?Sized>(db: &D) -> Result<Snapshot, DbError> {
@@ -78,6 +85,13 @@ pub fn snapshot<D: Db + ?Sized>(db: &D) -> Result<Snapshot, DbError> {
         s.delivery_count = r.int(n)?;
         s.delivery_sum_ms = r.int(n + 1)?;
     }
+    s.refunds = crate::refunds::count_by_status(db)?;
+    s.refund_oldest_waiting = crate::refunds::oldest_waiting_since(db)?;
+    let disputes = db.query(
+        &db.dialect().sql("SELECT COUNT(*) FROM payment_issues WHERE resolved_at IS NULL AND kind = $1"),
+        &[Value::from(crate::repo::IssueKind::Dispute.as_str())],
+    )?;
+    s.disputes_open = disputes.first().map(|r| r.int(0)).transpose()?.unwrap_or(0);
     Ok(s)
 }
 
@@ -194,6 +208,24 @@ pub fn render(s: &Snapshot, now_ms: i64) -> String {
     let _ = writeln!(out, "astria_payment_to_delivery_seconds_bucket{{le=\"+Inf\"}} {}", s.delivery_count);
     let _ = writeln!(out, "astria_payment_to_delivery_seconds_sum {}", seconds(s.delivery_sum_ms));
     let _ = writeln!(out, "astria_payment_to_delivery_seconds_count {}", s.delivery_count);
+    // Every status is exported, 0 when none: an alert on a status then has a series to read.
+    use crate::refunds::status as r;
+    let statuses = [r::REQUESTED, r::PENDING, r::SUCCEEDED, r::REQUIRES_ACTION, r::FAILED, r::CANCELED, r::REFUSED];
+    let count = |st: &str| s.refunds.iter().find(|(k, _)| k == st).map(|(_, n)| *n).unwrap_or(0);
+    gauge_by(
+        &mut out,
+        "astria_refunds",
+        "Refunds by status: requested (the app will ask Stripe), pending, succeeded, requires_action, failed, canceled (at Stripe), refused (Stripe will not; an operator must look).",
+        "status",
+        statuses.iter().map(|st| (*st, count(st))),
+    );
+    gauge(
+        &mut out,
+        "astria_refund_oldest_waiting_age_seconds",
+        "Seconds since the oldest refund still on its way (requested, pending, requires_action) last moved; 0 when none.",
+        s.refund_oldest_waiting.map(|t| (now_ms - t).max(0) / 1000).unwrap_or(0),
+    );
+    gauge(&mut out, "astria_disputes_open", "Chargebacks (disputes) no operator has resolved.", s.disputes_open);
     out
 }
 
@@ -213,6 +245,9 @@ mod tests {
             delivery_buckets: vec![0, 1, 2, 3, 3, 3, 3, 3],
             delivery_count: 3,
             delivery_sum_ms: 1_500_000,
+            refunds: vec![("pending".into(), 1), ("succeeded".into(), 4)],
+            refund_oldest_waiting: Some(10_000),
+            disputes_open: 1,
         };
         let text = render(&s, 70_000);
         for line in [
@@ -228,6 +263,11 @@ mod tests {
             "astria_payment_to_delivery_seconds_bucket{le=\"300\"} 1",
             "astria_payment_to_delivery_seconds_bucket{le=\"+Inf\"} 3",
             "astria_payment_to_delivery_seconds_sum 1500",
+            "astria_refunds{status=\"pending\"} 1",
+            "astria_refunds{status=\"succeeded\"} 4",
+            "astria_refunds{status=\"refused\"} 0",
+            "astria_refund_oldest_waiting_age_seconds 60",
+            "astria_disputes_open 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

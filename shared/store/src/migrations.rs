@@ -267,6 +267,39 @@ pub const MIGRATIONS: &[Migration] = &[
             "CREATE INDEX contacts_by_parent_bsuid ON contacts (parent_bsuid)",
         ],
     },
+    Migration {
+        version: 13,
+        name: "refunds without a human",
+        sql: &[
+            // The payment that paid the order: what a refund gives back. Orders paid before
+            // this migration have none; the refund looks it up from their Checkout session.
+            "ALTER TABLE orders ADD COLUMN payment_intent TEXT",
+            "CREATE INDEX orders_by_payment ON orders (payment_intent)",
+            // One row per payment given back (refunds.rs): asked for by the app for a payment
+            // issue, or made by hand at Stripe and recorded from its webhook.
+            "CREATE TABLE refunds (
+            id TEXT PRIMARY KEY,
+            issue_id TEXT,
+            order_id TEXT,
+            payment_intent TEXT,
+            session_id TEXT,
+            amount_minor BIGINT,
+            currency TEXT,
+            status TEXT NOT NULL,
+            stripe_refund_id TEXT,
+            attempts BIGINT NOT NULL DEFAULT 0,
+            key_generation BIGINT NOT NULL DEFAULT 0,
+            last_error TEXT,
+            customer_told BIGINT NOT NULL DEFAULT 0,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL
+        )",
+            // One refund per payment, whatever asks for it.
+            "CREATE UNIQUE INDEX refunds_by_payment ON refunds (payment_intent)",
+            "CREATE INDEX refunds_by_status ON refunds (status, updated_at)",
+            "CREATE INDEX refunds_by_stripe_id ON refunds (stripe_refund_id)",
+        ],
+    },
 ];
 
 /// Applies every migration not yet recorded; answers the versions it applied.

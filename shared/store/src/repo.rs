@@ -322,10 +322,17 @@ pub fn set_checkout_attempt<D: Db + ?Sized>(
 
 /// Marks an order awaiting payment as paid with what Stripe reported; `false` if it no longer
 /// awaited payment (a concurrent or earlier event settled it).
-pub fn mark_paid<D: Db + ?Sized>(db: &D, order_id: &str, paid: &Money, now_ms: i64) -> Result<bool, DbError> {
+pub fn mark_paid<D: Db + ?Sized>(
+    db: &D,
+    order_id: &str,
+    paid: &Money,
+    payment_intent: Option<&str>,
+    now_ms: i64,
+) -> Result<bool, DbError> {
     let n = db.execute(
         &db.dialect().sql(
-            "UPDATE orders SET status = $1, paid_minor = $2, paid_currency = $3, updated_at = $4, paid_at = $4
+            "UPDATE orders SET status = $1, paid_minor = $2, paid_currency = $3, updated_at = $4, paid_at = $4,
+                payment_intent = $7
              WHERE id = $5 AND status = $6",
         ),
         &[
@@ -335,9 +342,29 @@ pub fn mark_paid<D: Db + ?Sized>(db: &D, order_id: &str, paid: &Money, now_ms: i
             Value::Int(now_ms),
             Value::from(order_id),
             Value::from(status_str(OrderStatus::AwaitingPayment)),
+            Value::from(payment_intent),
         ],
     )?;
     Ok(n == 1)
+}
+
+/// The payment (Stripe's `payment_intent`) that paid the order, when recorded.
+pub fn payment_intent<D: Db + ?Sized>(db: &D, order_id: &str) -> Result<Option<String>, DbError> {
+    let rows = db.query(
+        &db.dialect().sql("SELECT payment_intent FROM orders WHERE id = $1"),
+        &[Value::from(order_id)],
+    )?;
+    rows.first().map(|r| r.opt_text(0)).transpose().map(Option::flatten)
+}
+
+/// The order a payment paid, if the app knows it.
+pub fn order_of_payment<D: Db + ?Sized>(db: &D, payment_intent: &str) -> Result<Option<Order>, DbError> {
+    let rows =
+        db.query(&db.dialect().sql("SELECT id FROM orders WHERE payment_intent = $1"), &[Value::from(payment_intent)])?;
+    match rows.first() {
+        Some(r) => get_order(db, &r.text(0)?),
+        None => Ok(None),
+    }
 }
 
 /// Creates `new_id` awaiting payment as a copy of `from_id` (pack, subject, price, photos),
@@ -372,6 +399,8 @@ pub enum IssueKind {
     NeedsRefund,
     /// A paid session names no order the app knows.
     UnknownOrder,
+    /// The customer's bank opened a chargeback: the money is the bank's to settle now.
+    Dispute,
 }
 
 impl IssueKind {
@@ -380,6 +409,7 @@ impl IssueKind {
         match self {
             IssueKind::NeedsRefund => "needs_refund",
             IssueKind::UnknownOrder => "unknown_order",
+            IssueKind::Dispute => "dispute",
         }
     }
 
@@ -387,6 +417,7 @@ impl IssueKind {
         match s {
             "needs_refund" => Ok(IssueKind::NeedsRefund),
             "unknown_order" => Ok(IssueKind::UnknownOrder),
+            "dispute" => Ok(IssueKind::Dispute),
             other => Err(DbError::Decode(format!("unknown payment issue kind '{other}'"))),
         }
     }
@@ -427,6 +458,59 @@ pub fn record_payment_issue<D: Db + ?Sized>(db: &D, issue: &PaymentIssue) -> Res
     Ok(n == 1)
 }
 
+/// A payment issue by id, resolved or not.
+pub fn payment_issue<D: Db + ?Sized>(db: &D, event_id: &str) -> Result<Option<PaymentIssue>, DbError> {
+    db.query(
+        &db.dialect().sql(
+            "SELECT event_id, kind, order_id, session_id, payment_intent, amount_minor, currency, detail, created_at
+             FROM payment_issues WHERE event_id = $1",
+        ),
+        &[Value::from(event_id)],
+    )?
+    .first()
+    .map(payment_issue_from)
+    .transpose()
+}
+
+fn payment_issue_from(r: &Row) -> Result<PaymentIssue, DbError> {
+    Ok(PaymentIssue {
+        event_id: r.text(0)?,
+        kind: IssueKind::parse(&r.text(1)?)?,
+        order_id: r.opt_text(2)?,
+        session_id: r.opt_text(3)?,
+        payment_intent: r.opt_text(4)?,
+        amount: match (r.opt_int(5)?, r.opt_text(6)?) {
+            (Some(amount_minor), Some(currency)) => Some(Money { amount_minor, currency }),
+            _ => None,
+        },
+        detail: r.text(7)?,
+        created_at: r.int(8)?,
+    })
+}
+
+/// The open issues that ask for a payment's money back (by the payment, or by its order).
+pub fn open_refund_issues<D: Db + ?Sized>(
+    db: &D,
+    payment_intent: &str,
+    order_id: Option<&str>,
+) -> Result<Vec<String>, DbError> {
+    db.query(
+        &db.dialect().sql(
+            "SELECT event_id FROM payment_issues
+             WHERE resolved_at IS NULL AND kind IN ($1, $2) AND (payment_intent = $3 OR order_id = $4)",
+        ),
+        &[
+            Value::from(IssueKind::NeedsRefund.as_str()),
+            Value::from(IssueKind::UnknownOrder.as_str()),
+            Value::from(payment_intent),
+            Value::from(order_id),
+        ],
+    )?
+    .iter()
+    .map(|r| r.text(0))
+    .collect()
+}
+
 /// Unresolved payment issues, newest first.
 pub fn open_payment_issues<D: Db + ?Sized>(db: &D, limit: i64) -> Result<Vec<PaymentIssue>, DbError> {
     db.query(
@@ -437,21 +521,7 @@ pub fn open_payment_issues<D: Db + ?Sized>(db: &D, limit: i64) -> Result<Vec<Pay
         &[Value::Int(limit)],
     )?
     .iter()
-    .map(|r| {
-        Ok(PaymentIssue {
-            event_id: r.text(0)?,
-            kind: IssueKind::parse(&r.text(1)?)?,
-            order_id: r.opt_text(2)?,
-            session_id: r.opt_text(3)?,
-            payment_intent: r.opt_text(4)?,
-            amount: match (r.opt_int(5)?, r.opt_text(6)?) {
-                (Some(amount_minor), Some(currency)) => Some(Money { amount_minor, currency }),
-                _ => None,
-            },
-            detail: r.text(7)?,
-            created_at: r.int(8)?,
-        })
-    })
+    .map(payment_issue_from)
     .collect()
 }
 

@@ -538,8 +538,8 @@ fn a_checkout_session_is_stored_once_and_payment_settles_once() {
             .unwrap();
         assert!(repo::set_checkout(db.as_ref(), "o1", "cs_1", "https://c/1", 13).unwrap());
         assert!(!repo::set_checkout(db.as_ref(), "o1", "cs_2", "https://c/2", 14).unwrap(), "once");
-        assert!(repo::mark_paid(db.as_ref(), "o1", &usd(1999), 15).unwrap());
-        assert!(!repo::mark_paid(db.as_ref(), "o1", &usd(1999), 16).unwrap(), "paid once");
+        assert!(repo::mark_paid(db.as_ref(), "o1", &usd(1999), Some("pi_1"), 15).unwrap());
+        assert!(!repo::mark_paid(db.as_ref(), "o1", &usd(1999), None, 16).unwrap(), "paid once");
         let o = repo::get_order(db.as_ref(), "o1").unwrap().unwrap();
         assert_eq!(
             (o.status, o.paid, o.checkout_session_id.as_deref()),
@@ -1079,5 +1079,55 @@ fn a_contact_written_by_the_release_before_usernames_is_found_by_its_phone() {
         assert_eq!(identity::find(db, who(None, Some(BSUID))).unwrap().as_deref(), Some(PHONE));
         assert!(identity::set_marketing_opt_out(db, who(None, Some(BSUID)), true, 3).unwrap());
         assert!(!identity::set_marketing_opt_out(db, who(Some("99"), None), true, 3).unwrap(), "unknown: nothing");
+    });
+}
+
+#[test]
+fn a_payment_is_refunded_once_whoever_asks_and_a_dashboard_refund_counts() {
+    use astria_store::refunds::{self, status, NewRefund};
+    on_both(|connect| {
+        let db = connect();
+        let db = db.as_ref();
+        migrate(db, 0).unwrap();
+        let paid = usd(1999);
+        let ask = |issue: &'static str, pi: Option<&'static str>| NewRefund {
+            issue_id: issue,
+            order_id: Some("o1"),
+            payment_intent: pi,
+            session_id: Some("cs_1"),
+            amount: Some(&paid),
+        };
+        assert!(refunds::request(db, &ask("issue-1", Some("pi_1")), 1).unwrap());
+        assert!(!refunds::request(db, &ask("issue-1", Some("pi_1")), 2).unwrap(), "the same issue again");
+        assert!(!refunds::request(db, &ask("issue-2", Some("pi_1")), 2).unwrap(), "another issue, the same payment");
+        let r = refunds::get(db, "issue-1").unwrap().unwrap();
+        assert_eq!((r.status.as_str(), r.amount.clone(), r.key_generation), (status::REQUESTED, Some(paid.clone()), 0));
+        // Booked once; a repeated report changes nothing, and the customer is told once.
+        assert!(refunds::settle(db, "issue-1", status::SUCCEEDED, Some("re_1"), None, 3).unwrap());
+        assert!(!refunds::settle(db, "issue-1", status::SUCCEEDED, Some("re_1"), None, 4).unwrap());
+        assert!(refunds::mark_customer_told(db, "issue-1").unwrap());
+        assert!(!refunds::mark_customer_told(db, "issue-1").unwrap());
+        assert_eq!(refunds::by_stripe_id(db, "re_1").unwrap().unwrap().id, "issue-1");
+        assert!(!refunds::request_again(db, "issue-1", 5).unwrap(), "done: not asked again");
+        // A refund made in the dashboard for another payment is recorded; the app's ask for
+        // that payment then finds it.
+        let dash =
+            refunds::record_at_stripe(db, "re_dash", "pi_2", Some("o2"), status::SUCCEEDED, Some(&paid), 6).unwrap().unwrap();
+        assert_eq!((dash.id.as_str(), dash.customer_told), ("stripe:re_dash", true));
+        // The same Stripe refund named with another payment contradicts the first report: none.
+        assert_eq!(refunds::record_at_stripe(db, "re_dash", "pi_9", None, status::SUCCEEDED, None, 6).unwrap(), None);
+        assert_eq!(refunds::of_payment(db, "pi_9").unwrap(), None, "nothing booked for the contradicting payment");
+        assert!(!refunds::request(db, &NewRefund { payment_intent: Some("pi_2"), ..ask("issue-3", None) }, 7).unwrap());
+        // Refused, then asked again with a fixed cause; a new key only from the generation seen.
+        assert!(refunds::request(db, &ask("issue-4", None), 8).unwrap());
+        assert!(refunds::set_payment_intent(db, "issue-4", "pi_4", 9).unwrap());
+        assert!(refunds::settle(db, "issue-4", status::REFUSED, None, Some("Stripe answered 402"), 10).unwrap());
+        assert!(refunds::request_again(db, "issue-4", 11).unwrap());
+        assert_eq!(refunds::get(db, "issue-4").unwrap().unwrap().key_generation, 1, "a refused key is not used again");
+        assert!(refunds::next_key(db, "issue-4", 1, 12).unwrap());
+        assert!(!refunds::next_key(db, "issue-4", 1, 12).unwrap(), "moved once by concurrent workers");
+        let counts = refunds::count_by_status(db).unwrap();
+        assert!(counts.contains(&("requested".to_string(), 1)) && counts.contains(&("succeeded".to_string(), 2)), "{counts:?}");
+        assert_eq!(refunds::oldest_waiting_since(db).unwrap(), Some(12));
     });
 }

@@ -80,10 +80,41 @@ pub fn event(id: &str, kind: &str, session: Value) -> Value {
             "livemode": false, "type": kind, "data": { "object": session } })
 }
 
+/// The payment a session's checkout makes (one per session here, as with a card).
+pub fn payment_intent_of(session_id: &str) -> String {
+    format!("pi_{}", session_id.trim_start_matches("cs_"))
+}
+
 /// A completed session for `order_id` (`payment_status` `paid`, or `unpaid` while an
-/// asynchronous payment is pending).
+/// asynchronous payment is pending), with its payment.
 pub fn completed_session(session_id: &str, order_id: &str, amount: i64, currency: &str, payment_status: &str) -> Value {
     json!({ "id": session_id, "object": "checkout.session", "status": "complete", "mode": "payment",
             "payment_status": payment_status, "amount_total": amount, "currency": currency,
-            "client_reference_id": order_id, "metadata": { "order_id": order_id }, "payment_intent": "pi_test_1" })
+            "client_reference_id": order_id, "metadata": { "order_id": order_id },
+            "payment_intent": payment_intent_of(session_id) })
+}
+
+/// Stripe's error body with its `code` (`charge_already_refunded`, `amount_too_large`, ...).
+pub fn error_with_code(kind: &str, code: &str, message: &str) -> Value {
+    json!({ "error": { "type": kind, "code": code, "message": message } })
+}
+
+/// The refund `POST /v1/refunds` makes from its form: `amount` or, without one, `left`.
+pub fn refund(id: &str, form: &HashMap<String, String>, left: i64, currency: &str, status: &str) -> Value {
+    let amount = form.get("amount").and_then(|a| a.parse::<i64>().ok()).unwrap_or(left);
+    let metadata: HashMap<&str, &str> = form
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("metadata[")?.strip_suffix(']')?, v.as_str())))
+        .collect();
+    json!({ "id": id, "object": "refund", "amount": amount, "currency": currency, "status": status,
+            "payment_intent": form.get("payment_intent"), "reason": form.get("reason"),
+            "metadata": metadata, "created": unix_now() })
+}
+
+/// The charge of `payment_intent` after `refunds` (newest first), as `charge.refunded` carries it.
+pub fn refunded_charge(payment_intent: &str, amount: i64, currency: &str, refunds: &[Value]) -> Value {
+    let refunded: i64 = refunds.iter().filter_map(|r| r["amount"].as_i64()).sum();
+    json!({ "id": format!("ch_{}", payment_intent.trim_start_matches("pi_")), "object": "charge",
+            "payment_intent": payment_intent, "amount": amount, "amount_refunded": refunded, "currency": currency,
+            "refunded": refunded >= amount, "refunds": { "object": "list", "data": refunds } })
 }

@@ -187,8 +187,23 @@ async function loadPaymentIssues() {
         await refresh();
       } catch (err) { report(err); button.disabled = false; }
     });
+    // Refund: the app's own refund path (one refund per payment, whoever presses it).
+    const refund = i.refund;
+    const refundable = i.kind !== "dispute" && !(refund && ["requested", "pending", "succeeded", "requires_action"].includes(refund.status));
+    const refundButton = el("button", { "data-refund": i.event_id }, "Refund");
+    refundButton.hidden = !refundable;
+    refundButton.addEventListener("click", async () => {
+      refundButton.disabled = true;
+      try {
+        const r = await api(`/maintenance/payment-issues/${encodeURIComponent(i.event_id)}/refund`, { method: "POST" });
+        setStatus(`Refund of ${i.event_id}: ${r.refund}.`);
+        await refresh();
+      } catch (err) { report(err); refundButton.disabled = false; }
+    });
+    const refundState = refund ? `refund ${refund.status}${refund.last_error ? ": " + refund.last_error : ""}` : "";
     return el("tr", { "data-issue": i.event_id }, el("td", {}, el("code", {}, i.event_id)), el("td", {}, i.kind), el("td", {}, i.order_id || ""),
-      el("td", {}, money(i.amount)), el("td", {}, i.detail), el("td", {}, note, " ", button));
+      el("td", {}, money(i.amount)), el("td", {}, i.detail, refundState ? el("br") : "", el("small", { "data-refund-state": "" }, refundState)),
+      el("td", {}, note, " ", button, " ", refundButton));
   }), "No open payment issues.");
 }
 
