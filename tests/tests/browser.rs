@@ -3,7 +3,8 @@
 //! hi → pack list → pack → subject → four photos → Done → the payment link → Pay → the
 //! portraits appear in the chat, each once. A second run drops Astria's callbacks and still
 //! ends with the portraits (the app's reconciliation asks Astria); its buyer is a customer with
-//! a WhatsApp username, known to the bot by a business-scoped user id only.
+//! a WhatsApp username, known to the bot by a business-scoped user id only. A third clicks the
+//! refund switches: a paid order Astria refuses is refunded once Stripe takes refunds again.
 //!
 //! Screenshots of the chat and the checkout page are saved under `target/browser/`.
 //!
@@ -350,6 +351,48 @@ async fn browser_portraits_arrive_when_astria_callbacks_are_dropped() {
     journey(true).await;
 }
 
+/// A customer's action on the sandbox's phone page, over HTTP as the page sends it.
+async fn post(sandbox: &Sandbox, path: &str, body: Value) {
+    let r = reqwest::Client::new().post(format!("{}{path}", sandbox.url)).json(&body).send().await.unwrap();
+    assert!(r.status().is_success(), "{} answered {}", r.url(), r.status());
+}
+
+/// The bot's messages in a phone's chat, as the sandbox keeps them.
+fn bot(state: &Value, phone: &str) -> Vec<Value> {
+    state["chats"][phone]["messages"]
+        .as_array()
+        .map(|m| m.iter().filter(|m| m["from_customer"] == false).cloned().collect())
+        .unwrap_or_default()
+}
+
+/// Over HTTP from the pack list (`list`, the bot's message) to Done: the corporate pack, a man,
+/// four selfies. The bot then sends the payment link.
+async fn order_over_http(sandbox: &Sandbox, phone: &str, list: &Value) {
+    let reply = |kind: &str, context: &Value, id: &str, title: &str| {
+        json!({ "kind": kind, "context": context["id"].as_str().unwrap(), "id": id, "title": title })
+    };
+    post(sandbox, &format!("/sandbox/phone/{phone}/reply"), reply("list", list, "pack:corporate", "Corporate headshots")).await;
+    let buttons = wait("the subject buttons", Duration::from_secs(30), sandbox, || async {
+        bot(&sandbox.state().await, phone).into_iter().find(|m| m["body"]["interactive"]["type"] == "button")
+    })
+    .await;
+    post(sandbox, &format!("/sandbox/phone/{phone}/reply"), reply("button", &buttons, "subject:man", "Man")).await;
+    let dir = tempfile::tempdir().unwrap();
+    for path in selfies(dir.path()) {
+        let r = reqwest::Client::new()
+            .post(format!("{}/sandbox/phone/{phone}/photo", sandbox.url))
+            .body(std::fs::read(path).unwrap());
+        assert!(r.send().await.unwrap().status().is_success());
+    }
+    let done = wait("the Done button", Duration::from_secs(30), sandbox, || async {
+        bot(&sandbox.state().await, phone)
+            .into_iter()
+            .find(|m| m["body"]["interactive"]["action"]["buttons"][0]["reply"]["id"] == "done")
+    })
+    .await;
+    post(sandbox, &format!("/sandbox/phone/{phone}/reply"), reply("button", &done, "done", "Done")).await;
+}
+
 /// The sandbox's fault switches, driven over HTTP as the control panel does (no browser): while
 /// the Graph API fails sends (500), the bot's reply waits; switched back, it arrives once. While
 /// Stripe is slower than the app's timeout, the app retries with its idempotency key and the
@@ -357,64 +400,26 @@ async fn browser_portraits_arrive_when_astria_callbacks_are_dropped() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sandbox_fault_switches_delay_but_never_double() {
     let sandbox = Sandbox::start(&[]).await;
-    let http = reqwest::Client::new();
     let phone = "447700900789";
-    let post = |path: String, body: Value| {
-        let (http, url) = (http.clone(), format!("{}{path}", sandbox.url));
-        async move {
-            let r = http.post(url).json(&body).send().await.unwrap();
-            assert!(r.status().is_success(), "{} answered {}", r.url(), r.status());
-        }
-    };
     let faults = |graph: &str, stripe_slow: bool| json!({ "drop_astria_callbacks": false, "graph": graph, "stripe_slow": stripe_slow });
-    let bot = |state: &Value| -> Vec<Value> {
-        state["chats"][phone]["messages"]
-            .as_array()
-            .map(|m| m.iter().filter(|m| m["from_customer"] == false).cloned().collect())
-            .unwrap_or_default()
-    };
 
-    post("/sandbox/faults".into(), faults("fail", false)).await;
-    post(format!("/sandbox/phone/{phone}/text"), json!({ "body": "hi" })).await;
+    post(&sandbox, "/sandbox/faults", faults("fail", false)).await;
+    post(&sandbox, &format!("/sandbox/phone/{phone}/text"), json!({ "body": "hi" })).await;
     wait("a send failed with 500", Duration::from_secs(20), &sandbox, || async {
         sandbox.state().await["activity"].to_string().contains("failed: 500").then_some(())
     })
     .await;
-    assert!(bot(&sandbox.state().await).is_empty(), "nothing reached the phone while sends failed");
-    post("/sandbox/faults".into(), faults("", true)).await;
+    assert!(bot(&sandbox.state().await, phone).is_empty(), "nothing reached the phone while sends failed");
+    post(&sandbox, "/sandbox/faults", faults("", true)).await;
     let list = wait("the pack list once sends succeed", Duration::from_secs(60), &sandbox, || async {
-        bot(&sandbox.state().await).into_iter().find(|m| m["body"]["interactive"]["type"] == "list")
+        bot(&sandbox.state().await, phone).into_iter().find(|m| m["body"]["interactive"]["type"] == "list")
     })
     .await;
 
     // On to the payment link with Stripe slow.
-    let context = list["id"].as_str().unwrap().to_string();
-    let reply = |kind: &str, context: &str, id: &str, title: &str| json!({ "kind": kind, "context": context, "id": id, "title": title });
-    post(format!("/sandbox/phone/{phone}/reply"), reply("list", &context, "pack:corporate", "Corporate headshots"))
-        .await;
-    let buttons = wait("the subject buttons", Duration::from_secs(30), &sandbox, || async {
-        bot(&sandbox.state().await).into_iter().find(|m| m["body"]["interactive"]["type"] == "button")
-    })
-    .await;
-    post(
-        format!("/sandbox/phone/{phone}/reply"),
-        reply("button", buttons["id"].as_str().unwrap(), "subject:man", "Man"),
-    )
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    for path in selfies(dir.path()) {
-        let r = http.post(format!("{}/sandbox/phone/{phone}/photo", sandbox.url)).body(std::fs::read(path).unwrap());
-        assert!(r.send().await.unwrap().status().is_success());
-    }
-    let done = wait("the Done button", Duration::from_secs(30), &sandbox, || async {
-        bot(&sandbox.state().await)
-            .into_iter()
-            .find(|m| m["body"]["interactive"]["action"]["buttons"][0]["reply"]["id"] == "done")
-    })
-    .await;
-    post(format!("/sandbox/phone/{phone}/reply"), reply("button", done["id"].as_str().unwrap(), "done", "Done")).await;
+    order_over_http(&sandbox, phone, &list).await;
     wait("the payment link, after Stripe's slow answer", Duration::from_secs(90), &sandbox, || async {
-        let links = bot(&sandbox.state().await)
+        let links = bot(&sandbox.state().await, phone)
             .into_iter()
             .filter(|m| m["body"]["text"]["body"].as_str().is_some_and(|t| t.contains("checkout.stripe.com")))
             .count();
@@ -428,8 +433,83 @@ async fn sandbox_fault_switches_delay_but_never_double() {
     // Once the app has nothing left to do (no retry of the slow Stripe call, no message still
     // queued), count: one list, one link.
     sandbox.quiet(Duration::from_secs(60)).await;
-    let sent = bot(&sandbox.state().await);
+    let sent = bot(&sandbox.state().await, phone);
     let count = |needle: &str| sent.iter().filter(|m| m["body"].to_string().contains(needle)).count();
     assert_eq!(count("checkout.stripe.com"), 1, "one payment link: {sent:#?}");
     assert_eq!(count("\"type\":\"list\""), 1, "one pack list: {sent:#?}");
+}
+
+/// The refund switches in the browser: with "Astria refuses tunes" and "Stripe fails refunds"
+/// clicked on the control panel, a paid order fails and its refund is retried (the page lists
+/// none); switched back, the page lists one refund of the whole price, and the customer is told
+/// once.
+#[tokio::test(flavor = "multi_thread")]
+async fn browser_a_paid_order_astria_refuses_is_refunded_once_refunds_work_again() {
+    let sandbox = Sandbox::start(&[]).await;
+    let browser = Browser::start().await;
+    let c = &browser.client;
+    let phone = "447700900321";
+    c.goto(&format!("{}/?phones={phone}", sandbox.url)).await.unwrap();
+    find_when(c, &sandbox, "[data-testid=fault-astria]").await.click().await.unwrap();
+    find_when(c, &sandbox, "[data-testid=fault-refunds]").await.click().await.unwrap();
+    wait("both switches reach the sandbox", Duration::from_secs(10), &sandbox, || async {
+        let f = sandbox.state().await["faults"].clone();
+        (f["astria_refuses"] == true && f["refunds_fail"] == true).then_some(())
+    })
+    .await;
+
+    post(&sandbox, &format!("/sandbox/phone/{phone}/text"), json!({ "body": "hi" })).await;
+    let list = wait("the pack list", Duration::from_secs(30), &sandbox, || async {
+        bot(&sandbox.state().await, phone).into_iter().find(|m| m["body"]["interactive"]["type"] == "list")
+    })
+    .await;
+    order_over_http(&sandbox, phone, &list).await;
+    let session = wait("a Checkout Session", Duration::from_secs(30), &sandbox, || async {
+        sandbox.state().await["sessions"][0]["id"].as_str().map(str::to_string)
+    })
+    .await;
+    post(&sandbox, &format!("/sandbox/checkout/{session}/pay"), json!({})).await;
+
+    wait("Astria refusing the tune and Stripe failing the refund", Duration::from_secs(60), &sandbox, || async {
+        let activity = sandbox.state().await["activity"].clone();
+        let said = |what: &dyn Fn(&str) -> bool| {
+            activity.as_array().unwrap().iter().any(|a| a["text"].as_str().is_some_and(|t| what(t)))
+        };
+        (said(&|t| t.contains("tune refused")) && said(&|t| t.starts_with("refund of") && t.ends_with("→ 500")))
+            .then_some(())
+    })
+    .await;
+    let listed = find_when(c, &sandbox, "[data-testid=refunds] li").await.text().await.unwrap();
+    assert_eq!(listed, "None yet.", "no refund while Stripe fails them");
+
+    find_when(c, &sandbox, "[data-testid=fault-refunds]").await.click().await.unwrap();
+    // The retry comes after the relay's backoff (5 s, then 10 s, ...).
+    let listed = wait("the page lists the refund", Duration::from_secs(90), &sandbox, || async {
+        let li = c.find(Locator::Css("[data-testid=refunds] li")).await.ok()?.text().await.ok()?;
+        li.contains("succeeded").then_some(li)
+    })
+    .await;
+    assert!(listed.contains("19.99 USD"), "the whole price back: {listed}");
+    wait("the customer told of the refund", Duration::from_secs(30), &sandbox, || async {
+        bot(&sandbox.state().await, phone)
+            .iter()
+            .any(|m| m["body"]["text"]["body"].as_str().is_some_and(|t| t.contains("refund of")))
+            .then_some(())
+    })
+    .await;
+    // For the reviewer's picture: the end of the chat (the failure, the refund) in view.
+    c.execute("for (const chat of document.querySelectorAll('.chat')) chat.scrollTop = chat.scrollHeight;", vec![])
+        .await
+        .unwrap();
+    std::fs::write(screenshot_dir().join("refunds.png"), c.screenshot().await.unwrap()).unwrap();
+    sandbox.quiet(Duration::from_secs(60)).await;
+    let state = sandbox.state().await;
+    assert_eq!(state["refunds"].as_array().unwrap().len(), 1, "one refund: {:#}", state["refunds"]);
+    assert_eq!(state["refunds"][0]["amount"], 1999, "{:#}", state["refunds"]);
+    let told = bot(&state, phone)
+        .iter()
+        .filter(|m| m["body"]["text"]["body"].as_str().is_some_and(|t| t.contains("refund of")))
+        .count();
+    assert_eq!(told, 1, "told once: {:#}", state["chats"][phone]);
+    c.clone().close().await.unwrap();
 }

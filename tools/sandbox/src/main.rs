@@ -10,8 +10,8 @@
 //! - **Astria** (`astria.rs`, `portrait.rs`): pack tunes that train for a few seconds, then call
 //!   the tune and prompt callbacks; the portraits are the customer's own photos with a filter
 //!   and the prompt's words.
-//! - **Fault switches** (`world.rs`): drop Astria's callbacks, make the Graph API rate-limit or
-//!   fail, make Stripe slow.
+//! - **Fault switches** (`world.rs`): drop Astria's callbacks, make Astria refuse tunes, make
+//!   the Graph API rate-limit or fail, make Stripe slow or fail refunds.
 //!
 //! It talks to the app only through the app's public routes, as the real parties do. The wire
 //! formats come from `astria-wire`, the crate the test fakes use.

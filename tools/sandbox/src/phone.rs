@@ -72,9 +72,11 @@ async fn set_faults(State(world): State<Arc<World>>, Json(faults): Json<Faults>)
     world.log(
         "sandbox",
         format!(
-            "fault switches: Astria callbacks {}, Graph API {graph}, Stripe {}",
+            "fault switches: Astria tunes {}, Astria callbacks {}, Graph API {graph}, Stripe {}, refunds {}",
+            if faults.astria_refuses { "refused" } else { "trained" },
             if faults.drop_astria_callbacks { "dropped" } else { "sent" },
-            if faults.stripe_slow { "slow" } else { "prompt" }
+            if faults.stripe_slow { "slow" } else { "prompt" },
+            if faults.refunds_fail { "fail" } else { "made" }
         ),
     );
     world.state.lock().unwrap().faults = faults;

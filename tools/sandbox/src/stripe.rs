@@ -6,6 +6,10 @@
 //! - Fail (async): `checkout.session.completed` (unpaid, a bank debit pending), then
 //!   `checkout.session.async_payment_failed`;
 //! - Let expire: `checkout.session.expired`.
+//!
+//! `POST /v1/refunds` gives a session's payment back (idempotent like a create; what is left
+//! of the payment at most) and sends `refund.created` and `charge.refunded`, as Stripe does;
+//! the "refunds fail" switch answers 500 instead. `GET /v1/checkout/sessions/{id}` reads one.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,6 +31,8 @@ pub fn routes() -> Router<Arc<World>> {
     Router::new()
         .route("/v1/checkout/sessions", post(create))
         .route("/v1/checkout/sessions/{id}/expire", post(expire))
+        .route("/v1/checkout/sessions/{id}", get(read_session))
+        .route("/v1/refunds", post(refund))
         .route("/checkout/{id}", get(page))
         .route("/sandbox/checkout/{id}", get(session_json))
         .route("/sandbox/checkout/{id}/{action}", post(act))
@@ -205,6 +211,91 @@ async fn act(State(world): State<Arc<World>>, Path((id, action)): Path<(String, 
         answers.push(json!({ "event": kind, "status": status }));
     }
     Json(json!({ "session": session(&world, &id), "events": answers })).into_response()
+}
+
+/// `GET /v1/checkout/sessions/{id}`, with the payment a completed one took.
+async fn read_session(State(world): State<Arc<World>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    if !authorized(&world, &headers) {
+        return error(StatusCode::UNAUTHORIZED, "invalid_request_error", "Invalid API Key provided.");
+    }
+    match session(&world, &id) {
+        Some(mut s) => {
+            if s["status"] == "complete" {
+                s["payment_intent"] = json!(wire::payment_intent_of(&id));
+            }
+            Json(s).into_response()
+        }
+        None => error(StatusCode::NOT_FOUND, "invalid_request_error", &format!("No such checkout.session: '{id}'")),
+    }
+}
+
+/// `POST /v1/refunds`: the payment (or what is left of it) back, once per key.
+async fn refund(State(world): State<Arc<World>>, headers: HeaderMap, body: Bytes) -> Response {
+    if !authorized(&world, &headers) {
+        return error(StatusCode::UNAUTHORIZED, "invalid_request_error", "Invalid API Key provided.");
+    }
+    let form: HashMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
+    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let pi = form.get("payment_intent").cloned().unwrap_or_default();
+    let (status, answer, made) = {
+        let mut state = world.state.lock().unwrap();
+        if let Some(stored) = key.as_ref().and_then(|k| state.idempotency.get(k)) {
+            if stored.form != form {
+                return error(StatusCode::BAD_REQUEST, "idempotency_error", "Keys for idempotent requests can only be used with the same parameters they were first used with.");
+            }
+            if let Some((status, body)) = &stored.answer {
+                let mut r = (StatusCode::from_u16(*status).unwrap_or(StatusCode::OK), Json(body.clone())).into_response();
+                r.headers_mut().insert("idempotent-replayed", "true".parse().expect("header"));
+                return r;
+            }
+        }
+        let paid = state
+            .sessions
+            .iter()
+            .find(|s| wire::payment_intent_of(s.object["id"].as_str().unwrap_or("")) == pi && s.object["status"] == "complete")
+            .map(|s| (s.object["amount_total"].as_i64().unwrap_or(0), s.object["currency"].as_str().unwrap_or("usd").to_string()));
+        let left = |state: &crate::world::State, paid: i64| {
+            paid - state.refunds.iter().filter(|r| r["payment_intent"] == pi.as_str()).filter_map(|r| r["amount"].as_i64()).sum::<i64>()
+        };
+        let (status, answer, made) = match paid {
+            _ if state.faults.refunds_fail => (500, wire::error("api_error", "The refund could not be made (sandbox switch)."), None),
+            None => (400, wire::error_with_code("invalid_request_error", "resource_missing", &format!("No such payment_intent: '{pi}'")), None),
+            Some((paid, _)) if left(&state, paid) <= 0 => {
+                (400, wire::error_with_code("invalid_request_error", "charge_already_refunded", "Charge has already been refunded."), None)
+            }
+            Some((paid, currency)) => {
+                let id = format!("re_sbx{:06}", state.next());
+                let r = wire::refund(&id, &form, left(&state, paid), &currency, "succeeded");
+                state.refunds.push(r.clone());
+                (200, r.clone(), Some((paid, currency)))
+            }
+        };
+        if let Some(k) = &key {
+            state.idempotency.insert(k.clone(), Stored { form: form.clone(), answer: Some((status, answer.clone())) });
+        }
+        (status, answer, made)
+    };
+    world.changed("refunds");
+    world.log("stripe", format!("refund of {pi} → {status}"));
+    if let Some((paid, currency)) = made {
+        // Stripe tells the endpoint too.
+        let refunds: Vec<Value> = world.state.lock().unwrap().refunds.iter().rev().filter(|r| r["payment_intent"] == pi.as_str()).cloned().collect();
+        let charge = wire::refunded_charge(&pi, paid, &currency, &refunds);
+        let events = [("refund.created", answer.clone()), ("charge.refunded", charge)];
+        let world2 = world.clone();
+        tokio::spawn(async move {
+            for (kind, object) in events {
+                let event_id = format!("evt_sbx{:06}", world2.state.lock().unwrap().next());
+                let body = serde_json::to_vec(&wire::event(&event_id, kind, object)).expect("json");
+                let signature = wire::signature(&[&world2.config.stripe_webhook_secret], astria_wire::unix_now(), &body);
+                let headers = [("stripe-signature", signature)];
+                let taken = |status| (200..300).contains(&status);
+                let status = world2.deliver("/payment-received", &headers, body, 5, taken, |_| {}).await;
+                world2.log("stripe", format!("{kind} → the app answered {status}"));
+            }
+        });
+    }
+    (StatusCode::from_u16(status).unwrap_or(StatusCode::OK), Json(answer)).into_response()
 }
 
 /// The session as the checkout page shows it.

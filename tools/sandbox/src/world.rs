@@ -43,6 +43,12 @@ pub struct Faults {
     pub graph: String,
     /// Stripe answers session creates after `stripe_slow_seconds`.
     pub stripe_slow: bool,
+    /// Stripe fails refunds (500): the app retries with backoff and the same key.
+    #[serde(default)]
+    pub refunds_fail: bool,
+    /// Astria refuses new tunes (422): the order fails after payment, and the app refunds it.
+    #[serde(default)]
+    pub astria_refuses: bool,
 }
 
 /// One line of the activity log: who did what, and how it was answered.
@@ -88,6 +94,8 @@ pub struct State {
     /// image messages.
     pub media: HashMap<String, Vec<u8>>,
     pub sessions: Vec<Session>,
+    /// Refunds Stripe made, in order.
+    pub refunds: Vec<Value>,
     pub idempotency: HashMap<String, Stored>,
     pub tunes: Vec<Tune>,
     pub faults: Faults,
@@ -220,6 +228,7 @@ impl World {
         json!({
             "chats": state.chats,
             "sessions": state.sessions.iter().map(|s| &s.object).collect::<Vec<_>>(),
+            "refunds": state.refunds,
             "tunes": state.tunes.iter().map(|t| json!({
                 "id": t.id, "title": t.title, "name": t.name, "photos": t.photos.len(),
                 "trained": t.trained, "released": t.released,

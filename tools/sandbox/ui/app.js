@@ -165,6 +165,15 @@ function draw() {
   document.getElementById('fault-drop').checked = !!state.faults.drop_astria_callbacks;
   document.getElementById('fault-graph').value = state.faults.graph || '';
   document.getElementById('fault-stripe').checked = !!state.faults.stripe_slow;
+  document.getElementById('fault-refunds').checked = !!state.faults.refunds_fail;
+  document.getElementById('fault-astria').checked = !!state.faults.astria_refuses;
+  const refunds = document.getElementById('refunds');
+  refunds.replaceChildren(...(state.refunds || []).map(r => {
+    const li = document.createElement('li');
+    li.textContent = `${r.id}: ${(r.amount / 100).toFixed(2)} ${String(r.currency).toUpperCase()} of ${r.payment_intent} (${r.status})`;
+    return li;
+  }));
+  if (!refunds.childElementCount) refunds.append(Object.assign(document.createElement('li'), { textContent: 'None yet.' }));
   const log = document.getElementById('activity');
   log.replaceChildren(...state.activity.slice().reverse().slice(0, 60).map(a => {
     const li = el('li', a.party);
@@ -190,9 +199,11 @@ function faults() {
     drop_astria_callbacks: document.getElementById('fault-drop').checked,
     graph: document.getElementById('fault-graph').value,
     stripe_slow: document.getElementById('fault-stripe').checked,
+    refunds_fail: document.getElementById('fault-refunds').checked,
+    astria_refuses: document.getElementById('fault-astria').checked,
   });
 }
-for (const id of ['fault-drop', 'fault-graph', 'fault-stripe']) document.getElementById(id).onchange = faults;
+for (const id of ['fault-drop', 'fault-graph', 'fault-stripe', 'fault-refunds', 'fault-astria']) document.getElementById(id).onchange = faults;
 
 document.getElementById('add-username').onclick = () => {
   let id;
