@@ -334,6 +334,33 @@ async fn an_expired_link_expires_the_order_and_pay_brings_a_new_link_postgres() 
     assert_eq!(ps::post_event(&bot.app, &new).await.1["result"], "paid");
 }
 
+/// PAY on an expired link makes a new order with the same photos, and with their age: photos
+/// WhatsApp will have deleted before training get no new link (the money would only go back).
+#[tokio::test]
+async fn pay_after_the_link_expired_keeps_the_photos_age_postgres() {
+    let bot = bot().await;
+    let (_, session) = order_to_payment_link(&bot).await;
+    let expired = ps::event("evt_e", "checkout.session.expired", completed(&session, 1999, "usd", "unpaid"));
+    assert_eq!(ps::post_event(&bot.app, &expired).await.1["result"], "expired");
+    bot.graph.wait_for(8).await;
+    // Meanwhile the selfies have grown almost a week old.
+    let db = db(&bot.app).await;
+    let old = (ps::unix_now() - 6 * 24 * 3600 - 23 * 3600) * 1000;
+    db.execute("UPDATE order_photos SET created_at = $1", &[old.into()]).await;
+
+    wa::post_webhook(&bot.app, &wa::inbound(ANA, vec![wa::text(ANA, "p7", "PAY")])).await;
+    let too_old = "text:WhatsApp only keeps photos for 7 days and yours are nearly that old, so I can't use them. Reply MENU to start again with fresh selfies.";
+    bot.app
+        .wait_until("the customer told the photos are too old", Duration::from_secs(30), || async {
+            bot.graph.requests().await.iter().map(wa::summary).any(|s| s == too_old).then_some(())
+        })
+        .await;
+    // The checkout worker decided in the transaction that sent that text: no session, ever.
+    assert_eq!(bot.stripe.sessions_created(), 1, "no new session for photos that will be gone");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM order_photos").await, 4, "the photos, copied to the new order");
+    assert_eq!(count(&db, &format!("SELECT COUNT(*) FROM order_photos WHERE created_at <> {old}")).await, 0);
+}
+
 #[tokio::test]
 async fn delayed_methods_wait_for_the_async_outcome_postgres() {
     let bot = bot().await;

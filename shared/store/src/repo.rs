@@ -368,7 +368,8 @@ pub fn order_of_payment<D: Db + ?Sized>(db: &D, payment_intent: &str) -> Result<
 }
 
 /// Creates `new_id` awaiting payment as a copy of `from_id` (pack, subject, price, photos),
-/// without its Checkout session.
+/// without its Checkout session. The photos keep their age: WhatsApp deletes them 7 days after
+/// they arrived, whatever order names them, and the payment link's check counts from then.
 pub fn reopen_order<D: Db + ?Sized>(db: &D, from_id: &str, new_id: &str, now_ms: i64) -> Result<(), DbError> {
     db.execute(
         &db.dialect().sql(
@@ -385,9 +386,9 @@ pub fn reopen_order<D: Db + ?Sized>(db: &D, from_id: &str, new_id: &str, now_ms:
     db.execute(
         &db.dialect().sql(
             "INSERT INTO order_photos (order_id, sha256, media_id, mime_type, position, created_at)
-             SELECT $1, sha256, media_id, mime_type, position, $2 FROM order_photos WHERE order_id = $3",
+             SELECT $1, sha256, media_id, mime_type, position, created_at FROM order_photos WHERE order_id = $2",
         ),
-        &[Value::from(new_id), Value::Int(now_ms), Value::from(from_id)],
+        &[Value::from(new_id), Value::from(from_id)],
     )?;
     Ok(())
 }

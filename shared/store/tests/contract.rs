@@ -586,6 +586,7 @@ fn a_reopened_order_copies_pack_price_and_photos_but_not_the_session() {
         let o2 = repo::get_order(db.as_ref(), "o2").unwrap().unwrap();
         assert_eq!((o2.status, o2.price, o2.checkout_session_id), (OrderStatus::AwaitingPayment, usd(1999), None));
         assert_eq!((o2.photos, o2.subject_class.as_deref()), (vec![photo], Some("woman")));
+        assert_eq!(repo::oldest_photo_at(db.as_ref(), "o2").unwrap(), Some(11), "the photos keep their age");
     });
 }
 
