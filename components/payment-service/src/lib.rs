@@ -261,6 +261,10 @@ impl<D: Db + ?Sized> Ctx<'_, D> {
         // operator was to handle by hand).
         let mut issues = repo::open_refund_issues(self.db, pi, order.as_ref().map(|o| o.id.as_str()))?;
         issues.extend(recorded.issue_id.clone());
+        // One order for every handler: two reports of the same payment at once (Stripe sends
+        // them concurrently) otherwise lock the same issues in opposite orders and deadlock.
+        issues.sort();
+        issues.dedup();
         for issue in issues {
             console::resolve_payment_issue(self.db, &issue, &format!("refunded at Stripe ({stripe_id})"), now_ms())?;
         }
