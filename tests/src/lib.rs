@@ -358,7 +358,12 @@ where
 }
 
 /// [`wait_until`], adding `context()` (the app's log, say) to the failure.
-pub async fn wait_until_or<T, F, Fut>(what: &str, timeout: Duration, mut check: F, context: impl FnOnce() -> String) -> T
+pub async fn wait_until_or<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut check: F,
+    context: impl FnOnce() -> String,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,

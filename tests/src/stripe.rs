@@ -147,7 +147,12 @@ fn refunded(state: &State, payment_intent: &str) -> i64 {
     state.refunds.iter().filter(|r| r["payment_intent"] == payment_intent).filter_map(|r| r["amount"].as_i64()).sum()
 }
 
-fn refund_answer(state: &mut State, key: Option<&str>, form: &HashMap<String, String>, delay: Duration) -> (u16, Value, bool) {
+fn refund_answer(
+    state: &mut State,
+    key: Option<&str>,
+    form: &HashMap<String, String>,
+    delay: Duration,
+) -> (u16, Value, bool) {
     if let Some(stored) = key.and_then(|k| state.by_key.get(k)) {
         if Instant::now() < stored.busy_until {
             let message = "There is currently another in-progress request using this Idempotent Key.";
@@ -178,10 +183,19 @@ fn refund_outcome(state: &mut State, form: &HashMap<String, String>) -> (u16, Va
         return error(status, "api_error", "scripted failure");
     }
     let pi = form.get("payment_intent").cloned().unwrap_or_default();
-    let Some(session) = state.sessions.iter().find(|s| wire::payment_intent_of(s["id"].as_str().unwrap_or("")) == pi) else {
-        return (400, wire::error_with_code("invalid_request_error", "resource_missing", &format!("No such payment_intent: '{pi}'")));
+    let Some(session) = state.sessions.iter().find(|s| wire::payment_intent_of(s["id"].as_str().unwrap_or("")) == pi)
+    else {
+        return (
+            400,
+            wire::error_with_code(
+                "invalid_request_error",
+                "resource_missing",
+                &format!("No such payment_intent: '{pi}'"),
+            ),
+        );
     };
-    let (paid, currency) = (session["amount_total"].as_i64().unwrap_or(0), session["currency"].as_str().unwrap_or("usd").to_string());
+    let (paid, currency) =
+        (session["amount_total"].as_i64().unwrap_or(0), session["currency"].as_str().unwrap_or("usd").to_string());
     let left = paid - refunded(state, &pi);
     if left <= 0 {
         let message = format!("Charge for {pi} has already been refunded.");
@@ -364,12 +378,15 @@ impl FakeStripe {
             .find(|s| wire::payment_intent_of(s["id"].as_str().unwrap_or("")) == payment_intent)
             .cloned()
             .expect("a payment of a session the fake made");
-        let (paid, currency) = (session["amount_total"].as_i64().unwrap(), session["currency"].as_str().unwrap().to_string());
+        let (paid, currency) =
+            (session["amount_total"].as_i64().unwrap(), session["currency"].as_str().unwrap().to_string());
         let form: HashMap<String, String> = [("payment_intent".to_string(), payment_intent.to_string())].into();
         let left = paid - refunded(&state, payment_intent);
-        let refund = wire::refund(&format!("re_dash_{:04}", state.refunds.len() + 1), &form, left, &currency, "succeeded");
+        let refund =
+            wire::refund(&format!("re_dash_{:04}", state.refunds.len() + 1), &form, left, &currency, "succeeded");
         state.refunds.push(refund.clone());
-        let refunds: Vec<Value> = state.refunds.iter().rev().filter(|r| r["payment_intent"] == payment_intent).cloned().collect();
+        let refunds: Vec<Value> =
+            state.refunds.iter().rev().filter(|r| r["payment_intent"] == payment_intent).cloned().collect();
         (refund, wire::refunded_charge(payment_intent, paid, &currency, &refunds))
     }
 }

@@ -199,7 +199,8 @@ async fn journey(drop_callbacks: bool) {
     // Two customers side by side; the first buys, the second only says hi. With the callbacks
     // dropped, the buyer is a customer with a WhatsApp username who shares no phone number: the
     // sandbox names them by their business-scoped user id only, and the bot answers that.
-    let (phone, other) = if drop_callbacks { ("US.447700900123", "447700900456") } else { ("447700900123", "447700900456") };
+    let (phone, other) =
+        if drop_callbacks { ("US.447700900123", "447700900456") } else { ("447700900123", "447700900456") };
     let label = if drop_callbacks { "dropped-callbacks" } else { "journey" };
     c.goto(&format!("{}/?phones={phone},{other}", sandbox.url)).await.unwrap();
     let on = |css: &str| format!(".phone[data-number='{phone}'] {css}");
@@ -334,9 +335,12 @@ async fn journey(drop_callbacks: bool) {
     .unwrap();
     // The screenshot after the page has painted the scroll (two animation frames), not after a
     // pause that a busy machine can outlast.
-    c.execute_async("const done = arguments[0]; requestAnimationFrame(() => requestAnimationFrame(() => done()));", vec![])
-        .await
-        .unwrap();
+    c.execute_async(
+        "const done = arguments[0]; requestAnimationFrame(() => requestAnimationFrame(() => done()));",
+        vec![],
+    )
+    .await
+    .unwrap();
     std::fs::write(screenshot_dir().join(format!("chat-{label}.png")), c.screenshot().await.unwrap()).unwrap();
     c.clone().close().await.unwrap();
 }
@@ -368,10 +372,13 @@ fn bot(state: &Value, phone: &str) -> Vec<Value> {
 /// Over HTTP from the pack list (`list`, the bot's message) to Done: the corporate pack, a man,
 /// four selfies. The bot then sends the payment link.
 async fn order_over_http(sandbox: &Sandbox, phone: &str, list: &Value) {
-    let reply = |kind: &str, context: &Value, id: &str, title: &str| {
-        json!({ "kind": kind, "context": context["id"].as_str().unwrap(), "id": id, "title": title })
-    };
-    post(sandbox, &format!("/sandbox/phone/{phone}/reply"), reply("list", list, "pack:corporate", "Corporate headshots")).await;
+    let reply = |kind: &str, context: &Value, id: &str, title: &str| json!({ "kind": kind, "context": context["id"].as_str().unwrap(), "id": id, "title": title });
+    post(
+        sandbox,
+        &format!("/sandbox/phone/{phone}/reply"),
+        reply("list", list, "pack:corporate", "Corporate headshots"),
+    )
+    .await;
     let buttons = wait("the subject buttons", Duration::from_secs(30), sandbox, || async {
         bot(&sandbox.state().await, phone).into_iter().find(|m| m["body"]["interactive"]["type"] == "button")
     })

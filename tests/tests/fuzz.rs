@@ -349,7 +349,9 @@ fn random_id(rng: &mut StdRng) -> String {
         2 => format!("reconcile-give-up:order-{}", rng.random::<u16>()),
         3 => format!("held-give-up%3Aorder-{}", rng.random::<u16>()),
         4 => ["", "%2F", "..", "%00", "a%2Fb", "%zz", "x".repeat(300).as_str()][rng.random_range(0..7)].to_string(),
-        _ => random_string(rng).chars().filter(|c| c.is_ascii_alphanumeric() || "-_:.%".contains(*c)).take(80).collect(),
+        _ => {
+            random_string(rng).chars().filter(|c| c.is_ascii_alphanumeric() || "-_:.%".contains(*c)).take(80).collect()
+        }
     }
 }
 
@@ -361,7 +363,11 @@ fn operator_cases(rng: &mut StdRng, signed: bool) -> Case {
     use reqwest::Method;
     let note = || json!({ "note": "refunded in Stripe's dashboard" });
     let (mut method, mut target, base): (Method, String, Option<Value>) = match rng.random_range(0..16) {
-        0 => (Method::GET, format!("/health/{}", ["message", "image", "payment", "maintenance"][rng.random_range(0..4)]), None),
+        0 => (
+            Method::GET,
+            format!("/health/{}", ["message", "image", "payment", "maintenance"][rng.random_range(0..4)]),
+            None,
+        ),
         1 => (Method::POST, "/maintenance/run".into(), None),
         2 => (Method::POST, "/maintenance/relay".into(), None),
         3 => (Method::GET, "/maintenance/metrics".into(), None),
@@ -390,7 +396,8 @@ fn operator_cases(rng: &mut StdRng, signed: bool) -> Case {
         _ => (Method::GET, "/maintenance/".into(), None),
     };
     if rng.random_bool(0.1) {
-        method = [Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::PATCH][rng.random_range(0..5)].clone();
+        method =
+            [Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::PATCH][rng.random_range(0..5)].clone();
     }
     if rng.random_bool(0.1) {
         let bend: String =
@@ -454,7 +461,11 @@ async fn run(app: &TestApp, cases: Vec<Case>, concurrency: usize) -> Vec<(u16, C
             let status = match req.send().await {
                 Ok(r) => r.status().as_u16(),
                 Err(e) => {
-                    eprintln!("fuzz: no answer to {} {}: {e:?}", c.method, c.target.chars().take(120).collect::<String>());
+                    eprintln!(
+                        "fuzz: no answer to {} {}: {e:?}",
+                        c.method,
+                        c.target.chars().take(120).collect::<String>()
+                    );
                     0
                 }
             };

@@ -156,7 +156,10 @@ async fn assert_failed_and_flagged(w: &World, order_id: &str, index: usize, deta
         })
         .await;
     assert_eq!(refunds.len(), 1, "{refunds:#?}");
-    assert_eq!((refunds[0]["amount"].as_i64(), refunds[0]["metadata"]["order_id"].as_str()), (Some(1999), Some(order_id)));
+    assert_eq!(
+        (refunds[0]["amount"].as_i64(), refunds[0]["metadata"]["order_id"].as_str()),
+        (Some(1999), Some(order_id))
+    );
     let told = "text:Your refund of 19.99 USD is on its way back to you. Your bank may take 5 to 10 days to show it.";
     w.wait_until("the customer told of the refund", Duration::from_secs(30), || async {
         w.graph.requests().await.iter().any(|s| wa::summary(s) == told).then_some(())
@@ -320,8 +323,10 @@ async fn callbacks_that_beat_the_training_commit_are_kept_and_acted_on(postgres:
     // order is still `paid`, the tune id not yet recorded.
     w.astria.delay_next_create(vec![Duration::from_millis(2500)]);
     let order_id = pay(&w).await;
-    w.wait_until("a tune created at Astria", Duration::from_secs(10), || async { (!w.astria.tunes().is_empty()).then_some(()) })
-        .await;
+    w.wait_until("a tune created at Astria", Duration::from_secs(10), || async {
+        (!w.astria.tunes().is_empty()).then_some(())
+    })
+    .await;
     let db = db(&w.app).await;
     let status = db.order_status(&order_id).await;
     assert_eq!(status, "paid", "the callbacks come before the training is recorded");

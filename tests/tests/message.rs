@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use astria_tests::world::{Options, World};
 use astria_tests::db::TestDb;
 use astria_tests::quiet::quiesce;
 use astria_tests::stripe::{self as ps, FakeStripe};
 use astria_tests::whatsapp::{self as wa, Answer, FakeGraph};
+use astria_tests::world::{Options, World};
 use astria_tests::{on_both, TestApp, TestRedis};
 use futures::StreamExt;
 use serde_json::{json, Value};

@@ -17,7 +17,8 @@ use astria_tests::{on_both, TestApp};
 use serde_json::{json, Value};
 
 const ANA: &str = "4915112345678";
-const REFUND_TEXT: &str = "text:Your refund of 19.99 USD is on its way back to you. Your bank may take 5 to 10 days to show it.";
+const REFUND_TEXT: &str =
+    "text:Your refund of 19.99 USD is on its way back to you. Your bank may take 5 to 10 days to show it.";
 
 /// Ana orders, sends two photos and pays; answers the order and the payment.
 async fn order_and_pay(w: &World) -> (String, String) {
@@ -65,7 +66,10 @@ fn assert_one_full_refund(w: &World, order_id: &str, pi: &str) {
     assert_eq!(made.len(), 1, "one refund: {made:#?}");
     let r = &made[0];
     assert_eq!((r["payment_intent"].as_str(), r["amount"].as_i64()), (Some(pi), Some(1999)), "{r}");
-    assert_eq!((r["reason"].as_str(), r["metadata"]["order_id"].as_str()), (Some("requested_by_customer"), Some(order_id)));
+    assert_eq!(
+        (r["reason"].as_str(), r["metadata"]["order_id"].as_str()),
+        (Some("requested_by_customer"), Some(order_id))
+    );
     let keys: Vec<Option<String>> = w.stripe.refund_requests().into_iter().map(|q| q.idempotency_key).collect();
     let key = format!("astria-refund-{order_id}-{pi}");
     assert!(keys.iter().all(|k| k.as_deref() == Some(key.as_str())), "every request with the order's key: {keys:?}");
@@ -83,7 +87,9 @@ async fn an_order_astria_refuses_is_refunded_once_and_the_customer_told(postgres
     assert_eq!(sends.last().map(String::as_str), Some(REFUND_TEXT), "{sends:#?}");
     let db = w.db().await;
     assert_eq!(db.order_status(&order_id).await, "failed");
-    let issue = db.rows("SELECT resolved_at, resolution FROM payment_issues WHERE order_id = $1", &[order_id.as_str().into()]).await;
+    let issue = db
+        .rows("SELECT resolved_at, resolution FROM payment_issues WHERE order_id = $1", &[order_id.as_str().into()])
+        .await;
     assert_eq!(issue.len(), 1);
     assert!(issue[0][1].opt_text().is_some_and(|r| r.starts_with("refunded by the app (re_")), "{issue:?}");
     let row = db.rows("SELECT status, stripe_refund_id, customer_told FROM refunds", &[]).await;
@@ -143,7 +149,11 @@ async fn with_two_replicas_and_redelivered_events_a_payment_is_refunded_once(pos
     // Redeliver the refund's event (as the relay would after a lost completion), three times.
     let db = w.db().await;
     for _ in 0..3 {
-        db.execute("UPDATE outbox SET status = 'pending', next_attempt_at = 0 WHERE event_type = 'payment.refund'", &[]).await;
+        db.execute(
+            "UPDATE outbox SET status = 'pending', next_attempt_at = 0 WHERE event_type = 'payment.refund'",
+            &[],
+        )
+        .await;
         wa::relay(&w.app).await;
     }
     settle(&w).await;
@@ -179,7 +189,11 @@ async fn a_refund_made_in_the_dashboard_is_recorded_and_never_made_again(postgre
     assert_eq!((status, answer["result"].as_str()), (200, Some("refund_conflict")), "{answer}");
     assert_eq!(db.count("SELECT COUNT(*) FROM refunds").await, 1, "one refund booked: {}", w.app.log());
     let issue = db.text("SELECT event_id FROM payment_issues WHERE order_id = $1", &[order_id.as_str().into()]).await;
-    assert_eq!(db.count("SELECT COUNT(*) FROM payment_issues WHERE resolved_at IS NULL").await, 0, "resolved by Stripe's word");
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM payment_issues WHERE resolved_at IS NULL").await,
+        0,
+        "resolved by Stripe's word"
+    );
     let (status, answer) =
         w.app.call("POST", &format!("/maintenance/payment-issues/{issue}/refund"), Some(wa::ADMIN_TOKEN), None).await;
     assert_eq!((status, answer["refund"].as_str()), (202, Some("succeeded")), "{answer}");
@@ -262,7 +276,15 @@ async fn a_refused_or_later_failed_refund_leaves_its_issue_open_for_a_human_post
     let open = db.rows("SELECT detail FROM payment_issues WHERE resolved_at IS NULL", &[]).await;
     assert_eq!(open.len(), 1, "reopened");
     assert!(open[0][0].text().contains("failed at Stripe"), "{open:?}");
-    let again = ps::post_event(&w.app, &ps::event("evt_refund_failed_2", "refund.updated", json!({"id": re, "status": "failed", "payment_intent": pi}))).await;
+    let again = ps::post_event(
+        &w.app,
+        &ps::event(
+            "evt_refund_failed_2",
+            "refund.updated",
+            json!({"id": re, "status": "failed", "payment_intent": pi}),
+        ),
+    )
+    .await;
     assert_eq!(again.1["result"].as_str(), Some("unchanged"), "a repeated report changes nothing");
 }
 
@@ -285,10 +307,8 @@ async fn a_dispute_is_flagged_and_alerted_and_never_refunded_on_top(postgres: bo
     assert!(metrics(&w.app).await.contains("astria_disputes_open 1"));
     settle(&w).await;
     assert!(w.stripe.refund_requests().is_empty(), "a disputed payment is not refunded");
-    let (status, _) = w
-        .app
-        .call("POST", "/maintenance/payment-issues/evt_dispute/refund", Some(wa::ADMIN_TOKEN), None)
-        .await;
+    let (status, _) =
+        w.app.call("POST", "/maintenance/payment-issues/evt_dispute/refund", Some(wa::ADMIN_TOKEN), None).await;
     assert_eq!(status, 400, "not by the console either");
 }
 
@@ -300,7 +320,8 @@ async fn a_dispute_while_training_stops_the_order_sqlite() {
     let w = World::start(Options::on(false)).await;
     let (order_id, pi) = order_and_pay(&w).await;
     w.graph.wait_for(9).await;
-    let dispute = json!({"id": "dp_2", "payment_intent": pi, "amount": 1999, "currency": "usd", "reason": "fraudulent"});
+    let dispute =
+        json!({"id": "dp_2", "payment_intent": pi, "amount": 1999, "currency": "usd", "reason": "fraudulent"});
     assert_eq!(ps::post_event(&w.app, &ps::event("evt_dispute_2", "charge.dispute.created", dispute)).await.0, 200);
     w.astria.finish(&w.app, &order_id).await;
     settle(&w).await;
@@ -321,11 +342,18 @@ async fn a_payment_for_an_order_that_could_not_take_it_is_refunded_sqlite() {
     }
     w.graph.wait_for(7).await;
     let session = w.stripe.session_for_any().unwrap();
-    let (session_id, order_id) = (session["id"].as_str().unwrap().to_string(), session["client_reference_id"].as_str().unwrap().to_string());
+    let (session_id, order_id) =
+        (session["id"].as_str().unwrap().to_string(), session["client_reference_id"].as_str().unwrap().to_string());
     let expired = ps::session(&session_id, &order_id, 1999, "usd", "unpaid");
-    assert_eq!(ps::post_event(&w.app, &ps::event("evt_exp", "checkout.session.expired", expired)).await.1["result"], "expired");
+    assert_eq!(
+        ps::post_event(&w.app, &ps::event("evt_exp", "checkout.session.expired", expired)).await.1["result"],
+        "expired"
+    );
     let paid = ps::session(&session_id, &order_id, 1999, "usd", "paid");
-    assert_eq!(ps::post_event(&w.app, &ps::event("evt_late", "checkout.session.completed", paid)).await.1["result"], "needs_refund");
+    assert_eq!(
+        ps::post_event(&w.app, &ps::event("evt_late", "checkout.session.completed", paid)).await.1["result"],
+        "needs_refund"
+    );
     refunds_made(&w, 1).await;
     settle(&w).await;
     assert_one_full_refund(&w, &order_id, &ps::payment_intent_of(&session_id));

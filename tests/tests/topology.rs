@@ -50,8 +50,14 @@ async fn sends_with_relay(w: &World, n: usize, timeout: Duration) -> Vec<Value> 
             }
             None
         },
-        || format!("{:#?}
-{}", seen.borrow().iter().map(wa::summary).collect::<Vec<_>>(), w.app.log()),
+        || {
+            format!(
+                "{:#?}
+{}",
+                seen.borrow().iter().map(wa::summary).collect::<Vec<_>>(),
+                w.app.log()
+            )
+        },
     )
     .await
 }

@@ -38,12 +38,10 @@ async fn handle(req: IncomingRequest) -> Response {
         .exported(matches!(path.as_str(), "/pack-tune-received" | "/update-images"));
     let result = match (method, path.as_str()) {
         (Method::Get, "/health/image") => Ok(spin_kit::health::readiness(SERVICE, env!("CARGO_PKG_VERSION"))),
-        (Method::Post, "/pack-tune-received" | "/update-images") => {
-            match read_body(req, MAX_BODY).await {
-                Ok(body) => callback(&path, &query, &body, &request_id),
-                Err(e) => Err(e),
-            }
-        }
+        (Method::Post, "/pack-tune-received" | "/update-images") => match read_body(req, MAX_BODY).await {
+            Ok(body) => callback(&path, &query, &body, &request_id),
+            Err(e) => Err(e),
+        },
         (_, "/pack-tune-received" | "/update-images") => Err(ApiError::BadRequest("use POST".into())),
         _ => Err(ApiError::NotFound),
     };

@@ -130,9 +130,7 @@ fn train(db: &SpinDb, event: &EventEnvelope, order_id: &str) -> Result<(), DbErr
             Err(e) => fail_order(db, event, &order, &format!("configuration: {e}")),
             Ok(cfg) => match create_tune(&cfg, &order) {
                 Ok(tune_id) => start_training(db, event, &order, tune_id, &cfg.texts),
-                Err(Failure::Retry(detail)) => {
-                    retry_later(db, event, &format!("training order {order_id}"), &detail)
-                }
+                Err(Failure::Retry(detail)) => retry_later(db, event, &format!("training order {order_id}"), &detail),
                 Err(Failure::Final(detail)) => fail_order(db, event, &order, &detail),
             },
         },
@@ -145,7 +143,13 @@ fn train(db: &SpinDb, event: &EventEnvelope, order_id: &str) -> Result<(), DbErr
     booked
 }
 
-fn start_training(db: &SpinDb, event: &EventEnvelope, order: &Order, tune_id: u64, texts: &Texts) -> Result<(), DbError> {
+fn start_training(
+    db: &SpinDb,
+    event: &EventEnvelope,
+    order: &Order,
+    tune_id: u64,
+    texts: &Texts,
+) -> Result<(), DbError> {
     let pending = transaction(db, |db| {
         if !outbox::claim(db, &event.id, CONSUMER, now_ms())? {
             return Ok(vec![]);

@@ -98,7 +98,6 @@ pub(crate) fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     query.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
 }
 
-
 /// Whether `header` is `Bearer <the value of variable token_var>`, compared in constant time.
 /// An empty token configures no access.
 fn bearer_matches(header: &str, expected: &SecretString) -> bool {

@@ -16,9 +16,9 @@
 //! order fails and the refund is flagged; the customer is not written to: they asked for
 //! silence.
 
+use astria_domain::config::Maintenance;
 use astria_domain::conversation::Message;
 use astria_domain::events::{channels, ORDER_PAID, TUNE_RECONCILE};
-use astria_domain::config::Maintenance;
 use astria_domain::texts::Texts;
 use astria_models::{OrderPaid, OrderStatus, TuneReconcile};
 use astria_store::outbox::RelayPolicy;
@@ -139,7 +139,9 @@ fn give_up_held<D: Db + ?Sized>(
             let issue = format!("held-give-up:{order_id}");
             // The refund is given back in silence too: the customer asked for it (refunds.rs
             // tells no one who opted out).
-            if let Some(refund) = fail_order_flag_refund(db, order_id, &from, &issue, detail, auto_refund, request_id, now)? {
+            if let Some(refund) =
+                fail_order_flag_refund(db, order_id, &from, &issue, detail, auto_refund, request_id, now)?
+            {
                 failed += 1;
                 refunds.extend(refund);
                 spin_kit::log::error_with(
@@ -169,7 +171,8 @@ fn fail_and_flag<D: Db + ?Sized>(
     transaction(db, |db| {
         let from = [OrderStatus::Paid, OrderStatus::Training, OrderStatus::Delivering];
         let issue = format!("reconcile-give-up:{order_id}");
-        let Some(mut pending) = fail_order_flag_refund(db, order_id, &from, &issue, detail, auto_refund, request_id, now)?
+        let Some(mut pending) =
+            fail_order_flag_refund(db, order_id, &from, &issue, detail, auto_refund, request_id, now)?
         else {
             return Ok(None);
         };

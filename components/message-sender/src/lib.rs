@@ -306,17 +306,9 @@ impl Sender<'_> {
                     let detail = format!("unconfirmed, waiting for a status webhook: {detail}");
                     self.retry_or_give_up(db, m, None, &detail, self.unconfirmed_wait_ms, now)?
                 }
-                SendOutcome::Rejected { code: Some(send::codes::MEDIA_UPLOAD), detail }
-                    if as_document(m).is_some() =>
-                {
+                SendOutcome::Rejected { code: Some(send::codes::MEDIA_UPLOAD), detail } if as_document(m).is_some() => {
                     // Too large (or unusable) as an image: the same link goes as a document.
-                    self.fail(
-                        db,
-                        m,
-                        Some(send::codes::MEDIA_UPLOAD),
-                        &format!("{detail}; resent as a document"),
-                        now,
-                    )?;
+                    self.fail(db, m, Some(send::codes::MEDIA_UPLOAD), &format!("{detail}; resent as a document"), now)?;
                     if let Some(doc) = as_document(m) {
                         let pending = spin_kit::messages::queue(db, &m.wa_id, &doc, 0, self.correlation_id)?;
                         outbox::due_at(db, &pending.id, now)?;

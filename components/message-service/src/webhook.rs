@@ -14,9 +14,9 @@ use astria_domain::whatsapp::send::{codes, status_rank};
 use astria_domain::whatsapp::{self, DeliveryStatus, Identity, InboundMessage, StatusUpdate, Webhook, WebhookError};
 use astria_domain::Money;
 use astria_models::{CheckoutExpire, OrderAwaitingPayment, Pack};
+use astria_store::identity::{self, Ids};
 use astria_store::outbox::{self, RelayPolicy};
 use astria_store::repo::{self, NewOrder};
-use astria_store::identity::{self, Ids};
 use astria_store::{messages, transaction, Db, DbError};
 use spin_kit::error::ApiError;
 use spin_kit::events::{self, now_ms, Pending};
@@ -144,11 +144,12 @@ fn handle_message(
         // Two first messages of one person, one naming the phone and the other only the BSUID,
         // can race to record the same identifier: the loser answers 503 and Meta's retry finds
         // the winner's contact.
-        let who = identity::identify(db, ids(&m.sender), m.profile_name.as_deref(), sent_at, &fresh_key, now)
-            .map_err(|e| match e {
+        let who = identity::identify(db, ids(&m.sender), m.profile_name.as_deref(), sent_at, &fresh_key, now).map_err(
+            |e| match e {
                 DbError::Conflict(_) => retry_later("another message of this person was being recorded"),
                 other => other.into(),
-            })?;
+            },
+        )?;
         let key = who.key.as_str();
         if !who.merged.is_empty() {
             log::info_with("webhook", correlation_id, "two contacts of one person merged (same identifiers)");

@@ -130,7 +130,11 @@ fn book(db: &SpinDb, event: &EventEnvelope, r: &Refund, outcome: RefundOutcome, 
                     resolve(db, r, &format!("refunded by the app ({})", made.id), now)?;
                     pending.extend(tell_customer(db, r, texts, &event.correlation_id)?);
                 }
-                log::info_with("payment.refund", &event.correlation_id, &format!("refund {}: {} at Stripe", r.id, made.status.as_str()));
+                log::info_with(
+                    "payment.refund",
+                    &event.correlation_id,
+                    &format!("refund {}: {} at Stripe", r.id, made.status.as_str()),
+                );
             }
             RefundOutcome::AlreadyRefunded(text) => {
                 refunds::settle(db, &r.id, status::SUCCEEDED, None, Some(text), now)?;

@@ -141,10 +141,12 @@ impl<D: Db + ?Sized> Ctx<'_, D> {
             None => None,
         };
         let Some(order) = order else {
-            let refund = self.issue(IssueKind::UnknownOrder, s, format!("paid session {} names no known order", s.id))?;
+            let refund =
+                self.issue(IssueKind::UnknownOrder, s, format!("paid session {} names no known order", s.id))?;
             return Ok((IssueKind::UnknownOrder.as_str(), refund));
         };
-        let price = Money::try_from(&order.price).map_err(|e| anyhow::anyhow!("order {}: stored price: {e}", order.id))?;
+        let price =
+            Money::try_from(&order.price).map_err(|e| anyhow::anyhow!("order {}: stored price: {e}", order.id))?;
         let Some(paid) = s.amount.clone() else {
             let refund = self.issue(IssueKind::NeedsRefund, s, "paid session without an amount".into())?;
             return Ok((IssueKind::NeedsRefund.as_str(), refund));
@@ -290,8 +292,13 @@ impl<D: Db + ?Sized> Ctx<'_, D> {
         if let Some(o) = &order {
             for from in [OrderStatus::Paid, OrderStatus::Training, OrderStatus::Delivering] {
                 if repo::set_order_status(self.db, &o.id, from, OrderStatus::Failed, now_ms())? {
-                    let stopped = astria_store::images::stop_delivery(self.db, &o.id, "the payment is disputed", now_ms())?;
-                    log::info_with("payment.dispute", self.request_id, &format!("order {} stopped ({stopped} messages)", o.id));
+                    let stopped =
+                        astria_store::images::stop_delivery(self.db, &o.id, "the payment is disputed", now_ms())?;
+                    log::info_with(
+                        "payment.dispute",
+                        self.request_id,
+                        &format!("order {} stopped ({stopped} messages)", o.id),
+                    );
                 }
             }
         }

@@ -46,7 +46,8 @@ fn number(src: &impl Source, name: &'static str) -> Result<usize, ConfigError> {
 
 /// A whole number of at least `min`.
 fn at_least(src: &impl Source, name: &'static str, min: i64) -> Result<i64, ConfigError> {
-    let n: i64 = required(src, name)?.trim().parse().map_err(|e| ConfigError::Invalid { name, reason: format!("{e}") })?;
+    let n: i64 =
+        required(src, name)?.trim().parse().map_err(|e| ConfigError::Invalid { name, reason: format!("{e}") })?;
     if n < min {
         return Err(ConfigError::Invalid { name, reason: format!("must be at least {min}") });
     }
@@ -498,7 +499,9 @@ pub fn tracing(src: &impl Source) -> Result<Option<String>, ConfigError> {
     match src.get("otel_traces_enabled").unwrap_or_default().trim() {
         "" | "false" => Ok(None),
         "true" => Ok(Some(base_url(src, "otel_collector_url")?)),
-        other => Err(ConfigError::Invalid { name: "otel_traces_enabled", reason: format!("'{other}' is not true/false") }),
+        other => {
+            Err(ConfigError::Invalid { name: "otel_traces_enabled", reason: format!("'{other}' is not true/false") })
+        }
     }
 }
 
@@ -695,7 +698,10 @@ mod tests {
         assert!(printed.contains("REDACTED"));
         assert_eq!(sender(&src).unwrap().timeout, Duration::from_millis(15_000));
         assert_eq!(maintenance(&src).unwrap().reconcile.held_give_up_days, 25);
-        assert_eq!(tracing(&defaults(&[("otel_traces_enabled", "true")])).unwrap().as_deref(), Some("http://127.0.0.1:4318"));
+        assert_eq!(
+            tracing(&defaults(&[("otel_traces_enabled", "true")])).unwrap().as_deref(),
+            Some("http://127.0.0.1:4318")
+        );
     }
 
     #[test]

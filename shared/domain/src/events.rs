@@ -59,7 +59,15 @@ mod tests {
 
     #[test]
     fn every_event_type_has_exactly_one_channel() {
-        for t in [ORDER_AWAITING_PAYMENT, CHECKOUT_EXPIRE, PAYMENT_REFUND, ORDER_PAID, TUNE_TRAINED, TUNE_RECONCILE, MESSAGE_SEND] {
+        for t in [
+            ORDER_AWAITING_PAYMENT,
+            CHECKOUT_EXPIRE,
+            PAYMENT_REFUND,
+            ORDER_PAID,
+            TUNE_TRAINED,
+            TUNE_RECONCILE,
+            MESSAGE_SEND,
+        ] {
             assert!(channel_for(t).is_some(), "{t}");
         }
         assert_eq!(channel_for("order.unknown"), None);

@@ -320,7 +320,10 @@ pub fn classify_refund(status: u16, replayed: bool, body: &[u8]) -> RefundOutcom
     let json = serde_json::from_slice::<serde_json::Value>(body).ok();
     let code = json.as_ref().and_then(|v| v["error"]["code"].as_str()).unwrap_or_default().to_string();
     let message = json.as_ref().and_then(|v| v["error"]["message"].as_str()).unwrap_or_default().to_string();
-    let text = format!("Stripe answered {status}{}: {message}", if code.is_empty() { String::new() } else { format!(" ({code})") });
+    let text = format!(
+        "Stripe answered {status}{}: {message}",
+        if code.is_empty() { String::new() } else { format!(" ({code})") }
+    );
     match status {
         200..=299 => match parse_refund(body) {
             Ok(r) => RefundOutcome::Made(r),
@@ -396,7 +399,8 @@ pub fn parse_event(raw: &[u8]) -> Result<Event, StripeError> {
     if e.id.is_empty() {
         return Err(StripeError::Malformed("event without id".into()));
     }
-    let object = || e.data.as_ref().map(|d| d.object.clone()).ok_or_else(|| StripeError::Malformed("event without data".into()));
+    let object =
+        || e.data.as_ref().map(|d| d.object.clone()).ok_or_else(|| StripeError::Malformed("event without data".into()));
     let malformed = |what: &str, err: serde_json::Error| StripeError::Malformed(format!("{what}: {err}"));
     let kind = match e.kind.as_str() {
         "checkout.session.completed" => EventKind::Completed,
@@ -412,7 +416,13 @@ pub fn parse_event(raw: &[u8]) -> Result<Event, StripeError> {
             let charge = ChargeRefunded {
                 amount_refunded: money_of(json.amount_refunded, json.currency.as_deref())?,
                 payment_intent: id_of(json.payment_intent),
-                refunds: json.refunds.map(|l| l.data).unwrap_or_default().into_iter().map(refund_from).collect::<Result<_, _>>()?,
+                refunds: json
+                    .refunds
+                    .map(|l| l.data)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(refund_from)
+                    .collect::<Result<_, _>>()?,
                 charge_id: json.id,
             };
             return Ok(Event { id: e.id, kind: EventKind::ChargeRefunded(charge), session: None });
@@ -704,7 +714,10 @@ mod tests {
             "status":"failed","payment_intent":"pi_1","amount":1999,"currency":"usd","failure_reason":"expired_or_canceled_card",
             "metadata":{"order_id":"o1"}}}}"#).unwrap();
         let EventKind::Refund(r) = refund.kind else { panic!("{:?}", refund.kind) };
-        assert_eq!((r.id.as_str(), &r.status, r.payment_intent.as_deref()), ("re_1", &RefundStatus::Failed, Some("pi_1")));
+        assert_eq!(
+            (r.id.as_str(), &r.status, r.payment_intent.as_deref()),
+            ("re_1", &RefundStatus::Failed, Some("pi_1"))
+        );
         assert_eq!(r.failure_reason.as_deref(), Some("expired_or_canceled_card"));
         let charge = parse_event(br#"{"id":"evt_c","type":"charge.refunded","data":{"object":{"id":"ch_1","object":"charge",
             "payment_intent":"pi_1","amount_refunded":1999,"currency":"usd","refunded":true,
@@ -715,16 +728,26 @@ mod tests {
         let dispute = parse_event(br#"{"id":"evt_d","type":"charge.dispute.created","data":{"object":{"id":"dp_1","object":"dispute",
             "charge":"ch_1","payment_intent":"pi_1","amount":1999,"currency":"usd","reason":"fraudulent","status":"needs_response"}}}"#).unwrap();
         let EventKind::DisputeCreated(d) = dispute.kind else { panic!() };
-        assert_eq!((d.id.as_str(), d.payment_intent.as_deref(), d.reason.as_deref()), ("dp_1", Some("pi_1"), Some("fraudulent")));
-        let odd = parse_event(br#"{"id":"evt_x","type":"refund.updated","data":{"object":{"id":"re_2","status":"lost"}}}"#);
+        assert_eq!(
+            (d.id.as_str(), d.payment_intent.as_deref(), d.reason.as_deref()),
+            ("dp_1", Some("pi_1"), Some("fraudulent"))
+        );
+        let odd =
+            parse_event(br#"{"id":"evt_x","type":"refund.updated","data":{"object":{"id":"re_2","status":"lost"}}}"#);
         assert!(matches!(odd, Err(StripeError::Malformed(_))), "a status Stripe does not document");
     }
 
     #[test]
     fn a_refund_asks_for_the_payment_once_per_order_and_payment() {
         let paid = Money::new(1999, "usd").unwrap();
-        let form = refund_form(&RefundRequest { payment_intent: "pi_1", amount: Some(&paid), order_id: Some("o1"), refund_id: "r1" });
-        let pairs: std::collections::HashMap<String, String> = form_urlencoded::parse(form.as_bytes()).into_owned().collect();
+        let form = refund_form(&RefundRequest {
+            payment_intent: "pi_1",
+            amount: Some(&paid),
+            order_id: Some("o1"),
+            refund_id: "r1",
+        });
+        let pairs: std::collections::HashMap<String, String> =
+            form_urlencoded::parse(form.as_bytes()).into_owned().collect();
         assert_eq!(pairs["payment_intent"], "pi_1");
         assert_eq!(pairs["amount"], "1999");
         assert_eq!(pairs["reason"], "requested_by_customer");
@@ -732,9 +755,17 @@ mod tests {
         assert_eq!(refund_idempotency_key(Some("o1"), "pi_1", 0), refund_idempotency_key(Some("o1"), "pi_1", 0));
         assert_ne!(refund_idempotency_key(Some("o1"), "pi_1", 0), refund_idempotency_key(Some("o1"), "pi_2", 0));
         assert_ne!(refund_idempotency_key(Some("o1"), "pi_1", 0), refund_idempotency_key(Some("o1"), "pi_1", 1));
-        let err = |code: &str| format!(r#"{{"error":{{"type":"invalid_request_error","code":"{code}","message":"m"}}}}"#).into_bytes();
-        assert!(matches!(classify_refund(200, false, br#"{"id":"re_1","status":"succeeded"}"#), RefundOutcome::Made(_)));
-        assert!(matches!(classify_refund(400, false, &err("charge_already_refunded")), RefundOutcome::AlreadyRefunded(_)));
+        let err = |code: &str| {
+            format!(r#"{{"error":{{"type":"invalid_request_error","code":"{code}","message":"m"}}}}"#).into_bytes()
+        };
+        assert!(matches!(
+            classify_refund(200, false, br#"{"id":"re_1","status":"succeeded"}"#),
+            RefundOutcome::Made(_)
+        ));
+        assert!(matches!(
+            classify_refund(400, false, &err("charge_already_refunded")),
+            RefundOutcome::AlreadyRefunded(_)
+        ));
         assert!(matches!(classify_refund(400, false, &err("amount_too_large")), RefundOutcome::Refused(_)));
         assert!(matches!(classify_refund(402, false, &err("card_declined")), RefundOutcome::Refused(_)));
         for s in [409, 429, 500, 503] {

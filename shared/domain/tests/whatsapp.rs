@@ -2,7 +2,9 @@
 //! Meta documents them.
 
 use astria_domain::conversation::Inbound;
-use astria_domain::whatsapp::{parse_webhook, verify_signature, verify_subscription, DeliveryStatus, Identity, WebhookError};
+use astria_domain::whatsapp::{
+    parse_webhook, verify_signature, verify_subscription, DeliveryStatus, Identity, WebhookError,
+};
 use hmac::{Hmac, Mac};
 use proptest::prelude::*;
 use sha2::Sha256;
@@ -102,7 +104,9 @@ fn username_webhook(messages: &str) -> String {
 
 #[test]
 fn a_customer_with_a_username_is_known_by_their_bsuid_and_their_contact_completes_it() {
-    let m = format!(r#"{{"from_user_id":"{BSUID}","id":"wamid.u","timestamp":"1767000000","type":"text","text":{{"body":"hi"}}}}"#);
+    let m = format!(
+        r#"{{"from_user_id":"{BSUID}","id":"wamid.u","timestamp":"1767000000","type":"text","text":{{"body":"hi"}}}}"#
+    );
     let parsed = parse_webhook(username_webhook(&m).as_bytes(), OUR_NUMBER).unwrap();
     let got = &parsed.messages[0];
     assert_eq!(
@@ -113,7 +117,11 @@ fn a_customer_with_a_username_is_known_by_their_bsuid_and_their_contact_complete
     assert_eq!(format!("{:?}", got.sender).contains("1349"), false, "an identity's Debug names no identifier");
 
     // Both shapes at once: phone and BSUID on one sender.
-    let both = webhook(OUR_NUMBER, &message("wamid.b", &format!(r#""from_user_id":"{BSUID}","type":"text","text":{{"body":"hi"}}"#)), "");
+    let both = webhook(
+        OUR_NUMBER,
+        &message("wamid.b", &format!(r#""from_user_id":"{BSUID}","type":"text","text":{{"body":"hi"}}"#)),
+        "",
+    );
     let sender = &parse_webhook(both.as_bytes(), OUR_NUMBER).unwrap().messages[0].sender;
     assert_eq!((sender.phone.as_deref(), sender.bsuid.as_deref()), (Some("16505551234"), Some(BSUID)));
 }
@@ -121,10 +129,13 @@ fn a_customer_with_a_username_is_known_by_their_bsuid_and_their_contact_complete
 #[test]
 fn a_message_naming_no_sender_or_a_malformed_one_is_refused() {
     let none = r#"{"id":"wamid.n","timestamp":"1767000000","type":"text","text":{"body":"hi"}}"#;
-    let bad_bsuid = r#"{"from_user_id":"not a bsuid","id":"wamid.n","timestamp":"1767000000","type":"text","text":{"body":"hi"}}"#;
+    let bad_bsuid =
+        r#"{"from_user_id":"not a bsuid","id":"wamid.n","timestamp":"1767000000","type":"text","text":{"body":"hi"}}"#;
     let bad_phone = r#"{"from":"+1 650","id":"wamid.n","timestamp":"1767000000","type":"text","text":{"body":"hi"}}"#;
     for m in [none, bad_bsuid, bad_phone] {
-        let body = username_webhook(m).replace(&format!(r#""user_id":"{BSUID}","#), "").replace(r#""parent_user_id":"US.ENT.11815799212886844830""#, r#""x":1"#);
+        let body = username_webhook(m)
+            .replace(&format!(r#""user_id":"{BSUID}","#), "")
+            .replace(r#""parent_user_id":"US.ENT.11815799212886844830""#, r#""x":1"#);
         assert!(matches!(parse_webhook(body.as_bytes(), OUR_NUMBER), Err(WebhookError::Malformed(_))), "{m}");
     }
 }
@@ -180,8 +191,10 @@ fn a_number_change_announces_the_new_identity_and_preferences_are_read() {
 
 #[test]
 fn a_status_for_a_send_to_a_bsuid_names_the_user_id_only() {
-    let statuses = format!(r#"{{"id":"wamid.o","status":"read","timestamp":"1767000000","recipient_user_id":"{BSUID}"}},
-        {{"id":"wamid.p","status":"played","timestamp":"1767000001","recipient_id":"120363041234567890","recipient_type":"group"}}"#);
+    let statuses = format!(
+        r#"{{"id":"wamid.o","status":"read","timestamp":"1767000000","recipient_user_id":"{BSUID}"}},
+        {{"id":"wamid.p","status":"played","timestamp":"1767000001","recipient_id":"120363041234567890","recipient_type":"group"}}"#
+    );
     let parsed = parse_webhook(webhook(OUR_NUMBER, "", &statuses).as_bytes(), OUR_NUMBER).unwrap();
     assert_eq!(parsed.statuses[0].recipient.bsuid.as_deref(), Some(BSUID));
     assert_eq!(parsed.statuses[0].status, DeliveryStatus::Read);

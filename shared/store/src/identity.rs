@@ -169,7 +169,13 @@ pub enum Merge {
 /// Records `ids` on the contact `key`: each identifier another contact held is taken from it,
 /// and, with [`Merge::IfEmptied`], a contact left with no identifier at all is merged into
 /// `key`. Answers the keys of the contacts merged.
-pub fn attach<D: Db + ?Sized>(db: &D, key: &str, ids: Ids<'_>, how: Merge, now_ms: i64) -> Result<Vec<String>, DbError> {
+pub fn attach<D: Db + ?Sized>(
+    db: &D,
+    key: &str,
+    ids: Ids<'_>,
+    how: Merge,
+    now_ms: i64,
+) -> Result<Vec<String>, DbError> {
     lock(db, ids)?;
     let mut holders = vec![];
     for (column, value) in [("phone", ids.phone), ("bsuid", ids.bsuid)] {
@@ -180,8 +186,9 @@ pub fn attach<D: Db + ?Sized>(db: &D, key: &str, ids: Ids<'_>, how: Merge, now_m
         };
         if let Some(other) = holder.filter(|h| h != key) {
             db.execute(
-                &db.dialect()
-                    .sql(&format!("UPDATE contacts SET {column} = NULL, ids_known = 1, updated_at = $1 WHERE wa_id = $2")),
+                &db.dialect().sql(&format!(
+                    "UPDATE contacts SET {column} = NULL, ids_known = 1, updated_at = $1 WHERE wa_id = $2"
+                )),
                 &[Value::Int(now_ms), Value::from(other.as_str())],
             )?;
             holders.push(other);
@@ -273,7 +280,12 @@ pub fn recipient<D: Db + ?Sized>(db: &D, key: &str) -> Result<Option<Recipient>,
 
 /// Records the user's marketing opt-out (or its withdrawal) on the contact `ids` name, if the
 /// app knows them; answers whether it did.
-pub fn set_marketing_opt_out<D: Db + ?Sized>(db: &D, ids: Ids<'_>, opted_out: bool, now_ms: i64) -> Result<bool, DbError> {
+pub fn set_marketing_opt_out<D: Db + ?Sized>(
+    db: &D,
+    ids: Ids<'_>,
+    opted_out: bool,
+    now_ms: i64,
+) -> Result<bool, DbError> {
     let Some(key) = find(db, ids)? else { return Ok(false) };
     db.execute(
         &db.dialect().sql("UPDATE contacts SET marketing_opt_out = $1, updated_at = $2 WHERE wa_id = $3"),

@@ -85,7 +85,8 @@ fn from_row(r: &Row) -> Result<Refund, DbError> {
 }
 
 fn one<D: Db + ?Sized>(db: &D, condition: &str, value: &str) -> Result<Option<Refund>, DbError> {
-    let rows = db.query(&db.dialect().sql(&format!("SELECT {COLUMNS} FROM refunds WHERE {condition}")), &[Value::from(value)])?;
+    let rows = db
+        .query(&db.dialect().sql(&format!("SELECT {COLUMNS} FROM refunds WHERE {condition}")), &[Value::from(value)])?;
     rows.first().map(from_row).transpose()
 }
 
@@ -154,9 +155,15 @@ pub fn request_again<D: Db + ?Sized>(db: &D, id: &str, now_ms: i64) -> Result<bo
 
 /// Records the payment a refund gives back, once looked up (an order paid before payments
 /// were recorded).
-pub fn set_payment_intent<D: Db + ?Sized>(db: &D, id: &str, payment_intent: &str, now_ms: i64) -> Result<bool, DbError> {
+pub fn set_payment_intent<D: Db + ?Sized>(
+    db: &D,
+    id: &str,
+    payment_intent: &str,
+    now_ms: i64,
+) -> Result<bool, DbError> {
     let n = db.execute(
-        &db.dialect().sql("UPDATE refunds SET payment_intent = $1, updated_at = $2 WHERE id = $3 AND payment_intent IS NULL"),
+        &db.dialect()
+            .sql("UPDATE refunds SET payment_intent = $1, updated_at = $2 WHERE id = $3 AND payment_intent IS NULL"),
         &[Value::from(payment_intent), Value::Int(now_ms), Value::from(id)],
     )?;
     Ok(n == 1)

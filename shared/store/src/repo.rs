@@ -350,10 +350,8 @@ pub fn mark_paid<D: Db + ?Sized>(
 
 /// The payment (Stripe's `payment_intent`) that paid the order, when recorded.
 pub fn payment_intent<D: Db + ?Sized>(db: &D, order_id: &str) -> Result<Option<String>, DbError> {
-    let rows = db.query(
-        &db.dialect().sql("SELECT payment_intent FROM orders WHERE id = $1"),
-        &[Value::from(order_id)],
-    )?;
+    let rows =
+        db.query(&db.dialect().sql("SELECT payment_intent FROM orders WHERE id = $1"), &[Value::from(order_id)])?;
     rows.first().map(|r| r.opt_text(0)).transpose().map(Option::flatten)
 }
 

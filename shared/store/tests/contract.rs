@@ -1028,7 +1028,8 @@ fn a_person_seen_by_phone_then_by_bsuid_then_by_both_becomes_one_contact_with_ev
         assert_ne!(by_phone, by_bsuid, "nothing said yet that they are one person");
         repo::save_conversation(db, &by_bsuid, r#"{"state":"choosing_pack"}"#, 3).unwrap();
 
-        let both = transaction(db, |db| identity::identify(db, who(Some(PHONE), Some(BSUID)), None, 4, "f3", 4)).unwrap();
+        let both =
+            transaction(db, |db| identity::identify(db, who(Some(PHONE), Some(BSUID)), None, 4, "f3", 4)).unwrap();
         assert_eq!((both.key.as_str(), both.merged.clone()), (by_bsuid.as_str(), vec![by_phone.clone()]));
         let contacts = db.query("SELECT wa_id, phone, bsuid, opted_out, conversation FROM contacts", &[]).unwrap();
         assert_eq!(contacts.len(), 1);
@@ -1112,8 +1113,9 @@ fn a_payment_is_refunded_once_whoever_asks_and_a_dashboard_refund_counts() {
         assert!(!refunds::request_again(db, "issue-1", 5).unwrap(), "done: not asked again");
         // A refund made in the dashboard for another payment is recorded; the app's ask for
         // that payment then finds it.
-        let dash =
-            refunds::record_at_stripe(db, "re_dash", "pi_2", Some("o2"), status::SUCCEEDED, Some(&paid), 6).unwrap().unwrap();
+        let dash = refunds::record_at_stripe(db, "re_dash", "pi_2", Some("o2"), status::SUCCEEDED, Some(&paid), 6)
+            .unwrap()
+            .unwrap();
         assert_eq!((dash.id.as_str(), dash.customer_told), ("stripe:re_dash", true));
         // The same Stripe refund named with another payment contradicts the first report: none.
         assert_eq!(refunds::record_at_stripe(db, "re_dash", "pi_9", None, status::SUCCEEDED, None, 6).unwrap(), None);
@@ -1128,7 +1130,10 @@ fn a_payment_is_refunded_once_whoever_asks_and_a_dashboard_refund_counts() {
         assert!(refunds::next_key(db, "issue-4", 1, 12).unwrap());
         assert!(!refunds::next_key(db, "issue-4", 1, 12).unwrap(), "moved once by concurrent workers");
         let counts = refunds::count_by_status(db).unwrap();
-        assert!(counts.contains(&("requested".to_string(), 1)) && counts.contains(&("succeeded".to_string(), 2)), "{counts:?}");
+        assert!(
+            counts.contains(&("requested".to_string(), 1)) && counts.contains(&("succeeded".to_string(), 2)),
+            "{counts:?}"
+        );
         assert_eq!(refunds::oldest_waiting_since(db).unwrap(), Some(12));
     });
 }

@@ -64,7 +64,10 @@ async fn create(
     }
     if world.state.lock().unwrap().faults.astria_refuses {
         world.log("astria", format!("pack {pack}: tune refused → 422 (fault switch)"));
-        return (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({ "base": ["This pack cannot be trained (sandbox switch)"] })))
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({ "base": ["This pack cannot be trained (sandbox switch)"] })),
+        )
             .into_response();
     }
     let (mut title, mut name, mut branch, mut tune_cb, mut prompt_cb, mut photos) =

@@ -95,9 +95,12 @@ async fn media(State(world): State<Arc<World>>, Path(id): Path<String>) -> Respo
 /// A phone number as WhatsApp writes a `wa_id` (digits only, with the country code), or the
 /// business-scoped user id (`US.` and digits) of a customer with a username.
 fn valid_wa_id(wa_id: &str) -> bool {
-    let digits = |s: &str, n: std::ops::RangeInclusive<usize>| n.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit());
+    let digits =
+        |s: &str, n: std::ops::RangeInclusive<usize>| n.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit());
     match wa_id.split_once('.') {
-        Some((country, rest)) => country.len() == 2 && country.bytes().all(|b| b.is_ascii_uppercase()) && digits(rest, 8..=20),
+        Some((country, rest)) => {
+            country.len() == 2 && country.bytes().all(|b| b.is_ascii_uppercase()) && digits(rest, 8..=20)
+        }
         None => digits(wa_id, 8..=15),
     }
 }
@@ -105,7 +108,10 @@ fn valid_wa_id(wa_id: &str) -> bool {
 /// Records the customer's message and sends it to the app as WhatsApp would.
 async fn deliver(world: Arc<World>, wa_id: String, shown: Value, message: impl FnOnce(&str) -> Value) -> Response {
     if !valid_wa_id(&wa_id) {
-        return (StatusCode::BAD_REQUEST, "a phone number is 8 to 15 digits, country code first (or a user id: US. and digits)")
+        return (
+            StatusCode::BAD_REQUEST,
+            "a phone number is 8 to 15 digits, country code first (or a user id: US. and digits)",
+        )
             .into_response();
     }
     let (id, name) = {

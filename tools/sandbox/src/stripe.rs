@@ -241,10 +241,15 @@ async fn refund(State(world): State<Arc<World>>, headers: HeaderMap, body: Bytes
         let mut state = world.state.lock().unwrap();
         if let Some(stored) = key.as_ref().and_then(|k| state.idempotency.get(k)) {
             if stored.form != form {
-                return error(StatusCode::BAD_REQUEST, "idempotency_error", "Keys for idempotent requests can only be used with the same parameters they were first used with.");
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "idempotency_error",
+                    "Keys for idempotent requests can only be used with the same parameters they were first used with.",
+                );
             }
             if let Some((status, body)) = &stored.answer {
-                let mut r = (StatusCode::from_u16(*status).unwrap_or(StatusCode::OK), Json(body.clone())).into_response();
+                let mut r =
+                    (StatusCode::from_u16(*status).unwrap_or(StatusCode::OK), Json(body.clone())).into_response();
                 r.headers_mut().insert("idempotent-replayed", "true".parse().expect("header"));
                 return r;
             }
@@ -252,17 +257,45 @@ async fn refund(State(world): State<Arc<World>>, headers: HeaderMap, body: Bytes
         let paid = state
             .sessions
             .iter()
-            .find(|s| wire::payment_intent_of(s.object["id"].as_str().unwrap_or("")) == pi && s.object["status"] == "complete")
-            .map(|s| (s.object["amount_total"].as_i64().unwrap_or(0), s.object["currency"].as_str().unwrap_or("usd").to_string()));
+            .find(|s| {
+                wire::payment_intent_of(s.object["id"].as_str().unwrap_or("")) == pi && s.object["status"] == "complete"
+            })
+            .map(|s| {
+                (
+                    s.object["amount_total"].as_i64().unwrap_or(0),
+                    s.object["currency"].as_str().unwrap_or("usd").to_string(),
+                )
+            });
         let left = |state: &crate::world::State, paid: i64| {
-            paid - state.refunds.iter().filter(|r| r["payment_intent"] == pi.as_str()).filter_map(|r| r["amount"].as_i64()).sum::<i64>()
+            paid - state
+                .refunds
+                .iter()
+                .filter(|r| r["payment_intent"] == pi.as_str())
+                .filter_map(|r| r["amount"].as_i64())
+                .sum::<i64>()
         };
         let (status, answer, made) = match paid {
-            _ if state.faults.refunds_fail => (500, wire::error("api_error", "The refund could not be made (sandbox switch)."), None),
-            None => (400, wire::error_with_code("invalid_request_error", "resource_missing", &format!("No such payment_intent: '{pi}'")), None),
-            Some((paid, _)) if left(&state, paid) <= 0 => {
-                (400, wire::error_with_code("invalid_request_error", "charge_already_refunded", "Charge has already been refunded."), None)
+            _ if state.faults.refunds_fail => {
+                (500, wire::error("api_error", "The refund could not be made (sandbox switch)."), None)
             }
+            None => (
+                400,
+                wire::error_with_code(
+                    "invalid_request_error",
+                    "resource_missing",
+                    &format!("No such payment_intent: '{pi}'"),
+                ),
+                None,
+            ),
+            Some((paid, _)) if left(&state, paid) <= 0 => (
+                400,
+                wire::error_with_code(
+                    "invalid_request_error",
+                    "charge_already_refunded",
+                    "Charge has already been refunded.",
+                ),
+                None,
+            ),
             Some((paid, currency)) => {
                 let id = format!("re_sbx{:06}", state.next());
                 let r = wire::refund(&id, &form, left(&state, paid), &currency, "succeeded");
@@ -279,7 +312,16 @@ async fn refund(State(world): State<Arc<World>>, headers: HeaderMap, body: Bytes
     world.log("stripe", format!("refund of {pi} → {status}"));
     if let Some((paid, currency)) = made {
         // Stripe tells the endpoint too.
-        let refunds: Vec<Value> = world.state.lock().unwrap().refunds.iter().rev().filter(|r| r["payment_intent"] == pi.as_str()).cloned().collect();
+        let refunds: Vec<Value> = world
+            .state
+            .lock()
+            .unwrap()
+            .refunds
+            .iter()
+            .rev()
+            .filter(|r| r["payment_intent"] == pi.as_str())
+            .cloned()
+            .collect();
         let charge = wire::refunded_charge(&pi, paid, &currency, &refunds);
         let events = [("refund.created", answer.clone()), ("charge.refunded", charge)];
         let world2 = world.clone();
@@ -287,7 +329,8 @@ async fn refund(State(world): State<Arc<World>>, headers: HeaderMap, body: Bytes
             for (kind, object) in events {
                 let event_id = format!("evt_sbx{:06}", world2.state.lock().unwrap().next());
                 let body = serde_json::to_vec(&wire::event(&event_id, kind, object)).expect("json");
-                let signature = wire::signature(&[&world2.config.stripe_webhook_secret], astria_wire::unix_now(), &body);
+                let signature =
+                    wire::signature(&[&world2.config.stripe_webhook_secret], astria_wire::unix_now(), &body);
                 let headers = [("stripe-signature", signature)];
                 let taken = |status| (200..300).contains(&status);
                 let status = world2.deliver("/payment-received", &headers, body, 5, taken, |_| {}).await;

@@ -102,10 +102,8 @@ pub fn error_with_code(kind: &str, code: &str, message: &str) -> Value {
 /// The refund `POST /v1/refunds` makes from its form: `amount` or, without one, `left`.
 pub fn refund(id: &str, form: &HashMap<String, String>, left: i64, currency: &str, status: &str) -> Value {
     let amount = form.get("amount").and_then(|a| a.parse::<i64>().ok()).unwrap_or(left);
-    let metadata: HashMap<&str, &str> = form
-        .iter()
-        .filter_map(|(k, v)| Some((k.strip_prefix("metadata[")?.strip_suffix(']')?, v.as_str())))
-        .collect();
+    let metadata: HashMap<&str, &str> =
+        form.iter().filter_map(|(k, v)| Some((k.strip_prefix("metadata[")?.strip_suffix(']')?, v.as_str()))).collect();
     json!({ "id": id, "object": "refund", "amount": amount, "currency": currency, "status": status,
             "payment_intent": form.get("payment_intent"), "reason": form.get("reason"),
             "metadata": metadata, "created": unix_now() })

@@ -101,9 +101,12 @@ pub fn with_bsuid(body: &Value, bsuid: &str) -> Value {
 
 fn with_user_id(body: &Value, bsuid: &str, username: Option<&str>, keep_phone: bool) -> Value {
     let mut body = body.clone();
-    for change in body["entry"].as_array_mut().into_iter().flatten().flat_map(|e| {
-        e["changes"].as_array_mut().map(|c| c.iter_mut().collect::<Vec<_>>()).unwrap_or_default()
-    }) {
+    for change in body["entry"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+        .flat_map(|e| e["changes"].as_array_mut().map(|c| c.iter_mut().collect::<Vec<_>>()).unwrap_or_default())
+    {
         let value = &mut change["value"];
         // get_mut: indexing would add a list as null where there is none (a status webhook).
         for c in value.get_mut("contacts").and_then(Value::as_array_mut).into_iter().flatten() {
@@ -150,7 +153,8 @@ pub fn status(
 /// The Graph API's answer to an accepted send to `to` (a phone number, or a BSUID sent as
 /// `recipient`, whose answer names a `user_id` and no `wa_id`).
 pub fn send_accepted(to: &str, wamid: &str) -> Value {
-    let contact = if is_user_id(to) { json!({ "input": to, "user_id": to }) } else { json!({ "input": to, "wa_id": to }) };
+    let contact =
+        if is_user_id(to) { json!({ "input": to, "user_id": to }) } else { json!({ "input": to, "wa_id": to }) };
     json!({
         "messaging_product": "whatsapp",
         "contacts": [contact],

@@ -254,7 +254,8 @@ mod tests {
 
     #[test]
     fn a_customer_known_only_by_a_bsuid_is_sent_to_as_recipient_without_to() {
-        let b = request_body(&Recipient::User("US.13491208655302741918".into()), &Message::text("hi"), &template(), "m1");
+        let b =
+            request_body(&Recipient::User("US.13491208655302741918".into()), &Message::text("hi"), &template(), "m1");
         assert_eq!(b["recipient"], "US.13491208655302741918");
         assert!(b.get("to").is_none(), "`to` would win over `recipient`: {b}");
         let b = request_body(&Recipient::Phone("4915".into()), &Message::text("hi"), &template(), "m1");
@@ -308,9 +309,15 @@ mod tests {
 
     #[test]
     fn templates_use_the_configured_name_and_language() {
-        let b = request_body(&Recipient::Phone("1".into()), &Message::Template { parameters: vec![] }, &template(), "m1");
+        let b =
+            request_body(&Recipient::Phone("1".into()), &Message::Template { parameters: vec![] }, &template(), "m1");
         assert_eq!(b["template"], json!({"name":"order_update","language":{"code":"en_US"}}));
-        let b = request_body(&Recipient::Phone("1".into()), &Message::Template { parameters: vec!["Ana".into()] }, &template(), "m1");
+        let b = request_body(
+            &Recipient::Phone("1".into()),
+            &Message::Template { parameters: vec!["Ana".into()] },
+            &template(),
+            "m1",
+        );
         assert_eq!(b["template"]["components"][0]["parameters"][0], json!({"type":"text","text":"Ana"}));
     }
 

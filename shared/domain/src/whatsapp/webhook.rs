@@ -100,7 +100,12 @@ impl Identity {
 
     /// From the raw fields, each checked: a phone is digits, a BSUID a country code, a dot
     /// and letters, digits or dots. Empty fields count as absent.
-    fn parse(phone: Option<&str>, bsuid: Option<&str>, parent: Option<&str>, what: &str) -> Result<Identity, WebhookError> {
+    fn parse(
+        phone: Option<&str>,
+        bsuid: Option<&str>,
+        parent: Option<&str>,
+        what: &str,
+    ) -> Result<Identity, WebhookError> {
         let present = |v: Option<&str>| v.map(str::trim).filter(|v| !v.is_empty()).map(str::to_string);
         let id = Identity { phone: present(phone), bsuid: present(bsuid), parent_bsuid: present(parent) };
         if id.phone.as_deref().is_some_and(|p| !is_phone(p)) {
@@ -434,10 +439,9 @@ fn inbound(m: &MessageJson) -> Inbound {
                 Some(r) => Inbound::Reply { id: r.id.clone(), title: r.title.clone() },
                 // A Flow's answer (nfm_reply), a call permission answer, or one WhatsApp could
                 // not render: the customer did write, so they are answered.
-                None => Inbound::Other(format!(
-                    "interactive:{}",
-                    i.and_then(|i| i.kind.as_deref()).unwrap_or("unknown")
-                )),
+                None => {
+                    Inbound::Other(format!("interactive:{}", i.and_then(|i| i.kind.as_deref()).unwrap_or("unknown")))
+                }
             }
         }
         "button" => match m.button.as_ref().map(|b| (b.payload.clone(), b.text.clone())) {
@@ -487,13 +491,12 @@ pub fn parse_webhook(raw: &[u8], our_phone_number_id: &str) -> Result<Webhook, W
         let contacts = value
             .contacts
             .iter()
-            .map(|c| {
-                Ok((c.ids.parse("contact")?, c.profile.as_ref().and_then(|p| p.name.clone())))
-            })
+            .map(|c| Ok((c.ids.parse("contact")?, c.profile.as_ref().and_then(|p| p.name.clone()))))
             .collect::<Result<Vec<_>, WebhookError>>()?;
         for m in &value.messages {
             let what = format!("message {}", m.id);
-            let own = Identity::parse(m.from.as_deref(), m.from_user_id.as_deref(), m.from_parent_user_id.as_deref(), &what)?;
+            let own =
+                Identity::parse(m.from.as_deref(), m.from_user_id.as_deref(), m.from_parent_user_id.as_deref(), &what)?;
             // The contacts entry for this sender completes what the message itself names.
             let contact = contacts.iter().find(|(c, _)| c.overlaps(&own));
             let sender = match contact {

@@ -4,8 +4,8 @@
 use astria_store::outbox::RelayPolicy;
 use astria_store::{migrations, transaction, Db, DbError};
 use spin_kit::db::SpinDb;
-use spin_kit::request::read_body;
 use spin_kit::events;
+use spin_kit::request::read_body;
 use spin_sdk::http::{IncomingRequest, IntoResponse, Response};
 use spin_sdk::{http_component, variables};
 
