@@ -20,8 +20,6 @@
 //! longer succeed: Stripe refused it as reused with other parameters, replayed a stored
 //! failure, or its fixed expiry has come too close for Stripe to accept.
 
-use std::time::Duration;
-
 use astria_domain::config::{self, ExposeSecret, StripeCheckout};
 use astria_domain::conversation::Message;
 use astria_domain::events::{channels, CHECKOUT_EXPIRE, ORDER_AWAITING_PAYMENT, PAYMENT_REFUND};
@@ -32,11 +30,13 @@ use astria_models::{CheckoutExpire, EventEnvelope, Order, OrderAwaitingPayment, 
 use astria_store::{outbox, repo, transaction};
 use spin_kit::db::SpinDb;
 use spin_kit::events::{self, now_ms};
-use spin_kit::http_client;
 use spin_kit::{log, SpinVars};
 use spin_sdk::redis_component;
 
 mod refund;
+mod stripe_api;
+
+use stripe_api::{replayed, StripeClient};
 
 pub(crate) const CONSUMER: &str = "payment-checkout";
 /// How long WhatsApp keeps a media id after the message arrived.
@@ -192,17 +192,9 @@ fn expire(event: &EventEnvelope) -> anyhow::Result<()> {
 /// `POST /v1/checkout/sessions/{id}/expire`. A session that is no longer open (expired
 /// already, or completed: then the payment webhook flags the refund) counts as done.
 fn expire_session(cfg: &StripeCheckout, session_id: &str) -> Result<(), String> {
-    let auth = format!("Bearer {}", cfg.secret_key.expose_secret());
-    let url = format!("{}/v1/checkout/sessions/{session_id}/expire", cfg.api_url);
-    let response = http_client::send(&http_client::Request {
-        method: "POST",
-        url: &url,
-        headers: &[("authorization", &auth), ("content-type", "application/x-www-form-urlencoded")],
-        body: b"",
-        timeout: Duration::from_millis(cfg.timeout_ms),
-        max_response: 256 * 1024,
-    })
-    .map_err(|e| format!("Stripe unreachable: {e}"))?;
+    let response = StripeClient::new(cfg)
+        .post(&format!("/v1/checkout/sessions/{session_id}/expire"), "", None)
+        .map_err(|e| format!("Stripe unreachable: {e}"))?;
     match stripe::classify_expire(response.status, &response.body) {
         stripe::ExpireOutcome::Expired | stripe::ExpireOutcome::NotOpen => Ok(()),
         stripe::ExpireOutcome::Failed(e) => Err(e),
@@ -260,25 +252,12 @@ fn create_session(
         success_url: &back("STATUS"),
         cancel_url: &back("PAY"),
     });
-    let auth = format!("Bearer {}", cfg.secret_key.expose_secret());
     let key = stripe::idempotency_key(&order.id, generation);
-    let url = format!("{}/v1/checkout/sessions", cfg.api_url);
-    let response = http_client::send(&http_client::Request {
-        method: "POST",
-        url: &url,
-        headers: &[
-            ("authorization", &auth),
-            ("content-type", "application/x-www-form-urlencoded"),
-            ("idempotency-key", &key),
-        ],
-        body: form.as_bytes(),
-        timeout: Duration::from_millis(cfg.timeout_ms),
-        max_response: 256 * 1024,
-    })
-    .map_err(|e| CreateFailure::Retry(format!("Stripe unreachable: {e}")))?;
+    let response = StripeClient::new(cfg)
+        .post("/v1/checkout/sessions", &form, Some(&key))
+        .map_err(|e| CreateFailure::Retry(format!("Stripe unreachable: {e}")))?;
     if !(200..300).contains(&response.status) {
-        let replayed = response.header("idempotent-replayed").is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        return Err(stripe::classify_create_failure(response.status, replayed, &response.body));
+        return Err(stripe::classify_create_failure(response.status, replayed(&response), &response.body));
     }
     stripe::parse_created_session(&response.body).map_err(|e| CreateFailure::Permanent(e.to_string()))
 }

@@ -12,9 +12,7 @@
 //! what is left, a disputed charge, a bad key): booked `refused`, the issue stays open. The
 //! payment refunded already (in the dashboard): booked, the issue resolved.
 
-use std::time::Duration;
-
-use astria_domain::config::{self, ExposeSecret, StripeCheckout};
+use astria_domain::config::{self, StripeCheckout};
 use astria_domain::conversation::Message;
 use astria_domain::stripe::{self, RefundOutcome, RefundRequest};
 use astria_domain::texts::{fill, Texts};
@@ -24,9 +22,9 @@ use astria_store::refunds::{self, status, Refund};
 use astria_store::{console, outbox, repo, transaction, DbError};
 use spin_kit::db::SpinDb;
 use spin_kit::events::{now_ms, Pending};
-use spin_kit::http_client;
 use spin_kit::{log, SpinVars};
 
+use crate::stripe_api::{replayed, StripeClient};
 use crate::{publish, CONSUMER};
 
 pub fn refund(event: &EventEnvelope) -> anyhow::Result<()> {
@@ -69,26 +67,9 @@ fn ask_stripe(cfg: &StripeCheckout, r: &Refund, payment_intent: &str) -> RefundO
         order_id: r.order_id.as_deref(),
         refund_id: &r.id,
     });
-    let auth = format!("Bearer {}", cfg.secret_key.expose_secret());
     let key = stripe::refund_idempotency_key(r.order_id.as_deref(), payment_intent, r.key_generation);
-    let url = format!("{}/v1/refunds", cfg.api_url);
-    let response = http_client::send(&http_client::Request {
-        method: "POST",
-        url: &url,
-        headers: &[
-            ("authorization", &auth),
-            ("content-type", "application/x-www-form-urlencoded"),
-            ("idempotency-key", &key),
-        ],
-        body: form.as_bytes(),
-        timeout: Duration::from_millis(cfg.timeout_ms),
-        max_response: 256 * 1024,
-    });
-    match response {
-        Ok(a) => {
-            let replayed = a.header("idempotent-replayed").is_some_and(|v| v.eq_ignore_ascii_case("true"));
-            stripe::classify_refund(a.status, replayed, &a.body)
-        }
+    match StripeClient::new(cfg).post("/v1/refunds", &form, Some(&key)) {
+        Ok(a) => stripe::classify_refund(a.status, replayed(&a), &a.body),
         // The request may have reached Stripe: the retry's key makes it the same refund.
         Err(e) => RefundOutcome::Retry(format!("Stripe unreachable: {e}")),
     }
@@ -97,17 +78,9 @@ fn ask_stripe(cfg: &StripeCheckout, r: &Refund, payment_intent: &str) -> RefundO
 /// The payment of an order paid before payments were recorded, from its Checkout session.
 fn find_payment(cfg: &StripeCheckout, session_id: Option<&str>) -> Result<String, String> {
     let Some(session_id) = session_id else { return Err("no payment and no Checkout session to find it".into()) };
-    let auth = format!("Bearer {}", cfg.secret_key.expose_secret());
-    let url = format!("{}/v1/checkout/sessions/{session_id}", cfg.api_url);
-    let a = http_client::send(&http_client::Request {
-        method: "GET",
-        url: &url,
-        headers: &[("authorization", &auth)],
-        body: b"",
-        timeout: Duration::from_millis(cfg.timeout_ms),
-        max_response: 256 * 1024,
-    })
-    .map_err(|e| format!("Stripe unreachable: {e}"))?;
+    let a = StripeClient::new(cfg)
+        .get(&format!("/v1/checkout/sessions/{session_id}"))
+        .map_err(|e| format!("Stripe unreachable: {e}"))?;
     if !(200..300).contains(&a.status) {
         return Err(format!("looking up session {session_id}: Stripe answered {}", a.status));
     }
