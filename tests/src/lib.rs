@@ -236,6 +236,18 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// `GET /maintenance/metrics` with `token`: the status and the Prometheus text.
+    pub async fn metrics(&self, token: &str) -> (u16, String) {
+        let r = self
+            .client
+            .get(self.url("/maintenance/metrics"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("metrics reachable");
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    }
+
     /// What the host printed so far (every process's, for a deployment).
     pub fn log(&self) -> String {
         if !self.processes.is_empty() {

@@ -344,17 +344,7 @@ async fn a_bsuid_refused_by_whatsapp_without_a_known_phone_fails_the_message_wit
     assert_eq!(failed.len(), 1, "{failed:?}");
     let reason = failed[0].to_string();
     assert!(reason.contains("131062") && reason.contains("no phone number"), "{reason}");
-    let text = w
-        .app
-        .client
-        .get(w.app.url("/maintenance/metrics"))
-        .bearer_auth(wa::ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (_, text) = w.app.metrics(wa::ADMIN_TOKEN).await;
     assert!(text.contains("astria_outbound_messages{status=\"failed\"} 1"), "{text}");
 }
 

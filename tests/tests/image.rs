@@ -946,18 +946,6 @@ async fn postgres_restarted_under_the_running_app_loses_and_doubles_nothing() {
 
 const METRICS_TOKEN: &str = "test-metrics-token";
 
-/// `GET /maintenance/metrics` with `token`: status and body.
-async fn scrape(app: &TestApp, token: &str) -> (u16, String) {
-    let r = app
-        .client
-        .get(app.url("/maintenance/metrics"))
-        .header("authorization", format!("Bearer {token}"))
-        .send()
-        .await
-        .expect("metrics reachable");
-    (r.status().as_u16(), r.text().await.unwrap_or_default())
-}
-
 /// Every sample of a scrape, parsed with a Prometheus text-format parser, keyed
 /// `name{label="value",...}` (labels sorted).
 fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
@@ -991,8 +979,8 @@ fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
 /// `maintenance.rs`, `every_operator_route_takes_exactly_the_tokens_its_scope_names`).
 async fn metrics_are_exact_after_a_journey_and_injected_failures(postgres: bool) {
     let w = world_with(postgres, 1, 0, &[("metrics_token", METRICS_TOKEN)]).await;
-    assert_eq!(scrape(&w.app, "wrong").await.0, 401);
-    assert_eq!(scrape(&w.app, wa::ADMIN_TOKEN).await.0, 200);
+    assert_eq!(w.app.metrics("wrong").await.0, 401);
+    assert_eq!(w.app.metrics(wa::ADMIN_TOKEN).await.0, 200);
     let run = w
         .app
         .client
@@ -1008,7 +996,7 @@ async fn metrics_are_exact_after_a_journey_and_injected_failures(postgres: bool)
     w.astria.finish(&w.app, &order_id).await;
     w.graph.wait_for(BEFORE_IMAGES + IMAGES + 1).await;
     settle(&w).await;
-    let (status, text) = scrape(&w.app, METRICS_TOKEN).await;
+    let (status, text) = w.app.metrics(METRICS_TOKEN).await;
     assert_eq!(status, 200);
     let m = samples(&text);
     let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no sample {k} in\n{text}"));
@@ -1036,7 +1024,7 @@ async fn metrics_are_exact_after_a_journey_and_injected_failures(postgres: bool)
     let channel = db.text("SELECT channel FROM outbox ORDER BY created_at LIMIT 1", &[]).await;
     db.execute("UPDATE outbox SET status = 'dead' WHERE id = (SELECT id FROM outbox ORDER BY created_at LIMIT 1)", &[])
         .await;
-    let (_, text) = scrape(&w.app, wa::ADMIN_TOKEN).await;
+    let (_, text) = w.app.metrics(wa::ADMIN_TOKEN).await;
     let m = samples(&text);
     let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no sample {k} in\n{text}"));
     assert_eq!(get("astria_orders{status=\"training\"}"), 1.0);
@@ -1095,7 +1083,7 @@ async fn console_answers_what_the_database_holds_and_refuses_bad_input(postgres:
         assert_eq!(app.call("GET", path, Some("wrong"), None).await.0, 401, "{path}");
         assert_eq!(app.call("GET", path, Some(METRICS_TOKEN), None).await.0, 401, "{path} with the metrics token");
     }
-    assert_eq!(scrape(app, METRICS_TOKEN).await.0, 200, "the metrics token is configured: it reads the metrics");
+    assert_eq!(app.metrics(METRICS_TOKEN).await.0, 200, "the metrics token is configured: it reads the metrics");
     let (status, funnel) = app.call("GET", "/maintenance/console/api/funnel", token, None).await;
     assert_eq!(status, 200);
     assert_eq!(funnel["days"].as_array().unwrap().len(), 14);

@@ -102,15 +102,7 @@ async fn an_order_astria_refuses_is_refunded_once_and_the_customer_told(postgres
 on_both!(an_order_astria_refuses_is_refunded_once_and_the_customer_told);
 
 async fn metrics(app: &TestApp) -> String {
-    app.client
-        .get(app.url("/maintenance/metrics"))
-        .bearer_auth(wa::ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    app.metrics(wa::ADMIN_TOKEN).await.1
 }
 
 /// Stripe makes the refund, but its answer comes after the app's timeout: the retry asks with
