@@ -192,19 +192,23 @@ pub fn relay<D: Db + ?Sized>(
             }
             continue;
         }
-        // Publish before booking the attempt: an attempt that never reached Redis must not
-        // bring the event closer to the dead-letter state.
         let Some(conn) = conn.as_ref() else {
             report.redis_unavailable = true;
             break;
         };
+        // Book, then publish: the consumer may complete the event as soon as it is published,
+        // and a booking made after that would find it done (see `outbox`'s module docs).
+        if outbox::record_attempt(db, &event, now_ms(), policy)?.is_none() {
+            continue; // another relay booked it, or it was completed since `due` read it
+        }
         if conn.publish(&event.channel, &event.envelope.as_bytes().to_vec()).is_err() {
+            // An attempt that never reached Redis must not bring the event closer to the
+            // dead-letter state.
+            outbox::unbook_attempt(db, &event)?;
             report.redis_unavailable = true;
             break;
         }
-        if outbox::record_attempt(db, &event, now_ms(), policy)?.is_some() {
-            report.republished += 1;
-        }
+        report.republished += 1;
     }
     Ok(report)
 }

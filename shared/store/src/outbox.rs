@@ -9,10 +9,16 @@
 //! 2. **Consume**: inside one transaction the consumer calls [`claim`] (a primary key on
 //!    `(event_id, consumer)`: of three replicas exactly one gets `true`), applies the effects,
 //!    and calls [`complete`]. A crash or error rolls all three back together.
-//! 3. **Relay**: [`due`] lists events not completed by their due time; the relay republishes
-//!    each and calls [`record_attempt`], which backs off exponentially and moves an event that
-//!    used up its attempts to `dead`, where an operator sees it ([`dead_letters`]) and can
-//!    [`replay`] it.
+//! 3. **Relay**: [`due`] lists events not completed by their due time; for each the relay
+//!    books an attempt with [`record_attempt`] (the booking is the relays' lock: of two that
+//!    saw the same row, one publishes), then republishes it, and gives the attempt back with
+//!    [`unbook_attempt`] if Redis refused it. Attempts back off exponentially; an event that
+//!    used up its attempts moves to `dead`, where an operator sees it ([`dead_letters`]) and
+//!    can [`replay`] it.
+//!
+//!    Booking comes before the publish because the consumer may complete the event the
+//!    instant it is published: a booking made after it would find the row `done` and the
+//!    relay would not know it had delivered it.
 
 use astria_models::EventEnvelope;
 
@@ -218,6 +224,27 @@ pub fn record_attempt<D: Db + ?Sized>(
         ],
     )?;
     Ok((n == 1).then_some(Attempt::Publish { next_attempt_at: next }))
+}
+
+/// Gives back an attempt booked by [`record_attempt`] whose publish never reached Redis, so
+/// an outage does not bring the event closer to the dead-letter state: the row returns to what
+/// the relay read (`event`), unless someone completed or re-booked it meanwhile.
+pub fn unbook_attempt<D: Db + ?Sized>(db: &D, event: &OutboxEvent) -> Result<(), DbError> {
+    db.execute(
+        &db.dialect().sql(
+            "UPDATE outbox SET status = $1, attempts = $2, next_attempt_at = $3
+             WHERE id = $4 AND attempts = $5 AND status = $6",
+        ),
+        &[
+            Value::from(event.status.as_str()),
+            Value::Int(event.attempts),
+            Value::Int(event.next_attempt_at),
+            Value::from(event.id.as_str()),
+            Value::Int(event.attempts + 1),
+            Value::from(status::PUBLISHED),
+        ],
+    )?;
+    Ok(())
 }
 
 /// Dead-lettered events, for operators.

@@ -257,6 +257,30 @@ fn two_relays_never_both_publish_the_same_attempt() {
     });
 }
 
+#[test]
+fn an_attempt_redis_refused_is_given_back_and_a_completed_event_is_left_alone() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 1).unwrap();
+        outbox::enqueue(db.as_ref(), "orders", &event("e1"), 0, &POLICY).unwrap();
+        outbox::enqueue(db.as_ref(), "orders", &event("e2"), 0, &POLICY).unwrap();
+        let due = outbox::due(db.as_ref(), 5_000, 10).unwrap();
+        let (e1, e2) = (&due[0], &due[1]);
+
+        // Redis refused e1's publish: the row is again exactly what the relay read.
+        assert!(outbox::record_attempt(db.as_ref(), e1, 5_000, &POLICY).unwrap().is_some());
+        outbox::unbook_attempt(db.as_ref(), e1).unwrap();
+        assert_eq!(outbox::get(db.as_ref(), "e1").unwrap().as_ref(), Some(e1));
+
+        // e2 was published and its consumer completed it at once: giving back is a no-op.
+        assert!(outbox::record_attempt(db.as_ref(), e2, 5_000, &POLICY).unwrap().is_some());
+        outbox::complete(db.as_ref(), "e2", 5_001).unwrap();
+        outbox::unbook_attempt(db.as_ref(), e2).unwrap();
+        let after = outbox::get(db.as_ref(), "e2").unwrap().unwrap();
+        assert_eq!((after.status.as_str(), after.attempts), (outbox::status::DONE, 1));
+    });
+}
+
 // ------------------------------------------------------------------ business records
 
 fn usd(cents: i64) -> astria_models::Money {
