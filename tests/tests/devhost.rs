@@ -344,3 +344,83 @@ async fn an_unknown_key_value_label_stops_start_up() {
     let err = spawn_app_expecting_failure(AppConfig::new(manifest).var("api_token", "t")).await.unwrap();
     assert!(err.contains("unknown key_value_stores label \"cache\" for component \"probe\""), "{err}");
 }
+
+/// A server that answers slowly on purpose: the head at once, then one body byte every 200 ms
+/// for as long as the client stays (`trickle`), or never reading the request body at all.
+struct SlowServer {
+    port: u16,
+    /// Answer bytes trickled so far.
+    trickled: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SlowServer {
+    async fn start(trickle: bool) -> SlowServer {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let trickled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = trickled.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    // The request head only: a body is never read.
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if socket.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    if !trickle {
+                        tokio::time::sleep(Duration::from_secs(600)).await;
+                        return;
+                    }
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 100000000\r\n\r\n";
+                    if socket.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    for _ in 0..3000 {
+                        if socket.write_all(b"x").await.is_err() {
+                            return; // The client gave up.
+                        }
+                        count.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                });
+            }
+        });
+        SlowServer { port, trickled }
+    }
+}
+
+/// A call through spin-kit's HTTP client (what the sender and the trainer call WhatsApp and
+/// Astria with) to a server that trickles its answer a byte every 200 ms, under per-phase
+/// timeouts of 1.5 s that each byte resets: only the overall deadline ends it. Before, this
+/// held the call (and the sender's or trainer's lease) for as long as the server liked.
+#[tokio::test]
+async fn an_outbound_call_ends_at_its_deadline_however_slowly_the_answer_trickles() {
+    let slow = SlowServer::start(true).await;
+    let app = spawn_app(probe_app().var("fake_port", slow.port.to_string())).await.unwrap();
+    let path = format!("/probe/deadline-fetch?url=http://127.0.0.1:{}/x&timeout_ms=1500", slow.port);
+    let (status, body) = tokio::time::timeout(Duration::from_secs(120), text(&app, &path))
+        .await
+        .expect("the call ended (a call bounded only per phase never does)");
+    assert_eq!((status, body.as_str()), (504, "timed out"));
+    assert!(slow.trickled.load(std::sync::atomic::Ordering::SeqCst) > 0, "the answer had started to trickle");
+}
+
+/// A server that never reads the request body: writing a 32 MiB body blocks once the socket
+/// buffers are full, and the overall deadline ends that too.
+#[tokio::test]
+async fn an_outbound_call_ends_at_its_deadline_when_the_server_never_reads_the_body() {
+    let slow = SlowServer::start(false).await;
+    let app = spawn_app(probe_app().var("fake_port", slow.port.to_string())).await.unwrap();
+    let path = format!("/probe/deadline-fetch?url=http://127.0.0.1:{}/x&timeout_ms=1500&body={}", slow.port, 32 << 20);
+    let (status, body) = tokio::time::timeout(Duration::from_secs(120), text(&app, &path))
+        .await
+        .expect("the call ended (a body write without a deadline never does)");
+    assert_eq!((status, body.as_str()), (504, "timed out"));
+}

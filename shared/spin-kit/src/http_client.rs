@@ -4,12 +4,35 @@
 //! sender (and its lease) forever. This calls wasi-http's `outgoing-handler` directly with
 //! `request-options` (connect, first-byte and between-bytes timeouts), which Spin and devhost
 //! both honour. Synchronous: Redis-trigger handlers and HTTP handlers alike can call it.
+//!
+//! Those per-phase timeouts alone let a server that trickles a byte just under the gap
+//! timeout, or never reads the request body, hold the call for as long as it likes. So
+//! [`Request::timeout`] is also the **overall deadline** of the call, from the first byte of
+//! the request written to the last byte of the answer read: every wait (writing the body,
+//! the answer's head, each read) polls the stream together with a monotonic-clock deadline.
+//! A caller working under a lease knows from this that one call ends within `timeout`.
 
 use std::time::Duration;
 
+use wasi::clocks::monotonic_clock;
 use wasi::http::outgoing_handler;
 use wasi::http::types::{ErrorCode, Fields, Method, OutgoingBody, OutgoingRequest, RequestOptions, Scheme};
+use wasi::io::poll::{poll, Pollable};
 use wasi::io::streams::StreamError;
+
+/// Waits until `ready` is, or the monotonic clock passes `deadline` (then: timed out).
+fn wait(ready: &Pollable, deadline: u64) -> Result<(), HttpError> {
+    if ready.ready() {
+        return Ok(());
+    }
+    let timer = monotonic_clock::subscribe_instant(deadline);
+    let woke = poll(&[ready, &timer]);
+    if woke.contains(&0) {
+        Ok(())
+    } else {
+        Err(HttpError::Timeout)
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpResponse {
@@ -137,6 +160,7 @@ fn send_with(req: &Request<'_>, traceparent: Option<String>) -> Result<HttpRespo
     request.set_path_with_query(Some(path)).map_err(|()| invalid("path"))?;
 
     let nanos = req.timeout.as_nanos().min(u64::MAX as u128) as u64;
+    let deadline = monotonic_clock::now().saturating_add(nanos);
     let options = RequestOptions::new();
     // Setting a timeout is optional for a host; one that refuses still answers eventually.
     let _ = options.set_connect_timeout(Some(nanos));
@@ -148,13 +172,24 @@ fn send_with(req: &Request<'_>, traceparent: Option<String>) -> Result<HttpRespo
     let future = outgoing_handler::handle(request, Some(options)).map_err(error_code)?;
     {
         let stream = outgoing_body.write().map_err(|()| HttpError::Other("request body unavailable".into()))?;
-        for chunk in req.body.chunks(4096) {
-            stream.blocking_write_and_flush(chunk).map_err(|e| HttpError::Connect(format!("writing body: {e:?}")))?;
+        let writing = |e| HttpError::Connect(format!("writing body: {e:?}"));
+        let ready = stream.subscribe();
+        let mut rest = req.body;
+        while !rest.is_empty() {
+            wait(&ready, deadline)?;
+            let n = (stream.check_write().map_err(writing)? as usize).min(rest.len());
+            if n > 0 {
+                stream.write(&rest[..n]).map_err(writing)?;
+                rest = &rest[n..];
+            }
         }
+        stream.flush().map_err(writing)?;
+        wait(&ready, deadline)?;
+        stream.check_write().map_err(writing)?;
     }
     OutgoingBody::finish(outgoing_body, None).map_err(error_code)?;
 
-    future.subscribe().block();
+    wait(&future.subscribe(), deadline)?;
     let response = match future.get() {
         Some(Ok(Ok(r))) => r,
         Some(Ok(Err(e))) => return Err(error_code(e)),
@@ -170,8 +205,10 @@ fn send_with(req: &Request<'_>, traceparent: Option<String>) -> Result<HttpRespo
     let body = response.consume().map_err(|()| HttpError::Other("response body unavailable".into()))?;
     let stream = body.stream().map_err(|()| HttpError::Other("response body unavailable".into()))?;
     let mut bytes = Vec::new();
+    let ready = stream.subscribe();
     loop {
-        match stream.blocking_read(64 * 1024) {
+        wait(&ready, deadline)?;
+        match stream.read(64 * 1024) {
             Ok(chunk) => {
                 if bytes.len() + chunk.len() > req.max_response {
                     return Err(HttpError::TooLarge(req.max_response));

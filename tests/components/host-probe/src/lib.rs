@@ -79,6 +79,26 @@ async fn handle(req: Request) -> anyhow::Result<impl IntoResponse> {
                 Err(e) => respond(502, format!("send failed: {e}")),
             }
         }
+        // spin-kit's HTTP client (what every component calls WhatsApp, Astria and Stripe
+        // with): `timeout_ms` is its per-phase timeouts and its overall deadline; `body` bytes
+        // are POSTed. Answers the outcome.
+        "/deadline-fetch" => {
+            let url = q.get("url").cloned().unwrap_or_default();
+            let timeout_ms = q.get("timeout_ms").and_then(|t| t.parse().ok()).unwrap_or(1000);
+            let body = vec![b'x'; q.get("body").and_then(|b| b.parse().ok()).unwrap_or(0)];
+            let request = spin_kit::http_client::Request {
+                method: if body.is_empty() { "GET" } else { "POST" },
+                url: &url,
+                headers: &[],
+                body: &body,
+                timeout: std::time::Duration::from_millis(timeout_ms),
+                max_response: 64 * 1024 * 1024,
+            };
+            match spin_kit::http_client::send_untraced(&request) {
+                Ok(r) => respond(200, format!("{} {} bytes", r.status, r.body.len())),
+                Err(e) => respond(504, e.to_string()),
+            }
+        }
         "/sleep" => {
             let ms = q.get("ms").and_then(|m| m.parse().ok()).unwrap_or(100);
             std::thread::sleep(std::time::Duration::from_millis(ms));
