@@ -182,6 +182,13 @@ impl FakeAstria {
         self.state.lock().unwrap().tunes.clone()
     }
 
+    /// GET requests received (a tune, a prompt list): what asking Astria costs against the
+    /// shared API key's rate limit.
+    pub async fn reads(&self) -> usize {
+        let received = self.server.received_requests().await.unwrap_or_default();
+        received.iter().filter(|r| r.method.as_str() == "GET").count()
+    }
+
     /// Create requests received, failed ones included.
     pub fn creates(&self) -> usize {
         self.state.lock().unwrap().creates

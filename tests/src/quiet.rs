@@ -4,6 +4,8 @@
 //! The app is quiet when its database says so, on two checks in a row:
 //! - no outbox event is pending or published but not completed (no consumer has work to do or
 //!   is in the middle of it; an event waiting for its retry time counts as work),
+//! - no outbox event is dead-lettered, unless the test says it expects some (`dead_ok`): a dead
+//!   event is work the app gave up on, not work it finished,
 //! - no outbound message is queued (the sender has nothing to send, now or later),
 //! - no sender or job lease is held (no sender or trainer is running).
 //!
@@ -25,12 +27,20 @@ pub struct Quiet<'a> {
     /// Make every outstanding event and queued message due before each relay call: time
     /// passes for the app's backoffs without the test waiting for it.
     pub fast_forward: bool,
+    /// Dead-lettered events are what the test expects (a poison event): quiet regardless.
+    pub dead_ok: bool,
     pub timeout: Duration,
 }
 
 impl Default for Quiet<'_> {
     fn default() -> Self {
-        Quiet { relay: true, ignore_event_types: &[], fast_forward: false, timeout: Duration::from_secs(30) }
+        Quiet {
+            relay: true,
+            ignore_event_types: &[],
+            fast_forward: false,
+            dead_ok: false,
+            timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -52,7 +62,10 @@ pub async fn quiesce_with(app: &TestApp, q: Quiet<'_>) {
         if q.relay {
             crate::whatsapp::relay(app).await;
         }
-        let left = busy(&db, q.ignore_event_types).await;
+        let mut left = busy(&db, q.ignore_event_types).await;
+        if !q.dead_ok {
+            left.extend(dead(&db, q.ignore_event_types).await);
+        }
         if left.is_empty() {
             calm += 1;
             if calm == 2 {
@@ -66,6 +79,18 @@ pub async fn quiesce_with(app: &TestApp, q: Quiet<'_>) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Events the app gave up on (dead letters), one line each.
+pub async fn dead(db: &TestDb, ignore_event_types: &[&str]) -> Vec<String> {
+    let mut left = vec![];
+    for r in db.rows("SELECT event_type, last_error FROM outbox WHERE status = 'dead' ORDER BY created_at", &[]).await {
+        let event_type = r[0].text();
+        if !ignore_event_types.contains(&event_type.as_str()) {
+            left.push(format!("event {event_type} dead-lettered ({})", r[1].opt_text().unwrap_or_default()));
+        }
+    }
+    left
 }
 
 /// What the app still has to do, one line each.

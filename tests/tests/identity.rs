@@ -352,7 +352,7 @@ async fn a_bsuid_refused_by_whatsapp_without_a_known_phone_fails_the_message_wit
 /// refuses the BSUID (131062): the same message goes to the phone, once.
 #[tokio::test]
 async fn a_bsuid_refused_by_whatsapp_falls_back_to_the_phone_once_it_is_known() {
-    let w = world_with(false, &[("whatsapp_timeout_ms", "60000")]).await;
+    let w = world_with(false, &[("whatsapp_timeout_ms", "30000")]).await;
     let gate = w.graph.hold_next(Answer::Error(400, 131062));
     say(&w, Shape::Username, wa::text(PHONE, "f1", "hi")).await;
     gate.wait_arrived().await;

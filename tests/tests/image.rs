@@ -390,7 +390,11 @@ async fn astria_down_past_the_events_retries_and_back_still_trains_and_delivers_
     w.astria.finish(&w.app, &order_id).await;
     let total = BEFORE_IMAGES + IMAGES + 1;
     relay_until_sends(&w, total).await;
-    settle(&w).await;
+    // The payment's own event stays in the dead letters (the reconciliation did its work):
+    // an operator sees it, and nothing else is left.
+    let q = astria_tests::quiet::Quiet { dead_ok: true, ..Default::default() };
+    astria_tests::quiet::quiesce_with(&w.app, q).await;
+    assert_eq!(db.count("SELECT COUNT(*) FROM outbox WHERE status = 'dead'").await, 1, "only order.paid's");
     let sends = w.graph.requests().await;
     assert_eq!(sends.len(), total, "{:?}", summaries(&sends));
     let status = db.order_status(&order_id).await;
@@ -461,9 +465,9 @@ async fn after_stop_nothing_is_sent_and_start_brings_the_paid_portraits_once(pos
     assert_eq!(sends.len(), BEFORE_IMAGES + 1, "nothing after the STOP confirmation: {:?}", summaries(&sends));
     let db = db(&w.app).await;
     let held = db.count("SELECT COUNT(*) FROM outbound_messages WHERE status = 'held'").await;
-    assert_eq!(held as usize, IMAGES + 1, "the portraits and the closing message are kept");
+    assert_eq!(held as usize, IMAGES, "the portraits are kept");
     let status = db.order_status(&order_id).await;
-    assert_eq!(status, "delivered", "the order's results are kept for her");
+    assert_eq!(status, "delivering", "kept for her: delivered once WhatsApp has them");
     // Something else is not START: still nothing.
     assert_eq!(wa::post_webhook(&w.app, &wa::inbound(ANA, vec![wa::text(ANA, "s2", "hello?")])).await.0, 200);
     settle(&w).await;
@@ -477,6 +481,8 @@ async fn after_stop_nothing_is_sent_and_start_brings_the_paid_portraits_once(pos
     assert_eq!(sends.len(), total, "{:?}", summaries(&sends));
     assert_each_portrait_once(&sends);
     assert!(confirmation.starts_with("text:"), "{confirmation}");
+    assert_eq!(wa::summary(sends.last().unwrap()), DONE, "the closing text after the last portrait");
+    assert_eq!(db.order_status(&order_id).await, "delivered");
 }
 
 async fn after_stop_and_no_start_in_time_the_held_portraits_are_given_up_and_the_refund_flagged(postgres: bool) {
@@ -486,10 +492,11 @@ async fn after_stop_and_no_start_in_time_the_held_portraits_are_given_up_and_the
     assert_eq!(wa::post_webhook(&w.app, &wa::inbound(ANA, vec![wa::text(ANA, "s1", "STOP")])).await.0, 200);
     w.graph.wait_for(BEFORE_IMAGES + 1).await;
     w.astria.finish(&w.app, &order_id).await;
-    // The portraits and the closing message are held as the sender reaches them.
+    // The portraits are held as the sender reaches them (the closing message waits for them
+    // to be accepted, so it is not even queued).
     settle(&w).await;
     let db = db(&w.app).await;
-    assert_eq!(db.count("SELECT COUNT(*) FROM outbound_messages WHERE status = 'held'").await as usize, IMAGES + 1);
+    assert_eq!(db.count("SELECT COUNT(*) FROM outbound_messages WHERE status = 'held'").await as usize, IMAGES);
     // Within held_give_up_days (25 by default) the relay keeps them.
     assert_eq!(wa::relay(&w.app).await["held_given_up"], 0);
     // 26 days pass without START.
@@ -500,7 +507,7 @@ async fn after_stop_and_no_start_in_time_the_held_portraits_are_given_up_and_the
     settle(&w).await;
     let given_up =
         "SELECT COUNT(*) FROM outbound_messages WHERE status = 'failed' AND last_error LIKE '%never sent START%'";
-    assert_eq!(db.count(given_up).await as usize, IMAGES + 1, "the portraits and the closing message");
+    assert_eq!(db.count(given_up).await as usize, IMAGES, "the portraits");
     assert_eq!(db.count("SELECT COUNT(*) FROM outbound_messages WHERE status = 'held'").await, 0);
     let sends = w.graph.requests().await;
     assert_eq!(sends.len(), BEFORE_IMAGES + 1, "nothing after the STOP confirmation: {:?}", summaries(&sends));
@@ -1473,3 +1480,233 @@ async fn one_trace_follows_a_payment_across_redis_to_astria_and_whatsapp(postgre
 }
 
 on_both!(one_trace_follows_a_payment_across_redis_to_astria_and_whatsapp);
+
+// ------------------------------------------------------------------ delivery that outlasts outages
+
+/// The closing text, which goes only once every portrait is accepted.
+const DONE: &str = "text:Your portraits have been delivered. Want another pack? Reply MENU.";
+
+/// Image sends the fake Graph API refused, and the links it accepted, in order.
+#[derive(Default)]
+struct Outage {
+    refused: usize,
+    accepted: Vec<String>,
+}
+
+/// A WhatsApp that refuses every image while `down` (503, and every third time a proxy's bare
+/// 502), and accepts otherwise; everything else is accepted. (A 429 asks for a fixed minute
+/// whatever the retry base: `send.rs`'s unit tests cover it.)
+fn images_refused_while(
+    w: &World,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::sync::Arc<std::sync::Mutex<Outage>> {
+    use std::sync::atomic::Ordering;
+    let seen: std::sync::Arc<std::sync::Mutex<Outage>> = Default::default();
+    let log = seen.clone();
+    w.graph.rule(move |body| {
+        if body["type"] != "image" {
+            return wa::Answer::Ok;
+        }
+        let mut o = log.lock().unwrap();
+        if down.load(Ordering::SeqCst) {
+            o.refused += 1;
+            return if o.refused % 3 == 0 { wa::Answer::Status(502) } else { wa::Answer::Status(503) };
+        }
+        o.accepted.push(body["image"]["link"].as_str().unwrap().to_string());
+        wa::Answer::Ok
+    });
+    seen
+}
+
+/// WhatsApp accepted each portrait exactly once.
+fn assert_each_accepted_once(accepted: &[String]) {
+    let mut distinct = accepted.to_vec();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!((accepted.len(), distinct.len()), (IMAGES, IMAGES), "each portrait once: {accepted:#?}");
+}
+
+/// WhatsApp refuses every portrait for longer than the sender's whole retry budget of before
+/// (8 tries), then takes messages again: every portrait arrives exactly once, the closing text
+/// last, the order delivered, and no event was given up on.
+async fn a_whatsapp_outage_longer_than_the_old_retry_budget_still_delivers_every_portrait_once(postgres: bool) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // A retry base of 2 ms: backoff capped at 360 ms, horizon 34.56 s (24 h at the default).
+    let vars = [("whatsapp_retry_base_ms", "2"), ("whatsapp_unconfirmed_wait_ms", "20"), ("whatsapp_pace_ms", "0")];
+    let w = world_with(postgres, 1, 0, &vars).await;
+    let down = std::sync::Arc::new(AtomicBool::new(true));
+    let seen = images_refused_while(&w, down.clone());
+    let order_id = pay(&w).await;
+    training_started(&w).await;
+    w.astria.finish(&w.app, &order_id).await;
+    // Until the first portrait has been refused three times the old budget: condition, not time.
+    // The relay runs as the every-minute job would: a sender invocation tries a message a
+    // bounded number of times, then leaves its event, due at the next retry, to the relay.
+    w.wait_until("24 refused image sends, relaying", Duration::from_secs(60), || async {
+        if seen.lock().unwrap().refused >= 24 {
+            return Some(());
+        }
+        wa::relay(&w.app).await;
+        None
+    })
+    .await;
+    let db = db(&w.app).await;
+    assert_eq!(db.order_status(&order_id).await, "delivering", "not delivered while no portrait arrived");
+    assert_eq!(db.count("SELECT COUNT(*) FROM outbound_messages WHERE status = 'failed'").await, 0);
+    down.store(false, Ordering::SeqCst);
+
+    w.wait_until(&format!("{IMAGES} portraits accepted, relaying"), Duration::from_secs(60), || async {
+        if seen.lock().unwrap().accepted.len() >= IMAGES {
+            return Some(());
+        }
+        wa::relay(&w.app).await;
+        None
+    })
+    .await;
+    settle(&w).await;
+    assert_each_accepted_once(&seen.lock().unwrap().accepted);
+    let sends = w.graph.requests().await;
+    assert_eq!(wa::summary(sends.last().unwrap()), DONE, "the closing text goes last");
+    assert_eq!(sends.iter().filter(|s| wa::summary(s) == DONE).count(), 1);
+    assert_eq!(db.order_status(&order_id).await, "delivered");
+    assert_eq!(db.count("SELECT COUNT(*) FROM payment_issues").await, 0, "nothing to refund");
+}
+
+/// WhatsApp never takes the portraits within the horizon: the order is `delivery_failed`, its
+/// refund flagged and given back, the metric says so, the customer never hears "delivered".
+/// Once WhatsApp is back, the console's resend delivers every portrait once, closing text last.
+async fn portraits_whatsapp_never_takes_fail_the_delivery_and_a_resend_delivers_them_once(postgres: bool) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // A retry base of 1 ms: horizon 17.28 s (24 h at the default), backoff capped at 180 ms.
+    let vars = [("whatsapp_retry_base_ms", "1"), ("whatsapp_unconfirmed_wait_ms", "10"), ("whatsapp_pace_ms", "0")];
+    let w = world_with(postgres, 1, 0, &vars).await;
+    let down = std::sync::Arc::new(AtomicBool::new(true));
+    let seen = images_refused_while(&w, down.clone());
+    let order_id = pay(&w).await;
+    training_started(&w).await;
+    w.astria.finish(&w.app, &order_id).await;
+    let db = db(&w.app).await;
+    w.wait_until("the order delivery_failed, relaying", Duration::from_secs(90), || async {
+        if db.order_status(&order_id).await == "delivery_failed" {
+            return Some(());
+        }
+        wa::relay(&w.app).await;
+        None
+    })
+    .await;
+    let issue = db
+        .rows("SELECT event_id, kind, detail FROM payment_issues WHERE order_id = $1", &[order_id.as_str().into()])
+        .await;
+    assert_eq!(issue.len(), 1, "{issue:?}");
+    assert_eq!(
+        (issue[0][0].text(), issue[0][1].text()),
+        (format!("delivery-failed:{order_id}"), "needs_refund".into())
+    );
+    assert!(issue[0][2].text().contains("gave up after"), "{}", issue[0][2].text());
+    // The refund's event waits in the outbox for the relay (the sender has no Redis).
+    let refunds = w
+        .wait_until("the payment refunded, relaying", Duration::from_secs(60), || async {
+            let made = w.stripe.refunds();
+            if !made.is_empty() {
+                return Some(made);
+            }
+            wa::relay(&w.app).await;
+            None
+        })
+        .await;
+    assert_eq!(refunds.len(), 1, "{refunds:#?}");
+    settle(&w).await;
+    let (status, metrics) = w.app.metrics(wa::ADMIN_TOKEN).await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("astria_orders{status=\"delivery_failed\"} 1"), "{metrics}");
+    let sends = w.graph.requests().await;
+    assert!(!sends.iter().any(|s| wa::summary(s) == DONE), "never told 'delivered'");
+    assert!(seen.lock().unwrap().accepted.is_empty());
+    let failed = db.count("SELECT COUNT(*) FROM outbound_messages WHERE status = 'failed' AND kind = 'image'").await;
+    assert_eq!(failed as usize, IMAGES, "every portrait given up");
+
+    // Only a delivery_failed order is resent, and only by an operator.
+    let path = format!("/maintenance/orders/{order_id}/resend");
+    assert_eq!(w.app.call("POST", &path, None, None).await.0, 401);
+    assert_eq!(
+        w.app.call("POST", "/maintenance/orders/no-such-order/resend", Some(wa::ADMIN_TOKEN), None).await.0,
+        404
+    );
+    down.store(false, Ordering::SeqCst);
+    let (status, body) = w.app.call("POST", &path, Some(wa::ADMIN_TOKEN), None).await;
+    assert_eq!((status, body["resent"].as_u64()), (202, Some(IMAGES as u64)), "{body}");
+    w.wait_until(&format!("{IMAGES} portraits accepted, relaying"), Duration::from_secs(60), || async {
+        if seen.lock().unwrap().accepted.len() >= IMAGES {
+            return Some(());
+        }
+        wa::relay(&w.app).await;
+        None
+    })
+    .await;
+    settle(&w).await;
+    assert_each_accepted_once(&seen.lock().unwrap().accepted);
+    let sends = w.graph.requests().await;
+    assert_eq!(wa::summary(sends.last().unwrap()), DONE, "the closing text goes last");
+    assert_eq!(db.order_status(&order_id).await, "delivered");
+    let (status, _) = w.app.call("POST", &path, Some(wa::ADMIN_TOKEN), None).await;
+    assert_eq!(status, 409, "a delivered order is not resent");
+}
+
+// ------------------------------------------------------------------ replayed callbacks
+
+/// A valid prompt callback URL replayed 1,000 times (it is valid for 7 days and shows in
+/// ingress logs) while a trainer is asking Astria about the order (its sync lease held): one
+/// outbox row, and once the lease is free, one pass of one replica of three asks Astria (a
+/// tune and a prompt list) for all of them. Before, every replay was a row and each of three
+/// replicas asked Astria twice for each.
+async fn a_callback_replayed_a_thousand_times_costs_one_event_and_one_pass(postgres: bool) {
+    let w = world(postgres, 3, 0).await;
+    let order_id = pay(&w).await;
+    training_started(&w).await;
+    settle(&w).await;
+    let db = db(&w.app).await;
+    let signals = "SELECT COUNT(*) FROM outbox WHERE event_type = 'tune.reconcile'";
+    let before = (db.count(signals).await, w.astria.reads().await);
+    // A trainer's pass is in flight: it holds the order's sync lease.
+    let until = wa::unix_now() * 1000 + 600_000;
+    db.execute(
+        "INSERT INTO job_leases (name, holder, lease_until) VALUES ($1, 'a-trainer-mid-pass', $2)",
+        &[format!("sync:{order_id}").as_str().into(), until.into()],
+    )
+    .await;
+    let tune = w.astria.tunes().remove(0);
+    w.astria.finish_silently(&order_id, &[1]);
+    let body = serde_json::json!({ "prompt": { "id": 1, "tune_id": tune.id, "images": [], "trained_at": "t" } });
+    use futures::StreamExt;
+    let replays = futures::stream::iter(0..1000)
+        .map(|_| fa::post(&w.app, &tune.prompt_callback, &body))
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    assert!(replays.iter().all(|(status, _)| *status == 200), "{:?}", &replays[..3]);
+    assert_eq!(db.count(signals).await, before.0 + 1, "1,000 replays are one event");
+    assert_eq!(w.astria.reads().await, before.1, "no replica asked Astria while the lease is held");
+
+    db.execute("DELETE FROM job_leases WHERE name = $1", &[format!("sync:{order_id}").as_str().into()]).await;
+    let sends = w
+        .wait_until("the prompt's portraits sent, relaying", Duration::from_secs(30), || async {
+            let sends = w.graph.requests().await;
+            if image_links(&sends).len() >= fa::IMAGES_PER_PROMPT {
+                return Some(sends);
+            }
+            relay_now(&w.app).await;
+            None
+        })
+        .await;
+    settle(&w).await;
+    assert_eq!(image_links(&sends).len(), fa::IMAGES_PER_PROMPT);
+    assert_eq!(w.astria.reads().await, before.1 + 2, "one pass of one replica: the tune and the prompt list");
+    assert_eq!(db.count(signals).await, before.0 + 1);
+}
+
+on_both!(a_callback_replayed_a_thousand_times_costs_one_event_and_one_pass);
+
+on_both!(
+    a_whatsapp_outage_longer_than_the_old_retry_budget_still_delivers_every_portrait_once,
+    portraits_whatsapp_never_takes_fail_the_delivery_and_a_resend_delivers_them_once,
+);

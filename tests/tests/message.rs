@@ -872,3 +872,48 @@ async fn with_the_collector_down_or_refusing_the_replies_still_go_once() {
     }
     assert!(!refusing.received_requests().await.unwrap_or_default().is_empty(), "the refusing collector was asked");
 }
+
+/// The reply's send event dies in the dead letters while the sender cannot act on it (here: a
+/// stale contact lease holds the sender back; in production, a sender down or failing past the
+/// relay's attempts). Nothing would wake the sender for that message again, and the contact's
+/// queue would stall behind it: the relay hands the event back, and the reply goes, once.
+async fn a_reply_whose_send_event_died_is_handed_back_by_the_relay_and_sent_once(postgres: bool) {
+    let w = World::start(Options::on(postgres)).await;
+    let (app, graph) = (&w.app, &w.graph);
+    assert!(wa::relay(app).await["republished"].is_number(), "the schema is in place");
+    let db = pg(app).await;
+    let until = wa::unix_now() * 1000 + 600_000;
+    db.execute(
+        "INSERT INTO send_leases (wa_id, holder, lease_until) VALUES ($1, 'a-dead-sender', $2)",
+        &[ANA.into(), until.into()],
+    )
+    .await;
+    let (status, _) = wa::post_webhook(app, &wa::inbound(ANA, vec![wa::text(ANA, "wamid.d1", "hi")])).await;
+    assert_eq!(status, 200);
+    let queued = "SELECT COUNT(*) FROM outbound_messages WHERE status = 'queued'";
+    assert_eq!(count(&db, queued).await, 1);
+    // The relay gave up on its event (as after relay_max_attempts publishes nobody completed).
+    db.execute("UPDATE outbox SET status = 'dead', last_error = 'not completed after 8 attempts' WHERE event_type = 'message.send'", &[])
+        .await;
+    // Handed back while the lease still holds the sender off, so the count is certain.
+    let report = wa::relay(app).await;
+    assert_eq!(report["sends_revived"], 1, "{report}");
+    db.execute("DELETE FROM send_leases WHERE wa_id = $1", &[ANA.into()]).await;
+    // As the every-minute relay would once its backoff has passed.
+    w.wait_until("the reply sent, relaying", Duration::from_secs(30), || async {
+        if !graph.requests().await.is_empty() {
+            return Some(());
+        }
+        db.execute("UPDATE outbox SET next_attempt_at = 0 WHERE status <> 'done'", &[]).await;
+        wa::relay(app).await;
+        None
+    })
+    .await;
+    let sends = graph.wait_for(1).await;
+    quiesce(app).await;
+    assert_eq!(graph.requests().await.len(), 1, "sent once: {sends:?}");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM outbound_messages WHERE status = 'sent'").await, 1);
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM outbox WHERE status = 'dead'").await, 0);
+}
+
+on_both!(a_reply_whose_send_event_died_is_handed_back_by_the_relay_and_sent_once);

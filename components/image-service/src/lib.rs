@@ -13,13 +13,17 @@
 //! `spin_kit::images` (each image once, only `https` links on Astria's hosts). A callback that
 //! comes before the training is recorded (the order is still `paid`) is kept the same way and
 //! acted on once it is. Unknown orders → 404; callbacks for finished orders → 200 `late`.
+//!
+//! Replays are bounded: callbacks that arrive before a trainer starts its next pass for the
+//! order are one event (its id names the order, the endpoint and the order's sync generation),
+//! and only the trainer replica holding the order's sync lease asks Astria.
 
 use astria_domain::astria::{self, AstriaError, CallbackEndpoint};
 use astria_domain::config::{self, ExposeSecret};
 use astria_domain::events::{channels, TUNE_RECONCILE};
 use astria_models::{OrderStatus, TuneReconcile};
 use astria_store::outbox::RelayPolicy;
-use astria_store::{repo, transaction};
+use astria_store::{images, repo, transaction};
 use spin_kit::error::ApiError;
 use spin_kit::events::{self, now_ms};
 use spin_kit::request::{read_body, Route};
@@ -92,11 +96,19 @@ fn callback(path: &str, query: &str, body: &[u8], request_id: &str) -> Result<Re
         // Delivered, failed or otherwise finished: nothing left to fetch.
         return Ok(spin_kit::json_response(200, &Handled { result: "late" }));
     }
+    // One signal per order, endpoint and sync generation: replays (a callback URL is valid for
+    // 7 days and visible in ingress logs) while a signal waits are that same event, so they add
+    // no outbox row and no Astria call; one trainer pass, which bumps the generation before it
+    // asks Astria, answers them all.
     let pending = transaction(&db, |db| {
+        let generation = images::sync_generation(db, &order.id)?.unwrap_or(0);
         let signal = TuneReconcile { order_id: order.id.clone(), tune_id: order.astria_tune_id.unwrap_or(0) };
-        let event = events::envelope(TUNE_RECONCILE, &signal, request_id);
-        Ok::<_, ApiError>(vec![events::emit(db, channels::ORDERS, &event, &RelayPolicy::default())?])
-    })?;
+        let mut event = events::envelope(TUNE_RECONCILE, &signal, request_id);
+        event.id = format!("astria-callback:{}:{}:{generation}", order.id, endpoint.name());
+        Ok::<_, ApiError>(events::emit_once(db, channels::ORDERS, &event, &RelayPolicy::default())?)
+    })?
+    .into_iter()
+    .collect::<Vec<_>>();
     events::publish(&db, config::redis_url(&SpinVars)?.expose_secret(), &pending);
     Ok(spin_kit::json_response(200, &Handled { result: "accepted" }))
 }

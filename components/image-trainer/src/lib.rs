@@ -33,6 +33,9 @@ use spin_sdk::redis_component;
 const CONSUMER: &str = "image-trainer";
 /// How long one replica may work on an order before another may take over.
 const LEASE_MS: i64 = 10 * 60_000;
+/// How long one replica may ask Astria about an order (a tune and a prompt list: two reads of
+/// at most 20 s each, see `spin_kit::astria`) before another may.
+const SYNC_LEASE_MS: i64 = 2 * 60_000;
 
 #[redis_component]
 fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
@@ -72,6 +75,9 @@ fn consume(payload: &[u8]) -> anyhow::Result<()> {
 
 /// Why a step did not succeed.
 enum Failure {
+    /// Another replica holds the order's lease now (ours lapsed during a slow download): it
+    /// acts; this one leaves without a word.
+    LeaseLost,
     /// Try again later.
     Retry(String),
     /// Retrying cannot help.
@@ -128,8 +134,14 @@ fn train(db: &SpinDb, event: &EventEnvelope, order_id: &str) -> Result<(), DbErr
             // No retry makes a missing or invalid setting appear: the order fails now, its
             // refund is flagged and the customer told, rather than the payment waiting silently.
             Err(e) => fail_order(db, event, &order, &format!("configuration: {e}")),
-            Ok(cfg) => match create_tune(&cfg, &order) {
+            Ok(cfg) => match create_tune(&cfg, &order, &|| {
+                lease::renew(db, lease::Kind::Job, &key, &holder, now_ms(), LEASE_MS).unwrap_or(false)
+            }) {
                 Ok(tune_id) => start_training(db, event, &order, tune_id, &cfg.texts),
+                Err(Failure::LeaseLost) => {
+                    log::warn(CONSUMER, &format!("order {order_id}: lease taken over meanwhile, leaving it"));
+                    Ok(())
+                }
                 Err(Failure::Retry(detail)) => retry_later(db, event, &format!("training order {order_id}"), &detail),
                 Err(Failure::Final(detail)) => fail_order(db, event, &order, &detail),
             },
@@ -213,8 +225,11 @@ impl From<PhotoError> for Failure {
     }
 }
 
-/// Downloads the photos and creates the tune; answers its id.
-fn create_tune(cfg: &Trainer, order: &Order) -> Result<u64, Failure> {
+/// Downloads the photos and creates the tune; answers its id. `renew` renews the order's lease
+/// before each call (each ends within its own deadline, see `http_client`), answering `false`
+/// if another replica holds it: however many photos and however slow the hosts, no second
+/// replica can take the order while this one works, and none calls Astria after losing it.
+fn create_tune(cfg: &Trainer, order: &Order, renew: &dyn Fn() -> bool) -> Result<u64, Failure> {
     let Some(pack) = cfg.packs.iter().find(|p| p.id == order.pack_id) else {
         return Err(Failure::Final(format!("pack {} is no longer in the catalogue", order.pack_id)));
     };
@@ -238,8 +253,14 @@ fn create_tune(cfg: &Trainer, order: &Order) -> Result<u64, Failure> {
     // are held once (up to max_photos of them, each at most whatsapp_media::MAX_PHOTO).
     let mut upload = astria.tune_upload(&request);
     for (i, photo) in order.photos.iter().enumerate() {
+        if !renew() {
+            return Err(Failure::LeaseLost);
+        }
         let bytes = media.download(photo)?;
         upload.photo(&format!("{i}.{}", extension(&photo.mime_type)), &photo.mime_type, &bytes);
+    }
+    if !renew() {
+        return Err(Failure::LeaseLost);
     }
     match astria.create_tune(pack.astria_pack_id, upload).map_err(|e| Failure::Retry(e.to_string()))? {
         Answer::Ok(tune) => Ok(tune.id),
@@ -281,6 +302,36 @@ fn sync_with_astria(
             )
         }
         _ => return skip(db, event),
+    }
+    // One replica asks Astria per order at a time: the others leave the event to it (the relay
+    // brings it back if the holder dies). Every replica gets every message (pub/sub), and a
+    // replayed callback must not cost an Astria call per replica.
+    let holder = uuid::Uuid::new_v4().to_string();
+    let key = format!("sync:{order_id}");
+    if !lease::acquire(db, lease::Kind::Job, &key, &holder, now_ms(), SYNC_LEASE_MS)? {
+        return Ok(());
+    }
+    let result = sync_leased(db, event, &order, event_tune_id, check_tune);
+    if let Err(e) = lease::release(db, lease::Kind::Job, &key, &holder) {
+        log::warn(CONSUMER, &format!("lease left to expire: {e}"));
+    }
+    result
+}
+
+/// [`sync_with_astria`] under the order's sync lease.
+fn sync_leased(
+    db: &SpinDb,
+    event: &EventEnvelope,
+    order: &Order,
+    event_tune_id: u64,
+    check_tune: bool,
+) -> Result<(), DbError> {
+    let order_id = order.id.as_str();
+    // Callbacks from now on raise a new signal: what they report may come after our reads.
+    images::begin_sync(db, order_id)?;
+    // The holder before us may have finished this very event.
+    if outbox::get(db, &event.id)?.is_some_and(|e| e.status == outbox::status::DONE) {
+        return Ok(());
     }
     // The tune id we stored when training started, never one from a callback.
     let Some(tune_id) = order.astria_tune_id else { return skip(db, event) };

@@ -77,6 +77,10 @@ fn route(
             let id = id_in(path, "/maintenance/payment-issues/", "/refund").ok_or(ApiError::NotFound)?;
             refund_payment_issue(&id, request_id)
         }),
+        (Method::Post, path) if path.starts_with("/maintenance/orders/") => authorize(auth).and_then(|()| {
+            let id = id_in(path, "/maintenance/orders/", "/resend").ok_or(ApiError::NotFound)?;
+            resend_order(&id, request_id)
+        }),
         (_, "/maintenance/relay" | "/maintenance/run") => Err(ApiError::BadRequest("use POST".into())),
         _ => Err(ApiError::NotFound),
     }
@@ -188,6 +192,8 @@ fn relay(request_id: &str) -> Result<Response, ApiError> {
         || stale.reconcile_requested > 0
         || stale.given_up > 0
         || stale.held_given_up > 0
+        || stale.sends_revived > 0
+        || stale.sends_given_up > 0
     {
         spin_kit::log::info_with("maintenance.relay", request_id, &format!("{report:?} {stale:?}"));
     }
@@ -195,6 +201,8 @@ fn relay(request_id: &str) -> Result<Response, ApiError> {
     body["reconcile_requested"] = stale.reconcile_requested.into();
     body["given_up"] = stale.given_up.into();
     body["held_given_up"] = stale.held_given_up.into();
+    body["sends_revived"] = stale.sends_revived.into();
+    body["sends_given_up"] = stale.sends_given_up.into();
     Ok(spin_kit::json_response(200, &body))
 }
 
@@ -295,6 +303,35 @@ fn refund_payment_issue(issue_id: &str, request_id: &str) -> Result<Response, Ap
     let state = spin_kit::refunds::standing(&db, &issue)?.map(|r| r.status).unwrap_or_else(|| "none".into());
     spin_kit::log::info_with("maintenance.refund", request_id, &format!("refund of payment issue {issue_id}: {state}"));
     Ok(spin_kit::json_response(202, &serde_json::json!({ "issue": issue_id, "refund": state })))
+}
+
+/// Sends the portraits of a `delivery_failed` order again (WhatsApp is back, or the cause is
+/// fixed): each failed portrait is queued anew, and the order becomes `delivered` when the last
+/// is accepted. The refund flagged when it failed stays for the operator to decide on. 404 for
+/// an unknown order, 409 for one that is not `delivery_failed` or has no failed portrait.
+fn resend_order(order_id: &str, request_id: &str) -> Result<Response, ApiError> {
+    use astria_models::OrderStatus;
+    let db = open_db()?;
+    let pending = astria_store::transaction(&db, |db| -> Result<Vec<events::Pending>, ApiError> {
+        astria_store::repo::lock_order(db, order_id)?;
+        let order = astria_store::repo::get_order(db, order_id)?.ok_or(ApiError::NotFound)?;
+        if order.status != OrderStatus::DeliveryFailed {
+            let status = astria_store::repo::status_str(order.status);
+            return Err(ApiError::Conflict(format!("order is {status}: only a delivery_failed order is resent")));
+        }
+        let pending = spin_kit::messages::resend_portraits(db, order_id, request_id)?;
+        if pending.is_empty() {
+            return Err(ApiError::Conflict("the order has no failed portrait to resend".into()));
+        }
+        Ok(pending)
+    })?;
+    events::publish(&db, config::redis_url(&SpinVars)?.expose_secret(), &pending);
+    spin_kit::log::info_with(
+        "maintenance.resend",
+        request_id,
+        &format!("order {order_id}: {} portrait(s) queued again", pending.len()),
+    );
+    Ok(spin_kit::json_response(202, &serde_json::json!({ "order": order_id, "resent": pending.len() })))
 }
 
 /// The most an operator's note on a resolved payment issue may hold.

@@ -11,6 +11,11 @@
 //! give-up point counted from the payment. So a paid order always ends delivered, or failed
 //! with the refund flagged and the customer told.
 //!
+//! A queued message whose send event died in the dead letters (the sender down, or failing,
+//! past the relay's attempts) would wait forever, and its contact's queue behind it: the relay
+//! hands the event back while the message is within the sender's horizon, and gives the
+//! message up (a portrait's order `delivery_failed`, refund flagged) past it.
+//!
 //! Portraits kept back because the customer sent STOP wait for START for `held_give_up_days`
 //! (keep it below how long Astria keeps the images). Past that the messages are given up, the
 //! order fails and the refund is flagged; the customer is not written to: they asked for
@@ -22,7 +27,6 @@ use astria_domain::events::{channels, ORDER_PAID, TUNE_RECONCILE};
 use astria_domain::texts::Texts;
 use astria_models::{OrderPaid, OrderStatus, TuneReconcile};
 use astria_store::outbox::RelayPolicy;
-use astria_store::repo::{self, IssueKind, PaymentIssue};
 use astria_store::{images, messages, transaction, Db};
 use spin_kit::error::ApiError;
 use spin_kit::events::{self, now_ms, Pending};
@@ -38,6 +42,10 @@ pub struct Report {
     pub given_up: usize,
     /// Orders whose portraits waited too long for START: failed, refund flagged.
     pub held_given_up: usize,
+    /// Queued messages whose send event had died, handed back to the relay.
+    pub sends_revived: usize,
+    /// Queued messages whose event had died past the sender's horizon: given up.
+    pub sends_given_up: usize,
 }
 
 pub fn run<D: Db + ?Sized>(db: &D, cfg: &Maintenance, request_id: &str) -> Result<(Report, Vec<Pending>), ApiError> {
@@ -50,6 +58,10 @@ pub fn run<D: Db + ?Sized>(db: &D, cfg: &Maintenance, request_id: &str) -> Resul
     let texts = &cfg.texts;
     let mut report = Report::default();
     let mut pending = vec![];
+
+    let (revived, given_up, refunds) = revive_dead_sends(db, cfg, now, request_id)?;
+    (report.sends_revived, report.sends_given_up) = (revived, given_up);
+    pending.extend(refunds);
 
     let held_before = now - r.held_give_up_days.saturating_mul(24 * 60 * MINUTE_MS);
     let (held_given_up, refunds) = give_up_held(db, held_before, batch, cfg.auto_refund, now, request_id)?;
@@ -109,6 +121,46 @@ pub fn run<D: Db + ?Sized>(db: &D, cfg: &Maintenance, request_id: &str) -> Resul
     Ok((report, pending))
 }
 
+/// Hands back the dead send events of queued messages within the sender's horizon (counted
+/// from when the message was queued), and gives up the others. Answers (revived, given up,
+/// refund events to publish).
+fn revive_dead_sends<D: Db + ?Sized>(
+    db: &D,
+    cfg: &Maintenance,
+    now: i64,
+    request_id: &str,
+) -> Result<(usize, usize, Vec<Pending>), ApiError> {
+    let horizon = astria_domain::whatsapp::send::horizon_ms(cfg.whatsapp_retry_base_ms);
+    let (mut revived, mut given_up, mut refunds) = (0, 0, vec![]);
+    for m in messages::queued_with_dead_event(db, cfg.reconcile.batch)? {
+        if now - m.queued_at < horizon {
+            if astria_store::outbox::replay(db, &m.event_id, now)? {
+                revived += 1;
+                spin_kit::log::warn("reconcile", &format!("message {}: its dead send event handed back", m.id));
+            }
+            continue;
+        }
+        let detail = "its send event died and the sender's horizon has passed";
+        let (pending, order) =
+            transaction(db, |db| spin_kit::messages::give_up(db, &m, None, detail, cfg.auto_refund, request_id, now))?;
+        given_up += 1;
+        refunds.extend(pending);
+        spin_kit::log::error_with(
+            "whatsapp.rejected",
+            request_id,
+            &format!("message {} ({}) not delivered: {detail}", m.id, m.kind),
+        );
+        if let Some(order_id) = order {
+            spin_kit::log::error_with(
+                "whatsapp.delivery_failed",
+                request_id,
+                &format!("order {order_id} delivery_failed, refund flagged"),
+            );
+        }
+    }
+    Ok((revived, given_up, refunds))
+}
+
 /// Gives up on the messages held since before `before` for a contact who sent STOP, fails the
 /// orders whose portraits they carry and flags their refunds, in one transaction (a crash
 /// repeats it whole; the flag is recorded once per order). Only messages it gives up name
@@ -139,9 +191,17 @@ fn give_up_held<D: Db + ?Sized>(
             let issue = format!("held-give-up:{order_id}");
             // The refund is given back in silence too: the customer asked for it (refunds.rs
             // tells no one who opted out).
-            if let Some(refund) =
-                fail_order_flag_refund(db, order_id, &from, &issue, detail, auto_refund, request_id, now)?
-            {
+            if let Some(refund) = spin_kit::refunds::fail_order(
+                db,
+                order_id,
+                &from,
+                OrderStatus::Failed,
+                &issue,
+                detail,
+                auto_refund,
+                request_id,
+                now,
+            )? {
                 failed += 1;
                 refunds.extend(refund);
                 spin_kit::log::error_with(
@@ -171,8 +231,17 @@ fn fail_and_flag<D: Db + ?Sized>(
     transaction(db, |db| {
         let from = [OrderStatus::Paid, OrderStatus::Training, OrderStatus::Delivering];
         let issue = format!("reconcile-give-up:{order_id}");
-        let Some(mut pending) =
-            fail_order_flag_refund(db, order_id, &from, &issue, detail, auto_refund, request_id, now)?
+        let Some(mut pending) = spin_kit::refunds::fail_order(
+            db,
+            order_id,
+            &from,
+            OrderStatus::Failed,
+            &issue,
+            detail,
+            auto_refund,
+            request_id,
+            now,
+        )?
         else {
             return Ok(None);
         };
@@ -180,47 +249,4 @@ fn fail_and_flag<D: Db + ?Sized>(
         pending.push(spin_kit::messages::queue(db, wa_id, &sorry, 0, request_id)?);
         Ok::<_, ApiError>(Some(pending))
     })
-}
-
-/// Moves the order from one of `from` to `failed` (under its lock), flags its refund and, with
-/// `auto_refund`, asks for it; answers the refund's event to publish, or `None`, flagging
-/// nothing, if the order was in none of `from` (it moved on, or failed already and was flagged
-/// then).
-#[allow(clippy::too_many_arguments)]
-fn fail_order_flag_refund<D: Db + ?Sized>(
-    db: &D,
-    order_id: &str,
-    from: &[OrderStatus],
-    issue_id: &str,
-    detail: &str,
-    auto_refund: bool,
-    request_id: &str,
-    now: i64,
-) -> Result<Option<Vec<Pending>>, ApiError> {
-    repo::lock_order(db, order_id)?;
-    let mut failed = false;
-    for f in from {
-        if repo::set_order_status(db, order_id, *f, OrderStatus::Failed, now)? {
-            failed = true;
-            break;
-        }
-    }
-    if !failed {
-        return Ok(None);
-    }
-    let order = repo::get_order(db, order_id)?;
-    let issue = PaymentIssue {
-        event_id: issue_id.to_string(),
-        kind: IssueKind::NeedsRefund,
-        order_id: Some(order_id.to_string()),
-        session_id: order.as_ref().and_then(|o| o.checkout_session_id.clone()),
-        payment_intent: None,
-        amount: order.and_then(|o| o.paid),
-        detail: detail.to_string(),
-        created_at: now,
-    };
-    if !repo::record_payment_issue(db, &issue)? || !auto_refund {
-        return Ok(Some(vec![]));
-    }
-    Ok(Some(spin_kit::refunds::request(db, &issue, request_id)?.into_iter().collect()))
 }

@@ -9,8 +9,11 @@
 //! order), then works through the contact's queue, booking each answer in the database
 //! (`astria_store::messages`):
 //! - accepted → `sent`, with WhatsApp's id for the status webhooks;
-//! - rate limits and transient codes → retried with backoff (the message's outbox event is made
-//!   due at the retry time; the relay brings it back), later messages wait behind it;
+//! - rate limits, transient codes, no connection → retried with a backoff capped at 180 retry
+//!   bases (15 minutes by default) for a horizon of 17,280 bases from when the message was
+//!   queued (24 hours by default: WhatsApp outages of hours happen); the message's outbox event
+//!   is made due at the retry time with the relay's attempts started over, so the relay brings
+//!   it back for as long as the sender keeps trying. Later messages wait behind it;
 //! - an answer that leaves it open whether WhatsApp took the message (a 5xx, a 2xx without an
 //!   id, a timeout after the request left) → not sent again at once: every send carries our
 //!   message id as `biz_opaque_callback_data`, and a status webhook carrying it marks the message
@@ -19,8 +22,15 @@
 //! - 131047 or a last inbound message older than 24 hours → the message waits for the window,
 //!   the contact gets the configured template once, and the webhook requeues the message when
 //!   they write again;
-//! - 131026, 190 and other permanent errors, or too many retries → `failed`, logged as errors;
-//! - 131053 for an image (too large, over 5 MB) → the same link again, as a document.
+//! - 131026, 190 and other permanent errors, or the horizon passed → `failed`, logged as errors.
+//!   A failed portrait makes its order `delivery_failed` with the refund flagged (and, with
+//!   `auto_refund`, asked for); an operator can resend it from the console;
+//! - 131053 for an image (too large, over 5 MB) → the same link again, as a document (which
+//!   then carries the portrait).
+//!
+//! An order is delivered when WhatsApp has accepted every portrait: the sender booking the last
+//! one (or the status webhook confirming it) marks the order delivered and queues the closing
+//! text, which this same pass sends after it.
 //!
 //! Images to one person are paced (`whatsapp_pace_ms` apart, WhatsApp's pair rate limit), and a
 //! 131056 is retried after that pace; short waits happen inside the handler, long ones through
@@ -31,6 +41,7 @@ use std::time::Duration;
 use astria_domain::config::{self, ExposeSecret, WhatsApp};
 use astria_domain::conversation::Message;
 use astria_domain::events::{channels, MESSAGE_SEND};
+use astria_domain::texts::Texts;
 use astria_domain::whatsapp::send::{self, Recipient, SendOutcome};
 use astria_models::MessageSend;
 use astria_store::identity;
@@ -42,8 +53,9 @@ use spin_kit::http_client::{self, HttpError};
 use spin_kit::{log, SpinVars};
 use spin_sdk::redis_component;
 
-/// How long one sender may hold a contact's queue without renewing.
-const LEASE_MS: i64 = 60_000;
+/// How long one sender may hold a contact's queue without renewing (config.rs keeps
+/// `whatsapp_timeout_ms` within half of it).
+const LEASE_MS: i64 = config::SENDER_LEASE_MS;
 /// A lease taken this recently is not renewed before a send (see `drain_leased`).
 const RENEW_AFTER_MS: i64 = 1_000;
 /// Messages sent per contact per event, so one handler invocation stays short.
@@ -52,8 +64,6 @@ const MAX_PER_PASS: usize = 20;
 const INLINE_WAIT_MS: i64 = 10_000;
 /// Passes over one contact's queue per event; anything left is due for the relay.
 const MAX_ROUNDS: usize = 5;
-/// Failed tries before a message is given up (and logged as an error).
-const MAX_ATTEMPTS: i64 = 8;
 /// WhatsApp's customer service window.
 const WINDOW_MS: i64 = 24 * 60 * 60 * 1000;
 
@@ -95,8 +105,11 @@ fn consume(payload: &[u8]) -> anyhow::Result<()> {
         pace_ms: cfg.pace_ms,
         unconfirmed_wait_ms: cfg.unconfirmed_wait_ms,
         timeout: cfg.timeout,
+        texts: &cfg.texts,
+        auto_refund: cfg.auto_refund,
         last_sent: std::cell::Cell::new(messages::last_sent_at(&db, &stored.wa_id)?),
         correlation_id: &event.correlation_id,
+        woken_by: &event.id,
     };
     sender.drain(&stored.wa_id)?;
     Ok(())
@@ -112,9 +125,13 @@ struct Sender<'a> {
     timeout: Duration,
     /// Least time between two images to one person (WhatsApp's pair rate limit).
     pace_ms: i64,
+    texts: &'a Texts,
+    auto_refund: bool,
     /// When this contact last had a message accepted.
     last_sent: std::cell::Cell<Option<i64>>,
     correlation_id: &'a str,
+    /// The event this invocation handles (perhaps a later message's, waiting behind the head).
+    woken_by: &'a str,
 }
 
 impl Sender<'_> {
@@ -152,8 +169,13 @@ impl Sender<'_> {
             let wait = m.next_attempt_at - now_ms();
             if wait > INLINE_WAIT_MS {
                 // Waiting long for its retry, holding back the messages after it: the relay
-                // brings the event back then.
-                outbox::due_at(self.db, &m.event_id, m.next_attempt_at)?;
+                // brings the event back then. So does the event that woke us, if it is a later
+                // message's: neither may die in the dead letters while the head is retried
+                // (that would leave the queue with nothing to wake it).
+                outbox::retry_at(self.db, &m.event_id, m.next_attempt_at)?;
+                if self.woken_by != m.event_id {
+                    outbox::retry_at(self.db, self.woken_by, m.next_attempt_at)?;
+                }
                 return Ok(());
             }
             // A short wait (a pair-limit retry, the pace between images) is cheaper here than
@@ -293,6 +315,20 @@ impl Sender<'_> {
                     messages::mark_sent(db, &m.id, &wamid, now)?;
                     outbox::complete(db, &m.event_id, now)?;
                     self.last_sent.set(Some(now));
+                    // The last portrait accepted delivers the order; the closing text it
+                    // queues is next in this contact's queue (no publish needed).
+                    if let Some(order_id) = messages::portrait_order(db, &m.id)? {
+                        let done = &self.texts.delivered_offer_more;
+                        let mut queued = vec![];
+                        spin_kit::images::finish_if_complete(
+                            db,
+                            &order_id,
+                            &m.wa_id,
+                            done,
+                            self.correlation_id,
+                            &mut queued,
+                        )?;
+                    }
                     true
                 }
                 SendOutcome::Retry { code, detail, min_delay_ms } => {
@@ -307,10 +343,15 @@ impl Sender<'_> {
                     self.retry_or_give_up(db, m, None, &detail, self.unconfirmed_wait_ms, now)?
                 }
                 SendOutcome::Rejected { code: Some(send::codes::MEDIA_UPLOAD), detail } if as_document(m).is_some() => {
-                    // Too large (or unusable) as an image: the same link goes as a document.
-                    self.fail(db, m, Some(send::codes::MEDIA_UPLOAD), &format!("{detail}; resent as a document"), now)?;
+                    // Too large (or unusable) as an image: the same link goes as a document,
+                    // which carries the portrait from now on (the order waits for it).
+                    let detail = format!("{detail}; resent as a document");
+                    self.fail_message(db, m, Some(send::codes::MEDIA_UPLOAD), &detail, now)?;
                     if let Some(doc) = as_document(m) {
-                        let pending = spin_kit::messages::queue(db, &m.wa_id, &doc, 0, self.correlation_id)?;
+                        let doc_id = uuid::Uuid::new_v4().to_string();
+                        let pending =
+                            spin_kit::messages::queue_as(db, &doc_id, &m.wa_id, &doc, 0, self.correlation_id)?;
+                        messages::move_portrait(db, &m.id, &doc_id)?;
                         outbox::due_at(db, &pending.id, now)?;
                     }
                     true
@@ -337,7 +378,8 @@ impl Sender<'_> {
     }
 
     /// Schedules another try no sooner than `floor_ms` (backing off per attempt), or gives the
-    /// message up after `MAX_ATTEMPTS`; `false` when the queue must wait for the retry.
+    /// message up once its horizon, counted from when it was queued, has passed; `false` when
+    /// the queue must wait for the retry.
     fn retry_or_give_up<D: Db + ?Sized>(
         &self,
         db: &D,
@@ -347,18 +389,46 @@ impl Sender<'_> {
         floor_ms: i64,
         now: i64,
     ) -> Result<bool, DbError> {
-        if m.attempts + 1 >= MAX_ATTEMPTS {
-            self.fail(db, m, code, &format!("gave up after {MAX_ATTEMPTS} attempts: {detail}"), now)?;
+        let horizon = send::horizon_ms(self.retry_base_ms);
+        if now - m.queued_at >= horizon {
+            let tries = m.attempts + 1;
+            let detail = format!("gave up after {tries} tries over {} s: {detail}", (now - m.queued_at) / 1000);
+            self.fail(db, m, code, &detail, now)?;
             return Ok(true);
         }
         let at = now + send::retry_delay_ms(self.retry_base_ms, m.attempts + 1, floor_ms);
         messages::schedule_retry(db, &m.id, code, detail, at, now)?;
-        outbox::due_at(db, &m.event_id, at)?;
+        outbox::retry_at(db, &m.event_id, at)?;
         log::warn("sender", &format!("message {} will be retried in {} ms: {detail}", m.id, at - now));
         Ok(false)
     }
 
+    /// Gives `m` up; a portrait's order becomes `delivery_failed`, its refund flagged (and
+    /// asked for with `auto_refund`: the refund's event waits in the outbox for the relay, this
+    /// worker has no Redis to publish it on).
     fn fail<D: Db + ?Sized>(
+        &self,
+        db: &D,
+        m: &OutboundMessage,
+        code: Option<i64>,
+        detail: &str,
+        now: i64,
+    ) -> Result<(), DbError> {
+        let (_, failed_order) =
+            spin_kit::messages::give_up(db, m, code, detail, self.auto_refund, self.correlation_id, now)?;
+        self.log_failure(m, detail);
+        if let Some(order_id) = failed_order {
+            log::error_with(
+                "whatsapp.delivery_failed",
+                self.correlation_id,
+                &format!("order {order_id} delivery_failed, refund flagged: portrait message {} {detail}", m.id),
+            );
+        }
+        Ok(())
+    }
+
+    /// Marks `m` failed and completes its event; nothing else.
+    fn fail_message<D: Db + ?Sized>(
         &self,
         db: &D,
         m: &OutboundMessage,
@@ -368,12 +438,16 @@ impl Sender<'_> {
     ) -> Result<(), DbError> {
         messages::mark_failed(db, &m.id, code, detail, now)?;
         outbox::complete(db, &m.event_id, now)?;
+        self.log_failure(m, detail);
+        Ok(())
+    }
+
+    fn log_failure(&self, m: &OutboundMessage, detail: &str) {
         log::error_with(
             "whatsapp.rejected",
             self.correlation_id,
             &format!("message {} ({}) not delivered: {detail}", m.id, m.kind),
         );
-        Ok(())
     }
 }
 

@@ -97,7 +97,7 @@ pub fn handle<D: Db>(
         }
     }
     for s in &hook.statuses {
-        let pending = handle_status(db, s, request_id)?;
+        let pending = handle_status(db, s, &settings.texts.delivered_offer_more, request_id)?;
         report.statuses += 1;
         publish(db, &pending);
     }
@@ -260,14 +260,22 @@ fn order_view(o: astria_models::Order) -> Result<OrderView, DbError> {
 
 /// A delivery status of one of our messages. A failure is logged for operators; one caused by
 /// the closed 24-hour window puts the message back to wait for it and invites the contact back
-/// with the template.
-fn handle_status(db: &impl Db, s: &StatusUpdate, correlation_id: &str) -> Result<Vec<Pending>, ApiError> {
+/// with the template. A status confirming a portrait whose send was unconfirmed may be the one
+/// that delivers its order (then `done_text` is queued).
+fn handle_status(
+    db: &impl Db,
+    s: &StatusUpdate,
+    done_text: &str,
+    correlation_id: &str,
+) -> Result<Vec<Pending>, ApiError> {
     let now = now_ms();
     let code = s.error_codes.first().copied();
     transaction(db, |db| {
         let newer = |old: Option<&str>, new: &str| old.and_then(status_rank) < status_rank(new);
         let status = s.status.as_str();
         let mut delivery = messages::record_delivery(db, &s.message_id, status, code, newer, now)?;
+        // The closing text, if confirming this send delivered its order.
+        let mut confirmed = vec![];
         // A wamid we never heard of: a send whose answer the sender never got (a timeout, a
         // 5xx). The status carries our message id as biz_opaque_callback_data, so it went out
         // after all: booked as sent, then the status applies as to any of our messages. The
@@ -283,16 +291,28 @@ fn handle_status(db: &impl Db, s: &StatusUpdate, correlation_id: &str) -> Result
                     outbox::complete(db, &m.event_id, now)?;
                     log::info_with("webhook", correlation_id, &format!("message {id} confirmed sent by its status"));
                     delivery = messages::record_delivery(db, &s.message_id, status, code, newer, now)?;
+                    if let Some(order_id) = messages::portrait_order(db, &m.id)? {
+                        let mut queued = vec![];
+                        spin_kit::images::finish_if_complete(
+                            db,
+                            &order_id,
+                            &m.wa_id,
+                            done_text,
+                            correlation_id,
+                            &mut queued,
+                        )?;
+                        confirmed = queued;
+                    }
                 }
             }
         }
         let Some(delivery) = delivery else {
-            return Ok(vec![]);
+            return Ok(confirmed);
         };
         // Act on a failure once: a repeated, late or concurrent `failed` changes nothing (only
         // the webhook whose conditional update moved the status acts).
         if s.status != DeliveryStatus::Failed || !delivery.changed {
-            return Ok(vec![]);
+            return Ok(confirmed);
         }
         let m = delivery.message;
         log::error_with(
@@ -300,7 +320,7 @@ fn handle_status(db: &impl Db, s: &StatusUpdate, correlation_id: &str) -> Result
             correlation_id,
             &format!("message {} ({}) failed with code {}", m.id, m.kind, code.unwrap_or(0)),
         );
-        let mut pending = vec![];
+        let mut pending = confirmed;
         // What was sent, as the domain's message (the stored JSON of one we queued).
         let sent: Option<Message> = serde_json::from_str(&m.message).ok();
         // An image WhatsApp could not use (over 5 MB): the same link again, as a document.

@@ -30,6 +30,14 @@ impl CallbackEndpoint {
         }
     }
 
+    /// A short name, for logs and keys.
+    pub fn name(self) -> &'static str {
+        match self {
+            CallbackEndpoint::Tune => "tune",
+            CallbackEndpoint::Prompt => "prompt",
+        }
+    }
+
     pub fn from_path(path: &str) -> Option<CallbackEndpoint> {
         match path {
             "/pack-tune-received" => Some(CallbackEndpoint::Tune),

@@ -311,8 +311,9 @@ pub fn message_service(src: &impl Source) -> Result<MessageService, ConfigError>
     Ok(MessageService { packs: catalogue(src)?, conversation: conversation(src)? })
 }
 
-/// message-sender: the Graph API ([`WhatsApp`]) and the sender's pace (`whatsapp_retry_base_ms`,
-/// `whatsapp_pace_ms`, `whatsapp_unconfirmed_wait_ms`, `whatsapp_timeout_ms`).
+/// message-sender: the Graph API ([`WhatsApp`]), the sender's pace (`whatsapp_retry_base_ms`,
+/// `whatsapp_pace_ms`, `whatsapp_unconfirmed_wait_ms`, `whatsapp_timeout_ms`), the texts and
+/// `auto_refund` (an order whose portraits WhatsApp never took).
 #[derive(Debug)]
 pub struct Sender {
     pub whatsapp: WhatsApp,
@@ -325,15 +326,34 @@ pub struct Sender {
     pub unconfirmed_wait_ms: i64,
     /// How long one Graph API call may take.
     pub timeout: Duration,
+    /// The texts (the one telling the customer every portrait is there).
+    pub texts: Texts,
+    /// Whether an order WhatsApp could not deliver is refunded without a human.
+    pub auto_refund: bool,
 }
 
+/// How long one sender may hold a contact's queue without renewing it. The sender renews it
+/// before each send, and one Graph API call ends within `whatsapp_timeout_ms` (the HTTP
+/// client's overall deadline): so that timeout must stay well inside the lease, or a slow
+/// answer would let a second replica take the queue and send the same message.
+pub const SENDER_LEASE_MS: i64 = 60_000;
+
 pub fn sender(src: &impl Source) -> Result<Sender, ConfigError> {
+    let timeout_ms = at_least(src, "whatsapp_timeout_ms", 1)?;
+    if timeout_ms > SENDER_LEASE_MS / 2 {
+        return Err(ConfigError::Invalid {
+            name: "whatsapp_timeout_ms",
+            reason: format!("must be at most {} (half the sender's contact lease)", SENDER_LEASE_MS / 2),
+        });
+    }
     Ok(Sender {
         whatsapp: whatsapp(src)?,
         retry_base_ms: at_least(src, "whatsapp_retry_base_ms", 1)?,
         pace_ms: at_least(src, "whatsapp_pace_ms", 0)?,
         unconfirmed_wait_ms: at_least(src, "whatsapp_unconfirmed_wait_ms", 0)?,
-        timeout: Duration::from_millis(at_least(src, "whatsapp_timeout_ms", 1)? as u64),
+        timeout: Duration::from_millis(timeout_ms as u64),
+        texts: texts(src)?,
+        auto_refund: auto_refund(src)?,
     })
 }
 
@@ -448,6 +468,9 @@ pub struct Maintenance {
     pub reconcile: Reconcile,
     pub texts: Texts,
     pub auto_refund: bool,
+    /// The sender's retry base (`whatsapp_retry_base_ms`): the horizon within which the relay
+    /// revives a queued message whose event died.
+    pub whatsapp_retry_base_ms: i64,
 }
 
 pub fn maintenance(src: &impl Source) -> Result<Maintenance, ConfigError> {
@@ -476,6 +499,7 @@ pub fn maintenance(src: &impl Source) -> Result<Maintenance, ConfigError> {
         },
         texts: texts(src)?,
         auto_refund: auto_refund(src)?,
+        whatsapp_retry_base_ms: at_least(src, "whatsapp_retry_base_ms", 1)?,
     })
 }
 
@@ -710,6 +734,7 @@ mod tests {
             ("whatsapp_retry_base_ms", "soon"),
             ("whatsapp_pace_ms", "-1"),
             ("whatsapp_timeout_ms", "0"),
+            ("whatsapp_timeout_ms", "30001"),
             ("whatsapp_unconfirmed_wait_ms", ""),
             ("texts_json", "{not json"),
             ("relay_batch", "0"),

@@ -401,7 +401,7 @@ impl<'a> Context<'a> {
                 OrderStatus::Training => t.training.clone(),
                 OrderStatus::Delivering => t.delivering.clone(),
                 OrderStatus::Delivered => t.delivered_offer_more.clone(),
-                OrderStatus::Failed => t.failed.clone(),
+                OrderStatus::Failed | OrderStatus::DeliveryFailed => t.failed.clone(),
                 OrderStatus::Cancelled => t.cancelled.clone(),
                 OrderStatus::Expired => t.payment_expired.clone(),
             },
@@ -529,7 +529,9 @@ pub fn step(ctx: &Context<'_>, state: &State, inbound: &Inbound) -> Outcome {
                 OrderStatus::Delivered => {
                     Outcome { state: State::Idle, actions: vec![text(t.delivered_offer_more.clone())] }
                 }
-                OrderStatus::Cancelled | OrderStatus::Expired | OrderStatus::Failed => ctx.greet(),
+                OrderStatus::Cancelled | OrderStatus::Expired | OrderStatus::Failed | OrderStatus::DeliveryFailed => {
+                    ctx.greet()
+                }
             },
         },
     }

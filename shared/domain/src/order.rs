@@ -2,12 +2,15 @@
 //!
 //! ```text
 //! collecting-photos ─► awaiting-payment ─► paid ─► training ─► delivering ─► delivered
-//!        │                    │              │         │            │
-//!        ├─► cancelled ◄──────┤              └─────────┴────────────┴─► failed
-//!        └─► expired   ◄──────┘
+//!        │                    │              │         │            │            ▲
+//!        ├─► cancelled ◄──────┤              │         │            ▼            │
+//!        └─► expired   ◄──────┘              │         │      delivery-failed ───┤
+//!                                            └─────────┴────────────┴────────────┴─► failed
 //! ```
 //! A status never moves backwards; the four on the right and bottom are final. Cancelling is
 //! only possible before payment: a paid order is fulfilled or fails (and is refunded).
+//! `delivery-failed` (WhatsApp took not every portrait within the sender's horizon) is not
+//! final: an operator's resend can still deliver it.
 
 use astria_models::OrderStatus;
 
@@ -29,7 +32,8 @@ fn rank(s: OrderStatus) -> u8 {
         Paid => 2,
         Training => 3,
         Delivering => 4,
-        Delivered | Expired | Cancelled | Failed => 5,
+        DeliveryFailed => 5,
+        Delivered | Expired | Cancelled | Failed => 6,
     }
 }
 
@@ -42,7 +46,7 @@ pub fn is_final(s: OrderStatus) -> bool {
 /// True once money has been taken: such an order must be delivered or refunded.
 pub fn is_paid(s: OrderStatus) -> bool {
     use OrderStatus::*;
-    matches!(s, Paid | Training | Delivering | Delivered)
+    matches!(s, Paid | Training | Delivering | DeliveryFailed | Delivered)
 }
 
 /// Checks one status change against the lifecycle.
@@ -55,7 +59,9 @@ pub fn transition(from: OrderStatus, to: OrderStatus) -> Result<OrderStatus, Tra
         (Paid, Training) => true,
         (Training, Delivering) => true,
         (Delivering, Delivered) => true,
-        (Paid | Training | Delivering, Failed) => true,
+        (Training | Delivering, DeliveryFailed) => true,
+        (DeliveryFailed, Delivered) => true,
+        (Paid | Training | Delivering | DeliveryFailed, Failed) => true,
         _ => false,
     };
     debug_assert!(!allowed || rank(to) > rank(from), "lifecycle table goes backwards");
@@ -106,8 +112,7 @@ mod tests {
     use super::*;
     use OrderStatus::*;
 
-    const ALL: [OrderStatus; 9] =
-        [CollectingPhotos, AwaitingPayment, Paid, Training, Delivering, Delivered, Expired, Cancelled, Failed];
+    const ALL: [OrderStatus; 10] = astria_models::ORDER_STATUSES;
 
     #[test]
     fn the_happy_path_is_allowed() {
@@ -137,6 +142,15 @@ mod tests {
             assert!(transition(from, Expired).is_err());
             assert!(transition(from, Failed).is_ok());
         }
+    }
+
+    #[test]
+    fn an_order_whatsapp_could_not_deliver_may_still_be_delivered_by_a_resend_or_fail() {
+        assert!(transition(Delivering, DeliveryFailed).is_ok());
+        assert!(transition(DeliveryFailed, Delivered).is_ok());
+        assert!(transition(DeliveryFailed, Failed).is_ok());
+        assert!(transition(Delivered, DeliveryFailed).is_err());
+        assert!(is_paid(DeliveryFailed) && !is_final(DeliveryFailed));
     }
 
     fn usd(n: i64) -> Money {

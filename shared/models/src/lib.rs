@@ -23,6 +23,23 @@ pub use generated::astria_bot::models::events::{
 };
 pub use generated::astria_bot::models::health::{DependencyCheck, HealthReport, HealthStatus};
 
+/// Every order status, in lifecycle order (`wit/models.wit`): for tests that must cover each.
+pub const ORDER_STATUSES: [OrderStatus; 10] = {
+    use OrderStatus::*;
+    [
+        CollectingPhotos,
+        AwaitingPayment,
+        Paid,
+        Training,
+        Delivering,
+        DeliveryFailed,
+        Delivered,
+        Expired,
+        Cancelled,
+        Failed,
+    ]
+};
+
 impl HealthReport {
     /// A report whose status follows its checks: `ok` when all pass, `down` otherwise.
     pub fn from_checks(service: &str, version: &str, checks: Vec<DependencyCheck>) -> Self {
@@ -139,9 +156,7 @@ mod tests {
 
     #[test]
     fn every_order_status_survives_a_json_round_trip() {
-        use OrderStatus::*;
-        for s in [CollectingPhotos, AwaitingPayment, Paid, Training, Delivering, Delivered, Expired, Cancelled, Failed]
-        {
+        for s in crate::ORDER_STATUSES {
             assert_eq!(round_trip(&s), s);
         }
     }

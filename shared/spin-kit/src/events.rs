@@ -47,6 +47,21 @@ pub fn emit<D: Db + ?Sized>(
     Ok(Pending { id: event.id.clone(), channel: channel.to_string(), json })
 }
 
+/// Like [`emit`], unless an event with `event.id` exists already: `None` then (see
+/// `outbox::enqueue_once`).
+pub fn emit_once<D: Db + ?Sized>(
+    db: &D,
+    channel: &str,
+    event: &EventEnvelope,
+    policy: &RelayPolicy,
+) -> Result<Option<Pending>, DbError> {
+    Ok(outbox::enqueue_once(db, channel, event, now_ms(), policy)?.map(|json| Pending {
+        id: event.id.clone(),
+        channel: channel.to_string(),
+        json,
+    }))
+}
+
 /// Publishes committed events. A Redis failure is logged and left to the relay: the events are
 /// safe in the outbox. Answers how many were published.
 pub fn publish<D: Db + ?Sized>(db: &D, redis_url: &str, pending: &[Pending]) -> usize {

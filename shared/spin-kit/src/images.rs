@@ -1,8 +1,11 @@
 //! The one path by which generated images reach a customer, whichever way Astria's news
 //! arrives (a prompt callback, or the prompt list fetched after the tune callback, or later a
 //! reconciliation poll): record the prompt, queue each image not seen before for the sender,
-//! and when every prompt of a trained tune is done, mark the order delivered and tell the
-//! customer. Call inside one transaction; publish the answer after commit.
+//! and when every prompt of a trained tune is done *and WhatsApp accepted every portrait*, mark
+//! the order delivered and tell the customer. The last of those two to happen decides: the
+//! trainer recording the last prompt, or the sender (or a status webhook) confirming the last
+//! portrait, each calling [`finish_if_complete`] under the order's lock. Call inside one
+//! transaction; publish the answer after commit.
 
 use astria_domain::astria::Prompt;
 use astria_domain::conversation::Message;
@@ -51,8 +54,9 @@ pub fn record_prompt<D: Db + ?Sized>(
     Ok(out)
 }
 
-/// Marks the order delivered (and queues `done_text` behind its images) once Astria is done
-/// with every prompt; `true` if this call did it.
+/// Marks the order delivered and queues `done_text` once Astria is done with every prompt and
+/// WhatsApp accepted every portrait; `true` if this call did it. Takes the order's lock, so
+/// the trainer and the sender finishing at once cannot both conclude "not yet".
 pub fn finish_if_complete<D: Db + ?Sized>(
     db: &D,
     order_id: &str,
@@ -61,16 +65,19 @@ pub fn finish_if_complete<D: Db + ?Sized>(
     correlation_id: &str,
     pending: &mut Vec<Pending>,
 ) -> Result<bool, DbError> {
-    if !images::progress(db, order_id)?.complete() {
+    repo::lock_order(db, order_id)?;
+    if !images::progress(db, order_id)?.delivered() {
         return Ok(false);
     }
     let now = now_ms();
-    // From training (a pack whose prompts produced nothing new here) or from delivering.
+    // From training (a pack whose prompts produced nothing new here), from delivering, or
+    // from delivery_failed (an operator's resend got the last portraits through).
     let moved = repo::set_order_status(db, order_id, OrderStatus::Delivering, OrderStatus::Delivered, now)?
+        || repo::set_order_status(db, order_id, OrderStatus::DeliveryFailed, OrderStatus::Delivered, now)?
         || (repo::set_order_status(db, order_id, OrderStatus::Training, OrderStatus::Delivering, now)?
             && repo::set_order_status(db, order_id, OrderStatus::Delivering, OrderStatus::Delivered, now)?);
     if moved {
-        // Queued after the images, so it arrives after them.
+        // Every portrait is accepted: this goes after the last of them.
         pending.push(crate::messages::queue(db, wa_id, &Message::text(done_text), 999, correlation_id)?);
     }
     Ok(moved)

@@ -4,7 +4,7 @@
 
 use astria_domain::conversation::Message;
 use astria_domain::events::{channels, MESSAGE_SEND};
-use astria_models::MessageSend;
+use astria_models::{MessageSend, OrderStatus};
 use astria_store::messages::{self, NewMessage};
 use astria_store::outbox::RelayPolicy;
 use astria_store::{Db, DbError};
@@ -92,6 +92,62 @@ pub fn requeue_awaiting_window<D: Db + ?Sized>(
 /// START): the portraits of a paid order reach them after all.
 pub fn release_held<D: Db + ?Sized>(db: &D, wa_id: &str, correlation_id: &str) -> Result<Vec<Pending>, DbError> {
     requeue(db, wa_id, messages::status::HELD, correlation_id)
+}
+
+/// Gives message `m` up for good (`failed`, its event completed). If it carried a portrait,
+/// its order becomes `delivery_failed` with the refund flagged (and, with `auto_refund`, asked
+/// for): answers the refund's events to publish, and the order, if this call failed it.
+/// Call inside a transaction.
+#[allow(clippy::too_many_arguments)]
+pub fn give_up<D: Db + ?Sized>(
+    db: &D,
+    m: &messages::OutboundMessage,
+    code: Option<i64>,
+    detail: &str,
+    auto_refund: bool,
+    correlation_id: &str,
+    now: i64,
+) -> Result<(Vec<Pending>, Option<String>), DbError> {
+    messages::mark_failed(db, &m.id, code, detail, now)?;
+    astria_store::outbox::complete(db, &m.event_id, now)?;
+    let Some(order_id) = messages::portrait_order(db, &m.id)? else { return Ok((vec![], None)) };
+    let from = [OrderStatus::Training, OrderStatus::Delivering];
+    let issue = format!("delivery-failed:{order_id}");
+    let why = format!("WhatsApp did not take portrait message {}: {detail}", m.id);
+    let failed = crate::refunds::fail_order(
+        db,
+        &order_id,
+        &from,
+        OrderStatus::DeliveryFailed,
+        &issue,
+        &why,
+        auto_refund,
+        correlation_id,
+        now,
+    )?;
+    Ok(match failed {
+        Some(pending) => (pending, Some(order_id)),
+        None => (vec![], None),
+    })
+}
+
+/// Queues the failed portraits of an order again (an operator's resend after
+/// `delivery_failed`), each under a fresh event, with its tries and horizon starting over; the
+/// order is delivered when the last is accepted. Answers the events to publish (none if no
+/// portrait of the order is failed).
+pub fn resend_portraits<D: Db + ?Sized>(db: &D, order_id: &str, correlation_id: &str) -> Result<Vec<Pending>, DbError> {
+    let mut pending = Vec::new();
+    for m in messages::failed_portraits(db, order_id)? {
+        let event = envelope(
+            MESSAGE_SEND,
+            &MessageSend { message_id: m.id.clone(), to: m.wa_id.clone(), message: m.message.clone() },
+            correlation_id,
+        );
+        if messages::resend_failed(db, &m.id, &event.id, now_ms())? {
+            pending.push(emit(db, channels::MESSAGES, &event, &RelayPolicy::default())?);
+        }
+    }
+    Ok(pending)
 }
 
 fn requeue<D: Db + ?Sized>(db: &D, wa_id: &str, parked: &str, correlation_id: &str) -> Result<Vec<Pending>, DbError> {

@@ -72,6 +72,8 @@ pub mod reason {
     pub const FAILED: &str = "failed";
     /// A payment issue asks for a refund and nobody has resolved it yet.
     pub const REFUND: &str = "refund";
+    /// WhatsApp did not take its portraits within the sender's horizon: resend when it does.
+    pub const DELIVERY_FAILED: &str = "delivery_failed";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -112,6 +114,17 @@ pub fn needing_attention<D: Db + ?Sized>(
         }
         Ok(())
     };
+    // First: these wait for an operator's Resend, whatever became of their refund.
+    let undelivered = db.query(
+        &db.dialect().sql(
+            "SELECT id, wa_id, pack_id, status, updated_at FROM orders WHERE status = $1
+             ORDER BY updated_at LIMIT $2",
+        ),
+        &[Value::from(status_str(OrderStatus::DeliveryFailed)), Value::Int(limit)],
+    )?;
+    for r in &undelivered {
+        push(r, reason::DELIVERY_FAILED, "WhatsApp did not take every portrait: resend once it does".into())?;
+    }
     let refunds = db.query(
         &db.dialect().sql(
             "SELECT o.id, o.wa_id, o.pack_id, o.status, o.updated_at, p.detail FROM payment_issues p

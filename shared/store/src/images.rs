@@ -7,6 +7,25 @@ use astria_models::OrderStatus;
 use crate::repo::status_str;
 use crate::{Db, DbError, Value};
 
+/// The order's sync generation (see [`begin_sync`]); `None` for an unknown order.
+pub fn sync_generation<D: Db + ?Sized>(db: &D, order_id: &str) -> Result<Option<i64>, DbError> {
+    let rows =
+        db.query(&db.dialect().sql("SELECT sync_generation FROM orders WHERE id = $1"), &[Value::from(order_id)])?;
+    rows.first().map(|r| r.int(0)).transpose()
+}
+
+/// A trainer is about to ask Astria about the order: callbacks from now on bring news it may
+/// not see, so they make a new signal. Until then every callback for the order is the same one
+/// (the callback's event id carries the generation), which bounds the outbox rows and the
+/// Astria calls a replayed callback can cause.
+pub fn begin_sync<D: Db + ?Sized>(db: &D, order_id: &str) -> Result<(), DbError> {
+    db.execute(
+        &db.dialect().sql("UPDATE orders SET sync_generation = sync_generation + 1 WHERE id = $1"),
+        &[Value::from(order_id)],
+    )?;
+    Ok(())
+}
+
 /// Stores the tune and moves the order from paid to training; `false` if it was not paid (a
 /// duplicate delivery already did it).
 pub fn start_training<D: Db + ?Sized>(db: &D, order_id: &str, tune_id: u64, now_ms: i64) -> Result<bool, DbError> {
@@ -92,12 +111,20 @@ pub struct Progress {
     pub prompts_expected: Option<i64>,
     pub prompts_done: i64,
     pub images: i64,
+    /// Portraits whose message WhatsApp has not yet accepted (queued, retrying, unconfirmed,
+    /// waiting for the window or START, or failed).
+    pub unconfirmed: i64,
 }
 
 impl Progress {
     /// Training finished, the prompt count is known, and every prompt has finished.
     pub fn complete(&self) -> bool {
         self.trained && self.prompts_expected.is_some_and(|n| self.prompts_done >= n)
+    }
+
+    /// Astria is done and WhatsApp accepted every portrait: the order is delivered.
+    pub fn delivered(&self) -> bool {
+        self.complete() && self.unconfirmed == 0
     }
 }
 
@@ -106,10 +133,12 @@ pub fn progress<D: Db + ?Sized>(db: &D, order_id: &str) -> Result<Progress, DbEr
         &db.dialect().sql(
             "SELECT o.tune_trained_at, o.prompts_expected,
                     (SELECT COUNT(*) FROM astria_prompts p WHERE p.order_id = o.id AND p.done = 1),
-                    (SELECT COUNT(*) FROM generated_images g WHERE g.order_id = o.id)
+                    (SELECT COUNT(*) FROM generated_images g WHERE g.order_id = o.id),
+                    (SELECT COUNT(*) FROM generated_images g JOIN outbound_messages m ON m.id = g.message_id
+                     WHERE g.order_id = o.id AND m.status <> $2)
              FROM orders o WHERE o.id = $1",
         ),
-        &[Value::from(order_id)],
+        &[Value::from(order_id), Value::from(crate::messages::status::SENT)],
     )?;
     let Some(r) = rows.first() else { return Ok(Progress::default()) };
     Ok(Progress {
@@ -117,6 +146,7 @@ pub fn progress<D: Db + ?Sized>(db: &D, order_id: &str) -> Result<Progress, DbEr
         prompts_expected: r.opt_int(1)?,
         prompts_done: r.int(2)?,
         images: r.int(3)?,
+        unconfirmed: r.int(4)?,
     })
 }
 
@@ -141,12 +171,17 @@ pub struct Stale {
 }
 
 const IN_TRAINING: &str = "('training', 'delivering')";
+/// Astria trained the tune and finished every prompt: the order waits only for WhatsApp (the
+/// sender's own horizon decides), not for Astria, so neither reconciliation nor its give-up
+/// point concern it.
+const ASTRIA_DONE: &str = "(tune_trained_at IS NOT NULL AND prompts_expected IS NOT NULL
+     AND (SELECT COUNT(*) FROM astria_prompts p WHERE p.order_id = orders.id AND p.done = 1) >= prompts_expected)";
 
 fn stale_rows<D: Db + ?Sized>(db: &D, filter: &str, params: &[Value]) -> Result<Vec<Stale>, DbError> {
     db.query(
         &db.dialect().sql(&format!(
             "SELECT id, wa_id, astria_tune_id, reconcile_attempts FROM orders
-             WHERE status IN {IN_TRAINING} AND astria_tune_id IS NOT NULL AND {filter}"
+             WHERE status IN {IN_TRAINING} AND astria_tune_id IS NOT NULL AND NOT {ASTRIA_DONE} AND {filter}"
         )),
         params,
     )?
@@ -189,6 +224,8 @@ pub struct StalePaid {
     pub attempts: i64,
 }
 
+/// `paid_at` is missing on orders a pod of a release before migration 9 marked paid during a
+/// rolling deploy: their last change (the payment) stands in for it.
 fn stale_paid_rows<D: Db + ?Sized>(db: &D, filter: &str, params: &[Value]) -> Result<Vec<StalePaid>, DbError> {
     db.query(
         &db.dialect()
@@ -211,14 +248,19 @@ pub fn paid_not_training<D: Db + ?Sized>(
 ) -> Result<Vec<StalePaid>, DbError> {
     stale_paid_rows(
         db,
-        "paid_at < $1 AND (reconcile_next_at IS NULL OR reconcile_next_at <= $2) ORDER BY paid_at LIMIT $3",
+        "COALESCE(paid_at, updated_at) < $1 AND (reconcile_next_at IS NULL OR reconcile_next_at <= $2)
+         ORDER BY COALESCE(paid_at, updated_at) LIMIT $3",
         &[Value::Int(paid_before), Value::Int(now_ms), Value::Int(limit)],
     )
 }
 
 /// Paid orders still not training although paid before `paid_before`: the give-up point.
 pub fn paid_past_give_up<D: Db + ?Sized>(db: &D, paid_before: i64, limit: i64) -> Result<Vec<StalePaid>, DbError> {
-    stale_paid_rows(db, "paid_at < $1 ORDER BY paid_at LIMIT $2", &[Value::Int(paid_before), Value::Int(limit)])
+    stale_paid_rows(
+        db,
+        "COALESCE(paid_at, updated_at) < $1 ORDER BY COALESCE(paid_at, updated_at) LIMIT $2",
+        &[Value::Int(paid_before), Value::Int(limit)],
+    )
 }
 
 /// Books one reconciliation request and when the next may be made.

@@ -48,6 +48,24 @@ pub fn acquire<D: Db + ?Sized>(
     Ok(n == 1)
 }
 
+/// Extends `holder`'s lease on `key` to `now + lease_ms`; `false` if it is no longer theirs
+/// (it lapsed and someone else took it). Long work calls this between its steps.
+pub fn renew<D: Db + ?Sized>(
+    db: &D,
+    kind: Kind,
+    key: &str,
+    holder: &str,
+    now_ms: i64,
+    lease_ms: i64,
+) -> Result<bool, DbError> {
+    let (table, column) = kind.table();
+    let n = db.execute(
+        &db.dialect().sql(&format!("UPDATE {table} SET lease_until = $1 WHERE {column} = $2 AND holder = $3")),
+        &[Value::Int(now_ms + lease_ms), Value::from(key), Value::from(holder)],
+    )?;
+    Ok(n == 1)
+}
+
 /// Gives the lease back, if `holder` still has it.
 pub fn release<D: Db + ?Sized>(db: &D, kind: Kind, key: &str, holder: &str) -> Result<(), DbError> {
     let (table, column) = kind.table();

@@ -63,10 +63,12 @@ pub struct OutboundMessage {
     pub created_at: i64,
     /// Sent even to a contact who opted out (the confirmation of their STOP).
     pub always_send: bool,
+    /// When it last entered the queue: the sender's retry horizon counts from here.
+    pub queued_at: i64,
 }
 
 const COLUMNS: &str = "id, wa_id, seq, kind, message, status, event_id, correlation_id, attempts, next_attempt_at,
-    wamid, delivery_status, error_code, last_error, created_at, always_send";
+    wamid, delivery_status, error_code, last_error, created_at, always_send, COALESCE(queued_at, created_at)";
 
 fn from_row(r: &Row) -> Result<OutboundMessage, DbError> {
     Ok(OutboundMessage {
@@ -86,6 +88,7 @@ fn from_row(r: &Row) -> Result<OutboundMessage, DbError> {
         last_error: r.opt_text(13)?,
         created_at: r.int(14)?,
         always_send: r.int(15)? != 0,
+        queued_at: r.int(16)?,
     })
 }
 
@@ -101,8 +104,8 @@ pub fn insert<D: Db + ?Sized>(db: &D, m: &NewMessage<'_>, now_ms: i64) -> Result
     let n = db.execute(
         &db.dialect().sql(
             "INSERT INTO outbound_messages (id, wa_id, seq, kind, message, status, event_id, correlation_id,
-                attempts, next_attempt_at, created_at, updated_at, always_send)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9, $9, $9, $10)
+                attempts, next_attempt_at, created_at, updated_at, always_send, queued_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9, $9, $9, $10, $9)
              ON CONFLICT (id) DO NOTHING",
         ),
         &[
@@ -257,12 +260,55 @@ pub fn requeue_parked<D: Db + ?Sized>(
 ) -> Result<bool, DbError> {
     let n = db.execute(
         &db.dialect().sql(
-            "UPDATE outbound_messages SET status = $1, event_id = $2, next_attempt_at = $3, updated_at = $3
+            "UPDATE outbound_messages SET status = $1, event_id = $2, next_attempt_at = $3, updated_at = $3,
+                queued_at = $3, attempts = 0
              WHERE id = $4 AND status = $5",
         ),
         &[Value::from(status::QUEUED), Value::from(event_id), Value::Int(now_ms), Value::from(id), Value::from(parked)],
     )?;
     Ok(n == 1)
+}
+
+/// Queues a `failed` message again under a fresh outbox event (an operator's resend), with
+/// its tries and retry horizon starting over; `false` if it is not failed.
+pub fn resend_failed<D: Db + ?Sized>(db: &D, id: &str, event_id: &str, now_ms: i64) -> Result<bool, DbError> {
+    requeue_parked(db, id, event_id, status::FAILED, now_ms)
+}
+
+/// The order whose portrait message `id` carries, if it carries one.
+pub fn portrait_order<D: Db + ?Sized>(db: &D, id: &str) -> Result<Option<String>, DbError> {
+    let rows =
+        db.query(&db.dialect().sql("SELECT order_id FROM generated_images WHERE message_id = $1"), &[Value::from(id)])?;
+    rows.first().map(|r| r.text(0)).transpose()
+}
+
+/// The portrait `from` carried is carried by `to` from now on (an image resent as a document).
+pub fn move_portrait<D: Db + ?Sized>(db: &D, from: &str, to: &str) -> Result<(), DbError> {
+    db.execute(
+        &db.dialect().sql("UPDATE generated_images SET message_id = $2 WHERE message_id = $1"),
+        &[Value::from(from), Value::from(to)],
+    )?;
+    Ok(())
+}
+
+/// Queued messages whose send event was dead-lettered (the sender kept failing on it, or
+/// was down past the relay's attempts): nothing would wake the sender for them any more.
+pub fn queued_with_dead_event<D: Db + ?Sized>(db: &D, limit: i64) -> Result<Vec<OutboundMessage>, DbError> {
+    select(
+        db,
+        "WHERE status = $1 AND event_id IN (SELECT id FROM outbox WHERE status = $2) ORDER BY seq LIMIT $3",
+        &[Value::from(status::QUEUED), Value::from(crate::outbox::status::DEAD), Value::Int(limit)],
+    )
+}
+
+/// The failed portrait messages of an order, in queue order (what a resend sends again).
+pub fn failed_portraits<D: Db + ?Sized>(db: &D, order_id: &str) -> Result<Vec<OutboundMessage>, DbError> {
+    select(
+        db,
+        "WHERE status = $1 AND id IN (SELECT message_id FROM generated_images WHERE order_id = $2)
+         ORDER BY seq, created_at, id",
+        &[Value::from(status::FAILED), Value::from(order_id)],
+    )
 }
 
 /// A message kept back (`held`) after STOP, and the order whose portrait it carries.

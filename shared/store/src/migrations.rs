@@ -300,6 +300,34 @@ pub const MIGRATIONS: &[Migration] = &[
             "CREATE INDEX refunds_by_stripe_id ON refunds (stripe_refund_id)",
         ],
     },
+    Migration {
+        version: 14,
+        name: "portraits outlast WhatsApp outages",
+        sql: &[
+            // When the message last entered the queue (queued, requeued after the window or
+            // START, resent from the console): the sender's retry horizon counts from here.
+            "ALTER TABLE outbound_messages ADD COLUMN queued_at BIGINT",
+            "UPDATE outbound_messages SET queued_at = created_at",
+            // An order is delivered when every portrait's message is sent: found by message.
+            "CREATE INDEX generated_images_by_message ON generated_images (message_id)",
+            // Portraits recorded before their message was queued under the image's message id
+            // (migration-free change of November 2026) name a message that does not exist:
+            // link each to the image message that carried its link to the order's contact, so
+            // that held_since, the delivered-portraits metric, the cleanup guards and the
+            // delivery check above see them.
+            "UPDATE generated_images SET message_id = (
+                SELECT m.id FROM outbound_messages m JOIN orders o ON o.id = generated_images.order_id
+                WHERE m.wa_id = o.wa_id AND m.kind = 'image' AND m.message LIKE '%' || generated_images.url || '%'
+                ORDER BY m.created_at, m.id LIMIT 1)
+             WHERE NOT EXISTS (SELECT 1 FROM outbound_messages m WHERE m.id = generated_images.message_id)
+               AND EXISTS (
+                SELECT 1 FROM outbound_messages m JOIN orders o ON o.id = generated_images.order_id
+                WHERE m.wa_id = o.wa_id AND m.kind = 'image' AND m.message LIKE '%' || generated_images.url || '%')",
+            // Bumped each time a trainer starts asking Astria about the order: callbacks that
+            // arrive before the next bump are one signal (one outbox row), however many.
+            "ALTER TABLE orders ADD COLUMN sync_generation BIGINT NOT NULL DEFAULT 0",
+        ],
+    },
 ];
 
 /// Applies every migration not yet recorded; answers the versions it applied.

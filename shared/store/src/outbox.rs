@@ -97,12 +97,35 @@ pub fn enqueue<D: Db + ?Sized>(
     now_ms: i64,
     policy: &RelayPolicy,
 ) -> Result<String, DbError> {
+    insert(db, channel, event, now_ms, policy, "")?.ok_or_else(|| DbError::Decode("an event id written twice".into()))
+}
+
+/// Like [`enqueue`], unless an event with this id exists already (of any status): `None`
+/// then. For signals that many requests may raise at once and one event answers.
+pub fn enqueue_once<D: Db + ?Sized>(
+    db: &D,
+    channel: &str,
+    event: &EventEnvelope,
+    now_ms: i64,
+    policy: &RelayPolicy,
+) -> Result<Option<String>, DbError> {
+    insert(db, channel, event, now_ms, policy, " ON CONFLICT (id) DO NOTHING")
+}
+
+fn insert<D: Db + ?Sized>(
+    db: &D,
+    channel: &str,
+    event: &EventEnvelope,
+    now_ms: i64,
+    policy: &RelayPolicy,
+    on_conflict: &str,
+) -> Result<Option<String>, DbError> {
     let envelope = serde_json::to_string(event).map_err(|e| DbError::Decode(e.to_string()))?;
-    db.execute(
-        &db.dialect().sql(
+    let n = db.execute(
+        &db.dialect().sql(&format!(
             "INSERT INTO outbox (id, channel, event_type, envelope, correlation_id, created_at, status, attempts, next_attempt_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8)",
-        ),
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8){on_conflict}"
+        )),
         &[
             Value::from(event.id.as_str()),
             Value::from(channel),
@@ -114,7 +137,7 @@ pub fn enqueue<D: Db + ?Sized>(
             Value::Int(now_ms + policy.grace_ms),
         ],
     )?;
-    Ok(envelope)
+    Ok((n == 1).then_some(envelope))
 }
 
 /// Notes the first successful publish. The event stays due for relay until completed.
@@ -132,6 +155,17 @@ pub fn mark_published<D: Db + ?Sized>(db: &D, id: &str) -> Result<(), DbError> {
 pub fn due_at<D: Db + ?Sized>(db: &D, id: &str, at_ms: i64) -> Result<(), DbError> {
     db.execute(
         &db.dialect().sql("UPDATE outbox SET next_attempt_at = $1 WHERE id = $2 AND status IN ($3, $4)"),
+        &[Value::Int(at_ms), Value::from(id), Value::from(status::PENDING), Value::from(status::PUBLISHED)],
+    )?;
+    Ok(())
+}
+
+/// Like [`due_at`], for a consumer that is alive and acting on the event, only not able to
+/// finish it yet (the sender waiting out a WhatsApp outage): the relay's attempts start over,
+/// so the consumer's own horizon, not the relay's dead-letter count, decides when to stop.
+pub fn retry_at<D: Db + ?Sized>(db: &D, id: &str, at_ms: i64) -> Result<(), DbError> {
+    db.execute(
+        &db.dialect().sql("UPDATE outbox SET next_attempt_at = $1, attempts = 0 WHERE id = $2 AND status IN ($3, $4)"),
         &[Value::Int(at_ms), Value::from(id), Value::from(status::PENDING), Value::from(status::PUBLISHED)],
     )?;
     Ok(())

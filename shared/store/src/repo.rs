@@ -20,6 +20,7 @@ pub fn status_str(s: OrderStatus) -> &'static str {
         Paid => "paid",
         Training => "training",
         Delivering => "delivering",
+        DeliveryFailed => "delivery_failed",
         Delivered => "delivered",
         Expired => "expired",
         Cancelled => "cancelled",
@@ -35,6 +36,7 @@ pub fn parse_status(s: &str) -> Result<OrderStatus, DbError> {
         "paid" => Paid,
         "training" => Training,
         "delivering" => Delivering,
+        "delivery_failed" => DeliveryFailed,
         "delivered" => Delivered,
         "expired" => Expired,
         "cancelled" => Cancelled,
@@ -549,9 +551,7 @@ mod tests {
 
     #[test]
     fn every_status_has_a_stored_spelling_that_parses_back() {
-        use OrderStatus::*;
-        for s in [CollectingPhotos, AwaitingPayment, Paid, Training, Delivering, Delivered, Expired, Cancelled, Failed]
-        {
+        for s in astria_models::ORDER_STATUSES {
             assert_eq!(parse_status(status_str(s)).unwrap(), s);
         }
         assert!(parse_status("shipped").is_err());

@@ -110,6 +110,48 @@ fn concurrent_migrations_from_many_replicas_apply_exactly_once() {
     });
 }
 
+/// What the previous release left: a database at migration 13, with a paid order a pod of the
+/// release before migration 9 wrote during a rollout (no `paid_at`), and portraits recorded
+/// before they were queued under the image's message id. Migrated, each is found again.
+#[test]
+fn an_upgrade_finds_the_orders_and_portraits_the_previous_releases_wrote() {
+    on_both(|connect| {
+        let db = connect();
+        let db = db.as_ref();
+        exec(db, "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)");
+        for m in astria_store::migrations::MIGRATIONS.iter().filter(|m| m.version <= 13) {
+            for stmt in m.sql {
+                exec(db, stmt);
+            }
+            exec(db, &format!("INSERT INTO schema_migrations VALUES ({}, 'old', 0)", m.version));
+        }
+        exec(db, "INSERT INTO contacts (wa_id, profile_name, opted_out, conversation, updated_at) VALUES ('ana', 'A', 0, '{}', 1)");
+        exec(
+            db,
+            "INSERT INTO orders (id, wa_id, pack_id, status, price_minor, currency, created_at, updated_at)
+                  VALUES ('o-paid', 'ana', 'p', 'paid', 1999, 'usd', 50, 100)",
+        );
+        exec(db, "INSERT INTO orders (id, wa_id, pack_id, status, price_minor, currency, created_at, updated_at, astria_tune_id)
+                  VALUES ('o-old', 'ana', 'p', 'delivering', 1999, 'usd', 50, 100, 7)");
+        exec(db, "INSERT INTO outbound_messages (id, wa_id, seq, kind, message, status, event_id, correlation_id, attempts, next_attempt_at, created_at, updated_at)
+                  VALUES ('queue-made-id', 'ana', 1, 'image', '{\"type\":\"image\",\"link\":\"https://mp.astria.ai/a.jpg\"}', 'queued', 'e1', 'c', 0, 0, 60, 60)");
+        exec(
+            db,
+            "INSERT INTO generated_images VALUES ('o-old', 'https://mp.astria.ai/a.jpg', 1, 'random-uuid-of-old', 60)",
+        );
+
+        assert_eq!(migrate(db, 200).unwrap(), vec![14]);
+        // The portrait names the message that carries it: the order waits for it.
+        assert_eq!(messages::portrait_order(db, "queue-made-id").unwrap().as_deref(), Some("o-old"));
+        assert_eq!(images::progress(db, "o-old").unwrap().unconfirmed, 1);
+        assert_eq!(messages::get(db, "queue-made-id").unwrap().unwrap().queued_at, 60, "queued_at from created_at");
+        // The paid order without paid_at is reconciled, and given up on, like any other.
+        let stale: Vec<String> =
+            images::paid_not_training(db, 10_000, 5_000, 10).unwrap().into_iter().map(|s| s.order_id).collect();
+        assert_eq!(stale, ["o-paid"]);
+    });
+}
+
 #[test]
 fn a_failed_transaction_leaves_nothing_behind() {
     on_both(|connect| {
@@ -861,6 +903,22 @@ fn of_concurrent_takers_of_a_lease_exactly_one_wins_for_send_queues_and_jobs() {
 }
 
 #[test]
+fn only_the_holder_renews_a_job_lease_and_not_after_someone_else_took_it() {
+    on_both(|connect| {
+        let db = connect();
+        let db = db.as_ref();
+        migrate(db, 0).unwrap();
+        assert!(lease::acquire(db, lease::Kind::Job, "train:o1", "a", 100, 1_000).unwrap());
+        assert!(!lease::renew(db, lease::Kind::Job, "train:o1", "b", 200, 1_000).unwrap(), "not b's");
+        assert!(lease::renew(db, lease::Kind::Job, "train:o1", "a", 900, 1_000).unwrap());
+        assert!(!lease::acquire(db, lease::Kind::Job, "train:o1", "b", 1_500, 1_000).unwrap(), "renewed to 1,900");
+        // a's lease lapses; b takes it; a can no longer renew (it must stop).
+        assert!(lease::acquire(db, lease::Kind::Job, "train:o1", "b", 2_000, 1_000).unwrap());
+        assert!(!lease::renew(db, lease::Kind::Job, "train:o1", "a", 2_100, 1_000).unwrap());
+    });
+}
+
+#[test]
 fn prompts_only_grow_and_each_image_is_recorded_once() {
     on_both(|connect| {
         let db = connect();
@@ -881,6 +939,81 @@ fn prompts_only_grow_and_each_image_is_recorded_once() {
         assert!(!images::mark_trained(db, "o1", 31).unwrap(), "once");
         images::record_prompt(db, "o1", 2, 0, true, 32).unwrap();
         assert!(images::progress(db, "o1").unwrap().complete());
+    });
+}
+
+fn queue_portrait(db: &dyn astria_store::Db, order: &str, id: &str, url: &str, now: i64) {
+    let m = messages::NewMessage {
+        id,
+        wa_id: "16505551234",
+        seq: now,
+        kind: "image",
+        message: "{}",
+        event_id: &format!("e-{id}"),
+        correlation_id: "c",
+        always_send: false,
+    };
+    assert!(messages::insert(db, &m, now).unwrap());
+    assert!(images::add_image(db, order, url, 1, id, now).unwrap());
+}
+
+#[test]
+fn an_order_is_delivered_only_once_whatsapp_took_every_portrait_and_a_failed_one_can_be_resent() {
+    on_both(|connect| {
+        let db = connect();
+        let db = db.as_ref();
+        migrate(db, 0).unwrap();
+        repo::touch_contact(db, "16505551234", None, 1).unwrap();
+        repo::create_order(db, &new_order("o1", &usd(1999)), 10).unwrap();
+        exec(db, "UPDATE orders SET status = 'paid' WHERE id = 'o1'");
+        assert!(images::start_training(db, "o1", 7, 20).unwrap());
+        images::set_prompts_expected(db, "o1", 1).unwrap();
+        images::mark_trained(db, "o1", 30).unwrap();
+        images::record_prompt(db, "o1", 1, 2, true, 40).unwrap();
+        queue_portrait(db, "o1", "m1", "https://x/1.jpg", 41);
+        queue_portrait(db, "o1", "m2", "https://x/2.jpg", 42);
+
+        let p = images::progress(db, "o1").unwrap();
+        assert!(p.complete() && !p.delivered(), "Astria is done, WhatsApp took nothing yet: {p:?}");
+        assert_eq!(p.unconfirmed, 2);
+        // Waiting only for WhatsApp: not Astria's to reconcile, nor to give up on.
+        assert!(images::due_for_reconcile(db, 1_000_000, 1_000_000, 10).unwrap().is_empty());
+        assert!(images::past_give_up(db, 1_000_000, 10).unwrap().is_empty());
+        assert_eq!(messages::portrait_order(db, "m1").unwrap().as_deref(), Some("o1"));
+
+        assert!(messages::mark_sent(db, "m1", "wamid.1", 50).unwrap());
+        assert!(messages::mark_failed(db, "m2", Some(131000), "gave up", 51).unwrap());
+        assert!(!images::progress(db, "o1").unwrap().delivered(), "a failed portrait is not delivered");
+        let failed: Vec<String> = messages::failed_portraits(db, "o1").unwrap().into_iter().map(|m| m.id).collect();
+        assert_eq!(failed, ["m2"]);
+
+        // An operator's resend: queued again, tries and horizon starting over, once.
+        assert!(messages::resend_failed(db, "m2", "e-again", 60).unwrap());
+        assert!(!messages::resend_failed(db, "m2", "e-again-2", 61).unwrap(), "only a failed message");
+        let m2 = messages::get(db, "m2").unwrap().unwrap();
+        assert_eq!((m2.status.as_str(), m2.attempts, m2.queued_at, m2.event_id.as_str()), ("queued", 0, 60, "e-again"));
+        assert!(messages::mark_sent(db, "m2", "wamid.2", 70).unwrap());
+        assert!(images::progress(db, "o1").unwrap().delivered());
+    });
+}
+
+#[test]
+fn a_paid_order_the_previous_release_wrote_without_paid_at_is_still_reconciled() {
+    on_both(|connect| {
+        let db = connect();
+        let db = db.as_ref();
+        migrate(db, 0).unwrap();
+        repo::touch_contact(db, "16505551234", None, 1).unwrap();
+        repo::create_order(db, &new_order("o-old", &usd(1999)), 10).unwrap();
+        // A pod of the release before migration 9, during the rollout: status, no paid_at.
+        exec(db, "UPDATE orders SET status = 'paid', paid_at = NULL, updated_at = 100 WHERE id = 'o-old'");
+        let stale: Vec<String> =
+            images::paid_not_training(db, 10_000, 5_000, 10).unwrap().into_iter().map(|s| s.order_id).collect();
+        assert_eq!(stale, ["o-old"]);
+        let past: Vec<String> =
+            images::paid_past_give_up(db, 5_000, 10).unwrap().into_iter().map(|s| s.order_id).collect();
+        assert_eq!(past, ["o-old"]);
+        assert!(images::paid_not_training(db, 10_000, 50, 10).unwrap().is_empty(), "paid after the cut-off");
     });
 }
 

@@ -1,6 +1,7 @@
 // The operator console's behaviour: log in with the admin token (kept in this tab's
 // sessionStorage), read the maintenance JSON routes with it, draw the funnel as inline SVG, and
-// offer the two actions: replay a dead letter, resolve a payment issue. Every value from the
+// offer the actions: replay a dead letter, resolve or refund a payment issue, resend the
+// portraits of an order WhatsApp did not deliver. Every value from the
 // server goes into the page as text (textContent), never as HTML.
 "use strict";
 
@@ -148,10 +149,26 @@ async function loadAttention() {
   fillTable($("#attention"), a.orders.map((o) => {
     const tr = el("tr", { class: `clickable${o.order_id === openOrder ? " selected" : ""}`, "data-order": o.order_id, "data-reason": o.reason },
       el("td", {}, el("code", {}, o.order_id)), el("td", { class: `reason-${o.reason}` }, o.reason), el("td", {}, o.status),
-      el("td", { title: when(o.since) }, ago(o.since)), el("td", {}, o.wa_id), el("td", {}, o.pack_id), el("td", {}, o.detail));
+      el("td", { title: when(o.since) }, ago(o.since)), el("td", {}, o.wa_id), el("td", {}, o.pack_id), el("td", {}, o.detail),
+      el("td", {}, o.status === "delivery_failed" ? resendButton(o.order_id) : ""));
     tr.addEventListener("click", () => showOrder(o.order_id, tr).catch(report));
     return tr;
   }), "Nothing needs a human.");
+}
+
+// Sends a delivery_failed order's portraits again (once WhatsApp takes messages again).
+function resendButton(orderId) {
+  const button = el("button", { "data-resend": orderId }, "Resend");
+  button.addEventListener("click", async (ev) => {
+    ev.stopPropagation();
+    button.disabled = true;
+    try {
+      const r = await api(`/maintenance/orders/${encodeURIComponent(orderId)}/resend`, { method: "POST" });
+      setStatus(`Order ${orderId}: ${r.resent} portrait(s) queued again.`);
+      await refresh();
+    } catch (err) { report(err); button.disabled = false; }
+  });
+  return button;
 }
 
 async function loadDeadLetters() {

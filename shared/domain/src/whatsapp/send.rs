@@ -224,11 +224,30 @@ pub fn classify(status: u16, body: &[u8]) -> SendOutcome {
     }
 }
 
-/// When to try again after `attempts` failed tries: exponential from `base_ms`, at least the
-/// answer's floor, at most 15 minutes.
+/// The longest wait between two tries, as a multiple of the retry base: 15 minutes at the
+/// default 5 s. Once WhatsApp answers again, a message goes within this.
+pub const BACKOFF_CAP_BASES: i64 = 180;
+/// How long the sender keeps trying a message, counted from when it was queued, as a multiple
+/// of the retry base: 24 hours at the default 5 s (WhatsApp outages of hours happen; Astria
+/// keeps the images 30 days). Tests shrink both through `whatsapp_retry_base_ms`.
+pub const HORIZON_BASES: i64 = 17_280;
+
+/// The longest wait between tries for a retry base of `base_ms`.
+pub fn backoff_cap_ms(base_ms: i64) -> i64 {
+    base_ms.saturating_mul(BACKOFF_CAP_BASES)
+}
+
+/// How long a message is tried before it is given up, for a retry base of `base_ms`.
+pub fn horizon_ms(base_ms: i64) -> i64 {
+    base_ms.saturating_mul(HORIZON_BASES)
+}
+
+/// When to try again after `attempts` failed tries: exponential from `base_ms` up to
+/// [`backoff_cap_ms`]; at least the answer's floor (a `Retry-After`, the pair-rate pace),
+/// itself at most 15 minutes.
 pub fn retry_delay_ms(base_ms: i64, attempts: i64, floor_ms: i64) -> i64 {
-    let exp = attempts.clamp(1, 20) - 1;
-    base_ms.saturating_mul(1i64 << exp).max(floor_ms).min(15 * 60_000)
+    let exp = attempts.clamp(1, 30) - 1;
+    base_ms.saturating_mul(1i64 << exp).min(backoff_cap_ms(base_ms)).max(floor_ms.min(15 * 60_000))
 }
 
 /// Status updates move forward only (`sent` → `delivered` → `read`; `failed` is final), since
@@ -356,7 +375,16 @@ mod tests {
         assert_eq!(retry_delay_ms(1000, 1, 0), 1000);
         assert_eq!(retry_delay_ms(1000, 3, 0), 4000);
         assert_eq!(retry_delay_ms(1000, 1, 60_000), 60_000);
-        assert_eq!(retry_delay_ms(1000, 40, 0), 15 * 60_000);
+        assert_eq!(retry_delay_ms(1000, 40, 0), 180_000, "capped at 180 bases");
+        assert_eq!(retry_delay_ms(5000, 40, 0), 15 * 60_000, "15 minutes at the default base");
+        assert_eq!(retry_delay_ms(1, 1, 24 * 3_600_000), 15 * 60_000, "a floor is at most 15 minutes");
+    }
+
+    #[test]
+    fn at_the_default_base_a_message_is_tried_for_24_hours() {
+        assert_eq!(horizon_ms(5000), 24 * 3_600_000);
+        // Shrunk for tests: the same shape, 5,000 times shorter.
+        assert_eq!((horizon_ms(1), backoff_cap_ms(1)), (17_280, 180));
     }
 
     #[test]
