@@ -251,7 +251,55 @@ def problems(docs, app, secret_keys, bounds=None):
     for sa in spinapps:
         if _name(sa) not in budgets:
             out.append(f"SpinApp {_name(sa)}: no PodDisruptionBudget selects its pods")
+    out.extend(solver_policy_problems(docs))
+    out.extend(monitoring_label_problems(docs))
     return out
+
+
+def monitoring_label_problems(docs):
+    """Prometheus (kube-prometheus-stack) selects ServiceMonitors and PrometheusRules by the
+    same release label: both must carry it, with the same value, or the scrape runs without
+    its alerts (or the other way round)."""
+    monitors, rules = _by_kind(docs, "ServiceMonitor"), _by_kind(docs, "PrometheusRule")
+    if not monitors and not rules:
+        return []
+    out = []
+    wanted = {(m["metadata"].get("labels") or {}).get("release") for m in monitors}
+    for obj in monitors + rules:
+        release = (obj["metadata"].get("labels") or {}).get("release")
+        if release is None:
+            out.append(f"{obj['kind']} {_name(obj)}: no release label for Prometheus to select it by")
+        elif release not in wanted or len(wanted) != 1:
+            out.append(f"{obj['kind']} {_name(obj)}: release label {release!r}, the ServiceMonitor has {sorted(map(str, wanted))}")
+    return out
+
+
+# cert-manager's HTTP-01 solver: pods with this label, listening on this port, created in the
+# namespace of the Ingress that asks for the certificate (pkg/issuer/acme/http/pod.go).
+SOLVER_LABELS = {"acme.cert-manager.io/http01-solver": "true"}
+SOLVER_PORT = 8089
+
+
+def solver_policy_problems(docs):
+    """An Ingress that asks cert-manager for its certificate, in a namespace whose policies deny
+    by default, needs a policy letting the ingress controller reach the HTTP-01 solver pods, or
+    the challenge never answers and the certificate never issues (cert-manager#2334)."""
+    asks = [i for i in _by_kind(docs, "Ingress")
+            if {"cert-manager.io/cluster-issuer", "cert-manager.io/issuer"} & set(i["metadata"].get("annotations", {}))]
+    if not asks:
+        return []
+    for p in _by_kind(docs, "NetworkPolicy"):
+        if not p["spec"].get("podSelector") or not _selects(p["spec"]["podSelector"], SOLVER_LABELS):
+            continue
+        for rule in p["spec"].get("ingress", []) or []:
+            from_controller = any(
+                peer.get("namespaceSelector", {}).get("matchLabels", {}).get("kubernetes.io/metadata.name") == "ingress-nginx"
+                for peer in rule.get("from", []) or [])
+            on_port = any(port.get("port") == SOLVER_PORT for port in rule.get("ports", []) or [])
+            if from_controller and on_port:
+                return []
+    names = ", ".join(_name(i) for i in asks)
+    return [f"Ingress {names} asks cert-manager for a certificate, but no NetworkPolicy lets the ingress controller reach the HTTP-01 solver pods on {SOLVER_PORT}"]
 
 
 def ingress_policy_problems(docs, expected):
@@ -390,3 +438,33 @@ def committed_secret_problems(files, secret_keys, example="kubernetes/secrets.en
                     if g.get("literals"):
                         out.append(f"{path}: secretGenerator {g.get('name')} commits literal values")
     return out
+
+
+def deploy_stage_problems(plan):
+    """`plan`: [(stage, [(kind, name), ...]), ...] as `scripts/deploy.sh --dry-run` prints it.
+    The executor must be applied in an earlier stage than any SpinApp (spin-operator's webhook
+    refuses a SpinApp whose executor it cannot see), autoscalers after every SpinApp (KEDA's
+    webhook refuses a CPU ScaledObject whose Deployment spin-operator has not made yet), and
+    every object in exactly one stage."""
+    found = []
+    stage_of = {}
+    for index, (stage, objects) in enumerate(plan):
+        for kind, name in objects:
+            if (kind, name) in stage_of:
+                found.append(f"{kind}/{name} is in two stages")
+            stage_of[(kind, name)] = (index, stage)
+    def stages(kind):
+        return [(i, s, n) for (k, n), (i, s) in stage_of.items() if k == kind]
+    apps = stages("SpinApp")
+    if not apps:
+        found.append("no stage applies a SpinApp")
+    first_app = min((i for i, _, _ in apps), default=0)
+    last_app = max((i for i, _, _ in apps), default=0)
+    for i, s, n in stages("SpinAppExecutor"):
+        if i >= first_app:
+            found.append(f"SpinAppExecutor/{n} is applied in stage {s}, not before every SpinApp")
+    for kind in ("HorizontalPodAutoscaler", "ScaledObject"):
+        for i, s, n in stages(kind):
+            if i <= last_app:
+                found.append(f"{kind}/{n} is applied in stage {s}, not after every SpinApp's Deployment")
+    return found

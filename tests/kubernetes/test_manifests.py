@@ -521,10 +521,158 @@ class TheChecksCatchFaults(unittest.TestCase):
             paths.append(copy.deepcopy(paths[0]) | {"path": "/maintenance/run"})
         self.assertCaught(private, "Ingress exposes /maintenance/run")
 
+    def test_alerts_prometheus_would_not_select(self):
+        rule = lambda d: next(x for x in d if x["kind"] == "PrometheusRule")
+        self.assertCaught(lambda d: rule(d)["metadata"]["labels"].pop("release"), "PrometheusRule astria-bot: no release label")
+        self.assertCaught(lambda d: rule(d)["metadata"]["labels"].__setitem__("release", "prom"), "release label 'prom'")
+
+    def test_no_way_for_the_acme_challenge_to_reach_cert_managers_solver(self):
+        drop = lambda d: d.remove(next(x for x in d if x["kind"] == "NetworkPolicy" and x["metadata"]["name"] == "acme-solver-from-ingress-controller"))
+        self.assertCaught(drop, "no NetworkPolicy lets the ingress controller reach the HTTP-01 solver pods on 8089")
+        def wrong_port(d):
+            p = next(x for x in d if x["kind"] == "NetworkPolicy" and x["metadata"]["name"] == "acme-solver-from-ingress-controller")
+            p["spec"]["ingress"][0]["ports"][0]["port"] = 80
+        self.assertCaught(wrong_port, "HTTP-01 solver pods on 8089")
+
     def test_an_overlapping_or_misscheduled_cronjob(self):
         self.assertCaught(lambda d: next(x for x in d if x["kind"] == "CronJob")["spec"].__setitem__("concurrencyPolicy", "Allow"), "concurrencyPolicy must be Forbid")
         self.assertCaught(lambda d: next(x for x in d if x["kind"] == "CronJob" and x["metadata"]["name"] == "astria-cleanup")["spec"].__setitem__("timeZone", "Europe/Berlin"), "cleanup must run Wednesdays")
 
+
+
+# ------------------------------------------------------------------ scripts/deploy.sh
+
+REGISTRY, VERSION = "registry.test/acme", "9.8.7"
+PINNED = f"{REGISTRY}/astria-bot:{VERSION}"
+
+# Stand-ins that record what they get: `spin` does nothing; `kubectl` renders with the real
+# kubectl, answers `wait` and `api-resources` as a cluster with KEDA would, keeps a copy of
+# every file it is asked to apply, and logs every call.
+SPIN_STANDIN = """#!/bin/sh
+echo "spin $*" >> "$DEPLOY_LOG"
+"""
+KUBECTL_STANDIN = """#!/bin/sh
+echo "kubectl $*" >> "$DEPLOY_LOG"
+case "$1" in
+  kustomize) exec "$REAL_KUBECTL" "$@" ;;
+  api-resources) printf 'horizontalpodautoscalers.autoscaling\nscaledobjects.keda.sh\n' ;;
+  apply)
+    n=$(ls "$DEPLOY_APPLIED" | wc -l)
+    cp "$3" "$DEPLOY_APPLIED/$n.yaml" ;;
+esac
+"""
+
+
+class TheDeployScript(unittest.TestCase):
+    """scripts/deploy.sh in a copy of the repository, with stand-ins for spin and kubectl."""
+
+    def setUp(self):
+        self.tmp = pathlib.Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.repo = self.tmp / "repo"
+        (self.repo / "scripts").mkdir(parents=True)
+        shutil.copytree(K8S, self.repo / "kubernetes")
+        for script in ["deploy.sh", "dev-secrets.sh"]:
+            shutil.copy(ROOT / "scripts" / script, self.repo / "scripts" / script)
+        bin_dir = self.tmp / "bin"
+        bin_dir.mkdir()
+        for name, text in [("spin", SPIN_STANDIN), ("kubectl", KUBECTL_STANDIN)]:
+            (bin_dir / name).write_text(text)
+            (bin_dir / name).chmod(0o755)
+        self.applied = self.tmp / "applied"
+        self.applied.mkdir()
+        self.log = self.tmp / "calls.log"
+        self.env = os.environ | {
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "REAL_KUBECTL": shutil.which("kubectl"),
+            "DEPLOY_LOG": str(self.log),
+            "DEPLOY_APPLIED": str(self.applied),
+        }
+
+    def deploy(self, *args):
+        return subprocess.run(["bash", "scripts/deploy.sh", *args], cwd=self.repo, env=self.env,
+                              capture_output=True, text=True, timeout=300)
+
+    def calls(self):
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+    def plan(self, overlay):
+        done = self.deploy("--dry-run", "--skip-checks", REGISTRY, VERSION, overlay)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        plan = []
+        for line in done.stdout.splitlines():
+            if line.startswith("stage "):
+                plan.append((line.split()[1].rstrip(":"), []))
+            elif line.startswith("  ") and plan:
+                kind, name = line.strip().split("/", 1)
+                plan[-1][1].append((kind, name))
+        return plan
+
+    def test_every_overlay_is_applied_executor_first_and_autoscalers_last(self):
+        for overlay in OVERLAYS:
+            with self.subTest(overlay=overlay):
+                plan = self.plan(overlay)
+                self.assertEqual([s for s, _ in plan], ["1-foundation", "2-apps", "3-scaling"])
+                self.assertEqual(manifest_checks.deploy_stage_problems(plan), [])
+                # Nothing the overlay renders is left out of the plan.
+                rendered = {(d["kind"], d["metadata"]["name"]) for d in render_in(self.repo, overlay)}
+                self.assertEqual({o for _, objects in plan for o in objects}, rendered)
+
+    def test_every_overlay_renders_the_pinned_image_after_a_deploy(self):
+        done = self.deploy("--skip-checks", REGISTRY, VERSION, "production")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        for overlay in OVERLAYS:
+            with self.subTest(overlay=overlay):
+                images = {d["spec"]["image"] for d in render_in(self.repo, overlay) if d["kind"] == "SpinApp"}
+                self.assertEqual(images, {PINNED})
+
+    def test_a_deploy_builds_pushes_and_applies_in_stages_waiting_between_them(self):
+        done = self.deploy("--skip-checks", REGISTRY, VERSION, "production-keda")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        calls = [c for c in self.calls() if not c.startswith("kubectl kustomize")]
+        self.assertEqual(calls[:2], ["spin build", f"spin registry push {PINNED}"])
+        applies = [i for i, c in enumerate(calls) if c.startswith("kubectl apply")]
+        self.assertEqual(len(applies), 3, calls)
+        kinds = [{d["kind"] for d in yaml.safe_load_all((self.applied / f"{n}.yaml").read_text()) if d} for n in range(3)]
+        self.assertIn("SpinAppExecutor", kinds[0])
+        self.assertEqual(kinds[1], {"SpinApp"})
+        self.assertEqual(kinds[2], {"ScaledObject"})
+        between = lambda a, b: calls[applies[a] + 1:applies[b]]
+        self.assertEqual(between(0, 1), ["kubectl -n astria-bot wait --for=create spinappexecutor/containerd-shim-spin --timeout=60s"])
+        waited = [c.split()[-2] for c in between(1, 2) if " wait " in c]
+        self.assertEqual(sorted(waited), sorted(f"deployment/{d['metadata']['name']}" for d in render_in(self.repo, "production-keda") if d["kind"] == "SpinApp"))
+        # Switching from HPAs: the old ones go first, or KEDA refuses each ScaledObject.
+        self.assertIn("kubectl -n astria-bot delete horizontalpodautoscalers.autoscaling -l app.kubernetes.io/part-of=astria-bot --ignore-not-found", between(1, 2))
+
+    def test_a_dry_run_builds_pushes_and_applies_nothing(self):
+        self.assertEqual(self.deploy("--dry-run", "--skip-checks", REGISTRY, VERSION, "production").returncode, 0)
+        self.assertFalse([c for c in self.calls() if not c.startswith("kubectl kustomize")])
+
+    def test_an_overlay_the_pin_does_not_reach_is_refused_before_anything_is_applied(self):
+        stray = self.repo / "kubernetes/overlays/stray"
+        stray.mkdir()
+        (stray / "kustomization.yaml").write_text(
+            "resources: [../../base]\nimages:\n  - name: ghcr.io/astria-bot/astria-bot\n    newTag: 0.0.1\n")
+        done = self.deploy("--skip-build", "--skip-checks", REGISTRY, VERSION, "stray")
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("does not take the pinned image", done.stderr)
+        self.assertFalse([c for c in self.calls() if c.startswith("kubectl apply")])
+
+    def test_the_stage_rule_catches_an_executor_or_autoscaler_in_the_wrong_stage(self):
+        plan = self.plan("production")
+        late = [(s, [o for o in objs if o[0] != "SpinAppExecutor"] + ([("SpinAppExecutor", "x")] if s == "2-apps" else []))
+                for s, objs in plan]
+        self.assertIn("SpinAppExecutor/x is applied in stage 2-apps, not before every SpinApp",
+                      manifest_checks.deploy_stage_problems(late))
+        early = [(s, objs + ([("HorizontalPodAutoscaler", "y")] if s == "2-apps" else [])) for s, objs in plan]
+        self.assertIn("HorizontalPodAutoscaler/y is applied in stage 2-apps, not after every SpinApp's Deployment",
+                      manifest_checks.deploy_stage_problems(early))
+
+
+def render_in(repo, overlay):
+    out = subprocess.run(["kubectl", "kustomize", str(repo / "kubernetes/overlays" / overlay)],
+                         check=True, capture_output=True, text=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
