@@ -104,7 +104,7 @@ fn callback(path: &str, query: &str, body: &[u8], request_id: &str) -> Result<Re
         let generation = images::sync_generation(db, &order.id)?.unwrap_or(0);
         let signal = TuneReconcile { order_id: order.id.clone(), tune_id: order.astria_tune_id.unwrap_or(0) };
         let mut event = events::envelope(TUNE_RECONCILE, &signal, request_id);
-        event.id = format!("astria-callback:{}:{}:{generation}", order.id, endpoint.name());
+        event.id = format!("{}{}:{generation}", astria::callback_signal_prefix(&order.id), endpoint.name());
         Ok::<_, ApiError>(events::emit_once(db, channels::ORDERS, &event, &RelayPolicy::default())?)
     })?
     .into_iter()

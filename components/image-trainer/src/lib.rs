@@ -315,6 +315,15 @@ fn sync_with_astria(
     if let Err(e) = lease::release(db, lease::Kind::Job, &key, &holder) {
         log::warn(CONSUMER, &format!("lease left to expire: {e}"));
     }
+    // Callbacks that came during our pass raised a new signal, and every replica that got it
+    // left it to us (the lease was ours): hand it out again now, not after the relay's grace,
+    // or a prompt's portraits would wait a minute.
+    let waiting: Vec<Pending> = outbox::undone_with_prefix(db, &astria::callback_signal_prefix(order_id), 10)?
+        .into_iter()
+        .filter(|e| e.id != event.id)
+        .map(|e| Pending { id: e.id, channel: e.channel, json: e.envelope })
+        .collect();
+    publish(db, &waiting);
     result
 }
 

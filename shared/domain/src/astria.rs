@@ -47,6 +47,13 @@ impl CallbackEndpoint {
     }
 }
 
+/// The start of the outbox ids of an order's callback signals
+/// (`astria-callback:<order>:<endpoint>:<sync generation>`): one event per generation, however
+/// many callbacks (image-service), found again by the trainer after a pass (image-trainer).
+pub fn callback_signal_prefix(order_id: &str) -> String {
+    format!("astria-callback:{order_id}:")
+}
+
 /// How long a callback URL stays valid after training started: Astria calls back within
 /// minutes to hours; later, reconciliation fetches the same facts with the API key.
 pub const CALLBACK_LIFETIME_S: i64 = 7 * 24 * 3600;

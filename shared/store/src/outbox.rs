@@ -281,6 +281,25 @@ pub fn unbook_attempt<D: Db + ?Sized>(db: &D, event: &OutboxEvent) -> Result<(),
     Ok(())
 }
 
+/// Events not yet done whose id starts with `prefix` (signals keyed by their subject, such as
+/// an order's callback signals), oldest first.
+pub fn undone_with_prefix<D: Db + ?Sized>(db: &D, prefix: &str, limit: i64) -> Result<Vec<OutboxEvent>, DbError> {
+    db.query(
+        &db.dialect().sql(&format!(
+            "SELECT {COLUMNS} FROM outbox WHERE id LIKE $1 AND status IN ($2, $3) ORDER BY created_at LIMIT $4"
+        )),
+        &[
+            Value::from(format!("{prefix}%")),
+            Value::from(status::PENDING),
+            Value::from(status::PUBLISHED),
+            Value::Int(limit),
+        ],
+    )?
+    .iter()
+    .map(from_row)
+    .collect()
+}
+
 /// Dead-lettered events, for operators.
 pub fn dead_letters<D: Db + ?Sized>(db: &D, limit: i64) -> Result<Vec<OutboxEvent>, DbError> {
     db.query(
