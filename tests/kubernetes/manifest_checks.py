@@ -141,6 +141,11 @@ def problems(docs, app, secret_keys, bounds=None):
         if redis:
             for var in sorted(app.redis_trigger_variables - set(bound)):
                 out.append(f"{where}: runs a Redis trigger but does not supply '{var}' (the trigger address)")
+            # Each replica books the relay's heartbeat under its pod's name: the one that goes
+            # deaf is named by it (astria_store::heartbeats, alert AstriaWorkerDeaf).
+            named = next((v for v in spec.get("variables", []) if v["name"] == "replica_name"), {})
+            if named.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "metadata.name":
+                out.append(f"{where}: runs a Redis trigger but does not name its replica (replica_name from the pod's metadata.name)")
 
         # Probes: liveness on Spin's own health route (a dependency outage must never restart
         # pods); readiness on a route one of this SpinApp's components serves. A SpinApp with no

@@ -521,6 +521,12 @@ class TheChecksCatchFaults(unittest.TestCase):
             paths.append(copy.deepcopy(paths[0]) | {"path": "/maintenance/run"})
         self.assertCaught(private, "Ingress exposes /maintenance/run")
 
+    def test_a_worker_that_cannot_say_which_replica_went_deaf(self):
+        def unnamed(d):
+            spec = self.spinapp(d, "astria-image-worker")["spec"]
+            spec["variables"] = [v for v in spec["variables"] if v["name"] != "replica_name"]
+        self.assertCaught(unnamed, "astria-image-worker: runs a Redis trigger but does not name its replica")
+
     def test_alerts_prometheus_would_not_select(self):
         rule = lambda d: next(x for x in d if x["kind"] == "PrometheusRule")
         self.assertCaught(lambda d: rule(d)["metadata"]["labels"].pop("release"), "PrometheusRule astria-bot: no release label")

@@ -209,3 +209,92 @@ async fn a_redis_that_needs_a_password_is_reached_with_it_in_redis_url_only() {
     assert_eq!(sends.len(), 1, "published with the password, heard by the worker's trigger:\n{}", app.log());
     assert!(!app.log().contains(PASSWORD), "the password is in no log:\n{}", app.log());
 }
+
+/// A worker whose Redis connection goes silent (a NAT or load balancer dropped it without a
+/// word) is named by its heartbeat. Spin's Redis trigger has no ping: the deaf replica's Spin
+/// never notices (its HTTP, which Spin stops when a trigger ends, still answers; Redis still
+/// counts its subscription), while every relay call's heartbeat is booked by the healthy
+/// replica only, and the metrics route shows the deaf one's heartbeat growing old.
+/// `ASTRIA_DEAF_OBSERVE_SECS=n` keeps watching the deaf replica for n seconds more and prints
+/// whether Spin ever noticed (a measurement, off by default).
+#[tokio::test]
+async fn a_worker_whose_redis_connection_goes_silent_is_named_by_its_heartbeat() {
+    use astria_tests::fakes::BlackHole;
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    let healthy = wa::spawn_bot(wa::bot_config(&graph, &redis, false).var("replica_name", "replica-a"), &redis).await;
+    let proxy = BlackHole::start(redis.port).await;
+    let config = wa::bot_config(&graph, &redis, false).replica_of(&healthy).redis(proxy.redis_url());
+    let deaf = astria_tests::spawn_app(config.var("replica_name", "replica-b")).await.unwrap();
+    astria_tests::wait_for_subscribers_at(&redis.url(), "astria.messages", 2).await.unwrap();
+    let db = astria_tests::db::TestDb::of(&healthy).await;
+    let heard = |replica: &'static str| {
+        let db = &db;
+        async move {
+            db.rows("SELECT channel, seen_at FROM worker_heartbeats WHERE replica = $1", &[replica.into()])
+                .await
+                .iter()
+                .map(|r| (r[0].text(), r[1].int()))
+                .collect::<std::collections::BTreeMap<String, i64>>()
+        }
+    };
+    healthy
+        .wait_until("both replicas heard a heartbeat on every channel", Duration::from_secs(30), || async {
+            wa::relay(&healthy).await;
+            (heard("replica-a").await.len() == 3 && heard("replica-b").await.len() == 3).then_some(())
+        })
+        .await;
+    // One more heartbeat, heard by both on every channel: then none is in flight at the cut.
+    let (a0, b0) = (heard("replica-a").await, heard("replica-b").await);
+    wa::relay(&healthy).await;
+    healthy
+        .wait_until("both replicas heard the last heartbeat before the cut", Duration::from_secs(30), || async {
+            let (a, b) = (heard("replica-a").await, heard("replica-b").await);
+            a.iter()
+                .chain(b.iter())
+                .all(|(ch, seen)| *seen > a0.get(ch).max(b0.get(ch)).copied().unwrap_or(0))
+                .then_some(())
+        })
+        .await;
+
+    proxy.close();
+    let cut = now();
+    for round in 0..3 {
+        let before = heard("replica-a").await["astria.messages"];
+        healthy
+            .wait_until(&format!("replica-a booked heartbeat {round}"), Duration::from_secs(30), || async {
+                wa::relay(&healthy).await;
+                (heard("replica-a").await["astria.messages"] > before).then_some(())
+            })
+            .await;
+    }
+    let b = heard("replica-b").await;
+    assert!(b.values().all(|seen| *seen < cut), "the deaf replica heard nothing since the cut: {b:?}");
+    assert_eq!(deaf.get("/health/message").await.status(), 200, "Spin did not notice: its triggers still run");
+    let (status, text) = healthy.metrics(wa::ADMIN_TOKEN).await;
+    assert_eq!(status, 200);
+    let age = |replica: &str| -> i64 {
+        let prefix =
+            format!("astria_worker_heartbeat_age_seconds{{channel=\"astria.messages\",replica=\"{replica}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|v| v.parse().ok()).expect(&prefix)
+    };
+    assert!(age("replica-b") >= age("replica-a"), "{text}");
+    assert!(age("replica-b") * 1000 >= now() - cut - 1000, "its age counts from before the cut: {text}");
+
+    let observe: u64 = std::env::var("ASTRIA_DEAF_OBSERVE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    if observe > 0 {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(observe) && deaf.get("/health/message").await.status() == 200 {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        let b = heard("replica-b").await;
+        let running = deaf.get("/health/message").await.status() == 200;
+        eprintln!(
+            "black-holed for {} s: the deaf replica's Spin {} (booked no heartbeat since the cut: {})",
+            (now() - cut) / 1000,
+            if running { "never noticed" } else { "stopped" },
+            b.values().all(|seen| *seen < cut)
+        );
+    }
+}

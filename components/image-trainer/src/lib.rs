@@ -46,6 +46,9 @@ fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
 fn consume(payload: &[u8]) -> anyhow::Result<()> {
     let Some(event) = spin_kit::events::parse_or_drop(&payload, CONSUMER) else { return Ok(()) };
     let db = spin_kit::open_db().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    if spin_kit::heartbeat::is_heartbeat(&event) {
+        return Ok(spin_kit::heartbeat::book(&db, channels::ORDERS)?);
+    }
     match event.event_type.as_str() {
         ORDER_PAID => match serde_json::from_str::<OrderPaid>(&event.payload) {
             Ok(p) => {

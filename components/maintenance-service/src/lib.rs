@@ -129,8 +129,9 @@ fn authorize_read(header: &str) -> Result<(), ApiError> {
 }
 
 fn metrics() -> Result<Response, ApiError> {
-    let snapshot = astria_store::metrics::snapshot(&open_db()?)?;
-    let body = astria_store::metrics::render(&snapshot, events::now_ms());
+    let now = events::now_ms();
+    let snapshot = astria_store::metrics::snapshot(&open_db()?, now)?;
+    let body = astria_store::metrics::render(&snapshot, now);
     Ok(Response::builder()
         .status(200)
         .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
@@ -187,6 +188,9 @@ fn relay(request_id: &str) -> Result<Response, ApiError> {
     if report.redis_unavailable {
         return Err(ApiError::Unavailable { dependency: "redis", detail: "relay could not publish".into() });
     }
+    // Every worker replica that hears this books it: one whose subscription died silently
+    // stops booking, and the metrics route shows it (astria_store::heartbeats).
+    let heartbeats = spin_kit::heartbeat::publish(redis_url, request_id);
     if report.republished > 0
         || report.dead_lettered > 0
         || stale.reconcile_requested > 0
@@ -203,6 +207,7 @@ fn relay(request_id: &str) -> Result<Response, ApiError> {
     body["held_given_up"] = stale.held_given_up.into();
     body["sends_revived"] = stale.sends_revived.into();
     body["sends_given_up"] = stale.sends_given_up.into();
+    body["heartbeats"] = heartbeats.into();
     Ok(spin_kit::json_response(200, &body))
 }
 

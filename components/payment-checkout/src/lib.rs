@@ -52,6 +52,10 @@ fn on_message(payload: bytes::Bytes) -> anyhow::Result<()> {
 /// One message of the channel, inside its trace.
 fn consume(payload: &[u8]) -> anyhow::Result<()> {
     let Some(event) = spin_kit::events::parse_or_drop(&payload, CONSUMER) else { return Ok(()) };
+    if spin_kit::heartbeat::is_heartbeat(&event) {
+        let db = spin_kit::open_db().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        return Ok(spin_kit::heartbeat::book(&db, channels::PAYMENTS)?);
+    }
     match event.event_type.as_str() {
         ORDER_AWAITING_PAYMENT => {}
         CHECKOUT_EXPIRE => return expire(&event),

@@ -15,6 +15,10 @@
 //! | `astria.payments` | `order.awaiting_payment`, `checkout.expire`, `payment.refund` | payment-service: creates and expires Checkout sessions, refunds |
 //! | `astria.orders` | `order.paid`, `tune.trained`, `tune.reconcile` | image-service trainer: fetches the photos and trains the tune; fetches a trained tune's prompts |
 //! | `astria.messages` | `message.send` | message-service sender: calls the WhatsApp API |
+//!
+//! On every channel the relay also publishes `worker.heartbeat` each minute (not through the
+//! outbox: it is only worth something now); every replica books it under its name, which shows
+//! a replica whose subscription went deaf (`astria_store::heartbeats`).
 
 /// `order.awaiting_payment`: `{"order_id"}`.
 pub const ORDER_AWAITING_PAYMENT: &str = "order.awaiting_payment";
@@ -36,7 +40,12 @@ pub mod channels {
     pub const PAYMENTS: &str = "astria.payments";
     pub const ORDERS: &str = "astria.orders";
     pub const MESSAGES: &str = "astria.messages";
+    /// Every channel a worker listens on.
+    pub const ALL: [&str; 3] = [PAYMENTS, ORDERS, MESSAGES];
 }
+
+/// `worker.heartbeat`: `{}`. Published by the relay on every channel each minute.
+pub const WORKER_HEARTBEAT: &str = "worker.heartbeat";
 
 /// The channel an event type travels on.
 pub fn channel_for(event_type: &str) -> Option<&'static str> {

@@ -7,6 +7,7 @@ pub mod astria;
 pub mod db;
 pub mod error;
 pub mod events;
+pub mod heartbeat;
 pub mod http_client;
 pub mod images;
 pub mod log;

@@ -12,6 +12,7 @@
 
 pub mod cleanup;
 pub mod console;
+pub mod heartbeats;
 pub mod identity;
 pub mod images;
 pub mod lease;

@@ -3,7 +3,8 @@
 //! `payment_issues_open`): orders by status and the age of the oldest in each, the outbox
 //! backlog per channel and its oldest event, dead letters, open payment issues, outbound
 //! messages waiting or failed, portraits delivered, the payment-to-delivery time, refunds by
-//! status with the oldest still on its way, and open disputes.
+//! status with the oldest still on its way, open disputes, and each worker replica's last
+//! heartbeat (heartbeats.rs).
 //!
 //! Everything here is a gauge over what the database holds now (retention applies), except the
 //! payment-to-delivery histogram, which covers the delivered orders the database still holds.
@@ -42,9 +43,12 @@ pub struct Snapshot {
     pub refund_oldest_waiting: Option<i64>,
     /// Chargebacks no operator has resolved.
     pub disputes_open: i64,
+    /// Each worker replica's last heartbeat per channel (heartbeats.rs), for replicas heard in
+    /// the last day.
+    pub heartbeats: Vec<crate::heartbeats::Heard>,
 }
 
-pub fn snapshot<D: Db + ?Sized>(db: &D) -> Result<Snapshot, DbError> {
+pub fn snapshot<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<Snapshot, DbError> {
     let mut s = Snapshot::default();
     for r in db.query("SELECT status, COUNT(*), MIN(updated_at) FROM orders GROUP BY status", &[])? {
         s.orders.push((r.text(0)?, r.int(1)?, r.int(2)?));
@@ -92,6 +96,7 @@ pub fn snapshot<D: Db + ?Sized>(db: &D) -> Result<Snapshot, DbError> {
         &[Value::from(crate::repo::IssueKind::Dispute.as_str())],
     )?;
     s.disputes_open = disputes.first().map(|r| r.int(0)).transpose()?.unwrap_or(0);
+    s.heartbeats = crate::heartbeats::since(db, now_ms - 24 * 3_600_000)?;
     Ok(s)
 }
 
@@ -226,6 +231,21 @@ pub fn render(s: &Snapshot, now_ms: i64) -> String {
         s.refund_oldest_waiting.map(|t| (now_ms - t).max(0) / 1000).unwrap_or(0),
     );
     gauge(&mut out, "astria_disputes_open", "Chargebacks (disputes) no operator has resolved.", s.disputes_open);
+    header(
+        &mut out,
+        "astria_worker_heartbeat_age_seconds",
+        "gauge",
+        "Per worker replica and channel, seconds since it last heard the relay's heartbeat (published every minute); a replica whose pod runs and whose age grows is deaf.",
+    );
+    for h in &s.heartbeats {
+        let _ = writeln!(
+            out,
+            "astria_worker_heartbeat_age_seconds{{channel=\"{}\",replica=\"{}\"}} {}",
+            label(&h.channel),
+            label(&h.replica),
+            (now_ms - h.seen_at).max(0) / 1000
+        );
+    }
     out
 }
 
@@ -248,6 +268,11 @@ mod tests {
             refunds: vec![("pending".into(), 1), ("succeeded".into(), 4)],
             refund_oldest_waiting: Some(10_000),
             disputes_open: 1,
+            heartbeats: vec![crate::heartbeats::Heard {
+                channel: "astria.messages".into(),
+                replica: "astria-message-worker-7d9f-x2".into(),
+                seen_at: 40_000,
+            }],
         };
         let text = render(&s, 70_000);
         for line in [
@@ -268,6 +293,7 @@ mod tests {
             "astria_refunds{status=\"refused\"} 0",
             "astria_refund_oldest_waiting_age_seconds 60",
             "astria_disputes_open 1",
+            "astria_worker_heartbeat_age_seconds{channel=\"astria.messages\",replica=\"astria-message-worker-7d9f-x2\"} 30",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

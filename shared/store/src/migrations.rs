@@ -328,6 +328,19 @@ pub const MIGRATIONS: &[Migration] = &[
             "ALTER TABLE orders ADD COLUMN sync_generation BIGINT NOT NULL DEFAULT 0",
         ],
     },
+    Migration {
+        version: 15,
+        name: "workers that cannot go deaf unnoticed",
+        sql: &[
+            // Each worker replica's last heartbeat per channel (heartbeats.rs).
+            "CREATE TABLE worker_heartbeats (
+            replica TEXT NOT NULL,
+            channel TEXT NOT NULL,
+            seen_at BIGINT NOT NULL,
+            PRIMARY KEY (replica, channel)
+        )",
+        ],
+    },
 ];
 
 /// Applies every migration not yet recorded; answers the versions it applied.
