@@ -185,8 +185,13 @@ impl FakeAstria {
     /// GET requests received (a tune, a prompt list): what asking Astria costs against the
     /// shared API key's rate limit.
     pub async fn reads(&self) -> usize {
+        self.read_paths().await.len()
+    }
+
+    /// The paths of the GET requests received, in order.
+    pub async fn read_paths(&self) -> Vec<String> {
         let received = self.server.received_requests().await.unwrap_or_default();
-        received.iter().filter(|r| r.method.as_str() == "GET").count()
+        received.iter().filter(|r| r.method.as_str() == "GET").map(|r| r.url.path().to_string()).collect()
     }
 
     /// Create requests received, failed ones included.

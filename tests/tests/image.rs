@@ -1703,7 +1703,20 @@ async fn a_callback_replayed_a_thousand_times_costs_one_event_and_one_pass(postg
     // One pass of one replica reads the tune and the prompt list; a pass whose commit failed
     // (SQLite busy under three replicas) is retried whole. Before: 2 × 3 replicas × 1,000.
     let reads = w.astria.reads().await - before.1;
-    assert!((2..=6).contains(&reads) && reads % 2 == 0, "{reads} Astria reads for 1,000 replays");
+    let paths = w.astria.read_paths().await;
+    assert!(
+        (2..=6).contains(&reads) && reads % 2 == 0,
+        "{reads} Astria reads for 1,000 replays: {:?}\n{}\n{}",
+        &paths[before.1..],
+        w.app.log(),
+        std::fs::read_dir(w.app.state_dir.join("logs"))
+            .map(|d| d
+                .flatten()
+                .map(|f| format!("== {:?}\n{}", f.path(), std::fs::read_to_string(f.path()).unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .join("\n"))
+            .unwrap_or_default()
+    );
     assert_eq!(db.count(signals).await, before.0 + 1);
 }
 
