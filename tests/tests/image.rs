@@ -1518,12 +1518,27 @@ fn images_refused_while(
     seen
 }
 
-/// WhatsApp accepted each portrait exactly once.
-fn assert_each_accepted_once(accepted: &[String]) {
-    let mut distinct = accepted.to_vec();
+/// Waits (relaying, as the every-minute job would) until WhatsApp has accepted every portrait,
+/// lets the app settle, and checks each was accepted once and the closing text went last;
+/// answers every send.
+async fn every_portrait_accepted_once(w: &World, seen: &std::sync::Mutex<Outage>) -> Vec<Value> {
+    w.wait_until(&format!("{IMAGES} portraits accepted, relaying"), Duration::from_secs(60), || async {
+        if seen.lock().unwrap().accepted.len() >= IMAGES {
+            return Some(());
+        }
+        wa::relay(&w.app).await;
+        None
+    })
+    .await;
+    settle(w).await;
+    let accepted = seen.lock().unwrap().accepted.clone();
+    let mut distinct = accepted.clone();
     distinct.sort();
     distinct.dedup();
     assert_eq!((accepted.len(), distinct.len()), (IMAGES, IMAGES), "each portrait once: {accepted:#?}");
+    let sends = w.graph.requests().await;
+    assert_eq!(wa::summary(sends.last().unwrap()), DONE, "the closing text goes last");
+    sends
 }
 
 /// WhatsApp refuses every portrait for longer than the sender's whole retry budget of before
@@ -1555,18 +1570,7 @@ async fn a_whatsapp_outage_longer_than_the_old_retry_budget_still_delivers_every
     assert_eq!(db.count("SELECT COUNT(*) FROM outbound_messages WHERE status = 'failed'").await, 0);
     down.store(false, Ordering::SeqCst);
 
-    w.wait_until(&format!("{IMAGES} portraits accepted, relaying"), Duration::from_secs(60), || async {
-        if seen.lock().unwrap().accepted.len() >= IMAGES {
-            return Some(());
-        }
-        wa::relay(&w.app).await;
-        None
-    })
-    .await;
-    settle(&w).await;
-    assert_each_accepted_once(&seen.lock().unwrap().accepted);
-    let sends = w.graph.requests().await;
-    assert_eq!(wa::summary(sends.last().unwrap()), DONE, "the closing text goes last");
+    let sends = every_portrait_accepted_once(&w, &seen).await;
     assert_eq!(sends.iter().filter(|s| wa::summary(s) == DONE).count(), 1);
     assert_eq!(db.order_status(&order_id).await, "delivered");
     assert_eq!(db.count("SELECT COUNT(*) FROM payment_issues").await, 0, "nothing to refund");
@@ -1635,18 +1639,7 @@ async fn portraits_whatsapp_never_takes_fail_the_delivery_and_a_resend_delivers_
     down.store(false, Ordering::SeqCst);
     let (status, body) = w.app.call("POST", &path, Some(wa::ADMIN_TOKEN), None).await;
     assert_eq!((status, body["resent"].as_u64()), (202, Some(IMAGES as u64)), "{body}");
-    w.wait_until(&format!("{IMAGES} portraits accepted, relaying"), Duration::from_secs(60), || async {
-        if seen.lock().unwrap().accepted.len() >= IMAGES {
-            return Some(());
-        }
-        wa::relay(&w.app).await;
-        None
-    })
-    .await;
-    settle(&w).await;
-    assert_each_accepted_once(&seen.lock().unwrap().accepted);
-    let sends = w.graph.requests().await;
-    assert_eq!(wa::summary(sends.last().unwrap()), DONE, "the closing text goes last");
+    every_portrait_accepted_once(&w, &seen).await;
     assert_eq!(db.order_status(&order_id).await, "delivered");
     let (status, _) = w.app.call("POST", &path, Some(wa::ADMIN_TOKEN), None).await;
     assert_eq!(status, 409, "a delivered order is not resent");

@@ -141,22 +141,10 @@ fn revive_dead_sends<D: Db + ?Sized>(
             continue;
         }
         let detail = "its send event died and the sender's horizon has passed";
-        let (pending, order) =
+        let pending =
             transaction(db, |db| spin_kit::messages::give_up(db, &m, None, detail, cfg.auto_refund, request_id, now))?;
         given_up += 1;
         refunds.extend(pending);
-        spin_kit::log::error_with(
-            "whatsapp.rejected",
-            request_id,
-            &format!("message {} ({}) not delivered: {detail}", m.id, m.kind),
-        );
-        if let Some(order_id) = order {
-            spin_kit::log::error_with(
-                "whatsapp.delivery_failed",
-                request_id,
-                &format!("order {order_id} delivery_failed, refund flagged"),
-            );
-        }
     }
     Ok((revived, given_up, refunds))
 }

@@ -350,7 +350,8 @@ impl Sender<'_> {
                     // Too large (or unusable) as an image: the same link goes as a document,
                     // which carries the portrait from now on (the order waits for it).
                     let detail = format!("{detail}; resent as a document");
-                    self.fail_message(db, m, Some(send::codes::MEDIA_UPLOAD), &detail, now)?;
+                    let code = Some(send::codes::MEDIA_UPLOAD);
+                    spin_kit::messages::fail(db, m, code, &detail, self.correlation_id, now)?;
                     if let Some(doc) = as_document(m) {
                         let doc_id = uuid::Uuid::new_v4().to_string();
                         let pending =
@@ -407,9 +408,9 @@ impl Sender<'_> {
         Ok(false)
     }
 
-    /// Gives `m` up; a portrait's order becomes `delivery_failed`, its refund flagged (and
-    /// asked for with `auto_refund`: the refund's event waits in the outbox for the relay, this
-    /// worker has no Redis to publish it on).
+    /// Gives `m` up (`spin_kit::messages::give_up`: a portrait's order becomes
+    /// `delivery_failed`, its refund flagged; the refund's event waits in the outbox for the
+    /// relay, this worker has no Redis to publish it on).
     fn fail<D: Db + ?Sized>(
         &self,
         db: &D,
@@ -418,40 +419,8 @@ impl Sender<'_> {
         detail: &str,
         now: i64,
     ) -> Result<(), DbError> {
-        let (_, failed_order) =
-            spin_kit::messages::give_up(db, m, code, detail, self.auto_refund, self.correlation_id, now)?;
-        self.log_failure(m, detail);
-        if let Some(order_id) = failed_order {
-            log::error_with(
-                "whatsapp.delivery_failed",
-                self.correlation_id,
-                &format!("order {order_id} delivery_failed, refund flagged: portrait message {} {detail}", m.id),
-            );
-        }
+        spin_kit::messages::give_up(db, m, code, detail, self.auto_refund, self.correlation_id, now)?;
         Ok(())
-    }
-
-    /// Marks `m` failed and completes its event; nothing else.
-    fn fail_message<D: Db + ?Sized>(
-        &self,
-        db: &D,
-        m: &OutboundMessage,
-        code: Option<i64>,
-        detail: &str,
-        now: i64,
-    ) -> Result<(), DbError> {
-        messages::mark_failed(db, &m.id, code, detail, now)?;
-        outbox::complete(db, &m.event_id, now)?;
-        self.log_failure(m, detail);
-        Ok(())
-    }
-
-    fn log_failure(&self, m: &OutboundMessage, detail: &str) {
-        log::error_with(
-            "whatsapp.rejected",
-            self.correlation_id,
-            &format!("message {} ({}) not delivered: {detail}", m.id, m.kind),
-        );
     }
 }
 

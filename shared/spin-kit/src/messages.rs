@@ -94,10 +94,29 @@ pub fn release_held<D: Db + ?Sized>(db: &D, wa_id: &str, correlation_id: &str) -
     requeue(db, wa_id, messages::status::HELD, correlation_id)
 }
 
-/// Gives message `m` up for good (`failed`, its event completed). If it carried a portrait,
-/// its order becomes `delivery_failed` with the refund flagged (and, with `auto_refund`, asked
-/// for): answers the refund's events to publish, and the order, if this call failed it.
-/// Call inside a transaction.
+/// Marks message `m` failed (its event completed, so nothing sends it again) and logs it for
+/// operators. Call inside a transaction.
+pub fn fail<D: Db + ?Sized>(
+    db: &D,
+    m: &messages::OutboundMessage,
+    code: Option<i64>,
+    detail: &str,
+    correlation_id: &str,
+    now: i64,
+) -> Result<(), DbError> {
+    messages::mark_failed(db, &m.id, code, detail, now)?;
+    astria_store::outbox::complete(db, &m.event_id, now)?;
+    crate::log::error_with(
+        "whatsapp.rejected",
+        correlation_id,
+        &format!("message {} ({}) not delivered: {detail}", m.id, m.kind),
+    );
+    Ok(())
+}
+
+/// Gives message `m` up for good ([`fail`]). If it carried a portrait, its order becomes
+/// `delivery_failed` with the refund flagged (and, with `auto_refund`, asked for): answers the
+/// refund's events to publish. Call inside a transaction.
 #[allow(clippy::too_many_arguments)]
 pub fn give_up<D: Db + ?Sized>(
     db: &D,
@@ -107,10 +126,9 @@ pub fn give_up<D: Db + ?Sized>(
     auto_refund: bool,
     correlation_id: &str,
     now: i64,
-) -> Result<(Vec<Pending>, Option<String>), DbError> {
-    messages::mark_failed(db, &m.id, code, detail, now)?;
-    astria_store::outbox::complete(db, &m.event_id, now)?;
-    let Some(order_id) = messages::portrait_order(db, &m.id)? else { return Ok((vec![], None)) };
+) -> Result<Vec<Pending>, DbError> {
+    fail(db, m, code, detail, correlation_id, now)?;
+    let Some(order_id) = messages::portrait_order(db, &m.id)? else { return Ok(vec![]) };
     let from = [OrderStatus::Training, OrderStatus::Delivering];
     let issue = format!("delivery-failed:{order_id}");
     let why = format!("WhatsApp did not take portrait message {}: {detail}", m.id);
@@ -125,10 +143,13 @@ pub fn give_up<D: Db + ?Sized>(
         correlation_id,
         now,
     )?;
-    Ok(match failed {
-        Some(pending) => (pending, Some(order_id)),
-        None => (vec![], None),
-    })
+    let Some(pending) = failed else { return Ok(vec![]) };
+    crate::log::error_with(
+        "whatsapp.delivery_failed",
+        correlation_id,
+        &format!("order {order_id} delivery_failed, refund flagged: {why}"),
+    );
+    Ok(pending)
 }
 
 /// Queues the failed portraits of an order again (an operator's resend after
