@@ -47,7 +47,7 @@ fn consume(payload: &[u8]) -> anyhow::Result<()> {
     let Some(event) = spin_kit::events::parse_or_drop(&payload, CONSUMER) else { return Ok(()) };
     let db = spin_kit::open_db().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     if spin_kit::heartbeat::is_heartbeat(&event) {
-        return Ok(spin_kit::heartbeat::book(&db, channels::ORDERS)?);
+        return Ok(spin_kit::heartbeat::book(&db, &event, channels::ORDERS)?);
     }
     match event.event_type.as_str() {
         ORDER_PAID => match serde_json::from_str::<OrderPaid>(&event.payload) {

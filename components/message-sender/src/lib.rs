@@ -77,7 +77,7 @@ fn consume(payload: &[u8]) -> anyhow::Result<()> {
     let Some(event) = spin_kit::events::parse_or_drop(&payload, "sender") else { return Ok(()) };
     if spin_kit::heartbeat::is_heartbeat(&event) {
         let db = spin_kit::open_db().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        return Ok(spin_kit::heartbeat::book(&db, channels::MESSAGES)?);
+        return Ok(spin_kit::heartbeat::book(&db, &event, channels::MESSAGES)?);
     }
     if event.event_type != MESSAGE_SEND {
         log::warn("sender", &format!("ignoring event type {} on the messages channel", event.event_type));

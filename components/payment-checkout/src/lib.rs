@@ -54,7 +54,7 @@ fn consume(payload: &[u8]) -> anyhow::Result<()> {
     let Some(event) = spin_kit::events::parse_or_drop(&payload, CONSUMER) else { return Ok(()) };
     if spin_kit::heartbeat::is_heartbeat(&event) {
         let db = spin_kit::open_db().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        return Ok(spin_kit::heartbeat::book(&db, channels::PAYMENTS)?);
+        return Ok(spin_kit::heartbeat::book(&db, &event, channels::PAYMENTS)?);
     }
     match event.event_type.as_str() {
         ORDER_AWAITING_PAYMENT => {}

@@ -21,9 +21,14 @@ pub fn is_heartbeat(event: &EventEnvelope) -> bool {
     event.event_type == WORKER_HEARTBEAT
 }
 
-/// Books the heartbeat this replica heard on `channel`, under the `replica_name` variable (the
-/// pod's name on Kubernetes, from the downward API).
-pub fn book<D: Db + ?Sized>(db: &D, channel: &str) -> Result<(), DbError> {
+/// Books the heartbeat `event` this replica heard on `channel`, under the `replica_name`
+/// variable (the pod's name on Kubernetes, from the downward API), at the time the relay sent
+/// it: a replica working through a backlog of old heartbeats does not look fresh, and one that
+/// hears nothing sent after a given moment provably heard nothing since.
+pub fn book<D: Db + ?Sized>(db: &D, event: &EventEnvelope, channel: &str) -> Result<(), DbError> {
     let replica = spin_sdk::variables::get("replica_name").unwrap_or_else(|_| "unnamed".into());
-    heartbeats::record(db, &replica, channel, now_ms())
+    let sent = chrono::DateTime::parse_from_rfc3339(&event.occurred_at)
+        .map(|t| t.timestamp_millis())
+        .unwrap_or_else(|_| now_ms());
+    heartbeats::record(db, &replica, channel, sent)
 }

@@ -9,14 +9,14 @@
 
 use crate::{Db, DbError, Value};
 
-/// Books that `replica` heard the heartbeat on `channel` at `now_ms`.
-pub fn record<D: Db + ?Sized>(db: &D, replica: &str, channel: &str, now_ms: i64) -> Result<(), DbError> {
+/// Books that `replica` heard, on `channel`, the heartbeat sent at `sent_ms`.
+pub fn record<D: Db + ?Sized>(db: &D, replica: &str, channel: &str, sent_ms: i64) -> Result<(), DbError> {
     db.execute(
         &db.dialect().sql(
             "INSERT INTO worker_heartbeats (replica, channel, seen_at) VALUES ($1, $2, $3)
              ON CONFLICT (replica, channel) DO UPDATE SET seen_at = excluded.seen_at",
         ),
-        &[Value::from(replica), Value::from(channel), Value::Int(now_ms)],
+        &[Value::from(replica), Value::from(channel), Value::Int(sent_ms)],
     )?;
     Ok(())
 }
