@@ -2,7 +2,9 @@
 //! when the `database_url` variable holds a `postgres://` URL.
 
 use astria_store::{Db, DbError, Dialect, Row, Value};
-use spin_sdk::{pg4, sqlite};
+// `sqlite3` is spin-sdk's binding of `spin:sqlite@3.0.0` (Spin 3.x and devhost serve it): the
+// same connection as `sqlite`, plus the connection's `changes()` counter.
+use spin_sdk::{pg4, sqlite3 as sqlite};
 
 /// An open database connection of either kind.
 pub enum SpinDb {
@@ -14,11 +16,8 @@ impl SpinDb {
     /// Opens the database `database_url` names: `sqlite:default` (or empty) for Spin's default
     /// SQLite database, `postgres://...` for PostgreSQL.
     pub fn open(database_url: &str) -> Result<Self, DbError> {
-        if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
-            pg4::Connection::open(database_url).map(SpinDb::Postgres).map_err(pg_error)
-        } else {
-            let label = database_url.strip_prefix("sqlite:").filter(|l| !l.is_empty()).unwrap_or("default");
-            let conn = sqlite::Connection::open(label).map_err(sqlite_error)?;
+        let db = Self::open_plain(database_url)?;
+        if let SpinDb::Sqlite(conn) = &db {
             // Spin opens the file with SQLite's default rollback journal: every commit then
             // writes and syncs a journal, the database and the journal's removal, and readers
             // wait for writers. The write-ahead log costs one sync per commit and lets readers
@@ -26,7 +25,18 @@ impl SpinDb {
             // connection this is a no-op that takes no lock. If another connection holds the
             // file at that moment the switch waits for the next open (rollback still works).
             let _ = conn.execute("PRAGMA journal_mode=WAL", &[]);
-            Ok(SpinDb::Sqlite(conn))
+        }
+        Ok(db)
+    }
+
+    /// Like [`SpinDb::open`], without the journal switch: one statement less for a hot path
+    /// (the webhook) on a file that other opens have switched already.
+    pub fn open_plain(database_url: &str) -> Result<Self, DbError> {
+        if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
+            pg4::Connection::open(database_url).map(SpinDb::Postgres).map_err(pg_error)
+        } else {
+            let label = database_url.strip_prefix("sqlite:").filter(|l| !l.is_empty()).unwrap_or("default");
+            sqlite::Connection::open(label).map(SpinDb::Sqlite).map_err(sqlite_error)
         }
     }
 }
@@ -115,12 +125,11 @@ impl Db for SpinDb {
             SpinDb::Sqlite(c) => {
                 c.execute(sql, &sqlite_params(params)).map_err(sqlite_error)?;
                 if !changes_rows(sql) {
-                    // BEGIN, COMMIT, PRAGMA...: no rows to count, and no statement to pay for.
+                    // BEGIN, COMMIT, PRAGMA...: `changes()` would still name the last write's rows.
                     return Ok(0);
                 }
-                // spin-sdk does not report affected rows for SQLite; ask SQLite itself.
-                let r = c.execute("SELECT changes()", &[]).map_err(sqlite_error)?;
-                Ok(r.rows.first().and_then(|row| row.get::<i64>(0)).unwrap_or(0) as u64)
+                // The connection's counter, not another statement.
+                Ok(c.changes())
             }
             SpinDb::Postgres(c) => c.execute(sql, &pg_params(params)).map_err(pg_error),
         }

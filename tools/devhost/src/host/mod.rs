@@ -31,6 +31,7 @@ pub mod bindings {
         with: {
             "fermyon:spin/key-value.store": super::kv::KvStore,
             "fermyon:spin/sqlite.connection": super::sqlite::SqliteConnection,
+            "spin:sqlite/sqlite.connection": super::sqlite::SqliteConnection,
             "fermyon:spin/redis.connection": super::redis::RedisConnection,
             "spin:postgres/postgres.connection": super::postgres::PgConnection,
         },
