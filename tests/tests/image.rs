@@ -1590,6 +1590,15 @@ async fn portraits_whatsapp_never_takes_fail_the_delivery_and_a_resend_delivers_
     training_started(&w).await;
     w.astria.finish(&w.app, &order_id).await;
     let db = db(&w.app).await;
+    // Time passes for the horizon without the test waiting it out: once every portrait is
+    // queued and WhatsApp has refused one, each was queued an hour ago as far as the sender
+    // knows (the horizon counts from `queued_at`).
+    let images = "SELECT COUNT(*) FROM outbound_messages WHERE kind = 'image'";
+    w.wait_until("every portrait queued and one refused", Duration::from_secs(30), || async {
+        (db.count(images).await as usize == IMAGES && seen.lock().unwrap().refused > 0).then_some(())
+    })
+    .await;
+    db.execute("UPDATE outbound_messages SET queued_at = queued_at - 3600000 WHERE kind = 'image'", &[]).await;
     w.wait_until("the order delivery_failed, relaying", Duration::from_secs(90), || async {
         if db.order_status(&order_id).await == "delivery_failed" {
             return Some(());
