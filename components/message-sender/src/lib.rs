@@ -64,6 +64,8 @@ const MAX_PER_PASS: usize = 20;
 const INLINE_WAIT_MS: i64 = 10_000;
 /// Passes over one contact's queue per event; anything left is due for the relay.
 const MAX_ROUNDS: usize = 5;
+/// How the booking of a send whose answer was lost begins (`last_error`).
+const UNCONFIRMED: &str = "unconfirmed";
 /// WhatsApp's customer service window.
 const WINDOW_MS: i64 = 24 * 60 * 60 * 1000;
 
@@ -171,7 +173,12 @@ impl Sender<'_> {
         for _ in 0..MAX_PER_PASS {
             let Some(m) = messages::next_in_queue(self.db, wa_id)? else { return Ok(()) };
             let wait = m.next_attempt_at - now_ms();
-            if wait > INLINE_WAIT_MS {
+            // A send waiting for its status webhook is never waited for here, however short
+            // the wait: the status comes through the inbox, whose worker may run in this very
+            // process, one Redis message at a time (Spin's trigger), so it could not be applied
+            // while this handler slept, and the message would go twice.
+            let for_status = wait > 0 && m.last_error.as_deref().is_some_and(|e| e.starts_with(UNCONFIRMED));
+            if wait > INLINE_WAIT_MS || for_status {
                 // Waiting long for its retry, holding back the messages after it: the relay
                 // brings the event back then. So does the event that woke us, if it is a later
                 // message's: neither may die in the dead letters while the head is retried
@@ -343,7 +350,7 @@ impl Sender<'_> {
                 SendOutcome::Unconfirmed { detail } => {
                     // Perhaps sent: not again before the wait for a status webhook with our id,
                     // which marks it sent meanwhile (the retry then finds nothing to send).
-                    let detail = format!("unconfirmed, waiting for a status webhook: {detail}");
+                    let detail = format!("{UNCONFIRMED}, waiting for a status webhook: {detail}");
                     self.retry_or_give_up(db, m, None, &detail, self.unconfirmed_wait_ms, now)?
                 }
                 SendOutcome::Rejected { code: Some(send::codes::MEDIA_UPLOAD), detail } if as_document(m).is_some() => {
