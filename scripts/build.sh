@@ -9,7 +9,7 @@ bash scripts/setup-toolchain.sh
 # shellcheck disable=SC1091
 source target/toolchain.env
 
-wasm_packages=(message-service message-sender payment-checkout image-trainer image-service payment-service maintenance-service host-probe redis-probe event-probe event-consumer)
+wasm_packages=(message-service message-sender conversation-worker payment-checkout image-trainer image-service payment-service maintenance-service host-probe redis-probe event-probe event-consumer)
 args=(); for p in "${wasm_packages[@]}"; do args+=(-p "$p"); done
 echo "[build] wasm components (${ASTRIA_TOOLCHAIN} toolchain)" >&2
 cargo build --target wasm32-wasip2 --release "${args[@]}"

@@ -309,8 +309,8 @@ class EveryOverlay(unittest.TestCase):
     def test_every_service_has_an_http_spinapp_and_a_worker_spinapp(self):
         names = sorted(d["metadata"]["name"] for d in render("production") if d["kind"] == "SpinApp")
         self.assertEqual(names, sorted([
-            "astria-message", "astria-message-worker", "astria-image", "astria-image-worker",
-            "astria-payment", "astria-payment-worker", "astria-maintenance",
+            "astria-message", "astria-message-worker", "astria-conversation-worker", "astria-image",
+            "astria-image-worker", "astria-payment", "astria-payment-worker", "astria-maintenance",
         ]))
 
 

@@ -291,11 +291,18 @@ impl TestApp {
 
     /// Sends only the request head of a POST declaring `length` bytes, and reads the answer.
     pub async fn headers_only_post(&self, path: &str, length: usize) -> (u16, String) {
+        self.headers_only_post_with(path, length, &[]).await
+    }
+
+    /// [`TestApp::headers_only_post`] with extra headers (a signature, say).
+    pub async fn headers_only_post_with(&self, path: &str, length: usize, headers: &[(&str, &str)]) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let addr = self.address.trim_start_matches("http://");
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let head =
-            format!("POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {length}\r\nconnection: close\r\n\r\n");
+        let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {length}\r\n{extra}connection: close\r\n\r\n"
+        );
         stream.write_all(head.as_bytes()).await.unwrap();
         let mut raw = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await;
@@ -313,12 +320,19 @@ impl TestApp {
     /// the status. A server that answers 413 early and closes is read, not lost as a broken
     /// pipe (reqwest would report only the failed write).
     pub async fn chunked_post(&self, path: &str, total: usize) -> u16 {
+        self.chunked_post_with(path, total, &[]).await
+    }
+
+    /// [`TestApp::chunked_post`] with extra headers (a signature, say).
+    pub async fn chunked_post_with(&self, path: &str, total: usize, headers: &[(&str, &str)]) -> u16 {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let addr = self.address.trim_start_matches("http://");
         let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (mut rd, mut wr) = stream.into_split();
-        let head =
-            format!("POST {path} HTTP/1.1\r\nhost: {addr}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n");
+        let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: {addr}\r\ntransfer-encoding: chunked\r\n{extra}connection: close\r\n\r\n"
+        );
         let writer = tokio::spawn(async move {
             wr.write_all(head.as_bytes()).await?;
             let chunk = vec![b'{'; 64 * 1024];

@@ -7,6 +7,7 @@
 //! - no outbox event is dead-lettered, unless the test says it expects some (`dead_ok`): a dead
 //!   event is work the app gave up on, not work it finished,
 //! - no outbound message is queued (the sender has nothing to send, now or later),
+//! - no webhook waits in the inbox, and none was set aside (unless `dead_ok`),
 //! - no sender or job lease is held (no sender or trainer is running).
 //!
 //! Each round calls the relay (`/maintenance/relay`), as the every-minute job would, so that
@@ -90,6 +91,9 @@ pub async fn dead(db: &TestDb, ignore_event_types: &[&str]) -> Vec<String> {
             left.push(format!("event {event_type} dead-lettered ({})", r[1].opt_text().unwrap_or_default()));
         }
     }
+    for r in db.rows("SELECT request_id, last_error FROM inbox WHERE set_aside_at IS NOT NULL", &[]).await {
+        left.push(format!("webhook of request {} set aside ({})", r[0].text(), r[1].opt_text().unwrap_or_default()));
+    }
     left
 }
 
@@ -113,6 +117,11 @@ pub async fn busy(db: &TestDb, ignore_event_types: &[&str]) -> Vec<String> {
         db.rows("SELECT kind, next_attempt_at FROM outbound_messages WHERE status = 'queued' ORDER BY seq", &[]).await
     {
         left.push(format!("message {} queued (due in {} ms)", r[0].text(), r[1].int() - now));
+    }
+    for r in
+        db.rows("SELECT request_id, attempts FROM inbox WHERE set_aside_at IS NULL ORDER BY received_at", &[]).await
+    {
+        left.push(format!("webhook of request {} waiting in the inbox ({} failed steps)", r[0].text(), r[1].int()));
     }
     for table in ["send_leases", "job_leases"] {
         let n = db.int(&format!("SELECT COUNT(*) FROM {table} WHERE lease_until > $1"), &[now.into()]).await;

@@ -399,7 +399,19 @@ pub fn bot_config(graph: &FakeGraph, redis: &TestRedis, postgres: bool) -> AppCo
 pub async fn spawn_bot(config: AppConfig, redis: &TestRedis) -> TestApp {
     let app = spawn_app(config).await.expect("the app starts");
     crate::wait_for_subscribers_at(&redis.url(), "astria.messages", 1).await.expect("the sender subscribes");
+    crate::wait_for_subscribers_at(&redis.url(), "astria.inbox", 1).await.expect("the conversation worker subscribes");
     app
+}
+
+/// Waits until the conversation worker has worked every stored webhook through: the inbox
+/// is empty (a row leaves it in the step's own commit order, after its effects are written).
+pub async fn worked_through(app: &TestApp) {
+    let db = crate::db::TestDb::of(app).await;
+    let waiting = "SELECT COUNT(*) FROM inbox WHERE set_aside_at IS NULL";
+    app.wait_until("the inbox to be worked through", Duration::from_secs(30), || async {
+        (db.int(waiting, &[]).await == 0).then_some(())
+    })
+    .await
 }
 
 /// Posts a signed webhook body; answers status and JSON.

@@ -90,6 +90,9 @@ impl World {
         }
         let n = options.replicas.max(1) as i64;
         crate::wait_for_subscribers_at(&redis.url(), "astria.orders", n).await.expect("every trainer subscribes");
+        crate::wait_for_subscribers_at(&redis.url(), "astria.inbox", n)
+            .await
+            .expect("every conversation worker subscribes");
         World { app, replicas, graph, stripe, astria, redis }
     }
 

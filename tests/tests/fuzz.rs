@@ -512,8 +512,16 @@ fn show(bad: &[(u16, Case)]) -> String {
 }
 
 /// Tables a request can write to.
-const TABLES: &[&str] =
-    &["contacts", "processed_webhooks", "outbound_messages", "outbox", "orders", "payment_issues", "generated_images"];
+const TABLES: &[&str] = &[
+    "contacts",
+    "processed_webhooks",
+    "outbound_messages",
+    "outbox",
+    "orders",
+    "payment_issues",
+    "generated_images",
+    "inbox",
+];
 
 async fn fuzzed_input_through_every_public_route(postgres: bool) {
     let (n, signed_n) = (cases(), signed_cases());
@@ -614,6 +622,9 @@ async fn fuzzed_input_through_every_public_route(postgres: bool) {
 
 on_both!(fuzzed_input_through_every_public_route);
 
+/// A signature header of the right form (`sha256=` and 64 hex digits) that signs nothing.
+const WELL_FORMED_SIGNATURE: &str = "sha256=0000000000000000000000000000000000000000000000000000000000000000";
+
 /// Bodies over the limit on every POST route: refused with 413 from the announced length, and
 /// while streaming when there is none.
 async fn bodies_over_the_limit_are_refused_on_every_route(postgres: bool) {
@@ -623,11 +634,21 @@ async fn bodies_over_the_limit_are_refused_on_every_route(postgres: bool) {
     let astria = FakeAstria::start().await;
     let config = fa::bot_config(&graph, &redis, &stripe, &astria, postgres);
     let app = wa::spawn_bot(config, &redis).await;
+    // The webhook reads nothing unsigned: without a well-formed signature header it answers 401
+    // before the body; with one, the limit applies as on every other route.
+    let signed = [("x-hub-signature-256", WELL_FORMED_SIGNATURE)];
     for route in ["/SmsReceived", "/payment-received", "/pack-tune-received", "/update-images", "/maintenance/relay"] {
-        let (status, body) = app.headers_only_post(route, 5 * 1024 * 1024).await;
+        let (status, body) = app.headers_only_post_with(route, 5 * 1024 * 1024, &signed).await;
         assert_eq!(status, 413, "{route} with Content-Length: {body}");
-        assert_eq!(app.chunked_post(route, 5 * 1024 * 1024).await, 413, "{route} chunked, no Content-Length");
+        assert_eq!(
+            app.chunked_post_with(route, 5 * 1024 * 1024, &signed).await,
+            413,
+            "{route} chunked, no Content-Length"
+        );
     }
+    let (status, body) = app.headers_only_post("/SmsReceived", 5 * 1024 * 1024).await;
+    assert_eq!(status, 401, "unsigned, refused before its body: {body}");
+    assert_eq!(app.chunked_post("/SmsReceived", 5 * 1024 * 1024).await, 401, "unsigned, chunked");
     assert_eq!(app.get("/health/message").await.status(), 200);
     assert_eq!(wa::relay(&app).await["republished"], 0);
     let db = TestDb::of(&app).await;

@@ -174,6 +174,7 @@ async fn every_kind_of_webhook_meta_sends_is_answered_2xx_in_both_identity_shape
         let before = outbound(&db).await;
         let (status, answer) = wa::post_webhook(&w.app, body).await;
         assert!((200..300).contains(&status), "{name}: HTTP {status} {answer}\n{}", w.app.log());
+        wa::worked_through(&w.app).await;
         if silent(name) {
             assert_eq!(outbound(&db).await, before, "{name} changes nothing and is not answered");
         }
@@ -186,7 +187,6 @@ async fn every_kind_of_webhook_meta_sends_is_answered_2xx_in_both_identity_shape
     for (name, body) in &deliveries {
         let (status, answer) = wa::post_webhook(&w.app, body).await;
         assert!((200..300).contains(&status), "{name} redelivered: HTTP {status} {answer}");
-        assert_eq!(answer["messages"], 0, "{name} redelivered: nothing handled twice: {answer}");
     }
     quiesce(&w.app).await;
     assert_eq!(outbound(&db).await, sent, "redeliveries queue nothing");
@@ -352,12 +352,18 @@ async fn a_bsuid_refused_by_whatsapp_without_a_known_phone_fails_the_message_wit
 /// refuses the BSUID (131062): the same message goes to the phone, once.
 #[tokio::test]
 async fn a_bsuid_refused_by_whatsapp_falls_back_to_the_phone_once_it_is_known() {
-    let w = world_with(false, &[("whatsapp_timeout_ms", "30000")]).await;
+    // As SpinKube runs it: the conversation worker in a process of its own, so it steps the
+    // second message while the sender waits on WhatsApp (in one process, Spin's Redis trigger
+    // would take it only after the sender's call).
+    let options =
+        Options::on(false).var("whatsapp_timeout_ms", "30000").as_deployment(std::time::Duration::from_secs(1));
+    let w = World::start(options).await;
     let gate = w.graph.hold_next(Answer::Error(400, 131062));
     say(&w, Shape::Username, wa::text(PHONE, "f1", "hi")).await;
     gate.wait_arrived().await;
     // Meanwhile the customer writes again, and this time WhatsApp names the phone too.
     say(&w, Shape::Both, wa::text(PHONE, "f2", "hi again")).await;
+    wa::worked_through(&w.app).await;
     gate.open();
     let sends = w.graph.wait_for(3).await;
     quiesce(&w.app).await;

@@ -24,6 +24,7 @@ struct Bot {
 /// The components of spin.toml these tests run: all but the image-trainer.
 const PAYMENT_WORLD: &[&str] = &[
     "message-service",
+    "conversation-worker",
     "message-sender",
     "payment-service",
     "payment-checkout",

@@ -20,7 +20,8 @@ const IMAGES: usize = fa::PROMPTS as usize * fa::IMAGES_PER_PROMPT;
 /// How long the kubelet (here, the harness) waits before starting an exited process again.
 const RESTART_DELAY: Duration = Duration::from_millis(1500);
 const HTTP_SPINAPPS: [&str; 4] = ["astria-message", "astria-image", "astria-payment", "astria-maintenance"];
-const WORKERS: [&str; 3] = ["astria-message-worker", "astria-image-worker", "astria-payment-worker"];
+const WORKERS: [&str; 4] =
+    ["astria-message-worker", "astria-conversation-worker", "astria-image-worker", "astria-payment-worker"];
 
 /// The app as SpinKube runs it, with its fakes (`astria_tests::world`).
 async fn world(postgres: bool) -> World {
@@ -242,7 +243,8 @@ async fn a_worker_whose_redis_connection_goes_silent_is_named_by_its_heartbeat()
     healthy
         .wait_until("both replicas heard a heartbeat on every channel", Duration::from_secs(30), || async {
             wa::relay(&healthy).await;
-            (heard("replica-a").await.len() == 3 && heard("replica-b").await.len() == 3).then_some(())
+            // astria.payments, .orders, .messages and .inbox: every worker channel.
+            (heard("replica-a").await.len() == 4 && heard("replica-b").await.len() == 4).then_some(())
         })
         .await;
     // One more heartbeat, heard by both on every channel: then none is in flight at the cut.

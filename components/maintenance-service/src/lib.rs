@@ -191,6 +191,8 @@ fn relay(request_id: &str) -> Result<Response, ApiError> {
     // Every worker replica that hears this books it: one whose subscription died silently
     // stops booking, and the metrics route shows it (astria_store::heartbeats).
     let heartbeats = spin_kit::heartbeat::publish(redis_url, request_id);
+    // Webhooks stored while Redis was down, or left by a worker that died: wake a worker.
+    let inbox_waiting = spin_kit::inbox::wake_if_waiting(&db, redis_url, request_id)?;
     if report.republished > 0
         || report.dead_lettered > 0
         || stale.reconcile_requested > 0
@@ -198,8 +200,13 @@ fn relay(request_id: &str) -> Result<Response, ApiError> {
         || stale.held_given_up > 0
         || stale.sends_revived > 0
         || stale.sends_given_up > 0
+        || inbox_waiting > 0
     {
-        spin_kit::log::info_with("maintenance.relay", request_id, &format!("{report:?} {stale:?}"));
+        spin_kit::log::info_with(
+            "maintenance.relay",
+            request_id,
+            &format!("{report:?} {stale:?} inbox_waiting={inbox_waiting}"),
+        );
     }
     let mut body = serde_json::to_value(&report).map_err(|e| ApiError::Internal(e.into()))?;
     body["reconcile_requested"] = stale.reconcile_requested.into();
@@ -208,6 +215,7 @@ fn relay(request_id: &str) -> Result<Response, ApiError> {
     body["sends_revived"] = stale.sends_revived.into();
     body["sends_given_up"] = stale.sends_given_up.into();
     body["heartbeats"] = heartbeats.into();
+    body["inbox_waiting"] = inbox_waiting.into();
     Ok(spin_kit::json_response(200, &body))
 }
 

@@ -1,8 +1,8 @@
 //! message-service: the WhatsApp Cloud API webhook (`GET`/`POST /SmsReceived`) and the
-//! readiness check (`GET /health/message`). HTTP component; a thin adapter: the domain parses
-//! and decides (`astria_domain::whatsapp`, `::conversation`), the store keeps state, and every
-//! reply is queued for the message sender (`components/message-sender`) in the same
-//! transaction, so the webhook answers without waiting for WhatsApp's API.
+//! readiness check (`GET /health/message`). HTTP component; a thin adapter: the domain checks
+//! and parses (`astria_domain::whatsapp`), and the signed body goes to the inbox for the
+//! conversation worker (`components/conversation-worker`), so the webhook answers without
+//! waiting for the conversation step, let alone WhatsApp's API.
 
 mod webhook;
 
@@ -26,9 +26,15 @@ async fn handle(req: IncomingRequest) -> Response {
         (Method::Get, "/SmsReceived") => webhook::verify(&query),
         (Method::Post, "/SmsReceived") => {
             let signature = spin_kit::header(&req, "x-hub-signature-256");
-            match read_body(req, MAX_BODY).await {
-                Ok(body) => webhook::receive(&body, signature.as_deref(), &request_id),
-                Err(e) => Err(e),
+            // Nothing unsigned is read: a missing or malformed signature is refused before the
+            // body, any variable or the database (so 401 comes before 413 for such a body).
+            if astria_domain::whatsapp::signature_bytes(signature.as_deref()).is_none() {
+                Err(ApiError::Unauthorized)
+            } else {
+                match read_body(req, MAX_BODY).await {
+                    Ok(body) => webhook::receive(&body, signature.as_deref(), &request_id),
+                    Err(e) => Err(e),
+                }
             }
         }
         (_, "/SmsReceived") => Err(ApiError::BadRequest("use GET or POST".into())),

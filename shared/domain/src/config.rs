@@ -295,8 +295,14 @@ pub fn whatsapp_webhook(src: &impl Source) -> Result<WhatsAppWebhook, ConfigErro
     Ok(WhatsAppWebhook {
         app_secret: secret(src, "whatsapp_app_secret")?,
         verify_token: secret(src, "whatsapp_verify_token")?,
-        phone_number_id: src.get("whatsapp_phone_number_id").unwrap_or_default().trim().to_string(),
+        phone_number_id: phone_number_id(src),
     })
+}
+
+/// `whatsapp_phone_number_id`: the number whose webhooks are ours (the conversation worker reads
+/// only this of the webhook's settings, never its secrets).
+pub fn phone_number_id(src: &impl Source) -> String {
+    src.get("whatsapp_phone_number_id").unwrap_or_default().trim().to_string()
 }
 
 /// message-service's conversation: the packs (`catalogue_json`) and its settings

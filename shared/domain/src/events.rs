@@ -35,13 +35,19 @@ pub const PAYMENT_REFUND: &str = "payment.refund";
 /// `message.send`: `{"message_id", "to", "message"}` (see `conversation::Message`).
 pub const MESSAGE_SEND: &str = "message.send";
 
+/// `inbox.wake`: `{}`. The inbox has rows: sent by the webhook after storing one, and by the
+/// relay while rows wait. Not an outbox event: the inbox row is the durable part.
+pub const INBOX_WAKE: &str = "inbox.wake";
+
 /// Channels, without the deployment prefix.
 pub mod channels {
     pub const PAYMENTS: &str = "astria.payments";
     pub const ORDERS: &str = "astria.orders";
     pub const MESSAGES: &str = "astria.messages";
+    /// The conversation worker's wake-ups (`inbox.wake`).
+    pub const INBOX: &str = "astria.inbox";
     /// Every channel a worker listens on.
-    pub const ALL: [&str; 3] = [PAYMENTS, ORDERS, MESSAGES];
+    pub const ALL: [&str; 4] = [PAYMENTS, ORDERS, MESSAGES, INBOX];
 }
 
 /// `worker.heartbeat`: `{}`. Published by the relay on every channel each minute.

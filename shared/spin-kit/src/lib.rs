@@ -10,6 +10,8 @@ pub mod events;
 pub mod heartbeat;
 pub mod http_client;
 pub mod images;
+pub mod inbound;
+pub mod inbox;
 pub mod log;
 pub mod messages;
 pub mod refunds;
@@ -60,6 +62,13 @@ impl astria_domain::config::Source for SpinVars {
     fn get(&self, name: &str) -> Option<String> {
         spin_sdk::variables::get(name).ok()
     }
+}
+
+/// Opens the database `database_url` names, without the migration check: for a hot path whose
+/// first statement fails on a missing table anyway (then it calls [`open_db`] and tries again).
+pub fn open_db_unchecked() -> Result<db::SpinDb, error::ApiError> {
+    use astria_domain::config::ExposeSecret;
+    Ok(db::SpinDb::open_plain(astria_domain::config::database_url(&SpinVars)?.expose_secret())?)
 }
 
 /// Opens the database `database_url` names, migrated to the current schema.

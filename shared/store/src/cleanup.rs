@@ -4,7 +4,8 @@
 //! Rules, all relative to the run's `now`:
 //! - processed webhook ids older than `webhook_ids` (Meta retries for days, Stripe for three);
 //! - completed outbox events and their claims older than `events`; dead letters older than
-//!   `dead_letters` (time for an operator to review and replay);
+//!   `dead_letters` (time for an operator to review and replay), and webhooks the conversation
+//!   worker set aside in the inbox as long;
 //! - orders abandoned before payment (collecting photos or awaiting payment, untouched for
 //!   `abandoned_orders`) become `expired`; photo references of expired and cancelled orders
 //!   untouched for `abandoned_orders`, and of delivered orders older than `delivered_photos`,
@@ -65,6 +66,7 @@ pub struct Report {
     pub outbox_events: u64,
     pub event_claims: u64,
     pub dead_letters: u64,
+    pub inbox_set_aside: u64,
     pub orders_expired: u64,
     pub photos_removed: u64,
     pub messages_removed: u64,
@@ -154,6 +156,14 @@ pub fn run<D: Db + ?Sized>(db: &D, now_ms: i64, keep: &Retention, batch: i64) ->
         db,
         "DELETE FROM outbox WHERE id IN
             (SELECT id FROM outbox WHERE status = 'dead' AND created_at < $1 LIMIT $2)",
+        &[before(keep.dead_letters)],
+        batch,
+    )?;
+    // Webhooks the conversation worker set aside are the inbox's dead letters: kept as long.
+    r.inbox_set_aside = in_batches(
+        db,
+        "DELETE FROM inbox WHERE id IN
+            (SELECT id FROM inbox WHERE set_aside_at IS NOT NULL AND set_aside_at < $1 LIMIT $2)",
         &[before(keep.dead_letters)],
         batch,
     )?;

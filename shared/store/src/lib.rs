@@ -15,6 +15,7 @@ pub mod console;
 pub mod heartbeats;
 pub mod identity;
 pub mod images;
+pub mod inbox;
 pub mod lease;
 pub mod messages;
 pub mod metrics;
@@ -133,6 +134,12 @@ pub enum DbError {
 }
 
 impl DbError {
+    /// A statement named a table the schema does not have yet: the database is not migrated
+    /// (SQLite's wording, PostgreSQL's SQLSTATE 42P01 as [`DbError::from_postgres`] keeps it).
+    pub fn is_missing_table(&self) -> bool {
+        matches!(self, DbError::Query(m) if m.starts_with("no such table") || m.ends_with("(42P01)"))
+    }
+
     /// A failed SQLite statement, from SQLite's own message (spin-sdk's SQLite interface reports
     /// failures only as text; the prefixes are SQLite's stable wording). Every adapter maps
     /// through here, so the store's contract tests and the components agree on what a conflict

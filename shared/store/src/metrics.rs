@@ -46,6 +46,11 @@ pub struct Snapshot {
     /// Each worker replica's last heartbeat per channel (heartbeats.rs), for replicas heard in
     /// the last day.
     pub heartbeats: Vec<crate::heartbeats::Heard>,
+    /// Webhooks waiting in the inbox, and when the oldest arrived (inbox.rs).
+    pub inbox_waiting: i64,
+    pub inbox_oldest: Option<i64>,
+    /// Webhooks the worker set aside.
+    pub inbox_set_aside: i64,
 }
 
 pub fn snapshot<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<Snapshot, DbError> {
@@ -97,6 +102,8 @@ pub fn snapshot<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<Snapshot, DbError
     )?;
     s.disputes_open = disputes.first().map(|r| r.int(0)).transpose()?.unwrap_or(0);
     s.heartbeats = crate::heartbeats::since(db, now_ms - 24 * 3_600_000)?;
+    (s.inbox_waiting, s.inbox_oldest) = crate::inbox::backlog(db)?;
+    s.inbox_set_aside = crate::inbox::set_aside_count(db)?;
     Ok(s)
 }
 
@@ -231,6 +238,24 @@ pub fn render(s: &Snapshot, now_ms: i64) -> String {
         s.refund_oldest_waiting.map(|t| (now_ms - t).max(0) / 1000).unwrap_or(0),
     );
     gauge(&mut out, "astria_disputes_open", "Chargebacks (disputes) no operator has resolved.", s.disputes_open);
+    gauge(
+        &mut out,
+        "astria_inbox_waiting",
+        "WhatsApp webhooks accepted and not yet worked through by the conversation worker.",
+        s.inbox_waiting,
+    );
+    gauge(
+        &mut out,
+        "astria_inbox_oldest_age_seconds",
+        "Seconds since the oldest webhook waiting in the inbox arrived; 0 when none.",
+        s.inbox_oldest.map(|t| (now_ms - t).max(0) / 1000).unwrap_or(0),
+    );
+    gauge(
+        &mut out,
+        "astria_inbox_set_aside",
+        "Webhooks the conversation worker could not work through and set aside (see the log).",
+        s.inbox_set_aside,
+    );
     header(
         &mut out,
         "astria_worker_heartbeat_age_seconds",
@@ -273,6 +298,9 @@ mod tests {
                 replica: "astria-message-worker-7d9f-x2".into(),
                 seen_at: 40_000,
             }],
+            inbox_waiting: 4,
+            inbox_oldest: Some(58_000),
+            inbox_set_aside: 1,
         };
         let text = render(&s, 70_000);
         for line in [
@@ -293,6 +321,9 @@ mod tests {
             "astria_refunds{status=\"refused\"} 0",
             "astria_refund_oldest_waiting_age_seconds 60",
             "astria_disputes_open 1",
+            "astria_inbox_waiting 4",
+            "astria_inbox_oldest_age_seconds 12",
+            "astria_inbox_set_aside 1",
             "astria_worker_heartbeat_age_seconds{channel=\"astria.messages\",replica=\"astria-message-worker-7d9f-x2\"} 30",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");

@@ -341,6 +341,24 @@ pub const MIGRATIONS: &[Migration] = &[
         )",
         ],
     },
+    Migration {
+        version: 16,
+        name: "the webhook's inbox",
+        sql: &[
+            // Signed WhatsApp webhook bodies waiting for the conversation worker (inbox.rs),
+            // keyed by the body's SHA-256, deleted once worked through.
+            "CREATE TABLE inbox (
+            id TEXT PRIMARY KEY,
+            body TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            received_at BIGINT NOT NULL,
+            attempts BIGINT NOT NULL DEFAULT 0,
+            last_error TEXT,
+            set_aside_at BIGINT
+        )",
+            "CREATE INDEX inbox_arrival ON inbox (received_at, id)",
+        ],
+    },
 ];
 
 /// Applies every migration not yet recorded; answers the versions it applied.

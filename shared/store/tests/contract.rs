@@ -8,6 +8,7 @@ use astria_store::cleanup;
 use astria_store::heartbeats;
 use astria_store::identity::{self, Ids, Merge, Recipient};
 use astria_store::images;
+use astria_store::inbox;
 use astria_store::lease;
 use astria_store::messages;
 use astria_store::migrations::{latest_version, migrate};
@@ -791,6 +792,14 @@ fn seed(db: &dyn Db) {
     for (url, age) in [("https://mp.astria.ai/old.jpg", 31), ("https://mp.astria.ai/new.jpg", 29)] {
         exec(db, &format!("INSERT INTO generated_images VALUES ('delivered-old', '{url}', 1, 'm', {})", ago(age)));
     }
+    // inbox: (id, set aside days ago): set aside long ago, lately, and a row still waiting.
+    for (id, set_aside) in [("inbox-aside-old", Some(91)), ("inbox-aside-recent", Some(10)), ("inbox-waiting", None)] {
+        let at = set_aside.map(|d| ago(d).to_string()).unwrap_or("NULL".into());
+        exec(db, &format!(
+            "INSERT INTO inbox (id, body, request_id, received_at, set_aside_at) VALUES ('{id}', '{{}}', 'r', {}, {at})",
+            ago(100)
+        ));
+    }
     exec(db, &format!("INSERT INTO send_leases VALUES ('old-lease', 'h', {})", ago(2)));
     exec(db, &format!("INSERT INTO send_leases VALUES ('live-lease', 'h', {})", NOW + 60_000));
 }
@@ -811,6 +820,7 @@ fn the_cleanup_removes_exactly_what_retention_says_and_a_second_run_nothing() {
                 outbox_events: 1,
                 event_claims: 1,
                 dead_letters: 1,
+                inbox_set_aside: 1,
                 orders_expired: 2,
                 // collecting-old, awaiting-old, delivered-old, cancelled-old, w-expired (unpaid and
                 // quiet), y-delivered (delivered long ago), x-cancelled (x leaves): 2 each.
@@ -827,6 +837,11 @@ fn the_cleanup_removes_exactly_what_retention_says_and_a_second_run_nothing() {
         let db = db.as_ref();
         assert_eq!(ids(db, "SELECT external_id FROM processed_webhooks"), ["recent"]);
         assert_eq!(ids(db, "SELECT id FROM outbox"), ["dead-recent", "done-recent", "pending-old"]);
+        assert_eq!(
+            ids(db, "SELECT id FROM inbox"),
+            ["inbox-aside-recent", "inbox-waiting"],
+            "a waiting row is never removed"
+        );
         assert_eq!(
             ids(db, "SELECT event_id FROM event_claims"),
             ["dead-old", "dead-recent", "done-recent", "pending-old"]
@@ -1302,5 +1317,64 @@ fn a_payment_is_refunded_once_whoever_asks_and_a_dashboard_refund_counts() {
             "{counts:?}"
         );
         assert_eq!(refunds::oldest_waiting_since(db).unwrap(), Some(12));
+    });
+}
+
+// ------------------------------------------------------------------ the inbox
+
+#[test]
+fn an_inbox_row_is_stored_once_per_body_without_a_migrated_schema_it_says_so() {
+    on_both(|connect| {
+        let db = connect();
+        // Before any migration, the insert fails in the way the webhook recognises (and then
+        // migrates): SQLite's "no such table", PostgreSQL's 42P01.
+        let missing = inbox::accept(db.as_ref(), "h1", "{}", "r1", 1).unwrap_err();
+        assert!(missing.is_missing_table(), "{missing:?}");
+        migrate(db.as_ref(), 1).unwrap();
+        assert!(inbox::accept(db.as_ref(), "h1", r#"{"a":1}"#, "r1", 10).unwrap());
+        assert!(!inbox::accept(db.as_ref(), "h1", r#"{"a":1}"#, "r2", 11).unwrap(), "the same body again");
+        let rows = inbox::next(db.as_ref(), 10).unwrap();
+        assert_eq!(
+            rows,
+            vec![inbox::Entry {
+                id: "h1".into(),
+                body: r#"{"a":1}"#.into(),
+                request_id: "r1".into(),
+                received_at: 10,
+                attempts: 0
+            }]
+        );
+        inbox::done(db.as_ref(), "h1").unwrap();
+        assert!(inbox::next(db.as_ref(), 10).unwrap().is_empty());
+        assert!(inbox::accept(db.as_ref(), "h1", r#"{"a":1}"#, "r3", 12).unwrap(), "stored again once worked through");
+    });
+}
+
+#[test]
+fn inbox_rows_come_in_arrival_order_and_a_failing_one_is_set_aside_after_its_attempts() {
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 1).unwrap();
+        // Arrival order, not key order: "c" came first.
+        for (id, at) in [("c", 100), ("a", 200), ("b", 300)] {
+            assert!(inbox::accept(db.as_ref(), id, "{}", "r", at).unwrap());
+        }
+        let order = |db: &dyn Db| inbox::next(db, 10).unwrap().into_iter().map(|e| e.id).collect::<Vec<_>>();
+        assert_eq!(order(db.as_ref()), ["c", "a", "b"]);
+        assert_eq!(inbox::next(db.as_ref(), 2).unwrap().len(), 2, "the limit holds");
+        assert_eq!(inbox::backlog(db.as_ref()).unwrap(), (3, Some(100)));
+
+        for attempt in 1..inbox::MAX_ATTEMPTS {
+            assert!(!inbox::failed(db.as_ref(), "c", "boom", 1_000).unwrap(), "attempt {attempt} keeps it in line");
+            assert_eq!(order(db.as_ref())[0], "c");
+        }
+        assert!(inbox::failed(db.as_ref(), "c", "boom", 1_000).unwrap(), "the last attempt sets it aside");
+        assert_eq!(order(db.as_ref()), ["a", "b"]);
+        assert_eq!(inbox::backlog(db.as_ref()).unwrap(), (2, Some(200)));
+        assert_eq!(inbox::set_aside_count(db.as_ref()).unwrap(), 1);
+
+        inbox::set_aside(db.as_ref(), "a", "unreadable", 1_000).unwrap();
+        assert_eq!(order(db.as_ref()), ["b"]);
+        assert_eq!(inbox::set_aside_count(db.as_ref()).unwrap(), 2);
     });
 }

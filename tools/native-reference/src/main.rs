@@ -1,9 +1,8 @@
 //! The native reference of the webhook benchmark: `POST /SmsReceived` served by a plain native
 //! Rust HTTP server (hyper) doing the same work per request as message-service under Spin,
 //! through the same code: the signature check and parsing of `astria_domain::whatsapp`, the
-//! configuration read per request, the migration check, then message-service's own
-//! `webhook::handle` (dedupe, conversation step, replies and outbox in one transaction per
-//! message) and a Redis publish of the events with their outbox bookkeeping. What it does not
+//! configuration read per request, then message-service's own `webhook::store` (the inbox
+//! insert, one statement) and the wake-up published on Redis. What it does not
 //! do is what a native server need not: instantiate a component per request, and open a new
 //! database connection per request (it keeps them, as any native server would). The
 //! difference in throughput is the cost of Wasm and Spin that `docs/performance.md` reports.
@@ -22,6 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use astria_domain::config::{self, ExposeSecret, Source};
+use astria_domain::events::{channels, INBOX_WAKE};
 use astria_domain::whatsapp;
 use astria_store::native::{Pg, Sqlite};
 use astria_store::{Db, DbError, Dialect, Row, Value};
@@ -29,7 +29,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response};
 use spin_kit::error::ApiError;
-use spin_kit::events::{now_ms, Pending};
+use spin_kit::events::now_ms;
 
 #[allow(dead_code)] // receive and verify are message-service's Spin edge, unused here.
 #[path = "../../../components/message-service/src/webhook.rs"]
@@ -109,35 +109,34 @@ impl Server {
         Ok(Worker { db, redis })
     }
 
-    /// message-service's `receive`, natively.
+    /// message-service's `receive`, natively: the same checks, the same inbox statement
+    /// (`webhook::store`), and the wake-up published on the kept Redis connection.
     fn receive(&self, body: &[u8], signature: Option<&str>, request_id: &str) -> Result<String, ApiError> {
         let edge = config::whatsapp_webhook(&self.vars)?;
         whatsapp::verify_signature(edge.app_secret.expose_secret(), body, signature)
             .map_err(|_| ApiError::Unauthorized)?;
         let hook = webhook::parse(body, &edge.phone_number_id)?;
+        let mut accepted =
+            webhook::Accepted { messages: hook.messages.len(), statuses: hook.statuses.len(), queued: false };
         if hook.messages.is_empty() && hook.statuses.is_empty() && hook.preferences.is_empty() {
-            return Ok(serde_json::to_string(&webhook::Report::default()).unwrap());
+            return Ok(serde_json::to_string(&accepted).unwrap());
         }
-        let cfg = config::message_service(&self.vars)?;
-        let (packs, settings) = (&cfg.packs, &cfg.conversation);
         let mut w = self.worker()?;
-        astria_store::migrations::ensure_migrated(&w.db, now_ms())?;
-        let redis = &mut w.redis;
-        let report =
-            webhook::handle(&w.db, &hook, packs, settings, request_id, |db, pending| publish(db, redis, pending));
+        let stored = webhook::store(&w.db, body, request_id, || {
+            astria_store::migrations::migrate(&w.db, now_ms()).map(drop).map_err(ApiError::from)
+        })?;
+        accepted.queued = stored.queued;
+        if stored.wake {
+            let event = spin_kit::events::envelope(INBOX_WAKE, &serde_json::json!({}), request_id);
+            let json = serde_json::to_string(&event).unwrap();
+            // Best effort, as in message-service: the row is the durable part.
+            let _ = redis::cmd("PUBLISH").arg(channels::INBOX).arg(json).query::<i64>(&mut w.redis);
+        }
         if !self.fresh {
             self.idle.lock().unwrap().push(w);
         }
-        Ok(serde_json::to_string(&report?).unwrap())
+        Ok(serde_json::to_string(&accepted).unwrap())
     }
-}
-
-/// spin-kit's `events::publish`, natively: the same outbox bookkeeping, through this server's
-/// kept Redis connection.
-fn publish(db: &NativeDb, redis: &mut redis::Connection, pending: &[Pending]) {
-    spin_kit::events::publish_with(db, pending, |p| {
-        redis::cmd("PUBLISH").arg(&p.channel).arg(&p.json).query::<i64>(redis).map(drop).map_err(|e| e.to_string())
-    });
 }
 
 fn respond(status: u16, body: String) -> Response<Full<Bytes>> {

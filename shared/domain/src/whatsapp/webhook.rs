@@ -35,11 +35,27 @@ pub fn verify_subscription<'a>(
     (mode == Some("subscribe") && token_ok).then_some(challenge?)
 }
 
+/// The HMAC an `X-Hub-Signature-256` header carries (`sha256=` and 64 hex digits), or `None`
+/// for a missing or malformed header. Checkable before the body is read or any secret is
+/// looked up: a request without a well-formed header is refused at the cost of nothing.
+pub fn signature_bytes(header: Option<&str>) -> Option<[u8; 32]> {
+    let hex_sig = header?.trim().strip_prefix("sha256=")?;
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_sig, &mut out).ok()?;
+    Some(out)
+}
+
+/// The id the inbox keeps a signed body under: its SHA-256, hex. Meta redelivers a webhook
+/// byte for byte, so a redelivery waiting in the inbox is one row.
+pub fn body_id(raw_body: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(Sha256::digest(raw_body))
+}
+
 /// Checks `X-Hub-Signature-256: sha256=<hex>` against HMAC-SHA256(app secret, raw body), in
 /// constant time. An empty secret never verifies: an unconfigured bot accepts nothing.
 pub fn verify_signature(app_secret: &str, raw_body: &[u8], header: Option<&str>) -> Result<(), WebhookError> {
-    let hex_sig = header.and_then(|h| h.trim().strip_prefix("sha256=")).ok_or(WebhookError::BadSignature)?;
-    let sig = hex::decode(hex_sig).map_err(|_| WebhookError::BadSignature)?;
+    let sig = signature_bytes(header).ok_or(WebhookError::BadSignature)?;
     if app_secret.is_empty() {
         return Err(WebhookError::BadSignature);
     }

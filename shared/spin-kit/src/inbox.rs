@@ -1,0 +1,187 @@
+//! Draining the inbox (`astria_store::inbox`): the conversation worker's work per wake-up.
+//!
+//! One drainer at a time, by the `inbox` job lease: rows are worked through strictly in
+//! arrival order, so a contact's messages are stepped in the order WhatsApp delivered them,
+//! whatever the number of worker replicas. The others return at once.
+//!
+//! No row is left behind: the webhook wakes the workers after storing a row unless it sees the
+//! lease held (a drainer will take the row: under load this saves a Redis connection per
+//! request), and a drainer, after giving the lease back, looks at the inbox once more and
+//! drains again if a row came in meanwhile. Each statement sees every commit before it, so
+//! either the drainer's last look finds the row or the webhook, storing it later, finds the
+//! lease free and wakes someone. A drainer that died holds the lease for at most `LEASE_MS`;
+//! the relay wakes the workers every minute while rows wait.
+
+use astria_domain::conversation::Config as ConversationConfig;
+use astria_domain::events::{channels, INBOX_WAKE};
+use astria_domain::whatsapp;
+use astria_models::Pack;
+use astria_store::lease::{self, Kind};
+use astria_store::{inbox, Db};
+
+use crate::error::ApiError;
+use crate::events::{now_ms, Pending};
+use crate::inbound::{self, Report};
+
+use astria_store::inbox::LEASE;
+/// How long a drainer may hold the inbox without renewing; renewed every batch. A drainer that
+/// died blocks the inbox for at most this long.
+const LEASE_MS: i64 = 60_000;
+/// Rows read per batch.
+const BATCH: i64 = 100;
+/// How long one drain may run before it hands on: a Redis trigger works one message at a time,
+/// so a drain that ran on through a long backlog would hold back the sender's messages on the
+/// same process. What is left is handed on with a fresh wake-up.
+const PASS_MS: i64 = 2_000;
+
+/// What one drain did.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Drained {
+    /// Another drainer held the inbox: this one did nothing.
+    pub busy: bool,
+    /// Rows worked through and removed.
+    pub rows: usize,
+    pub messages: usize,
+    pub duplicates: usize,
+    pub statuses: usize,
+    /// Rows set aside after failing for a reason other than an outage.
+    pub set_aside: usize,
+    /// The pass ended on its time bound with rows left: the caller wakes a worker for them.
+    pub more: bool,
+}
+
+impl Drained {
+    fn add(&mut self, r: &Report) {
+        self.rows += 1;
+        self.messages += r.messages;
+        self.duplicates += r.duplicates;
+        self.statuses += r.statuses;
+    }
+}
+
+/// What a drain needs beside the database.
+pub struct Settings<'a> {
+    pub phone_number_id: &'a str,
+    pub packs: &'a [Pack],
+    pub conversation: &'a ConversationConfig,
+    /// Who drains (the lease holder): unique per invocation.
+    pub holder: &'a str,
+}
+
+/// Works the inbox through until it is empty, if no other drainer holds it. An outage stops
+/// the drain with the error, the row kept for the next wake-up (the relay sends one while rows
+/// wait); any other failure is booked on the row and, after `inbox::MAX_ATTEMPTS`, sets it
+/// aside so that the rows behind it go on.
+pub fn drain<D: Db>(db: &D, s: &Settings, mut publish: impl FnMut(&D, &[Pending])) -> Result<Drained, ApiError> {
+    let mut out = Drained::default();
+    loop {
+        if !lease::acquire(db, Kind::Job, LEASE, s.holder, now_ms(), LEASE_MS)? {
+            out.busy = true;
+            return Ok(out);
+        }
+        let result = drain_held(db, s, &mut publish, &mut out, now_ms() + PASS_MS);
+        // A release that fails (the database went away) lets the lease lapse instead.
+        let _ = lease::release(db, Kind::Job, LEASE, s.holder);
+        result?;
+        if out.more {
+            return Ok(out);
+        }
+        // A webhook that stored a row after the last look saw the lease held and woke nobody
+        // (`inbox::draining`): look once more, now that the lease is given back.
+        if inbox::next(db, 1)?.is_empty() {
+            return Ok(out);
+        }
+    }
+}
+
+/// Tells the conversation workers that the inbox has rows: after the webhook stored one, and
+/// from the relay while rows wait (Redis was down, a worker died). Best effort by design: the
+/// rows are the durable part.
+pub fn wake(redis_url: &str, correlation_id: &str) -> Result<(), String> {
+    let event = crate::events::envelope(INBOX_WAKE, &serde_json::json!({}), correlation_id);
+    let json = serde_json::to_vec(&event).map_err(|e| e.to_string())?;
+    let conn = spin_sdk::redis::Connection::open(redis_url).map_err(|e| format!("{e:?}"))?;
+    conn.publish(channels::INBOX, &json).map_err(|e| format!("{e:?}"))
+}
+
+/// The relay's part: a wake-up if any row waits; answers how many wait.
+pub fn wake_if_waiting<D: Db + ?Sized>(db: &D, redis_url: &str, correlation_id: &str) -> Result<i64, ApiError> {
+    let (waiting, _) = inbox::backlog(db)?;
+    if waiting > 0 {
+        wake(redis_url, correlation_id).map_err(|detail| ApiError::Unavailable {
+            dependency: "redis",
+            detail: format!("inbox wake-up: {detail}"),
+        })?;
+    }
+    Ok(waiting)
+}
+
+fn drain_held<D: Db>(
+    db: &D,
+    s: &Settings,
+    publish: &mut impl FnMut(&D, &[Pending]),
+    out: &mut Drained,
+    until_ms: i64,
+) -> Result<(), ApiError> {
+    loop {
+        let batch = inbox::next(db, BATCH)?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        for entry in batch {
+            // Looked at per row (no statement), so a pass, and with it the work under the
+            // lease, stays within a step of the bound.
+            if now_ms() > until_ms {
+                out.more = true;
+                return Ok(());
+            }
+            let hook = match whatsapp::parse_webhook(entry.body.as_bytes(), s.phone_number_id) {
+                Ok(hook) => hook,
+                Err(e) => {
+                    // The body passed this check at the webhook; only a changed phone number
+                    // id can fail it now. Nothing will make it parse: set aside for operators.
+                    inbox::set_aside(db, &entry.id, &format!("{e:?}"), now_ms())?;
+                    crate::log::error_with(
+                        "inbox",
+                        &entry.request_id,
+                        &format!("webhook {} set aside: {e:?}", entry.id),
+                    );
+                    out.set_aside += 1;
+                    continue;
+                }
+            };
+            match inbound::handle(db, &hook, s.packs, s.conversation, &entry.request_id, &mut *publish) {
+                Ok(report) => {
+                    inbox::done(db, &entry.id)?;
+                    out.add(&report);
+                }
+                Err(e @ ApiError::Unavailable { .. }) => return Err(e),
+                Err(e) => {
+                    let detail = match &e {
+                        ApiError::Internal(cause) => format!("{cause:#}"),
+                        other => other.to_string(),
+                    };
+                    if inbox::failed(db, &entry.id, &detail, now_ms())? {
+                        crate::log::error_with(
+                            "inbox",
+                            &entry.request_id,
+                            &format!(
+                                "webhook {} set aside after {} failed steps: {detail}",
+                                entry.id,
+                                inbox::MAX_ATTEMPTS
+                            ),
+                        );
+                        out.set_aside += 1;
+                        continue;
+                    }
+                    // Kept in place, so the contact's later messages wait behind it.
+                    return Err(e);
+                }
+            }
+        }
+        if !lease::renew(db, Kind::Job, LEASE, s.holder, now_ms(), LEASE_MS)? {
+            // It lapsed and another drainer has it: it goes on from here.
+            return Ok(());
+        }
+    }
+}

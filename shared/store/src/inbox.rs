@@ -1,0 +1,124 @@
+//! The inbox: WhatsApp webhooks accepted but not yet worked through.
+//!
+//! The webhook (`POST /SmsReceived`) only checks the signature, parses, and [`accept`]s the
+//! signed body here in one autocommit statement, durable before its 200; the conversation
+//! worker (`components/conversation-worker`) then takes the rows in arrival order and runs the
+//! conversation step for each. So the webhook's cost no longer grows with the step's, and a
+//! burst waits here instead of in front of Meta.
+//!
+//! A row is the raw body, keyed by its SHA-256: Meta's redelivery of the same body is one row.
+//! Working a row through is idempotent (messages are deduped on their WhatsApp id, a status
+//! applies once), so a worker that dies half-way leaves the row to be taken again: at least
+//! once here, exactly once in effect. A row whose step keeps failing for a reason that is not
+//! an outage is set aside ([`set_aside`]) after [`MAX_ATTEMPTS`], so one bad body cannot stall
+//! every customer behind it; operators see it in the metrics and the log.
+
+use crate::{Db, DbError, Value};
+
+/// The job lease (`lease::Kind::Job`) a drainer holds: one drainer at a time.
+pub const LEASE: &str = "inbox";
+
+/// Failed steps (other than outages) before a row is set aside.
+pub const MAX_ATTEMPTS: i64 = 5;
+
+/// A row to work through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub id: String,
+    pub body: String,
+    pub request_id: String,
+    pub received_at: i64,
+    pub attempts: i64,
+}
+
+/// Stores a signed webhook body under `id` (its SHA-256); `false` if that body is here already.
+/// One statement, outside any transaction: it commits on its own.
+pub fn accept<D: Db + ?Sized>(db: &D, id: &str, body: &str, request_id: &str, now_ms: i64) -> Result<bool, DbError> {
+    // RETURNING answers whether the row is new in the same statement (SQLite 3.35+,
+    // PostgreSQL): no `SELECT changes()` round trip on the hot path.
+    let rows = db.query(
+        &db.dialect().sql(
+            "INSERT INTO inbox (id, body, request_id, received_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (id) DO NOTHING RETURNING id",
+        ),
+        &[Value::from(id), Value::from(body), Value::from(request_id), Value::Int(now_ms)],
+    )?;
+    Ok(!rows.is_empty())
+}
+
+/// Up to `limit` rows in arrival order (ties, requests that arrived in the same millisecond,
+/// have no order of their own), rows set aside excluded.
+pub fn next<D: Db + ?Sized>(db: &D, limit: i64) -> Result<Vec<Entry>, DbError> {
+    db.query(
+        &db.dialect().sql(
+            "SELECT id, body, request_id, received_at, attempts FROM inbox WHERE set_aside_at IS NULL
+             ORDER BY received_at, id LIMIT $1",
+        ),
+        &[Value::Int(limit)],
+    )?
+    .iter()
+    .map(|r| {
+        Ok(Entry {
+            id: r.text(0)?,
+            body: r.text(1)?,
+            request_id: r.text(2)?,
+            received_at: r.int(3)?,
+            attempts: r.int(4)?,
+        })
+    })
+    .collect()
+}
+
+/// Whether a conversation worker holds the inbox now (its job lease, named [`LEASE`]): a row
+/// stored now will be taken by it, so the webhook need not wake anyone. The drainer looks at
+/// the inbox once more after giving the lease back, so a row stored in between is not left.
+pub fn draining<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<bool, DbError> {
+    let rows = db.query(
+        &db.dialect().sql("SELECT 1 FROM job_leases WHERE name = $1 AND lease_until > $2"),
+        &[Value::from(LEASE), Value::Int(now_ms)],
+    )?;
+    Ok(!rows.is_empty())
+}
+
+/// The row has been worked through.
+pub fn done<D: Db + ?Sized>(db: &D, id: &str) -> Result<(), DbError> {
+    db.execute(&db.dialect().sql("DELETE FROM inbox WHERE id = $1"), &[Value::from(id)])?;
+    Ok(())
+}
+
+/// Books a failed step; answers `true` when that was the last allowed and the row is now set
+/// aside.
+pub fn failed<D: Db + ?Sized>(db: &D, id: &str, error: &str, now_ms: i64) -> Result<bool, DbError> {
+    let rows = db.query(
+        &db.dialect().sql(
+            "UPDATE inbox SET attempts = attempts + 1, last_error = $2,
+             set_aside_at = CASE WHEN attempts + 1 >= $3 THEN CAST($4 AS BIGINT) ELSE NULL END
+             WHERE id = $1 RETURNING set_aside_at",
+        ),
+        &[Value::from(id), Value::from(error), Value::Int(MAX_ATTEMPTS), Value::Int(now_ms)],
+    )?;
+    Ok(rows.first().map(|r| r.opt_int(0)).transpose()?.flatten().is_some())
+}
+
+/// Sets a row aside at once (a body that can never be worked through).
+pub fn set_aside<D: Db + ?Sized>(db: &D, id: &str, error: &str, now_ms: i64) -> Result<(), DbError> {
+    db.execute(
+        &db.dialect().sql("UPDATE inbox SET last_error = $2, set_aside_at = $3 WHERE id = $1"),
+        &[Value::from(id), Value::from(error), Value::Int(now_ms)],
+    )?;
+    Ok(())
+}
+
+/// How many rows wait and when the oldest arrived: the backlog the relay wakes the worker for,
+/// and the metrics export. Reads the arrival index only.
+pub fn backlog<D: Db + ?Sized>(db: &D) -> Result<(i64, Option<i64>), DbError> {
+    let rows = db.query("SELECT COUNT(*), MIN(received_at) FROM inbox WHERE set_aside_at IS NULL", &[])?;
+    let row = rows.first().ok_or_else(|| DbError::Decode("no row from COUNT".into()))?;
+    Ok((row.int(0)?, row.opt_int(1)?))
+}
+
+/// Rows set aside, for operators.
+pub fn set_aside_count<D: Db + ?Sized>(db: &D) -> Result<i64, DbError> {
+    let rows = db.query("SELECT COUNT(*) FROM inbox WHERE set_aside_at IS NOT NULL", &[])?;
+    rows.first().ok_or_else(|| DbError::Decode("no row from COUNT".into()))?.int(0)
+}
