@@ -14,7 +14,10 @@
 //!   server that falls behind shows its queue instead of slowing the client down;
 //! - unsigned requests at 32 in flight, refused with 401 after the signature check;
 //! - `PUT` requests at 32 in flight, refused with 400 before the handler reads anything: the cost
-//!   of an instance of the component and nothing else.
+//!   of an instance of the component and nothing else;
+//! - then, message-service having run alone (every webhook above waits in the inbox), the
+//!   conversation worker alone drains the inbox: webhooks worked through per second;
+//! - for the whole app, an open loop at 500/s whose messages are timed from webhook to step.
 //!
 //! Under devhost it first counts the SQLite statements each kind of request costs, per
 //! component (devhost counts them per guest connection).
@@ -201,7 +204,13 @@ async fn closed_loop_with(
 
 /// Open loop: request `i` leaves at `start + i / rate`; its latency counts from then.
 async fn open_loop(app: &Target, load: Vec<Signed>, rate: usize) -> Figures {
+    open_loop_at(app, load, rate).await.0
+}
+
+/// [`open_loop`], also answering when (ms since the epoch) request 0 was scheduled to leave.
+async fn open_loop_at(app: &Target, load: Vec<Signed>, rate: usize) -> (Figures, i64) {
     let start = tokio::time::Instant::now() + Duration::from_millis(100);
+    let start_ms = now_ms() + 100;
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let mut tasks = Vec::with_capacity(load.len());
     for (i, (body, sig)) in load.into_iter().enumerate() {
@@ -221,7 +230,94 @@ async fn open_loop(app: &Target, load: Vec<Signed>, rate: usize) -> Figures {
             (s, _) => *errors.entry(s).or_insert(0) += 1,
         }
     }
-    figures(latencies, errors, start.elapsed())
+    (figures(latencies, errors, start.elapsed()), start_ms)
+}
+
+/// How long the conversation worker took over the open loop's messages: from when each
+/// message's webhook left (its scheduled time) to its step (`processed_webhooks.received_at`,
+/// written in the transaction that queued the reply); and how long after the last request the
+/// inbox was empty.
+async fn step_latency(bot: &TestApp, tag: &str, n: usize, rate: usize, start_ms: i64) -> String {
+    let db = astria_tests::db::TestDb::of(bot).await;
+    let load_end = Instant::now();
+    let emptied = loop {
+        if db.count("SELECT COUNT(*) FROM inbox WHERE set_aside_at IS NULL").await == 0 {
+            break Some(load_end.elapsed());
+        }
+        if load_end.elapsed() > Duration::from_secs(120) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let prefix = format!("wamid.{tag}.");
+    let rows = db
+        .rows(
+            "SELECT external_id, received_at FROM processed_webhooks WHERE external_id LIKE $1",
+            &[format!("{prefix}%").into()],
+        )
+        .await;
+    let mut latencies: Vec<Duration> = rows
+        .iter()
+        .filter_map(|r| {
+            let i: usize = r[0].text().strip_prefix(&prefix)?.parse().ok()?;
+            let sent = start_ms + (i as f64 * 1000.0 / rate as f64) as i64;
+            Some(Duration::from_millis((r[1].int() - sent).max(0) as u64))
+        })
+        .collect();
+    latencies.sort();
+    let k = latencies.len().max(1);
+    let pct = |p: f64| latencies.get(((k as f64 * p) as usize).min(k - 1)).copied().unwrap_or_default();
+    format!(
+        "{} of {n} requests' messages stepped: webhook sent to reply queued p50 {} ms, p99 {} ms, max {} ms; \
+         inbox empty {} after the load ended",
+        latencies.len(),
+        ms(pct(0.5)),
+        ms(pct(0.99)),
+        ms(latencies.last().copied().unwrap_or_default()),
+        emptied.map(|d| format!("{:.1} s", d.as_secs_f64())).unwrap_or_else(|| "not within 120 s".into())
+    )
+}
+
+/// The conversation worker alone (no sender beside it) on the inbox the phases before it filled
+/// while no worker ran: webhooks worked through per second and messages stepped per second.
+async fn drain_rate(bot: &TestApp, graph: &FakeGraph, redis: &TestRedis, postgres: bool) -> String {
+    let db = astria_tests::db::TestDb::of(bot).await;
+    let rows = db.count("SELECT COUNT(*) FROM inbox").await;
+    let stepped_before = db.count("SELECT COUNT(*) FROM processed_webhooks").await;
+    let config = wa::bot_config(graph, redis, postgres)
+        .split(&[("worker", &["conversation-worker"])], Duration::from_millis(500))
+        .replica_of(bot);
+    let worker = astria_tests::spawn_app(config).await.expect("the conversation worker starts");
+    let wake = serde_json::json!({
+        "id": "bench-wake", "event_type": "inbox.wake", "occurred_at": "2026-01-01T00:00:00Z",
+        "correlation_id": "bench", "payload": "{}",
+    });
+    let started = Instant::now();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("PUBLISH").arg("astria.inbox").arg(wake.to_string()).query_async(&mut conn).await.unwrap();
+    let took = loop {
+        if db.count("SELECT COUNT(*) FROM inbox WHERE set_aside_at IS NULL").await == 0 {
+            break started.elapsed();
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            panic!("the worker did not drain {rows} webhooks within 600 s:\n{}", worker.log());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let stepped = db.count("SELECT COUNT(*) FROM processed_webhooks").await - stepped_before;
+    drop(worker);
+    let secs = took.as_secs_f64();
+    format!(
+        "{rows} waiting webhooks worked through in {secs:.1} s: {:.0} webhooks/s, {:.0} messages stepped/s",
+        rows as f64 / secs,
+        stepped as f64 / secs
+    )
+}
+
+/// Milliseconds since the epoch (the app books its times so).
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
 fn ms(d: Duration) -> String {
@@ -315,6 +411,8 @@ async fn main() {
         "| database | running | load | requests/s | p50 ms | p99 ms | max ms | over 1 s | other answers |".to_string(),
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |".to_string(),
     ];
+    // The conversation worker's figures (not for the native reference, which has none).
+    let mut steps: Vec<String> = vec![];
     println!("POST /SmsReceived under {host}, this machine");
     println!("{}\n{}", rows[0], rows[1]);
     for db in databases.split(',').map(str::trim).filter(|d| !d.is_empty()) {
@@ -374,6 +472,16 @@ async fn main() {
                 emit(row(db, setup, &format!("mixed, {concurrency} in flight"), &f));
             }
             if whole {
+                // The webhook and the conversation worker (and the sender) together at a fixed
+                // rate: how long a message waits in the inbox for its step.
+                if let Some(bot) = bot.as_ref() {
+                    let n = OPEN_RATE * OPEN_SECONDS;
+                    let (f, start_ms) = open_loop_at(&app, mixed_load("25", n, 500), OPEN_RATE).await;
+                    emit(row(db, setup, &format!("mixed, open loop {OPEN_RATE}/s for {OPEN_SECONDS} s"), &f));
+                    let line = format!("| {db} | {}", step_latency(bot, "25", n, OPEN_RATE, start_ms).await);
+                    println!("{line}");
+                    steps.push(line);
+                }
                 continue;
             }
             let f = open_loop(&app, mixed_load("20", OPEN_RATE * OPEN_SECONDS, 500), OPEN_RATE).await;
@@ -394,6 +502,12 @@ async fn main() {
             // creating and dropping an instance of the component costs.
             let f = closed_loop_with(&app, reqwest::Method::PUT, mixed_load("40", FORGED, 500), 32, 400, false).await;
             emit(row(db, setup, "PUT, refused before any work (400), 32 in flight", &f));
+            // Everything above waited in the inbox (no worker ran): now a worker alone drains it.
+            if let Some(bot) = bot.as_ref() {
+                let line = format!("| {db} | {}", drain_rate(bot, &graph, &redis, postgres).await);
+                println!("{line}");
+                steps.push(line);
+            }
             drop(app);
             if let Some(name) = pg_database {
                 astria_tests::drop_database(&name).await.ok();
@@ -413,10 +527,17 @@ async fn main() {
          {FORGED} unsigned requests.\n\n{}\n",
         rows.join("\n")
     );
+    if !steps.is_empty() {
+        text.push_str(&format!(
+            "\nThe conversation worker (message-service alone filled the inbox; then a worker alone drained it. \
+             Whole app: the open loop's messages, from webhook to step):\n\n| database | figure |\n| --- | --- |\n{}\n",
+            steps.iter().map(|l| format!("{l} |")).collect::<Vec<_>>().join("\n")
+        ));
+    }
     if !census.is_empty() {
         text.push_str(&format!(
             "\nSQLite statements per request, one request at a time, counted by devhost per guest connection \
-             (the webhook's own, and the sender's work it caused within 1.5 s):\n\n{}\n",
+             (the webhook's own, and the conversation worker's and the sender's work it caused within 1.5 s):\n\n{}\n",
             census.join("\n")
         ));
     }
