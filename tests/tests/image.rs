@@ -1011,7 +1011,18 @@ async fn metrics_are_exact_after_a_journey_and_injected_failures(postgres: bool)
     assert_eq!(get("astria_portraits_delivered"), IMAGES as f64);
     assert_eq!(get("astria_dead_letters_total"), 0.0);
     assert_eq!(get("astria_payment_issues_open"), 0.0);
-    assert!(!text.contains("astria_outbox_backlog{"), "nothing left in the outbox once settled:\n{text}");
+    // Every worker channel has its series, each at 0 once settled.
+    for channel in ["astria.payments", "astria.orders", "astria.messages", "astria.inbox"] {
+        assert_eq!(get(&format!("astria_outbox_backlog{{channel=\"{channel}\"}}")), 0.0, "{channel}:\n{text}");
+        assert_eq!(get(&format!("astria_dead_letters{{channel=\"{channel}\"}}")), 0.0, "{channel}");
+    }
+    assert!(
+        !m.keys().any(|k| k.starts_with("astria_outbox_backlog{") && m[k] != 0.0),
+        "nothing left in the outbox:\n{text}"
+    );
+    assert_eq!(get("astria_orders{status=\"failed\"}"), 0.0, "a status no order has is there, at 0");
+    assert_eq!(get("astria_outbound_messages{status=\"queued\"}"), 0.0);
+    assert_eq!(get("astria_inbox_waiting"), 0.0);
     assert!(!text.contains("astria_order_oldest_age_seconds{"), "no order in a non-final status:\n{text}");
     assert_eq!(get("astria_payment_to_delivery_seconds"), 1.0, "one delivered order in the histogram");
     assert!(

@@ -131,7 +131,7 @@ fn authorize_read(header: &str) -> Result<(), ApiError> {
 fn metrics() -> Result<Response, ApiError> {
     let now = events::now_ms();
     let snapshot = astria_store::metrics::snapshot(&open_db()?, now)?;
-    let body = astria_store::metrics::render(&snapshot, now);
+    let body = astria_store::metrics::render(&snapshot, now, &astria_domain::events::channels::ALL);
     Ok(Response::builder()
         .status(200)
         .header("content-type", "text/plain; version=0.0.4; charset=utf-8")

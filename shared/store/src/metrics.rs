@@ -147,14 +147,40 @@ fn gauge(out: &mut String, name: &str, help: &str, value: i64) {
     let _ = writeln!(out, "{name} {value}");
 }
 
-pub fn render(s: &Snapshot, now_ms: i64) -> String {
+/// Every order status, each exported (0 when no order has it): an alert or a dashboard on a
+/// status then reads a series, as Prometheus advises, instead of an absent one.
+const ORDER_STATUSES: [astria_models::OrderStatus; 10] = {
+    use astria_models::OrderStatus::*;
+    [
+        CollectingPhotos,
+        AwaitingPayment,
+        Paid,
+        Training,
+        Delivering,
+        DeliveryFailed,
+        Delivered,
+        Expired,
+        Cancelled,
+        Failed,
+    ]
+};
+
+/// The count for `label` in `samples`, 0 when absent.
+fn count_of<'a>(samples: impl IntoIterator<Item = (&'a str, i64)>, label: &str) -> i64 {
+    samples.into_iter().find(|(l, _)| *l == label).map(|(_, n)| n).unwrap_or(0)
+}
+
+/// Prometheus' text for `s`; `channels` are the worker channels, each exported in the outbox
+/// families even when nothing waits on it.
+pub fn render(s: &Snapshot, now_ms: i64, channels: &[&str]) -> String {
     let mut out = String::new();
+    let orders = |st: &str| count_of(s.orders.iter().map(|(k, n, _)| (k.as_str(), *n)), st);
     gauge_by(
         &mut out,
         "astria_orders",
         "Orders by status.",
         "status",
-        s.orders.iter().map(|(st, n, _)| (st.as_str(), n)),
+        ORDER_STATUSES.iter().map(|st| crate::repo::status_str(*st)).map(|st| (st, orders(st))),
     );
     gauge_by(
         &mut out,
@@ -166,12 +192,21 @@ pub fn render(s: &Snapshot, now_ms: i64) -> String {
             .filter(|(st, _, _)| !is_final(st))
             .map(|(st, _, oldest)| (st.as_str(), seconds(now_ms - oldest))),
     );
+    // The worker channels, then any other channel an event names (an event of a release that
+    // had one more).
+    let mut all_channels: Vec<&str> = channels.to_vec();
+    for ch in s.outbox_backlog.iter().map(|(c, _, _)| c).chain(s.dead_letters.iter().map(|(c, _)| c)) {
+        if !all_channels.contains(&ch.as_str()) {
+            all_channels.push(ch);
+        }
+    }
+    let backlog = |ch: &str| count_of(s.outbox_backlog.iter().map(|(k, n, _)| (k.as_str(), *n)), ch);
     gauge_by(
         &mut out,
         "astria_outbox_backlog",
         "Events not yet handled by their consumer, per channel.",
         "channel",
-        s.outbox_backlog.iter().map(|(ch, n, _)| (ch.as_str(), n)),
+        all_channels.iter().map(|ch| (*ch, backlog(ch))),
     );
     gauge_by(
         &mut out,
@@ -180,12 +215,13 @@ pub fn render(s: &Snapshot, now_ms: i64) -> String {
         "channel",
         s.outbox_backlog.iter().map(|(ch, _, oldest)| (ch.as_str(), seconds(now_ms - oldest))),
     );
+    let dead_on = |ch: &str| count_of(s.dead_letters.iter().map(|(k, n)| (k.as_str(), *n)), ch);
     gauge_by(
         &mut out,
         "astria_dead_letters",
         "Dead-lettered events, per channel (replay or resolve them).",
         "channel",
-        s.dead_letters.iter().map(|(ch, n)| (ch.as_str(), n)),
+        all_channels.iter().map(|ch| (*ch, dead_on(ch))),
     );
     let dead: i64 = s.dead_letters.iter().map(|(_, n)| n).sum();
     gauge(&mut out, "astria_dead_letters_total", "Dead-lettered events, all channels.", dead);
@@ -200,7 +236,11 @@ pub fn render(s: &Snapshot, now_ms: i64) -> String {
         "astria_outbound_messages",
         "WhatsApp messages not (yet) sent, by status: queued, awaiting_window (outside the 24-hour window), held, failed.",
         "status",
-        s.messages.iter().map(|(st, n)| (st.as_str(), n)),
+        {
+            use crate::messages::status as m;
+            let waiting = |st: &str| count_of(s.messages.iter().map(|(k, n)| (k.as_str(), *n)), st);
+            [m::QUEUED, m::AWAITING_WINDOW, m::HELD, m::FAILED].map(|st| (st, waiting(st)))
+        },
     );
     gauge(
         &mut out,
@@ -302,7 +342,7 @@ mod tests {
             inbox_oldest: Some(58_000),
             inbox_set_aside: 1,
         };
-        let text = render(&s, 70_000);
+        let text = render(&s, 70_000, &["astria.payments", "astria.orders", "astria.messages"]);
         for line in [
             "astria_orders{status=\"delivered\"} 3",
             "astria_order_oldest_age_seconds{status=\"training\"} 60",
@@ -324,6 +364,12 @@ mod tests {
             "astria_inbox_waiting 4",
             "astria_inbox_oldest_age_seconds 12",
             "astria_inbox_set_aside 1",
+            // Every known label value has a series, 0 when nothing has it.
+            "astria_orders{status=\"delivery_failed\"} 0",
+            "astria_orders{status=\"collecting_photos\"} 0",
+            "astria_outbox_backlog{channel=\"astria.payments\"} 0",
+            "astria_dead_letters{channel=\"astria.messages\"} 0",
+            "astria_outbound_messages{status=\"held\"} 0",
             "astria_worker_heartbeat_age_seconds{channel=\"astria.messages\",replica=\"astria-message-worker-7d9f-x2\"} 30",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
