@@ -172,7 +172,18 @@ fn send_with(req: &Request<'_>, traceparent: Option<String>) -> Result<HttpRespo
     let future = outgoing_handler::handle(request, Some(options)).map_err(error_code)?;
     {
         let stream = outgoing_body.write().map_err(|()| HttpError::Other("request body unavailable".into()))?;
-        let writing = |e| HttpError::Connect(format!("writing body: {e:?}"));
+        // A host closes the body stream when the request itself failed: its own timeout (the
+        // per-phase ones below end with the deadline), a refused or reset connection. The
+        // response then says which; or the deadline passes first. Only without either is it
+        // the write's own failure (seen under Spin 4.0.2, whose first-byte timeout can close
+        // the stream just before the deadline's own wait ends).
+        let writing = |e: StreamError| match wait(&future.subscribe(), deadline) {
+            Err(timed_out) => timed_out,
+            Ok(()) => match future.get() {
+                Some(Ok(Err(code))) => error_code(code),
+                _ => HttpError::Connect(format!("writing body: {e:?}")),
+            },
+        };
         let ready = stream.subscribe();
         let mut rest = req.body;
         while !rest.is_empty() {
