@@ -717,6 +717,23 @@ pub async fn spawn_app_expecting_failure(config: AppConfig) -> Result<String> {
     }
 }
 
+/// The SQLite statements devhost counted per guest connection, from its log
+/// (`DEVHOST_LOG=devhost::sqlite=debug` logs each connection's count when it closes): one
+/// (component, statements) per connection, in the log's order.
+pub fn devhost_statement_counts(log: &str) -> Vec<(String, u64)> {
+    log.lines()
+        .filter(|l| l.contains("connection closed"))
+        .filter_map(|line| {
+            let field = |name: &str| {
+                line.split(&format!("{name}="))
+                    .nth(1)
+                    .map(|v| v.split_whitespace().next().unwrap_or("").trim_matches('"').to_string())
+            };
+            Some((field("component")?, field("statements")?.parse().ok()?))
+        })
+        .collect()
+}
+
 /// Waits until a Redis channel has at least `n` subscribers (the trigger is listening).
 pub async fn wait_for_subscribers(channel: &str, n: i64) -> Result<()> {
     wait_for_subscribers_at(&redis_url(), channel, n).await

@@ -403,6 +403,22 @@ pub async fn spawn_bot(config: AppConfig, redis: &TestRedis) -> TestApp {
     app
 }
 
+/// One webhook of each kind a conversation sees, from `from`, in the order a customer sends
+/// them, named for reports: hi, the pack list reply, the subject button, a photo, a question,
+/// that question redelivered, and a delivery status. Ids carry `tag`.
+pub fn one_of_each_kind(from: &str, tag: &str) -> Vec<(&'static str, Value)> {
+    let id = |n: u32| format!("{tag}.{n}");
+    vec![
+        ("hi", inbound(from, vec![text(from, &id(1), "hi")])),
+        ("pack list reply", inbound(from, vec![list_reply(from, &id(2), "pack:corporate", "Corporate")])),
+        ("subject button", inbound(from, vec![button_reply(from, &id(3), "subject:man", "Man")])),
+        ("photo", inbound(from, vec![photo(from, &id(4))])),
+        ("question", inbound(from, vec![text(from, &id(5), "how long does it take?")])),
+        ("duplicate", inbound(from, vec![text(from, &id(5), "how long does it take?")])),
+        ("delivery status", status(&format!("wamid.{tag}"), from, "delivered", None)),
+    ]
+}
+
 /// Waits until the conversation worker has worked every stored webhook through: the inbox
 /// is empty (a row leaves it in the step's own commit order, after its effects are written).
 pub async fn worked_through(app: &TestApp) {

@@ -1020,20 +1020,13 @@ async fn the_webhook_runs_at_most_two_statements_per_request_devhost_only() {
     config.env.insert("DEVHOST_LOG".into(), "info,wasmtime_wasi_http=warn,devhost::sqlite=debug".into());
     let app = wa::spawn_bot(config, &redis).await;
     assert!(wa::relay(&app).await["republished"].is_number(), "the schema is in place");
-    let kinds: Vec<(&str, Value)> = vec![
-        ("hi", wa::inbound(ANA, vec![wa::text(ANA, "budget.1", "hi")])),
-        ("pack list reply", wa::inbound(ANA, vec![wa::list_reply(ANA, "budget.2", "pack:corporate", "Corporate")])),
-        ("subject button", wa::inbound(ANA, vec![wa::button_reply(ANA, "budget.3", "subject:man", "Man")])),
-        ("photo", wa::inbound(ANA, vec![wa::photo(ANA, "budget.4")])),
-        ("question", wa::inbound(ANA, vec![wa::text(ANA, "budget.5", "how long does it take?")])),
-        ("duplicate", wa::inbound(ANA, vec![wa::text(ANA, "budget.5", "how long does it take?")])),
-        ("delivery status", wa::status("wamid.budget", ANA, "delivered", None)),
-    ];
+    let kinds = wa::one_of_each_kind(ANA, "budget");
     // devhost logs each guest connection's count when the connection closes.
     let counts = |log: &str, component: &str| -> Vec<u64> {
-        log.lines()
-            .filter(|l| l.contains("connection closed") && l.contains(&format!("component={component} ")))
-            .filter_map(|l| l.split("statements=").nth(1)?.split_whitespace().next()?.parse().ok())
+        astria_tests::devhost_statement_counts(log)
+            .into_iter()
+            .filter(|(c, _)| c == component)
+            .map(|(_, n)| n)
             .collect()
     };
     let mut report = vec![];

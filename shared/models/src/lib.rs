@@ -23,7 +23,8 @@ pub use generated::astria_bot::models::events::{
 };
 pub use generated::astria_bot::models::health::{DependencyCheck, HealthReport, HealthStatus};
 
-/// Every order status, in lifecycle order (`wit/models.wit`): for tests that must cover each.
+/// Every order status, in lifecycle order (`wit/models.wit`): for whatever must cover each (the
+/// metrics export every one; tests check each).
 pub const ORDER_STATUSES: [OrderStatus; 10] = {
     use OrderStatus::*;
     [

@@ -138,8 +138,9 @@ fn drain_held<D: Db>(
             let hook = match whatsapp::parse_webhook(entry.body.as_bytes(), s.phone_number_id) {
                 Ok(hook) => hook,
                 Err(e) => {
-                    // The body passed this check at the webhook; only a changed phone number
-                    // id can fail it now. Nothing will make it parse: set aside for operators.
+                    // The webhook parsed this body before storing it, so only a row it did not
+                    // write (or a parser an upgrade changed) fails here. Nothing will make it
+                    // parse: set aside for operators.
                     inbox::set_aside(db, &entry.id, &format!("{e:?}"), now_ms())?;
                     crate::log::error_with(
                         "inbox",

@@ -147,24 +147,6 @@ fn gauge(out: &mut String, name: &str, help: &str, value: i64) {
     let _ = writeln!(out, "{name} {value}");
 }
 
-/// Every order status, each exported (0 when no order has it): an alert or a dashboard on a
-/// status then reads a series, as Prometheus advises, instead of an absent one.
-const ORDER_STATUSES: [astria_models::OrderStatus; 10] = {
-    use astria_models::OrderStatus::*;
-    [
-        CollectingPhotos,
-        AwaitingPayment,
-        Paid,
-        Training,
-        Delivering,
-        DeliveryFailed,
-        Delivered,
-        Expired,
-        Cancelled,
-        Failed,
-    ]
-};
-
 /// The count for `label` in `samples`, 0 when absent.
 fn count_of<'a>(samples: impl IntoIterator<Item = (&'a str, i64)>, label: &str) -> i64 {
     samples.into_iter().find(|(l, _)| *l == label).map(|(_, n)| n).unwrap_or(0)
@@ -180,7 +162,9 @@ pub fn render(s: &Snapshot, now_ms: i64, channels: &[&str]) -> String {
         "astria_orders",
         "Orders by status.",
         "status",
-        ORDER_STATUSES.iter().map(|st| crate::repo::status_str(*st)).map(|st| (st, orders(st))),
+        // Every status, 0 when no order has it: an alert or a dashboard on a status then
+        // reads a series, as Prometheus advises, instead of an absent one.
+        astria_models::ORDER_STATUSES.map(crate::repo::status_str).map(|st| (st, orders(st))),
     );
     gauge_by(
         &mut out,
@@ -263,7 +247,7 @@ pub fn render(s: &Snapshot, now_ms: i64, channels: &[&str]) -> String {
     // Every status is exported, 0 when none: an alert on a status then has a series to read.
     use crate::refunds::status as r;
     let statuses = [r::REQUESTED, r::PENDING, r::SUCCEEDED, r::REQUIRES_ACTION, r::FAILED, r::CANCELED, r::REFUSED];
-    let count = |st: &str| s.refunds.iter().find(|(k, _)| k == st).map(|(_, n)| *n).unwrap_or(0);
+    let count = |st: &str| count_of(s.refunds.iter().map(|(k, n)| (k.as_str(), *n)), st);
     gauge_by(
         &mut out,
         "astria_refunds",
