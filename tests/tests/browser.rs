@@ -176,6 +176,24 @@ async fn find_when(c: &Client, sandbox: &Sandbox, css: &str) -> Element {
     .await
 }
 
+/// The text of the first displayed `css` element. Found and read in one try, retried until
+/// both work: the page redraws its lists as the state changes, and an element found just before
+/// a redraw is stale by the time it is read.
+async fn text_when(c: &Client, sandbox: &Sandbox, css: &str) -> String {
+    wait(&format!("the text of a '{css}'"), Duration::from_secs(30), sandbox, || async {
+        find_when(c, sandbox, css).await.text().await.ok()
+    })
+    .await
+}
+
+/// A click on the first displayed `css` element, retried as [`text_when`] is.
+async fn click_on(c: &Client, sandbox: &Sandbox, css: &str) {
+    wait(&format!("a click on '{css}'"), Duration::from_secs(30), sandbox, || async {
+        find_when(c, sandbox, css).await.click().await.ok()
+    })
+    .await
+}
+
 /// Types `text` into the `css` input, then clicks the `send` button beside it: each retried
 /// until the page has them.
 async fn type_and_send(c: &Client, sandbox: &Sandbox, input: &str, send: &str, text: &str) {
@@ -183,10 +201,7 @@ async fn type_and_send(c: &Client, sandbox: &Sandbox, input: &str, send: &str, t
         find_when(c, sandbox, input).await.send_keys(text).await.ok()
     })
     .await;
-    wait(&format!("a click on '{send}'"), Duration::from_secs(30), sandbox, || async {
-        find_when(c, sandbox, send).await.click().await.ok()
-    })
-    .await;
+    click_on(c, sandbox, send).await;
 }
 
 async fn journey(drop_callbacks: bool) {
@@ -207,7 +222,7 @@ async fn journey(drop_callbacks: bool) {
     let on_other = |css: &str| format!(".phone[data-number='{other}'] {css}");
     type_and_send(c, &sandbox, &on_other("[data-testid=text-input]"), &on_other("[data-testid=send]"), "hello").await;
     if drop_callbacks {
-        find_when(c, &sandbox, "#fault-drop").await.click().await.unwrap();
+        click_on(c, &sandbox, "#fault-drop").await;
         wait("the switch reaches the sandbox", Duration::from_secs(5), &sandbox, || async {
             (sandbox.state().await["faults"]["drop_astria_callbacks"] == true).then_some(())
         })
@@ -215,7 +230,7 @@ async fn journey(drop_callbacks: bool) {
     }
 
     if drop_callbacks {
-        let shown = find_when(c, &sandbox, &on(".number")).await.text().await.unwrap();
+        let shown = text_when(c, &sandbox, &on(".number")).await;
         assert!(shown.contains("no number shared"), "a username customer's phone says so: {shown}");
     }
     // hi → the pack list.
@@ -270,10 +285,10 @@ async fn journey(drop_callbacks: bool) {
         s.contains("open").then_some(())
     })
     .await;
-    let amount = find_when(c, &sandbox, "#amount").await.text().await.unwrap();
+    let amount = text_when(c, &sandbox, "#amount").await;
     assert_eq!(amount, "19.99 USD", "the corporate pack's price");
     std::fs::write(screenshot_dir().join(format!("checkout-{label}.png")), c.screenshot().await.unwrap()).unwrap();
-    find_when(c, &sandbox, "[data-testid=pay]").await.click().await.unwrap();
+    click_on(c, &sandbox, "[data-testid=pay]").await;
     let events = wait("Stripe's event accepted", Duration::from_secs(20), &sandbox, || async {
         let t = c.find(Locator::Css("[data-testid=checkout-events]")).await.ok()?.text().await.ok()?;
         t.contains("checkout.session.completed").then_some(t)
@@ -457,8 +472,8 @@ async fn browser_a_paid_order_astria_refuses_is_refunded_once_refunds_work_again
     let c = &browser.client;
     let phone = "447700900321";
     c.goto(&format!("{}/?phones={phone}", sandbox.url)).await.unwrap();
-    find_when(c, &sandbox, "[data-testid=fault-astria]").await.click().await.unwrap();
-    find_when(c, &sandbox, "[data-testid=fault-refunds]").await.click().await.unwrap();
+    click_on(c, &sandbox, "[data-testid=fault-astria]").await;
+    click_on(c, &sandbox, "[data-testid=fault-refunds]").await;
     wait("both switches reach the sandbox", Duration::from_secs(10), &sandbox, || async {
         let f = sandbox.state().await["faults"].clone();
         (f["astria_refuses"] == true && f["refunds_fail"] == true).then_some(())
@@ -486,10 +501,10 @@ async fn browser_a_paid_order_astria_refuses_is_refunded_once_refunds_work_again
             .then_some(())
     })
     .await;
-    let listed = find_when(c, &sandbox, "[data-testid=refunds] li").await.text().await.unwrap();
+    let listed = text_when(c, &sandbox, "[data-testid=refunds] li").await;
     assert_eq!(listed, "None yet.", "no refund while Stripe fails them");
 
-    find_when(c, &sandbox, "[data-testid=fault-refunds]").await.click().await.unwrap();
+    click_on(c, &sandbox, "[data-testid=fault-refunds]").await;
     // The retry comes after the relay's backoff (5 s, then 10 s, ...).
     let listed = wait("the page lists the refund", Duration::from_secs(90), &sandbox, || async {
         let li = c.find(Locator::Css("[data-testid=refunds] li")).await.ok()?.text().await.ok()?;

@@ -1227,6 +1227,14 @@ async fn browser_console_shows_the_funnel_and_a_stuck_order_and_replays_a_dead_l
         })
         .await
     };
+    // The console redraws its tables every few seconds: an element found just before a redraw
+    // is stale by the click, so find and click in one try, until both work.
+    let click = |css: String| async move {
+        wait_until(&format!("a click on {css}"), Duration::from_secs(15), || async {
+            c.find(Locator::Css(&css)).await.ok()?.click().await.ok()
+        })
+        .await
+    };
     let gone = |css: String| async move {
         wait_until(&format!("{css} gone from the page"), Duration::from_secs(15), || async {
             c.find(Locator::Css(&css)).await.is_err().then_some(())
@@ -1236,12 +1244,12 @@ async fn browser_console_shows_the_funnel_and_a_stuck_order_and_replays_a_dead_l
 
     // A wrong token: refused, the console stays closed.
     find("#token").await.send_keys("not-the-token").await.unwrap();
-    find("#login button").await.click().await.unwrap();
+    click("#login button".into()).await;
     assert_eq!(text_of("#status".into()).await, "That token was refused.");
     assert!(!find("#console").await.is_displayed().await.unwrap());
 
     find("#token").await.send_keys(wa::ADMIN_TOKEN).await.unwrap();
-    find("#login button").await.click().await.unwrap();
+    click("#login button".into()).await;
     // The funnel: 14 days of four bars, and the totals the database holds.
     let totals: Vec<String> = {
         let mut out = vec![];
@@ -1258,7 +1266,7 @@ async fn browser_console_shows_the_funnel_and_a_stuck_order_and_replays_a_dead_l
     let row = format!("#attention tr[data-order='{order_id}']");
     assert_eq!(text_of(format!("{row} td:nth-child(2)")).await, "stuck");
     assert_eq!(c.find_all(Locator::Css("#attention tbody tr")).await.unwrap().len(), 1);
-    c.find(Locator::Css(&row)).await.unwrap().click().await.unwrap();
+    click(row.clone()).await;
     assert!(text_of("#order h3".into()).await.contains(ANA));
     let bubbles = c.find_all(Locator::Css("#order-chat .bubble")).await.unwrap();
     assert_eq!(bubbles.len(), BEFORE_IMAGES);
@@ -1275,7 +1283,7 @@ async fn browser_console_shows_the_funnel_and_a_stuck_order_and_replays_a_dead_l
     assert!(c.find(dead_in_order).await.is_ok(), "the open order shows its dead event");
     let dead_row = format!("#dead-letters tr[data-event='{dead}']");
     assert!(text_of(dead_row.clone()).await.contains("order.paid"));
-    c.find(Locator::Css(&format!("{dead_row} button"))).await.unwrap().click().await.unwrap();
+    click(format!("{dead_row} button")).await;
     gone(dead_row).await;
     assert_eq!(text_of("#dead-letters td.empty".into()).await, "No dead letters.");
     let status = db.text("SELECT status FROM outbox WHERE id = $1", &[dead.as_str().into()]).await;
@@ -1289,7 +1297,7 @@ async fn browser_console_shows_the_funnel_and_a_stuck_order_and_replays_a_dead_l
     // Resolve the payment issue: a note is required, then it is recorded.
     let issue_row = "#payment-issues tr[data-issue='evt_ghost']".to_string();
     assert!(text_of(issue_row.clone()).await.contains("unknown_order"));
-    c.find(Locator::Css(&format!("{issue_row} button"))).await.unwrap().click().await.unwrap();
+    click(format!("{issue_row} button")).await;
     assert!(text_of("#status".into()).await.starts_with("Say what was done"));
     assert_eq!(db.count("SELECT COUNT(*) FROM payment_issues WHERE resolved_at IS NOT NULL").await, 0);
     c.find(Locator::Css(&format!("{issue_row} input")))
@@ -1298,7 +1306,7 @@ async fn browser_console_shows_the_funnel_and_a_stuck_order_and_replays_a_dead_l
         .send_keys("no order: refunded in Stripe")
         .await
         .unwrap();
-    c.find(Locator::Css(&format!("{issue_row} button"))).await.unwrap().click().await.unwrap();
+    click(format!("{issue_row} button")).await;
     gone(issue_row).await;
     assert_eq!(
         db.text("SELECT resolution FROM payment_issues WHERE event_id = 'evt_ghost'", &[]).await,
