@@ -68,6 +68,8 @@ pub struct HostState {
     pub app: Arc<App>,
     pub stdout: MemoryOutputPipe,
     pub stderr: MemoryOutputPipe,
+    /// The SQLite statements this instance ran and their work, logged when it ends.
+    pub sqlite_cost: sqlite::SqliteCost,
 }
 
 /// Captured output per instance; longer output is cut (and says so in the log).
@@ -91,6 +93,23 @@ impl HostState {
             app,
             stdout,
             stderr,
+            sqlite_cost: Default::default(),
+        }
+    }
+}
+
+impl Drop for HostState {
+    /// One line per instance that used SQLite (`DEVHOST_LOG=devhost::sqlite=debug`): what one
+    /// request or one message cost, whatever connections it opened.
+    fn drop(&mut self) {
+        if self.sqlite_cost.statements > 0 {
+            tracing::debug!(
+                target: "devhost::sqlite",
+                component = %self.ctx.id,
+                statements = self.sqlite_cost.statements,
+                vm_steps = self.sqlite_cost.vm_steps,
+                "instance done"
+            );
         }
     }
 }

@@ -33,12 +33,24 @@ pub struct SqliteConnection {
     /// Statements run on this connection, logged when the guest drops it
     /// (`DEVHOST_LOG=devhost::sqlite=debug`; `=trace` logs each statement): what a request costs.
     statements: u64,
+    /// SQLite's virtual-machine steps for those statements (`SQLITE_STMTSTATUS_VM_STEP`): the
+    /// work a statement did, which grows with the rows it visits and not with the machine's
+    /// speed, so a test can show that a query's cost does not grow with a table.
+    vm_steps: u64,
+}
+
+/// What the SQLite statements of one instance cost, logged when the instance ends.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SqliteCost {
+    pub statements: u64,
+    pub vm_steps: u64,
 }
 
 /// A statement's answer in rusqlite's own values, whichever interface asked.
 struct Answer {
     columns: Vec<String>,
     rows: Vec<Vec<SqlValue>>,
+    vm_steps: u64,
 }
 
 fn execute(conn: &rusqlite::Connection, statement: &str, params: Vec<SqlValue>) -> rusqlite::Result<Answer> {
@@ -50,7 +62,10 @@ fn execute(conn: &rusqlite::Connection, statement: &str, params: Vec<SqlValue>) 
         let values = (0..columns.len()).map(|i| row.get_ref(i).map(SqlValue::from)).collect::<rusqlite::Result<_>>()?;
         out.push(values);
     }
-    Ok(Answer { columns, rows: out })
+    drop(rows);
+    // The counter belongs to the (cached) statement: read it and start it again at zero.
+    let vm_steps = stmt.reset_status(rusqlite::StatementStatus::VmStep).max(0) as u64;
+    Ok(Answer { columns, rows: out, vm_steps })
 }
 
 impl HostState {
@@ -64,7 +79,7 @@ impl HostState {
             .map_err(|e| OpenError::Io(e.to_string()))?
             .map_err(|e| OpenError::Io(format!("{e:#}")))?;
         let db = Arc::new(Mutex::new(conn));
-        self.table.push(SqliteConnection { db, statements: 0 }).map_err(|e| OpenError::Io(e.to_string()))
+        self.table.push(SqliteConnection { db, statements: 0, vm_steps: 0 }).map_err(|e| OpenError::Io(e.to_string()))
     }
 
     async fn sqlite_execute(
@@ -73,16 +88,22 @@ impl HostState {
         statement: String,
         parameters: Vec<SqlValue>,
     ) -> Result<Answer, Option<String>> {
-        let entry = self.table.get_mut(conn).map_err(|_| None)?;
-        entry.statements += 1;
-        let db = entry.db.clone();
+        let db = self.table.get(conn).map_err(|_| None)?.db.clone();
         tracing::trace!(target: "devhost::sqlite", component = %self.ctx.id, statement = %statement, "execute");
-        tokio::task::spawn_blocking(move || {
+        let answer = tokio::task::spawn_blocking(move || {
             let guard = db.lock().map_err(|_| Some("database lock poisoned".to_string()))?;
             execute(&guard, &statement, parameters).map_err(|e| Some(e.to_string()))
         })
         .await
-        .map_err(|e| Some(e.to_string()))?
+        .map_err(|e| Some(e.to_string()))?;
+        let vm_steps = answer.as_ref().map(|a| a.vm_steps).unwrap_or(0);
+        if let Ok(entry) = self.table.get_mut(conn) {
+            entry.statements += 1;
+            entry.vm_steps += vm_steps;
+        }
+        self.sqlite_cost.statements += 1;
+        self.sqlite_cost.vm_steps += vm_steps;
+        answer
     }
 
     /// A connection's own counter, as SQLite keeps it (`sqlite3_changes64`,
@@ -94,7 +115,13 @@ impl HostState {
 
     fn sqlite_drop(&mut self, conn: Resource<SqliteConnection>) -> wasmtime::Result<()> {
         let closed = self.table.delete(conn)?;
-        tracing::debug!(target: "devhost::sqlite", component = %self.ctx.id, statements = closed.statements, "connection closed");
+        tracing::debug!(
+            target: "devhost::sqlite",
+            component = %self.ctx.id,
+            statements = closed.statements,
+            vm_steps = closed.vm_steps,
+            "connection closed"
+        );
         Ok(())
     }
 }
