@@ -92,8 +92,8 @@ fn attention(query: &str) -> Result<Response, ApiError> {
     Ok(spin_kit::json_response(200, &serde_json::json!({ "orders": list, "stuck_minutes": stuck_minutes })))
 }
 
-/// Order ids are UUIDs (and test ids plain words): letters, digits and `-` only, which also
-/// keeps LIKE's wildcards out of `console::order_story`'s event search.
+/// Order ids are UUIDs (and test ids plain words): letters, digits and `-` only; anything else
+/// is refused before the database is asked.
 fn valid_order_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }

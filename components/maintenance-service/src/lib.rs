@@ -176,13 +176,16 @@ fn cleanup(request_id: &str) -> Result<Response, ApiError> {
     Ok(spin_kit::json_response(200, &serde_json::json!({ "report": report, "took_ms": took_ms })))
 }
 
-/// Asks about stale orders (reconcile.rs), then republishes what is due.
+/// Asks about stale orders (reconcile.rs), folds the tallies' deltas, then republishes what is
+/// due.
 fn relay(request_id: &str) -> Result<Response, ApiError> {
     let cfg = config::maintenance(&SpinVars)?;
     let db = open_db()?;
     let redis_url = config::redis_url(&SpinVars)?;
     let redis_url = redis_url.expose_secret();
     let (stale, pending) = reconcile::run(&db, &cfg, request_id)?;
+    // The history's counts (astria_store::tallies): a scrape then reads a minute's deltas at most.
+    let tallies_folded = astria_store::tallies::fold(&db)?;
     events::publish(&db, redis_url, &pending);
     let report = events::relay(&db, redis_url, &RelayPolicy::default(), cfg.relay_batch)?;
     if report.redis_unavailable {
@@ -216,6 +219,7 @@ fn relay(request_id: &str) -> Result<Response, ApiError> {
     body["sends_given_up"] = stale.sends_given_up.into();
     body["heartbeats"] = heartbeats.into();
     body["inbox_waiting"] = inbox_waiting.into();
+    body["tallies_folded"] = tallies_folded.into();
     Ok(spin_kit::json_response(200, &body))
 }
 

@@ -2,8 +2,9 @@
 //! funnel, the orders that need a human, one order's story (its customer's messages and its
 //! events), and the record of an operator resolving a payment issue.
 //!
-//! The console is a page an operator opens now and then, not a hot path: these queries are
-//! bounded by a `LIMIT` or a time window, and the funnel reads the last few days only.
+//! The console refreshes its pages every few seconds while an operator has it open: each query
+//! here reads through an index only what it shows (a `LIMIT`, a time window, one order), so a
+//! page costs the same however much history the tables hold.
 
 use astria_models::OrderStatus;
 
@@ -211,8 +212,7 @@ pub struct OrderStory {
     pub events: Vec<EventView>,
 }
 
-/// `order_id` must be a plain id (letters, digits, `-`): it is matched with LIKE, whose `%` and
-/// `_` would widen the match (the console's route refuses anything else).
+/// The order `order_id` and what happened to it; `None` if there is no such order.
 pub fn order_story<D: Db + ?Sized>(db: &D, order_id: &str, limit: i64) -> Result<Option<OrderStory>, DbError> {
     let rows = db.query(
         &db.dialect().sql(
@@ -251,15 +251,14 @@ pub fn order_story<D: Db + ?Sized>(db: &D, order_id: &str, limit: i64) -> Result
         .map(|r| r.text(0))
         .transpose()?;
     let messages = messages::latest_for_contact(db, &order.wa_id, limit)?;
-    // The outbox has no order column: an event names its order in its payload. Order ids are
-    // random UUIDs, so a match on the envelope's text finds exactly that order's events.
+    // An event's order is the one its payload names (outbox.rs keeps it in `order_id`).
     let events = db
         .query(
             &db.dialect().sql(
                 "SELECT id, channel, event_type, status, attempts, created_at, completed_at, last_error FROM outbox
-                 WHERE envelope LIKE $1 ORDER BY created_at LIMIT $2",
+                 WHERE order_id = $1 ORDER BY created_at LIMIT $2",
             ),
-            &[Value::from(format!("%{order_id}%")), Value::Int(limit)],
+            &[Value::from(order_id), Value::Int(limit)],
         )?
         .iter()
         .map(|r| {

@@ -25,6 +25,7 @@ pub mod native;
 pub mod outbox;
 pub mod refunds;
 pub mod repo;
+pub mod tallies;
 
 use std::fmt;
 

@@ -1,6 +1,8 @@
-//! What an operator and an autoscaler watch, read from the database in a handful of aggregate
-//! queries, each served by an index (`orders_by_status`, `outbox_due`, `outbound_by_status`,
-//! `payment_issues_open`): orders by status and the age of the oldest in each, the outbox
+//! What an operator and an autoscaler watch, read from the database in a handful of queries
+//! whose cost does not grow with the history: counts over every order, delivery and refund
+//! ever made come from the tallies (tallies.rs); the rest counts only what waits or is open,
+//! through an index (`orders_by_status`, `outbox_due`, `outbound_by_status`,
+//! `payment_issues_open`, `inbox_arrival`): orders by status and the age of the oldest in each, the outbox
 //! backlog per channel and its oldest event, dead letters, open payment issues, outbound
 //! messages waiting or failed, portraits delivered, the payment-to-delivery time, refunds by
 //! status with the oldest still on its way, open disputes, and each worker replica's last
@@ -55,46 +57,58 @@ pub struct Snapshot {
 
 pub fn snapshot<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<Snapshot, DbError> {
     let mut s = Snapshot::default();
-    for r in db.query("SELECT status, COUNT(*), MIN(updated_at) FROM orders GROUP BY status", &[])? {
-        s.orders.push((r.text(0)?, r.int(1)?, r.int(2)?));
+    // Counts over the whole history come from the tallies (tallies.rs); everything else
+    // reads what is waiting or open through an index, so no query here visits the history.
+    let tallies = crate::tallies::read(db)?;
+    let tally = |name: &str| tallies.get(name).copied().unwrap_or(0);
+    let counted: Vec<(String, i64)> = crate::tallies::with_prefix(&tallies, "orders:");
+    if !counted.is_empty() {
+        // The oldest order of each status: one index seek on (status, updated_at) per status.
+        let arms: Vec<String> = (1..=counted.len())
+            .map(|i| {
+                format!("SELECT * FROM (SELECT status, updated_at FROM orders WHERE status = ${i} ORDER BY updated_at LIMIT 1) o{i}")
+            })
+            .collect();
+        let params: Vec<Value> = counted.iter().map(|(st, _)| Value::from(st.as_str())).collect();
+        let oldest: Vec<(String, i64)> = db
+            .query(&db.dialect().sql(&arms.join(" UNION ALL ")), &params)?
+            .iter()
+            .map(|r| Ok((r.text(0)?, r.int(1)?)))
+            .collect::<Result<_, DbError>>()?;
+        for (status, n) in counted {
+            let since = oldest.iter().find(|(st, _)| *st == status).map(|(_, t)| *t).unwrap_or(now_ms);
+            s.orders.push((status, n, since));
+        }
     }
     let backlog = "SELECT channel, COUNT(*), MIN(created_at) FROM outbox WHERE status IN ($1, $2) GROUP BY channel";
     let open = [Value::from(outbox_status::PENDING), Value::from(outbox_status::PUBLISHED)];
-    for r in db.query(backlog, &open)? {
+    for r in db.query(&db.dialect().sql(backlog), &open)? {
         s.outbox_backlog.push((r.text(0)?, r.int(1)?, r.int(2)?));
     }
     let dead = "SELECT channel, COUNT(*) FROM outbox WHERE status = $1 GROUP BY channel";
-    for r in db.query(dead, &[Value::from(outbox_status::DEAD)])? {
+    for r in db.query(&db.dialect().sql(dead), &[Value::from(outbox_status::DEAD)])? {
         s.dead_letters.push((r.text(0)?, r.int(1)?));
     }
     let issues = db.query("SELECT COUNT(*) FROM payment_issues WHERE resolved_at IS NULL", &[])?;
     s.payment_issues_open = issues.first().map(|r| r.int(0)).transpose()?.unwrap_or(0);
-    let waiting = "SELECT status, COUNT(*) FROM outbound_messages WHERE status <> $1 GROUP BY status";
-    for r in db.query(waiting, &[Value::from(crate::messages::status::SENT)])? {
+    // The statuses a message waits or failed in, named: `status <> 'sent'` would visit every
+    // message ever sent.
+    use crate::messages::status as m;
+    let waiting = "SELECT status, COUNT(*) FROM outbound_messages WHERE status IN ($1, $2, $3, $4) GROUP BY status";
+    let statuses = [m::QUEUED, m::AWAITING_WINDOW, m::HELD, m::FAILED].map(Value::from);
+    for r in db.query(&db.dialect().sql(waiting), &statuses)? {
         s.messages.push((r.text(0)?, r.int(1)?));
     }
-    let delivered = "SELECT COUNT(*) FROM generated_images g JOIN outbound_messages m ON m.id = g.message_id \
-                     WHERE m.status = $1";
-    let rows = db.query(delivered, &[Value::from(crate::messages::status::SENT)])?;
-    s.portraits_delivered = rows.first().map(|r| r.int(0)).transpose()?.unwrap_or(0);
-    // One pass over the delivered orders: a cumulative count per bucket, the count and the sum
-    // (PostgreSQL sums BIGINTs as NUMERIC, hence the cast).
-    let buckets: Vec<String> = DELIVERY_BUCKETS_S
-        .iter()
-        .map(|le| format!("COALESCE(SUM(CASE WHEN updated_at - paid_at <= {} THEN 1 ELSE 0 END), 0)", le * 1000))
-        .collect();
-    let histogram = format!(
-        "SELECT {}, COUNT(*), CAST(COALESCE(SUM(updated_at - paid_at), 0) AS BIGINT) FROM orders \
-         WHERE status = 'delivered' AND paid_at IS NOT NULL",
-        buckets.join(", ")
-    );
-    if let Some(r) = db.query(&histogram, &[])?.first() {
-        let n = DELIVERY_BUCKETS_S.len();
-        s.delivery_buckets = (0..n).map(|i| r.int(i)).collect::<Result<_, _>>()?;
-        s.delivery_count = r.int(n)?;
-        s.delivery_sum_ms = r.int(n + 1)?;
+    s.portraits_delivered = tally("portraits_delivered");
+    // The buckets are tallied each on its own; Prometheus' are cumulative.
+    let mut cumulative = 0;
+    for le in DELIVERY_BUCKETS_S {
+        cumulative += tally(&format!("delivered_le:{le}"));
+        s.delivery_buckets.push(cumulative);
     }
-    s.refunds = crate::refunds::count_by_status(db)?;
+    s.delivery_count = cumulative + tally("delivered_le:inf");
+    s.delivery_sum_ms = tally("delivered_ms");
+    s.refunds = crate::tallies::with_prefix(&tallies, "refunds:");
     s.refund_oldest_waiting = crate::refunds::oldest_waiting_since(db)?;
     let disputes = db.query(
         &db.dialect().sql("SELECT COUNT(*) FROM payment_issues WHERE resolved_at IS NULL AND kind = $1"),

@@ -7,16 +7,44 @@
 
 use crate::{transaction, Db, DbError, Dialect, Value};
 
-/// One schema step. `sql` is portable unless a dialect-specific variant is given.
+/// One schema step: `sql` is portable; then `sqlite` or `postgres`, for the database at hand,
+/// runs what the two dialects say differently (triggers, JSON).
 pub struct Migration {
     pub version: i64,
     pub name: &'static str,
     pub sql: &'static [&'static str],
+    pub sqlite: &'static [&'static str],
+    pub postgres: &'static [&'static str],
 }
+
+/// The rest of a migration that has no dialect-specific statements.
+const PORTABLE: Migration = Migration { version: 0, name: "", sql: &[], sqlite: &[], postgres: &[] };
 
 /// Key of the PostgreSQL advisory lock that serialises migrations (any constant works, as long
 /// as nothing else in the database uses it).
 const MIGRATION_LOCK: i64 = 0x61_73_74_72_69_61; // "astria"
+
+/// A delivered order's share of the payment-to-delivery histogram, as the SQLite triggers'
+/// `UNION ALL` arms: its bucket and its time, each with `$sign` (`-` to take it out).
+#[rustfmt::skip] // One WHEN per bucket, a line each.
+macro_rules! delivered_deltas {
+    ($row:literal, $sign:literal) => {
+        concat!(
+            " UNION ALL SELECT 'delivered_le:' || CASE ",
+            "WHEN ", $row, ".updated_at - ", $row, ".paid_at <= 60000 THEN '60' ",
+            "WHEN ", $row, ".updated_at - ", $row, ".paid_at <= 300000 THEN '300' ",
+            "WHEN ", $row, ".updated_at - ", $row, ".paid_at <= 900000 THEN '900' ",
+            "WHEN ", $row, ".updated_at - ", $row, ".paid_at <= 1800000 THEN '1800' ",
+            "WHEN ", $row, ".updated_at - ", $row, ".paid_at <= 3600000 THEN '3600' ",
+            "WHEN ", $row, ".updated_at - ", $row, ".paid_at <= 7200000 THEN '7200' ",
+            "WHEN ", $row, ".updated_at - ", $row, ".paid_at <= 21600000 THEN '21600' ",
+            "WHEN ", $row, ".updated_at - ", $row, ".paid_at <= 86400000 THEN '86400' ",
+            "ELSE 'inf' END, ", $sign, "1 WHERE ", $row, ".status = 'delivered' AND ", $row, ".paid_at IS NOT NULL ",
+            "UNION ALL SELECT 'delivered_ms', ", $sign, "(", $row, ".updated_at - ", $row, ".paid_at) ",
+            "WHERE ", $row, ".status = 'delivered' AND ", $row, ".paid_at IS NOT NULL "
+        )
+    };
+}
 
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -46,6 +74,7 @@ pub const MIGRATIONS: &[Migration] = &[
             PRIMARY KEY (event_id, consumer)
         )",
         ],
+        ..PORTABLE
     },
     Migration {
         version: 2,
@@ -96,6 +125,7 @@ pub const MIGRATIONS: &[Migration] = &[
             PRIMARY KEY (source, external_id)
         )",
         ],
+        ..PORTABLE
     },
     Migration {
         version: 3,
@@ -132,6 +162,7 @@ pub const MIGRATIONS: &[Migration] = &[
             lease_until BIGINT NOT NULL
         )",
         ],
+        ..PORTABLE
     },
     Migration {
         version: 4,
@@ -153,6 +184,7 @@ pub const MIGRATIONS: &[Migration] = &[
         )",
             "CREATE INDEX payment_issues_open ON payment_issues (resolved_at, created_at)",
         ],
+        ..PORTABLE
     },
     Migration {
         version: 5,
@@ -165,6 +197,7 @@ pub const MIGRATIONS: &[Migration] = &[
             lease_until BIGINT NOT NULL
         )",
         ],
+        ..PORTABLE
     },
     Migration {
         version: 6,
@@ -192,6 +225,7 @@ pub const MIGRATIONS: &[Migration] = &[
             PRIMARY KEY (order_id, url)
         )",
         ],
+        ..PORTABLE
     },
     Migration {
         version: 7,
@@ -203,6 +237,7 @@ pub const MIGRATIONS: &[Migration] = &[
             "ALTER TABLE orders ADD COLUMN reconcile_next_at BIGINT",
             "CREATE INDEX orders_in_training ON orders (status, training_started_at)",
         ],
+        ..PORTABLE
     },
     Migration {
         version: 8,
@@ -213,6 +248,7 @@ pub const MIGRATIONS: &[Migration] = &[
             "ALTER TABLE orders ADD COLUMN checkout_generation BIGINT NOT NULL DEFAULT 0",
             "ALTER TABLE orders ADD COLUMN checkout_expires_at BIGINT",
         ],
+        ..PORTABLE
     },
     Migration {
         version: 9,
@@ -222,6 +258,7 @@ pub const MIGRATIONS: &[Migration] = &[
             "ALTER TABLE orders ADD COLUMN paid_at BIGINT",
             "UPDATE orders SET paid_at = updated_at WHERE paid_minor IS NOT NULL",
         ],
+        ..PORTABLE
     },
     Migration {
         version: 10,
@@ -230,6 +267,7 @@ pub const MIGRATIONS: &[Migration] = &[
             // The one message an opted-out contact still gets: the confirmation of their STOP.
             "ALTER TABLE outbound_messages ADD COLUMN always_send BIGINT NOT NULL DEFAULT 0",
         ],
+        ..PORTABLE
     },
     Migration {
         version: 11,
@@ -242,6 +280,7 @@ pub const MIGRATIONS: &[Migration] = &[
             // What the operator who resolved a payment issue wrote about it.
             "ALTER TABLE payment_issues ADD COLUMN resolution TEXT",
         ],
+        ..PORTABLE
     },
     Migration {
         version: 12,
@@ -266,6 +305,7 @@ pub const MIGRATIONS: &[Migration] = &[
             "CREATE UNIQUE INDEX contacts_by_bsuid ON contacts (bsuid)",
             "CREATE INDEX contacts_by_parent_bsuid ON contacts (parent_bsuid)",
         ],
+        ..PORTABLE
     },
     Migration {
         version: 13,
@@ -299,6 +339,7 @@ pub const MIGRATIONS: &[Migration] = &[
             "CREATE INDEX refunds_by_status ON refunds (status, updated_at)",
             "CREATE INDEX refunds_by_stripe_id ON refunds (stripe_refund_id)",
         ],
+        ..PORTABLE
     },
     Migration {
         version: 14,
@@ -327,6 +368,7 @@ pub const MIGRATIONS: &[Migration] = &[
             // arrive before the next bump are one signal (one outbox row), however many.
             "ALTER TABLE orders ADD COLUMN sync_generation BIGINT NOT NULL DEFAULT 0",
         ],
+        ..PORTABLE
     },
     Migration {
         version: 15,
@@ -340,6 +382,7 @@ pub const MIGRATIONS: &[Migration] = &[
             PRIMARY KEY (replica, channel)
         )",
         ],
+        ..PORTABLE
     },
     Migration {
         version: 16,
@@ -357,6 +400,191 @@ pub const MIGRATIONS: &[Migration] = &[
             set_aside_at BIGINT
         )",
             "CREATE INDEX inbox_arrival ON inbox (received_at, id)",
+        ],
+        ..PORTABLE
+    },
+    Migration {
+        version: 17,
+        name: "operator reads that do not grow with history",
+        sql: &[
+            // The console's order page finds an order's events by this column (outbox.rs
+            // fills it from the event's payload), not by a LIKE over every envelope.
+            "ALTER TABLE outbox ADD COLUMN order_id TEXT",
+            "CREATE INDEX outbox_by_order ON outbox (order_id, created_at)",
+            // The console's funnel counts the last days by these columns.
+            "CREATE INDEX contacts_by_first_seen ON contacts (first_seen_at)",
+            "CREATE INDEX orders_by_created ON orders (created_at)",
+            "CREATE INDEX orders_by_paid ON orders (paid_at)",
+            "CREATE INDEX worker_heartbeats_by_seen ON worker_heartbeats (seen_at)",
+            // The payment-issues page shows each open issue's refund.
+            "CREATE INDEX refunds_by_issue ON refunds (issue_id)",
+            // Counts over the whole history (orders by status, deliveries, portraits, refunds),
+            // kept by the triggers below instead of counted at each scrape (tallies.rs). A
+            // trigger only appends a delta: no row every writer updates, so no lock they
+            // queue on; the relay folds the deltas into `tallies`.
+            "CREATE TABLE tallies (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
+            "CREATE TABLE tally_deltas (name TEXT NOT NULL, delta BIGINT NOT NULL)",
+            // What the database holds now, counted once.
+            "INSERT INTO tallies (name, value) SELECT 'orders:' || status, COUNT(*) FROM orders GROUP BY status",
+            "INSERT INTO tallies (name, value) SELECT 'refunds:' || status, COUNT(*) FROM refunds GROUP BY status",
+            "INSERT INTO tallies (name, value)
+             SELECT 'portraits_delivered', COUNT(*) FROM generated_images g JOIN outbound_messages m ON m.id = g.message_id
+             WHERE m.status = 'sent'",
+            // The payment-to-delivery histogram's buckets (metrics::DELIVERY_BUCKETS_S, in ms),
+            // each counted on its own (render adds them up), and the sum.
+            "INSERT INTO tallies (name, value)
+             SELECT 'delivered_le:' || le, COUNT(*) FROM (
+                 SELECT CASE WHEN ms <= 60000 THEN '60' WHEN ms <= 300000 THEN '300' WHEN ms <= 900000 THEN '900' WHEN ms <= 1800000 THEN '1800' WHEN ms <= 3600000 THEN '3600' WHEN ms <= 7200000 THEN '7200' WHEN ms <= 21600000 THEN '21600' WHEN ms <= 86400000 THEN '86400' ELSE 'inf' END AS le
+                 FROM (SELECT updated_at - paid_at AS ms FROM orders WHERE status = 'delivered' AND paid_at IS NOT NULL) d
+             ) b GROUP BY le",
+            "INSERT INTO tallies (name, value)
+             SELECT 'delivered_ms', CAST(COALESCE(SUM(updated_at - paid_at), 0) AS BIGINT) FROM orders
+             WHERE status = 'delivered' AND paid_at IS NOT NULL",
+        ],
+        sqlite: &[
+            concat!(
+                "CREATE TRIGGER orders_tally_insert AFTER INSERT ON orders BEGIN
+                 INSERT INTO tally_deltas (name, delta) SELECT 'orders:' || NEW.status, 1 ",
+                delivered_deltas!("NEW", ""),
+                "; END"
+            ),
+            concat!(
+                "CREATE TRIGGER orders_tally_update AFTER UPDATE OF status, paid_at, updated_at ON orders
+                 WHEN OLD.status <> NEW.status OR ((OLD.status = 'delivered' OR NEW.status = 'delivered')
+                      AND (OLD.updated_at IS NOT NEW.updated_at OR OLD.paid_at IS NOT NEW.paid_at)) BEGIN
+                 INSERT INTO tally_deltas (name, delta)
+                 SELECT 'orders:' || OLD.status, -1 WHERE OLD.status <> NEW.status
+                 UNION ALL SELECT 'orders:' || NEW.status, 1 WHERE OLD.status <> NEW.status ",
+                delivered_deltas!("OLD", "-"),
+                delivered_deltas!("NEW", ""),
+                "; END"
+            ),
+            concat!(
+                "CREATE TRIGGER orders_tally_delete AFTER DELETE ON orders BEGIN
+                 INSERT INTO tally_deltas (name, delta) SELECT 'orders:' || OLD.status, -1 ",
+                delivered_deltas!("OLD", "-"),
+                "; END"
+            ),
+            "CREATE TRIGGER refunds_tally_insert AFTER INSERT ON refunds BEGIN
+             INSERT INTO tally_deltas (name, delta) VALUES ('refunds:' || NEW.status, 1); END",
+            "CREATE TRIGGER refunds_tally_update AFTER UPDATE OF status ON refunds WHEN OLD.status <> NEW.status BEGIN
+             INSERT INTO tally_deltas (name, delta) VALUES ('refunds:' || OLD.status, -1), ('refunds:' || NEW.status, 1); END",
+            "CREATE TRIGGER refunds_tally_delete AFTER DELETE ON refunds BEGIN
+             INSERT INTO tally_deltas (name, delta) VALUES ('refunds:' || OLD.status, -1); END",
+            // A portrait is delivered when the message it names is sent: a change on either
+            // side moves the count by the pairs it makes or breaks.
+            "CREATE TRIGGER portraits_tally_message_insert AFTER INSERT ON outbound_messages WHEN NEW.status = 'sent' BEGIN
+             INSERT INTO tally_deltas (name, delta) SELECT 'portraits_delivered', COUNT(*) FROM generated_images
+             WHERE message_id = NEW.id HAVING COUNT(*) > 0; END",
+            "CREATE TRIGGER portraits_tally_message_update AFTER UPDATE OF status ON outbound_messages
+             WHEN (OLD.status = 'sent') <> (NEW.status = 'sent') BEGIN
+             INSERT INTO tally_deltas (name, delta)
+             SELECT 'portraits_delivered', CASE WHEN NEW.status = 'sent' THEN COUNT(*) ELSE -COUNT(*) END
+             FROM generated_images WHERE message_id = NEW.id HAVING COUNT(*) > 0; END",
+            "CREATE TRIGGER portraits_tally_message_delete AFTER DELETE ON outbound_messages WHEN OLD.status = 'sent' BEGIN
+             INSERT INTO tally_deltas (name, delta) SELECT 'portraits_delivered', -COUNT(*) FROM generated_images
+             WHERE message_id = OLD.id HAVING COUNT(*) > 0; END",
+            "CREATE TRIGGER portraits_tally_image_insert AFTER INSERT ON generated_images BEGIN
+             INSERT INTO tally_deltas (name, delta) SELECT 'portraits_delivered', 1 FROM outbound_messages
+             WHERE id = NEW.message_id AND status = 'sent'; END",
+            "CREATE TRIGGER portraits_tally_image_update AFTER UPDATE OF message_id ON generated_images BEGIN
+             INSERT INTO tally_deltas (name, delta)
+             SELECT 'portraits_delivered', -1 FROM outbound_messages WHERE id = OLD.message_id AND status = 'sent'
+             UNION ALL SELECT 'portraits_delivered', 1 FROM outbound_messages WHERE id = NEW.message_id AND status = 'sent';
+             END",
+            "CREATE TRIGGER portraits_tally_image_delete AFTER DELETE ON generated_images BEGIN
+             INSERT INTO tally_deltas (name, delta) SELECT 'portraits_delivered', -1 FROM outbound_messages
+             WHERE id = OLD.message_id AND status = 'sent'; END",
+            // Events written before this migration: their order, from the payload.
+            "UPDATE outbox SET order_id = json_extract(json_extract(envelope, '$.payload'), '$.order_id')
+             WHERE json_valid(envelope) AND json_valid(json_extract(envelope, '$.payload'))
+               AND json_type(json_extract(envelope, '$.payload')) = 'object'",
+        ],
+        postgres: &[
+            "CREATE FUNCTION astria_delivered_le(ms BIGINT) RETURNS TEXT LANGUAGE sql IMMUTABLE AS $$
+             SELECT 'delivered_le:' || CASE WHEN ms <= 60000 THEN '60' WHEN ms <= 300000 THEN '300' WHEN ms <= 900000 THEN '900' WHEN ms <= 1800000 THEN '1800' WHEN ms <= 3600000 THEN '3600' WHEN ms <= 7200000 THEN '7200' WHEN ms <= 21600000 THEN '21600' WHEN ms <= 86400000 THEN '86400' ELSE 'inf' END $$",
+            "CREATE FUNCTION astria_orders_tally() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF TG_OP = 'UPDATE' THEN
+                 IF OLD.status = NEW.status AND NOT ((OLD.status = 'delivered' OR NEW.status = 'delivered')
+                    AND (OLD.updated_at IS DISTINCT FROM NEW.updated_at OR OLD.paid_at IS DISTINCT FROM NEW.paid_at)) THEN
+                   RETURN NULL;
+                 END IF;
+               END IF;
+               IF TG_OP <> 'INSERT' THEN
+                 INSERT INTO tally_deltas (name, delta) VALUES ('orders:' || OLD.status, -1);
+                 IF OLD.status = 'delivered' AND OLD.paid_at IS NOT NULL THEN
+                   INSERT INTO tally_deltas (name, delta) VALUES
+                     (astria_delivered_le(OLD.updated_at - OLD.paid_at), -1), ('delivered_ms', OLD.paid_at - OLD.updated_at);
+                 END IF;
+               END IF;
+               IF TG_OP <> 'DELETE' THEN
+                 INSERT INTO tally_deltas (name, delta) VALUES ('orders:' || NEW.status, 1);
+                 IF NEW.status = 'delivered' AND NEW.paid_at IS NOT NULL THEN
+                   INSERT INTO tally_deltas (name, delta) VALUES
+                     (astria_delivered_le(NEW.updated_at - NEW.paid_at), 1), ('delivered_ms', NEW.updated_at - NEW.paid_at);
+                 END IF;
+               END IF;
+               RETURN NULL;
+             END $$",
+            "CREATE TRIGGER orders_tally AFTER INSERT OR DELETE OR UPDATE OF status, paid_at, updated_at ON orders
+             FOR EACH ROW EXECUTE FUNCTION astria_orders_tally()",
+            "CREATE FUNCTION astria_refunds_tally() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF TG_OP <> 'INSERT' THEN
+                 INSERT INTO tally_deltas (name, delta) VALUES ('refunds:' || OLD.status, -1);
+               END IF;
+               IF TG_OP <> 'DELETE' THEN
+                 INSERT INTO tally_deltas (name, delta) VALUES ('refunds:' || NEW.status, 1);
+               END IF;
+               RETURN NULL;
+             END $$",
+            "CREATE TRIGGER refunds_tally_change AFTER INSERT OR DELETE ON refunds
+             FOR EACH ROW EXECUTE FUNCTION astria_refunds_tally()",
+            "CREATE TRIGGER refunds_tally_update AFTER UPDATE OF status ON refunds
+             FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION astria_refunds_tally()",
+            "CREATE FUNCTION astria_portraits_tally_message() RETURNS trigger LANGUAGE plpgsql AS $$
+             DECLARE d BIGINT := 0;
+             BEGIN
+               IF TG_OP <> 'INSERT' THEN
+                 IF OLD.status = 'sent' THEN
+                   d := d - (SELECT COUNT(*) FROM generated_images WHERE message_id = OLD.id);
+                 END IF;
+               END IF;
+               IF TG_OP <> 'DELETE' THEN
+                 IF NEW.status = 'sent' THEN
+                   d := d + (SELECT COUNT(*) FROM generated_images WHERE message_id = NEW.id);
+                 END IF;
+               END IF;
+               IF d <> 0 THEN
+                 INSERT INTO tally_deltas (name, delta) VALUES ('portraits_delivered', d);
+               END IF;
+               RETURN NULL;
+             END $$",
+            "CREATE TRIGGER portraits_tally_message_change AFTER INSERT OR DELETE ON outbound_messages
+             FOR EACH ROW EXECUTE FUNCTION astria_portraits_tally_message()",
+            "CREATE TRIGGER portraits_tally_message_update AFTER UPDATE OF status ON outbound_messages
+             FOR EACH ROW WHEN ((OLD.status = 'sent') IS DISTINCT FROM (NEW.status = 'sent'))
+             EXECUTE FUNCTION astria_portraits_tally_message()",
+            "CREATE FUNCTION astria_portraits_tally_image() RETURNS trigger LANGUAGE plpgsql AS $$
+             DECLARE d BIGINT := 0;
+             BEGIN
+               IF TG_OP <> 'INSERT' THEN
+                 d := d - (SELECT COUNT(*) FROM outbound_messages WHERE id = OLD.message_id AND status = 'sent');
+               END IF;
+               IF TG_OP <> 'DELETE' THEN
+                 d := d + (SELECT COUNT(*) FROM outbound_messages WHERE id = NEW.message_id AND status = 'sent');
+               END IF;
+               IF d <> 0 THEN
+                 INSERT INTO tally_deltas (name, delta) VALUES ('portraits_delivered', d);
+               END IF;
+               RETURN NULL;
+             END $$",
+            "CREATE TRIGGER portraits_tally_image AFTER INSERT OR DELETE OR UPDATE OF message_id ON generated_images
+             FOR EACH ROW EXECUTE FUNCTION astria_portraits_tally_image()",
+            // Events written before this migration: their order, from the payload (ours, JSON).
+            "UPDATE outbox SET order_id = (envelope::jsonb ->> 'payload')::jsonb ->> 'order_id'
+             WHERE jsonb_typeof((envelope::jsonb ->> 'payload')::jsonb) = 'object'",
         ],
     },
 ];
@@ -379,7 +607,11 @@ pub fn migrate<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<Vec<i64>, DbError>
             .collect::<Result<_, _>>()?;
         let mut done = Vec::new();
         for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
-            for stmt in m.sql {
+            let dialect = match db.dialect() {
+                Dialect::Sqlite => m.sqlite,
+                Dialect::Postgres => m.postgres,
+            };
+            for stmt in m.sql.iter().chain(dialect) {
                 db.execute(stmt, &[])?;
             }
             db.execute(

@@ -123,8 +123,8 @@ fn insert<D: Db + ?Sized>(
     let envelope = serde_json::to_string(event).map_err(|e| DbError::Decode(e.to_string()))?;
     let n = db.execute(
         &db.dialect().sql(&format!(
-            "INSERT INTO outbox (id, channel, event_type, envelope, correlation_id, created_at, status, attempts, next_attempt_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8){on_conflict}"
+            "INSERT INTO outbox (id, channel, event_type, envelope, correlation_id, created_at, status, attempts, next_attempt_at, order_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9){on_conflict}"
         )),
         &[
             Value::from(event.id.as_str()),
@@ -135,9 +135,17 @@ fn insert<D: Db + ?Sized>(
             Value::Int(now_ms),
             Value::from(status::PENDING),
             Value::Int(now_ms + policy.grace_ms),
+            Value::from(order_of(event)),
         ],
     )?;
     Ok((n == 1).then_some(envelope))
+}
+
+/// The order an event is about, when its payload names one: the console lists an order's
+/// events by it (`outbox_by_order`).
+fn order_of(event: &EventEnvelope) -> Option<String> {
+    let payload: serde_json::Value = serde_json::from_str(&event.payload).ok()?;
+    payload.get("order_id")?.as_str().map(String::from)
 }
 
 /// Notes the first successful publish. The event stays due for relay until completed.

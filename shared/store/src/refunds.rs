@@ -262,10 +262,8 @@ pub fn record_at_stripe<D: Db + ?Sized>(
 
 /// Refunds by status, for the metrics.
 pub fn count_by_status<D: Db + ?Sized>(db: &D) -> Result<Vec<(String, i64)>, DbError> {
-    db.query("SELECT status, COUNT(*) FROM refunds GROUP BY status ORDER BY status", &[])?
-        .iter()
-        .map(|r| Ok((r.text(0)?, r.int(1)?)))
-        .collect()
+    // Kept by the tallies' triggers: the same answer as a GROUP BY, without reading every refund.
+    Ok(crate::tallies::with_prefix(&crate::tallies::read(db)?, "refunds:"))
 }
 
 /// When the oldest refund still on its way (asked for, or pending at Stripe) last moved.

@@ -142,9 +142,26 @@ fn an_upgrade_finds_the_orders_and_portraits_the_previous_releases_wrote() {
             "INSERT INTO generated_images VALUES ('o-old', 'https://mp.astria.ai/a.jpg', 1, 'random-uuid-of-old', 60)",
         );
 
+        let envelope = serde_json::to_string(&EventEnvelope {
+            payload: r#"{"order_id":"o-old","tune_id":7}"#.into(),
+            ..event("e-old")
+        })
+        .unwrap();
+        db.execute(
+            "INSERT INTO outbox (id, channel, event_type, envelope, correlation_id, created_at, status, attempts, next_attempt_at)
+             VALUES ('e-old', 'astria.orders', 'order.paid', $1, 'c', 70, 'done', 1, 0)",
+            &[Value::from(envelope)],
+        )
+        .unwrap();
+
         let newer: Vec<i64> =
             astria_store::migrations::MIGRATIONS.iter().map(|m| m.version).filter(|v| *v > 13).collect();
         assert_eq!(migrate(db, 200).unwrap(), newer);
+        // Migration 17 counted what the previous releases wrote, and found their events' orders.
+        assert_eq!(tallied(db), counted_over_every_row(db));
+        assert_eq!(tallied(db).0, [("delivering".to_string(), 1), ("paid".to_string(), 1)]);
+        let story = astria_store::console::order_story(db, "o-old", 10).unwrap().unwrap();
+        assert_eq!(story.events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["e-old"]);
         // The portrait names the message that carries it: the order waits for it.
         assert_eq!(messages::portrait_order(db, "queue-made-id").unwrap().as_deref(), Some("o-old"));
         assert_eq!(images::progress(db, "o-old").unwrap().unconfirmed, 1);
@@ -1164,6 +1181,173 @@ fn the_metrics_snapshot_counts_exactly_what_the_tables_hold() {
         assert_eq!(s.delivery_buckets, vec![0, 1, 1, 1, 1, 2, 2, 2]);
         assert_eq!((s.delivery_count, s.delivery_sum_ms), (2, 4_120_000));
     });
+}
+
+/// What the metrics' history counts are, counted the slow way: over every row.
+fn counted_over_every_row(db: &dyn Db) -> (Vec<(String, i64)>, i64, Vec<i64>, i64, i64, Vec<(String, i64)>) {
+    let pairs = |sql: &str| -> Vec<(String, i64)> {
+        let mut v: Vec<(String, i64)> =
+            db.query(sql, &[]).unwrap().iter().map(|r| (r.text(0).unwrap(), r.int(1).unwrap())).collect();
+        v.sort();
+        v
+    };
+    let one = |sql: &str| db.query(sql, &[]).unwrap()[0].int(0).unwrap();
+    let orders = pairs("SELECT status, COUNT(*) FROM orders GROUP BY status");
+    let portraits = one(
+        "SELECT COUNT(*) FROM generated_images g JOIN outbound_messages m ON m.id = g.message_id WHERE m.status = 'sent'",
+    );
+    let delivered = "FROM orders WHERE status = 'delivered' AND paid_at IS NOT NULL";
+    let buckets = astria_store::metrics::DELIVERY_BUCKETS_S
+        .iter()
+        .map(|le| one(&format!("SELECT COUNT(*) {delivered} AND updated_at - paid_at <= {}", le * 1000)))
+        .collect();
+    let count = one(&format!("SELECT COUNT(*) {delivered}"));
+    let sum = one(&format!("SELECT CAST(COALESCE(SUM(updated_at - paid_at), 0) AS BIGINT) {delivered}"));
+    let refunds = pairs("SELECT status, COUNT(*) FROM refunds GROUP BY status");
+    (orders, portraits, buckets, count, sum, refunds)
+}
+
+/// The metrics' history counts as the tallies keep them, in [`counted_over_every_row`]'s shape.
+fn tallied(db: &dyn Db) -> (Vec<(String, i64)>, i64, Vec<i64>, i64, i64, Vec<(String, i64)>) {
+    let s = astria_store::metrics::snapshot(db, NOW).unwrap();
+    let mut orders: Vec<(String, i64)> = s.orders.iter().map(|(st, n, _)| (st.clone(), *n)).collect();
+    orders.sort();
+    (orders, s.portraits_delivered, s.delivery_buckets, s.delivery_count, s.delivery_sum_ms, s.refunds)
+}
+
+/// The tallies (migration 17's triggers) follow every insert, update and delete, whoever
+/// makes it, folded or not: at each step they say what a count over every row says. Among
+/// the changes: orders moving through statuses, delivered and un-delivered, a delivered
+/// order's times corrected, portraits linked before and after their message is sent, rows
+/// removed by the weekly cleanup, and refunds changing status.
+#[test]
+fn the_tallies_follow_every_change_folded_or_not() {
+    use astria_store::tallies;
+    on_both(|connect| {
+        let db = connect();
+        let db = db.as_ref();
+        migrate(db, 0).unwrap();
+        let check = |when: &str| {
+            let (want, got) = (counted_over_every_row(db), tallied(db));
+            assert_eq!(got, want, "{when}: tallied (left) against counted (right)");
+        };
+        check("empty");
+        seed(db);
+        exec(db, "UPDATE orders SET paid_at = updated_at - 100000 WHERE status = 'delivered'");
+        check("seeded");
+        // Through the statuses, the way the app moves an order.
+        exec(db, "UPDATE orders SET status = 'paid', paid_at = 1000, updated_at = 2000 WHERE id = 'awaiting-recent'");
+        exec(db, "UPDATE orders SET status = 'training', updated_at = 3000 WHERE id = 'awaiting-recent'");
+        exec(db, "UPDATE orders SET status = 'delivered', updated_at = 4000000 WHERE id = 'awaiting-recent'");
+        check("delivered");
+        assert!(tallies::fold(db).unwrap() > 0, "deltas to fold");
+        assert_eq!(tallies::fold(db).unwrap(), 0, "folded once");
+        check("folded");
+        // A correction of a delivered order's times moves it between buckets; an update that
+        // changes neither status nor times moves nothing.
+        exec(db, "UPDATE orders SET updated_at = 30000 WHERE id = 'awaiting-recent'");
+        exec(db, "UPDATE orders SET pack_id = 'q' WHERE id = 'awaiting-recent'");
+        exec(db, "UPDATE orders SET status = 'delivery_failed' WHERE id = 'delivered-recent'");
+        exec(db, "UPDATE orders SET paid_at = NULL WHERE id = 'delivered-old'");
+        check("corrected");
+        // Portraits: linked to a queued message that is then sent; to a sent one; relinked;
+        // a sent message with two portraits deleted.
+        exec(
+            db,
+            "INSERT INTO generated_images VALUES ('delivered-old', 'https://mp.astria.ai/1.jpg', 1, 'queued-old', 0)",
+        );
+        exec(
+            db,
+            "INSERT INTO generated_images VALUES ('delivered-old', 'https://mp.astria.ai/2.jpg', 1, 'sent-recent', 0)",
+        );
+        exec(
+            db,
+            "INSERT INTO generated_images VALUES ('delivered-old', 'https://mp.astria.ai/3.jpg', 1, 'sent-recent', 0)",
+        );
+        check("portraits linked");
+        exec(db, "UPDATE outbound_messages SET status = 'sent' WHERE id = 'queued-old'");
+        exec(db, "UPDATE generated_images SET message_id = 'failed-old' WHERE url = 'https://mp.astria.ai/1.jpg'");
+        exec(db, "UPDATE outbound_messages SET status = 'queued' WHERE id = 'queued-old'");
+        check("portraits sent and moved");
+        tallies::fold(db).unwrap();
+        exec(db, "DELETE FROM outbound_messages WHERE id = 'sent-recent'");
+        exec(db, "DELETE FROM generated_images WHERE url = 'https://mp.astria.ai/2.jpg'");
+        check("portraits deleted");
+        // Refunds.
+        let refund = |id: &str, status: &str| {
+            exec(
+                db,
+                &format!("INSERT INTO refunds (id, status, created_at, updated_at) VALUES ('{id}', '{status}', 0, 0)"),
+            )
+        };
+        refund("r1", "requested");
+        refund("r2", "pending");
+        exec(db, "UPDATE refunds SET status = 'succeeded' WHERE id = 'r2'");
+        exec(db, "UPDATE refunds SET status = 'pending' WHERE id = 'r1'");
+        exec(db, "UPDATE refunds SET attempts = 2 WHERE id = 'r1'");
+        check("refunds");
+        // The weekly cleanup removes orders, messages and portraits by the batch.
+        let report = cleanup::run(db, NOW, &cleanup::Retention::default(), 2).unwrap();
+        assert!(report.orders_removed + report.messages_removed + report.generated_images > 0, "{report:?}");
+        check("cleaned up");
+        tallies::fold(db).unwrap();
+        exec(db, "DELETE FROM refunds WHERE id = 'r2'");
+        check("folded, then a refund removed");
+        assert_eq!(db.query("SELECT COUNT(*) FROM tally_deltas", &[]).unwrap()[0].int(0).unwrap(), 1);
+    });
+}
+
+/// Two folds at once and writers beside them: every delta is folded exactly once.
+#[test]
+fn concurrent_folds_take_each_delta_once() {
+    use astria_store::tallies;
+    on_both(|connect| {
+        let db = connect();
+        migrate(db.as_ref(), 0).unwrap();
+        exec(db.as_ref(), "INSERT INTO contacts (wa_id, conversation, updated_at) VALUES ('ana', '{}', 0)");
+        let n = 4;
+        let barrier = Arc::new(Barrier::new(n));
+        let handles: Vec<_> = (0..n)
+            .map(|t| {
+                let db = connect();
+                let barrier = barrier.clone();
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    for i in 0..25 {
+                        let id = format!("o-{t}-{i}");
+                        retry(|| {
+                            db.execute(
+                                "INSERT INTO orders (id, wa_id, pack_id, status, price_minor, currency, created_at, updated_at)
+                                 VALUES ($1, 'ana', 'p', 'paid', 1999, 'usd', 0, 0)",
+                                &[Value::from(id.as_str())],
+                            )
+                        });
+                        if i % 5 == 0 {
+                            retry(|| tallies::fold(db.as_ref()));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let db = connect();
+        tallies::fold(db.as_ref()).unwrap();
+        assert_eq!(tallies::read(db.as_ref()).unwrap().get("orders:paid"), Some(&100));
+    });
+}
+
+/// SQLite answers "database is locked" to a writer that waited its 5 s out; these tests'
+/// writers retry as the app's callers do.
+fn retry<T>(mut f: impl FnMut() -> Result<T, DbError>) -> T {
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) if format!("{e}").contains("locked") || format!("{e}").contains("busy") => continue,
+            Err(e) => panic!("{e}"),
+        }
+    }
 }
 
 const PHONE: &str = "16505551234";
