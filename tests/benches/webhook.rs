@@ -501,14 +501,7 @@ async fn main() {
             }
         }
     }
-    let commit = std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    let dir = astria_tests::workspace_root().join("target/bench");
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join(format!("webhook-{}.md", host.replace(' ', "-")));
+    let commit = astria_tests::commit();
     let mut text = format!(
         "### {host}\n\nCommit {commit}; closed loops of {CLOSED} requests, open loop {OPEN_RATE}/s for {OPEN_SECONDS} s, \
          {FORGED} unsigned requests.\n\n{}\n",
@@ -528,6 +521,6 @@ async fn main() {
             census.join("\n")
         ));
     }
-    std::fs::write(&file, text).unwrap();
+    let file = astria_tests::write_bench_table("webhook", &host, &text);
     println!("written to {}", file.display());
 }

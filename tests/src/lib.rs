@@ -36,6 +36,7 @@ pub mod browser;
 pub mod db;
 pub mod deployment;
 pub mod fakes;
+pub mod history;
 pub mod otel;
 pub mod postgres;
 pub mod quiet;
@@ -723,15 +724,47 @@ pub async fn spawn_app_expecting_failure(config: AppConfig) -> Result<String> {
 pub fn devhost_statement_counts(log: &str) -> Vec<(String, u64)> {
     log.lines()
         .filter(|l| l.contains("connection closed"))
+        .filter_map(|line| Some((log_field(line, "component")?, log_field(line, "statements")?.parse().ok()?)))
+        .collect()
+}
+
+/// The value of `name=value` in one of devhost's log lines.
+fn log_field(line: &str, name: &str) -> Option<String> {
+    line.split(&format!("{name}="))
+        .nth(1)
+        .map(|v| v.split_whitespace().next().unwrap_or("").trim_matches('"').to_string())
+}
+
+/// What one instance's SQLite statements cost, as devhost logs it when the instance ends
+/// (`DEVHOST_LOG=devhost::sqlite=debug`): one (component, statements, SQLite VM steps) per
+/// instance that ran a statement, in the log's order.
+pub fn devhost_instance_costs(log: &str) -> Vec<(String, u64, u64)> {
+    log.lines()
+        .filter(|l| l.contains("instance done"))
         .filter_map(|line| {
-            let field = |name: &str| {
-                line.split(&format!("{name}="))
-                    .nth(1)
-                    .map(|v| v.split_whitespace().next().unwrap_or("").trim_matches('"').to_string())
-            };
-            Some((field("component")?, field("statements")?.parse().ok()?))
+            let number = |name: &str| log_field(line, name)?.parse().ok();
+            Some((log_field(line, "component")?, number("statements")?, number("vm_steps")?))
         })
         .collect()
+}
+
+/// Writes a benchmark's Markdown to `target/bench/<name>-<host>.md` (spaces in the host's
+/// label become dashes), where `scripts/bench.sh` gathers it; answers the file.
+pub fn write_bench_table(name: &str, host: &str, text: &str) -> std::path::PathBuf {
+    let dir = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir).expect("target/bench");
+    let file = dir.join(format!("{name}-{}.md", host.replace(' ', "-")));
+    std::fs::write(&file, text).expect("writing the benchmark's table");
+    file
+}
+
+/// The checked-out commit, short, for a benchmark's heading ("" outside a git checkout).
+pub fn commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Waits until a Redis channel has at least `n` subscribers (the trigger is listening).
