@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::{transaction, Db, DbError, Value};
+use crate::{transaction, Db, DbError, Dialect, Value};
 
 /// Every tally by name: the folded value plus the deltas not yet folded.
 pub fn read<D: Db + ?Sized>(db: &D) -> Result<BTreeMap<String, i64>, DbError> {
@@ -41,26 +41,59 @@ pub fn with_prefix(tallies: &BTreeMap<String, i64>, prefix: &str) -> Vec<(String
         .collect()
 }
 
-/// Moves every delta into `tallies`, in one transaction; answers how many deltas it folded.
-/// Safe beside writers and beside another fold: a delta is taken by the one `DELETE` that
-/// removes it (on PostgreSQL a second fold waits for the first's rows, then skips them).
+/// Deltas folded per statement: a fold after a burst (a bulk import, a backfill) moves them in
+/// bounded steps, never one result the size of the burst.
+pub const FOLD_BATCH: i64 = 10_000;
+
+/// Moves every delta into `tallies`, [`FOLD_BATCH`] at a time, each batch in one transaction;
+/// answers how many deltas it folded. Safe beside writers and beside another fold: a delta is
+/// taken by the one `DELETE` that removes it (on PostgreSQL a second fold waits for the first's
+/// rows, then skips them; SQLite has one writer at a time).
 pub fn fold<D: Db + ?Sized>(db: &D) -> Result<u64, DbError> {
+    let mut total = 0;
+    loop {
+        let n = match db.dialect() {
+            Dialect::Postgres => fold_batch_postgres(db)?,
+            Dialect::Sqlite => fold_batch_sqlite(db)?,
+        };
+        total += n;
+        if n < FOLD_BATCH as u64 {
+            return Ok(total);
+        }
+    }
+}
+
+/// One statement: the batch is deleted, summed into `tallies`, and counted.
+fn fold_batch_postgres<D: Db + ?Sized>(db: &D) -> Result<u64, DbError> {
+    let rows = db.query(
+        "WITH taken AS (
+             DELETE FROM tally_deltas WHERE ctid IN (SELECT ctid FROM tally_deltas LIMIT $1) RETURNING name, delta
+         ), summed AS (
+             INSERT INTO tallies (name, value) SELECT name, CAST(SUM(delta) AS BIGINT) FROM taken GROUP BY name
+             ON CONFLICT (name) DO UPDATE SET value = tallies.value + excluded.value
+         )
+         SELECT COUNT(*) FROM taken",
+        &[Value::Int(FOLD_BATCH)],
+    )?;
+    Ok(rows.first().map(|r| r.int(0)).transpose()?.unwrap_or(0) as u64)
+}
+
+/// SQLite has no DELETE in a WITH: the batch is bounded by rowid, summed, then deleted, under
+/// the one write lock of the transaction.
+fn fold_batch_sqlite<D: Db + ?Sized>(db: &D) -> Result<u64, DbError> {
     transaction(db, |db| {
-        let taken = db.query("DELETE FROM tally_deltas RETURNING name, delta", &[])?;
-        let mut sums: BTreeMap<String, i64> = BTreeMap::new();
-        for r in &taken {
-            *sums.entry(r.text(0)?).or_default() += r.int(1)?;
-        }
-        if !sums.is_empty() {
-            let rows: Vec<String> = (0..sums.len()).map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2)).collect();
-            let sql = format!(
-                "INSERT INTO tallies (name, value) VALUES {} ON CONFLICT (name) DO UPDATE SET value = tallies.value + excluded.value",
-                rows.join(", ")
-            );
-            let params: Vec<Value> =
-                sums.into_iter().flat_map(|(name, n)| [Value::from(name), Value::Int(n)]).collect();
-            db.execute(&db.dialect().sql(&sql), &params)?;
-        }
-        Ok(taken.len() as u64)
+        let rows = db.query(
+            "SELECT MAX(r), COUNT(*) FROM (SELECT rowid AS r FROM tally_deltas ORDER BY rowid LIMIT ?)",
+            &[Value::Int(FOLD_BATCH)],
+        )?;
+        let row = rows.first().ok_or_else(|| DbError::Decode("no row from COUNT".into()))?;
+        let (Some(last), n) = (row.opt_int(0)?, row.int(1)?) else { return Ok(0) };
+        db.execute(
+            "INSERT INTO tallies (name, value) SELECT name, SUM(delta) FROM tally_deltas WHERE rowid <= ? GROUP BY name
+             ON CONFLICT (name) DO UPDATE SET value = tallies.value + excluded.value",
+            &[Value::Int(last)],
+        )?;
+        db.execute("DELETE FROM tally_deltas WHERE rowid <= ?", &[Value::Int(last)])?;
+        Ok(n as u64)
     })
 }

@@ -1297,6 +1297,29 @@ fn the_tallies_follow_every_change_folded_or_not() {
     });
 }
 
+/// A burst (here 25,000 orders in one statement, as a bulk import writes them) is folded in
+/// batches of `FOLD_BATCH`, never as one result the size of the burst, and every delta lands.
+#[test]
+fn a_burst_of_deltas_is_folded_in_bounded_batches() {
+    use astria_store::tallies;
+    on_both(|connect| {
+        let db = connect();
+        let db = db.as_ref();
+        migrate(db, 0).unwrap();
+        exec(db, "INSERT INTO contacts (wa_id, conversation, updated_at) VALUES ('ana', '{}', 0)");
+        exec(
+            db,
+            "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 25000)
+             INSERT INTO orders (id, wa_id, pack_id, status, price_minor, currency, created_at, updated_at)
+             SELECT 'o-' || i, 'ana', 'p', 'paid', 1999, 'usd', 0, 0 FROM c",
+        );
+        assert!(25_000 > 2 * tallies::FOLD_BATCH, "more than two batches");
+        assert_eq!(tallies::fold(db).unwrap(), 25_000);
+        assert_eq!(db.query("SELECT COUNT(*) FROM tally_deltas", &[]).unwrap()[0].int(0).unwrap(), 0);
+        assert_eq!(tallies::read(db).unwrap().get("orders:paid"), Some(&25_000));
+    });
+}
+
 /// Two folds at once and writers beside them: every delta is folded exactly once.
 #[test]
 fn concurrent_folds_take_each_delta_once() {
