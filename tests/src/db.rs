@@ -103,7 +103,7 @@ impl TestDb {
                 let params = pg_params(args);
                 let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
                     params.iter().map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
-                c.execute(sql, &refs).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+                c.execute(sql, &refs).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"))
             }
             TestDb::Sqlite(path) => {
                 let (path, sql, args) = (path.clone(), sql.to_string(), args.to_vec());
@@ -127,7 +127,7 @@ impl TestDb {
                 let params = pg_params(args);
                 let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
                     params.iter().map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
-                let rows = c.query(sql, &refs).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+                let rows = c.query(sql, &refs).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
                 rows.iter().map(pg_row).collect()
             }
             TestDb::Sqlite(path) => {

@@ -18,28 +18,31 @@ pub const AGE_DAYS: i64 = 60;
 pub async fn add(db: &TestDb, from: i64, n: i64, now_ms: i64) {
     let at = now_ms - AGE_DAYS * 86_400_000;
     // `i` counts from..from+n; a delivered order's payment-to-delivery time walks the buckets.
-    let counter = "WITH RECURSIVE c(i) AS (SELECT CAST($1 AS BIGINT) UNION ALL SELECT i + 1 FROM c WHERE i < $2)";
+    // (`at` typed once: PostgreSQL would take `$3 + 60000` for an INTEGER.)
+    // (SQLite numbers `$n` in the order they first appear: keep them in order.)
+    let counter = "WITH RECURSIVE c(i, at) AS (SELECT CAST($1 AS BIGINT), CAST($2 AS BIGINT)
+                   UNION ALL SELECT i + 1, at FROM c WHERE i < $3)";
     let last = from + n - 1;
     let statements = [
         "INSERT INTO contacts (wa_id, profile_name, opted_out, conversation, updated_at, first_seen_at)
-         SELECT 'h-' || i, 'History', 0, '{\"state\":\"idle\"}', $3, $3 FROM c",
+         SELECT 'h-' || i, 'History', 0, '{\"state\":\"idle\"}', at, at FROM c",
         "INSERT INTO orders (id, wa_id, pack_id, status, price_minor, currency, created_at, updated_at, paid_at)
-         SELECT 'ho-' || i, 'h-' || i, 'corporate', 'delivered', 1999, 'usd', $3, $3 + 60000 + (i % 9) * 900000, $3 FROM c",
+         SELECT 'ho-' || i, 'h-' || i, 'corporate', 'delivered', 1999, 'usd', at, at + 60000 + (i % 9) * 900000, at FROM c",
         "INSERT INTO outbound_messages (id, wa_id, seq, kind, message, status, event_id, correlation_id, attempts,
                                         next_attempt_at, created_at, updated_at, sent_at)
-         SELECT 'hm-' || i, 'h-' || i, 1, 'image', '{}', 'sent', 'he-' || i, 'c', 1, 0, $3, $3, $3 FROM c",
+         SELECT 'hm-' || i, 'h-' || i, 1, 'image', '{}', 'sent', 'he-' || i, 'c', 1, 0, at, at, at FROM c",
         "INSERT INTO generated_images (order_id, url, prompt_id, message_id, created_at)
-         SELECT 'ho-' || i, 'https://mp.astria.ai/h/' || i || '.jpg', 1, 'hm-' || i, $3 FROM c",
+         SELECT 'ho-' || i, 'https://mp.astria.ai/h/' || i || '.jpg', 1, 'hm-' || i, at FROM c",
         "INSERT INTO outbox (id, channel, event_type, envelope, correlation_id, created_at, status, attempts,
                              next_attempt_at, completed_at, order_id)
-         SELECT 'hx-' || i, 'astria.orders', 'order.paid', '{}', 'c', $3, 'done', 1, 0, $3, 'ho-' || i FROM c",
+         SELECT 'hx-' || i, 'astria.orders', 'order.paid', '{}', 'c', at, 'done', 1, 0, at, 'ho-' || i FROM c",
         "INSERT INTO refunds (id, order_id, payment_intent, status, created_at, updated_at)
-         SELECT 'hr-' || i, 'ho-' || i, 'pi_h' || i, 'succeeded', $3, $3 FROM c WHERE i % 10 = 0",
+         SELECT 'hr-' || i, 'ho-' || i, 'pi_h' || i, 'succeeded', at, at FROM c WHERE i % 10 = 0",
         "INSERT INTO payment_issues (event_id, kind, order_id, detail, created_at, resolved_at)
-         SELECT 'hi-' || i, 'needs_refund', 'ho-' || i, 'history', $3, $3 FROM c WHERE i % 10 = 0",
+         SELECT 'hi-' || i, 'needs_refund', 'ho-' || i, 'history', at, at FROM c WHERE i % 10 = 0",
     ];
     for sql in statements {
-        db.execute(&format!("{counter} {sql}"), &[from.into(), last.into(), at.into()]).await;
+        db.execute(&format!("{counter} {sql}"), &[from.into(), at.into(), last.into()]).await;
     }
 }
 
