@@ -184,8 +184,13 @@ fn relay(request_id: &str) -> Result<Response, ApiError> {
     let redis_url = config::redis_url(&SpinVars)?;
     let redis_url = redis_url.expose_secret();
     let (stale, pending) = reconcile::run(&db, &cfg, request_id)?;
-    // The history's counts (astria_store::tallies): a scrape then reads a minute's deltas at most.
-    let tallies_folded = astria_store::tallies::fold(&db)?;
+    // The history's counts (astria_store::tallies): a scrape then reads a minute's deltas at
+    // most. Best effort: a failed fold leaves the deltas for the next minute (the counts stay
+    // exact meanwhile), and must not keep the outbox's events from being relayed.
+    let tallies_folded = astria_store::tallies::fold(&db).unwrap_or_else(|e| {
+        spin_kit::log::warn("maintenance.relay", &format!("tallies not folded, left for the next run: {e}"));
+        0
+    });
     events::publish(&db, redis_url, &pending);
     let report = events::relay(&db, redis_url, &RelayPolicy::default(), cfg.relay_batch)?;
     if report.redis_unavailable {

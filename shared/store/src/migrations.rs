@@ -8,17 +8,18 @@
 use crate::{transaction, Db, DbError, Dialect, Value};
 
 /// One schema step: `sql` is portable; then `sqlite` or `postgres`, for the database at hand,
-/// runs what the two dialects say differently (triggers, JSON).
+/// runs what the two dialects say differently (triggers, JSON); then `then`, portable again.
 pub struct Migration {
     pub version: i64,
     pub name: &'static str,
     pub sql: &'static [&'static str],
     pub sqlite: &'static [&'static str],
     pub postgres: &'static [&'static str],
+    pub then: &'static [&'static str],
 }
 
 /// The rest of a migration that has no dialect-specific statements.
-const PORTABLE: Migration = Migration { version: 0, name: "", sql: &[], sqlite: &[], postgres: &[] };
+const PORTABLE: Migration = Migration { version: 0, name: "", sql: &[], sqlite: &[], postgres: &[], then: &[] };
 
 /// Key of the PostgreSQL advisory lock that serialises migrations (any constant works, as long
 /// as nothing else in the database uses it).
@@ -424,22 +425,6 @@ pub const MIGRATIONS: &[Migration] = &[
             // queue on; the relay folds the deltas into `tallies`.
             "CREATE TABLE tallies (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
             "CREATE TABLE tally_deltas (name TEXT NOT NULL, delta BIGINT NOT NULL)",
-            // What the database holds now, counted once.
-            "INSERT INTO tallies (name, value) SELECT 'orders:' || status, COUNT(*) FROM orders GROUP BY status",
-            "INSERT INTO tallies (name, value) SELECT 'refunds:' || status, COUNT(*) FROM refunds GROUP BY status",
-            "INSERT INTO tallies (name, value)
-             SELECT 'portraits_delivered', COUNT(*) FROM generated_images g JOIN outbound_messages m ON m.id = g.message_id
-             WHERE m.status = 'sent'",
-            // The payment-to-delivery histogram's buckets (metrics::DELIVERY_BUCKETS_S, in ms),
-            // each counted on its own (render adds them up), and the sum.
-            "INSERT INTO tallies (name, value)
-             SELECT 'delivered_le:' || le, COUNT(*) FROM (
-                 SELECT CASE WHEN ms <= 60000 THEN '60' WHEN ms <= 300000 THEN '300' WHEN ms <= 900000 THEN '900' WHEN ms <= 1800000 THEN '1800' WHEN ms <= 3600000 THEN '3600' WHEN ms <= 7200000 THEN '7200' WHEN ms <= 21600000 THEN '21600' WHEN ms <= 86400000 THEN '86400' ELSE 'inf' END AS le
-                 FROM (SELECT updated_at - paid_at AS ms FROM orders WHERE status = 'delivered' AND paid_at IS NOT NULL) d
-             ) b GROUP BY le",
-            "INSERT INTO tallies (name, value)
-             SELECT 'delivered_ms', CAST(COALESCE(SUM(updated_at - paid_at), 0) AS BIGINT) FROM orders
-             WHERE status = 'delivered' AND paid_at IS NOT NULL",
         ],
         sqlite: &[
             concat!(
@@ -566,14 +551,21 @@ pub const MIGRATIONS: &[Migration] = &[
             "CREATE TRIGGER portraits_tally_message_update AFTER UPDATE OF status ON outbound_messages
              FOR EACH ROW WHEN ((OLD.status = 'sent') IS DISTINCT FROM (NEW.status = 'sent'))
              EXECUTE FUNCTION astria_portraits_tally_message()",
+            // The message row is locked FOR SHARE by its id before its status is read: a
+            // concurrent change of its status (the sender marking it sent while the cleanup
+            // deletes the image) is waited for and seen, so the two triggers never both count,
+            // or both miss, the same pair. (With the status in the WHERE, a row whose committed
+            // status does not match would be skipped without waiting.)
             "CREATE FUNCTION astria_portraits_tally_image() RETURNS trigger LANGUAGE plpgsql AS $$
-             DECLARE d BIGINT := 0;
+             DECLARE d BIGINT := 0; st TEXT;
              BEGIN
                IF TG_OP <> 'INSERT' THEN
-                 d := d - (SELECT COUNT(*) FROM outbound_messages WHERE id = OLD.message_id AND status = 'sent');
+                 SELECT status INTO st FROM outbound_messages WHERE id = OLD.message_id FOR SHARE;
+                 IF st = 'sent' THEN d := d - 1; END IF;
                END IF;
                IF TG_OP <> 'DELETE' THEN
-                 d := d + (SELECT COUNT(*) FROM outbound_messages WHERE id = NEW.message_id AND status = 'sent');
+                 SELECT status INTO st FROM outbound_messages WHERE id = NEW.message_id FOR SHARE;
+                 IF st = 'sent' THEN d := d + 1; END IF;
                END IF;
                IF d <> 0 THEN
                  INSERT INTO tally_deltas (name, delta) VALUES ('portraits_delivered', d);
@@ -585,6 +577,29 @@ pub const MIGRATIONS: &[Migration] = &[
             // Events written before this migration: their order, from the payload (ours, JSON).
             "UPDATE outbox SET order_id = (envelope::jsonb ->> 'payload')::jsonb ->> 'order_id'
              WHERE jsonb_typeof((envelope::jsonb ->> 'payload')::jsonb) = 'object'",
+        ],
+        then: &[
+            // What the database holds now, counted once, after the triggers: on PostgreSQL,
+            // creating a trigger locks its table against writers until the migration commits,
+            // so no write falls between a count and the first delta (one that committed before
+            // is counted, one after waits and leaves a delta). SQLite's writer is alone anyway.
+            "INSERT INTO tallies (name, value) SELECT 'orders:' || status, COUNT(*) FROM orders GROUP BY status",
+            "INSERT INTO tallies (name, value) SELECT 'refunds:' || status, COUNT(*) FROM refunds GROUP BY status",
+            "INSERT INTO tallies (name, value)
+             SELECT 'portraits_delivered', COUNT(*) FROM generated_images g JOIN outbound_messages m ON m.id = g.message_id
+             WHERE m.status = 'sent'",
+            // The payment-to-delivery histogram's buckets (metrics::DELIVERY_BUCKETS_S, in ms,
+            // as in `delivered_deltas!` and `astria_delivered_le`; the contract suite checks
+            // the tallies against a count over every row by that constant), each counted on
+            // its own (render adds them up), and the sum.
+            "INSERT INTO tallies (name, value)
+             SELECT 'delivered_le:' || le, COUNT(*) FROM (
+                 SELECT CASE WHEN ms <= 60000 THEN '60' WHEN ms <= 300000 THEN '300' WHEN ms <= 900000 THEN '900' WHEN ms <= 1800000 THEN '1800' WHEN ms <= 3600000 THEN '3600' WHEN ms <= 7200000 THEN '7200' WHEN ms <= 21600000 THEN '21600' WHEN ms <= 86400000 THEN '86400' ELSE 'inf' END AS le
+                 FROM (SELECT updated_at - paid_at AS ms FROM orders WHERE status = 'delivered' AND paid_at IS NOT NULL) d
+             ) b GROUP BY le",
+            "INSERT INTO tallies (name, value)
+             SELECT 'delivered_ms', CAST(COALESCE(SUM(updated_at - paid_at), 0) AS BIGINT) FROM orders
+             WHERE status = 'delivered' AND paid_at IS NOT NULL",
         ],
     },
 ];
@@ -611,7 +626,7 @@ pub fn migrate<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<Vec<i64>, DbError>
                 Dialect::Sqlite => m.sqlite,
                 Dialect::Postgres => m.postgres,
             };
-            for stmt in m.sql.iter().chain(dialect) {
+            for stmt in m.sql.iter().chain(dialect).chain(m.then) {
                 db.execute(stmt, &[])?;
             }
             db.execute(

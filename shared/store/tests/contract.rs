@@ -1297,6 +1297,51 @@ fn the_tallies_follow_every_change_folded_or_not() {
     });
 }
 
+/// PostgreSQL, two writers at once: the sender marks a portrait's message sent while the
+/// weekly cleanup deletes the portrait. Each trigger reads the other table; without a lock
+/// the message's trigger would count the pair (the deletion is not committed) and the image's
+/// would not subtract it (the message not yet sent), one too many for good. The image's
+/// trigger waits for the message's row instead, and the tally stays exact.
+#[test]
+fn a_portrait_deleted_while_its_message_is_sent_is_counted_exactly_postgres() {
+    let database = PgDatabase::new();
+    let (sender, cleanup) = (database.connect(), database.connect());
+    migrate(&sender, 0).unwrap();
+    exec(&sender, "INSERT INTO contacts (wa_id, conversation, updated_at) VALUES ('ana', '{}', 0)");
+    exec(
+        &sender,
+        "INSERT INTO outbound_messages (id, wa_id, seq, kind, message, status, event_id, correlation_id,
+         next_attempt_at, created_at, updated_at) VALUES ('m', 'ana', 1, 'image', '{}', 'queued', 'e', 'c', 0, 0, 0)",
+    );
+    exec(&sender, "INSERT INTO generated_images VALUES ('o', 'https://mp.astria.ai/a.jpg', 1, 'm', 0)");
+    exec(&sender, "BEGIN");
+    exec(&sender, "UPDATE outbound_messages SET status = 'sent' WHERE id = 'm'");
+    let deleting = std::thread::spawn(move || {
+        exec(&cleanup, "DELETE FROM generated_images WHERE message_id = 'm'");
+        cleanup
+    });
+    // The deletion waits for the sender's row: seen in pg_stat_activity, not assumed.
+    let watcher = database.connect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while watcher
+        .query(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'DELETE FROM generated_images%'",
+            &[],
+        )
+        .unwrap()[0]
+        .int(0)
+        .unwrap()
+        == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "the deletion never waited for the message's row");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    exec(&sender, "COMMIT");
+    let cleanup = deleting.join().unwrap();
+    assert_eq!(tallied(&cleanup), counted_over_every_row(&cleanup));
+    assert_eq!(tallied(&cleanup).1, 0, "no portrait is delivered: its row is gone");
+}
+
 /// A burst (here 25,000 orders in one statement, as a bulk import writes them) is folded in
 /// batches of `FOLD_BATCH`, never as one result the size of the burst, and every delta lands.
 #[test]
