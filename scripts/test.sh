@@ -120,8 +120,11 @@ cargo test --profile host "${args[@]}"
 phase "tests: unit and integration under ${SPIN_BIN:-devhost}"
 cargo bench --profile host --no-run
 phase "benchmarks compiled"
-bash scripts/check-kubernetes.sh
-phase "Kubernetes checks"
+# The Kubernetes checks need neither the hosts nor cargo: they run beside the Spin passes,
+# whose tests mostly wait, and are waited for (and their output printed) at the end.
+k8s_log=$(mktemp)
+bash scripts/check-kubernetes.sh >"$k8s_log" 2>&1 &
+k8s_pid=$!
 
 # The integration suite under real Spin (only for a full run).
 spin_pass() { # label, spin binary, extra skip arguments...
@@ -130,7 +133,13 @@ spin_pass() { # label, spin binary, extra skip arguments...
   echo "[test] skipped under $label: tests matching 'devhost_only' (devhost-only features), 'run_script', 'browser' and 'sandbox_' (the scripts' own runs, host-independent: ran in the devhost pass), 'fuzz' (tens of thousands of requests: ran in the devhost pass; scripts/fuzz.sh with SPIN_BIN runs it under Spin)" >&2
   # Its own status, whatever the caller's `set -e` context (it is called in `||` and `&`).
   local rc=0
-  SPIN_BIN=$bin cargo test --profile host --tests -- \
+  # The integration binaries only: the unit tests and the store's contract suite touch no
+  # host, and ran in the devhost pass.
+  local binaries=() f
+  for f in tests/tests/*.rs; do
+    case "$(basename "$f" .rs)" in browser | fuzz | run_script) ;; *) binaries+=(--test "$(basename "$f" .rs)") ;; esac
+  done
+  SPIN_BIN=$bin cargo test --profile host "${binaries[@]}" -- \
     --skip devhost_only --skip run_script --skip browser --skip sandbox_ --skip fuzz "$@" || rc=$?
   phase "tests: integration under $label"
   return "$rc"
@@ -164,3 +173,9 @@ if [ $# -eq 0 ] && [ -z "${SPIN_BIN:-}" ]; then
   [ "$pass_363_rc" -eq 0 ] || exit "$pass_363_rc"
   [ -n "$spin_363$spin_402" ] || echo "[test] no ../shared/tools/spin: the integration suite ran under devhost only" >&2
 fi
+k8s_rc=0
+wait "$k8s_pid" || k8s_rc=$?
+cat "$k8s_log" >&2
+rm -f "$k8s_log"
+phase "Kubernetes checks (beside the Spin passes: their wait after the passes' end)"
+[ "$k8s_rc" -eq 0 ] || exit "$k8s_rc"
