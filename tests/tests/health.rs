@@ -28,5 +28,13 @@ async fn an_unknown_path_under_a_service_route_is_404() {
 async fn sigterm_stops_the_host_cleanly() {
     let mut app = spawn_app(AppConfig::new(app_manifest())).await.unwrap();
     let status = app.stop().expect("the host stops by itself on SIGTERM");
-    assert!(status.success(), "{status}");
+    // devhost and Spin 3.6.3 exit 0. Spin 4.0.2's `spin up` exits 143 (128 + SIGTERM, the
+    // code of a process ended by the signal) in about one stop in three here when its process
+    // group is signalled, as the harness does, and in seven of eight when it alone is: its
+    // trigger processes end on the signal and it reports "A trigger exited unexpectedly.
+    // Terminating." It still stops by itself, which is what a pod's shutdown needs; nothing
+    // else is accepted.
+    let host = astria_tests::Host::from_env().unwrap().label();
+    let spin_4 = host.starts_with("spin 4.");
+    assert!(status.success() || (spin_4 && status.code() == Some(143)), "{host}: {status}");
 }
