@@ -2,11 +2,12 @@
 //! whose cost does not grow with the history: counts over every order, delivery and refund
 //! ever made come from the tallies (tallies.rs); the rest counts only what waits or is open,
 //! through an index (`orders_by_status`, `outbox_due`, `outbound_by_status`,
-//! `payment_issues_open`, `inbox_arrival`): orders by status and the age of the oldest in each, the outbox
-//! backlog per channel and its oldest event, dead letters, open payment issues, outbound
-//! messages waiting or failed, portraits delivered, the payment-to-delivery time, refunds by
-//! status with the oldest still on its way, open disputes, and each worker replica's last
-//! heartbeat (heartbeats.rs).
+//! `payment_issues_open`) or in the inbox, which holds only webhooks not yet worked through.
+//! The figures: orders by status and the age of the oldest in each, the outbox backlog per
+//! channel and its oldest event, dead letters, open payment issues, outbound messages waiting
+//! or failed, portraits delivered, the payment-to-delivery time, refunds by status with the
+//! oldest still on its way, open disputes, and each worker replica's last heartbeat
+//! (heartbeats.rs).
 //!
 //! Everything here is a gauge over what the database holds now (retention applies), except the
 //! payment-to-delivery histogram, which covers the delivered orders the database still holds.
