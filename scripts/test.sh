@@ -60,6 +60,18 @@ finish() {
 build_state="cold"
 trap finish EXIT
 
+# A test binary runs two worlds at a time, each a whole app (hosts, fake servers, a Redis of
+# its own), and a stuck one holds what it opened until its deadline: a soft limit on open
+# files of 1024 (common), or less (some CI shells), is a failure that depends on the machine.
+# Raise it to the hard limit (at most 65536) and print both, so that a log shows what ran.
+open_files_hard=$(ulimit -Hn)
+open_files_want=65536
+[ "$open_files_hard" != unlimited ] && [ "$open_files_hard" -lt "$open_files_want" ] && open_files_want=$open_files_hard
+if [ "$(ulimit -Sn)" != unlimited ] && [ "$(ulimit -Sn)" -lt "$open_files_want" ]; then
+  ulimit -Sn "$open_files_want" || true
+fi
+echo "[test] $(nproc) CPUs; open files: soft limit $(ulimit -Sn), hard limit $open_files_hard" >&2
+
 bash scripts/ensure-services.sh
 phase "services (PostgreSQL, Redis)"
 bash scripts/build-cache.sh

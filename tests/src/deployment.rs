@@ -239,7 +239,15 @@ pub async fn start_proxy(
     let state = Arc::new((triggers, backends, client));
     let task = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                // Out of file descriptors, say: retrying at once would spin and starve the
+                // test's own tasks on this runtime; pause as a real server does.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
             let state = state.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {

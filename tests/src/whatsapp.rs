@@ -349,8 +349,9 @@ impl FakeGraph {
             }
             if std::time::Instant::now() > deadline {
                 panic!(
-                    "waited for {n} sends to WhatsApp, {} arrived: {:#?}",
+                    "waited for {n} sends to WhatsApp, {} arrived ({}): {:#?}",
                     r.len(),
+                    crate::open_files(),
                     r.iter().map(summary).collect::<Vec<_>>()
                 );
             }

@@ -70,7 +70,9 @@ impl World {
     /// Starts the fakes, then the app (and its replicas) configured for them, and waits until
     /// every replica's Redis triggers listen.
     pub async fn start(options: Options) -> World {
-        let redis = TestRedis::start().await.expect("a Redis of the test's own starts");
+        let redis = TestRedis::start()
+            .await
+            .unwrap_or_else(|e| panic!("a Redis of the test's own starts: {e:#} ({})", crate::open_files()));
         let graph = FakeGraph::start().await;
         graph.serve_media(options.media_failures).await;
         let stripe = FakeStripe::start().await;
