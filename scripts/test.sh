@@ -38,6 +38,20 @@ leftovers() {
 finish() {
   local rc=$? left=""
   trap - EXIT
+  # A failed Spin pass exits while jobs of this run still work beside it (the Kubernetes
+  # checks, the other Spin pass): wait for them and show what they printed, rather than kill
+  # them below as leftovers. An interrupt (130, 143) does not wait.
+  if [ "$rc" -ne 130 ] && [ "$rc" -ne 143 ]; then
+    if [ -n "${pass_402_pid:-}" ]; then
+      wait "$pass_402_pid" 2>/dev/null || true
+      echo "[test] ---- the Spin 4.0.2 pass, which ran beside the Spin 3.6.3 pass ----" >&2
+      cat "$pass_402_log" >&2 || true
+    fi
+    if [ -n "${k8s_pid:-}" ]; then
+      wait "$k8s_pid" 2>/dev/null || true
+      cat "$k8s_log" >&2 || true
+    fi
+  fi
   if [ -n "${ASTRIA_TEST_RUN:-}" ]; then
     # Hosts and browsers are stopped by the tests that started them; give a process group that
     # was just killed a moment to be gone, then whatever is left is a leak.
@@ -176,6 +190,7 @@ if [ $# -eq 0 ] && [ -z "${SPIN_BIN:-}" ]; then
   if [ -n "$pass_402_pid" ]; then
     pass_402_rc=0
     wait "$pass_402_pid" || pass_402_rc=$?
+    pass_402_pid=""
     echo "[test] ---- the Spin 4.0.2 pass, which ran beside the Spin 3.6.3 pass ----" >&2
     cat "$pass_402_log" >&2
     rm -f "$pass_402_log"
@@ -187,6 +202,7 @@ if [ $# -eq 0 ] && [ -z "${SPIN_BIN:-}" ]; then
 fi
 k8s_rc=0
 wait "$k8s_pid" || k8s_rc=$?
+k8s_pid=""
 cat "$k8s_log" >&2
 rm -f "$k8s_log"
 phase "Kubernetes checks (beside the Spin passes: their wait after the passes' end)"
