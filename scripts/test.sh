@@ -42,15 +42,8 @@ finish() {
   # checks, the other Spin pass): wait for them and show what they printed, rather than kill
   # them below as leftovers. An interrupt (130, 143) does not wait.
   if [ "$rc" -ne 130 ] && [ "$rc" -ne 143 ]; then
-    if [ -n "${pass_402_pid:-}" ]; then
-      wait "$pass_402_pid" 2>/dev/null || true
-      echo "[test] ---- the Spin 4.0.2 pass, which ran beside the Spin 3.6.3 pass ----" >&2
-      cat "$pass_402_log" >&2 || true
-    fi
-    if [ -n "${k8s_pid:-}" ]; then
-      wait "$k8s_pid" 2>/dev/null || true
-      cat "$k8s_log" >&2 || true
-    fi
+    [ -z "${pass_402_pid:-}" ] || collect_402
+    [ -z "${k8s_pid:-}" ] || collect_k8s
   fi
   if [ -n "${ASTRIA_TEST_RUN:-}" ]; then
     # Hosts and browsers are stopped by the tests that started them; give a process group that
@@ -71,6 +64,24 @@ finish() {
   echo "[test] done in $(( $(date +%s) - started )) s (exit $rc)" >&2
   exit "$rc"
 }
+# The jobs that run beside the Spin 3.6.3 pass: each waits for its job, prints what it
+# printed, and leaves its status (pass_402_rc, k8s_rc); at the end of a run, or from finish().
+collect_402() {
+  pass_402_rc=0
+  wait "$pass_402_pid" || pass_402_rc=$?
+  pass_402_pid=""
+  echo "[test] ---- the Spin 4.0.2 pass, which ran beside the Spin 3.6.3 pass ----" >&2
+  cat "$pass_402_log" >&2
+  rm -f "$pass_402_log"
+}
+collect_k8s() {
+  k8s_rc=0
+  wait "$k8s_pid" || k8s_rc=$?
+  k8s_pid=""
+  cat "$k8s_log" >&2
+  rm -f "$k8s_log"
+}
+
 build_state="cold"
 trap finish EXIT
 
@@ -188,22 +199,13 @@ if [ $# -eq 0 ] && [ -z "${SPIN_BIN:-}" ]; then
     spin_pass "Spin 3.6.3" "$spin_363" || pass_363_rc=$?
   fi
   if [ -n "$pass_402_pid" ]; then
-    pass_402_rc=0
-    wait "$pass_402_pid" || pass_402_rc=$?
-    pass_402_pid=""
-    echo "[test] ---- the Spin 4.0.2 pass, which ran beside the Spin 3.6.3 pass ----" >&2
-    cat "$pass_402_log" >&2
-    rm -f "$pass_402_log"
+    collect_402
     phase "tests: integration under Spin 4.0.2 (beside 3.6.3: its wait after 3.6.3's end)"
     [ "$pass_402_rc" -eq 0 ] || exit "$pass_402_rc"
   fi
   [ "$pass_363_rc" -eq 0 ] || exit "$pass_363_rc"
   [ -n "$spin_363$spin_402" ] || echo "[test] no ../shared/tools/spin: the integration suite ran under devhost only" >&2
 fi
-k8s_rc=0
-wait "$k8s_pid" || k8s_rc=$?
-k8s_pid=""
-cat "$k8s_log" >&2
-rm -f "$k8s_log"
+collect_k8s
 phase "Kubernetes checks (beside the Spin passes: their wait after the passes' end)"
 [ "$k8s_rc" -eq 0 ] || exit "$k8s_rc"
