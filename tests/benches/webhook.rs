@@ -382,6 +382,7 @@ async fn statement_census() -> Vec<String> {
 
 #[tokio::main]
 async fn main() {
+    let open_seconds = open_seconds();
     let host_kind = astria_tests::Host::from_env().expect("host");
     let native = std::env::var("ASTRIA_NATIVE_REFERENCE").ok();
     let host = match (&native, std::env::var("ASTRIA_NATIVE_FRESH").is_ok()) {
@@ -467,17 +468,17 @@ async fn main() {
                 // The webhook and the conversation worker (and the sender) together at a fixed
                 // rate: how long a message waits in the inbox for its step.
                 if let Some(bot) = bot.as_ref() {
-                    let n = OPEN_RATE * open_seconds();
+                    let n = OPEN_RATE * open_seconds;
                     let (f, start_ms) = open_loop_at(&app, mixed_load("25", n, 500), OPEN_RATE).await;
-                    emit(row(db, setup, &format!("mixed, open loop {OPEN_RATE}/s for {} s", open_seconds()), &f));
+                    emit(row(db, setup, &format!("mixed, open loop {OPEN_RATE}/s for {open_seconds} s"), &f));
                     let line = format!("| {db} | {}", step_latency(bot, "25", n, OPEN_RATE, start_ms).await);
                     println!("{line}");
                     steps.push(line);
                 }
                 continue;
             }
-            let f = open_loop(&app, mixed_load("20", OPEN_RATE * open_seconds(), 500), OPEN_RATE).await;
-            emit(row(db, setup, &format!("mixed, open loop {OPEN_RATE}/s for {} s", open_seconds()), &f));
+            let f = open_loop(&app, mixed_load("20", OPEN_RATE * open_seconds, 500), OPEN_RATE).await;
+            emit(row(db, setup, &format!("mixed, open loop {OPEN_RATE}/s for {open_seconds} s"), &f));
             if let Some(bot) = bot.as_ref().filter(|_| f.errors.keys().any(|s| *s >= 500)) {
                 // What the host and the app said about the 5xx answers, for the reader.
                 let log = bot.log();
@@ -507,7 +508,6 @@ async fn main() {
         }
     }
     let commit = astria_tests::commit();
-    let open_seconds = open_seconds();
     let mut text = format!(
         "### {host}\n\nCommit {commit}; closed loops of {CLOSED} requests, open loop {OPEN_RATE}/s for {open_seconds} s, \
          {FORGED} unsigned requests.\n\n{}\n",

@@ -405,16 +405,7 @@ where
 /// prints, so that a run short of file descriptors (a leak, or a low `ulimit -n`) says so
 /// instead of looking like a slow app.
 pub fn open_files() -> String {
-    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
-    for entry in std::fs::read_dir("/proc/self/fd").into_iter().flatten().flatten() {
-        let target = std::fs::read_link(entry.path()).map(|t| t.display().to_string()).unwrap_or_default();
-        let kind = match target.split_once(':') {
-            Some((kind, what)) if kind == "anon_inode" => what.to_string(),
-            Some((kind, _)) if !target.starts_with('/') => kind.to_string(),
-            _ => "file".to_string(),
-        };
-        *kinds.entry(kind).or_default() += 1;
-    }
+    let kinds = open_file_kinds();
     let limit = std::fs::read_to_string("/proc/self/limits")
         .ok()
         .and_then(|l| {
@@ -426,6 +417,22 @@ pub fn open_files() -> String {
     let total: usize = kinds.values().sum();
     let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
     format!("open files: {total} of a soft limit of {limit} ({})", kinds.join(", "))
+}
+
+/// This process's open file descriptors by kind: `socket`, `pipe`, an anonymous inode's own
+/// name (`[eventpoll]`, `[eventfd]`), or `file` for a path.
+fn open_file_kinds() -> std::collections::BTreeMap<String, usize> {
+    let mut kinds = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir("/proc/self/fd").into_iter().flatten().flatten() {
+        let target = std::fs::read_link(entry.path()).map(|t| t.display().to_string()).unwrap_or_default();
+        let kind = match target.split_once(':') {
+            Some((kind, what)) if kind == "anon_inode" => what.to_string(),
+            Some((kind, _)) if !target.starts_with('/') => kind.to_string(),
+            _ => "file".to_string(),
+        };
+        *kinds.entry(kind).or_default() += 1;
+    }
+    kinds
 }
 
 /// Polls `check` until it returns `Some`, for at most `timeout`.
@@ -927,17 +934,16 @@ mod open_files_tests {
     /// The report counts what the process holds, by kind, and names the limit.
     #[test]
     fn open_files_counts_the_files_and_sockets_this_process_holds() {
-        let count = |report: &str, kind: &str| -> usize {
-            let kinds = report.split_once('(').map(|(_, k)| k.trim_end_matches(')')).unwrap_or("");
-            kinds.split(", ").find_map(|k| k.strip_prefix(&format!("{kind} "))?.parse().ok()).unwrap_or(0)
-        };
-        let before = super::open_files();
+        let count =
+            |kinds: &std::collections::BTreeMap<String, usize>, kind: &str| kinds.get(kind).copied().unwrap_or(0);
+        let before = super::open_file_kinds();
         let files: Vec<_> = (0..3).map(|_| std::fs::File::open("/proc/self/status").unwrap()).collect();
         let sockets: Vec<_> = (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-        let after = super::open_files();
-        assert_eq!(count(&after, "file"), count(&before, "file") + 3, "{before} / {after}");
-        assert_eq!(count(&after, "socket"), count(&before, "socket") + 2, "{before} / {after}");
-        assert!(after.contains("of a soft limit of "), "{after}");
+        let after = super::open_file_kinds();
+        assert_eq!(count(&after, "file"), count(&before, "file") + 3, "{before:?} / {after:?}");
+        assert_eq!(count(&after, "socket"), count(&before, "socket") + 2, "{before:?} / {after:?}");
+        let report = super::open_files();
+        assert!(report.contains("socket ") && report.contains("of a soft limit of "), "{report}");
         drop((files, sockets));
     }
 }

@@ -237,8 +237,8 @@ async fn forged_requests_are_refused_with_401_and_store_nothing(postgres: bool) 
         Some(wa::sign(wa::APP_SECRET, &other_body)),
         Some(valid.replace("sha256=", "sha1=")),
         Some(valid[..valid.len() - 2].to_string()),
-        // The last hex digit changed (never to itself: the body carries the time, so a fixed
-        // replacement would equal the real signature once in 256 runs, as it did in a clean-clone run).
+        // The last hex digit changed, never to itself: the body carries the time, so a fixed
+        // replacement would equal the real signature once in 256 runs (it did in a clean clone).
         Some(format!("{}{}", &valid[..valid.len() - 1], if valid.ends_with('0') { '1' } else { '0' })),
         Some("sha256=zz".into()),
         Some(valid.to_uppercase()),
