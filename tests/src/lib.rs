@@ -512,9 +512,19 @@ fn check_postgres_test_name() -> Result<()> {
     Ok(())
 }
 
-/// A port free on loopback now (the OS picks it).
+/// A port free on loopback now (the OS picks it), and never one this process handed out
+/// before: a host binds its port only later, and meanwhile the OS may offer the same port to
+/// the next caller (a deployment once got one port for two of its SpinApps, and the second
+/// could not listen).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind :0").local_addr().expect("addr").port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind :0").local_addr().expect("addr").port();
+        if GIVEN.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
 }
 
 /// The repository's own `spin.toml`, with component sources made absolute so that it can be
@@ -929,11 +939,17 @@ macro_rules! on_both {
     )+};
 }
 
+/// Unit tests that open or count this process's file descriptors take it, so that one does
+/// not count the other's sockets.
+#[cfg(test)]
+static DESCRIPTOR_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[cfg(test)]
 mod open_files_tests {
     /// The report counts what the process holds, by kind, and names the limit.
     #[test]
     fn open_files_counts_the_files_and_sockets_this_process_holds() {
+        let _alone = super::DESCRIPTOR_TESTS.lock().unwrap_or_else(|e| e.into_inner());
         let count =
             |kinds: &std::collections::BTreeMap<String, usize>, kind: &str| kinds.get(kind).copied().unwrap_or(0);
         let before = super::open_file_kinds();
@@ -945,5 +961,18 @@ mod open_files_tests {
         let report = super::open_files();
         assert!(report.contains("socket ") && report.contains("of a soft limit of "), "{report}");
         drop((files, sockets));
+    }
+}
+
+#[cfg(test)]
+mod free_port_tests {
+    /// Two thousand ports asked for in a row are all different (the OS alone repeated 127 of
+    /// 2,000 here, as the birthday bound over its ephemeral range predicts).
+    #[test]
+    fn free_port_never_hands_out_a_port_twice() {
+        let _alone = super::DESCRIPTOR_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+        let ports: Vec<u16> = (0..2000).map(|_| super::free_port()).collect();
+        let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len());
     }
 }
