@@ -772,6 +772,31 @@ pub fn devhost_statement_counts(log: &str) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// The transactions `component` ran, each as its statements' first lines from `BEGIN` to
+/// `COMMIT` or `ROLLBACK` inclusive, in the log's order (`DEVHOST_LOG=devhost::sqlite=trace`
+/// logs every statement as it starts; a statement of several lines continues on lines of its
+/// own, which carry no marker).
+pub fn devhost_transactions(log: &str, component: &str) -> Vec<Vec<String>> {
+    let marker = format!("execute component={component} statement=");
+    let mut out = vec![];
+    let mut open: Option<Vec<String>> = None;
+    for line in log.lines() {
+        let Some((_, statement)) = line.split_once(&marker) else { continue };
+        let statement = statement.trim().to_string();
+        let first = statement.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
+        match (first.as_str(), open.as_mut()) {
+            ("BEGIN", _) => open = Some(vec![statement]),
+            ("COMMIT" | "ROLLBACK", Some(t)) => {
+                t.push(statement);
+                out.extend(open.take());
+            }
+            (_, Some(t)) => t.push(statement),
+            (_, None) => {}
+        }
+    }
+    out
+}
+
 /// The value of `name=value` in one of devhost's log lines.
 fn log_field(line: &str, name: &str) -> Option<String> {
     line.split(&format!("{name}="))
@@ -974,5 +999,34 @@ mod free_port_tests {
         let ports: Vec<u16> = (0..2000).map(|_| super::free_port()).collect();
         let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
         assert_eq!(distinct.len(), ports.len());
+    }
+}
+
+#[cfg(test)]
+mod devhost_log_tests {
+    /// Transactions are cut from BEGIN to COMMIT or ROLLBACK, per component, a statement of
+    /// several lines counted once, statements outside a transaction left out.
+    #[test]
+    fn devhost_transactions_cuts_one_components_statements_into_transactions() {
+        let log = "\
+T devhost::sqlite: execute component=worker statement=SELECT 1 FROM job_leases
+T devhost::sqlite: execute component=worker statement=BEGIN IMMEDIATE
+T devhost::sqlite: execute component=web statement=INSERT INTO inbox
+T devhost::sqlite: execute component=worker statement=INSERT INTO a (x)
+             VALUES (?1)
+T devhost::sqlite: execute component=worker statement=COMMIT
+T devhost::sqlite: execute component=worker statement=begin
+T devhost::sqlite: execute component=worker statement=UPDATE b
+T devhost::sqlite: execute component=worker statement=ROLLBACK
+T devhost::sqlite: execute component=worker statement=DELETE FROM inbox";
+        let t = super::devhost_transactions(log, "worker");
+        assert_eq!(
+            t,
+            vec![
+                vec!["BEGIN IMMEDIATE".to_string(), "INSERT INTO a (x)".into(), "COMMIT".into()],
+                vec!["begin".to_string(), "UPDATE b".into(), "ROLLBACK".into()],
+            ]
+        );
+        assert!(super::devhost_transactions(log, "web").is_empty());
     }
 }

@@ -1058,6 +1058,47 @@ async fn the_webhook_runs_at_most_two_statements_per_request_devhost_only() {
     assert!(!worker.is_empty(), "the worker's connections were counted");
 }
 
+/// The statement budget of a conversation step (issue 29's G5), counted by devhost: every
+/// transaction the conversation worker runs for a message (from `BEGIN` to `COMMIT`: dedupe,
+/// contact, state change, replies and their events) or for a status is at most 10 SQLite
+/// statements, for a new contact as for a known one. What the drain does around them (the
+/// lease, reading a batch, marking its events published, removing its rows) is per batch, not
+/// per step, and printed.
+#[tokio::test]
+async fn a_conversation_step_runs_at_most_ten_statements_devhost_only() {
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    // "Done" asks payment-checkout for a Checkout session.
+    let stripe = FakeStripe::start().await;
+    let mut config = ps::with_stripe(wa::bot_config(&graph, &redis, false), &stripe);
+    config.env.insert("DEVHOST_LOG".into(), "info,wasmtime_wasi_http=warn,devhost::sqlite=trace".into());
+    let app = wa::spawn_bot(config, &redis).await;
+    assert!(wa::relay(&app).await["republished"].is_number(), "the schema is in place");
+    let mut kinds = wa::one_of_each_kind(ANA, "steps");
+    // The second photo, then "Done", which moves the order to payment: the busiest step.
+    kinds.push(("second photo", wa::inbound(ANA, vec![wa::photo(ANA, "steps.6")])));
+    kinds.push(("done", wa::inbound(ANA, vec![wa::button_reply(ANA, "steps.7", "done", "Done")])));
+    for (kind, body) in &kinds {
+        let (status, answer) = wa::post_webhook(&app, body).await;
+        assert_eq!(status, 200, "{kind}: {answer}");
+        wa::worked_through(&app).await;
+    }
+    quiesce(&app).await;
+    let log = app.log();
+    let steps = astria_tests::devhost_transactions(&log, "conversation-worker");
+    let messages = steps.iter().filter(|t| t.iter().any(|s| s.starts_with("INSERT INTO processed_webhooks"))).count();
+    assert!(messages >= kinds.len() - 2, "each message's step was seen: {steps:#?}");
+    let sizes: Vec<usize> = steps.iter().map(Vec::len).collect();
+    eprintln!("statements per step: {sizes:?}");
+    for t in &steps {
+        assert!(t.len() <= 10, "a step ran {} statements:\n{}", t.len(), t.join("\n"));
+    }
+    assert!(stripe.session_for_any().is_some(), "the walk reached payment:\n{log}");
+    let outside = log.lines().filter(|l| l.contains("execute component=conversation-worker statement=")).count()
+        - steps.iter().map(Vec::len).sum::<usize>();
+    eprintln!("statements outside steps, for {} webhooks: {outside}", kinds.len());
+}
+
 /// Ten contacts walk the first three steps (hi, a pack, a subject) at once, each contact's
 /// messages one after the other, half of them through each of two replicas, each of which runs
 /// a conversation worker. Every contact gets the three answers in the order of the conversation

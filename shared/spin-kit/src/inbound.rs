@@ -12,7 +12,7 @@ use astria_domain::whatsapp::send::{codes, status_rank};
 use astria_domain::whatsapp::{DeliveryStatus, Identity, InboundMessage, StatusUpdate, Webhook};
 use astria_domain::Money;
 use astria_models::{CheckoutExpire, OrderAwaitingPayment, Pack};
-use astria_store::identity::{self, Ids};
+use astria_store::identity::{self, Ids, Known, Recognised};
 use astria_store::outbox::{self, RelayPolicy};
 use astria_store::repo::{self, NewOrder};
 use astria_store::{messages, transaction, Db, DbError};
@@ -77,6 +77,16 @@ fn retry_later(detail: &str) -> ApiError {
     ApiError::Unavailable { dependency: "database", detail: detail.to_string() }
 }
 
+/// Two first messages of one person, one naming the phone and the other only the BSUID, can
+/// race to record the same identifier: the loser is retried later (the inbox row stays) and
+/// then finds the winner's contact.
+fn recording_race(e: DbError) -> ApiError {
+    match e {
+        DbError::Conflict(_) => retry_later("another message of this person was being recorded"),
+        other => other.into(),
+    }
+}
+
 /// One inbound message; `None` if it was handled before.
 fn handle_message(
     db: &impl Db,
@@ -92,38 +102,35 @@ fn handle_message(
         }
         // The window runs from the message's own time (Meta may deliver it late), never ahead.
         let sent_at = m.timestamp.saturating_mul(1000).clamp(0, now);
-        // The contact the sender's identifiers lead to (by BSUID, then phone), created or
-        // completed with every identifier this message carries. Its row stays locked until
-        // commit (PostgreSQL), so two messages from one person are stepped one after the
-        // other, each seeing the other's effects.
-        let fresh_key = format!("contact-{}", uuid::Uuid::new_v4());
-        // Two first messages of one person, one naming the phone and the other only the BSUID,
-        // can race to record the same identifier: the loser answers 503 and Meta's retry finds
-        // the winner's contact.
-        let who = identity::identify(db, ids(&m.sender), m.profile_name.as_deref(), sent_at, &fresh_key, now).map_err(
-            |e| match e {
-                DbError::Conflict(_) => retry_later("another message of this person was being recorded"),
-                other => other.into(),
-            },
-        )?;
-        let key = who.key.as_str();
-        if !who.merged.is_empty() {
-            log::info_with("webhook", correlation_id, "two contacts of one person merged (same identifiers)");
-        }
-        // WhatsApp says the sender's number (and with it their BSUID) changed: what they are
-        // known by moves, their orders and conversation stay.
-        if let Some(new) = &m.identity_change {
-            identity::attach(db, key, ids(new), identity::Merge::Never, now)?;
-            log::info_with("webhook", correlation_id, "a contact's WhatsApp identifiers changed");
-        }
-        let (contact, state_json) =
-            repo::get_contact(db, key)?.ok_or_else(|| anyhow::anyhow!("the contact just recorded is gone"))?;
-        let state: State = serde_json::from_str(&state_json).unwrap_or_else(|e| {
+        // The contact the sender's identifiers lead to, with what the step needs of it. Its
+        // row stays locked until commit (PostgreSQL), so two messages from one person are
+        // stepped one after the other, each seeing the other's effects. Mostly one read
+        // answers (`recognise`): a contact known by exactly these identifiers, whose profile
+        // name and window are refreshed with the conversation at the end, or a person new to
+        // us, recorded in one statement. Otherwise (a new or moved identifier, a number
+        // change) `identify` records the identifiers first.
+        let recognised = match &m.identity_change {
+            None => identity::recognise(db, ids(&m.sender))?,
+            Some(_) => Recognised::Other,
+        };
+        let seen = matches!(recognised, Recognised::Known(_));
+        let known = match recognised {
+            Recognised::Known(known) => known,
+            Recognised::New => {
+                identity::create(db, ids(&m.sender), m.profile_name.as_deref(), sent_at, now).map_err(recording_race)?
+            }
+            Recognised::Other => identify(db, m, sent_at, correlation_id, now)?,
+        };
+        let key = known.key.as_str();
+        let state: State = serde_json::from_str(&known.conversation).unwrap_or_else(|e| {
             log::warn("webhook", &format!("unreadable conversation state reset to idle: {e}"));
             State::Idle
         });
         // The contact wrote: the 24-hour window is open again for messages that waited for it.
-        let mut pending = crate::messages::requeue_awaiting_window(db, key, correlation_id)?;
+        let mut pending = match known.awaiting_window {
+            true => crate::messages::requeue_awaiting_window(db, key, correlation_id)?,
+            false => vec![],
+        };
 
         let order = match &state {
             State::Order { order_id } => {
@@ -136,7 +143,7 @@ fn handle_message(
         let ctx = Context {
             packs,
             config: settings,
-            opted_out: contact.opted_out,
+            opted_out: known.opted_out,
             order: order.as_ref(),
             new_order_id: &new_order_id,
         };
@@ -198,9 +205,34 @@ fn handle_message(
             }
         }
         let state_json = serde_json::to_string(&outcome.state).context("serialising the conversation state")?;
-        repo::save_conversation(db, key, &state_json, now)?;
+        match seen {
+            true => repo::save_conversation_seen(db, key, &state_json, m.profile_name.as_deref(), sent_at, now)?,
+            false => repo::save_conversation(db, key, &state_json, now)?,
+        }
         Ok(Some(pending))
     })
+}
+
+/// Records the sender of `m` with every identifier the message carries (`identity::identify`,
+/// then a number change's new identifiers), and reads what the step needs of the contact.
+fn identify(db: &impl Db, m: &InboundMessage, sent_at: i64, correlation_id: &str, now: i64) -> Result<Known, ApiError> {
+    let fresh_key = format!("contact-{}", uuid::Uuid::new_v4());
+    let who = identity::identify(db, ids(&m.sender), m.profile_name.as_deref(), sent_at, &fresh_key, now)
+        .map_err(recording_race)?;
+    let key = who.key.as_str();
+    if !who.merged.is_empty() {
+        log::info_with("webhook", correlation_id, "two contacts of one person merged (same identifiers)");
+    }
+    // WhatsApp says the sender's number (and with it their BSUID) changed: what they are
+    // known by moves, their orders and conversation stay.
+    if let Some(new) = &m.identity_change {
+        identity::attach(db, key, ids(new), identity::Merge::Never, now)?;
+        log::info_with("webhook", correlation_id, "a contact's WhatsApp identifiers changed");
+    }
+    let (contact, conversation) =
+        repo::get_contact(db, key)?.ok_or_else(|| anyhow::anyhow!("the contact just recorded is gone"))?;
+    // Whether messages wait for the window is not worth a read here: this path is rare.
+    Ok(Known { key: who.key, opted_out: contact.opted_out, conversation, awaiting_window: true })
 }
 
 fn order_view(o: astria_models::Order) -> Result<OrderView, DbError> {

@@ -116,6 +116,10 @@ pub fn wake_if_waiting<D: Db + ?Sized>(db: &D, redis_url: &str, correlation_id: 
     Ok(waiting)
 }
 
+/// Works batches through while the lease is held. What a batch's steps committed is written
+/// at its end, even when it stopped on an error: its events published (one Redis connection,
+/// one statement marking them) and its rows removed (one statement). A row stepped but not yet
+/// removed when the drainer dies is stepped again by the next: a no-op, as every step is.
 fn drain_held<D: Db>(
     db: &D,
     s: &Settings,
@@ -124,65 +128,87 @@ fn drain_held<D: Db>(
     until_ms: i64,
 ) -> Result<(), ApiError> {
     loop {
-        let batch = inbox::next(db, BATCH)?;
-        if batch.is_empty() {
+        let entries = inbox::next(db, BATCH)?;
+        if entries.is_empty() {
             return Ok(());
         }
-        for entry in batch {
-            // Looked at per row (no statement), so a pass, and with it the work under the
-            // lease, stays within a step of the bound.
-            if now_ms() > until_ms {
-                out.more = true;
-                return Ok(());
-            }
-            let hook = match whatsapp::parse_webhook(entry.body.as_bytes(), s.phone_number_id) {
-                Ok(hook) => hook,
-                Err(e) => {
-                    // The webhook parsed this body before storing it, so only a row it did not
-                    // write (or a parser an upgrade changed) fails here. Nothing will make it
-                    // parse: set aside for operators.
-                    inbox::set_aside(db, &entry.id, &format!("{e:?}"), now_ms())?;
-                    crate::log::error_with(
-                        "inbox",
-                        &entry.request_id,
-                        &format!("webhook {} set aside: {e:?}", entry.id),
-                    );
-                    out.set_aside += 1;
-                    continue;
-                }
-            };
-            match inbound::handle(db, &hook, s.packs, s.conversation, &entry.request_id, &mut *publish) {
-                Ok(report) => {
-                    inbox::done(db, &entry.id)?;
-                    out.add(&report);
-                }
-                Err(e @ ApiError::Unavailable { .. }) => return Err(e),
-                Err(e) => {
-                    let detail = match &e {
-                        ApiError::Internal(cause) => format!("{cause:#}"),
-                        other => other.to_string(),
-                    };
-                    if inbox::failed(db, &entry.id, &detail, now_ms())? {
-                        crate::log::error_with(
-                            "inbox",
-                            &entry.request_id,
-                            &format!(
-                                "webhook {} set aside after {} failed steps: {detail}",
-                                entry.id,
-                                inbox::MAX_ATTEMPTS
-                            ),
-                        );
-                        out.set_aside += 1;
-                        continue;
-                    }
-                    // Kept in place, so the contact's later messages wait behind it.
-                    return Err(e);
-                }
-            }
+        let mut batch = Batch::default();
+        let worked = work_batch(db, s, &entries, &mut batch, out, until_ms);
+        publish(db, &batch.pending);
+        let removed = inbox::done_all(db, &batch.done);
+        worked?;
+        removed?;
+        if out.more {
+            return Ok(());
         }
         if !lease::renew(db, Kind::Job, LEASE, s.holder, now_ms(), LEASE_MS)? {
             // It lapsed and another drainer has it: it goes on from here.
             return Ok(());
         }
     }
+}
+
+/// What a batch leaves to write at its end.
+#[derive(Default)]
+struct Batch {
+    /// Rows worked through, to remove.
+    done: Vec<String>,
+    /// Events their steps committed, to publish.
+    pending: Vec<Pending>,
+}
+
+fn work_batch<D: Db>(
+    db: &D,
+    s: &Settings,
+    entries: &[inbox::Entry],
+    batch: &mut Batch,
+    out: &mut Drained,
+    until_ms: i64,
+) -> Result<(), ApiError> {
+    for entry in entries {
+        // Looked at per row (no statement), so a pass, and with it the work under the
+        // lease, stays within a step of the bound.
+        if now_ms() > until_ms {
+            out.more = true;
+            return Ok(());
+        }
+        let hook = match whatsapp::parse_webhook(entry.body.as_bytes(), s.phone_number_id) {
+            Ok(hook) => hook,
+            Err(e) => {
+                // The webhook parsed this body before storing it, so only a row it did not
+                // write (or a parser an upgrade changed) fails here. Nothing will make it
+                // parse: set aside for operators.
+                inbox::set_aside(db, &entry.id, &format!("{e:?}"), now_ms())?;
+                crate::log::error_with("inbox", &entry.request_id, &format!("webhook {} set aside: {e:?}", entry.id));
+                out.set_aside += 1;
+                continue;
+            }
+        };
+        let collect = |_: &D, pending: &[Pending]| batch.pending.extend_from_slice(pending);
+        match inbound::handle(db, &hook, s.packs, s.conversation, &entry.request_id, collect) {
+            Ok(report) => {
+                batch.done.push(entry.id.clone());
+                out.add(&report);
+            }
+            Err(e @ ApiError::Unavailable { .. }) => return Err(e),
+            Err(e) => {
+                let detail = match &e {
+                    ApiError::Internal(cause) => format!("{cause:#}"),
+                    other => other.to_string(),
+                };
+                if inbox::failed(db, &entry.id, &detail, now_ms())? {
+                    crate::log::error_with(
+                        "inbox",
+                        &entry.request_id,
+                        &format!("webhook {} set aside after {} failed steps: {detail}", entry.id, inbox::MAX_ATTEMPTS),
+                    );
+                    out.set_aside += 1;
+                    continue;
+                }
+                // Kept in place, so the contact's later messages wait behind it.
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
 }

@@ -108,6 +108,129 @@ pub fn find<D: Db + ?Sized>(db: &D, ids: Ids<'_>) -> Result<Option<String>, DbEr
     ids.parent_bsuid.map(|p| by_parent(db, p)).transpose().map(Option::flatten)
 }
 
+/// A contact that a message's identifiers already lead to, with every one of them recorded
+/// on it: what the conversation step needs of it, read in one statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Known {
+    /// The contact's key (`contacts.wa_id`).
+    pub key: String,
+    pub opted_out: bool,
+    /// The conversation state's JSON.
+    pub conversation: String,
+    /// Messages of the contact wait for the 24-hour window to open again.
+    pub awaiting_window: bool,
+}
+
+/// What [`recognise`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recognised {
+    /// One contact holds every identifier given (and no other holds any): recording the
+    /// message would change none of them.
+    Known(Known),
+    /// No contact holds any identifier given, and none is keyed by one: [`create`] records
+    /// the person.
+    New,
+    /// Anything else (an identifier new to a known contact or held by another, a row of a
+    /// previous release, only a parent BSUID given): [`identify`]'s work.
+    Other,
+}
+
+/// The common cases of [`identify`] in one read: the contact `ids` name when recording the
+/// message would change none of its identifiers, with what the step needs of it, its row locked
+/// until commit (PostgreSQL) as [`identify`]'s upsert would lock it; or that the person is
+/// new to the app.
+///
+/// What [`identify`] also refreshes for a known contact, the profile name and the 24-hour
+/// window, is left to the step's final write of the conversation
+/// (`repo::save_conversation_seen`).
+pub fn recognise<D: Db + ?Sized>(db: &D, ids: Ids<'_>) -> Result<Recognised, DbError> {
+    if ids.phone.is_none() && ids.bsuid.is_none() {
+        return Ok(Recognised::Other);
+    }
+    // Every row an identifier leads to, as `find` and `identify` would look: by phone (a
+    // previous release's row keyed by the phone included), BSUID, parent BSUID, and the keys a
+    // new contact would take.
+    let lock = match db.dialect() {
+        Dialect::Postgres => " FOR UPDATE OF contacts",
+        Dialect::Sqlite => "",
+    };
+    let rows = db.query(
+        &db.dialect().sql(&format!(
+            "SELECT wa_id, phone, bsuid, parent_bsuid, ids_known, opted_out, conversation,
+                CASE WHEN EXISTS (SELECT 1 FROM outbound_messages m WHERE m.wa_id = contacts.wa_id AND m.status = $4)
+                     THEN 1 ELSE 0 END
+             FROM contacts WHERE phone = $1 OR bsuid = $2 OR parent_bsuid = $3 OR wa_id = $1 OR wa_id = $2{lock}"
+        )),
+        &[
+            Value::from(ids.phone),
+            Value::from(ids.bsuid),
+            Value::from(ids.parent_bsuid),
+            Value::from(crate::messages::status::AWAITING_WINDOW),
+        ],
+    )?;
+    if rows.is_empty() {
+        return Ok(Recognised::New);
+    }
+    // The rows `find` would take the sender for (by BSUID or phone, the parent only when
+    // neither leads anywhere); the others (a key alone, a parent BSUID alone) are not touched
+    // by `identify` then.
+    let given = |id: Option<&str>, recorded: &Option<String>| id.is_some() && id == recorded.as_deref();
+    let mut naming = vec![];
+    for r in &rows {
+        let (key, phone, bsuid, legacy) = (r.text(0)?, r.opt_text(1)?, r.opt_text(2)?, r.int(4)? == 0);
+        let by_phone = given(ids.phone, &phone) || (legacy && ids.phone == Some(key.as_str()));
+        if by_phone || given(ids.bsuid, &bsuid) {
+            naming.push((r, key, phone, bsuid, legacy));
+        }
+    }
+    let [(r, key, phone, bsuid, legacy)] = naming.as_slice() else { return Ok(Recognised::Other) };
+    let holds = |id: Option<&str>, recorded: &Option<String>| id.is_none_or(|id| recorded.as_deref() == Some(id));
+    if *legacy || !holds(ids.phone, phone) || !holds(ids.bsuid, bsuid) || !holds(ids.parent_bsuid, &r.opt_text(3)?) {
+        return Ok(Recognised::Other);
+    }
+    Ok(Recognised::Known(Known {
+        key: key.clone(),
+        opted_out: r.int(5)? != 0,
+        conversation: r.text(6)?,
+        awaiting_window: r.int(7)? != 0,
+    }))
+}
+
+/// Records a person [`recognise`] found [`Recognised::New`]: one contact with every identifier
+/// given, keyed by the phone number, else the BSUID, in the idle state; answers it. A
+/// concurrent first message that recorded one of the identifiers meanwhile makes this fail
+/// with `DbError::Conflict` (the unique indexes), as in [`identify`].
+pub fn create<D: Db + ?Sized>(
+    db: &D,
+    ids: Ids<'_>,
+    profile_name: Option<&str>,
+    sent_at_ms: i64,
+    now_ms: i64,
+) -> Result<Known, DbError> {
+    let key = ids.phone.or(ids.bsuid).ok_or_else(|| DbError::Decode("a new contact with no identifier".into()))?;
+    db.execute(
+        &db.dialect().sql(
+            "INSERT INTO contacts (wa_id, phone, bsuid, parent_bsuid, profile_name, opted_out, last_inbound_at,
+                conversation, updated_at, first_seen_at, ids_known)
+             VALUES ($1, $2, $3, $4, $5, 0, $6, $7, $8, $8, 1)",
+        ),
+        &[
+            Value::from(key),
+            Value::from(ids.phone),
+            Value::from(ids.bsuid),
+            Value::from(ids.parent_bsuid),
+            Value::from(profile_name),
+            Value::Int(sent_at_ms),
+            Value::from(IDLE),
+            Value::Int(now_ms),
+        ],
+    )?;
+    Ok(Known { key: key.to_string(), opted_out: false, conversation: IDLE.to_string(), awaiting_window: false })
+}
+
+/// The conversation of a new contact.
+const IDLE: &str = r#"{"state":"idle"}"#;
+
 /// Records an inbound message from the person `ids` names: finds their contact (by BSUID
 /// first, then phone, then parent BSUID) or creates it, records every identifier the message
 /// carries on it (taking them from, and merging, another contact that held them), and
@@ -147,7 +270,7 @@ pub fn identify<D: Db + ?Sized>(
             Value::from(key.as_str()),
             Value::from(profile_name),
             Value::Int(sent_at_ms),
-            Value::from(r#"{"state":"idle"}"#),
+            Value::from(IDLE),
             Value::Int(now_ms),
         ],
     )?;

@@ -82,7 +82,17 @@ pub fn draining<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<bool, DbError> {
 
 /// The row has been worked through.
 pub fn done<D: Db + ?Sized>(db: &D, id: &str) -> Result<(), DbError> {
-    db.execute(&db.dialect().sql("DELETE FROM inbox WHERE id = $1"), &[Value::from(id)])?;
+    done_all(db, &[id.to_string()])
+}
+
+/// The rows have been worked through: one statement per [`crate::LIST_CHUNK`] rows, so a drain
+/// removes a whole batch at once.
+pub fn done_all<D: Db + ?Sized>(db: &D, ids: &[String]) -> Result<(), DbError> {
+    for chunk in ids.chunks(crate::LIST_CHUNK) {
+        let sql = format!("DELETE FROM inbox WHERE id IN ({})", crate::placeholders(1, chunk.len()));
+        let values: Vec<Value> = chunk.iter().map(|id| Value::from(id.as_str())).collect();
+        db.execute(&db.dialect().sql(&sql), &values)?;
+    }
     Ok(())
 }
 

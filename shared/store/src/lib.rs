@@ -182,6 +182,15 @@ pub trait Db {
     fn query(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError>;
 }
 
+/// Most values one statement binds for a list (`id IN (...)`): far below SQLite's limit of
+/// 32,766 variables and PostgreSQL's 65,535 parameters.
+pub const LIST_CHUNK: usize = 500;
+
+/// The placeholders of a list of `n` values numbered from `first`: `$first, $first+1, ...`.
+pub fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+}
+
 /// Runs `f` inside a transaction: committed when it returns `Ok`, rolled back otherwise.
 pub fn transaction<D: Db + ?Sized, T, E>(db: &D, f: impl FnOnce(&D) -> Result<T, E>) -> Result<T, E>
 where
@@ -224,6 +233,12 @@ mod tests {
         let sql = "SELECT $1, '$x', $12 FROM t WHERE a = $2";
         assert_eq!(Dialect::Sqlite.sql(sql), "SELECT ?1, '$x', ?12 FROM t WHERE a = ?2");
         assert_eq!(Dialect::Postgres.sql(sql), sql);
+    }
+
+    #[test]
+    fn list_placeholders_are_numbered_from_the_first() {
+        assert_eq!(placeholders(3, 3), "$3, $4, $5");
+        assert_eq!(placeholders(1, 0), "");
     }
 
     #[test]

@@ -150,10 +150,20 @@ fn order_of(event: &EventEnvelope) -> Option<String> {
 
 /// Notes the first successful publish. The event stays due for relay until completed.
 pub fn mark_published<D: Db + ?Sized>(db: &D, id: &str) -> Result<(), DbError> {
-    db.execute(
-        &db.dialect().sql("UPDATE outbox SET status = $1, attempts = attempts + 1 WHERE id = $2 AND status = $3"),
-        &[Value::from(status::PUBLISHED), Value::from(id), Value::from(status::PENDING)],
-    )?;
+    mark_published_all(db, &[id])
+}
+
+/// [`mark_published`] for many events at once: one statement per [`crate::LIST_CHUNK`] events.
+pub fn mark_published_all<D: Db + ?Sized>(db: &D, ids: &[&str]) -> Result<(), DbError> {
+    for chunk in ids.chunks(crate::LIST_CHUNK) {
+        let sql = format!(
+            "UPDATE outbox SET status = $1, attempts = attempts + 1 WHERE status = $2 AND id IN ({})",
+            crate::placeholders(3, chunk.len())
+        );
+        let mut values = vec![Value::from(status::PUBLISHED), Value::from(status::PENDING)];
+        values.extend(chunk.iter().map(|id| Value::from(*id)));
+        db.execute(&db.dialect().sql(&sql), &values)?;
+    }
     Ok(())
 }
 

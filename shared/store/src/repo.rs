@@ -129,6 +129,36 @@ pub fn save_conversation<D: Db + ?Sized>(db: &D, wa_id: &str, state_json: &str, 
     Ok(())
 }
 
+/// [`save_conversation`] for the contact whose message this step answers, when
+/// `identity::recognise` found it: the profile name and the 24-hour window that
+/// `identity::identify` would have refreshed up front are refreshed in the same statement
+/// (the window never moves back: Meta may deliver an older message late).
+pub fn save_conversation_seen<D: Db + ?Sized>(
+    db: &D,
+    wa_id: &str,
+    state_json: &str,
+    profile_name: Option<&str>,
+    sent_at_ms: i64,
+    now_ms: i64,
+) -> Result<(), DbError> {
+    db.execute(
+        &db.dialect().sql(
+            "UPDATE contacts SET conversation = $1, updated_at = $2,
+                profile_name = COALESCE($3, profile_name),
+                last_inbound_at = CASE WHEN $4 > COALESCE(last_inbound_at, 0) THEN $4 ELSE last_inbound_at END
+             WHERE wa_id = $5",
+        ),
+        &[
+            Value::from(state_json),
+            Value::Int(now_ms),
+            Value::from(profile_name),
+            Value::Int(sent_at_ms),
+            Value::from(wa_id),
+        ],
+    )?;
+    Ok(())
+}
+
 /// A new order, collecting photos.
 pub struct NewOrder<'a> {
     pub id: &'a str,
@@ -184,21 +214,27 @@ fn order_from_row(r: &Row, photos: Vec<Photo>) -> Result<Order, DbError> {
     })
 }
 
-/// An order with its photos in the order they arrived.
+/// An order with its photos in the order they arrived, in one statement (an order row per
+/// photo, or one with no photo).
 pub fn get_order<D: Db + ?Sized>(db: &D, id: &str) -> Result<Option<Order>, DbError> {
-    let rows =
-        db.query(&db.dialect().sql(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1")), &[Value::from(id)])?;
-    let Some(row) = rows.first() else { return Ok(None) };
-    let photos = db
-        .query(
-            &db.dialect()
-                .sql("SELECT media_id, mime_type, sha256 FROM order_photos WHERE order_id = $1 ORDER BY position"),
-            &[Value::from(id)],
-        )?
-        .iter()
-        .map(|r| Ok(Photo { media_id: r.text(0)?, mime_type: r.text(1)?, sha256: r.text(2)? }))
-        .collect::<Result<Vec<_>, DbError>>()?;
-    order_from_row(row, photos).map(Some)
+    let columns: Vec<String> = ORDER_COLUMNS.split(',').map(|c| format!("o.{}", c.trim())).collect();
+    let rows = db.query(
+        &db.dialect().sql(&format!(
+            "SELECT {}, p.media_id, p.mime_type, p.sha256 FROM orders o
+             LEFT JOIN order_photos p ON p.order_id = o.id WHERE o.id = $1 ORDER BY p.position",
+            columns.join(", ")
+        )),
+        &[Value::from(id)],
+    )?;
+    let Some(first) = rows.first() else { return Ok(None) };
+    let photo = columns.len();
+    let mut photos = vec![];
+    for r in &rows {
+        if let Some(media_id) = r.opt_text(photo)? {
+            photos.push(Photo { media_id, mime_type: r.text(photo + 1)?, sha256: r.text(photo + 2)? });
+        }
+    }
+    order_from_row(first, photos).map(Some)
 }
 
 /// Moves an order from `from` to `to`; `false` if it was no longer in `from` (someone else

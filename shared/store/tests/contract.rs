@@ -6,7 +6,7 @@ use std::sync::{Arc, Barrier};
 use astria_models::{EventEnvelope, OrderStatus};
 use astria_store::cleanup;
 use astria_store::heartbeats;
-use astria_store::identity::{self, Ids, Merge, Recipient};
+use astria_store::identity::{self, Ids, Known, Merge, Recipient, Recognised};
 use astria_store::images;
 use astria_store::inbox;
 use astria_store::lease;
@@ -1515,6 +1515,115 @@ fn a_contact_written_by_the_release_before_usernames_is_found_by_its_phone() {
         assert_eq!(identity::find(db, who(None, Some(BSUID))).unwrap().as_deref(), Some(PHONE));
         assert!(identity::set_marketing_opt_out(db, who(None, Some(BSUID)), true, 3).unwrap());
         assert!(!identity::set_marketing_opt_out(db, who(Some("99"), None), true, 3).unwrap(), "unknown: nothing");
+    });
+}
+
+/// The step's one read: `Known` only when `identify` would change no identifier, `New` only
+/// for a stranger, anything else left to `identify`.
+#[test]
+fn recognise_answers_known_only_when_nothing_would_change_and_new_only_for_a_stranger() {
+    on_both(|connect| {
+        let db = connect();
+        let db = db.as_ref();
+        migrate(db, 0).unwrap();
+        let known = |phone, bsuid| match identity::recognise(db, who(phone, bsuid)).unwrap() {
+            Recognised::Known(k) => Some(k),
+            _ => None,
+        };
+        let kind = |ids: Ids| match identity::recognise(db, ids).unwrap() {
+            Recognised::Known(_) => "known",
+            Recognised::New => "new",
+            Recognised::Other => "other",
+        };
+        assert_eq!(kind(who(Some(PHONE), None)), "new");
+        assert_eq!(kind(who(None, None)), "other", "no identifier to go by");
+        let created = identity::create(db, who(Some(PHONE), None), Some("Ana"), 1_000, 1_000).unwrap();
+        let idle = r#"{"state":"idle"}"#.to_string();
+        let ana = Known { key: PHONE.into(), opted_out: false, conversation: idle, awaiting_window: false };
+        assert_eq!(created, ana);
+        assert_eq!(known(Some(PHONE), None), Some(ana.clone()));
+        assert_eq!(kind(who(Some(PHONE), Some(BSUID))), "other", "a BSUID new to the contact is recorded first");
+        identity::identify(db, who(Some(PHONE), Some(BSUID)), None, 2_000, "f", 2_000).unwrap();
+        for (phone, bsuid) in [(Some(PHONE), Some(BSUID)), (None, Some(BSUID)), (Some(PHONE), None)] {
+            assert_eq!(known(phone, bsuid).map(|k| k.key), Some(PHONE.to_string()), "{phone:?} {bsuid:?}");
+        }
+        let parent = Ids { parent_bsuid: Some("US.ENT.1"), ..who(Some(PHONE), None) };
+        assert_eq!(kind(parent), "other", "a parent BSUID new to the contact");
+        identity::identify(db, parent, None, 2_500, "f", 2_500).unwrap();
+        assert_eq!(kind(parent), "known");
+        // What the step reads: opt-out, conversation, and whether messages wait for the window.
+        repo::set_opt_out(db, PHONE, true, 3_000).unwrap();
+        repo::save_conversation(db, PHONE, r#"{"state":"choosing_pack"}"#, 3_000).unwrap();
+        queue(db, "m-window", PHONE, 1, "text", 3_000);
+        db.execute("UPDATE outbound_messages SET status = 'awaiting_window' WHERE id = 'm-window'", &[]).unwrap();
+        let k = known(Some(PHONE), None).unwrap();
+        assert_eq!(
+            (k.opted_out, k.conversation.as_str(), k.awaiting_window),
+            (true, r#"{"state":"choosing_pack"}"#, true)
+        );
+        // A BSUID held by another contact than the phone's: a merge, `identify`'s work.
+        identity::create(db, who(Some("16505550000"), Some("US.OTHER")), None, 1, 1).unwrap();
+        assert_eq!(kind(who(Some(PHONE), Some("US.OTHER"))), "other");
+        // Creating a contact with an identifier another holds is refused, as a race would be.
+        assert!(matches!(
+            identity::create(db, who(Some("1650555999"), Some(BSUID)), None, 1, 1),
+            Err(DbError::Conflict(_))
+        ));
+        // A previous release's row, and a key whose number moved away: never new, never known.
+        repo::touch_contact(db, "16505557777", None, 1).unwrap();
+        assert_eq!(kind(who(Some("16505557777"), None)), "other");
+        db.execute("UPDATE contacts SET phone = NULL WHERE wa_id = '16505550000'", &[]).unwrap();
+        assert_eq!(kind(who(Some("16505550000"), None)), "other", "the key is taken: identify picks a fresh one");
+    });
+}
+
+/// The step's final write for a known contact refreshes the profile name and the window, the
+/// window never backwards.
+#[test]
+fn saving_a_known_contacts_step_refreshes_the_profile_and_the_window_forward_only() {
+    on_both(|connect| {
+        let db = connect();
+        let db = db.as_ref();
+        migrate(db, 0).unwrap();
+        identity::create(db, who(Some(PHONE), None), Some("Ana"), 5_000, 5_000).unwrap();
+        let read = || {
+            let r = &db
+                .query(
+                    &db.dialect()
+                        .sql("SELECT profile_name, last_inbound_at, conversation FROM contacts WHERE wa_id = $1"),
+                    &[Value::from(PHONE)],
+                )
+                .unwrap()[0];
+            (r.opt_text(0).unwrap(), r.int(1).unwrap(), r.text(2).unwrap())
+        };
+        repo::save_conversation_seen(db, PHONE, r#"{"state":"choosing_pack"}"#, None, 4_000, 6_000).unwrap();
+        assert_eq!(read(), (Some("Ana".into()), 5_000, r#"{"state":"choosing_pack"}"#.into()), "a late message");
+        repo::save_conversation_seen(db, PHONE, r#"{"state":"idle"}"#, Some("Ana B"), 7_000, 7_000).unwrap();
+        assert_eq!(read(), (Some("Ana B".into()), 7_000, r#"{"state":"idle"}"#.into()));
+    });
+}
+
+/// Marking events published and removing inbox rows by the list take more values than one
+/// statement binds.
+#[test]
+fn lists_longer_than_one_statement_binds_are_marked_and_removed_whole() {
+    on_both(|connect| {
+        let db = connect();
+        let db = db.as_ref();
+        migrate(db, 0).unwrap();
+        let n = astria_store::LIST_CHUNK * 2 + 1;
+        let ids: Vec<String> = (0..n).map(|i| format!("e{i}")).collect();
+        for id in &ids {
+            outbox::enqueue(db, "orders", &event(id), 1, &POLICY).unwrap();
+            inbox::accept(db, id, "{}", "req", 1).unwrap();
+        }
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        outbox::mark_published_all(db, &refs[1..]).unwrap();
+        let published =
+            db.query("SELECT COUNT(*) FROM outbox WHERE status = 'published'", &[]).unwrap()[0].int(0).unwrap();
+        assert_eq!(published, n as i64 - 1);
+        inbox::done_all(db, &ids[1..]).unwrap();
+        assert_eq!(inbox::next(db, 10).unwrap().iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), vec!["e0"]);
     });
 }
 
