@@ -887,6 +887,44 @@ async fn with_the_collector_down_or_refusing_the_replies_still_go_once() {
     assert!(!refusing.received_requests().await.unwrap_or_default().is_empty(), "the refusing collector was asked");
 }
 
+/// A refused webhook (unsigned, forged, a wrong method) exports no span: anyone can send
+/// those, and each export would be a request to the collector. A signed one does. An
+/// instance exports before its answer leaves, so the collector's count is final when the
+/// answer arrives.
+#[tokio::test]
+async fn refused_webhooks_export_no_spans_and_a_signed_one_does() {
+    let collector = astria_tests::fakes::fake_server().await;
+    astria_tests::fakes::Mock::given(astria_tests::fakes::matchers::path("/v1/traces"))
+        .respond_with(astria_tests::fakes::ResponseTemplate::new(200))
+        .mount(&collector)
+        .await;
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    let config = wa::bot_config(&graph, &redis, false)
+        .var("otel_traces_enabled", "true")
+        .var("otel_collector_url", collector.uri().as_str());
+    let app = wa::spawn_bot(config, &redis).await;
+    let exports = || async { collector.received_requests().await.unwrap_or_default().len() };
+    assert_eq!(exports().await, 0, "nothing ran yet");
+    let body = serde_json::to_vec(&wa::inbound(ANA, vec![wa::text(ANA, "wamid.x1", "hi")])).unwrap();
+    let forged = wa::sign("not the app secret", &body);
+    for (method, signature, expect) in [
+        (reqwest::Method::POST, None, 401),
+        (reqwest::Method::POST, Some(forged.as_str()), 401),
+        (reqwest::Method::PUT, None, 400),
+    ] {
+        let mut req = app.client.request(method.clone(), app.url("/SmsReceived")).body(body.clone());
+        if let Some(signature) = signature {
+            req = req.header("x-hub-signature-256", signature);
+        }
+        assert_eq!(req.send().await.unwrap().status().as_u16(), expect, "{method} {signature:?}");
+        assert_eq!(exports().await, 0, "{method} {signature:?} exported spans");
+    }
+    let (status, _) = wa::post_webhook(&app, &wa::inbound(ANA, vec![wa::text(ANA, "wamid.x1", "hi")])).await;
+    assert_eq!(status, 200);
+    assert!(exports().await >= 1, "the signed webhook exported its spans");
+}
+
 /// The reply's send event dies in the dead letters while the sender cannot act on it (here: a
 /// stale contact lease holds the sender back; in production, a sender down or failing past the
 /// relay's attempts). Nothing would wake the sender for that message again, and the contact's

@@ -40,6 +40,12 @@ async fn handle(req: IncomingRequest) -> Response {
         (_, "/SmsReceived") => Err(ApiError::BadRequest("use GET or POST".into())),
         _ => Err(ApiError::NotFound),
     };
+    // A refusal (a 4xx: unsigned, forged, a wrong method or verify token) exports no span:
+    // anyone can send those, and an export is a variable read and a request to the collector
+    // per request. So refusals cost what an empty instance costs (issue 29's G4).
+    if matches!(&result, Err(e) if e.status() < 500) {
+        trace.set_exported(false);
+    }
     let response = result.unwrap_or_else(|e| e.into_response(&request_id));
     trace.answered(response)
 }

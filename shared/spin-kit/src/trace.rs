@@ -158,12 +158,18 @@ impl Invocation {
     /// Keeps the spans from the collector when `export` is false; the log lines still carry
     /// the trace id.
     pub fn exported(self, export: bool) -> Invocation {
+        self.set_exported(export);
+        self
+    }
+
+    /// [`Invocation::exported`], decided once the work is known (a refused request exports
+    /// nothing).
+    pub fn set_exported(&self, export: bool) {
         STATE.with(|s| {
             if let Some(st) = s.borrow_mut().as_mut() {
                 st.export = export;
             }
         });
-        self
     }
 
     /// Records the answer's status on the root span, and passes the answer on.
