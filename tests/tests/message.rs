@@ -1056,6 +1056,70 @@ async fn an_inbox_row_that_cannot_be_worked_through_is_set_aside_and_the_rest_go
 
 on_both!(an_inbox_row_that_cannot_be_worked_through_is_set_aside_and_the_rest_go_on);
 
+/// A batch of waiting webhooks is worked through as one transaction on PostgreSQL (one commit
+/// for ten steps), each step seeing the ones before it (a contact's second message answers to
+/// its first); should a row fail in it, the batch is worked step by step instead, so the good
+/// rows go on and the bad one is set aside. On SQLite every step has its own transaction.
+/// The webhooks wait while the test holds the drain lease, so they form one batch; the relay
+/// wakes the worker once it is let go.
+async fn a_batch_is_worked_in_one_transaction_on_postgres_and_step_by_step_when_a_row_fails(postgres: bool) {
+    let w = World::start(Options::on(postgres)).await;
+    let (app, graph) = (&w.app, &w.graph);
+    assert!(wa::relay(app).await["republished"].is_number(), "the schema is in place");
+    let db = pg(app).await;
+    let hold = "INSERT INTO job_leases (name, holder, lease_until) VALUES ('inbox', 'test', 99999999999999)";
+    let let_go = "DELETE FROM job_leases WHERE name = 'inbox'";
+    let transactions =
+        |ids: &str| format!("SELECT COUNT(DISTINCT xmin::text) FROM processed_webhooks WHERE external_id LIKE '{ids}'");
+
+    db.execute(hold, &[]).await;
+    let contacts: Vec<String> = (0..5).map(|c| format!("49171{c:07}")).collect();
+    for (c, from) in contacts.iter().enumerate() {
+        for m in [
+            wa::text(from, &format!("group.{c}.1"), "hi"),
+            wa::list_reply(from, &format!("group.{c}.2"), "pack:corporate", "Corporate headshots"),
+        ] {
+            let (status, answer) = wa::post_webhook(app, &wa::inbound(from, vec![m])).await;
+            assert_eq!((status, answer["queued"].as_bool()), (200, Some(true)), "{answer}");
+        }
+    }
+    db.execute(let_go, &[]).await;
+    wa::relay(app).await;
+    wa::worked_through(app).await;
+    let sends = graph.wait_for(10).await;
+    for from in &contacts {
+        let got: Vec<String> = sends.iter().filter(|s| s["to"] == from.as_str()).map(wa::summary).collect();
+        assert_eq!(got.len(), 2, "{from}: {got:#?}");
+        assert!(got[0].starts_with("list:") && got[1].starts_with("buttons:"), "{from}: in order: {got:#?}");
+    }
+    if postgres {
+        assert_eq!(count(&db, &transactions("group.%")).await, 1, "ten steps, one transaction");
+    }
+
+    // A row that cannot be worked through, first in the next batch.
+    db.execute(hold, &[]).await;
+    db.execute("INSERT INTO inbox (id, body, request_id, received_at) VALUES ('bad', 'not json', 'req-bad', 1)", &[])
+        .await;
+    for c in 0..3 {
+        let from = format!("49172{c:07}");
+        let (status, _) =
+            wa::post_webhook(app, &wa::inbound(&from, vec![wa::text(&from, &format!("after.{c}"), "hi")])).await;
+        assert_eq!(status, 200);
+    }
+    db.execute(let_go, &[]).await;
+    wa::relay(app).await;
+    wa::worked_through(app).await;
+    graph.wait_for(13).await;
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM inbox WHERE id = 'bad' AND set_aside_at IS NOT NULL").await, 1);
+    if postgres {
+        assert_eq!(count(&db, &transactions("after.%")).await, 3, "step by step after the batch failed");
+    }
+    astria_tests::quiet::quiesce_with(app, astria_tests::quiet::Quiet { dead_ok: true, ..Default::default() }).await;
+    assert_eq!(graph.requests().await.len(), 13, "each answer once");
+}
+
+on_both!(a_batch_is_worked_in_one_transaction_on_postgres_and_step_by_step_when_a_row_fails);
+
 /// The statement budget of the webhook (issue 29's G5), counted by devhost per guest
 /// connection: at most 2 SQLite statements per request, whatever the request, because the
 /// conversation step runs in the worker. The worker's count per step is printed.

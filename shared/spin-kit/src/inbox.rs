@@ -11,13 +11,18 @@
 //! either the drainer's last look finds the row or the webhook, storing it later, finds the
 //! lease free and wakes someone. A drainer that died holds the lease for at most `LEASE_MS`;
 //! the relay wakes the workers every minute while rows wait.
+//!
+//! Rows are read in batches of `BATCH`. Each message's step is its own transaction (a short
+//! hold of SQLite's write lock, so webhooks keep storing rows in between); what the batch's
+//! steps committed is written once at its end: their events published over one Redis
+//! connection and marked in one statement, the rows removed in one statement.
 
 use astria_domain::conversation::Config as ConversationConfig;
 use astria_domain::events::{channels, INBOX_WAKE};
 use astria_domain::whatsapp;
 use astria_models::Pack;
 use astria_store::lease::{self, Kind};
-use astria_store::{inbox, Db};
+use astria_store::{inbox, transaction, Db, Dialect, Grouped};
 
 use crate::error::ApiError;
 use crate::events::{now_ms, Pending};
@@ -56,6 +61,16 @@ impl Drained {
         self.messages += r.messages;
         self.duplicates += r.duplicates;
         self.statuses += r.statuses;
+    }
+
+    /// Adds what a batch worked as one transaction did, once it committed.
+    fn absorb(&mut self, other: &Drained) {
+        self.rows += other.rows;
+        self.messages += other.messages;
+        self.duplicates += other.duplicates;
+        self.statuses += other.statuses;
+        self.set_aside += other.set_aside;
+        self.more |= other.more;
     }
 }
 
@@ -157,7 +172,65 @@ struct Batch {
     pending: Vec<Pending>,
 }
 
+/// Works a batch through. On PostgreSQL, first as one transaction (`Grouped`): the steps see
+/// each other's effects as they would one after the other, and a commit with its WAL flush
+/// and two statements per step are saved; its row locks hold the sender back at most for the
+/// batch. Should any row fail in it, nothing of it is kept and the batch is worked step by
+/// step, as on SQLite, where one transaction would hold the single write lock, and with it
+/// every webhook, for the whole batch.
 fn work_batch<D: Db>(
+    db: &D,
+    s: &Settings,
+    entries: &[inbox::Entry],
+    batch: &mut Batch,
+    out: &mut Drained,
+    until_ms: i64,
+) -> Result<(), ApiError> {
+    if db.dialect() == Dialect::Postgres {
+        let mut group = (Batch::default(), Drained::default());
+        let grouped =
+            transaction(db, |db| work_grouped(&Grouped(db), s, entries, &mut group.0, &mut group.1, until_ms));
+        match grouped {
+            Ok(()) => {
+                batch.done.extend(group.0.done);
+                batch.pending.extend(group.0.pending);
+                out.absorb(&group.1);
+                return Ok(());
+            }
+            Err(e) => {
+                crate::log::warn("inbox", &format!("a batch failed as one transaction, stepping it row by row: {e}"))
+            }
+        }
+    }
+    work_steps(db, s, entries, batch, out, until_ms)
+}
+
+/// The batch in the caller's transaction: the first failure fails it all.
+fn work_grouped<D: Db>(
+    db: &D,
+    s: &Settings,
+    entries: &[inbox::Entry],
+    batch: &mut Batch,
+    out: &mut Drained,
+    until_ms: i64,
+) -> Result<(), ApiError> {
+    for entry in entries {
+        if now_ms() > until_ms {
+            out.more = true;
+            return Ok(());
+        }
+        let hook = whatsapp::parse_webhook(entry.body.as_bytes(), s.phone_number_id)
+            .map_err(|e| ApiError::BadRequest(format!("webhook {} does not parse: {e:?}", entry.id)))?;
+        let collect = |_: &D, pending: &[Pending]| batch.pending.extend_from_slice(pending);
+        let report = inbound::handle(db, &hook, s.packs, s.conversation, &entry.request_id, collect)?;
+        batch.done.push(entry.id.clone());
+        out.add(&report);
+    }
+    Ok(())
+}
+
+/// The batch step by step, each in its own transaction.
+fn work_steps<D: Db>(
     db: &D,
     s: &Settings,
     entries: &[inbox::Entry],

@@ -180,6 +180,33 @@ pub trait Db {
     fn execute(&self, sql: &str, params: &[Value]) -> Result<u64, DbError>;
     /// Runs a statement that returns rows.
     fn query(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError>;
+    /// Whether this is a connection inside a transaction that several units of work share
+    /// ([`Grouped`]): [`transaction`] then runs its work in that one.
+    fn grouped(&self) -> bool {
+        false
+    }
+}
+
+/// A connection inside one transaction that several units of work share, each of which calls
+/// [`transaction`] as if alone: their work runs in the shared transaction, and the first
+/// failure fails the group, which whoever opened it rolls back (and may redo unit by unit).
+/// The conversation worker groups a batch's steps this way on PostgreSQL, saving a commit
+/// (and its WAL flush) and two statements per step.
+pub struct Grouped<'a, D: ?Sized>(pub &'a D);
+
+impl<D: Db + ?Sized> Db for Grouped<'_, D> {
+    fn dialect(&self) -> Dialect {
+        self.0.dialect()
+    }
+    fn execute(&self, sql: &str, params: &[Value]) -> Result<u64, DbError> {
+        self.0.execute(sql, params)
+    }
+    fn query(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError> {
+        self.0.query(sql, params)
+    }
+    fn grouped(&self) -> bool {
+        true
+    }
 }
 
 /// Most values one statement binds for a list (`id IN (...)`): far below SQLite's limit of
@@ -191,11 +218,15 @@ pub fn placeholders(first: usize, n: usize) -> String {
     (first..first + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
 }
 
-/// Runs `f` inside a transaction: committed when it returns `Ok`, rolled back otherwise.
+/// Runs `f` inside a transaction: committed when it returns `Ok`, rolled back otherwise. On a
+/// [`Grouped`] connection, inside the group's.
 pub fn transaction<D: Db + ?Sized, T, E>(db: &D, f: impl FnOnce(&D) -> Result<T, E>) -> Result<T, E>
 where
     E: From<DbError>,
 {
+    if db.grouped() {
+        return f(db);
+    }
     // IMMEDIATE takes SQLite's write lock at once, so two writers never deadlock upgrading.
     let begin = match db.dialect() {
         Dialect::Sqlite => "BEGIN IMMEDIATE",
