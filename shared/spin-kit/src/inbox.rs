@@ -188,8 +188,7 @@ fn work_batch<D: Db>(
 ) -> Result<(), ApiError> {
     if db.dialect() == Dialect::Postgres {
         let mut group = (Batch::default(), Drained::default());
-        let grouped =
-            transaction(db, |db| work_grouped(&Grouped(db), s, entries, &mut group.0, &mut group.1, until_ms));
+        let grouped = transaction(db, |db| work_steps(&Grouped(db), s, entries, &mut group.0, &mut group.1, until_ms));
         match grouped {
             Ok(()) => {
                 batch.done.extend(group.0.done);
@@ -205,31 +204,9 @@ fn work_batch<D: Db>(
     work_steps(db, s, entries, batch, out, until_ms)
 }
 
-/// The batch in the caller's transaction: the first failure fails it all.
-fn work_grouped<D: Db>(
-    db: &D,
-    s: &Settings,
-    entries: &[inbox::Entry],
-    batch: &mut Batch,
-    out: &mut Drained,
-    until_ms: i64,
-) -> Result<(), ApiError> {
-    for entry in entries {
-        if now_ms() > until_ms {
-            out.more = true;
-            return Ok(());
-        }
-        let hook = whatsapp::parse_webhook(entry.body.as_bytes(), s.phone_number_id)
-            .map_err(|e| ApiError::BadRequest(format!("webhook {} does not parse: {e:?}", entry.id)))?;
-        let collect = |_: &D, pending: &[Pending]| batch.pending.extend_from_slice(pending);
-        let report = inbound::handle(db, &hook, s.packs, s.conversation, &entry.request_id, collect)?;
-        batch.done.push(entry.id.clone());
-        out.add(&report);
-    }
-    Ok(())
-}
-
-/// The batch step by step, each in its own transaction.
+/// The batch row by row, each step in its own transaction; or, on a `Grouped` connection, all
+/// in the caller's, where the first failure fails the batch (the rows are then worked again
+/// step by step, and a failure is booked on its row).
 fn work_steps<D: Db>(
     db: &D,
     s: &Settings,
@@ -245,8 +222,12 @@ fn work_steps<D: Db>(
             out.more = true;
             return Ok(());
         }
-        let hook = match whatsapp::parse_webhook(entry.body.as_bytes(), s.phone_number_id) {
+        let parsed = whatsapp::parse_webhook(entry.body.as_bytes(), s.phone_number_id);
+        let hook = match parsed {
             Ok(hook) => hook,
+            Err(e) if db.grouped() => {
+                return Err(ApiError::BadRequest(format!("webhook {} does not parse: {e:?}", entry.id)))
+            }
             Err(e) => {
                 // The webhook parsed this body before storing it, so only a row it did not
                 // write (or a parser an upgrade changed) fails here. Nothing will make it
@@ -264,6 +245,7 @@ fn work_steps<D: Db>(
                 out.add(&report);
             }
             Err(e @ ApiError::Unavailable { .. }) => return Err(e),
+            Err(e) if db.grouped() => return Err(e),
             Err(e) => {
                 let detail = match &e {
                     ApiError::Internal(cause) => format!("{cause:#}"),
