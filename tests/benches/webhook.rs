@@ -13,7 +13,10 @@
 //!   leaves at its scheduled time whether or not earlier ones were answered, and its latency
 //!   counts from that time, so a server that falls behind shows its queue instead of slowing
 //!   the client down;
-//! - unsigned requests at 32 in flight, refused with 401 after the signature check;
+//! - unsigned requests (no signature header) at 32 in flight, refused with 401 before the body
+//!   is read;
+//! - forged requests (a well-formed signature that does not match) at 32 in flight, refused
+//!   with 401 after the HMAC;
 //! - `PUT` requests at 32 in flight, refused with 400 before the handler reads anything: the cost
 //!   of an instance of the component and nothing else;
 //! - then, message-service having run alone (every webhook above waits in the inbox), the
@@ -491,6 +494,17 @@ async fn main() {
             }
             let f = closed_loop(&app, mixed_load("30", FORGED, 500), 32, 401, false).await;
             emit(row(db, setup, "unsigned (401), 32 in flight", &f));
+            // Signed with another secret: the header is well formed, so the body and the app
+            // secret are read and the HMAC computed before the 401.
+            let forged: Vec<Signed> = mixed_load("35", FORGED, 500)
+                .into_iter()
+                .map(|(body, _)| {
+                    let sig = wa::sign("not the app secret", &body);
+                    (body, sig)
+                })
+                .collect();
+            let f = closed_loop(&app, forged, 32, 401, true).await;
+            emit(row(db, setup, "forged signature (401), 32 in flight", &f));
             // The floor: a method the route refuses before reading anything (400), which is what
             // creating and dropping an instance of the component costs.
             let f = closed_loop_with(&app, reqwest::Method::PUT, mixed_load("40", FORGED, 500), 32, 400, false).await;

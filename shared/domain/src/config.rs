@@ -281,7 +281,8 @@ pub fn astria(src: &impl Source) -> Result<Astria, ConfigError> {
 
 /// message-service's edge: what checks a WhatsApp webhook (`whatsapp_app_secret`,
 /// `whatsapp_verify_token`) and which number's messages are ours (`whatsapp_phone_number_id`).
-/// Read apart from [`message_service`] so that a refused request costs three variables.
+/// Read apart from [`message_service`]; a POST reads only [`whatsapp_app_secret`] before its
+/// signature is checked, so a forged request costs one variable.
 #[derive(Debug)]
 pub struct WhatsAppWebhook {
     /// Signs every webhook POST (HMAC-SHA256); empty accepts none.
@@ -293,10 +294,16 @@ pub struct WhatsAppWebhook {
 
 pub fn whatsapp_webhook(src: &impl Source) -> Result<WhatsAppWebhook, ConfigError> {
     Ok(WhatsAppWebhook {
-        app_secret: secret(src, "whatsapp_app_secret")?,
+        app_secret: whatsapp_app_secret(src)?,
         verify_token: secret(src, "whatsapp_verify_token")?,
         phone_number_id: phone_number_id(src),
     })
+}
+
+/// `whatsapp_app_secret`: what every webhook POST is signed with (HMAC-SHA256); empty accepts
+/// none.
+pub fn whatsapp_app_secret(src: &impl Source) -> Result<SecretString, ConfigError> {
+    secret(src, "whatsapp_app_secret")
 }
 
 /// `whatsapp_phone_number_id`: the number whose webhooks are ours (the conversation worker reads

@@ -112,10 +112,9 @@ impl Server {
     /// message-service's `receive`, natively: the same checks, the same inbox statement
     /// (`webhook::store`), and the wake-up published on the kept Redis connection.
     fn receive(&self, body: &[u8], signature: Option<&str>, request_id: &str) -> Result<String, ApiError> {
-        let edge = config::whatsapp_webhook(&self.vars)?;
-        whatsapp::verify_signature(edge.app_secret.expose_secret(), body, signature)
-            .map_err(|_| ApiError::Unauthorized)?;
-        let hook = webhook::parse(body, &edge.phone_number_id)?;
+        let app_secret = config::whatsapp_app_secret(&self.vars)?;
+        whatsapp::verify_signature(app_secret.expose_secret(), body, signature).map_err(|_| ApiError::Unauthorized)?;
+        let hook = webhook::parse(body, &config::phone_number_id(&self.vars))?;
         let mut accepted =
             webhook::Accepted { messages: hook.messages.len(), statuses: hook.statuses.len(), queued: false };
         if hook.messages.is_empty() && hook.statuses.is_empty() && hook.preferences.is_empty() {
