@@ -101,11 +101,17 @@ fn select<D: Db + ?Sized>(db: &D, filter: &str, params: &[Value]) -> Result<Vec<
 
 /// Queues a message; `false` if one with this id exists already.
 pub fn insert<D: Db + ?Sized>(db: &D, m: &NewMessage<'_>, now_ms: i64) -> Result<bool, DbError> {
+    // `seq` is the caller's (time, then order within its transaction), but never at or below
+    // the contact's last: two steps of one contact can fall in the same millisecond, and their
+    // replies must still go in the order they were decided.
     let n = db.execute(
         &db.dialect().sql(
             "INSERT INTO outbound_messages (id, wa_id, seq, kind, message, status, event_id, correlation_id,
                 attempts, next_attempt_at, created_at, updated_at, always_send, queued_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9, $9, $9, $10, $9)
+             VALUES ($1, $2,
+                (SELECT CASE WHEN COALESCE(MAX(seq), -1) >= $3 THEN MAX(seq) + 1 ELSE $3 END
+                 FROM outbound_messages WHERE wa_id = $2),
+                $4, $5, $6, $7, $8, 0, $9, $9, $9, $10, $9)
              ON CONFLICT (id) DO NOTHING",
         ),
         &[

@@ -475,14 +475,21 @@ fn queue(db: &dyn Db, id: &str, wa_id: &str, seq: i64, kind: &str, now: i64) {
     assert!(!messages::insert(db, &m, now).unwrap(), "same id twice");
 }
 
+/// A contact's messages go in the order they were queued: a `seq` at or below the contact's
+/// last (two steps in one millisecond, a pod whose clock is behind) is moved past it.
 #[test]
 fn a_contacts_queue_is_worked_in_order_and_a_retry_holds_back_later_messages() {
     on_both(|connect| {
         let db = connect();
         migrate(db.as_ref(), 0).unwrap();
-        queue(db.as_ref(), "m2", "wa1", 2, "text", 10);
-        queue(db.as_ref(), "m1", "wa1", 1, "text", 10);
-        queue(db.as_ref(), "x1", "wa2", 1, "text", 10);
+        queue(db.as_ref(), "m1", "wa1", 2_000, "text", 10);
+        queue(db.as_ref(), "m2", "wa1", 2_000, "text", 10);
+        queue(db.as_ref(), "x1", "wa2", 1_000, "text", 10);
+        queue(db.as_ref(), "m3", "wa1", 1_000, "text", 10);
+        let seq = |id: &str| messages::get(db.as_ref(), id).unwrap().unwrap().seq;
+        assert_eq!((seq("m1"), seq("m2"), seq("m3"), seq("x1")), (2_000, 2_001, 2_002, 1_000));
+        queue(db.as_ref(), "m4", "wa1", 5_000, "text", 10);
+        assert_eq!(seq("m4"), 5_000, "a later seq is kept");
         let next = messages::next_in_queue(db.as_ref(), "wa1").unwrap().unwrap();
         assert_eq!(next.id, "m1");
         assert!(messages::schedule_retry(db.as_ref(), "m1", Some(130429), "rate", 500, 20).unwrap());
@@ -492,6 +499,10 @@ fn a_contacts_queue_is_worked_in_order_and_a_retry_holds_back_later_messages() {
         assert!(!messages::mark_sent(db.as_ref(), "m1", "wamid.1b", 31).unwrap(), "sent once");
         assert_eq!(messages::next_in_queue(db.as_ref(), "wa1").unwrap().unwrap().id, "m2");
         assert!(messages::mark_failed(db.as_ref(), "m2", Some(131026), "undeliverable", 40).unwrap());
+        for later in ["m3", "m4"] {
+            assert_eq!(messages::next_in_queue(db.as_ref(), "wa1").unwrap().unwrap().id, later);
+            assert!(messages::mark_sent(db.as_ref(), later, &format!("wamid.{later}"), 41).unwrap());
+        }
         assert!(messages::next_in_queue(db.as_ref(), "wa1").unwrap().is_none());
         let failed = messages::list(db.as_ref(), messages::status::FAILED, 10).unwrap();
         assert_eq!((failed.len(), failed[0].error_code), (1, Some(131026)));
