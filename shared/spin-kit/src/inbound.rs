@@ -113,7 +113,6 @@ fn handle_message(
             None => identity::recognise(db, ids(&m.sender))?,
             Some(_) => Recognised::Other,
         };
-        let seen = matches!(recognised, Recognised::Known(_));
         let known = match recognised {
             Recognised::Known(known) => known,
             Recognised::New => {
@@ -205,10 +204,7 @@ fn handle_message(
             }
         }
         let state_json = serde_json::to_string(&outcome.state).context("serialising the conversation state")?;
-        match seen {
-            true => repo::save_conversation_seen(db, key, &state_json, m.profile_name.as_deref(), sent_at, now)?,
-            false => repo::save_conversation(db, key, &state_json, now)?,
-        }
+        repo::save_conversation_seen(db, key, &state_json, m.profile_name.as_deref(), sent_at, now)?;
         Ok(Some(pending))
     })
 }

@@ -62,16 +62,6 @@ impl Drained {
         self.duplicates += r.duplicates;
         self.statuses += r.statuses;
     }
-
-    /// Adds what a batch worked as one transaction did, once it committed.
-    fn absorb(&mut self, other: &Drained) {
-        self.rows += other.rows;
-        self.messages += other.messages;
-        self.duplicates += other.duplicates;
-        self.statuses += other.statuses;
-        self.set_aside += other.set_aside;
-        self.more |= other.more;
-    }
 }
 
 /// What a drain needs beside the database.
@@ -187,16 +177,14 @@ fn work_batch<D: Db>(
     until_ms: i64,
 ) -> Result<(), ApiError> {
     if db.dialect() == Dialect::Postgres {
-        let mut group = (Batch::default(), Drained::default());
-        let grouped = transaction(db, |db| work_steps(&Grouped(db), s, entries, &mut group.0, &mut group.1, until_ms));
-        match grouped {
-            Ok(()) => {
-                batch.done.extend(group.0.done);
-                batch.pending.extend(group.0.pending);
-                out.absorb(&group.1);
-                return Ok(());
-            }
+        let (before, done, pending) = (out.clone(), batch.done.len(), batch.pending.len());
+        match transaction(db, |db| work_steps(&Grouped(db), s, entries, batch, out, until_ms)) {
+            Ok(()) => return Ok(()),
             Err(e) => {
+                // Rolled back: nothing the group counted, removed or published happened.
+                *out = before;
+                batch.done.truncate(done);
+                batch.pending.truncate(pending);
                 crate::log::warn("inbox", &format!("a batch failed as one transaction, stepping it row by row: {e}"))
             }
         }

@@ -121,18 +121,16 @@ pub fn set_opt_out<D: Db + ?Sized>(db: &D, wa_id: &str, opted_out: bool, now_ms:
     Ok(())
 }
 
+/// Stores the contact's conversation state, and nothing else of it.
 pub fn save_conversation<D: Db + ?Sized>(db: &D, wa_id: &str, state_json: &str, now_ms: i64) -> Result<(), DbError> {
-    db.execute(
-        &db.dialect().sql("UPDATE contacts SET conversation = $1, updated_at = $2 WHERE wa_id = $3"),
-        &[Value::from(state_json), Value::Int(now_ms), Value::from(wa_id)],
-    )?;
-    Ok(())
+    save_conversation_seen(db, wa_id, state_json, None, 0, now_ms)
 }
 
-/// [`save_conversation`] for the contact whose message this step answers, when
-/// `identity::recognise` found it: the profile name and the 24-hour window that
-/// `identity::identify` would have refreshed up front are refreshed in the same statement
-/// (the window never moves back: Meta may deliver an older message late).
+/// [`save_conversation`] for the contact whose message a step answers: its profile name (when
+/// the message carries one) and its 24-hour window are refreshed in the same statement, the
+/// window never back (Meta may deliver an older message late). For a contact that
+/// `identity::recognise` found, this is where they are refreshed; after `identity::identify`
+/// or `identity::create`, which wrote them already, it changes neither.
 pub fn save_conversation_seen<D: Db + ?Sized>(
     db: &D,
     wa_id: &str,
