@@ -772,17 +772,20 @@ pub fn devhost_statement_counts(log: &str) -> Vec<(String, u64)> {
         .collect()
 }
 
-/// The transactions `component` ran, each as its statements' first lines from `BEGIN` to
-/// `COMMIT` or `ROLLBACK` inclusive, in the log's order (`DEVHOST_LOG=devhost::sqlite=trace`
-/// logs every statement as it starts; a statement of several lines continues on lines of its
-/// own, which carry no marker).
-pub fn devhost_transactions(log: &str, component: &str) -> Vec<Vec<String>> {
+/// Every SQLite statement `component` ran, its first line each, in the log's order
+/// (`DEVHOST_LOG=devhost::sqlite=trace` logs every statement as it starts; a statement of
+/// several lines continues on lines of its own, which carry no marker).
+pub fn devhost_statements(log: &str, component: &str) -> Vec<String> {
     let marker = format!("execute component={component} statement=");
+    log.lines().filter_map(|line| line.split_once(&marker)).map(|(_, statement)| statement.trim().to_string()).collect()
+}
+
+/// The transactions `component` ran, each as its statements' first lines from `BEGIN` to
+/// `COMMIT` or `ROLLBACK` inclusive, in the log's order ([`devhost_statements`]).
+pub fn devhost_transactions(log: &str, component: &str) -> Vec<Vec<String>> {
     let mut out = vec![];
     let mut open: Option<Vec<String>> = None;
-    for line in log.lines() {
-        let Some((_, statement)) = line.split_once(&marker) else { continue };
-        let statement = statement.trim().to_string();
+    for statement in devhost_statements(log, component) {
         let first = statement.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
         match (first.as_str(), open.as_mut()) {
             ("BEGIN", _) => open = Some(vec![statement]),

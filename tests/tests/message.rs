@@ -1196,8 +1196,8 @@ async fn a_conversation_step_runs_at_most_ten_statements_devhost_only() {
         assert!(t.len() <= 10, "a step ran {} statements:\n{}", t.len(), t.join("\n"));
     }
     assert!(stripe.session_for_any().is_some(), "the walk reached payment:\n{log}");
-    let outside = log.lines().filter(|l| l.contains("execute component=conversation-worker statement=")).count()
-        - steps.iter().map(Vec::len).sum::<usize>();
+    let outside =
+        astria_tests::devhost_statements(&log, "conversation-worker").len() - steps.iter().map(Vec::len).sum::<usize>();
     eprintln!("statements outside steps, for {} webhooks: {outside}", kinds.len());
 }
 
