@@ -2,8 +2,8 @@
 //!
 //! A POST is checked (the signature header's form before anything is read, then the size, then
 //! the signature), parsed for our phone number, and the signed body stored in the inbox
-//! (`astria_store::inbox`) in one autocommit statement, durable before the 200; then, unless a
-//! worker is draining the inbox already (a second statement), one wake-up goes to the
+//! (`astria_store::inbox`) in one autocommit statement, durable before the 200; then, unless
+//! that statement found a worker draining the inbox already, one wake-up goes to the
 //! conversation workers on Redis (`astria.inbox`). The worker works the inbox through in
 //! arrival order (`spin_kit::inbox`). A database fault answers 503 so that
 //! Meta redelivers; a Redis fault does not matter here: the relay wakes the worker for rows
@@ -72,7 +72,7 @@ pub struct Stored {
 }
 
 /// Stores a verified body in the inbox (not again if it waits there already), and says whether
-/// to wake a worker: the request's two statements. Should the schema not be there yet (a new
+/// to wake a worker: the request's one statement. Should the schema not be there yet (a new
 /// database, or a release that adds the inbox), `migrate` puts it in place and the insert runs
 /// again. The benchmark's native reference server (`tools/native-reference`) calls this too,
 /// so that the two measure the same work.
@@ -85,7 +85,7 @@ pub fn store<D: Db>(
     // serde_json parsed it, so it is UTF-8; the check costs nothing next to the HMAC.
     let text = std::str::from_utf8(body).map_err(|_| ApiError::BadRequest("body is not UTF-8".into()))?;
     let id = whatsapp::body_id(body);
-    let queued = match inbox::accept(db, &id, text, request_id, now_ms()) {
+    let accepted = match inbox::accept(db, &id, text, request_id, now_ms()) {
         Err(e) if e.is_missing_table() => {
             migrate()?;
             inbox::accept(db, &id, text, request_id, now_ms())?
@@ -93,9 +93,11 @@ pub fn store<D: Db>(
         other => other?,
     };
     // A worker draining now takes this row too (it looks again after it lets go, see
-    // `spin_kit::inbox`); if the look fails, wake one anyway.
-    let wake = queued && !inbox::draining(db, now_ms()).unwrap_or(false);
-    Ok(Stored { queued, wake })
+    // `inbox::accept` and `spin_kit::inbox`).
+    Ok(match accepted {
+        inbox::Accepted::Duplicate => Stored { queued: false, wake: false },
+        inbox::Accepted::New { draining } => Stored { queued: true, wake: !draining },
+    })
 }
 
 /// Tells the conversation workers that the inbox has work. Best effort: if Redis is down the

@@ -1,7 +1,8 @@
 //! The inbox: WhatsApp webhooks accepted but not yet worked through.
 //!
 //! The webhook (`POST /SmsReceived`) only checks the signature, parses, and [`accept`]s the
-//! signed body here in one autocommit statement, durable before its 200; the conversation
+//! signed body here in one autocommit statement, durable before its 200 (the same statement
+//! tells it whether a worker is draining, or must be woken); the conversation
 //! worker (`components/conversation-worker`) then takes the rows in arrival order and runs the
 //! conversation step for each. So the webhook's cost no longer grows with the step's, and a
 //! burst waits here instead of in front of Meta.
@@ -31,19 +32,54 @@ pub struct Entry {
     pub attempts: i64,
 }
 
-/// Stores a signed webhook body under `id` (its SHA-256); `false` if that body is here already.
-/// One statement, outside any transaction: it commits on its own.
-pub fn accept<D: Db + ?Sized>(db: &D, id: &str, body: &str, request_id: &str, now_ms: i64) -> Result<bool, DbError> {
-    // RETURNING answers whether the row is new in the same statement (SQLite 3.35+,
-    // PostgreSQL): no `SELECT changes()` round trip on the hot path.
+/// What [`accept`] did with a body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// The same body waits in the inbox already (Meta's redelivery): nothing stored.
+    Duplicate,
+    /// Stored. `draining`: a conversation worker held the inbox (its job lease, named
+    /// [`LEASE`]) when the row went in, so that worker takes the row and nobody need be woken.
+    New { draining: bool },
+}
+
+/// Stores a signed webhook body under `id` (its SHA-256), unless that body is here already,
+/// and says whether a worker is draining the inbox: the webhook's one statement, outside any
+/// transaction, so it commits on its own.
+///
+/// The lease is looked at in the same statement as the row goes in, and the drainer, after
+/// giving the lease back, looks at the inbox once more (`spin_kit::inbox`): either that look
+/// finds this row, or this statement finds the lease free and the webhook wakes a worker.
+/// On SQLite the statement holds the write lock throughout, so a release is wholly before or
+/// after it. On PostgreSQL the statement reads a snapshot taken when it began: a release
+/// committed after that would still look held, and the drainer's last look, before this row's
+/// commit, would miss the row. `FOR SHARE` closes that gap: the lease row is read as it is
+/// now, and a release waits until this statement has committed, so the look after it sees the
+/// row.
+pub fn accept<D: Db + ?Sized>(
+    db: &D,
+    id: &str,
+    body: &str,
+    request_id: &str,
+    now_ms: i64,
+) -> Result<Accepted, DbError> {
+    // RETURNING answers whether the row is new (no row on a conflict) in the same statement:
+    // no `SELECT changes()` and no second statement for the lease on the hot path.
+    let lock = match db.dialect() {
+        crate::Dialect::Postgres => " FOR SHARE",
+        crate::Dialect::Sqlite => "",
+    };
     let rows = db.query(
-        &db.dialect().sql(
+        &db.dialect().sql(&format!(
             "INSERT INTO inbox (id, body, request_id, received_at) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (id) DO NOTHING RETURNING id",
-        ),
-        &[Value::from(id), Value::from(body), Value::from(request_id), Value::Int(now_ms)],
+             ON CONFLICT (id) DO NOTHING
+             RETURNING CASE WHEN EXISTS (SELECT 1 FROM job_leases WHERE name = $5 AND lease_until > $4{lock}) THEN 1 ELSE 0 END"
+        )),
+        &[Value::from(id), Value::from(body), Value::from(request_id), Value::Int(now_ms), Value::from(LEASE)],
     )?;
-    Ok(!rows.is_empty())
+    match rows.first() {
+        None => Ok(Accepted::Duplicate),
+        Some(row) => Ok(Accepted::New { draining: row.int(0)? != 0 }),
+    }
 }
 
 /// Up to `limit` rows in arrival order (ties, requests that arrived in the same millisecond,
@@ -67,17 +103,6 @@ pub fn next<D: Db + ?Sized>(db: &D, limit: i64) -> Result<Vec<Entry>, DbError> {
         })
     })
     .collect()
-}
-
-/// Whether a conversation worker holds the inbox now (its job lease, named [`LEASE`]): a row
-/// stored now will be taken by it, so the webhook need not wake anyone. The drainer looks at
-/// the inbox once more after giving the lease back, so a row stored in between is not left.
-pub fn draining<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<bool, DbError> {
-    let rows = db.query(
-        &db.dialect().sql("SELECT 1 FROM job_leases WHERE name = $1 AND lease_until > $2"),
-        &[Value::from(LEASE), Value::Int(now_ms)],
-    )?;
-    Ok(!rows.is_empty())
 }
 
 /// The row has been worked through.

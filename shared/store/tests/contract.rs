@@ -1308,6 +1308,21 @@ fn the_tallies_follow_every_change_folded_or_not() {
     });
 }
 
+/// Waits until a statement beginning with `statement` waits for a row lock (seen in
+/// PostgreSQL's `pg_stat_activity`, not assumed); fails if `finished` says it ended without
+/// waiting.
+fn wait_for_a_lock(database: &PgDatabase, statement: &str, what: &str, finished: impl Fn() -> bool) {
+    let watcher = database.connect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let waiting =
+        format!("SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '{statement}%'");
+    while watcher.query(&waiting, &[]).unwrap()[0].int(0).unwrap() == 0 {
+        assert!(!finished(), "{what} ended without waiting for the lock");
+        assert!(std::time::Instant::now() < deadline, "{what} never waited for the lock");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// PostgreSQL, two writers at once: the sender marks a portrait's message sent while the
 /// weekly cleanup deletes the portrait. Each trigger reads the other table; without a lock
 /// the message's trigger would count the pair (the deletion is not committed) and the image's
@@ -1332,21 +1347,7 @@ fn a_portrait_deleted_while_its_message_is_sent_is_counted_exactly_postgres() {
         cleanup
     });
     // The deletion waits for the sender's row: seen in pg_stat_activity, not assumed.
-    let watcher = database.connect();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while watcher
-        .query(
-            "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'DELETE FROM generated_images%'",
-            &[],
-        )
-        .unwrap()[0]
-        .int(0)
-        .unwrap()
-        == 0
-    {
-        assert!(std::time::Instant::now() < deadline, "the deletion never waited for the message's row");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    wait_for_a_lock(&database, "DELETE FROM generated_images", "the deletion", || deleting.is_finished());
     exec(&sender, "COMMIT");
     let cleanup = deleting.join().unwrap();
     assert_eq!(tallied(&cleanup), counted_over_every_row(&cleanup));
@@ -1703,8 +1704,12 @@ fn an_inbox_row_is_stored_once_per_body_without_a_migrated_schema_it_says_so() {
         let missing = inbox::accept(db.as_ref(), "h1", "{}", "r1", 1).unwrap_err();
         assert!(missing.is_missing_table(), "{missing:?}");
         migrate(db.as_ref(), 1).unwrap();
-        assert!(inbox::accept(db.as_ref(), "h1", r#"{"a":1}"#, "r1", 10).unwrap());
-        assert!(!inbox::accept(db.as_ref(), "h1", r#"{"a":1}"#, "r2", 11).unwrap(), "the same body again");
+        assert_eq!(inbox::accept(db.as_ref(), "h1", r#"{"a":1}"#, "r1", 10).unwrap(), NEW);
+        assert_eq!(
+            inbox::accept(db.as_ref(), "h1", r#"{"a":1}"#, "r2", 11).unwrap(),
+            inbox::Accepted::Duplicate,
+            "the same body again"
+        );
         let rows = inbox::next(db.as_ref(), 10).unwrap();
         assert_eq!(
             rows,
@@ -1718,8 +1723,54 @@ fn an_inbox_row_is_stored_once_per_body_without_a_migrated_schema_it_says_so() {
         );
         inbox::done(db.as_ref(), "h1").unwrap();
         assert!(inbox::next(db.as_ref(), 10).unwrap().is_empty());
-        assert!(inbox::accept(db.as_ref(), "h1", r#"{"a":1}"#, "r3", 12).unwrap(), "stored again once worked through");
+        assert_eq!(
+            inbox::accept(db.as_ref(), "h1", r#"{"a":1}"#, "r3", 12).unwrap(),
+            NEW,
+            "stored again once worked through"
+        );
     });
+}
+
+/// What a new body's row answers while no worker drains the inbox.
+const NEW: inbox::Accepted = inbox::Accepted::New { draining: false };
+
+#[test]
+fn storing_a_body_says_whether_a_worker_holds_the_inbox() {
+    on_both(|connect| {
+        let db = connect();
+        let db = db.as_ref();
+        migrate(db, 1).unwrap();
+        assert_eq!(inbox::accept(db, "a", "{}", "r", 100).unwrap(), NEW, "nobody drains");
+        assert!(lease::acquire(db, lease::Kind::Job, inbox::LEASE, "worker", 100, 1_000).unwrap());
+        assert_eq!(inbox::accept(db, "b", "{}", "r", 200).unwrap(), inbox::Accepted::New { draining: true });
+        assert_eq!(inbox::accept(db, "b", "{}", "r", 300).unwrap(), inbox::Accepted::Duplicate);
+        // Another job's lease is not the inbox's.
+        lease::release(db, lease::Kind::Job, inbox::LEASE, "worker").unwrap();
+        assert!(lease::acquire(db, lease::Kind::Job, "cleanup", "worker", 300, 1_000).unwrap());
+        assert_eq!(inbox::accept(db, "c", "{}", "r", 400).unwrap(), NEW, "released");
+        assert!(lease::acquire(db, lease::Kind::Job, inbox::LEASE, "worker", 400, 1_000).unwrap());
+        assert_eq!(inbox::accept(db, "d", "{}", "r", 1_401).unwrap(), NEW, "the lease lapsed at 1,400");
+        assert_eq!(inbox::next(db, 10).unwrap().len(), 4);
+    });
+}
+
+/// PostgreSQL: the drainer gives the lease back while a webhook stores a row. The webhook's
+/// statement reads a snapshot from before the release commits; read plainly, the lease would
+/// still look held, nobody would be woken, and the drainer's look after its release (before
+/// the row commits) would miss the row, leaving it to the relay. The statement waits for the
+/// release instead, and sees the lease free.
+#[test]
+fn a_webhook_storing_a_row_while_the_lease_is_given_back_sees_it_free_postgres() {
+    let database = PgDatabase::new();
+    let (drainer, webhook) = (database.connect(), database.connect());
+    migrate(&drainer, 1).unwrap();
+    assert!(lease::acquire(&drainer, lease::Kind::Job, inbox::LEASE, "worker", 100, 60_000).unwrap());
+    exec(&drainer, "BEGIN");
+    lease::release(&drainer, lease::Kind::Job, inbox::LEASE, "worker").unwrap();
+    let storing = std::thread::spawn(move || inbox::accept(&webhook, "a", "{}", "r", 200).unwrap());
+    wait_for_a_lock(&database, "INSERT INTO inbox", "the webhook", || storing.is_finished());
+    exec(&drainer, "COMMIT");
+    assert_eq!(storing.join().unwrap(), NEW, "the release committed first: the webhook wakes a worker");
 }
 
 #[test]
@@ -1729,7 +1780,7 @@ fn inbox_rows_come_in_arrival_order_and_a_failing_one_is_set_aside_after_its_att
         migrate(db.as_ref(), 1).unwrap();
         // Arrival order, not key order: "c" came first.
         for (id, at) in [("c", 100), ("a", 200), ("b", 300)] {
-            assert!(inbox::accept(db.as_ref(), id, "{}", "r", at).unwrap());
+            assert_eq!(inbox::accept(db.as_ref(), id, "{}", "r", at).unwrap(), NEW);
         }
         let order = |db: &dyn Db| inbox::next(db, 10).unwrap().into_iter().map(|e| e.id).collect::<Vec<_>>();
         assert_eq!(order(db.as_ref()), ["c", "a", "b"]);
