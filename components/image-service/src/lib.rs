@@ -28,14 +28,19 @@ use spin_kit::error::ApiError;
 use spin_kit::events::{self, now_ms};
 use spin_kit::request::{read_body, Route};
 use spin_kit::SpinVars;
-use spin_sdk::http::{IncomingRequest, Method, Response};
+use spin_sdk::http::{IncomingRequest, Method, Response, ResponseOutparam};
 use spin_sdk::http_component;
 
 const SERVICE: &str = "image";
 const MAX_BODY: usize = 1024 * 1024;
 
 #[http_component]
-async fn handle(req: IncomingRequest) -> Response {
+async fn handle(req: IncomingRequest, out: ResponseOutparam) {
+    // The body is written before the head is handed over (`spin_kit::respond` says why).
+    spin_kit::respond(out, answer(req).await);
+}
+
+async fn answer(req: IncomingRequest) -> Response {
     let Route { request_id, method, path, query } = Route::of(&req);
     // Only the callbacks' spans are exported (see message-service).
     let trace = spin_kit::trace::Invocation::incoming("image-service", &req, &path)

@@ -19,7 +19,7 @@ use astria_store::outbox::RelayPolicy;
 use spin_kit::error::ApiError;
 use spin_kit::events;
 use spin_kit::SpinVars;
-use spin_sdk::http::{IncomingRequest, Method, Response};
+use spin_sdk::http::{IncomingRequest, Method, Response, ResponseOutparam};
 use spin_sdk::http_component;
 use subtle::ConstantTimeEq;
 
@@ -30,7 +30,12 @@ const SERVICE: &str = "maintenance";
 const MAX_BODY: usize = 64 * 1024;
 
 #[http_component]
-async fn handle(req: IncomingRequest) -> Response {
+async fn handle(req: IncomingRequest, out: ResponseOutparam) {
+    // The body is written before the head is handed over (`spin_kit::respond` says why).
+    spin_kit::respond(out, answer(req).await);
+}
+
+async fn answer(req: IncomingRequest) -> Response {
     let spin_kit::request::Route { request_id, method, path, query } = spin_kit::request::Route::of(&req);
     let auth = spin_kit::header(&req, "authorization").unwrap_or_default();
     // The operations' spans (cleanup, relay, replay, resolve) are exported; the reads (metrics

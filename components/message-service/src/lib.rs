@@ -8,7 +8,7 @@ mod webhook;
 
 use spin_kit::error::ApiError;
 use spin_kit::request::{read_body, Route};
-use spin_sdk::http::{IncomingRequest, Method, Response};
+use spin_sdk::http::{IncomingRequest, Method, Response, ResponseOutparam};
 use spin_sdk::http_component;
 
 const SERVICE: &str = "message";
@@ -16,7 +16,12 @@ const SERVICE: &str = "message";
 const MAX_BODY: usize = 3 * 1024 * 1024;
 
 #[http_component]
-async fn handle(req: IncomingRequest) -> Response {
+async fn handle(req: IncomingRequest, out: ResponseOutparam) {
+    // The body is written before the head is handed over (`spin_kit::respond` says why).
+    spin_kit::respond(out, answer(req).await);
+}
+
+async fn answer(req: IncomingRequest) -> Response {
     let Route { request_id, method, path, query } = Route::of(&req);
     // Every request's log lines carry a trace id; only the webhook's spans are exported (health
     // probes come every few seconds, and an unknown path must not name a span).

@@ -29,7 +29,7 @@ use spin_kit::error::ApiError;
 use spin_kit::events::{self, now_ms, Pending};
 use spin_kit::request::{read_body, Route};
 use spin_kit::{log, SpinVars};
-use spin_sdk::http::{IncomingRequest, Method, Response};
+use spin_sdk::http::{IncomingRequest, Method, Response, ResponseOutparam};
 use spin_sdk::http_component;
 
 const SERVICE: &str = "payment";
@@ -39,7 +39,12 @@ const MAX_BODY: usize = 512 * 1024;
 const SOURCE: &str = "stripe";
 
 #[http_component]
-async fn handle(req: IncomingRequest) -> Response {
+async fn handle(req: IncomingRequest, out: ResponseOutparam) {
+    // The body is written before the head is handed over (`spin_kit::respond` says why).
+    spin_kit::respond(out, answer(req).await);
+}
+
+async fn answer(req: IncomingRequest) -> Response {
     let Route { request_id, method, path, .. } = Route::of(&req);
     // Only the webhook's spans are exported (see message-service).
     let trace =

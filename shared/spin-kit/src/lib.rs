@@ -16,6 +16,7 @@ pub mod log;
 pub mod messages;
 pub mod refunds;
 pub mod request;
+pub mod respond;
 pub mod trace;
 pub mod whatsapp_media;
 
@@ -80,6 +81,7 @@ pub fn open_db() -> Result<db::SpinDb, error::ApiError> {
 }
 
 pub use request::header;
+pub use respond::respond;
 
 /// Readiness checks for `GET /health/<service>`.
 pub mod health {
