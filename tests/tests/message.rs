@@ -1123,7 +1123,8 @@ on_both!(a_batch_is_worked_in_one_transaction_on_postgres_and_step_by_step_when_
 /// The statement budget of the webhook (issue 29's G5 allows 2), counted by devhost per guest
 /// connection: one SQLite statement per request, whatever the request, because the
 /// conversation step runs in the worker and one statement both stores the row and says whether
-/// to wake a worker. The worker's count per step is printed.
+/// to wake a worker (PostgreSQL takes two, `astria_store::inbox::accept` says why). The
+/// worker's count per step is printed.
 #[tokio::test]
 async fn the_webhook_runs_one_statement_per_request_devhost_only() {
     let redis = TestRedis::start().await.unwrap();

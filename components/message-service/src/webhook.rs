@@ -2,9 +2,9 @@
 //!
 //! A POST is checked (the signature header's form before anything is read, then the size, then
 //! the signature), parsed for our phone number, and the signed body stored in the inbox
-//! (`astria_store::inbox`) in one autocommit statement, durable before the 200; then, unless
-//! that statement found a worker draining the inbox already, one wake-up goes to the
-//! conversation workers on Redis (`astria.inbox`). The worker works the inbox through in
+//! (`astria_store::inbox`), durable before the 200, in one autocommit statement that also says
+//! whether a worker is draining the inbox already (two on PostgreSQL); unless one is, one
+//! wake-up goes to the conversation workers on Redis (`astria.inbox`). The worker works the inbox through in
 //! arrival order (`spin_kit::inbox`). A database fault answers 503 so that
 //! Meta redelivers; a Redis fault does not matter here: the relay wakes the worker for rows
 //! left waiting.
@@ -72,7 +72,7 @@ pub struct Stored {
 }
 
 /// Stores a verified body in the inbox (not again if it waits there already), and says whether
-/// to wake a worker: the request's one statement. Should the schema not be there yet (a new
+/// to wake a worker: the request's one statement (two on PostgreSQL, `inbox::accept` says why). Should the schema not be there yet (a new
 /// database, or a release that adds the inbox), `migrate` puts it in place and the insert runs
 /// again. The benchmark's native reference server (`tools/native-reference`) calls this too,
 /// so that the two measure the same work.

@@ -4,12 +4,12 @@
 //! arrival order, so a contact's messages are stepped in the order WhatsApp delivered them,
 //! whatever the number of worker replicas. The others return at once.
 //!
-//! No row is left behind: the webhook wakes the workers after storing a row unless the statement
-//! that stored it saw the lease held (a drainer will take the row: under load this saves a
-//! Redis connection per request), and a drainer, after giving the lease back, looks at the
-//! inbox once more and drains again if a row came in meanwhile. A release is wholly before or
-//! after the webhook's statement (`astria_store::inbox::accept` says how), so either the
-//! drainer's last look finds the row or the webhook finds the lease free and wakes someone. A drainer that died holds the lease for at most `LEASE_MS`;
+//! No row is left behind: the webhook wakes the workers after storing a row unless it then saw
+//! the lease held (a drainer will take the row: under load this saves a Redis connection per
+//! request), and a drainer, after giving the lease back, looks at the inbox once more and
+//! drains again if a row came in meanwhile. The webhook reads the lease only once its row is in
+//! (`astria_store::inbox::accept` says how on each database), so either the drainer's last look
+//! finds the row or the webhook finds the lease free and wakes someone. A drainer that died holds the lease for at most `LEASE_MS`;
 //! the relay wakes the workers every minute while rows wait.
 //!
 //! Rows are read in batches of `BATCH`. Each message's step is its own transaction (a short

@@ -1,9 +1,8 @@
 //! The inbox: WhatsApp webhooks accepted but not yet worked through.
 //!
 //! The webhook (`POST /SmsReceived`) only checks the signature, parses, and [`accept`]s the
-//! signed body here in one autocommit statement, durable before its 200 (the same statement
-//! tells it whether a worker is draining, or must be woken); the conversation
-//! worker (`components/conversation-worker`) then takes the rows in arrival order and runs the
+//! signed body here, durable before its 200, learning in the same statement (on PostgreSQL,
+//! the next) whether a worker is draining or must be woken; the conversation worker (`components/conversation-worker`) then takes the rows in arrival order and runs the
 //! conversation step for each. So the webhook's cost no longer grows with the step's, and a
 //! burst waits here instead of in front of Meta.
 //!
@@ -43,18 +42,20 @@ pub enum Accepted {
 }
 
 /// Stores a signed webhook body under `id` (its SHA-256), unless that body is here already,
-/// and says whether a worker is draining the inbox: the webhook's one statement, outside any
-/// transaction, so it commits on its own.
+/// and says whether a worker is draining the inbox. Outside any transaction: the row commits
+/// on its own, durable before the webhook's 200.
 ///
-/// The lease is looked at in the same statement as the row goes in, and the drainer, after
-/// giving the lease back, looks at the inbox once more (`spin_kit::inbox`): either that look
-/// finds this row, or this statement finds the lease free and the webhook wakes a worker.
-/// On SQLite the statement holds the write lock throughout, so a release is wholly before or
-/// after it. On PostgreSQL the statement reads a snapshot taken when it began: a release
-/// committed after that would still look held, and the drainer's last look, before this row's
-/// commit, would miss the row. `FOR SHARE` closes that gap: the lease row is read as it is
-/// now, and a release waits until this statement has committed, so the look after it sees the
-/// row.
+/// The drainer, after giving the lease back, looks at the inbox once more (`spin_kit::inbox`),
+/// so the lease must be read after the row is in: either the drainer's look finds the row, or
+/// the webhook finds the lease free and wakes a worker.
+/// - SQLite: one statement (`RETURNING` the lease check). It holds the write lock throughout,
+///   so a release is wholly before or after it.
+/// - PostgreSQL: two statements, the insert and then the lease read, each autocommitted. One
+///   statement would read the lease in a snapshot taken before its row commits: a release
+///   committed in between would still look held, and the drainer's look could miss the row.
+///   Reading the lease row `FOR SHARE` closes that gap, but every webhook then locks the row
+///   the drainer renews: with the whole app at 500 webhooks/s the replies fell a minute behind
+///   (a benchmark run of 8881cb7, `docs/performance.md`), so the second statement stays.
 pub fn accept<D: Db + ?Sized>(
     db: &D,
     id: &str,
@@ -63,23 +64,37 @@ pub fn accept<D: Db + ?Sized>(
     now_ms: i64,
 ) -> Result<Accepted, DbError> {
     // RETURNING answers whether the row is new (no row on a conflict) in the same statement:
-    // no `SELECT changes()` and no second statement for the lease on the hot path.
-    let lock = match db.dialect() {
-        crate::Dialect::Postgres => " FOR SHARE",
-        crate::Dialect::Sqlite => "",
+    // no `SELECT changes()` on the hot path.
+    let insert = "INSERT INTO inbox (id, body, request_id, received_at) VALUES ($1, $2, $3, $4)
+                  ON CONFLICT (id) DO NOTHING RETURNING";
+    let row = [Value::from(id), Value::from(body), Value::from(request_id), Value::Int(now_ms)];
+    let rows = match db.dialect() {
+        crate::Dialect::Sqlite => {
+            let sql = format!(
+                "{insert} CASE WHEN EXISTS (SELECT 1 FROM job_leases WHERE name = $5 AND lease_until > $4) THEN 1 ELSE 0 END"
+            );
+            let mut values = row.to_vec();
+            values.push(Value::from(LEASE));
+            db.query(&db.dialect().sql(&sql), &values)?
+        }
+        crate::Dialect::Postgres => db.query(&format!("{insert} id"), &row)?,
     };
+    let Some(stored) = rows.first() else { return Ok(Accepted::Duplicate) };
+    let draining = match db.dialect() {
+        crate::Dialect::Sqlite => stored.int(0)? != 0,
+        // If the look fails, the caller wakes a worker anyway: a wake-up too many costs nothing.
+        crate::Dialect::Postgres => draining(db, now_ms).unwrap_or(false),
+    };
+    Ok(Accepted::New { draining })
+}
+
+/// Whether a conversation worker holds the inbox now (its job lease, named [`LEASE`]).
+fn draining<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<bool, DbError> {
     let rows = db.query(
-        &db.dialect().sql(&format!(
-            "INSERT INTO inbox (id, body, request_id, received_at) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (id) DO NOTHING
-             RETURNING CASE WHEN EXISTS (SELECT 1 FROM job_leases WHERE name = $5 AND lease_until > $4{lock}) THEN 1 ELSE 0 END"
-        )),
-        &[Value::from(id), Value::from(body), Value::from(request_id), Value::Int(now_ms), Value::from(LEASE)],
+        &db.dialect().sql("SELECT 1 FROM job_leases WHERE name = $1 AND lease_until > $2"),
+        &[Value::from(LEASE), Value::Int(now_ms)],
     )?;
-    match rows.first() {
-        None => Ok(Accepted::Duplicate),
-        Some(row) => Ok(Accepted::New { draining: row.int(0)? != 0 }),
-    }
+    Ok(!rows.is_empty())
 }
 
 /// Up to `limit` rows in arrival order (ties, requests that arrived in the same millisecond,

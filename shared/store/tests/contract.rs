@@ -1308,21 +1308,6 @@ fn the_tallies_follow_every_change_folded_or_not() {
     });
 }
 
-/// Waits until a statement beginning with `statement` waits for a row lock (seen in
-/// PostgreSQL's `pg_stat_activity`, not assumed); fails if `finished` says it ended without
-/// waiting.
-fn wait_for_a_lock(database: &PgDatabase, statement: &str, what: &str, finished: impl Fn() -> bool) {
-    let watcher = database.connect();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let waiting =
-        format!("SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '{statement}%'");
-    while watcher.query(&waiting, &[]).unwrap()[0].int(0).unwrap() == 0 {
-        assert!(!finished(), "{what} ended without waiting for the lock");
-        assert!(std::time::Instant::now() < deadline, "{what} never waited for the lock");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-}
-
 /// PostgreSQL, two writers at once: the sender marks a portrait's message sent while the
 /// weekly cleanup deletes the portrait. Each trigger reads the other table; without a lock
 /// the message's trigger would count the pair (the deletion is not committed) and the image's
@@ -1347,7 +1332,21 @@ fn a_portrait_deleted_while_its_message_is_sent_is_counted_exactly_postgres() {
         cleanup
     });
     // The deletion waits for the sender's row: seen in pg_stat_activity, not assumed.
-    wait_for_a_lock(&database, "DELETE FROM generated_images", "the deletion", || deleting.is_finished());
+    let watcher = database.connect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while watcher
+        .query(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'DELETE FROM generated_images%'",
+            &[],
+        )
+        .unwrap()[0]
+        .int(0)
+        .unwrap()
+        == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "the deletion never waited for the message's row");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     exec(&sender, "COMMIT");
     let cleanup = deleting.join().unwrap();
     assert_eq!(tallied(&cleanup), counted_over_every_row(&cleanup));
@@ -1752,25 +1751,6 @@ fn storing_a_body_says_whether_a_worker_holds_the_inbox() {
         assert_eq!(inbox::accept(db, "d", "{}", "r", 1_401).unwrap(), NEW, "the lease lapsed at 1,400");
         assert_eq!(inbox::next(db, 10).unwrap().len(), 4);
     });
-}
-
-/// PostgreSQL: the drainer gives the lease back while a webhook stores a row. The webhook's
-/// statement reads a snapshot from before the release commits; read plainly, the lease would
-/// still look held, nobody would be woken, and the drainer's look after its release (before
-/// the row commits) would miss the row, leaving it to the relay. The statement waits for the
-/// release instead, and sees the lease free.
-#[test]
-fn a_webhook_storing_a_row_while_the_lease_is_given_back_sees_it_free_postgres() {
-    let database = PgDatabase::new();
-    let (drainer, webhook) = (database.connect(), database.connect());
-    migrate(&drainer, 1).unwrap();
-    assert!(lease::acquire(&drainer, lease::Kind::Job, inbox::LEASE, "worker", 100, 60_000).unwrap());
-    exec(&drainer, "BEGIN");
-    lease::release(&drainer, lease::Kind::Job, inbox::LEASE, "worker").unwrap();
-    let storing = std::thread::spawn(move || inbox::accept(&webhook, "a", "{}", "r", 200).unwrap());
-    wait_for_a_lock(&database, "INSERT INTO inbox", "the webhook", || storing.is_finished());
-    exec(&drainer, "COMMIT");
-    assert_eq!(storing.join().unwrap(), NEW, "the release committed first: the webhook wakes a worker");
 }
 
 #[test]
