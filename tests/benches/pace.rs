@@ -8,6 +8,7 @@ use astria_tests::whatsapp::{self as wa, FakeGraph};
 use astria_tests::TestRedis;
 
 const IMAGES: usize = 40;
+const CUSTOMER: &str = "4915100000000";
 
 #[tokio::main]
 async fn main() {
@@ -21,21 +22,23 @@ async fn main() {
     let redis = TestRedis::start().await.unwrap();
     let graph = FakeGraph::start().await;
     let app = wa::spawn_bot(wa::bot_config(&graph, &redis, false).var("whatsapp_pace_ms", pace.clone()), &redis).await;
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let started = Instant::now();
+    // The sender sends only messages the app stored, to a contact who wrote within 24 hours:
+    // the customer says hi, and the images are stored as the image service queues them.
+    let (status, _) =
+        wa::post_webhook(&app, &wa::inbound(CUSTOMER, vec![wa::text(CUSTOMER, "wamid.pace", "hi")])).await;
+    assert_eq!(status, 200);
+    graph.wait_for(1).await;
+    let db = astria_tests::db::TestDb::of(&app).await;
+    let mut sends = vec![];
     for i in 0..IMAGES {
         let message = serde_json::json!({"kind": "image", "link": format!("https://mp.astria.ai/1/{i}.jpg")});
-        let send = serde_json::json!({
-            "id": uuid::Uuid::new_v4().to_string(), "event_type": "message.send",
-            "occurred_at": "2026-11-25T10:00:00Z", "correlation_id": "bench",
-            "payload": serde_json::json!({"message_id": uuid::Uuid::new_v4().to_string(), "to": "4915100000000",
-                                          "message": message.to_string()}).to_string(),
-        });
-        let _: i64 =
-            redis::cmd("PUBLISH").arg("astria.messages").arg(send.to_string()).query_async(&mut conn).await.unwrap();
+        sends.push(wa::queue_directly(&db, CUSTOMER, &message).await);
     }
-    while graph.requests().await.len() < IMAGES {
+    let started = Instant::now();
+    for send in &sends {
+        wa::publish_message_send(&redis, send).await;
+    }
+    while graph.requests().await.len() < IMAGES + 1 {
         assert!(started.elapsed() < Duration::from_secs(600), "stuck:\n{}", app.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

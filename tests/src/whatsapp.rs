@@ -451,3 +451,45 @@ pub async fn post_webhook(app: &TestApp, body: &Value) -> (u16, Value) {
 pub async fn relay(app: &TestApp) -> Value {
     app.call("POST", "/maintenance/relay", Some(ADMIN_TOKEN), None).await.1
 }
+
+/// Stores a queued message as `spin_kit::messages::queue` does, and answers its `message.send`
+/// envelope (not yet published).
+pub async fn queue_directly(db: &crate::db::TestDb, to: &str, message: &Value) -> Value {
+    let (id, event_id) = (uuid::Uuid::new_v4().to_string(), uuid::Uuid::new_v4().to_string());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let kind = message["kind"].as_str().unwrap();
+    db.execute(
+        "INSERT INTO outbound_messages (id, wa_id, seq, kind, message, status, event_id, correlation_id, attempts, \
+         next_attempt_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'queued', $6, 'test', 0, $7, $7, $7)",
+        &[
+            (&id).into(),
+            to.into(),
+            (now * 1000).into(),
+            kind.into(),
+            message.to_string().into(),
+            (&event_id).into(),
+            now.into(),
+        ],
+    )
+    .await;
+    message_send(&event_id, &id, to, message)
+}
+
+/// A `message.send` envelope for `message_id` to `to`, as the outbox publishes it.
+pub fn message_send(event_id: &str, message_id: &str, to: &str, message: &Value) -> Value {
+    json!({
+        "id": event_id, "event_type": "message.send", "occurred_at": "2026-11-25T10:00:00Z",
+        "correlation_id": "test", "payload": json!({"message_id": message_id, "to": to,
+                                                     "message": message.to_string()}).to_string(),
+    })
+}
+
+/// Publishes `envelope` on the sender's channel, as the outbox would, and checks the sender
+/// listens.
+pub async fn publish_message_send(redis: &TestRedis, envelope: &Value) {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let n: i64 =
+        redis::cmd("PUBLISH").arg("astria.messages").arg(envelope.to_string()).query_async(&mut conn).await.unwrap();
+    assert_eq!(n, 1, "the sender listens");
+}

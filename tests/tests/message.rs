@@ -648,45 +648,6 @@ async fn count_unconfirmed(db: &TestDb) -> bool {
     count(db, "SELECT COUNT(*) FROM outbound_messages WHERE last_error LIKE 'unconfirmed%'").await > 0
 }
 
-/// Stores a queued message as `spin_kit::messages::queue` does, and answers its `message.send`
-/// envelope (not yet published).
-async fn queue_directly(db: &TestDb, to: &str, message: &Value) -> Value {
-    let (id, event_id) = (uuid::Uuid::new_v4().to_string(), uuid::Uuid::new_v4().to_string());
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
-    let kind = message["kind"].as_str().unwrap();
-    db.execute(
-        "INSERT INTO outbound_messages (id, wa_id, seq, kind, message, status, event_id, correlation_id, attempts, \
-         next_attempt_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'queued', $6, 'test', 0, $7, $7, $7)",
-        &[
-            (&id).into(),
-            to.into(),
-            (now * 1000).into(),
-            kind.into(),
-            message.to_string().into(),
-            (&event_id).into(),
-            now.into(),
-        ],
-    )
-    .await;
-    message_send(&event_id, &id, to, message)
-}
-
-fn message_send(event_id: &str, message_id: &str, to: &str, message: &Value) -> Value {
-    json!({
-        "id": event_id, "event_type": "message.send", "occurred_at": "2026-11-25T10:00:00Z",
-        "correlation_id": "test", "payload": json!({"message_id": message_id, "to": to,
-                                                     "message": message.to_string()}).to_string(),
-    })
-}
-
-async fn publish_message_send(redis: &TestRedis, envelope: &Value) {
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let n: i64 =
-        redis::cmd("PUBLISH").arg("astria.messages").arg(envelope.to_string()).query_async(&mut conn).await.unwrap();
-    assert_eq!(n, 1, "the sender listens");
-}
-
 async fn a_crafted_message_send_for_no_stored_message_sends_nothing(postgres: bool) {
     let w = World::start(Options::on(postgres)).await;
     let (app, graph, redis) = (&w.app, &w.graph, &w.redis);
@@ -696,17 +657,17 @@ async fn a_crafted_message_send_for_no_stored_message_sends_nothing(postgres: bo
     // Someone who can publish on Redis tries to make the bot write to a stranger, and to Ana.
     let spam = json!({"kind": "text", "body": "You won! Pay here: https://evil.example"});
     for to in ["15550001111", ANA] {
-        let forged = message_send(&uuid::Uuid::new_v4().to_string(), &uuid::Uuid::new_v4().to_string(), to, &spam);
-        publish_message_send(&redis, &forged).await;
+        let forged = wa::message_send(&uuid::Uuid::new_v4().to_string(), &uuid::Uuid::new_v4().to_string(), to, &spam);
+        wa::publish_message_send(&redis, &forged).await;
     }
     // A message Ana really has queued, announced with someone else's number: it goes to Ana.
-    let real = queue_directly(&db, ANA, &json!({"kind": "text", "body": "Your real reply"})).await;
+    let real = wa::queue_directly(&db, ANA, &json!({"kind": "text", "body": "Your real reply"})).await;
     let mut redirected = real.clone();
     let payload: Value = serde_json::from_str(real["payload"].as_str().unwrap()).unwrap();
     let mut p = payload.clone();
     p["to"] = json!("15550001111");
     redirected["payload"] = json!(p.to_string());
-    publish_message_send(&redis, &redirected).await;
+    wa::publish_message_send(&redis, &redirected).await;
     let sends = graph.wait_for(2).await;
     quiesce(&app).await;
     let sends_after = graph.requests().await;
@@ -731,8 +692,8 @@ async fn an_image_reported_failed_as_unusable_goes_again_as_a_document(postgres:
     // then its message.send).
     let db = pg(&app).await;
     let image = json!({"kind": "image", "link": "https://mp.astria.ai/9/big.jpg"});
-    let send = queue_directly(&db, ANA, &image).await;
-    publish_message_send(&redis, &send).await;
+    let send = wa::queue_directly(&db, ANA, &image).await;
+    wa::publish_message_send(&redis, &send).await;
     graph.wait_for(2).await;
     // The sender books WhatsApp's answer just after it arrives.
     let wamid = app
