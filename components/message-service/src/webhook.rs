@@ -21,8 +21,8 @@ use spin_sdk::http::Response;
 pub fn verify(query: &str) -> Result<Response, ApiError> {
     let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
     let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
-    let cfg = config::whatsapp_webhook(&SpinVars)?;
-    let expected = cfg.verify_token.expose_secret();
+    let token = config::whatsapp_verify_token(&SpinVars)?;
+    let expected = token.expose_secret();
     match whatsapp::verify_subscription(param("hub.mode"), param("hub.verify_token"), param("hub.challenge"), expected)
     {
         Some(challenge) => {

@@ -279,25 +279,14 @@ pub fn astria(src: &impl Source) -> Result<Astria, ConfigError> {
 
 // ------------------------------------------------------------------ one loader per component
 
-/// message-service's edge: what checks a WhatsApp webhook (`whatsapp_app_secret`,
-/// `whatsapp_verify_token`) and which number's messages are ours (`whatsapp_phone_number_id`).
-/// Read apart from [`message_service`]; a POST reads only [`whatsapp_app_secret`] before its
-/// signature is checked, so a forged request costs one variable.
-#[derive(Debug)]
-pub struct WhatsAppWebhook {
-    /// Signs every webhook POST (HMAC-SHA256); empty accepts none.
-    pub app_secret: SecretString,
-    /// The subscription handshake's token; empty passes none.
-    pub verify_token: SecretString,
-    pub phone_number_id: String,
-}
+// message-service's edge reads each of its settings where it needs it, one variable at a time:
+// a POST reads only the app secret before its signature is checked, so a forged request costs
+// one variable read (what a refusal costs most, docs/performance.md).
 
-pub fn whatsapp_webhook(src: &impl Source) -> Result<WhatsAppWebhook, ConfigError> {
-    Ok(WhatsAppWebhook {
-        app_secret: whatsapp_app_secret(src)?,
-        verify_token: secret(src, "whatsapp_verify_token")?,
-        phone_number_id: phone_number_id(src),
-    })
+/// `whatsapp_verify_token`: the subscription handshake's token (`GET /SmsReceived`); empty
+/// passes none.
+pub fn whatsapp_verify_token(src: &impl Source) -> Result<SecretString, ConfigError> {
+    secret(src, "whatsapp_verify_token")
 }
 
 /// `whatsapp_app_secret`: what every webhook POST is signed with (HMAC-SHA256); empty accepts
@@ -718,7 +707,7 @@ mod tests {
         let src = defaults(&[]);
         let printed = format!(
             "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
-            whatsapp_webhook(&src).unwrap(),
+            (whatsapp_app_secret(&src).unwrap(), whatsapp_verify_token(&src).unwrap()),
             message_service(&src).unwrap(),
             sender(&src).unwrap(),
             trainer(&src).unwrap(),
