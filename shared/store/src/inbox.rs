@@ -68,22 +68,24 @@ pub fn accept<D: Db + ?Sized>(
     let insert = "INSERT INTO inbox (id, body, request_id, received_at) VALUES ($1, $2, $3, $4)
                   ON CONFLICT (id) DO NOTHING RETURNING";
     let row = [Value::from(id), Value::from(body), Value::from(request_id), Value::Int(now_ms)];
-    let rows = match db.dialect() {
+    let draining = match db.dialect() {
         crate::Dialect::Sqlite => {
             let sql = format!(
                 "{insert} CASE WHEN EXISTS (SELECT 1 FROM job_leases WHERE name = $5 AND lease_until > $4) THEN 1 ELSE 0 END"
             );
-            let mut values = row.to_vec();
-            values.push(Value::from(LEASE));
-            db.query(&db.dialect().sql(&sql), &values)?
+            let [id, body, request_id, received_at] = row;
+            let rows = db.query(&db.dialect().sql(&sql), &[id, body, request_id, received_at, Value::from(LEASE)])?;
+            let Some(stored) = rows.first() else { return Ok(Accepted::Duplicate) };
+            stored.int(0)? != 0
         }
-        crate::Dialect::Postgres => db.query(&format!("{insert} id"), &row)?,
-    };
-    let Some(stored) = rows.first() else { return Ok(Accepted::Duplicate) };
-    let draining = match db.dialect() {
-        crate::Dialect::Sqlite => stored.int(0)? != 0,
-        // If the look fails, the caller wakes a worker anyway: a wake-up too many costs nothing.
-        crate::Dialect::Postgres => draining(db, now_ms).unwrap_or(false),
+        crate::Dialect::Postgres => {
+            if db.query(&format!("{insert} id"), &row)?.is_empty() {
+                return Ok(Accepted::Duplicate);
+            }
+            // If the look fails, the caller wakes a worker anyway: a wake-up too many costs
+            // nothing.
+            draining(db, now_ms).unwrap_or(false)
+        }
     };
     Ok(Accepted::New { draining })
 }
