@@ -171,6 +171,23 @@ async fn postgres_round_trip_through_the_component() {
 }
 
 #[tokio::test]
+async fn postgres_connections_are_kept_between_requests_as_spin_pools_them() {
+    // Spin's PostgreSQL host pools connections per address; with a connection per `open`, a
+    // few hundred requests/s ran PostgreSQL out of connections under devhost alone.
+    let app = spawn_app(AppConfig { postgres: true, ..probe_app() }).await.unwrap();
+    let url = app.database_url.clone().unwrap();
+    let mut pids = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let (status, body) = text(&app, &format!("/probe/pg-backend?url={url}")).await;
+        assert_eq!(status, 200, "{body}");
+        pids.insert(body);
+    }
+    // One request at a time needs one connection; a second can be opened while the previous
+    // instance is still being torn down, but never one per request.
+    assert!(pids.len() <= 3, "20 requests one at a time were served by {} server processes", pids.len());
+}
+
+#[tokio::test]
 async fn postgres_address_not_allowed_is_refused() {
     let app = spawn_app(AppConfig { postgres: true, ..probe_app() }).await.unwrap();
     let url = app.database_url.clone().unwrap().replace("127.0.0.1:5432", "localhost:5432");

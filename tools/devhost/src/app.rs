@@ -49,7 +49,12 @@ pub struct Services {
     pub sqlite: HashMap<String, PathBuf>,
     pub broker: Option<Arc<Broker>>,
     redis: tokio::sync::Mutex<HashMap<String, redis::aio::MultiplexedConnection>>,
+    /// PostgreSQL connection pools by address, as Spin keeps them (see [`Services::postgres_pool`]).
+    postgres: std::sync::Mutex<HashMap<String, deadpool_postgres::Pool>>,
 }
+
+/// Connections per PostgreSQL address, Spin's `CONNECTION_POOL_SIZE`.
+const POSTGRES_POOL_SIZE: usize = 64;
 
 impl Services {
     /// A cached multiplexed connection to `address`, connecting on first use.
@@ -69,6 +74,31 @@ impl Services {
 
     pub async fn forget_redis(&self, address: &str) {
         self.redis.lock().await.remove(address);
+    }
+
+    /// The pool of connections to `address`, made on first use. Spin's PostgreSQL host
+    /// (`factor-outbound-pg`) keeps a deadpool-postgres pool of 64 connections per address with
+    /// `RecyclingMethod::Clean` (one round trip resetting the session at every checkout), so a
+    /// guest's `open` takes a kept connection, and waits when all 64 are out. devhost does the
+    /// same: with a connection per `open`, a load of a few hundred requests/s ran PostgreSQL out
+    /// of connections ("sorry, too many clients already"), which Spin never does.
+    pub fn postgres_pool(&self, address: &str) -> Result<deadpool_postgres::Pool> {
+        let mut pools = self.postgres.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pool) = pools.get(address) {
+            return Ok(pool.clone());
+        }
+        let config: tokio_postgres::Config = address.parse().context("parsing the PostgreSQL address")?;
+        let manager = deadpool_postgres::Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            deadpool_postgres::ManagerConfig { recycling_method: deadpool_postgres::RecyclingMethod::Clean },
+        );
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(POSTGRES_POOL_SIZE)
+            .build()
+            .context("building the PostgreSQL pool")?;
+        pools.insert(address.to_string(), pool.clone());
+        Ok(pool)
     }
 }
 
@@ -268,6 +298,7 @@ impl App {
                 sqlite: rc.sqlite.clone().into_iter().collect(),
                 broker: opts.redis_memory.then(|| Arc::new(Broker::default())),
                 redis: Default::default(),
+                postgres: Default::default(),
             },
             subscriptions,
             secrets: vars.secret_values().to_vec(),

@@ -170,6 +170,18 @@ async fn handle(req: Request) -> anyhow::Result<impl IntoResponse> {
             });
             respond(200, serde_json::to_vec(&out)?)
         }
+        "/pg-backend" => {
+            // Which server process serves this instance's connection: the same one across
+            // requests when the host keeps connections (Spin pools them per address).
+            use spin_sdk::pg4::Connection;
+            let conn = match Connection::open(q.get("url").map(String::as_str).unwrap_or("")) {
+                Ok(c) => c,
+                Err(e) => return Ok(respond(502, format!("open failed: {e:?}"))),
+            };
+            let rows = conn.query("SELECT pg_backend_pid() AS pid", &[])?;
+            let pid = rows.rows().next().and_then(|r| r.get::<i32>("pid")).ok_or_else(|| anyhow::anyhow!("no pid"))?;
+            respond(200, pid.to_string())
+        }
         "/publish" => {
             let conn = match spin_sdk::redis::Connection::open(q.get("address").map(String::as_str).unwrap_or("")) {
                 Ok(c) => c,

@@ -1,8 +1,12 @@
 //! `spin:postgres/postgres@4.0.0` over tokio-postgres.
 //!
-//! Each guest `open` gets its own connection (so a transaction belongs to one instance). The
-//! parameter and column types this app uses are converted; any other type is a clear
-//! `bad-parameter` / `value-conversion-failed` error naming it.
+//! A guest `open` checks a connection out of the address's pool (64 per address, as Spin's
+//! host keeps them: [`crate::app::Services::postgres_pool`]); it is the instance's until the
+//! guest drops it, so a transaction belongs to one instance. Like Spin's, the pool resets the
+//! session when the connection is next checked out, and no more: a transaction a guest left open
+//! (it trapped between `BEGIN` and `COMMIT`) would stay open, as under Spin. The parameter and
+//! column types this app uses are converted; any other type is a clear `bad-parameter` /
+//! `value-conversion-failed` error naming it.
 
 use std::error::Error as _;
 
@@ -16,7 +20,8 @@ use super::bindings::spin::postgres::postgres::{
 use super::HostState;
 
 pub struct PgConnection {
-    client: tokio_postgres::Client,
+    /// Back to the pool when dropped.
+    client: deadpool_postgres::Object,
 }
 
 /// SQL NULL for a parameter of any type.
@@ -146,7 +151,7 @@ fn query_failed(e: tokio_postgres::Error) -> Error {
 
 impl HostState {
     fn pg(&self, conn: &Resource<PgConnection>) -> Result<&tokio_postgres::Client, Error> {
-        self.table.get(conn).map(|c| &c.client).map_err(|e| Error::Other(e.to_string()))
+        self.table.get(conn).map(|c| &**c.client).map_err(|e| Error::Other(e.to_string()))
     }
 }
 
@@ -164,14 +169,8 @@ impl HostConnection for HostState {
                 super::redis::redact_url(&address)
             )));
         }
-        let (client, connection) = tokio_postgres::connect(&address, tokio_postgres::NoTls)
-            .await
-            .map_err(|e| Error::ConnectionFailed(e.to_string()))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!("postgres connection ended: {e}");
-            }
-        });
+        let pool = self.app.services.postgres_pool(&address).map_err(|e| Error::ConnectionFailed(format!("{e:#}")))?;
+        let client = pool.get().await.map_err(|e| Error::ConnectionFailed(e.to_string()))?;
         self.table.push(PgConnection { client }).map_err(|e| Error::Other(e.to_string()))
     }
 
