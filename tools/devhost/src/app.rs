@@ -81,7 +81,7 @@ impl Services {
     /// `RecyclingMethod::Clean` (one round trip resetting the session at every checkout), so a
     /// guest's `open` takes a kept connection, and waits when all 64 are out. devhost does the
     /// same: with a connection per `open`, a load of a few hundred requests/s ran PostgreSQL out
-    /// of connections ("sorry, too many clients already"), which Spin never does.
+    /// of connections ("sorry, too many clients already"), where Spin's pool holds at 64.
     pub fn postgres_pool(&self, address: &str) -> Result<deadpool_postgres::Pool> {
         let mut pools = self.postgres.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(pool) = pools.get(address) {
