@@ -127,6 +127,28 @@ function customerBubble(m) {
   return bubble;
 }
 
+// A message's bubble, kept from the last draw when only its status changed (the tick is then
+// redrawn in place), so its buttons stay the same elements; drawn anew when anything else did.
+// An image's body shows its status (downloading, failed), so any change redraws it.
+function bubble(phone, wa, m) {
+  const cache = phone.bubbles || (phone.bubbles = new Map());
+  const key = (m.from_customer ? 'in:' : 'out:') + m.id;
+  const isImage = !m.from_customer && m.body.type === 'image';
+  const shape = JSON.stringify({ ...m, status: isImage ? m.status : '' }) + (openLists.has(m.id) ? ' open' : '');
+  const fresh = () => (m.from_customer ? customerBubble(m) : botBubble(wa, m));
+  const kept = cache.get(key);
+  if (kept && kept.shape === shape) {
+    if (kept.status !== m.status) {
+      kept.node.querySelector('.tick').replaceWith(fresh().querySelector('.tick'));
+      kept.status = m.status;
+    }
+    return kept.node;
+  }
+  const node = fresh();
+  cache.set(key, { shape, status: m.status, node });
+  return node;
+}
+
 function drawPhone(wa) {
   let phone = document.querySelector(`.phone[data-number="${wa}"]`);
   if (!phone) {
@@ -154,7 +176,12 @@ function drawPhone(wa) {
   if (phone.dataset.drawn === drawn) return;
   phone.dataset.drawn = drawn;
   const atBottom = chat.scrollHeight - chat.scrollTop - chat.clientHeight < 40;
-  chat.replaceChildren(...((state.chats[wa] || {}).messages || []).map(m => m.from_customer ? customerBubble(m) : botBubble(wa, m)));
+  const bubbles = ((state.chats[wa] || {}).messages || []).map(m => bubble(phone, wa, m));
+  // Only nodes that differ are moved: a node taken out and put back between a tap's press and
+  // release loses the tap (a message's read tick arrives right after it is shown, just when a
+  // person taps its button).
+  bubbles.forEach((b, i) => { if (chat.children[i] !== b) chat.insertBefore(b, chat.children[i] || null); });
+  while (chat.children.length > bubbles.length) chat.lastElementChild.remove();
   if (atBottom) chat.scrollTop = chat.scrollHeight;
   const unread = ((state.chats[wa] || {}).messages || []).some(m => !m.from_customer && m.status === 'delivered');
   if (unread && document.visibilityState === 'visible') post(`/sandbox/phone/${wa}/read`, {});
