@@ -838,8 +838,14 @@ async fn with_the_collector_down_or_refusing_the_replies_still_go_once() {
         let dropped: Vec<String> = app
             .wait_until(&format!("a trace.export line saying {says:?}"), Duration::from_secs(20), || async {
                 let log = app.log();
-                let lines: Vec<String> =
-                    log.lines().filter(|l| l.contains("trace.export") && l.contains(says)).map(String::from).collect();
+                // Only whole lines: the host may be writing the last one while it is read, and
+                // half a line has the words looked for but not yet its trace id.
+                let whole = &log[..log.rfind('\n').map_or(0, |i| i + 1)];
+                let lines: Vec<String> = whole
+                    .lines()
+                    .filter(|l| l.contains("trace.export") && l.contains(says))
+                    .map(String::from)
+                    .collect();
                 (!lines.is_empty()).then_some(lines)
             })
             .await;
