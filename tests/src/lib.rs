@@ -257,6 +257,18 @@ impl TestApp {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// The whole lines the host printed so far (every process's, for a deployment), for a test
+    /// that reads a line's fields: a host may be writing its last line while the log is read,
+    /// and half a line has the first fields without the rest.
+    pub fn log_lines(&self) -> Vec<String> {
+        let logs = if self.processes.is_empty() {
+            vec![std::fs::read_to_string(&self.log_path).unwrap_or_default()]
+        } else {
+            self.processes.iter().map(deployment::Process::log).collect()
+        };
+        logs.iter().flat_map(|log| log[..log.rfind('\n').map_or(0, |i| i + 1)].lines().map(String::from)).collect()
+    }
+
     /// A deployment's process by SpinApp name.
     pub fn process(&self, spinapp: &str) -> &deployment::Process {
         self.processes.iter().find(|p| p.name == spinapp).unwrap_or_else(|| panic!("no SpinApp {spinapp}"))

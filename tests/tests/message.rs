@@ -837,15 +837,9 @@ async fn with_the_collector_down_or_refusing_the_replies_still_go_once() {
         // the database went quiet: wait for it.
         let dropped: Vec<String> = app
             .wait_until(&format!("a trace.export line saying {says:?}"), Duration::from_secs(20), || async {
-                let log = app.log();
-                // Only whole lines: the host may be writing the last one while it is read, and
-                // half a line has the words looked for but not yet its trace id.
-                let whole = &log[..log.rfind('\n').map_or(0, |i| i + 1)];
-                let lines: Vec<String> = whole
-                    .lines()
-                    .filter(|l| l.contains("trace.export") && l.contains(says))
-                    .map(String::from)
-                    .collect();
+                // Whole lines only: half a line has the words looked for but not yet its trace id.
+                let lines: Vec<String> =
+                    app.log_lines().into_iter().filter(|l| l.contains("trace.export") && l.contains(says)).collect();
                 (!lines.is_empty()).then_some(lines)
             })
             .await;
