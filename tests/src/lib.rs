@@ -784,9 +784,10 @@ pub fn devhost_statement_counts(log: &str) -> Vec<(String, u64)> {
         .collect()
 }
 
-/// Every SQLite statement `component` ran, its first line each, in the log's order
-/// (`DEVHOST_LOG=devhost::sqlite=trace` logs every statement as it starts; a statement of
-/// several lines continues on lines of its own, which carry no marker).
+/// Every SQLite or PostgreSQL statement `component` ran, its first line each, in the log's
+/// order (`DEVHOST_LOG=devhost::sqlite=trace,devhost::postgres=trace` logs every statement as
+/// it starts; a statement of several lines continues on lines of its own, which carry no
+/// marker).
 pub fn devhost_statements(log: &str, component: &str) -> Vec<String> {
     let marker = format!("execute component={component} statement=");
     log.lines().filter_map(|line| line.split_once(&marker)).map(|(_, statement)| statement.trim().to_string()).collect()

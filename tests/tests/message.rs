@@ -1125,18 +1125,25 @@ async fn the_webhook_runs_one_statement_per_request_devhost_only() {
 
 /// The statement budget of a conversation step (issue 29's G5), counted by devhost: every
 /// transaction the conversation worker runs for a message (from `BEGIN` to `COMMIT`: dedupe,
-/// contact, state change, replies and their events) or for a status is at most 10 SQLite
+/// contact, state change, replies and their events) or for a status is at most 10
 /// statements, for a new contact as for a known one. What the drain does around them (the
 /// lease, reading a batch, marking its events published, removing its rows) is per batch, not
 /// per step, and printed.
-#[tokio::test]
-async fn a_conversation_step_runs_at_most_ten_statements_devhost_only() {
+///
+/// On PostgreSQL, where every statement is a round trip (two through Spin's host), the dedupe
+/// goes with the contact's read and each reply with its event (one statement each, CTEs): no
+/// step runs either of the first ones as a statement of its own. (Each webhook is worked
+/// through before the next is sent, so a PostgreSQL batch, one transaction, is one step.)
+async fn a_conversation_step_runs_at_most_ten_statements_devhost_only(postgres: bool) {
     let redis = TestRedis::start().await.unwrap();
     let graph = FakeGraph::start().await;
     // "Done" asks payment-checkout for a Checkout session.
     let stripe = FakeStripe::start().await;
-    let mut config = ps::with_stripe(wa::bot_config(&graph, &redis, false), &stripe);
-    config.env.insert("DEVHOST_LOG".into(), "info,wasmtime_wasi_http=warn,devhost::sqlite=trace".into());
+    let mut config = ps::with_stripe(wa::bot_config(&graph, &redis, postgres), &stripe);
+    config.env.insert(
+        "DEVHOST_LOG".into(),
+        "info,wasmtime_wasi_http=warn,devhost::sqlite=trace,devhost::postgres=trace".into(),
+    );
     let app = wa::spawn_bot(config, &redis).await;
     assert!(wa::relay(&app).await["republished"].is_number(), "the schema is in place");
     let mut kinds = wa::one_of_each_kind(ANA, "steps");
@@ -1151,18 +1158,31 @@ async fn a_conversation_step_runs_at_most_ten_statements_devhost_only() {
     quiesce(&app).await;
     let log = app.log();
     let steps = astria_tests::devhost_transactions(&log, "conversation-worker");
-    let messages = steps.iter().filter(|t| t.iter().any(|s| s.starts_with("INSERT INTO processed_webhooks"))).count();
+    let dedupe = |s: &String| s.starts_with("INSERT INTO processed_webhooks") || s.starts_with("WITH fresh AS");
+    let messages = steps.iter().filter(|t| t.iter().any(dedupe)).count();
     assert!(messages >= kinds.len() - 2, "each message's step was seen: {steps:#?}");
     let sizes: Vec<usize> = steps.iter().map(Vec::len).collect();
     eprintln!("statements per step: {sizes:?}");
     for t in &steps {
         assert!(t.len() <= 10, "a step ran {} statements:\n{}", t.len(), t.join("\n"));
+        if postgres {
+            let alone = t.iter().find(|s| {
+                s.starts_with("INSERT INTO processed_webhooks") || s.starts_with("INSERT INTO outbound_messages")
+            });
+            assert!(alone.is_none(), "{alone:?} ran as a statement of its own:\n{}", t.join("\n"));
+        }
+    }
+    if postgres {
+        let merged = steps.iter().flatten().any(|s| s.starts_with("WITH caused AS (INSERT INTO outbound_messages"));
+        assert!(merged, "a reply was queued with its event in one statement: {steps:#?}");
     }
     assert!(stripe.session_for_any().is_some(), "the walk reached payment:\n{log}");
     let outside =
         astria_tests::devhost_statements(&log, "conversation-worker").len() - steps.iter().map(Vec::len).sum::<usize>();
     eprintln!("statements outside steps, for {} webhooks: {outside}", kinds.len());
 }
+
+on_both!(a_conversation_step_runs_at_most_ten_statements_devhost_only);
 
 /// Ten contacts walk the first three steps (hi, a pack, a subject) at once, each contact's
 /// messages one after the other, half of them through each of two replicas, each of which runs

@@ -97,22 +97,23 @@ fn handle_message(
 ) -> Result<Option<Vec<Pending>>, ApiError> {
     let now = now_ms();
     transaction(db, |db| {
-        if !repo::first_delivery(db, SOURCE, &m.id, now)? {
-            return Ok(None);
-        }
         // The window runs from the message's own time (Meta may deliver it late), never ahead.
         let sent_at = m.timestamp.saturating_mul(1000).clamp(0, now);
-        // The contact the sender's identifiers lead to, with what the step needs of it. Its
-        // row stays locked until commit (PostgreSQL), so two messages from one person are
-        // stepped one after the other, each seeing the other's effects. Mostly one read
-        // answers (`recognise`): a contact known by exactly these identifiers, whose profile
-        // name and window are refreshed with the conversation at the end, or a person new to
-        // us, recorded in one statement. Otherwise (a new or moved identifier, a number
-        // change) `identify` records the identifiers first.
+        // The dedupe on the WhatsApp message id, and the contact the sender's identifiers lead
+        // to with what the step needs of it, in one statement where the database allows
+        // (`identity::recognise_first`). The contact's row stays locked until commit
+        // (PostgreSQL), so two messages from one person are stepped one after the other, each
+        // seeing the other's effects. Mostly that read answers: a contact known by exactly
+        // these identifiers, whose profile name and window are refreshed with the
+        // conversation at the end, or a person new to us, recorded in one statement.
+        // Otherwise (a new or moved identifier, a number change) `identify` records the
+        // identifiers first.
+        let delivery = identity::Delivery { source: SOURCE, external_id: &m.id, now_ms: now };
         let recognised = match &m.identity_change {
-            None => identity::recognise(db, ids(&m.sender))?,
-            Some(_) => Recognised::Other,
+            None => identity::recognise_first(db, delivery, ids(&m.sender))?,
+            Some(_) => repo::first_delivery(db, SOURCE, &m.id, now)?.then_some(Recognised::Other),
         };
+        let Some(recognised) = recognised else { return Ok(None) };
         let known = match recognised {
             Recognised::Known(known) => known,
             Recognised::New => {

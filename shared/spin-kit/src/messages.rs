@@ -74,8 +74,10 @@ fn queue_with<D: Db + ?Sized>(
         correlation_id,
         always_send,
     };
-    messages::insert(db, &new, now)?;
-    emit(db, channels::MESSAGES, &event, &RelayPolicy::default())
+    // The row and its event in one statement where the database allows: a step queues one or
+    // two replies, each of them otherwise two round trips to PostgreSQL.
+    let json = messages::insert_with_event(db, &new, now, channels::MESSAGES, &event, &RelayPolicy::default())?;
+    Ok(Pending { id: event.id.clone(), channel: channels::MESSAGES.to_string(), json })
 }
 
 /// Puts the contact's messages that waited for the 24-hour window back in the queue (the

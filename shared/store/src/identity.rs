@@ -147,27 +147,90 @@ pub fn recognise<D: Db + ?Sized>(db: &D, ids: Ids<'_>) -> Result<Recognised, DbE
     if ids.phone.is_none() && ids.bsuid.is_none() {
         return Ok(Recognised::Other);
     }
-    // Every row an identifier leads to, as `find` and `identify` would look: by phone (a
-    // previous release's row keyed by the phone included), BSUID, parent BSUID, and the keys a
-    // new contact would take.
-    let lock = match db.dialect() {
+    let rows = db.query(&db.dialect().sql(&recognise_sql(db.dialect())), &recognise_params(ids))?;
+    interpret(ids, &rows)
+}
+
+/// One delivery of an event from outside (`processed_webhooks`): only the first is worked
+/// through.
+#[derive(Clone, Copy)]
+pub struct Delivery<'a> {
+    /// Who sent it (`"whatsapp"`, `"stripe"`).
+    pub source: &'a str,
+    /// The sender's id of the event (a WhatsApp message id).
+    pub external_id: &'a str,
+    pub now_ms: i64,
+}
+
+/// [`crate::repo::first_delivery`] of `delivery` and, if it was the first, [`recognise`] of
+/// `ids`: `None` for a redelivery.
+///
+/// On PostgreSQL one statement, the dedupe's insert a CTE of the read: every statement there
+/// is a round trip to the server (two through Spin's host, which prepares each one), and the
+/// conversation worker runs this pair for every message. A redelivery's read still locks the
+/// contact's row until commit, which nothing else in the step would have done: harmless, as
+/// redeliveries are rare and the lock is the one the step takes anyway. SQLite, in process,
+/// runs the two statements.
+pub fn recognise_first<D: Db + ?Sized>(
+    db: &D,
+    delivery: Delivery<'_>,
+    ids: Ids<'_>,
+) -> Result<Option<Recognised>, DbError> {
+    let dedupe = || crate::repo::first_delivery(db, delivery.source, delivery.external_id, delivery.now_ms);
+    if db.dialect() == Dialect::Sqlite || (ids.phone.is_none() && ids.bsuid.is_none()) {
+        return match dedupe()? {
+            true => recognise(db, ids).map(Some),
+            false => Ok(None),
+        };
+    }
+    // The contact's columns first, as `recognise` reads them, then whether the delivery is new
+    // (one row with NULL contact columns when no contact matches).
+    let sql = format!(
+        "WITH fresh AS (
+            INSERT INTO processed_webhooks (source, external_id, received_at) VALUES ($5, $6, $7)
+            ON CONFLICT (source, external_id) DO NOTHING RETURNING 1)
+         SELECT c.*, f.n FROM (SELECT COUNT(*) AS n FROM fresh) f
+         LEFT JOIN ({}) c ON f.n = 1",
+        recognise_sql(Dialect::Postgres)
+    );
+    let mut params = recognise_params(ids).to_vec();
+    params.extend([Value::from(delivery.source), Value::from(delivery.external_id), Value::Int(delivery.now_ms)]);
+    let rows = db.query(&sql, &params)?;
+    let first = rows.first().ok_or_else(|| DbError::Decode("no row from the dedupe".into()))?;
+    if first.int(8)? == 0 {
+        return Ok(None);
+    }
+    let contacts: Vec<crate::Row> = rows.into_iter().filter(|r| matches!(r.0.first(), Some(Value::Text(_)))).collect();
+    interpret(ids, &contacts).map(Some)
+}
+
+/// [`recognise`]'s read: every row an identifier leads to, as `find` and `identify` would
+/// look: by phone (a previous release's row keyed by the phone included), BSUID, parent
+/// BSUID, and the keys a new contact would take; on PostgreSQL locked until commit.
+fn recognise_sql(dialect: Dialect) -> String {
+    let lock = match dialect {
         Dialect::Postgres => " FOR UPDATE OF contacts",
         Dialect::Sqlite => "",
     };
-    let rows = db.query(
-        &db.dialect().sql(&format!(
-            "SELECT wa_id, phone, bsuid, parent_bsuid, ids_known, opted_out, conversation,
-                CASE WHEN EXISTS (SELECT 1 FROM outbound_messages m WHERE m.wa_id = contacts.wa_id AND m.status = $4)
-                     THEN 1 ELSE 0 END
-             FROM contacts WHERE phone = $1 OR bsuid = $2 OR parent_bsuid = $3 OR wa_id = $1 OR wa_id = $2{lock}"
-        )),
-        &[
-            Value::from(ids.phone),
-            Value::from(ids.bsuid),
-            Value::from(ids.parent_bsuid),
-            Value::from(crate::messages::status::AWAITING_WINDOW),
-        ],
-    )?;
+    format!(
+        "SELECT wa_id, phone, bsuid, parent_bsuid, ids_known, opted_out, conversation,
+            CASE WHEN EXISTS (SELECT 1 FROM outbound_messages m WHERE m.wa_id = contacts.wa_id AND m.status = $4)
+                 THEN 1 ELSE 0 END AS awaiting_window
+         FROM contacts WHERE phone = $1 OR bsuid = $2 OR parent_bsuid = $3 OR wa_id = $1 OR wa_id = $2{lock}"
+    )
+}
+
+fn recognise_params(ids: Ids<'_>) -> [Value; 4] {
+    [
+        Value::from(ids.phone),
+        Value::from(ids.bsuid),
+        Value::from(ids.parent_bsuid),
+        Value::from(crate::messages::status::AWAITING_WINDOW),
+    ]
+}
+
+/// What [`recognise_sql`]'s rows say about `ids`.
+fn interpret(ids: Ids<'_>, rows: &[crate::Row]) -> Result<Recognised, DbError> {
     if rows.is_empty() {
         return Ok(Recognised::New);
     }
@@ -176,7 +239,7 @@ pub fn recognise<D: Db + ?Sized>(db: &D, ids: Ids<'_>) -> Result<Recognised, DbE
     // by `identify` then.
     let given = |id: Option<&str>, recorded: &Option<String>| id.is_some() && id == recorded.as_deref();
     let mut naming = vec![];
-    for r in &rows {
+    for r in rows {
         let (key, phone, bsuid, legacy) = (r.text(0)?, r.opt_text(1)?, r.opt_text(2)?, r.int(4)? == 0);
         let by_phone = given(ids.phone, &phone) || (legacy && ids.phone == Some(key.as_str()));
         if by_phone || given(ids.bsuid, &bsuid) {

@@ -15,6 +15,9 @@
 //! commit that books it (the lease then expires and the message is sent again): WhatsApp has no
 //! idempotency key, and a duplicate beats a lost payment link.
 
+use astria_models::EventEnvelope;
+
+use crate::outbox::{self, RelayPolicy};
 use crate::{Db, DbError, Row, Value};
 
 /// Values of `outbound_messages.status`.
@@ -101,33 +104,49 @@ fn select<D: Db + ?Sized>(db: &D, filter: &str, params: &[Value]) -> Result<Vec<
 
 /// Queues a message; `false` if one with this id exists already.
 pub fn insert<D: Db + ?Sized>(db: &D, m: &NewMessage<'_>, now_ms: i64) -> Result<bool, DbError> {
-    // `seq` is the caller's (time, then order within its transaction), but never at or below
-    // the contact's last: two steps of one contact can fall in the same millisecond, and their
-    // replies must still go in the order they were decided.
-    let n = db.execute(
-        &db.dialect().sql(
-            "INSERT INTO outbound_messages (id, wa_id, seq, kind, message, status, event_id, correlation_id,
-                attempts, next_attempt_at, created_at, updated_at, always_send, queued_at)
-             VALUES ($1, $2,
-                (SELECT CASE WHEN COALESCE(MAX(seq), -1) >= $3 THEN MAX(seq) + 1 ELSE $3 END
-                 FROM outbound_messages WHERE wa_id = $2),
-                $4, $5, $6, $7, $8, 0, $9, $9, $9, $10, $9)
-             ON CONFLICT (id) DO NOTHING",
-        ),
-        &[
-            Value::from(m.id),
-            Value::from(m.wa_id),
-            Value::Int(m.seq),
-            Value::from(m.kind),
-            Value::from(m.message),
-            Value::from(status::QUEUED),
-            Value::from(m.event_id),
-            Value::from(m.correlation_id),
-            Value::Int(now_ms),
-            Value::Int(m.always_send.into()),
-        ],
-    )?;
+    let n = db.execute(&db.dialect().sql(INSERT), &insert_params(m, now_ms))?;
     Ok(n == 1)
+}
+
+/// Queues a message with the event that sends it (`outbox::enqueue_after`: one statement on
+/// PostgreSQL); answers the event's JSON. A message id queued before is left as it is, and
+/// the event still recorded.
+pub fn insert_with_event<D: Db + ?Sized>(
+    db: &D,
+    m: &NewMessage<'_>,
+    now_ms: i64,
+    channel: &str,
+    event: &EventEnvelope,
+    policy: &RelayPolicy,
+) -> Result<String, DbError> {
+    let write = outbox::Write { sql: INSERT, params: insert_params(m, now_ms) };
+    outbox::enqueue_after(db, write, channel, event, now_ms, policy)
+}
+
+// `seq` is the caller's (time, then order within its transaction), but never at or below the
+// contact's last: two steps of one contact can fall in the same millisecond, and their replies
+// must still go in the order they were decided.
+const INSERT: &str = "INSERT INTO outbound_messages (id, wa_id, seq, kind, message, status, event_id, correlation_id,
+        attempts, next_attempt_at, created_at, updated_at, always_send, queued_at)
+     VALUES ($1, $2,
+        (SELECT CASE WHEN COALESCE(MAX(seq), -1) >= $3 THEN MAX(seq) + 1 ELSE $3 END
+         FROM outbound_messages WHERE wa_id = $2),
+        $4, $5, $6, $7, $8, 0, $9, $9, $9, $10, $9)
+     ON CONFLICT (id) DO NOTHING";
+
+fn insert_params(m: &NewMessage<'_>, now_ms: i64) -> Vec<Value> {
+    vec![
+        Value::from(m.id),
+        Value::from(m.wa_id),
+        Value::Int(m.seq),
+        Value::from(m.kind),
+        Value::from(m.message),
+        Value::from(status::QUEUED),
+        Value::from(m.event_id),
+        Value::from(m.correlation_id),
+        Value::Int(now_ms),
+        Value::Int(m.always_send.into()),
+    ]
 }
 
 /// Keeps a queued message back because its contact opted out; `false` if it was not queued.

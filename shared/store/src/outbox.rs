@@ -112,6 +112,39 @@ pub fn enqueue_once<D: Db + ?Sized>(
     insert(db, channel, event, now_ms, policy, " ON CONFLICT (id) DO NOTHING")
 }
 
+/// A write of the caller's that an event goes with ([`enqueue_after`]): its SQL in
+/// PostgreSQL's numbering (`$1`...) and its parameters in that order.
+pub struct Write<'a> {
+    pub sql: &'a str,
+    pub params: Vec<Value>,
+}
+
+/// [`enqueue`], after `write` (the change that caused the event), in the caller's transaction.
+/// On PostgreSQL in one statement, the write a CTE of the insert (PostgreSQL runs such a CTE
+/// to completion whether or not anything reads it): every statement there is a round trip to
+/// the server, two through Spin's host, which prepares each one. The write's own count of rows
+/// is not kept. SQLite runs the two statements.
+pub fn enqueue_after<D: Db + ?Sized>(
+    db: &D,
+    write: Write<'_>,
+    channel: &str,
+    event: &EventEnvelope,
+    now_ms: i64,
+    policy: &RelayPolicy,
+) -> Result<String, DbError> {
+    if db.dialect() == crate::Dialect::Sqlite {
+        db.execute(&db.dialect().sql(write.sql), &write.params)?;
+        return enqueue(db, channel, event, now_ms, policy);
+    }
+    let (insert, envelope) = insert_statement(write.params.len() + 1, channel, event, now_ms, policy, "")?;
+    let sql = format!("WITH caused AS ({}) {}", write.sql, insert.sql);
+    let params: Vec<Value> = write.params.into_iter().chain(insert.params).collect();
+    match db.execute(&sql, &params)? {
+        1 => Ok(envelope),
+        _ => Err(DbError::Decode("an event id written twice".into())),
+    }
+}
+
 fn insert<D: Db + ?Sized>(
     db: &D,
     channel: &str,
@@ -120,25 +153,44 @@ fn insert<D: Db + ?Sized>(
     policy: &RelayPolicy,
     on_conflict: &str,
 ) -> Result<Option<String>, DbError> {
-    let envelope = serde_json::to_string(event).map_err(|e| DbError::Decode(e.to_string()))?;
-    let n = db.execute(
-        &db.dialect().sql(&format!(
-            "INSERT INTO outbox (id, channel, event_type, envelope, correlation_id, created_at, status, attempts, next_attempt_at, order_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9){on_conflict}"
-        )),
-        &[
-            Value::from(event.id.as_str()),
-            Value::from(channel),
-            Value::from(event.event_type.as_str()),
-            Value::from(envelope.as_str()),
-            Value::from(event.correlation_id.as_str()),
-            Value::Int(now_ms),
-            Value::from(status::PENDING),
-            Value::Int(now_ms + policy.grace_ms),
-            Value::from(order_of(event)),
-        ],
-    )?;
+    let (insert, envelope) = insert_statement(1, channel, event, now_ms, policy, on_conflict)?;
+    let n = db.execute(&db.dialect().sql(&insert.sql), &insert.params)?;
     Ok((n == 1).then_some(envelope))
+}
+
+/// The outbox row's `INSERT`, its placeholders numbered from `first`, and the envelope's JSON.
+fn insert_statement(
+    first: usize,
+    channel: &str,
+    event: &EventEnvelope,
+    now_ms: i64,
+    policy: &RelayPolicy,
+    on_conflict: &str,
+) -> Result<(Statement, String), DbError> {
+    let envelope = serde_json::to_string(event).map_err(|e| DbError::Decode(e.to_string()))?;
+    let sql = format!(
+        "INSERT INTO outbox (id, channel, event_type, envelope, correlation_id, created_at, status, next_attempt_at, order_id, attempts)
+         VALUES ({}, 0){on_conflict}",
+        crate::placeholders(first, 9)
+    );
+    let params = vec![
+        Value::from(event.id.as_str()),
+        Value::from(channel),
+        Value::from(event.event_type.as_str()),
+        Value::from(envelope.as_str()),
+        Value::from(event.correlation_id.as_str()),
+        Value::Int(now_ms),
+        Value::from(status::PENDING),
+        Value::Int(now_ms + policy.grace_ms),
+        Value::from(order_of(event)),
+    ];
+    Ok((Statement { sql, params }, envelope))
+}
+
+/// A statement built here, with its parameters.
+struct Statement {
+    sql: String,
+    params: Vec<Value>,
 }
 
 /// The order an event is about, when its payload names one: the console lists an order's

@@ -511,6 +511,54 @@ fn a_contacts_queue_is_worked_in_order_and_a_retry_holds_back_later_messages() {
     });
 }
 
+/// A message queued with its event (`insert_with_event`: one statement on PostgreSQL, a CTE)
+/// writes what `insert` and `outbox::enqueue` write apart: the message with its seq moved past
+/// the contact's last, the event due after the grace. In a transaction it is all or nothing: an
+/// event id written twice is refused and leaves no message behind.
+#[test]
+fn a_message_queued_with_its_event_writes_both_as_the_two_statements_would() {
+    on_both(|connect| {
+        let db = connect();
+        let db = db.as_ref();
+        migrate(db, 0).unwrap();
+        queue(db, "m1", "wa1", 2_000, "text", 10);
+        let m = messages::NewMessage {
+            id: "m2",
+            wa_id: "wa1",
+            seq: 1_000,
+            kind: "text",
+            message: r#"{"kind":"text","body":"y"}"#,
+            event_id: "ev-m2",
+            correlation_id: "c",
+            always_send: false,
+        };
+        let json = messages::insert_with_event(db, &m, 20, "messages", &event("ev-m2"), &POLICY).unwrap();
+        let stored = messages::get(db, "m2").unwrap().unwrap();
+        assert_eq!(
+            (stored.seq, stored.event_id.as_str(), stored.status.as_str(), stored.message.as_str()),
+            (2_001, "ev-m2", messages::status::QUEUED, m.message)
+        );
+        let ev = outbox::get(db, "ev-m2").unwrap().unwrap();
+        assert_eq!(
+            (ev.channel.as_str(), ev.status.as_str(), ev.attempts, ev.next_attempt_at),
+            ("messages", status::PENDING, 0, 20 + POLICY.grace_ms)
+        );
+        assert_eq!(ev.envelope, json);
+        let twice = transaction(db, |db| {
+            messages::insert_with_event(
+                db,
+                &messages::NewMessage { id: "m3", ..m },
+                30,
+                "messages",
+                &event("ev-m2"),
+                &POLICY,
+            )
+        });
+        assert!(twice.is_err(), "{twice:?}");
+        assert!(messages::get(db, "m3").unwrap().is_none(), "nothing of it was kept");
+    });
+}
+
 #[test]
 fn one_sender_holds_a_contacts_lease_until_it_releases_or_it_expires() {
     on_both(|connect| {
@@ -1530,18 +1578,31 @@ fn a_contact_written_by_the_release_before_usernames_is_found_by_its_phone() {
 }
 
 /// The step's one read: `Known` only when `identify` would change no identifier, `New` only
-/// for a stranger, anything else left to `identify`.
+/// for a stranger, anything else left to `identify`. Every answer is asked twice more, as the
+/// worker asks it, with a message's dedupe (`recognise_first`, one statement on PostgreSQL):
+/// the first delivery of a message id answers the same, its redelivery `None`.
 #[test]
 fn recognise_answers_known_only_when_nothing_would_change_and_new_only_for_a_stranger() {
     on_both(|connect| {
         let db = connect();
         let db = db.as_ref();
         migrate(db, 0).unwrap();
-        let known = |phone, bsuid| match identity::recognise(db, who(phone, bsuid)).unwrap() {
+        let deliveries = std::cell::Cell::new(0);
+        let recognise = |ids: Ids| {
+            let plain = identity::recognise(db, ids).unwrap();
+            deliveries.set(deliveries.get() + 1);
+            let id = format!("wamid.recognise.{}", deliveries.get());
+            let delivery = identity::Delivery { source: "whatsapp", external_id: &id, now_ms: 1 };
+            let first = identity::recognise_first(db, delivery, ids).unwrap();
+            assert_eq!(first.as_ref(), Some(&plain), "a first delivery answers as recognise does");
+            assert_eq!(identity::recognise_first(db, delivery, ids).unwrap(), None, "a redelivery");
+            plain
+        };
+        let known = |phone, bsuid| match recognise(who(phone, bsuid)) {
             Recognised::Known(k) => Some(k),
             _ => None,
         };
-        let kind = |ids: Ids| match identity::recognise(db, ids).unwrap() {
+        let kind = |ids: Ids| match recognise(ids) {
             Recognised::Known(_) => "known",
             Recognised::New => "new",
             Recognised::Other => "other",

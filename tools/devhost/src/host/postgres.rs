@@ -180,6 +180,7 @@ impl HostConnection for HostState {
         statement: String,
         values: Vec<ParameterValue>,
     ) -> Result<RowSet, Error> {
+        tracing::trace!(target: "devhost::postgres", component = %self.ctx.id, statement = %statement, "execute");
         let params = params(values)?;
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
         let client = self.pg(&conn)?;
@@ -203,6 +204,7 @@ impl HostConnection for HostState {
         statement: String,
         values: Vec<ParameterValue>,
     ) -> Result<u64, Error> {
+        tracing::trace!(target: "devhost::postgres", component = %self.ctx.id, statement = %statement, "execute");
         let params = params(values)?;
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
         let client = self.pg(&conn)?;
