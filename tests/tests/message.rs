@@ -1130,9 +1130,10 @@ async fn the_webhook_runs_one_statement_per_request_devhost_only() {
 /// lease, reading a batch, marking its events published, removing its rows) is per batch, not
 /// per step, and printed.
 ///
-/// On PostgreSQL, where every statement is a round trip (two through Spin's host), the dedupe
-/// goes with the contact's read and each reply with its event (one statement each, CTEs): no
-/// step runs either of the first ones as a statement of its own. (Each webhook is worked
+/// On PostgreSQL, where every statement is a round trip (two through Spin's host) parsed and
+/// planned anew, the dedupe goes with the contact's read and each reply with its event, one
+/// call each of a function that keeps its plans (migration 18): no step runs the dedupe or a
+/// message's insert as a statement of its own. (Each webhook is worked
 /// through before the next is sent, so a PostgreSQL batch, one transaction, is one step.)
 async fn a_conversation_step_runs_at_most_ten_statements_devhost_only(postgres: bool) {
     let redis = TestRedis::start().await.unwrap();
@@ -1158,7 +1159,9 @@ async fn a_conversation_step_runs_at_most_ten_statements_devhost_only(postgres: 
     quiesce(&app).await;
     let log = app.log();
     let steps = astria_tests::devhost_transactions(&log, "conversation-worker");
-    let dedupe = |s: &String| s.starts_with("INSERT INTO processed_webhooks") || s.starts_with("WITH fresh AS");
+    let dedupe = |s: &String| {
+        s.starts_with("INSERT INTO processed_webhooks") || s.starts_with("SELECT * FROM astria_recognise_first(")
+    };
     let messages = steps.iter().filter(|t| t.iter().any(dedupe)).count();
     assert!(messages >= kinds.len() - 2, "each message's step was seen: {steps:#?}");
     let sizes: Vec<usize> = steps.iter().map(Vec::len).collect();
@@ -1173,7 +1176,7 @@ async fn a_conversation_step_runs_at_most_ten_statements_devhost_only(postgres: 
         }
     }
     if postgres {
-        let merged = steps.iter().flatten().any(|s| s.starts_with("WITH caused AS (INSERT INTO outbound_messages"));
+        let merged = steps.iter().flatten().any(|s| s.starts_with("SELECT astria_queue_message("));
         assert!(merged, "a reply was queued with its event in one statement: {steps:#?}");
     }
     assert!(stripe.session_for_any().is_some(), "the walk reached payment:\n{log}");

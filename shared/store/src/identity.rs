@@ -165,12 +165,14 @@ pub struct Delivery<'a> {
 /// [`crate::repo::first_delivery`] of `delivery` and, if it was the first, [`recognise`] of
 /// `ids`: `None` for a redelivery.
 ///
-/// On PostgreSQL one statement, the dedupe's insert a CTE of the read: every statement there
-/// is a round trip to the server (two through Spin's host, which prepares each one), and the
-/// conversation worker runs this pair for every message. A redelivery's read still locks the
-/// contact's row until commit, which nothing else in the step would have done: harmless, as
-/// redeliveries are rare and the lock is the one the step takes anyway. SQLite, in process,
-/// runs the two statements.
+/// On PostgreSQL one call of the function `astria_recognise_first` (migration 18): the dedupe's
+/// insert as a CTE of the read, planned once per session. Spin's PostgreSQL host sends every
+/// statement unnamed, so the server parses and plans it at each call, and the conversation
+/// worker runs this for every message; a PL/pgSQL function keeps its statements' plans for the
+/// session, and Spin's pool keeps sessions (`docs/performance.md`, "A step's dedupe with its
+/// contact read"). A redelivery's read still locks the contact's row until commit, which
+/// nothing else in the step would have done: harmless, as redeliveries are rare and the lock
+/// is the one the step takes anyway. SQLite, in process, runs the two statements.
 pub fn recognise_first<D: Db + ?Sized>(
     db: &D,
     delivery: Delivery<'_>,
@@ -183,19 +185,11 @@ pub fn recognise_first<D: Db + ?Sized>(
             false => Ok(None),
         };
     }
-    // The contact's columns first, as `recognise` reads them, then whether the delivery is new
-    // (one row with NULL contact columns when no contact matches).
-    let sql = format!(
-        "WITH fresh AS (
-            INSERT INTO processed_webhooks (source, external_id, received_at) VALUES ($5, $6, $7)
-            ON CONFLICT (source, external_id) DO NOTHING RETURNING 1)
-         SELECT c.*, f.n FROM (SELECT COUNT(*) AS n FROM fresh) f
-         LEFT JOIN ({}) c ON f.n = 1",
-        recognise_sql(Dialect::Postgres)
-    );
+    // The contact's columns as `recognise` reads them, then whether the delivery is new (one
+    // row with NULL contact columns when no contact matches).
     let mut params = recognise_params(ids).to_vec();
     params.extend([Value::from(delivery.source), Value::from(delivery.external_id), Value::Int(delivery.now_ms)]);
-    let rows = db.query(&sql, &params)?;
+    let rows = db.query("SELECT * FROM astria_recognise_first($1, $2, $3, $4, $5, $6, $7)", &params)?;
     let first = rows.first().ok_or_else(|| DbError::Decode("no row from the dedupe".into()))?;
     if first.int(8)? == 0 {
         return Ok(None);
@@ -206,8 +200,10 @@ pub fn recognise_first<D: Db + ?Sized>(
 
 /// [`recognise`]'s read: every row an identifier leads to, as `find` and `identify` would
 /// look: by phone (a previous release's row keyed by the phone included), BSUID, parent
-/// BSUID, and the keys a new contact would take; on PostgreSQL locked until commit.
-fn recognise_sql(dialect: Dialect) -> String {
+/// BSUID, and the keys a new contact would take; on PostgreSQL locked until commit. The
+/// function `astria_recognise_first` (migration 18) holds the same read: a change here is a
+/// migration there.
+pub(crate) fn recognise_sql(dialect: Dialect) -> String {
     let lock = match dialect {
         Dialect::Postgres => " FOR UPDATE OF contacts",
         Dialect::Sqlite => "",

@@ -108,9 +108,12 @@ pub fn insert<D: Db + ?Sized>(db: &D, m: &NewMessage<'_>, now_ms: i64) -> Result
     Ok(n == 1)
 }
 
-/// Queues a message with the event that sends it (`outbox::enqueue_after`: one statement on
-/// PostgreSQL); answers the event's JSON. A message id queued before is left as it is, and
-/// the event still recorded.
+/// Queues a message with the event that sends it; answers the event's JSON. Call inside a
+/// transaction. A message id queued before is left as it is, and the event still recorded.
+///
+/// On PostgreSQL one call of the function `astria_queue_message` (migration 18: the message's
+/// insert as a CTE of the event's, planned once per session; `identity::recognise_first` says
+/// why); SQLite runs the two statements.
 pub fn insert_with_event<D: Db + ?Sized>(
     db: &D,
     m: &NewMessage<'_>,
@@ -119,14 +122,25 @@ pub fn insert_with_event<D: Db + ?Sized>(
     event: &EventEnvelope,
     policy: &RelayPolicy,
 ) -> Result<String, DbError> {
-    let write = outbox::Write { sql: INSERT, params: insert_params(m, now_ms) };
-    outbox::enqueue_after(db, write, channel, event, now_ms, policy)
+    if db.dialect() == crate::Dialect::Sqlite {
+        insert(db, m, now_ms)?;
+        return outbox::enqueue(db, channel, event, now_ms, policy);
+    }
+    let (event_params, envelope) = outbox::row_params(channel, event, now_ms, policy)?;
+    let params: Vec<Value> = insert_params(m, now_ms).into_iter().chain(event_params).collect();
+    let sql = format!("SELECT astria_queue_message({})", crate::placeholders(1, params.len()));
+    match db.query(&sql, &params)?.first().map(|r| r.int(0)).transpose()? {
+        Some(1) => Ok(envelope),
+        _ => Err(DbError::Decode("an event id written twice".into())),
+    }
 }
 
 // `seq` is the caller's (time, then order within its transaction), but never at or below the
 // contact's last: two steps of one contact can fall in the same millisecond, and their replies
-// must still go in the order they were decided.
-const INSERT: &str = "INSERT INTO outbound_messages (id, wa_id, seq, kind, message, status, event_id, correlation_id,
+// must still go in the order they were decided. The function `astria_queue_message`
+// (migration 18) holds the same insert: a change here is a migration there.
+pub(crate) const INSERT: &str =
+    "INSERT INTO outbound_messages (id, wa_id, seq, kind, message, status, event_id, correlation_id,
         attempts, next_attempt_at, created_at, updated_at, always_send, queued_at)
      VALUES ($1, $2,
         (SELECT CASE WHEN COALESCE(MAX(seq), -1) >= $3 THEN MAX(seq) + 1 ELSE $3 END

@@ -602,6 +602,59 @@ pub const MIGRATIONS: &[Migration] = &[
              WHERE status = 'delivered' AND paid_at IS NOT NULL",
         ],
     },
+    Migration {
+        version: 18,
+        name: "the conversation step's hot statements as functions (PostgreSQL)",
+        // Spin's PostgreSQL host sends every statement unnamed, so the server parses and plans
+        // it at each call; a PL/pgSQL function keeps its statements' plans for the session, and
+        // Spin's pool keeps sessions (it recycles them without DISCARD PLANS). The conversation
+        // worker runs these for every message (`identity::recognise_first`,
+        // `messages::insert_with_event`; `docs/performance.md`, "A step's dedupe with its
+        // contact read"). Their statements are the ones the SQLite path runs: changing one
+        // there is a new migration here, `CREATE OR REPLACE FUNCTION`.
+        postgres: &[
+            // $1 phone, $2 BSUID, $3 parent BSUID, $4 the awaiting-window status; $5 source,
+            // $6 external id, $7 now: the contacts `identity::recognise` reads, locked, and
+            // whether the delivery is new (`o_n`, 0 for a redelivery).
+            r#"CREATE FUNCTION astria_recognise_first(text, text, text, text, text, text, bigint)
+            RETURNS TABLE (o_wa_id text, o_phone text, o_bsuid text, o_parent_bsuid text, o_ids_known bigint,
+                o_opted_out bigint, o_conversation text, o_awaiting_window integer, o_n bigint)
+            LANGUAGE plpgsql AS $fn$
+            BEGIN
+                RETURN QUERY WITH fresh AS (
+                    INSERT INTO processed_webhooks (source, external_id, received_at) VALUES ($5, $6, $7)
+                    ON CONFLICT (source, external_id) DO NOTHING RETURNING 1)
+                SELECT c.*, f.n FROM (SELECT COUNT(*) AS n FROM fresh) f
+                LEFT JOIN (
+                    SELECT wa_id, phone, bsuid, parent_bsuid, ids_known, opted_out, conversation,
+                        CASE WHEN EXISTS (SELECT 1 FROM outbound_messages m WHERE m.wa_id = contacts.wa_id AND m.status = $4)
+                             THEN 1 ELSE 0 END AS awaiting_window
+                    FROM contacts WHERE phone = $1 OR bsuid = $2 OR parent_bsuid = $3 OR wa_id = $1 OR wa_id = $2
+                    FOR UPDATE OF contacts) c ON f.n = 1;
+            END $fn$"#,
+            // $1-$10 the message as `messages::insert` writes it, $11-$19 its event's outbox
+            // row (`outbox::row_params`): answers the outbox rows written (1).
+            r#"CREATE FUNCTION astria_queue_message(text, text, bigint, text, text, text, text, text, bigint, bigint,
+                text, text, text, text, text, bigint, text, bigint, text)
+            RETURNS bigint LANGUAGE plpgsql AS $fn$
+            DECLARE written bigint;
+            BEGIN
+                WITH caused AS (
+                    INSERT INTO outbound_messages (id, wa_id, seq, kind, message, status, event_id, correlation_id,
+                        attempts, next_attempt_at, created_at, updated_at, always_send, queued_at)
+                    VALUES ($1, $2,
+                        (SELECT CASE WHEN COALESCE(MAX(seq), -1) >= $3 THEN MAX(seq) + 1 ELSE $3 END
+                         FROM outbound_messages WHERE wa_id = $2),
+                        $4, $5, $6, $7, $8, 0, $9, $9, $9, $10, $9)
+                    ON CONFLICT (id) DO NOTHING)
+                INSERT INTO outbox (id, channel, event_type, envelope, correlation_id, created_at, status, next_attempt_at, order_id, attempts)
+                VALUES ($11, $12, $13, $14, $15, $16, $17, $18, $19, 0);
+                GET DIAGNOSTICS written = ROW_COUNT;
+                RETURN written;
+            END $fn$"#,
+        ],
+        ..PORTABLE
+    },
 ];
 
 /// Applies every migration not yet recorded; answers the versions it applied.
@@ -656,4 +709,35 @@ pub fn ensure_migrated<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<(), DbErro
         migrate(db, now_ms)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The newest definition of each of migration 18's functions holds the statements the
+    /// SQLite path runs, word for word (placeholders numbered as the function's parameters):
+    /// a change to one of them that forgets the migration re-creating the function fails here.
+    #[test]
+    fn the_step_functions_hold_the_statements_the_other_path_runs() {
+        let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+        let newest = |function: &str| {
+            let defines = format!("FUNCTION {function}(");
+            let m = MIGRATIONS.iter().rev().find(|m| m.postgres.iter().any(|s| s.contains(&defines))).unwrap();
+            squash(m.postgres.iter().find(|s| s.contains(&defines)).unwrap())
+        };
+        let recognise = newest("astria_recognise_first");
+        assert!(recognise.contains(&squash(&crate::identity::recognise_sql(Dialect::Postgres))), "{recognise}");
+        for part in [
+            "INSERT INTO processed_webhooks (source, external_id, received_at) VALUES",
+            "ON CONFLICT (source, external_id) DO NOTHING",
+        ] {
+            assert!(recognise.contains(part), "{part}");
+        }
+        let queue = newest("astria_queue_message");
+        assert!(queue.contains(&squash(crate::messages::INSERT)), "{queue}");
+        let outbox = "INSERT INTO outbox (id, channel, event_type, envelope, correlation_id, created_at, status, \
+                      next_attempt_at, order_id, attempts) VALUES";
+        assert!(queue.contains(&squash(outbox)), "{queue}");
+    }
 }

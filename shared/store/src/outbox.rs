@@ -112,37 +112,16 @@ pub fn enqueue_once<D: Db + ?Sized>(
     insert(db, channel, event, now_ms, policy, " ON CONFLICT (id) DO NOTHING")
 }
 
-/// A write of the caller's that an event goes with ([`enqueue_after`]): its SQL in
-/// PostgreSQL's numbering (`$1`...) and its parameters in that order.
-pub struct Write<'a> {
-    pub sql: &'a str,
-    pub params: Vec<Value>,
-}
-
-/// [`enqueue`], after `write` (the change that caused the event), in the caller's transaction.
-/// On PostgreSQL in one statement, the write a CTE of the insert (PostgreSQL runs such a CTE
-/// to completion whether or not anything reads it): every statement there is a round trip to
-/// the server, two through Spin's host, which prepares each one. The write's own count of rows
-/// is not kept. SQLite runs the two statements.
-pub fn enqueue_after<D: Db + ?Sized>(
-    db: &D,
-    write: Write<'_>,
+/// The parameters of an event's outbox row, in the order of its `INSERT` (and of the
+/// function `astria_queue_message`'s last nine, migration 18), with the envelope's JSON.
+pub fn row_params(
     channel: &str,
     event: &EventEnvelope,
     now_ms: i64,
     policy: &RelayPolicy,
-) -> Result<String, DbError> {
-    if db.dialect() == crate::Dialect::Sqlite {
-        db.execute(&db.dialect().sql(write.sql), &write.params)?;
-        return enqueue(db, channel, event, now_ms, policy);
-    }
-    let (insert, envelope) = insert_statement(write.params.len() + 1, channel, event, now_ms, policy, "")?;
-    let sql = format!("WITH caused AS ({}) {}", write.sql, insert.sql);
-    let params: Vec<Value> = write.params.into_iter().chain(insert.params).collect();
-    match db.execute(&sql, &params)? {
-        1 => Ok(envelope),
-        _ => Err(DbError::Decode("an event id written twice".into())),
-    }
+) -> Result<(Vec<Value>, String), DbError> {
+    let (insert, envelope) = insert_statement(channel, event, now_ms, policy, "")?;
+    Ok((insert.params, envelope))
 }
 
 fn insert<D: Db + ?Sized>(
@@ -153,14 +132,13 @@ fn insert<D: Db + ?Sized>(
     policy: &RelayPolicy,
     on_conflict: &str,
 ) -> Result<Option<String>, DbError> {
-    let (insert, envelope) = insert_statement(1, channel, event, now_ms, policy, on_conflict)?;
+    let (insert, envelope) = insert_statement(channel, event, now_ms, policy, on_conflict)?;
     let n = db.execute(&db.dialect().sql(&insert.sql), &insert.params)?;
     Ok((n == 1).then_some(envelope))
 }
 
-/// The outbox row's `INSERT`, its placeholders numbered from `first`, and the envelope's JSON.
+/// The outbox row's `INSERT` with its parameters, and the envelope's JSON.
 fn insert_statement(
-    first: usize,
     channel: &str,
     event: &EventEnvelope,
     now_ms: i64,
@@ -170,8 +148,7 @@ fn insert_statement(
     let envelope = serde_json::to_string(event).map_err(|e| DbError::Decode(e.to_string()))?;
     let sql = format!(
         "INSERT INTO outbox (id, channel, event_type, envelope, correlation_id, created_at, status, next_attempt_at, order_id, attempts)
-         VALUES ({}, 0){on_conflict}",
-        crate::placeholders(first, 9)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0){on_conflict}"
     );
     let params = vec![
         Value::from(event.id.as_str()),
