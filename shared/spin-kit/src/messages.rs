@@ -74,8 +74,8 @@ fn queue_with<D: Db + ?Sized>(
         correlation_id,
         always_send,
     };
-    // The row and its event in one statement where the database allows: a step queues one or
-    // two replies, each of them otherwise two round trips to PostgreSQL.
+    // The row and its event together: on PostgreSQL one call of a function that keeps its plan
+    // (a step queues one or two replies; `messages::insert_with_event` says why).
     let json = messages::insert_with_event(db, &new, now, channels::MESSAGES, &event, &RelayPolicy::default())?;
     Ok(Pending { id: event.id.clone(), channel: channels::MESSAGES.to_string(), json })
 }
