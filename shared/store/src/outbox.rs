@@ -112,7 +112,7 @@ pub fn enqueue_once<D: Db + ?Sized>(
     insert(db, channel, event, now_ms, policy, " ON CONFLICT (id) DO NOTHING")
 }
 
-/// The parameters of an event's outbox row, in the order of its `INSERT` (and of the
+/// The parameters of an event's outbox row, in the order of [`ROW_COLUMNS`] (and of the
 /// function `astria_queue_message`'s last nine, migration 18), with the envelope's JSON.
 pub fn row_params(
     channel: &str,
@@ -120,36 +120,7 @@ pub fn row_params(
     now_ms: i64,
     policy: &RelayPolicy,
 ) -> Result<(Vec<Value>, String), DbError> {
-    let (insert, envelope) = insert_statement(channel, event, now_ms, policy, "")?;
-    Ok((insert.params, envelope))
-}
-
-fn insert<D: Db + ?Sized>(
-    db: &D,
-    channel: &str,
-    event: &EventEnvelope,
-    now_ms: i64,
-    policy: &RelayPolicy,
-    on_conflict: &str,
-) -> Result<Option<String>, DbError> {
-    let (insert, envelope) = insert_statement(channel, event, now_ms, policy, on_conflict)?;
-    let n = db.execute(&db.dialect().sql(&insert.sql), &insert.params)?;
-    Ok((n == 1).then_some(envelope))
-}
-
-/// The outbox row's `INSERT` with its parameters, and the envelope's JSON.
-fn insert_statement(
-    channel: &str,
-    event: &EventEnvelope,
-    now_ms: i64,
-    policy: &RelayPolicy,
-    on_conflict: &str,
-) -> Result<(Statement, String), DbError> {
     let envelope = serde_json::to_string(event).map_err(|e| DbError::Decode(e.to_string()))?;
-    let sql = format!(
-        "INSERT INTO outbox (id, channel, event_type, envelope, correlation_id, created_at, status, next_attempt_at, order_id, attempts)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0){on_conflict}"
-    );
     let params = vec![
         Value::from(event.id.as_str()),
         Value::from(channel),
@@ -161,13 +132,27 @@ fn insert_statement(
         Value::Int(now_ms + policy.grace_ms),
         Value::from(order_of(event)),
     ];
-    Ok((Statement { sql, params }, envelope))
+    Ok((params, envelope))
 }
 
-/// A statement built here, with its parameters.
-struct Statement {
-    sql: String,
-    params: Vec<Value>,
+/// An outbox row's columns: [`row_params`] fills the first nine, `attempts` starts at 0. The
+/// function `astria_queue_message` (migration 18) writes the same: a change here is a
+/// migration there.
+pub(crate) const ROW_COLUMNS: &str = "INSERT INTO outbox (id, channel, event_type, envelope, correlation_id, \
+    created_at, status, next_attempt_at, order_id, attempts)";
+
+fn insert<D: Db + ?Sized>(
+    db: &D,
+    channel: &str,
+    event: &EventEnvelope,
+    now_ms: i64,
+    policy: &RelayPolicy,
+    on_conflict: &str,
+) -> Result<Option<String>, DbError> {
+    let (params, envelope) = row_params(channel, event, now_ms, policy)?;
+    let sql = format!("{ROW_COLUMNS} VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0){on_conflict}");
+    let n = db.execute(&db.dialect().sql(&sql), &params)?;
+    Ok((n == 1).then_some(envelope))
 }
 
 /// The order an event is about, when its payload names one: the console lists an order's

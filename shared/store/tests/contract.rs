@@ -511,7 +511,7 @@ fn a_contacts_queue_is_worked_in_order_and_a_retry_holds_back_later_messages() {
     });
 }
 
-/// A message queued with its event (`insert_with_event`: one statement on PostgreSQL, a CTE)
+/// A message queued with its event (`insert_with_event`: one function call on PostgreSQL)
 /// writes what `insert` and `outbox::enqueue` write apart: the message with its seq moved past
 /// the contact's last, the event due after the grace. In a transaction it is all or nothing: an
 /// event id written twice is refused and leaves no message behind.
