@@ -3,11 +3,10 @@
 //! A POST is checked (the signature header's form before anything is read, then the size, then
 //! the signature), parsed for our phone number, and the signed body stored in the inbox
 //! (`astria_store::inbox`), durable before the 200, in one autocommit statement that also says
-//! whether a worker is draining the inbox already (two on PostgreSQL); unless one is, one
-//! wake-up goes to the conversation workers on Redis (`astria.inbox`). The worker works the inbox through in
-//! arrival order (`spin_kit::inbox`). A database fault answers 503 so that
-//! Meta redelivers; a Redis fault does not matter here: the relay wakes the worker for rows
-//! left waiting.
+//! whether a worker is draining the inbox already; unless one is, one wake-up goes to the
+//! conversation workers on Redis (`astria.inbox`). The worker works the inbox through in
+//! arrival order (`spin_kit::inbox`). A database fault answers 503 so that Meta redelivers; a
+//! Redis fault does not matter here: the relay wakes the worker for rows left waiting.
 
 use astria_domain::config::{self, ExposeSecret};
 use astria_domain::whatsapp::{self, Webhook, WebhookError};
@@ -72,9 +71,9 @@ pub struct Stored {
 }
 
 /// Stores a verified body in the inbox (not again if it waits there already), and says whether
-/// to wake a worker: the request's one statement (two on PostgreSQL, `inbox::accept` says why). Should the schema not be there yet (a new
-/// database, or a release that adds the inbox), `migrate` puts it in place and the insert runs
-/// again. The benchmark's native reference server (`tools/native-reference`) calls this too,
+/// to wake a worker: the request's one statement (on PostgreSQL a function's call,
+/// `inbox::accept` says why). Should the schema not be there yet (a new database, or a release
+/// that adds the inbox or its function), `migrate` puts it in place and the insert runs again. The benchmark's native reference server (`tools/native-reference`) calls this too,
 /// so that the two measure the same work.
 pub fn store<D: Db>(
     db: &D,
@@ -86,7 +85,7 @@ pub fn store<D: Db>(
     let text = std::str::from_utf8(body).map_err(|_| ApiError::BadRequest("body is not UTF-8".into()))?;
     let id = whatsapp::body_id(body);
     let accepted = match inbox::accept(db, &id, text, request_id, now_ms()) {
-        Err(e) if e.is_missing_table() => {
+        Err(e) if e.is_missing_schema() => {
             migrate()?;
             inbox::accept(db, &id, text, request_id, now_ms())?
         }

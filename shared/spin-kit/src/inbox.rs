@@ -6,11 +6,12 @@
 //!
 //! No row is left behind: the webhook wakes the workers after storing a row unless it then saw
 //! the lease held (a drainer will take the row: under load this saves a Redis connection per
-//! request), and a drainer, after giving the lease back, looks at the inbox once more and
-//! drains again if a row came in meanwhile. The webhook reads the lease only once its row is in
-//! (`astria_store::inbox::accept` says how on each database), so either the drainer's last look
-//! finds the row or the webhook finds the lease free and wakes someone. A drainer that died holds the lease for at most `LEASE_MS`;
-//! the relay wakes the workers every minute while rows wait.
+//! request), and a drainer, after giving the lease back (`astria_store::inbox::release`), looks
+//! at the inbox once more and drains again if a row came in meanwhile. A webhook that saw the
+//! lease held has its row committed before that release completes (`astria_store::inbox::accept`
+//! says how on each database), so either the drainer's last look finds the row or the webhook
+//! finds the lease free and wakes someone. A drainer that died holds the lease for at most
+//! `LEASE_MS`; the relay wakes the workers every minute while rows wait.
 //!
 //! Rows are read in batches of `BATCH`. Each message's step is its own transaction (a short
 //! hold of SQLite's write lock, so webhooks keep storing rows in between); what the batch's
@@ -86,7 +87,7 @@ pub fn drain<D: Db>(db: &D, s: &Settings, mut publish: impl FnMut(&D, &[Pending]
         }
         let result = drain_held(db, s, &mut publish, &mut out, now_ms() + PASS_MS);
         // A release that fails (the database went away) lets the lease lapse instead.
-        let _ = lease::release(db, Kind::Job, LEASE, s.holder);
+        let _ = inbox::release(db, s.holder);
         result?;
         if out.more {
             return Ok(out);

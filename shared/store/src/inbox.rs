@@ -1,9 +1,9 @@
 //! The inbox: WhatsApp webhooks accepted but not yet worked through.
 //!
 //! The webhook (`POST /SmsReceived`) only checks the signature, parses, and [`accept`]s the
-//! signed body here, durable before its 200, learning in the same statement (on PostgreSQL,
-//! the next) whether a worker is draining or must be woken; the conversation worker (`components/conversation-worker`) then takes the rows in arrival order and runs the
-//! conversation step for each. So the webhook's cost no longer grows with the step's, and a
+//! signed body here, durable before its 200, learning in the same statement whether a worker
+//! is draining or must be woken; the conversation worker (`components/conversation-worker`)
+//! then takes the rows in arrival order and runs the conversation step for each. So the webhook's cost no longer grows with the step's, and a
 //! burst waits here instead of in front of Meta.
 //!
 //! A row is the raw body, keyed by its SHA-256: Meta's redelivery of the same body is one row.
@@ -43,19 +43,23 @@ pub enum Accepted {
 
 /// Stores a signed webhook body under `id` (its SHA-256), unless that body is here already,
 /// and says whether a worker is draining the inbox. Outside any transaction: the row commits
-/// on its own, durable before the webhook's 200.
+/// on its own, durable before the webhook's 200. One statement on either database.
 ///
-/// The drainer, after giving the lease back, looks at the inbox once more (`spin_kit::inbox`),
-/// so the lease must be read after the row is in: either the drainer's look finds the row, or
-/// the webhook finds the lease free and wakes a worker.
-/// - SQLite: one statement (`RETURNING` the lease check). It holds the write lock throughout,
-///   so a release is wholly before or after it.
-/// - PostgreSQL: two statements, the insert and then the lease read, each autocommitted. One
-///   statement would read the lease in a snapshot taken before its row commits: a release
-///   committed in between would still look held, and the drainer's look could miss the row.
-///   Reading the lease row `FOR SHARE` closes that gap, but every webhook then locks the row
-///   the drainer renews: with the whole app at 500 webhooks/s the replies fell a minute behind
-///   (a benchmark run of 8881cb7, `docs/performance.md`), so the second statement stays.
+/// The drainer, after giving the lease back ([`release`]), looks at the inbox once more
+/// (`spin_kit::inbox`), so a webhook that saw the lease held must have its row committed
+/// before that look: either the drainer's look finds the row, or the webhook finds the lease
+/// free and wakes a worker.
+/// - SQLite: `RETURNING` the lease check. The statement holds the write lock throughout, so a
+///   release is wholly before or after it.
+/// - PostgreSQL: the function `astria_inbox_accept` (migration 19): the insert, then [`GATE`]
+///   taken shared, then the lease read in a snapshot of its own; the lock is held until the
+///   row commits. [`release`] takes [`GATE`] exclusively, so it waits for every webhook that
+///   may have seen the lease held to commit its row, and a webhook that comes after it reads
+///   the lease released. Webhooks do not wait for each other, nor for the drainer's renewals.
+///   (Reading the lease row `FOR SHARE` instead made every webhook wait for each renewal: with
+///   the whole app at 500 webhooks/s the replies fell a minute behind, a benchmark run of
+///   8881cb7 in `docs/performance.md`. Two autocommitted statements, the insert and then the
+///   read, were correct too, at twice the round trips and plans: before migration 19.)
 pub fn accept<D: Db + ?Sized>(
     db: &D,
     id: &str,
@@ -63,40 +67,52 @@ pub fn accept<D: Db + ?Sized>(
     request_id: &str,
     now_ms: i64,
 ) -> Result<Accepted, DbError> {
-    // RETURNING answers whether the row is new (no row on a conflict) in the same statement:
-    // no `SELECT changes()` on the hot path.
-    let insert = "INSERT INTO inbox (id, body, request_id, received_at) VALUES ($1, $2, $3, $4)
-                  ON CONFLICT (id) DO NOTHING RETURNING";
-    let row = [Value::from(id), Value::from(body), Value::from(request_id), Value::Int(now_ms)];
-    let draining = match db.dialect() {
+    let row = [Value::from(id), Value::from(body), Value::from(request_id), Value::Int(now_ms), Value::from(LEASE)];
+    // 0: a duplicate, 1: stored, 2: stored while a worker drains.
+    let answer = match db.dialect() {
+        // RETURNING answers whether the row is new (no row on a conflict) in the same
+        // statement: no `SELECT changes()` on the hot path.
         crate::Dialect::Sqlite => {
             let sql = format!(
-                "{insert} CASE WHEN EXISTS (SELECT 1 FROM job_leases WHERE name = $5 AND lease_until > $4) THEN 1 ELSE 0 END"
+                "{INSERT} RETURNING CASE WHEN EXISTS (SELECT 1 FROM job_leases WHERE name = $5 AND lease_until > $4) THEN 2 ELSE 1 END"
             );
-            let [id, body, request_id, received_at] = row;
-            let rows = db.query(&db.dialect().sql(&sql), &[id, body, request_id, received_at, Value::from(LEASE)])?;
-            let Some(stored) = rows.first() else { return Ok(Accepted::Duplicate) };
-            stored.int(0)? != 0
+            let rows = db.query(&db.dialect().sql(&sql), &row)?;
+            match rows.first() {
+                Some(stored) => stored.int(0)?,
+                None => 0,
+            }
         }
         crate::Dialect::Postgres => {
-            if db.query(&format!("{insert} id"), &row)?.is_empty() {
-                return Ok(Accepted::Duplicate);
-            }
-            // If the look fails, the caller wakes a worker anyway: a wake-up too many costs
-            // nothing.
-            draining(db, now_ms).unwrap_or(false)
+            let rows = db.query("SELECT astria_inbox_accept($1, $2, $3, $4, $5)", &row)?;
+            rows.first().ok_or_else(|| DbError::Decode("astria_inbox_accept answered no row".into()))?.int(0)?
         }
     };
-    Ok(Accepted::New { draining })
+    Ok(match answer {
+        0 => Accepted::Duplicate,
+        n => Accepted::New { draining: n == 2 },
+    })
 }
 
-/// Whether a conversation worker holds the inbox now (its job lease, named [`LEASE`]).
-fn draining<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<bool, DbError> {
-    let rows = db.query(
-        &db.dialect().sql("SELECT 1 FROM job_leases WHERE name = $1 AND lease_until > $2"),
-        &[Value::from(LEASE), Value::Int(now_ms)],
-    )?;
-    Ok(!rows.is_empty())
+/// The insert of [`accept`], on both databases (PostgreSQL's function holds it word for word:
+/// `migrations`' tests check).
+pub(crate) const INSERT: &str =
+    "INSERT INTO inbox (id, body, request_id, received_at) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING";
+
+/// PostgreSQL's advisory lock (transaction scope) between [`accept`] and [`release`]: shared by
+/// webhooks, exclusive for a release.
+pub const GATE: i64 = 0x61_73_74_72_69_62; // "astrib"
+
+/// A drainer gives the inbox's lease back. On PostgreSQL it first waits, holding [`GATE`],
+/// for every webhook that may have read the lease held to commit its row ([`accept`] says
+/// why): a transaction of four statements, once per drain pass, not per row.
+pub fn release<D: Db + ?Sized>(db: &D, holder: &str) -> Result<(), DbError> {
+    match db.dialect() {
+        crate::Dialect::Sqlite => crate::lease::release(db, crate::lease::Kind::Job, LEASE, holder),
+        crate::Dialect::Postgres => crate::transaction(db, |db| {
+            db.execute("SELECT pg_advisory_xact_lock($1)", &[Value::Int(GATE)])?;
+            crate::lease::release(db, crate::lease::Kind::Job, LEASE, holder)
+        }),
+    }
 }
 
 /// Up to `limit` rows in arrival order (ties, requests that arrived in the same millisecond,

@@ -135,10 +135,11 @@ pub enum DbError {
 }
 
 impl DbError {
-    /// A statement named a table the schema does not have yet: the database is not migrated
-    /// (SQLite's wording, PostgreSQL's SQLSTATE 42P01 as [`DbError::from_postgres`] keeps it).
-    pub fn is_missing_table(&self) -> bool {
-        matches!(self, DbError::Query(m) if m.starts_with("no such table") || m.ends_with("(42P01)"))
+    /// A statement named a table or function the schema does not have yet: the database is not
+    /// migrated (SQLite's wording; PostgreSQL's SQLSTATEs 42P01 and 42883, an undefined table
+    /// and function, as [`DbError::from_postgres`] keeps them).
+    pub fn is_missing_schema(&self) -> bool {
+        matches!(self, DbError::Query(m) if m.starts_with("no such table") || m.ends_with("(42P01)") || m.ends_with("(42883)"))
     }
 
     /// A failed SQLite statement, from SQLite's own message (spin-sdk's SQLite interface reports

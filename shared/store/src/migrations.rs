@@ -655,6 +655,34 @@ pub const MIGRATIONS: &[Migration] = &[
         ],
         ..PORTABLE
     },
+    Migration {
+        version: 19,
+        name: "the webhook's accept as one function call (PostgreSQL)",
+        // The webhook stored its row and then read the inbox's lease in two autocommitted
+        // statements, each parsed and planned (`inbox::accept` says why two). As one function
+        // the row is still in before the lease is read, in a snapshot taken after the row's
+        // gate (advisory lock 107148502788450, `inbox::GATE`, held until the row commits; a
+        // drainer's release waits for it): one round trip and no plan per webhook. Its insert
+        // is `inbox::INSERT` word for word: changing that is a new migration here.
+        postgres: &[
+            // $1 id, $2 body, $3 request id, $4 now, $5 the inbox's lease name: 0 when the body
+            // was here already, 1 when stored, 2 when stored while a worker drains.
+            r#"CREATE FUNCTION astria_inbox_accept(text, text, text, bigint, text)
+            RETURNS integer LANGUAGE plpgsql AS $fn$
+            BEGIN
+                INSERT INTO inbox (id, body, request_id, received_at) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING;
+                IF NOT FOUND THEN
+                    RETURN 0;
+                END IF;
+                PERFORM pg_advisory_xact_lock_shared(107148502788450);
+                IF EXISTS (SELECT 1 FROM job_leases WHERE name = $5 AND lease_until > $4) THEN
+                    RETURN 2;
+                END IF;
+                RETURN 1;
+            END $fn$"#,
+        ],
+        ..PORTABLE
+    },
 ];
 
 /// Applies every migration not yet recorded; answers the versions it applied.
@@ -715,8 +743,8 @@ pub fn ensure_migrated<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<(), DbErro
 mod tests {
     use super::*;
 
-    /// The newest definition of each of migration 18's functions holds the statements the
-    /// SQLite path runs, word for word (placeholders numbered as the function's parameters):
+    /// The newest definition of each of migrations 18's and 19's functions holds the statements
+    /// the SQLite path runs, word for word (placeholders numbered as the function's parameters):
     /// a change to one of them that forgets the migration re-creating the function fails here.
     #[test]
     fn the_step_functions_hold_the_statements_the_other_path_runs() {
@@ -737,5 +765,8 @@ mod tests {
         let queue = newest("astria_queue_message");
         assert!(queue.contains(&squash(crate::messages::INSERT)), "{queue}");
         assert!(queue.contains(&squash(crate::outbox::ROW_COLUMNS)), "{queue}");
+        let accept = newest("astria_inbox_accept");
+        assert!(accept.contains(&format!("{};", crate::inbox::INSERT)), "{accept}");
+        assert!(accept.contains(&format!("pg_advisory_xact_lock_shared({})", crate::inbox::GATE)), "{accept}");
     }
 }

@@ -1760,9 +1760,9 @@ fn an_inbox_row_is_stored_once_per_body_without_a_migrated_schema_it_says_so() {
     on_both(|connect| {
         let db = connect();
         // Before any migration, the insert fails in the way the webhook recognises (and then
-        // migrates): SQLite's "no such table", PostgreSQL's 42P01.
+        // migrates): SQLite's "no such table", PostgreSQL's 42883 (its function is not there yet).
         let missing = inbox::accept(db.as_ref(), "h1", "{}", "r1", 1).unwrap_err();
-        assert!(missing.is_missing_table(), "{missing:?}");
+        assert!(missing.is_missing_schema(), "{missing:?}");
         migrate(db.as_ref(), 1).unwrap();
         assert_eq!(inbox::accept(db.as_ref(), "h1", r#"{"a":1}"#, "r1", 10).unwrap(), NEW);
         assert_eq!(
@@ -1812,6 +1812,84 @@ fn storing_a_body_says_whether_a_worker_holds_the_inbox() {
         assert_eq!(inbox::accept(db, "d", "{}", "r", 1_401).unwrap(), NEW, "the lease lapsed at 1,400");
         assert_eq!(inbox::next(db, 10).unwrap().len(), 4);
     });
+}
+
+/// Waits until a statement starting with `prefix` waits on a lock in PostgreSQL (seen in
+/// pg_stat_activity, not assumed), failing with `never` if `finished` says the thread running
+/// it got through without waiting.
+fn until_it_waits_on_a_lock(watcher: &Pg, prefix: &str, finished: impl Fn() -> bool, never: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let waiting = || {
+        watcher
+            .query(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1",
+                &[Value::from(format!("{prefix}%").as_str())],
+            )
+            .unwrap()[0]
+            .int(0)
+            .unwrap()
+            > 0
+    };
+    while !waiting() {
+        assert!(!finished(), "{never}");
+        assert!(std::time::Instant::now() < deadline, "{never} (nothing waited within 20 s)");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// A migrated PostgreSQL database whose inbox lease "worker" holds, with three connections to
+/// it: a webhook's, the drainer's and a watcher's.
+fn inbox_held_by_a_worker() -> (PgDatabase, [Pg; 3]) {
+    let database = PgDatabase::new();
+    let connections = [database.connect(), database.connect(), database.connect()];
+    migrate(&connections[0], 0).unwrap();
+    assert!(lease::acquire(&connections[1], lease::Kind::Job, inbox::LEASE, "worker", 100, 60_000).unwrap());
+    (database, connections)
+}
+
+/// PostgreSQL: a webhook that read the inbox's lease held (and so wakes nobody) has its row
+/// committed before the drainer's release completes, so the drainer's look after the release
+/// finds the row. The webhook is held between its lease read and its commit.
+#[test]
+fn a_release_waits_for_a_webhook_that_saw_the_lease_held_postgres() {
+    let (_database, [webhook, drainer, watcher]) = inbox_held_by_a_worker();
+    exec(&webhook, "BEGIN");
+    assert_eq!(inbox::accept(&webhook, "late", "{}", "r", 200).unwrap(), inbox::Accepted::New { draining: true });
+    let releasing = std::thread::spawn(move || {
+        inbox::release(&drainer, "worker").unwrap();
+        inbox::next(&drainer, 10).unwrap()
+    });
+    until_it_waits_on_a_lock(
+        &watcher,
+        "SELECT pg_advisory_xact_lock",
+        || releasing.is_finished(),
+        "the release did not wait for the webhook's row",
+    );
+    exec(&webhook, "COMMIT");
+    let look = releasing.join().unwrap();
+    assert_eq!(look.into_iter().map(|e| e.id).collect::<Vec<_>>(), ["late"], "the drainer's look finds the row");
+    assert_eq!(inbox::accept(&webhook, "next", "{}", "r", 300).unwrap(), NEW, "released");
+}
+
+/// PostgreSQL: a webhook that comes while a release is under way waits for it and then reads
+/// the lease released (in a snapshot taken after the wait, not at its statement's start), so
+/// it wakes a worker. The release's transaction (`inbox::release`: the gate, then the lease's
+/// row deleted) is held open before its commit.
+#[test]
+fn a_webhook_during_a_release_reads_the_lease_released_postgres() {
+    let (_database, [webhook, drainer, watcher]) = inbox_held_by_a_worker();
+    exec(&drainer, "BEGIN");
+    drainer.execute("SELECT pg_advisory_xact_lock($1)", &[Value::Int(inbox::GATE)]).unwrap();
+    lease::release(&drainer, lease::Kind::Job, inbox::LEASE, "worker").unwrap();
+    let accepting = std::thread::spawn(move || inbox::accept(&webhook, "early", "{}", "r", 200).unwrap());
+    until_it_waits_on_a_lock(
+        &watcher,
+        "SELECT astria_inbox_accept",
+        || accepting.is_finished(),
+        "the webhook did not wait for the release",
+    );
+    exec(&drainer, "COMMIT");
+    assert_eq!(accepting.join().unwrap(), NEW, "the lease read after the release committed: a worker is woken");
 }
 
 #[test]
