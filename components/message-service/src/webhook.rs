@@ -73,8 +73,9 @@ pub struct Stored {
 /// Stores a verified body in the inbox (not again if it waits there already), and says whether
 /// to wake a worker: the request's one statement (on PostgreSQL a function's call,
 /// `inbox::accept` says why). Should the schema not be there yet (a new database, or a release
-/// that adds the inbox or its function), `migrate` puts it in place and the insert runs again. The benchmark's native reference server (`tools/native-reference`) calls this too,
-/// so that the two measure the same work.
+/// that adds the inbox or its function), `migrate` puts it in place and the insert runs again.
+/// The benchmark's native reference server (`tools/native-reference`) calls this too, so that
+/// the two measure the same work.
 pub fn store<D: Db>(
     db: &D,
     body: &[u8],

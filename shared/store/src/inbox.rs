@@ -3,8 +3,9 @@
 //! The webhook (`POST /SmsReceived`) only checks the signature, parses, and [`accept`]s the
 //! signed body here, durable before its 200, learning in the same statement whether a worker
 //! is draining or must be woken; the conversation worker (`components/conversation-worker`)
-//! then takes the rows in arrival order and runs the conversation step for each. So the webhook's cost no longer grows with the step's, and a
-//! burst waits here instead of in front of Meta.
+//! then takes the rows in arrival order and runs the conversation step for each. So the
+//! webhook's cost no longer grows with the step's, and a burst waits here instead of in front
+//! of Meta.
 //!
 //! A row is the raw body, keyed by its SHA-256: Meta's redelivery of the same body is one row.
 //! Working a row through is idempotent (messages are deduped on their WhatsApp id, a status
@@ -56,6 +57,9 @@ pub enum Accepted {
 ///   row commits. [`release`] takes [`GATE`] exclusively, so it waits for every webhook that
 ///   may have seen the lease held to commit its row, and a webhook that comes after it reads
 ///   the lease released. Webhooks do not wait for each other, nor for the drainer's renewals.
+///   This relies on READ COMMITTED, PostgreSQL's default and the app's: a function then reads
+///   each statement in a snapshot of its own (under REPEATABLE READ the lease read would see the
+///   snapshot from before the wait, and a row could wait for the relay's next minute).
 ///   (Reading the lease row `FOR SHARE` instead made every webhook wait for each renewal: with
 ///   the whole app at 500 webhooks/s the replies fell a minute behind, a benchmark run of
 ///   8881cb7 in `docs/performance.md`. Two autocommitted statements, the insert and then the
@@ -102,16 +106,19 @@ pub(crate) const INSERT: &str =
 /// webhooks, exclusive for a release.
 pub const GATE: i64 = 0x61_73_74_72_69_62; // "astrib"
 
-/// A drainer gives the inbox's lease back. On PostgreSQL it first waits, holding [`GATE`],
-/// for every webhook that may have read the lease held to commit its row ([`accept`] says
-/// why): a transaction of four statements, once per drain pass, not per row.
+/// A drainer gives the inbox's lease back, outside any transaction. On PostgreSQL the function
+/// `astria_inbox_release` (migration 19) first waits, holding [`GATE`], for every webhook that
+/// may have read the lease held to commit its row ([`accept`] says why), then deletes the
+/// lease: one autocommitted call, so the lock, which every new webhook waits behind, is held
+/// for one round trip and never across a transaction left open between the guest's calls.
 pub fn release<D: Db + ?Sized>(db: &D, holder: &str) -> Result<(), DbError> {
+    debug_assert!(!db.grouped(), "the lease is given back after the batch's transaction");
     match db.dialect() {
         crate::Dialect::Sqlite => crate::lease::release(db, crate::lease::Kind::Job, LEASE, holder),
-        crate::Dialect::Postgres => crate::transaction(db, |db| {
-            db.execute("SELECT pg_advisory_xact_lock($1)", &[Value::Int(GATE)])?;
-            crate::lease::release(db, crate::lease::Kind::Job, LEASE, holder)
-        }),
+        crate::Dialect::Postgres => {
+            db.query("SELECT astria_inbox_release($1, $2)", &[Value::from(LEASE), Value::from(holder)])?;
+            Ok(())
+        }
     }
 }
 

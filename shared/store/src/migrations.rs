@@ -657,13 +657,14 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 19,
-        name: "the webhook's accept as one function call (PostgreSQL)",
+        name: "the webhook's accept and the drainer's release as function calls (PostgreSQL)",
         // The webhook stored its row and then read the inbox's lease in two autocommitted
         // statements, each parsed and planned (`inbox::accept` says why two). As one function
         // the row is still in before the lease is read, in a snapshot taken after the row's
         // gate (advisory lock 107148502788450, `inbox::GATE`, held until the row commits; a
-        // drainer's release waits for it): one round trip and no plan per webhook. Its insert
-        // is `inbox::INSERT` word for word: changing that is a new migration here.
+        // drainer's release, `astria_inbox_release`, takes it exclusively before deleting the
+        // lease): one round trip and no plan per webhook. Their statements are `inbox::INSERT`
+        // and `lease::release`'s word for word: changing one is a new migration here.
         postgres: &[
             // $1 id, $2 body, $3 request id, $4 now, $5 the inbox's lease name: 0 when the body
             // was here already, 1 when stored, 2 when stored while a worker drains.
@@ -679,6 +680,17 @@ pub const MIGRATIONS: &[Migration] = &[
                     RETURN 2;
                 END IF;
                 RETURN 1;
+            END $fn$"#,
+            // $1 the inbox's lease name, $2 the holder: waits for every webhook that may have
+            // read the lease held to commit (`inbox::release`), then gives the lease back.
+            r#"CREATE FUNCTION astria_inbox_release(text, text)
+            RETURNS bigint LANGUAGE plpgsql AS $fn$
+            DECLARE released bigint;
+            BEGIN
+                PERFORM pg_advisory_xact_lock(107148502788450);
+                DELETE FROM job_leases WHERE name = $1 AND holder = $2;
+                GET DIAGNOSTICS released = ROW_COUNT;
+                RETURN released;
             END $fn$"#,
         ],
         ..PORTABLE
@@ -768,5 +780,12 @@ mod tests {
         let accept = newest("astria_inbox_accept");
         assert!(accept.contains(&format!("{};", crate::inbox::INSERT)), "{accept}");
         assert!(accept.contains(&format!("pg_advisory_xact_lock_shared({})", crate::inbox::GATE)), "{accept}");
+        let release = newest("astria_inbox_release");
+        let gated = format!(
+            "pg_advisory_xact_lock({}); {};",
+            crate::inbox::GATE,
+            crate::lease::release_sql(crate::lease::Kind::Job)
+        );
+        assert!(release.contains(&gated), "{release}");
     }
 }

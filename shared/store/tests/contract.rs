@@ -1814,22 +1814,18 @@ fn storing_a_body_says_whether_a_worker_holds_the_inbox() {
     });
 }
 
-/// Waits until a statement starting with `prefix` waits on a lock in PostgreSQL (seen in
-/// pg_stat_activity, not assumed), failing with `never` if `finished` says the thread running
-/// it got through without waiting.
-fn until_it_waits_on_a_lock(watcher: &Pg, prefix: &str, finished: impl Fn() -> bool, never: &str) {
+/// Waits until a statement of this test's database starting with `prefix` waits on a lock of
+/// one of `kinds` (pg_stat_activity's `wait_event`: "advisory", "transactionid", "tuple"),
+/// seen in pg_stat_activity, not assumed; fails with `never` if `finished` says the thread
+/// running it got through without waiting.
+fn until_it_waits_on_a_lock(watcher: &Pg, prefix: &str, kinds: &[&str], finished: impl Fn() -> bool, never: &str) {
+    let kinds = kinds.iter().map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", ");
+    let sql = format!(
+        "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'
+         AND wait_event IN ({kinds}) AND query LIKE $1"
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let waiting = || {
-        watcher
-            .query(
-                "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1",
-                &[Value::from(format!("{prefix}%").as_str())],
-            )
-            .unwrap()[0]
-            .int(0)
-            .unwrap()
-            > 0
-    };
+    let waiting = || watcher.query(&sql, &[Value::from(format!("{prefix}%").as_str())]).unwrap()[0].int(0).unwrap() > 0;
     while !waiting() {
         assert!(!finished(), "{never}");
         assert!(std::time::Instant::now() < deadline, "{never} (nothing waited within 20 s)");
@@ -1859,12 +1855,8 @@ fn a_release_waits_for_a_webhook_that_saw_the_lease_held_postgres() {
         inbox::release(&drainer, "worker").unwrap();
         inbox::next(&drainer, 10).unwrap()
     });
-    until_it_waits_on_a_lock(
-        &watcher,
-        "SELECT pg_advisory_xact_lock",
-        || releasing.is_finished(),
-        "the release did not wait for the webhook's row",
-    );
+    let never = "the release did not wait for the webhook's row";
+    until_it_waits_on_a_lock(&watcher, "SELECT astria_inbox_release", &["advisory"], || releasing.is_finished(), never);
     exec(&webhook, "COMMIT");
     let look = releasing.join().unwrap();
     assert_eq!(look.into_iter().map(|e| e.id).collect::<Vec<_>>(), ["late"], "the drainer's look finds the row");
@@ -1873,22 +1865,23 @@ fn a_release_waits_for_a_webhook_that_saw_the_lease_held_postgres() {
 
 /// PostgreSQL: a webhook that comes while a release is under way waits for it and then reads
 /// the lease released (in a snapshot taken after the wait, not at its statement's start), so
-/// it wakes a worker. The release's transaction (`inbox::release`: the gate, then the lease's
-/// row deleted) is held open before its commit.
+/// it wakes a worker. The release is held in its delete, with the gate taken, by a transaction
+/// that has the lease's row locked.
 #[test]
 fn a_webhook_during_a_release_reads_the_lease_released_postgres() {
-    let (_database, [webhook, drainer, watcher]) = inbox_held_by_a_worker();
-    exec(&drainer, "BEGIN");
-    drainer.execute("SELECT pg_advisory_xact_lock($1)", &[Value::Int(inbox::GATE)]).unwrap();
-    lease::release(&drainer, lease::Kind::Job, inbox::LEASE, "worker").unwrap();
+    let (database, [webhook, drainer, watcher]) = inbox_held_by_a_worker();
+    let row_holder = database.connect();
+    exec(&row_holder, "BEGIN");
+    exec(&row_holder, "SELECT 1 FROM job_leases WHERE name = 'inbox' FOR UPDATE");
+    let releasing = std::thread::spawn(move || inbox::release(&drainer, "worker").unwrap());
+    let at_the_row = ["transactionid", "tuple"];
+    let never = "the release did not reach the lease's row";
+    until_it_waits_on_a_lock(&watcher, "SELECT astria_inbox_release", &at_the_row, || releasing.is_finished(), never);
     let accepting = std::thread::spawn(move || inbox::accept(&webhook, "early", "{}", "r", 200).unwrap());
-    until_it_waits_on_a_lock(
-        &watcher,
-        "SELECT astria_inbox_accept",
-        || accepting.is_finished(),
-        "the webhook did not wait for the release",
-    );
-    exec(&drainer, "COMMIT");
+    let never = "the webhook did not wait for the release";
+    until_it_waits_on_a_lock(&watcher, "SELECT astria_inbox_accept", &["advisory"], || accepting.is_finished(), never);
+    exec(&row_holder, "COMMIT");
+    releasing.join().unwrap();
     assert_eq!(accepting.join().unwrap(), NEW, "the lease read after the release committed: a worker is woken");
 }
 
