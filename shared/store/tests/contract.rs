@@ -1381,20 +1381,9 @@ fn a_portrait_deleted_while_its_message_is_sent_is_counted_exactly_postgres() {
     });
     // The deletion waits for the sender's row: seen in pg_stat_activity, not assumed.
     let watcher = database.connect();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while watcher
-        .query(
-            "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'DELETE FROM generated_images%'",
-            &[],
-        )
-        .unwrap()[0]
-        .int(0)
-        .unwrap()
-        == 0
-    {
-        assert!(std::time::Instant::now() < deadline, "the deletion never waited for the message's row");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    let never = "the deletion never waited for the message's row";
+    let row = ["transactionid", "tuple"];
+    until_it_waits_on_a_lock(&watcher, "DELETE FROM generated_images", &row, || deleting.is_finished(), never);
     exec(&sender, "COMMIT");
     let cleanup = deleting.join().unwrap();
     assert_eq!(tallied(&cleanup), counted_over_every_row(&cleanup));
