@@ -77,9 +77,7 @@ pub fn accept<D: Db + ?Sized>(
         // RETURNING answers whether the row is new (no row on a conflict) in the same
         // statement: no `SELECT changes()` on the hot path.
         crate::Dialect::Sqlite => {
-            let sql = format!(
-                "{INSERT} RETURNING CASE WHEN EXISTS (SELECT 1 FROM job_leases WHERE name = $5 AND lease_until > $4) THEN 2 ELSE 1 END"
-            );
+            let sql = format!("{INSERT} RETURNING CASE WHEN {DRAINING} THEN 2 ELSE 1 END");
             let rows = db.query(&db.dialect().sql(&sql), &row)?;
             match rows.first() {
                 Some(stored) => stored.int(0)?,
@@ -101,6 +99,10 @@ pub fn accept<D: Db + ?Sized>(
 /// `migrations`' tests check).
 pub(crate) const INSERT: &str =
     "INSERT INTO inbox (id, body, request_id, received_at) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING";
+
+/// Whether a worker holds the inbox's lease ($5 its name, $4 now), as [`accept`] asks on both
+/// databases (PostgreSQL's function holds it word for word, after the gate).
+pub(crate) const DRAINING: &str = "EXISTS (SELECT 1 FROM job_leases WHERE name = $5 AND lease_until > $4)";
 
 /// PostgreSQL's advisory lock (transaction scope) between [`accept`] and [`release`]: shared by
 /// webhooks, exclusive for a release.

@@ -777,9 +777,13 @@ mod tests {
         let queue = newest("astria_queue_message");
         assert!(queue.contains(&squash(crate::messages::INSERT)), "{queue}");
         assert!(queue.contains(&squash(crate::outbox::ROW_COLUMNS)), "{queue}");
+        // In this order: the row in, then the gate, then the lease read (`inbox::accept`).
         let accept = newest("astria_inbox_accept");
-        assert!(accept.contains(&format!("{};", crate::inbox::INSERT)), "{accept}");
-        assert!(accept.contains(&format!("pg_advisory_xact_lock_shared({})", crate::inbox::GATE)), "{accept}");
+        let (insert, gate, draining) = (crate::inbox::INSERT, crate::inbox::GATE, crate::inbox::DRAINING);
+        let ordered = format!(
+            "{insert}; IF NOT FOUND THEN RETURN 0; END IF; PERFORM pg_advisory_xact_lock_shared({gate}); IF {draining} THEN RETURN 2;"
+        );
+        assert!(accept.contains(&ordered), "{accept}");
         let release = newest("astria_inbox_release");
         let gated = format!(
             "pg_advisory_xact_lock({}); {};",
