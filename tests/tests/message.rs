@@ -1085,7 +1085,7 @@ on_both!(a_batch_is_worked_in_one_transaction_on_postgres_and_step_by_step_when_
 /// statement per request on either database, whatever the request, because the conversation
 /// step runs in the worker and one statement both stores the row and says whether to wake a
 /// worker (on PostgreSQL a function's call, `astria_store::inbox::accept` says why). The
-/// worker's statements are printed.
+/// worker's statements are printed; the sender's must hold no read of a message's event.
 async fn the_webhook_runs_one_statement_per_request_devhost_only(postgres: bool) {
     let redis = TestRedis::start().await.unwrap();
     let graph = FakeGraph::start().await;
@@ -1116,6 +1116,12 @@ async fn the_webhook_runs_one_statement_per_request_devhost_only(postgres: bool)
     let worker = astria_tests::devhost_statements(&app.log(), "conversation-worker");
     eprintln!("statements per request: {report:?}; the worker's, in all: {}", worker.len());
     assert!(!worker.is_empty(), "the worker's statements were logged");
+    // The sender sends each reply in a span of the trace that queued it, from the
+    // `traceparent` the message's row keeps: it reads no event per message (issue 29).
+    let sender = astria_tests::devhost_statements(&app.log(), "message-sender");
+    assert!(!graph.requests().await.is_empty() && !sender.is_empty(), "the replies went out");
+    let event_reads: Vec<&String> = sender.iter().filter(|s| s.contains("FROM outbox WHERE id =")).collect();
+    assert!(event_reads.is_empty(), "the sender read its events: {event_reads:#?}");
 }
 
 on_both!(the_webhook_runs_one_statement_per_request_devhost_only);

@@ -226,12 +226,11 @@ impl Sender<'_> {
     }
 
     /// [`Self::deliver`] in a span of the trace that queued the message: whichever sender
-    /// invocation holds the contact's lease sends it, often not the one its event woke.
+    /// invocation holds the contact's lease sends it, often not the one its event woke. The
+    /// message's row keeps that trace's `traceparent`, so no read of its event is needed.
     fn send_one(&self, m: &OutboundMessage) -> Result<bool, DbError> {
-        let queued_by = outbox::get(self.db, &m.event_id)?.and_then(|e| {
-            serde_json::from_str::<astria_models::EventEnvelope>(&e.envelope).ok().and_then(|e| e.traceparent)
-        });
-        spin_kit::trace::in_span_under(queued_by.as_deref(), "deliver message", spin_kit::trace::Kind::Internal, || {
+        let queued_by = m.traceparent.as_deref();
+        spin_kit::trace::in_span_under(queued_by, "deliver message", spin_kit::trace::Kind::Internal, || {
             spin_kit::trace::attr("astria.message_id", m.id.as_str());
             spin_kit::trace::attr("astria.message_kind", m.kind.as_str());
             self.deliver(m)

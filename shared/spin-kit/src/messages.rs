@@ -73,6 +73,7 @@ fn queue_with<D: Db + ?Sized>(
         event_id: &event.id,
         correlation_id,
         always_send,
+        traceparent: event.traceparent.as_deref(),
     };
     // The row and its event together: on PostgreSQL one call of a function that keeps its plan
     // (a step queues one or two replies; `messages::insert_with_event` says why).

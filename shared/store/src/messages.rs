@@ -44,6 +44,8 @@ pub struct NewMessage<'a> {
     pub correlation_id: &'a str,
     /// Sent even to a contact who opted out (only the confirmation of their STOP).
     pub always_send: bool,
+    /// W3C `traceparent` of the span queuing it (the event's), kept for the sender's span.
+    pub traceparent: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -68,10 +70,14 @@ pub struct OutboundMessage {
     pub always_send: bool,
     /// When it last entered the queue: the sender's retry horizon counts from here.
     pub queued_at: i64,
+    /// W3C `traceparent` of the span that queued it (its event's): the sender sends it in a
+    /// span of that trace without reading the event. None for a message queued before
+    /// migration 20.
+    pub traceparent: Option<String>,
 }
 
 const COLUMNS: &str = "id, wa_id, seq, kind, message, status, event_id, correlation_id, attempts, next_attempt_at,
-    wamid, delivery_status, error_code, last_error, created_at, always_send, COALESCE(queued_at, created_at)";
+    wamid, delivery_status, error_code, last_error, created_at, always_send, COALESCE(queued_at, created_at), traceparent";
 
 fn from_row(r: &Row) -> Result<OutboundMessage, DbError> {
     Ok(OutboundMessage {
@@ -92,6 +98,7 @@ fn from_row(r: &Row) -> Result<OutboundMessage, DbError> {
         created_at: r.int(14)?,
         always_send: r.int(15)? != 0,
         queued_at: r.int(16)?,
+        traceparent: r.opt_text(17)?,
     })
 }
 
@@ -111,7 +118,7 @@ pub fn insert<D: Db + ?Sized>(db: &D, m: &NewMessage<'_>, now_ms: i64) -> Result
 /// Queues a message with the event that sends it; answers the event's JSON. Call inside a
 /// transaction. A message id queued before is left as it is, and the event still recorded.
 ///
-/// On PostgreSQL one call of the function `astria_queue_message` (migration 18: the message's
+/// On PostgreSQL one call of the function `astria_queue_message` (migrations 18 and 20: the message's
 /// insert as a CTE of the event's, planned once per session; `identity::recognise_first` says
 /// why); SQLite runs the two statements.
 pub fn insert_with_event<D: Db + ?Sized>(
@@ -138,14 +145,14 @@ pub fn insert_with_event<D: Db + ?Sized>(
 // `seq` is the caller's (time, then order within its transaction), but never at or below the
 // contact's last: two steps of one contact can fall in the same millisecond, and their replies
 // must still go in the order they were decided. The function `astria_queue_message`
-// (migration 18) holds the same insert: a change here is a migration there.
+// (migration 20) holds the same insert: a change here is a migration there.
 pub(crate) const INSERT: &str =
     "INSERT INTO outbound_messages (id, wa_id, seq, kind, message, status, event_id, correlation_id,
-        attempts, next_attempt_at, created_at, updated_at, always_send, queued_at)
+        attempts, next_attempt_at, created_at, updated_at, always_send, queued_at, traceparent)
      VALUES ($1, $2,
         (SELECT CASE WHEN COALESCE(MAX(seq), -1) >= $3 THEN MAX(seq) + 1 ELSE $3 END
          FROM outbound_messages WHERE wa_id = $2),
-        $4, $5, $6, $7, $8, 0, $9, $9, $9, $10, $9)
+        $4, $5, $6, $7, $8, 0, $9, $9, $9, $10, $9, $11)
      ON CONFLICT (id) DO NOTHING";
 
 fn insert_params(m: &NewMessage<'_>, now_ms: i64) -> Vec<Value> {
@@ -160,6 +167,7 @@ fn insert_params(m: &NewMessage<'_>, now_ms: i64) -> Vec<Value> {
         Value::from(m.correlation_id),
         Value::Int(now_ms),
         Value::Int(m.always_send.into()),
+        m.traceparent.map(Value::from).unwrap_or(Value::Null),
     ]
 }
 

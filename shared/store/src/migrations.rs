@@ -695,6 +695,39 @@ pub const MIGRATIONS: &[Migration] = &[
         ],
         ..PORTABLE
     },
+    Migration {
+        version: 20,
+        name: "a queued message keeps the traceparent of the step that queued it",
+        // The sender sends each message in a span under the trace that queued it, and read the
+        // message's outbox row per message for nothing but its envelope's traceparent (issue
+        // 29); the message's row keeps it now. The function gains the column and an argument:
+        // a new overload (PostgreSQL tells them apart by their arguments), the old one left for
+        // the old release's pods during an upgrade. `messages::INSERT` word for word.
+        sql: &["ALTER TABLE outbound_messages ADD COLUMN traceparent TEXT"],
+        postgres: &[
+            // $1-$11 the message as `messages::insert` writes it, $12-$20 its event's outbox
+            // row (`outbox::row_params`): answers the outbox rows written (1).
+            r#"CREATE FUNCTION astria_queue_message(text, text, bigint, text, text, text, text, text, bigint, bigint, text,
+                text, text, text, text, text, bigint, text, bigint, text)
+            RETURNS bigint LANGUAGE plpgsql AS $fn$
+            DECLARE written bigint;
+            BEGIN
+                WITH caused AS (
+                    INSERT INTO outbound_messages (id, wa_id, seq, kind, message, status, event_id, correlation_id,
+                        attempts, next_attempt_at, created_at, updated_at, always_send, queued_at, traceparent)
+                    VALUES ($1, $2,
+                        (SELECT CASE WHEN COALESCE(MAX(seq), -1) >= $3 THEN MAX(seq) + 1 ELSE $3 END
+                         FROM outbound_messages WHERE wa_id = $2),
+                        $4, $5, $6, $7, $8, 0, $9, $9, $9, $10, $9, $11)
+                    ON CONFLICT (id) DO NOTHING)
+                INSERT INTO outbox (id, channel, event_type, envelope, correlation_id, created_at, status, next_attempt_at, order_id, attempts)
+                VALUES ($12, $13, $14, $15, $16, $17, $18, $19, $20, 0);
+                GET DIAGNOSTICS written = ROW_COUNT;
+                RETURN written;
+            END $fn$"#,
+        ],
+        ..PORTABLE
+    },
 ];
 
 /// Applies every migration not yet recorded; answers the versions it applied.

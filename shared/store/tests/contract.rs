@@ -470,6 +470,7 @@ fn queue(db: &dyn Db, id: &str, wa_id: &str, seq: i64, kind: &str, now: i64) {
         event_id: &format!("ev-{id}"),
         correlation_id: "c",
         always_send: false,
+        traceparent: None,
     };
     assert!(messages::insert(db, &m, now).unwrap());
     assert!(!messages::insert(db, &m, now).unwrap(), "same id twice");
@@ -531,6 +532,7 @@ fn a_message_queued_with_its_event_writes_both_as_the_two_statements_would() {
             event_id: "ev-m2",
             correlation_id: "c",
             always_send: false,
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
         };
         let json = messages::insert_with_event(db, &m, 20, "messages", &event("ev-m2"), &POLICY).unwrap();
         let stored = messages::get(db, "m2").unwrap().unwrap();
@@ -538,6 +540,9 @@ fn a_message_queued_with_its_event_writes_both_as_the_two_statements_would() {
             (stored.seq, stored.event_id.as_str(), stored.status.as_str(), stored.message.as_str()),
             (2_001, "ev-m2", messages::status::QUEUED, m.message)
         );
+        // The sender's span continues this trace from the row alone (no read of the event).
+        assert_eq!(stored.traceparent.as_deref(), m.traceparent);
+        assert_eq!(messages::get(db, "m1").unwrap().unwrap().traceparent, None);
         let ev = outbox::get(db, "ev-m2").unwrap().unwrap();
         assert_eq!(
             (ev.channel.as_str(), ev.status.as_str(), ev.attempts, ev.next_attempt_at),
@@ -1046,6 +1051,7 @@ fn queue_portrait(db: &dyn astria_store::Db, order: &str, id: &str, url: &str, n
         event_id: &format!("e-{id}"),
         correlation_id: "c",
         always_send: false,
+        traceparent: None,
     };
     assert!(messages::insert(db, &m, now).unwrap());
     assert!(images::add_image(db, order, url, 1, id, now).unwrap());
