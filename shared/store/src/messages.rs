@@ -118,9 +118,9 @@ pub fn insert<D: Db + ?Sized>(db: &D, m: &NewMessage<'_>, now_ms: i64) -> Result
 /// Queues a message with the event that sends it; answers the event's JSON. Call inside a
 /// transaction. A message id queued before is left as it is, and the event still recorded.
 ///
-/// On PostgreSQL one call of the function `astria_queue_message` (migrations 18 and 20: the message's
-/// insert as a CTE of the event's, planned once per session; `identity::recognise_first` says
-/// why); SQLite runs the two statements.
+/// On PostgreSQL one call of the function `astria_queue_message` (migrations 18 and 20: the
+/// message's insert as a CTE of the event's, planned once per session;
+/// `identity::recognise_first` says why); SQLite runs the two statements.
 pub fn insert_with_event<D: Db + ?Sized>(
     db: &D,
     m: &NewMessage<'_>,
@@ -167,7 +167,7 @@ fn insert_params(m: &NewMessage<'_>, now_ms: i64) -> Vec<Value> {
         Value::from(m.correlation_id),
         Value::Int(now_ms),
         Value::Int(m.always_send.into()),
-        m.traceparent.map(Value::from).unwrap_or(Value::Null),
+        Value::from(m.traceparent),
     ]
 }
 
