@@ -247,9 +247,10 @@ async fn open_loop_at(app: &Target, load: Vec<Signed>, rate: usize) -> (Figures,
 /// inbox was empty.
 async fn step_latency(bot: &TestApp, tag: &str, n: usize, rate: usize, start_ms: i64) -> String {
     let db = astria_tests::db::TestDb::of(bot).await;
+    let inbox = astria_tests::db::TestDb::inbox_of(bot).await;
     let load_end = Instant::now();
     let emptied = loop {
-        if db.count("SELECT COUNT(*) FROM inbox WHERE set_aside_at IS NULL").await == 0 {
+        if inbox.count("SELECT COUNT(*) FROM inbox WHERE set_aside_at IS NULL").await == 0 {
             break Some(load_end.elapsed());
         }
         if load_end.elapsed() > Duration::from_secs(120) {
@@ -290,7 +291,8 @@ async fn step_latency(bot: &TestApp, tag: &str, n: usize, rate: usize, start_ms:
 /// while no worker ran: webhooks worked through per second and messages stepped per second.
 async fn drain_rate(bot: &TestApp, graph: &FakeGraph, redis: &TestRedis, postgres: bool) -> String {
     let db = astria_tests::db::TestDb::of(bot).await;
-    let rows = db.count("SELECT COUNT(*) FROM inbox").await;
+    let inbox = astria_tests::db::TestDb::inbox_of(bot).await;
+    let rows = inbox.count("SELECT COUNT(*) FROM inbox").await;
     let stepped_before = db.count("SELECT COUNT(*) FROM processed_webhooks").await;
     let config = wa::bot_config(graph, redis, postgres)
         .split(&[("worker", &["conversation-worker"])], Duration::from_millis(500))
@@ -305,7 +307,7 @@ async fn drain_rate(bot: &TestApp, graph: &FakeGraph, redis: &TestRedis, postgre
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let _: i64 = redis::cmd("PUBLISH").arg("astria.inbox").arg(wake.to_string()).query_async(&mut conn).await.unwrap();
     let took = loop {
-        if db.count("SELECT COUNT(*) FROM inbox WHERE set_aside_at IS NULL").await == 0 {
+        if inbox.count("SELECT COUNT(*) FROM inbox WHERE set_aside_at IS NULL").await == 0 {
             break started.elapsed();
         }
         if started.elapsed() > Duration::from_secs(600) {

@@ -216,6 +216,19 @@ class EveryOverlay(unittest.TestCase):
         self.assertIn("runtime-config.toml", dev["astria-runtime-config"]["data"])
         self.assertEqual([d for d in render("production") if d["kind"] == "Secret"], [], "real secrets are created out of band")
 
+    def test_every_runtime_config_defines_every_sqlite_label_the_components_declare(self):
+        """Spin refuses to start a component whose SQLite label no runtime config defines (it
+        defines `default` itself): the dev Secret's file, the one production's Secret is made
+        from, and the local run's."""
+        spin = tomllib.loads((ROOT / "spin.toml").read_text())
+        labels = {label for c in spin["component"].values() for label in c.get("sqlite_databases", [])}
+        labels -= {"default"}
+        self.assertIn("inbox", labels)
+        for path in [K8S / "runtime-config.toml", K8S / "overlays/dev/runtime-config.toml", ROOT / "runtime-config.toml"]:
+            with self.subTest(path=str(path.relative_to(ROOT))):
+                defined = set(tomllib.loads(path.read_text()).get("sqlite_database", {}))
+                self.assertEqual(labels - defined, set())
+
     def test_the_cronjob_command_sends_the_mounted_token_as_a_bearer_header(self):
         """Runs each CronJob's own shell command with curl, against a local server standing in
         for maintenance-service, with the token file where the Secret volume would put it."""

@@ -92,6 +92,15 @@ impl TestDb {
         }
     }
 
+    /// The database that holds `app`'s inbox (and the inbox's job lease): on SQLite a file of its
+    /// own (`astria_store::inbox` says why), on PostgreSQL the app's database.
+    pub async fn inbox_of(app: &TestApp) -> TestDb {
+        match &app.database_url {
+            Some(_) => TestDb::of(app).await,
+            None => TestDb::Sqlite(app.state_dir.join("sqlite_inbox.db")),
+        }
+    }
+
     pub fn is_postgres(&self) -> bool {
         matches!(self, TestDb::Postgres(_))
     }

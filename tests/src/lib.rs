@@ -605,6 +605,19 @@ impl Launch {
     }
 }
 
+/// The runtime config of an app a test starts, as the repository's `runtime-config.toml` with
+/// the state directory's paths: Spin's `default` database where Spin keeps it without one
+/// (`sqlite_db.db`), the inbox's beside it (`db::TestDb::inbox_of` reads both).
+pub const RUNTIME_CONFIG: &str = r#"
+[sqlite_database.default]
+type = "spin"
+path = "@STATE_DIR@/sqlite_db.db"
+
+[sqlite_database.inbox]
+type = "spin"
+path = "@STATE_DIR@/sqlite_inbox.db"
+"#;
+
 /// Starts the app and waits until it answers `/.well-known/spin/health` (for a deployment:
 /// until every HTTP process answers and every worker is subscribed).
 pub async fn spawn_app(config: AppConfig) -> Result<TestApp> {
@@ -638,14 +651,12 @@ pub async fn spawn_app(config: AppConfig) -> Result<TestApp> {
         // A PostgreSQL URL the test gave (a server of its own): the test reads the same.
         (config.env.get("SPIN_VARIABLE_DATABASE_URL").filter(|u| u.starts_with("postgres")).cloned(), None)
     };
-    let runtime_config = match &config.runtime_config {
-        Some(rc) => {
-            let rc_path = work.path().join("runtime-config.toml");
-            std::fs::write(&rc_path, rc.replace("@STATE_DIR@", &state_dir.display().to_string()))?;
-            Some(rc_path)
-        }
-        None => None,
-    };
+    // Always a runtime config: the app's manifest declares the `inbox` SQLite label, which
+    // Spin (and devhost) refuse to start without.
+    let rc = config.runtime_config.as_deref().unwrap_or(RUNTIME_CONFIG);
+    let rc_path = work.path().join("runtime-config.toml");
+    std::fs::write(&rc_path, rc.replace("@STATE_DIR@", &state_dir.display().to_string()))?;
+    let runtime_config = Some(rc_path);
     let launch = Launch {
         host: host.clone(),
         manifest_path,

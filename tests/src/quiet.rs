@@ -52,7 +52,7 @@ pub async fn quiesce(app: &TestApp) {
 }
 
 pub async fn quiesce_with(app: &TestApp, q: Quiet<'_>) {
-    let db = TestDb::of(app).await;
+    let (db, inbox) = (TestDb::of(app).await, TestDb::inbox_of(app).await);
     let deadline = Instant::now() + q.timeout;
     let mut calm = 0;
     loop {
@@ -63,9 +63,9 @@ pub async fn quiesce_with(app: &TestApp, q: Quiet<'_>) {
         if q.relay {
             crate::whatsapp::relay(app).await;
         }
-        let mut left = busy(&db, q.ignore_event_types).await;
+        let mut left = busy(&db, &inbox, q.ignore_event_types).await;
         if !q.dead_ok {
-            left.extend(dead(&db, q.ignore_event_types).await);
+            left.extend(dead(&db, &inbox, q.ignore_event_types).await);
         }
         if left.is_empty() {
             calm += 1;
@@ -82,8 +82,9 @@ pub async fn quiesce_with(app: &TestApp, q: Quiet<'_>) {
     }
 }
 
-/// Events the app gave up on (dead letters), one line each.
-pub async fn dead(db: &TestDb, ignore_event_types: &[&str]) -> Vec<String> {
+/// Events the app gave up on (dead letters), and webhooks set aside in the inbox (`inbox`, on
+/// SQLite a database of its own), one line each.
+pub async fn dead(db: &TestDb, inbox: &TestDb, ignore_event_types: &[&str]) -> Vec<String> {
     let mut left = vec![];
     for r in db.rows("SELECT event_type, last_error FROM outbox WHERE status = 'dead' ORDER BY created_at", &[]).await {
         let event_type = r[0].text();
@@ -91,14 +92,15 @@ pub async fn dead(db: &TestDb, ignore_event_types: &[&str]) -> Vec<String> {
             left.push(format!("event {event_type} dead-lettered ({})", r[1].opt_text().unwrap_or_default()));
         }
     }
-    for r in db.rows("SELECT request_id, last_error FROM inbox WHERE set_aside_at IS NOT NULL", &[]).await {
+    for r in inbox.rows("SELECT request_id, last_error FROM inbox WHERE set_aside_at IS NOT NULL", &[]).await {
         left.push(format!("webhook of request {} set aside ({})", r[0].text(), r[1].opt_text().unwrap_or_default()));
     }
     left
 }
 
-/// What the app still has to do, one line each.
-pub async fn busy(db: &TestDb, ignore_event_types: &[&str]) -> Vec<String> {
+/// What the app still has to do, one line each; `inbox` is the database of its inbox (on
+/// SQLite a file of its own, with the inbox's lease).
+pub async fn busy(db: &TestDb, inbox: &TestDb, ignore_event_types: &[&str]) -> Vec<String> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     let mut left = vec![];
     for r in db
@@ -119,11 +121,16 @@ pub async fn busy(db: &TestDb, ignore_event_types: &[&str]) -> Vec<String> {
         left.push(format!("message {} queued (due in {} ms)", r[0].text(), r[1].int() - now));
     }
     for r in
-        db.rows("SELECT request_id, attempts FROM inbox WHERE set_aside_at IS NULL ORDER BY received_at", &[]).await
+        inbox.rows("SELECT request_id, attempts FROM inbox WHERE set_aside_at IS NULL ORDER BY received_at", &[]).await
     {
         left.push(format!("webhook of request {} waiting in the inbox ({} failed steps)", r[0].text(), r[1].int()));
     }
-    for table in ["send_leases", "job_leases"] {
+    let mut leases = vec![(db, "send_leases"), (db, "job_leases")];
+    if !inbox.is_postgres() {
+        // SQLite: the inbox's lease is in the inbox's file.
+        leases.push((inbox, "job_leases"));
+    }
+    for (db, table) in leases {
         let n = db.int(&format!("SELECT COUNT(*) FROM {table} WHERE lease_until > $1"), &[now.into()]).await;
         if n > 0 {
             left.push(format!("{n} held in {table}"));

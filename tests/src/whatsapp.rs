@@ -423,7 +423,7 @@ pub fn one_of_each_kind(from: &str, tag: &str) -> Vec<(&'static str, Value)> {
 /// Waits until the conversation worker has worked every stored webhook through: the inbox
 /// is empty (a row leaves it in the step's own commit order, after its effects are written).
 pub async fn worked_through(app: &TestApp) {
-    let db = crate::db::TestDb::of(app).await;
+    let db = crate::db::TestDb::inbox_of(app).await;
     let waiting = "SELECT COUNT(*) FROM inbox WHERE set_aside_at IS NULL";
     app.wait_until("the inbox to be worked through", Duration::from_secs(30), || async {
         (db.int(waiting, &[]).await == 0).then_some(())

@@ -32,6 +32,8 @@ struct Sandbox {
     log: PathBuf,
     /// The app's database (the SQLite file in its state directory), read by [`Sandbox::quiet`].
     db: TestDb,
+    /// The inbox's database (on SQLite a file of its own).
+    inbox: TestDb,
     _dir: tempfile::TempDir,
 }
 
@@ -59,7 +61,8 @@ impl Sandbox {
             .spawn()
             .unwrap();
         let db = TestDb::Sqlite(dir.path().join("state/sqlite_db.db"));
-        let sandbox = Sandbox { _group: Group(child), url: format!("http://{url}"), log, db, _dir: dir };
+        let inbox = TestDb::Sqlite(dir.path().join("state/sqlite_inbox.db"));
+        let sandbox = Sandbox { _group: Group(child), url: format!("http://{url}"), log, db, inbox, _dir: dir };
         astria_tests::wait_until_or(
             "scripts/sandbox.sh to say it is ready",
             Duration::from_secs(90),
@@ -84,7 +87,7 @@ impl Sandbox {
         let calm = std::cell::Cell::new(0);
         let calm = &calm;
         wait("the app to go quiet", within, self, || async move {
-            calm.set(if quiet::busy(&self.db, &[]).await.is_empty() { calm.get() + 1 } else { 0 });
+            calm.set(if quiet::busy(&self.db, &self.inbox, &[]).await.is_empty() { calm.get() + 1 } else { 0 });
             (calm.get() >= 2).then_some(())
         })
         .await;

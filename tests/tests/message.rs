@@ -252,9 +252,10 @@ async fn forged_requests_are_refused_with_401_and_store_nothing(postgres: bool) 
         assert_eq!(r.status(), 401, "forgery {}", i % forgeries.len());
     }
     let db = pg(&app).await;
-    for table in ["contacts", "processed_webhooks", "outbound_messages", "outbox", "orders", "inbox"] {
+    for table in ["contacts", "processed_webhooks", "outbound_messages", "outbox", "orders"] {
         assert_eq!(count(&db, &format!("SELECT COUNT(*) FROM {table}")).await, 0, "{table}");
     }
+    assert_eq!(count(&TestDb::inbox_of(app).await, "SELECT COUNT(*) FROM inbox").await, 0, "inbox");
     quiesce(&app).await;
     assert!(graph.requests().await.is_empty());
     // The genuine request still works afterwards (nothing was marked as seen).
@@ -964,7 +965,8 @@ async fn webhooks_wait_in_the_inbox_without_a_worker_and_are_stepped_in_arrival_
         assert_eq!((status, &answer["queued"], &answer["messages"]), (200, &json!(true), &json!(1)), "{answer}");
     }
     let db = pg(&app).await;
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM inbox").await, 5, "every webhook waits, durable");
+    let inbox = TestDb::inbox_of(&app).await;
+    assert_eq!(count(&inbox, "SELECT COUNT(*) FROM inbox").await, 5, "every webhook waits, durable");
     for table in ["processed_webhooks", "contacts", "outbound_messages"] {
         assert_eq!(count(&db, &format!("SELECT COUNT(*) FROM {table}")).await, 0, "{table}: nothing stepped");
     }
@@ -1000,12 +1002,13 @@ async fn an_inbox_row_that_cannot_be_worked_through_is_set_aside_and_the_rest_go
     let w = World::start(Options::on(postgres)).await;
     let (app, graph) = (&w.app, &w.graph);
     assert!(wa::relay(app).await["republished"].is_number(), "the schema is in place");
-    let db = pg(app).await;
-    db.execute("INSERT INTO inbox (id, body, request_id, received_at) VALUES ('bad', 'not json', 'req-bad', 1)", &[])
+    let inbox = TestDb::inbox_of(app).await;
+    inbox
+        .execute("INSERT INTO inbox (id, body, request_id, received_at) VALUES ('bad', 'not json', 'req-bad', 1)", &[])
         .await;
     say(app, graph, wa::text(ANA, "wamid.after-bad", "hi"), 1).await;
     wa::worked_through(app).await;
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM inbox WHERE id = 'bad' AND set_aside_at IS NOT NULL").await, 1);
+    assert_eq!(count(&inbox, "SELECT COUNT(*) FROM inbox WHERE id = 'bad' AND set_aside_at IS NOT NULL").await, 1);
     assert!(app.log().contains("webhook bad set aside"), "operators are told:\n{}", app.log());
     let (status, text) = app.metrics(wa::ADMIN_TOKEN).await;
     assert_eq!(status, 200);
@@ -1017,6 +1020,53 @@ async fn an_inbox_row_that_cannot_be_worked_through_is_set_aside_and_the_rest_go
 
 on_both!(an_inbox_row_that_cannot_be_worked_through_is_set_aside_and_the_rest_go_on);
 
+/// An upgrade on SQLite, where the inbox now has a file of its own: a webhook the previous
+/// release stored in the app's database is worked through ahead of the new release's, and
+/// once. The state directory holds the app's file as release 20 left it, with Ana's "hi"
+/// waiting in its inbox; the new release's first webhook (her pack choice) finds no inbox
+/// file, migrates, moves the old row over ahead of its own, and both are stepped in arrival
+/// order: she gets the pack list, then the subject question. A row found in the old place
+/// later (a move cut short) is moved over by the relay and worked through too.
+#[tokio::test]
+async fn an_upgrade_works_through_what_the_previous_release_left_in_the_inbox_sqlite() {
+    use astria_store::Db;
+    let state = tempfile::tempdir().unwrap();
+    let body =
+        |from: &str, id: &str| serde_json::to_string(&wa::inbound(from, vec![wa::text(from, id, "hi")])).unwrap();
+    let insert =
+        |table: &str| format!("INSERT INTO {table} (id, body, request_id, received_at) VALUES (?1, ?2, 'old', ?3)");
+    {
+        let db = astria_store::native::Sqlite::open(&state.path().join("sqlite_db.db")).unwrap();
+        astria_store::migrations::migrate_up_to(&db, 20, 0).unwrap();
+        let row = [astria_store::Value::from("upgrade.1"), body(ANA, "upgrade.1").into(), astria_store::Value::Int(1)];
+        db.execute(&insert("inbox"), &row).unwrap();
+    }
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    let mut config = wa::bot_config(&graph, &redis, false);
+    config.state_dir = Some(state.path().to_path_buf());
+    let app = wa::spawn_bot(config, &redis).await;
+    let choice = wa::list_reply(ANA, "upgrade.2", "pack:corporate", "Corporate headshots");
+    let (status, answer) = wa::post_webhook(&app, &wa::inbound(ANA, vec![choice])).await;
+    assert_eq!(status, 200, "{answer}");
+    wa::worked_through(&app).await;
+    let got: Vec<String> = graph.wait_for(2).await.iter().map(wa::summary).collect();
+    assert!(got.len() == 2 && got[0].starts_with("list:") && got[1].starts_with("buttons:"), "in order: {got:#?}");
+    let db = pg(&app).await;
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM inbox_legacy").await, 0, "moved over");
+
+    // Bea's "hi", as a move cut short would leave it: the relay moves it and wakes a worker.
+    db.execute(&insert("inbox_legacy"), &["upgrade.3".into(), body(BEA, "upgrade.3").into(), 2i64.into()]).await;
+    let relay = wa::relay(&app).await;
+    assert_eq!(relay["inbox_adopted"], 1, "{relay}");
+    wa::worked_through(&app).await;
+    let sends = graph.wait_for(3).await;
+    assert!(sends.iter().any(|s| s["to"] == BEA && wa::summary(s).starts_with("list:")), "{sends:#?}");
+    quiesce(&app).await;
+    assert_eq!(graph.requests().await.len(), 3, "each answered once");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM processed_webhooks").await, 3);
+}
+
 /// A batch of waiting webhooks is worked through as one transaction on PostgreSQL (one commit
 /// for ten steps), each step seeing the ones before it (a contact's second message answers to
 /// its first); should a row fail in it, the batch is worked step by step instead, so the good
@@ -1027,13 +1077,13 @@ async fn a_batch_is_worked_in_one_transaction_on_postgres_and_step_by_step_when_
     let w = World::start(Options::on(postgres)).await;
     let (app, graph) = (&w.app, &w.graph);
     assert!(wa::relay(app).await["republished"].is_number(), "the schema is in place");
-    let db = pg(app).await;
+    let (db, inbox) = (pg(app).await, TestDb::inbox_of(app).await);
     let hold = "INSERT INTO job_leases (name, holder, lease_until) VALUES ('inbox', 'test', 99999999999999)";
     let let_go = "DELETE FROM job_leases WHERE name = 'inbox'";
     let transactions =
         |ids: &str| format!("SELECT COUNT(DISTINCT xmin::text) FROM processed_webhooks WHERE external_id LIKE '{ids}'");
 
-    db.execute(hold, &[]).await;
+    inbox.execute(hold, &[]).await;
     let contacts: Vec<String> = (0..5).map(|c| format!("49171{c:07}")).collect();
     for (c, from) in contacts.iter().enumerate() {
         for m in [
@@ -1044,7 +1094,7 @@ async fn a_batch_is_worked_in_one_transaction_on_postgres_and_step_by_step_when_
             assert_eq!((status, answer["queued"].as_bool()), (200, Some(true)), "{answer}");
         }
     }
-    db.execute(let_go, &[]).await;
+    inbox.execute(let_go, &[]).await;
     wa::relay(app).await;
     wa::worked_through(app).await;
     let sends = graph.wait_for(10).await;
@@ -1058,8 +1108,9 @@ async fn a_batch_is_worked_in_one_transaction_on_postgres_and_step_by_step_when_
     }
 
     // A row that cannot be worked through, first in the next batch.
-    db.execute(hold, &[]).await;
-    db.execute("INSERT INTO inbox (id, body, request_id, received_at) VALUES ('bad', 'not json', 'req-bad', 1)", &[])
+    inbox.execute(hold, &[]).await;
+    inbox
+        .execute("INSERT INTO inbox (id, body, request_id, received_at) VALUES ('bad', 'not json', 'req-bad', 1)", &[])
         .await;
     for c in 0..3 {
         let from = format!("49172{c:07}");
@@ -1067,11 +1118,11 @@ async fn a_batch_is_worked_in_one_transaction_on_postgres_and_step_by_step_when_
             wa::post_webhook(app, &wa::inbound(&from, vec![wa::text(&from, &format!("after.{c}"), "hi")])).await;
         assert_eq!(status, 200);
     }
-    db.execute(let_go, &[]).await;
+    inbox.execute(let_go, &[]).await;
     wa::relay(app).await;
     wa::worked_through(app).await;
     graph.wait_for(13).await;
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM inbox WHERE id = 'bad' AND set_aside_at IS NOT NULL").await, 1);
+    assert_eq!(count(&inbox, "SELECT COUNT(*) FROM inbox WHERE id = 'bad' AND set_aside_at IS NOT NULL").await, 1);
     if postgres {
         assert_eq!(count(&db, &transactions("after.%")).await, 3, "step by step after the batch failed");
     }

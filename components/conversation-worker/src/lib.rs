@@ -39,7 +39,8 @@ fn consume(payload: &[u8]) -> anyhow::Result<()> {
         conversation: &cfg.conversation,
         holder: &holder,
     };
-    let drained = spin_kit::inbox::drain(&db, &settings, |db, pending| {
+    let inbox = spin_kit::open_inbox(&db).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let drained = spin_kit::inbox::drain(&db, &*inbox, &settings, |db, pending| {
         spin_kit::events::publish(db, redis_url.expose_secret(), pending);
     })
     .map_err(|e| anyhow::anyhow!("draining the inbox: {e:?}"))?;

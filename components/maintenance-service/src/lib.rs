@@ -135,7 +135,8 @@ fn authorize_read(header: &str) -> Result<(), ApiError> {
 
 fn metrics() -> Result<Response, ApiError> {
     let now = events::now_ms();
-    let snapshot = astria_store::metrics::snapshot(&open_db()?, now)?;
+    let db = open_db()?;
+    let snapshot = astria_store::metrics::snapshot(&db, &*spin_kit::open_inbox(&db)?, now)?;
     let body = astria_store::metrics::render(&snapshot, now, &astria_domain::events::channels::ALL);
     Ok(Response::builder()
         .status(200)
@@ -171,7 +172,7 @@ fn cleanup(request_id: &str) -> Result<Response, ApiError> {
         return Err(ApiError::Conflict("a cleanup is already running".into()));
     }
     let started = events::now_ms();
-    let result = cleanup::run(&db, started, &keep, batch);
+    let result = spin_kit::open_inbox(&db).and_then(|inbox| Ok(cleanup::run(&db, &*inbox, started, &keep, batch)?));
     if let Err(e) = cleanup::release_lease(&db, "cleanup", &holder) {
         spin_kit::log::warn("maintenance.cleanup", &format!("lease left to expire: {e}"));
     }
@@ -204,8 +205,11 @@ fn relay(request_id: &str) -> Result<Response, ApiError> {
     // Every worker replica that hears this books it: one whose subscription died silently
     // stops booking, and the metrics route shows it (astria_store::heartbeats).
     let heartbeats = spin_kit::heartbeat::publish(redis_url, request_id);
-    // Webhooks stored while Redis was down, or left by a worker that died: wake a worker.
-    let inbox_waiting = spin_kit::inbox::wake_if_waiting(&db, redis_url, request_id)?;
+    // Webhooks stored while Redis was down, or left by a worker that died: wake a worker. On
+    // SQLite, first any an earlier release left in the app's database (`inbox::adopt`).
+    let inbox = spin_kit::open_inbox(&db)?;
+    let inbox_adopted = astria_store::inbox::adopt(&db, &*inbox)?;
+    let inbox_waiting = spin_kit::inbox::wake_if_waiting(&*inbox, redis_url, request_id)?;
     if report.republished > 0
         || report.dead_lettered > 0
         || stale.reconcile_requested > 0
@@ -214,11 +218,12 @@ fn relay(request_id: &str) -> Result<Response, ApiError> {
         || stale.sends_revived > 0
         || stale.sends_given_up > 0
         || inbox_waiting > 0
+        || inbox_adopted > 0
     {
         spin_kit::log::info_with(
             "maintenance.relay",
             request_id,
-            &format!("{report:?} {stale:?} inbox_waiting={inbox_waiting}"),
+            &format!("{report:?} {stale:?} inbox_waiting={inbox_waiting} inbox_adopted={inbox_adopted}"),
         );
     }
     let mut body = serde_json::to_value(&report).map_err(|e| ApiError::Internal(e.into()))?;
@@ -229,6 +234,7 @@ fn relay(request_id: &str) -> Result<Response, ApiError> {
     body["sends_given_up"] = stale.sends_given_up.into();
     body["heartbeats"] = heartbeats.into();
     body["inbox_waiting"] = inbox_waiting.into();
+    body["inbox_adopted"] = inbox_adopted.into();
     body["tallies_folded"] = tallies_folded.into();
     Ok(spin_kit::json_response(200, &body))
 }

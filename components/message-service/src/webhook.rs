@@ -52,8 +52,9 @@ pub fn receive(body: &[u8], signature: Option<&str>, request_id: &str) -> Result
     if hook.messages.is_empty() && hook.statuses.is_empty() && hook.preferences.is_empty() {
         return Ok(spin_kit::json_response(200, &accepted));
     }
-    let db = spin_kit::open_db_unchecked()?;
-    let stored = store(&db, body, request_id, || spin_kit::open_db().map(drop))?;
+    // On SQLite the inbox's own database: a webhook never opens the app's.
+    let db = spin_kit::open_inbox_unchecked()?;
+    let stored = store(&db, body, request_id, || spin_kit::migrate_inbox(&db))?;
     accepted.queued = stored.queued;
     if stored.wake {
         wake(request_id);

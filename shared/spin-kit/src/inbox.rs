@@ -13,6 +13,10 @@
 //! finds the lease free and wakes someone. A drainer that died holds the lease for at most
 //! `LEASE_MS`; the relay wakes the workers every minute while rows wait.
 //!
+//! Two connections: the app's database for the steps, the inbox's for its rows and its lease
+//! (on SQLite a database of its own, on PostgreSQL the same connection; `astria_store::inbox`
+//! says why).
+//!
 //! Rows are read in batches of `BATCH`. Each message's step is its own transaction (a short
 //! hold of SQLite's write lock, so webhooks keep storing rows in between); what the batch's
 //! steps committed is written once at its end: their events published over one Redis
@@ -78,23 +82,28 @@ pub struct Settings<'a> {
 /// the drain with the error, the row kept for the next wake-up (the relay sends one while rows
 /// wait); any other failure is booked on the row and, after `inbox::MAX_ATTEMPTS`, sets it
 /// aside so that the rows behind it go on.
-pub fn drain<D: Db>(db: &D, s: &Settings, mut publish: impl FnMut(&D, &[Pending])) -> Result<Drained, ApiError> {
+pub fn drain<D: Db, I: Db + ?Sized>(
+    db: &D,
+    ib: &I,
+    s: &Settings,
+    mut publish: impl FnMut(&D, &[Pending]),
+) -> Result<Drained, ApiError> {
     let mut out = Drained::default();
     loop {
-        if !lease::acquire(db, Kind::Job, LEASE, s.holder, now_ms(), LEASE_MS)? {
+        if !lease::acquire(ib, Kind::Job, LEASE, s.holder, now_ms(), LEASE_MS)? {
             out.busy = true;
             return Ok(out);
         }
-        let result = drain_held(db, s, &mut publish, &mut out, now_ms() + PASS_MS);
+        let result = drain_held(db, ib, s, &mut publish, &mut out, now_ms() + PASS_MS);
         // A release that fails (the database went away) lets the lease lapse instead.
-        let _ = inbox::release(db, s.holder);
+        let _ = inbox::release(ib, s.holder);
         result?;
         if out.more {
             return Ok(out);
         }
         // A webhook that stored a row after the last look saw the lease held and woke nobody
         // (`inbox::accept`): look once more, now that the lease is given back.
-        if inbox::next(db, 1)?.is_empty() {
+        if inbox::next(ib, 1)?.is_empty() {
             return Ok(out);
         }
     }
@@ -110,9 +119,9 @@ pub fn wake(redis_url: &str, correlation_id: &str) -> Result<(), String> {
     conn.publish(channels::INBOX, &json).map_err(|e| format!("{e:?}"))
 }
 
-/// The relay's part: a wake-up if any row waits; answers how many wait.
-pub fn wake_if_waiting<D: Db + ?Sized>(db: &D, redis_url: &str, correlation_id: &str) -> Result<i64, ApiError> {
-    let (waiting, _) = inbox::backlog(db)?;
+/// The relay's part: a wake-up if any row waits in the inbox (`ib`); answers how many wait.
+pub fn wake_if_waiting<I: Db + ?Sized>(ib: &I, redis_url: &str, correlation_id: &str) -> Result<i64, ApiError> {
+    let (waiting, _) = inbox::backlog(ib)?;
     if waiting > 0 {
         wake(redis_url, correlation_id).map_err(|detail| ApiError::Unavailable {
             dependency: "redis",
@@ -126,28 +135,29 @@ pub fn wake_if_waiting<D: Db + ?Sized>(db: &D, redis_url: &str, correlation_id: 
 /// at its end, even when it stopped on an error: its events published (one Redis connection,
 /// one statement marking them) and its rows removed (one statement). A row stepped but not yet
 /// removed when the drainer dies is stepped again by the next: a no-op, as every step is.
-fn drain_held<D: Db>(
+fn drain_held<D: Db, I: Db + ?Sized>(
     db: &D,
+    ib: &I,
     s: &Settings,
     publish: &mut impl FnMut(&D, &[Pending]),
     out: &mut Drained,
     until_ms: i64,
 ) -> Result<(), ApiError> {
     loop {
-        let entries = inbox::next(db, BATCH)?;
+        let entries = inbox::next(ib, BATCH)?;
         if entries.is_empty() {
             return Ok(());
         }
         let mut batch = Batch::default();
-        let worked = work_batch(db, s, &entries, &mut batch, out, until_ms);
+        let worked = work_batch(db, ib, s, &entries, &mut batch, out, until_ms);
         publish(db, &batch.pending);
-        let removed = inbox::done_all(db, &batch.done);
+        let removed = inbox::done_all(ib, &batch.done);
         worked?;
         removed?;
         if out.more {
             return Ok(());
         }
-        if !lease::renew(db, Kind::Job, LEASE, s.holder, now_ms(), LEASE_MS)? {
+        if !lease::renew(ib, Kind::Job, LEASE, s.holder, now_ms(), LEASE_MS)? {
             // It lapsed and another drainer has it: it goes on from here.
             return Ok(());
         }
@@ -169,8 +179,9 @@ struct Batch {
 /// batch. Should any row fail in it, nothing of it is kept and the batch is worked step by
 /// step, as on SQLite, where one transaction would hold the single write lock, and with it
 /// every webhook, for the whole batch.
-fn work_batch<D: Db>(
+fn work_batch<D: Db, I: Db + ?Sized>(
     db: &D,
+    ib: &I,
     s: &Settings,
     entries: &[inbox::Entry],
     batch: &mut Batch,
@@ -179,7 +190,7 @@ fn work_batch<D: Db>(
 ) -> Result<(), ApiError> {
     if db.dialect() == Dialect::Postgres {
         let (before, done, pending) = (out.clone(), batch.done.len(), batch.pending.len());
-        match transaction(db, |db| work_steps(&Grouped(db), s, entries, batch, out, until_ms)) {
+        match transaction(db, |db| work_steps(&Grouped(db), ib, s, entries, batch, out, until_ms)) {
             Ok(()) => return Ok(()),
             Err(e) => {
                 // Rolled back: nothing the group counted, removed or published happened.
@@ -190,14 +201,15 @@ fn work_batch<D: Db>(
             }
         }
     }
-    work_steps(db, s, entries, batch, out, until_ms)
+    work_steps(db, ib, s, entries, batch, out, until_ms)
 }
 
 /// The batch row by row, each step in its own transaction; or, on a `Grouped` connection, all
 /// in the caller's, where the first failure fails the batch (the rows are then worked again
-/// step by step, and a failure is booked on its row).
-fn work_steps<D: Db>(
+/// step by step, and a failure is booked on its row in the inbox, `ib`).
+fn work_steps<D: Db, I: Db + ?Sized>(
     db: &D,
+    ib: &I,
     s: &Settings,
     entries: &[inbox::Entry],
     batch: &mut Batch,
@@ -221,7 +233,7 @@ fn work_steps<D: Db>(
                 // The webhook parsed this body before storing it, so only a row it did not
                 // write (or a parser an upgrade changed) fails here. Nothing will make it
                 // parse: set aside for operators.
-                inbox::set_aside(db, &entry.id, &format!("{e:?}"), now_ms())?;
+                inbox::set_aside(ib, &entry.id, &format!("{e:?}"), now_ms())?;
                 crate::log::error_with("inbox", &entry.request_id, &format!("webhook {} set aside: {e:?}", entry.id));
                 out.set_aside += 1;
                 continue;
@@ -240,7 +252,7 @@ fn work_steps<D: Db>(
                     ApiError::Internal(cause) => format!("{cause:#}"),
                     other => other.to_string(),
                 };
-                if inbox::failed(db, &entry.id, &detail, now_ms())? {
+                if inbox::failed(ib, &entry.id, &detail, now_ms())? {
                     crate::log::error_with(
                         "inbox",
                         &entry.request_id,

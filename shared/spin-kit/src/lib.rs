@@ -65,19 +65,75 @@ impl astria_domain::config::Source for SpinVars {
     }
 }
 
-/// Opens the database `database_url` names, without the migration check: for a hot path whose
-/// first statement fails on a missing table anyway (then it calls [`open_db`] and tries again).
-pub fn open_db_unchecked() -> Result<db::SpinDb, error::ApiError> {
-    use astria_domain::config::ExposeSecret;
-    Ok(db::SpinDb::open_plain(astria_domain::config::database_url(&SpinVars)?.expose_secret())?)
-}
-
 /// Opens the database `database_url` names, migrated to the current schema.
 pub fn open_db() -> Result<db::SpinDb, error::ApiError> {
     use astria_domain::config::ExposeSecret;
     let db = db::SpinDb::open(astria_domain::config::database_url(&SpinVars)?.expose_secret())?;
     astria_store::migrations::ensure_migrated(&db, events::now_ms())?;
     Ok(db)
+}
+
+/// The label of SQLite's inbox database (spin.toml's `sqlite_databases`, defined in every
+/// runtime config): `astria_store::inbox` says why the inbox has a file of its own.
+pub const INBOX_LABEL: &str = "inbox";
+
+/// The inbox's connection beside the app's: on SQLite its own database, on PostgreSQL the
+/// app's connection itself.
+pub enum InboxDb<'a> {
+    Own(db::SpinDb),
+    Shared(&'a db::SpinDb),
+}
+
+impl std::ops::Deref for InboxDb<'_> {
+    type Target = db::SpinDb;
+    fn deref(&self) -> &db::SpinDb {
+        match self {
+            InboxDb::Own(db) => db,
+            InboxDb::Shared(db) => db,
+        }
+    }
+}
+
+/// Opens the inbox beside `app` ([`open_db`]'s connection), migrated. On SQLite a first
+/// migration of the inbox's database also moves over the rows an earlier release left in the
+/// app's (`astria_store::inbox::adopt`).
+pub fn open_inbox(app: &db::SpinDb) -> Result<InboxDb<'_>, error::ApiError> {
+    if let db::SpinDb::Postgres(_) = app {
+        return Ok(InboxDb::Shared(app));
+    }
+    let inbox = db::SpinDb::open(&format!("sqlite:{INBOX_LABEL}"))?;
+    if !astria_store::migrations::ensure_inbox_migrated(&inbox, events::now_ms())?.is_empty() {
+        astria_store::inbox::adopt(app, &inbox)?;
+    }
+    Ok(InboxDb::Own(inbox))
+}
+
+/// The webhook's connection: the inbox alone, without the migration check (its one statement
+/// fails on a missing table anyway; then [`migrate_inbox`] and try again). On SQLite the
+/// `inbox` database, so a webhook never opens the app's; on PostgreSQL the app's database.
+pub fn open_inbox_unchecked() -> Result<db::SpinDb, error::ApiError> {
+    use astria_domain::config::ExposeSecret;
+    let url = astria_domain::config::database_url(&SpinVars)?;
+    let url = url.expose_secret();
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(db::SpinDb::open_plain(url)?);
+    }
+    Ok(db::SpinDb::open_plain(&format!("sqlite:{INBOX_LABEL}"))?)
+}
+
+/// Puts the inbox's schema in place for [`open_inbox_unchecked`]'s connection: the app's
+/// database migrated first (on SQLite that renames the rows an earlier release left there,
+/// migration 21), then on SQLite the inbox's own, in write-ahead-log mode as [`db::SpinDb::open`]
+/// sets, and the earlier release's rows moved over before this webhook's row goes in, so
+/// they keep their place in arrival order.
+pub fn migrate_inbox(inbox: &db::SpinDb) -> Result<(), error::ApiError> {
+    let app = open_db()?;
+    if let db::SpinDb::Sqlite(conn) = inbox {
+        let _ = conn.execute("PRAGMA journal_mode=WAL", &[]);
+        astria_store::migrations::migrate_inbox(inbox, events::now_ms())?;
+        astria_store::inbox::adopt(&app, inbox)?;
+    }
+    Ok(())
 }
 
 pub use request::header;

@@ -122,8 +122,15 @@ fn in_batches<D: Db + ?Sized>(db: &D, sql: &str, params: &[Value], batch: i64) -
     }
 }
 
-/// Runs every rule once. Call while holding the lease.
-pub fn run<D: Db + ?Sized>(db: &D, now_ms: i64, keep: &Retention, batch: i64) -> Result<Report, DbError> {
+/// Runs every rule once, on the app's database `db` and the inbox's (`inbox`: on SQLite a
+/// database of its own, on PostgreSQL the same). Call while holding the lease.
+pub fn run<D: Db + ?Sized, I: Db + ?Sized>(
+    db: &D,
+    inbox: &I,
+    now_ms: i64,
+    keep: &Retention,
+    batch: i64,
+) -> Result<Report, DbError> {
     let before = |days: i64| Value::Int(now_ms - days * DAY_MS);
     let batch = batch.max(1);
     let mut r = Report::default();
@@ -161,7 +168,7 @@ pub fn run<D: Db + ?Sized>(db: &D, now_ms: i64, keep: &Retention, batch: i64) ->
     )?;
     // Webhooks the conversation worker set aside are the inbox's dead letters: kept as long.
     r.inbox_set_aside = in_batches(
-        db,
+        inbox,
         "DELETE FROM inbox WHERE id IN
             (SELECT id FROM inbox WHERE set_aside_at IS NOT NULL AND set_aside_at < $1 LIMIT $2)",
         &[before(keep.dead_letters)],

@@ -13,6 +13,14 @@
 //! once here, exactly once in effect. A row whose step keeps failing for a reason that is not
 //! an outage is set aside ([`set_aside`]) after [`MAX_ATTEMPTS`], so one bad body cannot stall
 //! every customer behind it; operators see it in the metrics and the log.
+//!
+//! Where the inbox lives: on PostgreSQL, a table of the app's database. On SQLite, a database
+//! of its own (Spin's `inbox` label; schema `migrations::INBOX_MIGRATIONS`), with the inbox's
+//! job lease beside it: SQLite has one writer per file, so in the app's file every webhook
+//! waited for the conversation steps' write lock, and Spin's new connection per request
+//! parsed the app's whole schema for an insert into one table (`docs/performance.md`). Every
+//! function here takes the inbox's connection; rows an earlier release left in the app's
+//! file are moved over by [`adopt`].
 
 use crate::{Db, DbError, Value};
 
@@ -198,4 +206,54 @@ pub fn backlog<D: Db + ?Sized>(db: &D) -> Result<(i64, Option<i64>), DbError> {
 pub fn set_aside_count<D: Db + ?Sized>(db: &D) -> Result<i64, DbError> {
     let rows = db.query("SELECT COUNT(*) FROM inbox WHERE set_aside_at IS NOT NULL", &[])?;
     rows.first().ok_or_else(|| DbError::Decode("no row from COUNT".into()))?.int(0)
+}
+
+/// Rows [`adopt`] moves per statement.
+const ADOPT_BATCH: i64 = 100;
+
+/// SQLite: moves the rows an earlier release left in the app's database (`inbox_legacy`,
+/// migration 21) into the inbox's own, as they were (arrival time, attempts, set aside or
+/// not); answers how many. Copy, then delete: a crash in between leaves a row in both, and
+/// the next call copies it again, which `ON CONFLICT` makes nothing (or, were it worked
+/// through meanwhile, a second step of it, which changes nothing: messages are deduped on
+/// their WhatsApp id and a status only moves a delivery forward). PostgreSQL has one
+/// database: nothing to do. Runs at the inbox's first migration and from the relay.
+pub fn adopt<D: Db + ?Sized, I: Db + ?Sized>(app: &D, inbox: &I) -> Result<usize, DbError> {
+    if app.dialect() != crate::Dialect::Sqlite || inbox.dialect() != crate::Dialect::Sqlite {
+        return Ok(0);
+    }
+    let mut moved = 0;
+    loop {
+        let rows = app.query(
+            "SELECT id, body, request_id, received_at, attempts, last_error, set_aside_at FROM inbox_legacy
+             ORDER BY received_at, id LIMIT ?1",
+            &[Value::Int(ADOPT_BATCH)],
+        )?;
+        if rows.is_empty() {
+            return Ok(moved);
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        crate::transaction(inbox, |inbox| {
+            for r in &rows {
+                inbox.execute(
+                    "INSERT INTO inbox (id, body, request_id, received_at, attempts, last_error, set_aside_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
+                    &r.0,
+                )?;
+            }
+            Ok::<_, DbError>(())
+        })?;
+        for r in &rows {
+            ids.push(r.text(0)?);
+        }
+        for chunk in ids.chunks(crate::LIST_CHUNK) {
+            let sql = format!("DELETE FROM inbox_legacy WHERE id IN ({})", crate::placeholders(1, chunk.len()));
+            let values: Vec<Value> = chunk.iter().map(|id| Value::from(id.as_str())).collect();
+            app.execute(&app.dialect().sql(&sql), &values)?;
+        }
+        moved += rows.len();
+        if (rows.len() as i64) < ADOPT_BATCH {
+            return Ok(moved);
+        }
+    }
 }

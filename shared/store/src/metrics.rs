@@ -56,7 +56,9 @@ pub struct Snapshot {
     pub inbox_set_aside: i64,
 }
 
-pub fn snapshot<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<Snapshot, DbError> {
+/// What the export shows, read from the app's database `db` and the inbox's (`inbox`: on
+/// SQLite a database of its own, on PostgreSQL the same; `crate::inbox` says why).
+pub fn snapshot<D: Db + ?Sized, I: Db + ?Sized>(db: &D, inbox: &I, now_ms: i64) -> Result<Snapshot, DbError> {
     let mut s = Snapshot::default();
     // Counts over the whole history come from the tallies (tallies.rs); everything else
     // reads what is waiting or open through an index, so no query here visits the history.
@@ -117,8 +119,8 @@ pub fn snapshot<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<Snapshot, DbError
     )?;
     s.disputes_open = disputes.first().map(|r| r.int(0)).transpose()?.unwrap_or(0);
     s.heartbeats = crate::heartbeats::since(db, now_ms - 24 * 3_600_000)?;
-    (s.inbox_waiting, s.inbox_oldest) = crate::inbox::backlog(db)?;
-    s.inbox_set_aside = crate::inbox::set_aside_count(db)?;
+    (s.inbox_waiting, s.inbox_oldest) = crate::inbox::backlog(inbox)?;
+    s.inbox_set_aside = crate::inbox::set_aside_count(inbox)?;
     Ok(s)
 }
 

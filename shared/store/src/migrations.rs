@@ -728,26 +728,64 @@ pub const MIGRATIONS: &[Migration] = &[
         ],
         ..PORTABLE
     },
+    Migration {
+        version: 21,
+        name: "SQLite's inbox moves to a database of its own",
+        // On SQLite the webhook's rows go to the `inbox` label's file (`INBOX_MIGRATIONS`):
+        // its insert no longer waits for the conversation steps' write lock, and its new
+        // connection per request parses the inbox's schema alone. The rows a previous release
+        // left here keep waiting under another name until `inbox::adopt` moves them over (at
+        // the inbox's first migration, and from the relay every minute); the inbox's lease
+        // moves with the inbox. PostgreSQL keeps the inbox in the app's database.
+        // The index goes (the rows left are read once, in arrival order, and are few), so that
+        // its name is free for the inbox's own.
+        sqlite: &[
+            "ALTER TABLE inbox RENAME TO inbox_legacy",
+            "DROP INDEX inbox_arrival",
+            "DELETE FROM job_leases WHERE name = 'inbox'",
+        ],
+        ..PORTABLE
+    },
 ];
 
 /// Applies every migration not yet recorded; answers the versions it applied.
 pub fn migrate<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<Vec<i64>, DbError> {
+    apply(db, "schema_migrations", MIGRATIONS, i64::MAX, now_ms)
+}
+
+/// Applies the migrations up to `version` only: for tests that write what an older release
+/// left before migrating the rest.
+pub fn migrate_up_to<D: Db + ?Sized>(db: &D, version: i64, now_ms: i64) -> Result<Vec<i64>, DbError> {
+    apply(db, "schema_migrations", MIGRATIONS, version, now_ms)
+}
+
+/// Applies the migrations of `list` not yet recorded in `table`, up to `up_to`, in one
+/// transaction; answers the versions it applied.
+fn apply<D: Db + ?Sized>(
+    db: &D,
+    table: &str,
+    list: &[Migration],
+    up_to: i64,
+    now_ms: i64,
+) -> Result<Vec<i64>, DbError> {
     transaction(db, |db| {
         if db.dialect() == Dialect::Postgres {
             db.execute("SELECT pg_advisory_xact_lock($1)", &[Value::Int(MIGRATION_LOCK)])?;
         }
         db.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
-                version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+            &format!(
+                "CREATE TABLE IF NOT EXISTS {table} (
+                version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)"
+            ),
             &[],
         )?;
         let applied: Vec<i64> = db
-            .query("SELECT version FROM schema_migrations", &[])?
+            .query(&format!("SELECT version FROM {table}"), &[])?
             .iter()
             .map(|r| r.int(0))
             .collect::<Result<_, _>>()?;
         let mut done = Vec::new();
-        for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
+        for m in list.iter().filter(|m| m.version <= up_to && !applied.contains(&m.version)) {
             let dialect = match db.dialect() {
                 Dialect::Sqlite => m.sqlite,
                 Dialect::Postgres => m.postgres,
@@ -756,7 +794,7 @@ pub fn migrate<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<Vec<i64>, DbError>
                 db.execute(stmt, &[])?;
             }
             db.execute(
-                &db.dialect().sql("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)"),
+                &db.dialect().sql(&format!("INSERT INTO {table} (version, name, applied_at) VALUES ($1, $2, $3)")),
                 &[Value::Int(m.version), Value::from(m.name), Value::Int(now_ms)],
             )?;
             done.push(m.version);
@@ -773,15 +811,71 @@ pub fn latest_version() -> i64 {
 /// Migrates only when the schema is behind: one cheap read on the hot path instead of a write
 /// transaction per request.
 pub fn ensure_migrated<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<(), DbError> {
-    let current = db
-        .query("SELECT MAX(version) FROM schema_migrations", &[])
-        .ok()
-        .and_then(|rows| rows.first().and_then(|r| r.opt_int(0).ok().flatten()))
-        .unwrap_or(0);
-    if current < latest_version() {
+    if current(db, "schema_migrations") < latest_version() {
         migrate(db, now_ms)?;
     }
     Ok(())
+}
+
+/// The newest version `table` records; 0 when it is not there yet.
+fn current<D: Db + ?Sized>(db: &D, table: &str) -> i64 {
+    db.query(&format!("SELECT MAX(version) FROM {table}"), &[])
+        .ok()
+        .and_then(|rows| rows.first().and_then(|r| r.opt_int(0).ok().flatten()))
+        .unwrap_or(0)
+}
+
+/// The schema of SQLite's inbox database (the `inbox` label, a file of its own: `crate::inbox`
+/// says why), recorded in its own table, `inbox_migrations`, so that its versions never meet
+/// the app's. Every statement tolerates what it creates being there already: pointed at the
+/// app's own file, the inbox label still works (the app's `job_leases` is then shared).
+pub const INBOX_MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "the inbox in a database of its own",
+    sql: &[
+        // As migration 16 wrote it in the app's database (and `job_leases` as migration 5):
+        // the inbox's lease lives beside the inbox, so that the webhook's one statement reads
+        // it under the same write lock as a drainer's release (`inbox::accept`).
+        "CREATE TABLE IF NOT EXISTS inbox (
+            id TEXT PRIMARY KEY,
+            body TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            received_at BIGINT NOT NULL,
+            attempts BIGINT NOT NULL DEFAULT 0,
+            last_error TEXT,
+            set_aside_at BIGINT
+        )",
+        "CREATE INDEX IF NOT EXISTS inbox_arrival ON inbox (received_at, id)",
+        "CREATE TABLE IF NOT EXISTS job_leases (
+            name TEXT PRIMARY KEY,
+            holder TEXT NOT NULL,
+            lease_until BIGINT NOT NULL
+        )",
+    ],
+    ..PORTABLE
+}];
+
+/// Migrates the inbox's database: on SQLite the inbox's own schema ([`INBOX_MIGRATIONS`]); on
+/// PostgreSQL, where the inbox is a table of the app's database, the app's ([`migrate`]).
+/// Answers the versions it applied.
+pub fn migrate_inbox<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<Vec<i64>, DbError> {
+    match db.dialect() {
+        Dialect::Sqlite => apply(db, "inbox_migrations", INBOX_MIGRATIONS, i64::MAX, now_ms),
+        Dialect::Postgres => migrate(db, now_ms),
+    }
+}
+
+/// [`migrate_inbox`] only when the inbox's schema is behind (one read); answers the versions
+/// it applied.
+pub fn ensure_inbox_migrated<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<Vec<i64>, DbError> {
+    let (table, latest) = match db.dialect() {
+        Dialect::Sqlite => ("inbox_migrations", INBOX_MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0)),
+        Dialect::Postgres => ("schema_migrations", latest_version()),
+    };
+    if current(db, table) < latest {
+        return migrate_inbox(db, now_ms);
+    }
+    Ok(vec![])
 }
 
 #[cfg(test)]

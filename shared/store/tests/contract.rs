@@ -11,7 +11,7 @@ use astria_store::images;
 use astria_store::inbox;
 use astria_store::lease;
 use astria_store::messages;
-use astria_store::migrations::{latest_version, migrate};
+use astria_store::migrations::{latest_version, migrate, migrate_inbox};
 use astria_store::native::{Pg, Sqlite};
 use astria_store::outbox::{self, status, Attempt, RelayPolicy};
 use astria_store::repo::{self, NewOrder};
@@ -59,6 +59,23 @@ fn on_both(suite: fn(&dyn Fn() -> Box<dyn Db + Send>)) {
 
     let db = PgDatabase::new();
     suite(&|| Box::new(db.connect()));
+}
+
+/// Like [`on_both`], with the inbox's database beside the app's, both migrated: on SQLite a
+/// file of its own (as the components' `inbox` label), on PostgreSQL the app's database.
+fn on_both_with_inbox(suite: fn(&dyn Db, &dyn Db)) {
+    let dir = tempfile::tempdir().unwrap();
+    let app = Sqlite::open(&dir.path().join("store.db")).unwrap();
+    let inbox = Sqlite::open(&dir.path().join("inbox.db")).unwrap();
+    migrate(&app, 0).unwrap();
+    migrate_inbox(&inbox, 0).unwrap();
+    suite(&app, &inbox);
+
+    let database = PgDatabase::new();
+    let db = database.connect();
+    migrate(&db, 0).unwrap();
+    assert!(migrate_inbox(&db, 0).unwrap().is_empty(), "PostgreSQL's inbox is the app's database");
+    suite(&db, &db);
 }
 
 fn event(id: &str) -> EventEnvelope {
@@ -157,6 +174,8 @@ fn an_upgrade_finds_the_orders_and_portraits_the_previous_releases_wrote() {
         let newer: Vec<i64> =
             astria_store::migrations::MIGRATIONS.iter().map(|m| m.version).filter(|v| *v > 13).collect();
         assert_eq!(migrate(db, 200).unwrap(), newer);
+        // `tallied` reads the metrics, the inbox's figures too.
+        migrate_inbox(db, 200).unwrap();
         // Migration 17 counted what the previous releases wrote, and found their events' orders.
         assert_eq!(tallied(db), counted_over_every_row(db));
         assert_eq!(tallied(db).0, [("delivering".to_string(), 1), ("paid".to_string(), 1)]);
@@ -787,8 +806,8 @@ fn ids(db: &dyn Db, sql: &str) -> Vec<String> {
     v
 }
 
-/// Records of every age and status. Ages in days before NOW.
-fn seed(db: &dyn Db) {
+/// Records of every age and status, the inbox's in `inbox`. Ages in days before NOW.
+fn seed(db: &dyn Db, inbox: &dyn Db) {
     let ago = |days: i64| NOW - days * DAY;
     for (source, id, age) in [("whatsapp", "old", 31), ("stripe", "recent", 1)] {
         exec(db, &format!("INSERT INTO processed_webhooks VALUES ('{source}', '{id}', {})", ago(age)));
@@ -876,7 +895,7 @@ fn seed(db: &dyn Db) {
     // inbox: (id, set aside days ago): set aside long ago, lately, and a row still waiting.
     for (id, set_aside) in [("inbox-aside-old", Some(91)), ("inbox-aside-recent", Some(10)), ("inbox-waiting", None)] {
         let at = set_aside.map(|d| ago(d).to_string()).unwrap_or("NULL".into());
-        exec(db, &format!(
+        exec(inbox, &format!(
             "INSERT INTO inbox (id, body, request_id, received_at, set_aside_at) VALUES ('{id}', '{{}}', 'r', {}, {at})",
             ago(100)
         ));
@@ -887,13 +906,11 @@ fn seed(db: &dyn Db) {
 
 #[test]
 fn the_cleanup_removes_exactly_what_retention_says_and_a_second_run_nothing() {
-    on_both(|connect| {
-        let db = connect();
-        migrate(db.as_ref(), 0).unwrap();
-        seed(db.as_ref());
+    on_both_with_inbox(|db, inbox| {
+        seed(db, inbox);
         let keep = cleanup::Retention::default();
         // A batch of 2 makes every rule go round more than once.
-        let report = cleanup::run(db.as_ref(), NOW, &keep, 2).unwrap();
+        let report = cleanup::run(db, inbox, NOW, &keep, 2).unwrap();
         assert_eq!(
             report,
             cleanup::Report {
@@ -915,11 +932,10 @@ fn the_cleanup_removes_exactly_what_retention_says_and_a_second_run_nothing() {
                 generated_images: 1,
             }
         );
-        let db = db.as_ref();
         assert_eq!(ids(db, "SELECT external_id FROM processed_webhooks"), ["recent"]);
         assert_eq!(ids(db, "SELECT id FROM outbox"), ["dead-recent", "done-recent", "pending-old"]);
         assert_eq!(
-            ids(db, "SELECT id FROM inbox"),
+            ids(inbox, "SELECT id FROM inbox"),
             ["inbox-aside-recent", "inbox-waiting"],
             "a waiting row is never removed"
         );
@@ -957,7 +973,7 @@ fn the_cleanup_removes_exactly_what_retention_says_and_a_second_run_nothing() {
         assert_eq!(ids(db, "SELECT wa_id FROM send_leases"), ["live-lease"]);
         assert_eq!(ids(db, "SELECT url FROM generated_images"), ["https://mp.astria.ai/new.jpg"]);
 
-        let again = cleanup::run(db, NOW, &keep, 2).unwrap();
+        let again = cleanup::run(db, inbox, NOW, &keep, 2).unwrap();
         assert!(again.is_empty(), "second run: {again:?}");
     });
 }
@@ -1123,6 +1139,8 @@ fn portraits_held_after_stop_keep_their_contact_until_given_up_then_go() {
         let db = connect();
         let db = db.as_ref();
         migrate(db, 0).unwrap();
+        // The cleanup below looks at the inbox too: here in the same file (SQLite).
+        migrate_inbox(db, 0).unwrap();
         let ago = |days: i64| NOW - days * DAY;
         exec(
             db,
@@ -1150,7 +1168,7 @@ fn portraits_held_after_stop_keep_their_contact_until_given_up_then_go() {
             exec(db, &format!("INSERT INTO generated_images VALUES ('o-held', '{url}', 1, '{m}', {})", ago(40)));
         }
         // The weekly cleanup leaves an opted-out contact alone while portraits wait for START.
-        cleanup::run(db, NOW, &cleanup::Retention::default(), 100).unwrap();
+        cleanup::run(db, db, NOW, &cleanup::Retention::default(), 100).unwrap();
         assert_eq!(ids(db, "SELECT id FROM outbound_messages"), ["held-1", "held-2", "held-new"]);
         assert_eq!(ids(db, "SELECT wa_id FROM contacts"), ["quiet"]);
         assert_eq!(ids(db, "SELECT message_id FROM generated_images"), ["held-1", "held-2"], "the links to the order");
@@ -1171,11 +1189,8 @@ fn portraits_held_after_stop_keep_their_contact_until_given_up_then_go() {
 #[test]
 fn the_metrics_snapshot_counts_exactly_what_the_tables_hold() {
     use astria_store::metrics;
-    on_both(|connect| {
-        let db = connect();
-        let db = db.as_ref();
-        migrate(db, 0).unwrap();
-        assert_eq!(metrics::snapshot(db, 1).unwrap().delivery_count, 0, "an empty database has no deliveries");
+    on_both_with_inbox(|db, inbox| {
+        assert_eq!(metrics::snapshot(db, inbox, 1).unwrap().delivery_count, 0, "an empty database has no deliveries");
         repo::touch_contact(db, "16505551234", None, 1_000).unwrap();
         let order = |id: &str, status: &str, updated: i64, paid: Option<i64>| {
             let paid = paid.map(Value::Int).unwrap_or(Value::Null);
@@ -1230,7 +1245,13 @@ fn the_metrics_snapshot_counts_exactly_what_the_tables_hold() {
         heartbeats::record(db, "a", "astria.orders", 1_000_000).unwrap();
         heartbeats::record(db, "a", "astria.orders", 1_500_000).unwrap();
         heartbeats::record(db, "b", "astria.orders", 1_500_000 - 2 * 86_400_000).unwrap();
-        let s = metrics::snapshot(db, 1_600_000).unwrap();
+        // The inbox's figures come from the inbox's database (on SQLite a file of its own).
+        for (id, at) in [("aside", 1_400_000), ("older", 1_450_000), ("newer", 1_550_000)] {
+            inbox::accept(inbox, id, "{}", "r", at).unwrap();
+        }
+        inbox::set_aside(inbox, "aside", "boom", 1_500_000).unwrap();
+        let s = metrics::snapshot(db, inbox, 1_600_000).unwrap();
+        assert_eq!((s.inbox_waiting, s.inbox_oldest, s.inbox_set_aside), (2, Some(1_450_000), 1));
         let heard: Vec<(&str, &str, i64)> =
             s.heartbeats.iter().map(|h| (h.channel.as_str(), h.replica.as_str(), h.seen_at)).collect();
         assert_eq!(heard, [("astria.orders", "a", 1_500_000)]);
@@ -1272,9 +1293,10 @@ fn counted_over_every_row(db: &dyn Db) -> (Vec<(String, i64)>, i64, Vec<i64>, i6
     (orders, portraits, buckets, count, sum, refunds)
 }
 
-/// The metrics' history counts as the tallies keep them, in [`counted_over_every_row`]'s shape.
+/// The metrics' history counts as the tallies keep them, in [`counted_over_every_row`]'s shape
+/// (the inbox's figures, which the snapshot reads too, from the same database).
 fn tallied(db: &dyn Db) -> (Vec<(String, i64)>, i64, Vec<i64>, i64, i64, Vec<(String, i64)>) {
-    let s = astria_store::metrics::snapshot(db, NOW).unwrap();
+    let s = astria_store::metrics::snapshot(db, db, NOW).unwrap();
     let mut orders: Vec<(String, i64)> = s.orders.iter().map(|(st, n, _)| (st.clone(), *n)).collect();
     orders.sort();
     (orders, s.portraits_delivered, s.delivery_buckets, s.delivery_count, s.delivery_sum_ms, s.refunds)
@@ -1292,12 +1314,14 @@ fn the_tallies_follow_every_change_folded_or_not() {
         let db = connect();
         let db = db.as_ref();
         migrate(db, 0).unwrap();
+        // The cleanup below looks at the inbox too: here in the same file (SQLite).
+        migrate_inbox(db, 0).unwrap();
         let check = |when: &str| {
             let (want, got) = (counted_over_every_row(db), tallied(db));
             assert_eq!(got, want, "{when}: tallied (left) against counted (right)");
         };
         check("empty");
-        seed(db);
+        seed(db, db);
         exec(db, "UPDATE orders SET paid_at = updated_at - 100000 WHERE status = 'delivered'");
         check("seeded");
         // Through the statuses, the way the app moves an order.
@@ -1352,7 +1376,7 @@ fn the_tallies_follow_every_change_folded_or_not() {
         exec(db, "UPDATE refunds SET attempts = 2 WHERE id = 'r1'");
         check("refunds");
         // The weekly cleanup removes orders, messages and portraits by the batch.
-        let report = cleanup::run(db, NOW, &cleanup::Retention::default(), 2).unwrap();
+        let report = cleanup::run(db, db, NOW, &cleanup::Retention::default(), 2).unwrap();
         assert!(report.orders_removed + report.messages_removed + report.generated_images > 0, "{report:?}");
         check("cleaned up");
         tallies::fold(db).unwrap();
@@ -1674,23 +1698,20 @@ fn saving_a_known_contacts_step_refreshes_the_profile_and_the_window_forward_onl
 /// statement binds.
 #[test]
 fn lists_longer_than_one_statement_binds_are_marked_and_removed_whole() {
-    on_both(|connect| {
-        let db = connect();
-        let db = db.as_ref();
-        migrate(db, 0).unwrap();
+    on_both_with_inbox(|db, ib| {
         let n = astria_store::LIST_CHUNK * 2 + 1;
         let ids: Vec<String> = (0..n).map(|i| format!("e{i}")).collect();
         for id in &ids {
             outbox::enqueue(db, "orders", &event(id), 1, &POLICY).unwrap();
-            inbox::accept(db, id, "{}", "req", 1).unwrap();
+            inbox::accept(ib, id, "{}", "req", 1).unwrap();
         }
         let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
         outbox::mark_published_all(db, &refs[1..]).unwrap();
         let published =
             db.query("SELECT COUNT(*) FROM outbox WHERE status = 'published'", &[]).unwrap()[0].int(0).unwrap();
         assert_eq!(published, n as i64 - 1);
-        inbox::done_all(db, &ids[1..]).unwrap();
-        assert_eq!(inbox::next(db, 10).unwrap().iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), vec!["e0"]);
+        inbox::done_all(ib, &ids[1..]).unwrap();
+        assert_eq!(inbox::next(ib, 10).unwrap().iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), vec!["e0"]);
     });
 }
 
@@ -1758,7 +1779,7 @@ fn an_inbox_row_is_stored_once_per_body_without_a_migrated_schema_it_says_so() {
         // migrates): SQLite's "no such table", PostgreSQL's 42883 (its function is not there yet).
         let missing = inbox::accept(db.as_ref(), "h1", "{}", "r1", 1).unwrap_err();
         assert!(missing.is_missing_schema(), "{missing:?}");
-        migrate(db.as_ref(), 1).unwrap();
+        migrate_inbox(db.as_ref(), 1).unwrap();
         assert_eq!(inbox::accept(db.as_ref(), "h1", r#"{"a":1}"#, "r1", 10).unwrap(), NEW);
         assert_eq!(
             inbox::accept(db.as_ref(), "h1", r#"{"a":1}"#, "r2", 11).unwrap(),
@@ -1794,7 +1815,7 @@ fn storing_a_body_says_whether_a_worker_holds_the_inbox() {
     on_both(|connect| {
         let db = connect();
         let db = db.as_ref();
-        migrate(db, 1).unwrap();
+        migrate_inbox(db, 1).unwrap();
         assert_eq!(inbox::accept(db, "a", "{}", "r", 100).unwrap(), NEW, "nobody drains");
         assert!(lease::acquire(db, lease::Kind::Job, inbox::LEASE, "worker", 100, 1_000).unwrap());
         assert_eq!(inbox::accept(db, "b", "{}", "r", 200).unwrap(), inbox::Accepted::New { draining: true });
@@ -1880,11 +1901,62 @@ fn a_webhook_during_a_release_reads_the_lease_released_postgres() {
     assert_eq!(accepting.join().unwrap(), NEW, "the lease read after the release committed: a worker is woken");
 }
 
+/// What an earlier release left waiting in the inbox of the app's database (before migration
+/// 21): three rows, one of them set aside and one with failed steps, and its drainer's lease.
+fn leave_rows_as_release_20_did(db: &dyn Db) {
+    astria_store::migrations::migrate_up_to(db, 20, 0).unwrap();
+    exec(db, "INSERT INTO inbox (id, body, request_id, received_at) VALUES ('second', '{}', 'r2', 200)");
+    exec(db, "INSERT INTO inbox (id, body, request_id, received_at, attempts) VALUES ('first', '{}', 'r1', 100, 2)");
+    exec(
+        db,
+        "INSERT INTO inbox (id, body, request_id, received_at, attempts, last_error, set_aside_at)
+         VALUES ('aside', 'x', 'r0', 50, 5, 'boom', 60)",
+    );
+    exec(db, "INSERT INTO job_leases (name, holder, lease_until) VALUES ('inbox', 'old-drainer', 99999999999999)");
+}
+
+/// SQLite: an upgrade moves the rows an earlier release left in the app's database into the
+/// inbox's own, as they were (arrival order, failed steps, set aside), and once: a row that
+/// is in both (a move cut short between its copy and its delete) is not doubled. The old
+/// drainer's lease does not hold the new inbox. PostgreSQL keeps its one database: nothing
+/// moves and every row is where it was.
+#[test]
+fn an_upgrade_moves_the_inbox_rows_an_earlier_release_left_in_the_app_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = Sqlite::open(&dir.path().join("store.db")).unwrap();
+    let ib = Sqlite::open(&dir.path().join("inbox.db")).unwrap();
+    leave_rows_as_release_20_did(&app);
+    assert_eq!(migrate(&app, 1).unwrap(), [21]);
+    assert_eq!(migrate_inbox(&ib, 1).unwrap(), [1]);
+    assert_eq!(inbox::accept(&ib, "new", "{}", "r3", 300).unwrap(), NEW, "the old drainer's lease is not the inbox's");
+    assert_eq!(inbox::adopt(&app, &ib).unwrap(), 3);
+    let waiting = inbox::next(&ib, 10).unwrap();
+    assert_eq!(
+        waiting.iter().map(|e| (e.id.as_str(), e.attempts)).collect::<Vec<_>>(),
+        [("first", 2), ("second", 0), ("new", 0)]
+    );
+    assert_eq!(inbox::set_aside_count(&ib).unwrap(), 1, "set aside stays set aside");
+    assert_eq!(ids(&app, "SELECT id FROM inbox_legacy"), Vec::<String>::new());
+    assert_eq!(inbox::adopt(&app, &ib).unwrap(), 0, "moved once");
+    // A move cut short: the row was copied, not yet deleted. Moved again, it stays one row.
+    exec(&app, "INSERT INTO inbox_legacy (id, body, request_id, received_at) VALUES ('first', '{}', 'r1', 100)");
+    assert_eq!(inbox::adopt(&app, &ib).unwrap(), 1);
+    assert_eq!(inbox::next(&ib, 10).unwrap().len(), 3);
+    assert_eq!(ids(&app, "SELECT id FROM inbox_legacy"), Vec::<String>::new());
+
+    let database = PgDatabase::new();
+    let db = database.connect();
+    leave_rows_as_release_20_did(&db);
+    assert_eq!(migrate(&db, 1).unwrap(), [21]);
+    assert_eq!(inbox::adopt(&db, &db).unwrap(), 0);
+    assert_eq!(inbox::next(&db, 10).unwrap().iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["first", "second"]);
+}
+
 #[test]
 fn inbox_rows_come_in_arrival_order_and_a_failing_one_is_set_aside_after_its_attempts() {
     on_both(|connect| {
         let db = connect();
-        migrate(db.as_ref(), 1).unwrap();
+        migrate_inbox(db.as_ref(), 1).unwrap();
         // Arrival order, not key order: "c" came first.
         for (id, at) in [("c", 100), ("a", 200), ("b", 300)] {
             assert_eq!(inbox::accept(db.as_ref(), id, "{}", "r", at).unwrap(), NEW);

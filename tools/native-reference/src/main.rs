@@ -11,6 +11,9 @@
 //! so its `webhook` module is compiled in here from its own source file, unchanged: the same
 //! code, not a copy. Its Spin-facing parts (`receive`, `verify`) are never called natively.
 //!
+//! On SQLite the file at PATH is an inbox database, as the `inbox` label's under Spin (the
+//! inbox's schema alone, `astria_store::migrations::migrate_inbox`).
+//!
 //! Usage: `native-reference --listen 127.0.0.1:PORT --database-url (sqlite:PATH|postgres://...)
 //! --redis-url redis://... [--fresh-connections] [--var name=value]...`; variables not given take
 //! spin.toml's defaults.
@@ -122,7 +125,7 @@ impl Server {
         }
         let mut w = self.worker()?;
         let stored = webhook::store(&w.db, body, request_id, || {
-            astria_store::migrations::migrate(&w.db, now_ms()).map(drop).map_err(ApiError::from)
+            astria_store::migrations::migrate_inbox(&w.db, now_ms()).map(drop).map_err(ApiError::from)
         })?;
         accepted.queued = stored.queued;
         if stored.wake {
