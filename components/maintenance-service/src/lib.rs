@@ -206,9 +206,16 @@ fn relay(request_id: &str) -> Result<Response, ApiError> {
     // stops booking, and the metrics route shows it (astria_store::heartbeats).
     let heartbeats = spin_kit::heartbeat::publish(redis_url, request_id);
     // Webhooks stored while Redis was down, or left by a worker that died: wake a worker. On
-    // SQLite, first any an earlier release left in the app's database (`inbox::adopt`).
+    // SQLite, first any that a move from an earlier release's database left behind
+    // (`inbox::adopt`); best effort, as the wake-up must not wait on it.
     let inbox = spin_kit::open_inbox(&db)?;
-    let inbox_adopted = astria_store::inbox::adopt(&db, &*inbox)?;
+    let inbox_adopted = astria_store::inbox::adopt(&db, &*inbox).unwrap_or_else(|e| {
+        spin_kit::log::warn(
+            "maintenance.relay",
+            &format!("inbox rows of the app's database not moved, left for the next run: {e}"),
+        );
+        0
+    });
     let inbox_waiting = spin_kit::inbox::wake_if_waiting(&*inbox, redis_url, request_id)?;
     if report.republished > 0
         || report.dead_lettered > 0

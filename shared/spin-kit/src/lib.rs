@@ -94,16 +94,16 @@ impl std::ops::Deref for InboxDb<'_> {
     }
 }
 
-/// Opens the inbox beside `app` ([`open_db`]'s connection), migrated. On SQLite a first
-/// migration of the inbox's database also moves over the rows an earlier release left in the
-/// app's (`astria_store::inbox::adopt`).
+/// Opens the inbox beside `app` ([`open_db`]'s connection), migrated. On SQLite the inbox's
+/// first migration also moves in the rows an earlier release left in the app's database
+/// (`astria_store::inbox::migrate_adopting`).
 pub fn open_inbox(app: &db::SpinDb) -> Result<InboxDb<'_>, error::ApiError> {
     if let db::SpinDb::Postgres(_) = app {
         return Ok(InboxDb::Shared(app));
     }
     let inbox = db::SpinDb::open(&format!("sqlite:{INBOX_LABEL}"))?;
-    if !astria_store::migrations::ensure_inbox_migrated(&inbox, events::now_ms())?.is_empty() {
-        astria_store::inbox::adopt(app, &inbox)?;
+    if !astria_store::migrations::inbox_is_current(&inbox) {
+        astria_store::inbox::migrate_adopting(app, &inbox, events::now_ms())?;
     }
     Ok(InboxDb::Own(inbox))
 }
@@ -124,14 +124,13 @@ pub fn open_inbox_unchecked() -> Result<db::SpinDb, error::ApiError> {
 /// Puts the inbox's schema in place for [`open_inbox_unchecked`]'s connection: the app's
 /// database migrated first (on SQLite that renames the rows an earlier release left there,
 /// migration 21), then on SQLite the inbox's own, in write-ahead-log mode as [`db::SpinDb::open`]
-/// sets, and the earlier release's rows moved over before this webhook's row goes in, so
-/// they keep their place in arrival order.
+/// sets, with the earlier release's rows moved in as it is created, so they keep their place
+/// in arrival order (`astria_store::inbox::migrate_adopting`).
 pub fn migrate_inbox(inbox: &db::SpinDb) -> Result<(), error::ApiError> {
     let app = open_db()?;
     if let db::SpinDb::Sqlite(conn) = inbox {
         let _ = conn.execute("PRAGMA journal_mode=WAL", &[]);
-        astria_store::migrations::migrate_inbox(inbox, events::now_ms())?;
-        astria_store::inbox::adopt(&app, inbox)?;
+        astria_store::inbox::migrate_adopting(&app, inbox, events::now_ms())?;
     }
     Ok(())
 }

@@ -208,52 +208,86 @@ pub fn set_aside_count<D: Db + ?Sized>(db: &D) -> Result<i64, DbError> {
     rows.first().ok_or_else(|| DbError::Decode("no row from COUNT".into()))?.int(0)
 }
 
-/// Rows [`adopt`] moves per statement.
+/// Rows [`adopt`] reads per statement.
 const ADOPT_BATCH: i64 = 100;
 
-/// SQLite: moves the rows an earlier release left in the app's database (`inbox_legacy`,
-/// migration 21) into the inbox's own, as they were (arrival time, attempts, set aside or
-/// not); answers how many. Copy, then delete: a crash in between leaves a row in both, and
-/// the next call copies it again, which `ON CONFLICT` makes nothing (or, were it worked
-/// through meanwhile, a second step of it, which changes nothing: messages are deduped on
-/// their WhatsApp id and a status only moves a delivery forward). PostgreSQL has one
-/// database: nothing to do. Runs at the inbox's first migration and from the relay.
+/// Migrates the inbox's database (`migrations::migrate_inbox`) and, on SQLite, when that
+/// creates the inbox, moves in the rows an earlier release left in the app's database
+/// (`inbox_legacy`, migration 21) in the same transaction: it holds the inbox's write lock, so
+/// no webhook stores a row, and no drainer takes one, before the earlier rows are in, and they
+/// keep their place in arrival order. Then removes them from the app's database. Call with
+/// the app's database migrated. Answers the rows moved.
+pub fn migrate_adopting<D: Db + ?Sized, I: Db + ?Sized>(app: &D, inbox: &I, now_ms: i64) -> Result<usize, DbError> {
+    if inbox.dialect() != crate::Dialect::Sqlite || app.dialect() != crate::Dialect::Sqlite {
+        crate::migrations::migrate_inbox(inbox, now_ms)?;
+        return Ok(0);
+    }
+    let (ids, moved) = crate::transaction(inbox, |ib| {
+        let ib = crate::Grouped(ib);
+        if crate::migrations::migrate_inbox(&ib, now_ms)?.is_empty() {
+            return Ok((vec![], 0));
+        }
+        copy_legacy(app, &ib)
+    })?;
+    delete_legacy(app, &ids)?;
+    Ok(moved)
+}
+
+/// SQLite: moves the rows an earlier release left in the app's database into the inbox's own,
+/// as they were (arrival time, attempts, set aside or not), and answers how many were new.
+/// [`migrate_adopting`] does this as the inbox is created; this is for what a move cut short
+/// left (the copy committed, the delete not), and runs from the relay every minute. Each row
+/// is moved once ever: the inbox's database remembers the ids it took (`inbox_adopted`), so a
+/// row copied again after it was worked through and removed is not stepped a second time (a
+/// preference would otherwise be applied again over a newer one). PostgreSQL has one
+/// database: nothing to do.
 pub fn adopt<D: Db + ?Sized, I: Db + ?Sized>(app: &D, inbox: &I) -> Result<usize, DbError> {
     if app.dialect() != crate::Dialect::Sqlite || inbox.dialect() != crate::Dialect::Sqlite {
         return Ok(0);
     }
-    let mut moved = 0;
+    let (ids, moved) = crate::transaction(inbox, |ib| copy_legacy(app, ib))?;
+    delete_legacy(app, &ids)?;
+    Ok(moved)
+}
+
+/// Copies every row of `inbox_legacy` not taken before into the inbox, inside the caller's
+/// transaction on `inbox`; answers the ids read (to delete) and how many rows were new.
+fn copy_legacy<D: Db + ?Sized, I: Db + ?Sized>(app: &D, inbox: &I) -> Result<(Vec<String>, usize), DbError> {
+    let (mut ids, mut moved) = (Vec::new(), 0);
+    let mut after = (i64::MIN, String::new());
     loop {
         let rows = app.query(
             "SELECT id, body, request_id, received_at, attempts, last_error, set_aside_at FROM inbox_legacy
-             ORDER BY received_at, id LIMIT ?1",
-            &[Value::Int(ADOPT_BATCH)],
+             WHERE (received_at, id) > (?1, ?2) ORDER BY received_at, id LIMIT ?3",
+            &[Value::Int(after.0), Value::from(after.1.as_str()), Value::Int(ADOPT_BATCH)],
         )?;
-        if rows.is_empty() {
-            return Ok(moved);
-        }
-        let mut ids = Vec::with_capacity(rows.len());
-        crate::transaction(inbox, |inbox| {
-            for r in &rows {
-                inbox.execute(
-                    "INSERT INTO inbox (id, body, request_id, received_at, attempts, last_error, set_aside_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
-                    &r.0,
-                )?;
-            }
-            Ok::<_, DbError>(())
-        })?;
         for r in &rows {
-            ids.push(r.text(0)?);
+            let id = r.text(0)?;
+            moved += inbox.execute(
+                "INSERT INTO inbox (id, body, request_id, received_at, attempts, last_error, set_aside_at)
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7 WHERE NOT EXISTS (SELECT 1 FROM inbox_adopted WHERE id = ?1)
+                 ON CONFLICT (id) DO NOTHING",
+                &r.0,
+            )? as usize;
+            inbox.execute(
+                "INSERT INTO inbox_adopted (id) VALUES (?1) ON CONFLICT (id) DO NOTHING",
+                &[Value::from(id.as_str())],
+            )?;
+            after = (r.int(3)?, id.clone());
+            ids.push(id);
         }
-        for chunk in ids.chunks(crate::LIST_CHUNK) {
-            let sql = format!("DELETE FROM inbox_legacy WHERE id IN ({})", crate::placeholders(1, chunk.len()));
-            let values: Vec<Value> = chunk.iter().map(|id| Value::from(id.as_str())).collect();
-            app.execute(&app.dialect().sql(&sql), &values)?;
-        }
-        moved += rows.len();
         if (rows.len() as i64) < ADOPT_BATCH {
-            return Ok(moved);
+            return Ok((ids, moved));
         }
     }
+}
+
+/// Removes moved rows from the app's database.
+fn delete_legacy<D: Db + ?Sized>(app: &D, ids: &[String]) -> Result<(), DbError> {
+    for chunk in ids.chunks(crate::LIST_CHUNK) {
+        let sql = format!("DELETE FROM inbox_legacy WHERE id IN ({})", crate::placeholders(1, chunk.len()));
+        let values: Vec<Value> = chunk.iter().map(|id| Value::from(id.as_str())).collect();
+        app.execute(&app.dialect().sql(&sql), &values)?;
+    }
+    Ok(())
 }

@@ -828,7 +828,11 @@ fn current<D: Db + ?Sized>(db: &D, table: &str) -> i64 {
 /// The schema of SQLite's inbox database (the `inbox` label, a file of its own: `crate::inbox`
 /// says why), recorded in its own table, `inbox_migrations`, so that its versions never meet
 /// the app's. Every statement tolerates what it creates being there already: pointed at the
-/// app's own file, the inbox label still works (the app's `job_leases` is then shared).
+/// app's own file, the inbox label still works (the app's `job_leases` is then shared), as
+/// long as the app's migrations run first, as every caller does (`spin_kit::open_inbox` and
+/// `migrate_inbox` open the app's database migrated before the inbox's): run before migration
+/// 21 there, this would find release 20's `inbox` and create nothing, and 21 would then
+/// rename that table away.
 pub const INBOX_MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     name: "the inbox in a database of its own",
@@ -851,6 +855,9 @@ pub const INBOX_MIGRATIONS: &[Migration] = &[Migration {
             holder TEXT NOT NULL,
             lease_until BIGINT NOT NULL
         )",
+        // The ids of rows moved in from the app's database (`inbox::adopt`): each is moved
+        // once ever. Written once, at the upgrade from a release before migration 21.
+        "CREATE TABLE IF NOT EXISTS inbox_adopted (id TEXT PRIMARY KEY)",
     ],
     ..PORTABLE
 }];
@@ -865,17 +872,14 @@ pub fn migrate_inbox<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<Vec<i64>, Db
     }
 }
 
-/// [`migrate_inbox`] only when the inbox's schema is behind (one read); answers the versions
-/// it applied.
-pub fn ensure_inbox_migrated<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<Vec<i64>, DbError> {
-    let (table, latest) = match db.dialect() {
-        Dialect::Sqlite => ("inbox_migrations", INBOX_MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0)),
-        Dialect::Postgres => ("schema_migrations", latest_version()),
-    };
-    if current(db, table) < latest {
-        return migrate_inbox(db, now_ms);
+/// Whether the inbox's schema is current (one read): when not, `inbox::migrate_adopting`.
+pub fn inbox_is_current<D: Db + ?Sized>(db: &D) -> bool {
+    match db.dialect() {
+        Dialect::Sqlite => {
+            current(db, "inbox_migrations") >= INBOX_MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0)
+        }
+        Dialect::Postgres => current(db, "schema_migrations") >= latest_version(),
     }
-    Ok(vec![])
 }
 
 #[cfg(test)]

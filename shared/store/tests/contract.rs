@@ -1915,41 +1915,61 @@ fn leave_rows_as_release_20_did(db: &dyn Db) {
     exec(db, "INSERT INTO job_leases (name, holder, lease_until) VALUES ('inbox', 'old-drainer', 99999999999999)");
 }
 
+/// Every column of the inbox's rows, in arrival order.
+fn inbox_rows(db: &dyn Db, table: &str) -> Vec<Vec<Value>> {
+    let sql = format!(
+        "SELECT id, body, request_id, received_at, attempts, last_error, set_aside_at FROM {table} ORDER BY received_at, id"
+    );
+    db.query(&sql, &[]).unwrap().into_iter().map(|r| r.0).collect()
+}
+
 /// SQLite: an upgrade moves the rows an earlier release left in the app's database into the
-/// inbox's own, as they were (arrival order, failed steps, set aside), and once: a row that
-/// is in both (a move cut short between its copy and its delete) is not doubled. The old
-/// drainer's lease does not hold the new inbox. PostgreSQL keeps its one database: nothing
-/// moves and every row is where it was.
+/// inbox's own as the inbox is created, as they were (every column), and each once ever: a row
+/// found in the old place again (a move cut short between its copy and its delete) is not
+/// stored a second time, even after it was worked through and removed. Migration 21 gives the
+/// old drainer's lease up. PostgreSQL keeps its one database: nothing moves and every row is
+/// where it was.
 #[test]
 fn an_upgrade_moves_the_inbox_rows_an_earlier_release_left_in_the_app_database() {
     let dir = tempfile::tempdir().unwrap();
     let app = Sqlite::open(&dir.path().join("store.db")).unwrap();
     let ib = Sqlite::open(&dir.path().join("inbox.db")).unwrap();
     leave_rows_as_release_20_did(&app);
+    let before = inbox_rows(&app, "inbox");
     assert_eq!(migrate(&app, 1).unwrap(), [21]);
-    assert_eq!(migrate_inbox(&ib, 1).unwrap(), [1]);
-    assert_eq!(inbox::accept(&ib, "new", "{}", "r3", 300).unwrap(), NEW, "the old drainer's lease is not the inbox's");
-    assert_eq!(inbox::adopt(&app, &ib).unwrap(), 3);
-    let waiting = inbox::next(&ib, 10).unwrap();
-    assert_eq!(
-        waiting.iter().map(|e| (e.id.as_str(), e.attempts)).collect::<Vec<_>>(),
-        [("first", 2), ("second", 0), ("new", 0)]
-    );
-    assert_eq!(inbox::set_aside_count(&ib).unwrap(), 1, "set aside stays set aside");
+    assert_eq!(ids(&app, "SELECT name FROM job_leases"), Vec::<String>::new(), "the old drainer's lease is given up");
+    assert_eq!(inbox::migrate_adopting(&app, &ib, 1).unwrap(), 3);
+    assert_eq!(inbox_rows(&ib, "inbox"), before, "moved as they were");
     assert_eq!(ids(&app, "SELECT id FROM inbox_legacy"), Vec::<String>::new());
-    assert_eq!(inbox::adopt(&app, &ib).unwrap(), 0, "moved once");
-    // A move cut short: the row was copied, not yet deleted. Moved again, it stays one row.
-    exec(&app, "INSERT INTO inbox_legacy (id, body, request_id, received_at) VALUES ('first', '{}', 'r1', 100)");
+    assert_eq!(inbox::accept(&ib, "new", "{}", "r3", 300).unwrap(), NEW);
+    assert_eq!(inbox::migrate_adopting(&app, &ib, 2).unwrap(), 0, "created once");
+    assert_eq!(inbox::adopt(&app, &ib).unwrap(), 0, "nothing left to move");
+
+    // A move cut short: "first" copied, not yet deleted; later worked through and removed.
+    let again = "INSERT INTO inbox_legacy (id, body, request_id, received_at) VALUES ('first', '{}', 'r1', 100)";
+    exec(&app, again);
+    assert_eq!(inbox::adopt(&app, &ib).unwrap(), 0, "still waiting: one row");
+    inbox::done(&ib, "first").unwrap();
+    exec(&app, again);
+    assert_eq!(inbox::adopt(&app, &ib).unwrap(), 0, "worked through: not stored again");
+    assert_eq!(ids(&app, "SELECT id FROM inbox_legacy"), Vec::<String>::new(), "removed from the old place");
+    assert_eq!(inbox::next(&ib, 10).unwrap().iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["second", "new"]);
+    // A row never moved before is.
+    exec(&app, "INSERT INTO inbox_legacy (id, body, request_id, received_at) VALUES ('late', '{}', 'r4', 150)");
     assert_eq!(inbox::adopt(&app, &ib).unwrap(), 1);
-    assert_eq!(inbox::next(&ib, 10).unwrap().len(), 3);
-    assert_eq!(ids(&app, "SELECT id FROM inbox_legacy"), Vec::<String>::new());
+    assert_eq!(
+        inbox::next(&ib, 10).unwrap().iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        ["late", "second", "new"]
+    );
 
     let database = PgDatabase::new();
     let db = database.connect();
     leave_rows_as_release_20_did(&db);
+    let before = inbox_rows(&db, "inbox");
     assert_eq!(migrate(&db, 1).unwrap(), [21]);
+    assert_eq!(inbox::migrate_adopting(&db, &db, 1).unwrap(), 0);
     assert_eq!(inbox::adopt(&db, &db).unwrap(), 0);
-    assert_eq!(inbox::next(&db, 10).unwrap().iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["first", "second"]);
+    assert_eq!(inbox_rows(&db, "inbox"), before, "where they were");
 }
 
 #[test]
