@@ -17,28 +17,37 @@ impl SpinDb {
     /// SQLite database, `postgres://...` for PostgreSQL.
     pub fn open(database_url: &str) -> Result<Self, DbError> {
         let db = Self::open_plain(database_url)?;
-        if let SpinDb::Sqlite(conn) = &db {
-            // Spin opens the file with SQLite's default rollback journal: every commit then
-            // writes and syncs a journal, the database and the journal's removal, and readers
-            // wait for writers. The write-ahead log costs one sync per commit and lets readers
-            // run beside the writer; the mode is stored in the file, so after the first
-            // connection this is a no-op that takes no lock. If another connection holds the
-            // file at that moment the switch waits for the next open (rollback still works).
+        db.use_wal();
+        Ok(db)
+    }
+
+    /// SQLite: switches the file to the write-ahead log. Spin opens the file with SQLite's
+    /// default rollback journal: every commit then writes and syncs a journal, the database
+    /// and the journal's removal, and readers wait for writers. The write-ahead log costs one
+    /// sync per commit and lets readers run beside the writer; the mode is stored in the file,
+    /// so after the first connection this is a no-op that takes no lock. If another connection
+    /// holds the file at that moment the switch waits for the next open (rollback still works).
+    pub fn use_wal(&self) {
+        if let SpinDb::Sqlite(conn) = self {
             let _ = conn.execute("PRAGMA journal_mode=WAL", &[]);
         }
-        Ok(db)
     }
 
     /// Like [`SpinDb::open`], without the journal switch: one statement less for a hot path
     /// (the webhook) on a file that other opens have switched already.
     pub fn open_plain(database_url: &str) -> Result<Self, DbError> {
-        if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
+        if is_postgres(database_url) {
             pg4::Connection::open(database_url).map(SpinDb::Postgres).map_err(pg_error)
         } else {
             let label = database_url.strip_prefix("sqlite:").filter(|l| !l.is_empty()).unwrap_or("default");
             sqlite::Connection::open(label).map(SpinDb::Sqlite).map_err(sqlite_error)
         }
     }
+}
+
+/// Whether `database_url` names PostgreSQL (else a SQLite label).
+pub fn is_postgres(database_url: &str) -> bool {
+    database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")
 }
 
 /// spin-sdk's errors, classified by the store's shared mapping (`DbError::from_*`), the same

@@ -115,7 +115,7 @@ pub fn open_inbox_unchecked() -> Result<db::SpinDb, error::ApiError> {
     use astria_domain::config::ExposeSecret;
     let url = astria_domain::config::database_url(&SpinVars)?;
     let url = url.expose_secret();
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+    if db::is_postgres(url) {
         return Ok(db::SpinDb::open_plain(url)?);
     }
     Ok(db::SpinDb::open_plain(&format!("sqlite:{INBOX_LABEL}"))?)
@@ -128,8 +128,8 @@ pub fn open_inbox_unchecked() -> Result<db::SpinDb, error::ApiError> {
 /// in arrival order (`astria_store::inbox::migrate_adopting`).
 pub fn migrate_inbox(inbox: &db::SpinDb) -> Result<(), error::ApiError> {
     let app = open_db()?;
-    if let db::SpinDb::Sqlite(conn) = inbox {
-        let _ = conn.execute("PRAGMA journal_mode=WAL", &[]);
+    if let db::SpinDb::Sqlite(_) = inbox {
+        inbox.use_wal();
         astria_store::inbox::migrate_adopting(&app, inbox, events::now_ms())?;
     }
     Ok(())

@@ -805,7 +805,12 @@ fn apply<D: Db + ?Sized>(
 
 /// The newest schema version this build knows.
 pub fn latest_version() -> i64 {
-    MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0)
+    latest(MIGRATIONS)
+}
+
+/// The newest version of `list`.
+fn latest(list: &[Migration]) -> i64 {
+    list.iter().map(|m| m.version).max().unwrap_or(0)
 }
 
 /// Migrates only when the schema is behind: one cheap read on the hot path instead of a write
@@ -875,9 +880,7 @@ pub fn migrate_inbox<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<Vec<i64>, Db
 /// Whether the inbox's schema is current (one read): when not, `inbox::migrate_adopting`.
 pub fn inbox_is_current<D: Db + ?Sized>(db: &D) -> bool {
     match db.dialect() {
-        Dialect::Sqlite => {
-            current(db, "inbox_migrations") >= INBOX_MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0)
-        }
+        Dialect::Sqlite => current(db, "inbox_migrations") >= latest(INBOX_MIGRATIONS),
         Dialect::Postgres => current(db, "schema_migrations") >= latest_version(),
     }
 }
