@@ -433,16 +433,22 @@ pub async fn worked_through(app: &TestApp) {
 
 /// Posts a signed webhook body; answers status and JSON.
 pub async fn post_webhook(app: &TestApp, body: &Value) -> (u16, Value) {
+    post_webhook_as(app, body, None).await
+}
+
+/// [`post_webhook`] with the request's id (`x-request-id`): what its log lines and the events
+/// it caused carry as their correlation id.
+pub async fn post_webhook_as(app: &TestApp, body: &Value, request_id: Option<&str>) -> (u16, Value) {
     let bytes = serde_json::to_vec(body).unwrap();
-    let r = app
+    let mut request = app
         .client
         .post(app.url("/SmsReceived"))
         .header("content-type", "application/json")
-        .header("x-hub-signature-256", sign(APP_SECRET, &bytes))
-        .body(bytes)
-        .send()
-        .await
-        .expect("POST reaches the app");
+        .header("x-hub-signature-256", sign(APP_SECRET, &bytes));
+    if let Some(id) = request_id {
+        request = request.header("x-request-id", id);
+    }
+    let r = request.body(bytes).send().await.expect("POST reaches the app");
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
 }

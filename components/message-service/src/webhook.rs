@@ -1,12 +1,14 @@
 //! `/SmsReceived`: the subscription handshake and the signed webhook.
 //!
-//! A POST is checked (the signature header's form before anything is read, then the size, then
-//! the signature), parsed for our phone number, and the signed body stored in the inbox
+//! A POST is checked (the signature header's form before anything is read, then the size, then the
+//! signature), parsed for our phone number, and the signed body stored in the inbox
 //! (`astria_store::inbox`), durable before the 200, in one autocommit statement that also says
-//! whether a worker is draining the inbox already; unless one is, one wake-up goes to the
-//! conversation workers on Redis (`astria.inbox`). The worker works the inbox through in
-//! arrival order (`spin_kit::inbox`). A database fault answers 503 so that Meta redelivers; a
-//! Redis fault does not matter here: the relay wakes the worker for rows left waiting.
+//! whether a worker is draining the inbox already or on its way (a wake-up another webhook
+//! published is pending); unless one is, the webhook claims the wake-up (a second statement) and
+//! publishes it to the conversation workers on Redis (`astria.inbox`). The worker works the inbox
+//! through in arrival order (`spin_kit::inbox`). A database fault answers 503 so that Meta
+//! redelivers; a Redis fault does not matter here: the relay wakes the worker for rows left
+//! waiting.
 
 use astria_domain::config::{self, ExposeSecret};
 use astria_domain::whatsapp::{self, Webhook, WebhookError};
@@ -56,8 +58,11 @@ pub fn receive(body: &[u8], signature: Option<&str>, request_id: &str) -> Result
     let db = spin_kit::open_inbox_unchecked()?;
     let stored = store(&db, body, request_id, || spin_kit::migrate_inbox(&db))?;
     accepted.queued = stored.queued;
-    if stored.wake {
-        wake(request_id);
+    if stored.wake && !wake(request_id) {
+        // Not published: the next webhook tries again rather than count on it (a third
+        // statement, only while Redis fails). Should this fail too, the marker lapses on its
+        // own within `inbox::WAKE_PENDING_MS`.
+        let _ = inbox::unclaim_wake(&db, request_id);
     }
     Ok(spin_kit::json_response(200, &accepted))
 }
@@ -67,16 +72,18 @@ pub fn receive(body: &[u8], signature: Option<&str>, request_id: &str) -> Result
 pub struct Stored {
     /// The body is new in the inbox.
     pub queued: bool,
-    /// No worker is draining: wake one.
+    /// No worker is draining or on its way, and this request claimed the wake-up: publish it.
     pub wake: bool,
 }
 
-/// Stores a verified body in the inbox (not again if it waits there already), and says whether
-/// to wake a worker: the request's one statement (on PostgreSQL a function's call,
-/// `inbox::accept` says why). Should the schema not be there yet (a new database, or a release
-/// that adds the inbox or its function), `migrate` puts it in place and the insert runs again.
-/// The benchmark's native reference server (`tools/native-reference`) calls this too, so that
-/// the two measure the same work.
+/// Stores a verified body in the inbox (not again if it waits there already), and says whether to
+/// wake a worker: the request's one statement (on PostgreSQL a function's call, `inbox::accept`
+/// says why), and a second when no worker is draining or on its way, to claim the wake-up
+/// (`inbox::claim_wake`: of the webhooks that found nobody coming, one publishes a wake-up and the
+/// others count on it). Should the schema not be there yet (a new database, or a release that adds
+/// the inbox or its function), `migrate` puts it in place and the insert runs again. The
+/// benchmark's native reference server (`tools/native-reference`) calls this too, so that the two
+/// measure the same work.
 pub fn store<D: Db>(
     db: &D,
     body: &[u8],
@@ -93,23 +100,32 @@ pub fn store<D: Db>(
         }
         other => other?,
     };
-    // A worker draining now takes this row too (it looks again after it lets go, see
-    // `inbox::accept` and `spin_kit::inbox`).
+    // A worker draining now takes this row too (it looks again after it lets go), and so does
+    // the worker a pending wake-up brings (`inbox::accept` says why).
     Ok(match accepted {
         inbox::Accepted::Duplicate => Stored { queued: false, wake: false },
-        inbox::Accepted::New { draining } => Stored { queued: true, wake: !draining },
+        inbox::Accepted::Draining | inbox::Accepted::WakePending => Stored { queued: true, wake: false },
+        inbox::Accepted::NeedsWake => {
+            let claimed = inbox::claim_wake(db, request_id, now_ms()).unwrap_or_else(|e| {
+                // The row is in: wake a worker anyway rather than answer 503 for it.
+                log::warn("webhook", &format!("inbox wake-up not claimed, published anyway: {e}"));
+                true
+            });
+            Stored { queued: true, wake: claimed }
+        }
     })
 }
 
-/// Tells the conversation workers that the inbox has work. Best effort: if Redis is down the
-/// row waits, and the relay wakes them once Redis is back.
-fn wake(request_id: &str) {
+/// Tells the conversation workers that the inbox has work; answers whether it was published.
+/// Best effort: if Redis is down the row waits, and the relay wakes them once Redis is back.
+fn wake(request_id: &str) -> bool {
     let result = config::redis_url(&SpinVars)
         .map_err(|e| e.to_string())
         .and_then(|url| spin_kit::inbox::wake(url.expose_secret(), request_id));
-    if let Err(e) = result {
+    if let Err(e) = &result {
         log::warn("webhook", &format!("inbox wake-up not published, left to the relay: {e}"));
     }
+    result.is_ok()
 }
 
 /// The signed body, parsed for our phone number.

@@ -5,13 +5,15 @@
 //! whatever the number of worker replicas. The others return at once.
 //!
 //! No row is left behind: the webhook wakes the workers after storing a row unless it then saw
-//! the lease held (a drainer will take the row: under load this saves a Redis connection per
-//! request), and a drainer, after giving the lease back (`astria_store::inbox::release`), looks
-//! at the inbox once more and drains again if a row came in meanwhile. A webhook that saw the
-//! lease held has its row committed before that release completes (`astria_store::inbox::accept`
-//! says how on each database), so either the drainer's last look finds the row or the webhook
-//! finds the lease free and wakes someone. A drainer that died holds the lease for at most
-//! `LEASE_MS`; the relay wakes the workers every minute while rows wait.
+//! the lease held or another webhook's wake-up pending (a drainer will take the row: under
+//! load this saves a Redis connection per request), and a drainer, after giving the lease back
+//! and clearing a pending wake-up (`astria_store::inbox::release`), looks at the inbox once
+//! more and drains again if a row came in meanwhile. A webhook that counted on a drain has its
+//! row committed before that drain's release completes (`astria_store::inbox::accept` says how
+//! on each database), so either the drainer's last look finds the row or the webhook finds
+//! nobody coming and wakes someone. A drainer that died holds the lease for at most
+//! `LEASE_MS`, a wake-up lost on the way counts as pending for at most a second; the relay
+//! wakes the workers every minute while rows wait.
 //!
 //! Two connections: the app's database for the steps, the inbox's for its rows and its lease
 //! (on SQLite a database of its own, on PostgreSQL the same connection; `astria_store::inbox`

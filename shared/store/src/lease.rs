@@ -68,13 +68,8 @@ pub fn renew<D: Db + ?Sized>(
 
 /// Gives the lease back, if `holder` still has it.
 pub fn release<D: Db + ?Sized>(db: &D, kind: Kind, key: &str, holder: &str) -> Result<(), DbError> {
-    db.execute(&db.dialect().sql(&release_sql(kind)), &[Value::from(key), Value::from(holder)])?;
-    Ok(())
-}
-
-/// [`release`]'s statement ($1 the key, $2 the holder); PostgreSQL's `astria_inbox_release`
-/// holds it word for word (`migrations`' tests check).
-pub(crate) fn release_sql(kind: Kind) -> String {
     let (table, column) = kind.table();
-    format!("DELETE FROM {table} WHERE {column} = $1 AND holder = $2")
+    let sql = format!("DELETE FROM {table} WHERE {column} = $1 AND holder = $2");
+    db.execute(&db.dialect().sql(&sql), &[Value::from(key), Value::from(holder)])?;
+    Ok(())
 }

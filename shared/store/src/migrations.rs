@@ -746,6 +746,54 @@ pub const MIGRATIONS: &[Migration] = &[
         ],
         ..PORTABLE
     },
+    Migration {
+        version: 22,
+        name: "a webhook wakes no worker while another's wake-up is pending (PostgreSQL)",
+        // Under load every webhook that found no drainer published a wake-up (a Redis
+        // connection per request, and a worker more finding the lease taken). The webhook now
+        // learns in the same call whether a wake-up is pending (`inbox::WAKE`, a job lease
+        // the publishing webhook holds for a second) and the release clears it under the gate
+        // (`inbox::accept` says why that loses no row). New overloads: an old release's pods
+        // keep calling the old accept during an upgrade (it wakes whenever no worker drains),
+        // and the old release, which they call too, now clears the marker as well.
+        // `inbox::INSERT`, `DRAINING`, `WAKING` and `RELEASE` word for word.
+        postgres: &[
+            // $1 id, $2 body, $3 request id, $4 now, $5 the inbox's lease name, $6 the wake-up's:
+            // 0 when the body was here already, 1 when stored, 2 when stored while a worker
+            // drains, 3 when stored while a wake-up is pending.
+            r#"CREATE FUNCTION astria_inbox_accept(text, text, text, bigint, text, text)
+            RETURNS integer LANGUAGE plpgsql AS $fn$
+            BEGIN
+                INSERT INTO inbox (id, body, request_id, received_at) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING;
+                IF NOT FOUND THEN
+                    RETURN 0;
+                END IF;
+                PERFORM pg_advisory_xact_lock_shared(107148502788450);
+                IF EXISTS (SELECT 1 FROM job_leases WHERE name = $5 AND lease_until >= $4) THEN
+                    RETURN 2;
+                END IF;
+                IF EXISTS (SELECT 1 FROM job_leases WHERE name = $6 AND lease_until >= $4) THEN
+                    RETURN 3;
+                END IF;
+                RETURN 1;
+            END $fn$"#,
+            // $1 the inbox's lease name, $2 the holder, $3 the wake-up's name: waits for every
+            // webhook that may have counted on this drain to commit (`inbox::release`), then
+            // gives the lease back and clears a pending wake-up.
+            r#"CREATE FUNCTION astria_inbox_release(text, text, text)
+            RETURNS bigint LANGUAGE plpgsql AS $fn$
+            DECLARE released bigint;
+            BEGIN
+                PERFORM pg_advisory_xact_lock(107148502788450);
+                DELETE FROM job_leases WHERE (name = $1 AND holder = $2) OR name = $3;
+                GET DIAGNOSTICS released = ROW_COUNT;
+                RETURN released;
+            END $fn$"#,
+            r#"CREATE OR REPLACE FUNCTION astria_inbox_release(text, text)
+            RETURNS bigint LANGUAGE sql AS $fn$ SELECT astria_inbox_release($1, $2, 'inbox_wake') $fn$"#,
+        ],
+        ..PORTABLE
+    },
 ];
 
 /// Applies every migration not yet recorded; answers the versions it applied.
@@ -889,18 +937,20 @@ pub fn inbox_is_current<D: Db + ?Sized>(db: &D) -> bool {
 mod tests {
     use super::*;
 
-    /// The newest definition of each of migrations 18's and 19's functions holds the statements
-    /// the SQLite path runs, word for word (placeholders numbered as the function's parameters):
-    /// a change to one of them that forgets the migration re-creating the function fails here.
+    /// The newest definition of each of migrations 18's, 19's and 22's functions holds the
+    /// statements the SQLite path runs, word for word (placeholders numbered as the function's
+    /// parameters): a change to one of them that forgets the migration re-creating the function
+    /// fails here.
     #[test]
     fn the_step_functions_hold_the_statements_the_other_path_runs() {
         let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
-        let newest = |function: &str| {
-            let defines = format!("FUNCTION {function}(");
+        // `signature`: the name and "(", or the whole argument list for one overload.
+        let newest = |signature: &str| {
+            let defines = format!("FUNCTION {signature}");
             let m = MIGRATIONS.iter().rev().find(|m| m.postgres.iter().any(|s| s.contains(&defines))).unwrap();
             squash(m.postgres.iter().find(|s| s.contains(&defines)).unwrap())
         };
-        let recognise = newest("astria_recognise_first");
+        let recognise = newest("astria_recognise_first(");
         assert!(recognise.contains(&squash(&crate::identity::recognise_sql(Dialect::Postgres))), "{recognise}");
         for part in [
             "INSERT INTO processed_webhooks (source, external_id, received_at) VALUES",
@@ -908,22 +958,24 @@ mod tests {
         ] {
             assert!(recognise.contains(part), "{part}");
         }
-        let queue = newest("astria_queue_message");
+        let queue = newest("astria_queue_message(");
         assert!(queue.contains(&squash(crate::messages::INSERT)), "{queue}");
         assert!(queue.contains(&squash(crate::outbox::ROW_COLUMNS)), "{queue}");
-        // In this order: the row in, then the gate, then the lease read (`inbox::accept`).
-        let accept = newest("astria_inbox_accept");
-        let (insert, gate, draining) = (crate::inbox::INSERT, crate::inbox::GATE, crate::inbox::DRAINING);
+        // In this order: the row in, then the gate, then the lease and the marker read
+        // (`inbox::accept`).
+        let accept = newest("astria_inbox_accept(text, text, text, bigint, text, text)");
+        let (insert, gate) = (crate::inbox::INSERT, crate::inbox::GATE);
+        let (draining, waking) = (crate::inbox::DRAINING, crate::inbox::WAKING);
         let ordered = format!(
-            "{insert}; IF NOT FOUND THEN RETURN 0; END IF; PERFORM pg_advisory_xact_lock_shared({gate}); IF {draining} THEN RETURN 2;"
+            "{insert}; IF NOT FOUND THEN RETURN 0; END IF; PERFORM pg_advisory_xact_lock_shared({gate}); \
+             IF {draining} THEN RETURN 2; END IF; IF {waking} THEN RETURN 3; END IF; RETURN 1;"
         );
         assert!(accept.contains(&ordered), "{accept}");
-        let release = newest("astria_inbox_release");
-        let gated = format!(
-            "pg_advisory_xact_lock({}); {};",
-            crate::inbox::GATE,
-            crate::lease::release_sql(crate::lease::Kind::Job)
-        );
+        let release = newest("astria_inbox_release(text, text, text)");
+        let gated = format!("pg_advisory_xact_lock({gate}); {};", crate::inbox::RELEASE);
         assert!(release.contains(&gated), "{release}");
+        // The old release's call, still made by an old release's pods, clears the marker too.
+        let old = newest("astria_inbox_release(text, text)");
+        assert!(old.contains(&format!("astria_inbox_release($1, $2, '{}')", crate::inbox::WAKE)), "{old}");
     }
 }

@@ -1807,8 +1807,8 @@ fn an_inbox_row_is_stored_once_per_body_without_a_migrated_schema_it_says_so() {
     });
 }
 
-/// What a new body's row answers while no worker drains the inbox.
-const NEW: inbox::Accepted = inbox::Accepted::New { draining: false };
+/// What a new body's row answers while no worker drains the inbox and no wake-up is pending.
+const NEW: inbox::Accepted = inbox::Accepted::NeedsWake;
 
 #[test]
 fn storing_a_body_says_whether_a_worker_holds_the_inbox() {
@@ -1818,7 +1818,7 @@ fn storing_a_body_says_whether_a_worker_holds_the_inbox() {
         migrate_inbox(db, 1).unwrap();
         assert_eq!(inbox::accept(db, "a", "{}", "r", 100).unwrap(), NEW, "nobody drains");
         assert!(lease::acquire(db, lease::Kind::Job, inbox::LEASE, "worker", 100, 1_000).unwrap());
-        assert_eq!(inbox::accept(db, "b", "{}", "r", 200).unwrap(), inbox::Accepted::New { draining: true });
+        assert_eq!(inbox::accept(db, "b", "{}", "r", 200).unwrap(), inbox::Accepted::Draining);
         assert_eq!(inbox::accept(db, "b", "{}", "r", 300).unwrap(), inbox::Accepted::Duplicate);
         // Another job's lease is not the inbox's.
         lease::release(db, lease::Kind::Job, inbox::LEASE, "worker").unwrap();
@@ -1827,6 +1827,52 @@ fn storing_a_body_says_whether_a_worker_holds_the_inbox() {
         assert!(lease::acquire(db, lease::Kind::Job, inbox::LEASE, "worker", 400, 1_000).unwrap());
         assert_eq!(inbox::accept(db, "d", "{}", "r", 1_401).unwrap(), NEW, "the lease lapsed at 1,400");
         assert_eq!(inbox::next(db, 10).unwrap().len(), 4);
+    });
+}
+
+/// Of the webhooks that find no worker draining, the first claims the wake-up and the others,
+/// while it is pending, count on it: until a drainer gives the lease back (which clears it),
+/// for at most `inbox::WAKE_PENDING_MS`, or until the webhook that claimed it gives it up
+/// because it could not publish. A worker draining comes first: nobody need be woken then.
+#[test]
+fn a_webhook_wakes_nobody_while_another_webhooks_wake_up_is_pending() {
+    on_both(|connect| {
+        let db = connect();
+        let db = db.as_ref();
+        migrate_inbox(db, 1).unwrap();
+        let pending = inbox::Accepted::WakePending;
+        assert_eq!(inbox::accept(db, "a", "{}", "ra", 100).unwrap(), NEW);
+        assert!(inbox::claim_wake(db, "ra", 100).unwrap(), "a publishes the wake-up");
+        assert!(!inbox::claim_wake(db, "rx", 101).unwrap(), "another webhook that found nobody counts on a's");
+        assert_eq!(inbox::accept(db, "b", "{}", "rb", 200).unwrap(), pending);
+        assert_eq!(inbox::accept(db, "b", "{}", "rb", 201).unwrap(), inbox::Accepted::Duplicate);
+        // The worker it woke drains, and gives the lease back: the wake-up is spent.
+        assert!(lease::acquire(db, lease::Kind::Job, inbox::LEASE, "worker", 300, 60_000).unwrap());
+        assert_eq!(inbox::accept(db, "c", "{}", "rc", 400).unwrap(), inbox::Accepted::Draining);
+        inbox::release(db, "worker").unwrap();
+        assert_eq!(inbox::accept(db, "d", "{}", "rd", 500).unwrap(), NEW, "the release cleared the wake-up");
+        // A wake-up published during a drain, that found the lease taken: the release clears it too.
+        assert!(inbox::claim_wake(db, "rd", 500).unwrap());
+        assert!(lease::acquire(db, lease::Kind::Job, inbox::LEASE, "worker", 510, 60_000).unwrap());
+        inbox::release(db, "worker").unwrap();
+        assert_eq!(inbox::accept(db, "e", "{}", "re", 520).unwrap(), NEW);
+        // A wake-up lost on the way: pending for WAKE_PENDING_MS, then the next webhook wakes.
+        assert!(inbox::claim_wake(db, "re", 600).unwrap());
+        let lapsed = 600 + inbox::WAKE_PENDING_MS;
+        assert_eq!(inbox::accept(db, "f", "{}", "rf", lapsed).unwrap(), pending, "still pending at its end");
+        assert_eq!(inbox::accept(db, "g", "{}", "rg", lapsed + 1).unwrap(), NEW, "lapsed");
+        assert!(inbox::claim_wake(db, "rg", lapsed + 1).unwrap(), "a lapsed wake-up is claimed again");
+        // One that could not be published is given up at once; another's is not.
+        inbox::unclaim_wake(db, "rx").unwrap();
+        assert_eq!(inbox::accept(db, "h", "{}", "rh", lapsed + 2).unwrap(), pending, "rx held none");
+        inbox::unclaim_wake(db, "rg").unwrap();
+        assert_eq!(inbox::accept(db, "i", "{}", "ri", lapsed + 3).unwrap(), NEW);
+        // Another job's lease is neither.
+        assert!(lease::acquire(db, lease::Kind::Job, "cleanup", "job", lapsed, 60_000).unwrap());
+        assert_eq!(inbox::accept(db, "j", "{}", "rj", lapsed + 4).unwrap(), NEW);
+        inbox::release(db, "worker").unwrap();
+        assert!(!lease::acquire(db, lease::Kind::Job, "cleanup", "other", lapsed + 5, 60_000).unwrap(), "kept");
+        assert_eq!(inbox::next(db, 20).unwrap().len(), 10, "every body stored once");
     });
 }
 
@@ -1866,7 +1912,7 @@ fn inbox_held_by_a_worker() -> (PgDatabase, [Pg; 3]) {
 fn a_release_waits_for_a_webhook_that_saw_the_lease_held_postgres() {
     let (_database, [webhook, drainer, watcher]) = inbox_held_by_a_worker();
     exec(&webhook, "BEGIN");
-    assert_eq!(inbox::accept(&webhook, "late", "{}", "r", 200).unwrap(), inbox::Accepted::New { draining: true });
+    assert_eq!(inbox::accept(&webhook, "late", "{}", "r", 200).unwrap(), inbox::Accepted::Draining);
     let releasing = std::thread::spawn(move || {
         inbox::release(&drainer, "worker").unwrap();
         inbox::next(&drainer, 10).unwrap()
@@ -1879,13 +1925,41 @@ fn a_release_waits_for_a_webhook_that_saw_the_lease_held_postgres() {
     assert_eq!(inbox::accept(&webhook, "next", "{}", "r", 300).unwrap(), NEW, "released");
 }
 
+/// PostgreSQL: a webhook that read a wake-up pending (and so wakes nobody) while the worker that
+/// wake-up brings takes the lease and reads the inbox before the webhook's row commits: that
+/// drain's release waits for the row, and its look after the release finds it.
+#[test]
+fn a_release_waits_for_a_webhook_that_saw_a_wake_up_pending_postgres() {
+    let database = PgDatabase::new();
+    let [webhook, drainer, watcher] = [database.connect(), database.connect(), database.connect()];
+    migrate(&webhook, 0).unwrap();
+    assert!(inbox::claim_wake(&drainer, "another-webhook", 100).unwrap());
+    exec(&webhook, "BEGIN");
+    assert_eq!(inbox::accept(&webhook, "late", "{}", "r", 200).unwrap(), inbox::Accepted::WakePending);
+    let draining = std::thread::spawn(move || {
+        assert!(lease::acquire(&drainer, lease::Kind::Job, inbox::LEASE, "worker", 210, 60_000).unwrap());
+        let first = inbox::next(&drainer, 10).unwrap();
+        inbox::release(&drainer, "worker").unwrap();
+        (first, inbox::next(&drainer, 10).unwrap())
+    });
+    let never = "the release did not wait for the webhook's row";
+    until_it_waits_on_a_lock(&watcher, "SELECT astria_inbox_release", &["advisory"], || draining.is_finished(), never);
+    exec(&webhook, "COMMIT");
+    let (first, look) = draining.join().unwrap();
+    assert!(first.is_empty(), "(the set-up) the drain read the inbox before the row committed: {first:?}");
+    assert_eq!(look.into_iter().map(|e| e.id).collect::<Vec<_>>(), ["late"], "the look after the release finds it");
+    assert_eq!(inbox::accept(&webhook, "next", "{}", "r", 300).unwrap(), NEW, "the wake-up was spent");
+}
+
 /// PostgreSQL: a webhook that comes while a release is under way waits for it and then reads
-/// the lease released (in a snapshot taken after the wait, not at its statement's start), so
-/// it wakes a worker. The release is held in its delete, with the gate taken, by a transaction
-/// that has the lease's row locked.
+/// the lease released and the wake-up cleared (in a snapshot taken after the wait, not at its
+/// statement's start), so it wakes a worker. The release is held in its delete, with the gate
+/// taken, by a transaction that has the lease's row locked.
 #[test]
 fn a_webhook_during_a_release_reads_the_lease_released_postgres() {
     let (database, [webhook, drainer, watcher]) = inbox_held_by_a_worker();
+    // A wake-up published during the drain, that found the lease taken.
+    assert!(inbox::claim_wake(&webhook, "another-webhook", 150).unwrap());
     let row_holder = database.connect();
     exec(&row_holder, "BEGIN");
     exec(&row_holder, "SELECT 1 FROM job_leases WHERE name = 'inbox' FOR UPDATE");
@@ -1936,7 +2010,7 @@ fn an_upgrade_moves_the_inbox_rows_an_earlier_release_left_in_the_app_database()
     let ib = Sqlite::open(&dir.path().join("inbox.db")).unwrap();
     leave_rows_as_release_20_did(&app);
     let before = inbox_rows(&app, "inbox");
-    assert_eq!(migrate(&app, 1).unwrap(), [21]);
+    assert_eq!(migrate(&app, 1).unwrap(), (21..=latest_version()).collect::<Vec<_>>());
     assert_eq!(ids(&app, "SELECT name FROM job_leases"), Vec::<String>::new(), "the old drainer's lease is given up");
     assert_eq!(inbox::migrate_adopting(&app, &ib, 1).unwrap(), 3);
     assert_eq!(inbox_rows(&ib, "inbox"), before, "moved as they were");
@@ -1966,7 +2040,7 @@ fn an_upgrade_moves_the_inbox_rows_an_earlier_release_left_in_the_app_database()
     let db = database.connect();
     leave_rows_as_release_20_did(&db);
     let before = inbox_rows(&db, "inbox");
-    assert_eq!(migrate(&db, 1).unwrap(), [21]);
+    assert_eq!(migrate(&db, 1).unwrap(), (21..=latest_version()).collect::<Vec<_>>());
     assert_eq!(inbox::migrate_adopting(&db, &db, 1).unwrap(), 0);
     assert_eq!(inbox::adopt(&db, &db).unwrap(), 0);
     assert_eq!(inbox_rows(&db, "inbox"), before, "where they were");

@@ -2,7 +2,8 @@
 //! Rust HTTP server (hyper) doing the same work per request as message-service under Spin,
 //! through the same code: the signature check and parsing of `astria_domain::whatsapp`, the
 //! configuration read per request, then message-service's own `webhook::store` (the inbox
-//! insert, one statement) and the wake-up published on Redis. What it does not
+//! insert, one statement, and the wake-up's claim when no worker is coming) and the wake-up
+//! published on Redis. What it does not
 //! do is what a native server need not: instantiate a component per request, and open a new
 //! database connection per request (it keeps them, as any native server would). The
 //! difference in throughput is the cost of Wasm and Spin that `docs/performance.md` reports.
@@ -132,7 +133,9 @@ impl Server {
             let event = spin_kit::events::envelope(INBOX_WAKE, &serde_json::json!({}), request_id);
             let json = serde_json::to_string(&event).unwrap();
             // Best effort, as in message-service: the row is the durable part.
-            let _ = redis::cmd("PUBLISH").arg(channels::INBOX).arg(json).query::<i64>(&mut w.redis);
+            if redis::cmd("PUBLISH").arg(channels::INBOX).arg(json).query::<i64>(&mut w.redis).is_err() {
+                let _ = astria_store::inbox::unclaim_wake(&w.db, request_id);
+            }
         }
         if !self.fresh {
             self.idle.lock().unwrap().push(w);
