@@ -21,7 +21,8 @@
 //!   of an instance of the component and nothing else;
 //! - then, message-service having run alone (every webhook above waits in the inbox), the
 //!   conversation worker alone drains the inbox: webhooks worked through per second;
-//! - for the whole app, an open loop at 500/s whose messages are timed from webhook to step.
+//! - for the whole app, an open loop at 500/s whose messages are timed from webhook to step,
+//!   and to their first reply sent.
 //!
 //! Under devhost it first counts the SQLite statements each kind of request costs, per
 //! component (devhost counts them per guest connection).
@@ -226,7 +227,14 @@ async fn open_loop_at(app: &Target, load: Vec<Signed>, rate: usize) -> (Figures,
         tokio::time::sleep_until(scheduled).await;
         let (client, url) = (app.client.clone(), app.url.clone());
         tasks.push(tokio::spawn(async move {
-            let r = client.post(&url).header("x-hub-signature-256", sig).body(body).send().await;
+            // The request's id is its replies' correlation id: [`step_latency`] times them.
+            let r = client
+                .post(&url)
+                .header("x-hub-signature-256", sig)
+                .header("x-request-id", format!("{OPEN_REQUEST}{i}"))
+                .body(body)
+                .send()
+                .await;
             (r.map(|r| r.status().as_u16()).unwrap_or(0), scheduled.elapsed())
         }));
     }
@@ -241,50 +249,90 @@ async fn open_loop_at(app: &Target, load: Vec<Signed>, rate: usize) -> (Figures,
     (figures(latencies, errors, start.elapsed()), start_ms)
 }
 
+/// The open loop's request ids: `open-<i>`.
+const OPEN_REQUEST: &str = "open-";
+
 /// How long the conversation worker took over the open loop's messages: from when each
 /// message's webhook left (its scheduled time) to its step (`processed_webhooks.received_at`,
-/// written in the transaction that queued the reply); and how long after the last request the
-/// inbox was empty.
+/// written in the transaction that queued the reply); how long after the last request the
+/// inbox was empty; and, what a customer sees, from the webhook to its first reply sent (the
+/// reply's row marked sent once the fake Graph API took it; its correlation id is the
+/// webhook's request id), once nothing is queued any more.
 async fn step_latency(bot: &TestApp, tag: &str, n: usize, rate: usize, start_ms: i64) -> String {
     let db = astria_tests::db::TestDb::of(bot).await;
     let inbox = astria_tests::db::TestDb::inbox_of(bot).await;
     let load_end = Instant::now();
-    let emptied = loop {
-        if inbox.count("SELECT COUNT(*) FROM inbox WHERE set_aside_at IS NULL").await == 0 {
-            break Some(load_end.elapsed());
-        }
-        if load_end.elapsed() > Duration::from_secs(120) {
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let emptied = until_none(&inbox, "SELECT COUNT(*) FROM inbox WHERE set_aside_at IS NULL", load_end, 120).await;
     let prefix = format!("wamid.{tag}.");
-    let rows = db
+    let steps = db
         .rows(
             "SELECT external_id, received_at FROM processed_webhooks WHERE external_id LIKE $1",
             &[format!("{prefix}%").into()],
         )
         .await;
-    let mut latencies: Vec<Duration> = rows
-        .iter()
-        .filter_map(|r| {
-            let i: usize = r[0].text().strip_prefix(&prefix)?.parse().ok()?;
-            let sent = start_ms + (i as f64 * 1000.0 / rate as f64) as i64;
-            Some(Duration::from_millis((r[1].int() - sent).max(0) as u64))
-        })
-        .collect();
-    latencies.sort();
-    let k = latencies.len().max(1);
-    let pct = |p: f64| latencies.get(((k as f64 * p) as usize).min(k - 1)).copied().unwrap_or_default();
+    let steps = Spread::since_sent(&steps, &prefix, start_ms, rate);
+    let sent = until_none(&db, "SELECT COUNT(*) FROM outbound_messages WHERE status = 'queued'", load_end, 240).await;
+    let replies = db
+        .rows(
+            "SELECT correlation_id, MIN(updated_at) FROM outbound_messages WHERE status = 'sent' AND correlation_id LIKE $1
+             GROUP BY correlation_id",
+            &[format!("{OPEN_REQUEST}%").into()],
+        )
+        .await;
+    let replies = Spread::since_sent(&replies, OPEN_REQUEST, start_ms, rate);
     format!(
-        "{} of {n} requests' messages stepped: webhook sent to reply queued p50 {} ms, p99 {} ms, max {} ms; \
-         inbox empty {} after the load ended",
-        latencies.len(),
-        ms(pct(0.5)),
-        ms(pct(0.99)),
-        ms(latencies.last().copied().unwrap_or_default()),
-        emptied.map(|d| format!("{:.1} s", d.as_secs_f64())).unwrap_or_else(|| "not within 120 s".into())
+        "{} of {n} requests' messages stepped: webhook sent to reply queued {}; inbox empty {emptied} after the load \
+         ended; {} first replies sent: {}, nothing queued {sent} after the load ended",
+        steps.0.len(),
+        steps.summary(),
+        replies.0.len(),
+        replies.summary(),
     )
+}
+
+/// Latencies, sorted.
+struct Spread(Vec<Duration>);
+
+impl Spread {
+    /// From rows of (`<prefix><i>`, a time in ms): each time less when request `i` of an open
+    /// loop at `rate` from `start_ms` was sent.
+    fn since_sent(rows: &[Vec<astria_tests::db::Cell>], prefix: &str, start_ms: i64, rate: usize) -> Spread {
+        let mut latencies: Vec<Duration> = rows
+            .iter()
+            .filter_map(|r| {
+                let i: usize = r[0].text().strip_prefix(prefix)?.parse().ok()?;
+                let sent = start_ms + (i as f64 * 1000.0 / rate as f64) as i64;
+                Some(Duration::from_millis((r[1].int() - sent).max(0) as u64))
+            })
+            .collect();
+        latencies.sort();
+        Spread(latencies)
+    }
+
+    fn percentile(&self, p: f64) -> Duration {
+        let k = self.0.len().max(1);
+        self.0.get(((k as f64 * p) as usize).min(k - 1)).copied().unwrap_or_default()
+    }
+
+    /// "p50 .. ms, p99 .. ms, max .. ms".
+    fn summary(&self) -> String {
+        let max = self.0.last().copied().unwrap_or_default();
+        format!("p50 {} ms, p99 {} ms, max {} ms", ms(self.percentile(0.5)), ms(self.percentile(0.99)), ms(max))
+    }
+}
+
+/// Waits (polling, up to `limit_s` after `since`) until `count_sql` counts nothing; answers
+/// how long after `since` that was, as the figure prints it.
+async fn until_none(db: &astria_tests::db::TestDb, count_sql: &str, since: Instant, limit_s: u64) -> String {
+    loop {
+        if db.count(count_sql).await == 0 {
+            return format!("{:.1} s", since.elapsed().as_secs_f64());
+        }
+        if since.elapsed() > Duration::from_secs(limit_s) {
+            return format!("not within {limit_s} s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The conversation worker alone (no sender beside it) on the inbox the phases before it filled
