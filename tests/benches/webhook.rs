@@ -21,8 +21,9 @@
 //!   of an instance of the component and nothing else;
 //! - then, message-service having run alone (every webhook above waits in the inbox), the
 //!   conversation worker alone drains the inbox: webhooks worked through per second;
-//! - for the whole app, an open loop at 500/s whose messages are timed from webhook to step,
-//!   and to their first reply sent.
+//! - for the whole app, in one process (`spin up`) and as deployed (a process per SpinApp), an
+//!   open loop at 500/s whose messages are timed from webhook to step, and to their first reply
+//!   sent.
 //!
 //! Under devhost it first counts the SQLite statements each kind of request costs, per
 //! component (devhost counts them per guest connection).
@@ -249,6 +250,14 @@ async fn open_loop_at(app: &Target, load: Vec<Signed>, rate: usize) -> (Figures,
     (figures(latencies, errors, start.elapsed()), start_ms)
 }
 
+/// What runs under the load: see where [`main`] picks them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    Alone,
+    Whole,
+    Deployed,
+}
+
 /// The open loop's request ids: `open-<i>`.
 const OPEN_REQUEST: &str = "open-";
 
@@ -470,9 +479,15 @@ async fn main() {
         // Alone: message-service by itself, as production's HTTP SpinApp runs it (the sender and
         // the relay run in the worker SpinApp, on other pods). Whole: every component in one
         // process, as `spin up` runs the app locally; the sender competes for the CPU and the
-        // database meanwhile.
-        let variants: &[bool] = if native.is_some() { &[false] } else { &[false, true] };
-        for &whole in variants {
+        // database meanwhile, and Spin's Redis trigger serves the conversation worker's
+        // wake-ups and the sender's events one at a time on one connection. Deployed: the
+        // whole app as SpinKube runs it, a process per SpinApp of kubernetes/base (the
+        // conversation worker and the sender each on their own), behind the test world's
+        // stand-in for the Ingress, on the same two cores.
+        let variants: &[Setup] =
+            if native.is_some() { &[Setup::Alone] } else { &[Setup::Alone, Setup::Whole, Setup::Deployed] };
+        for &variant in variants {
+            let whole = variant != Setup::Alone;
             let redis = TestRedis::start().await.expect("redis-server");
             let graph = FakeGraph::start().await;
             let mut _state = None;
@@ -493,7 +508,11 @@ async fn main() {
                     (Target::native(bin, &url, &redis).await, None)
                 }
                 None if whole => {
-                    let bot = wa::spawn_bot(wa::bot_config(&graph, &redis, postgres), &redis).await;
+                    let mut config = wa::bot_config(&graph, &redis, postgres);
+                    if variant == Setup::Deployed {
+                        config = config.as_deployment(Duration::from_millis(500));
+                    }
+                    let bot = wa::spawn_bot(config, &redis).await;
                     (Target::of(&bot), Some(bot))
                 }
                 None => {
@@ -503,7 +522,11 @@ async fn main() {
                     (Target::of(&bot), Some(bot))
                 }
             };
-            let setup = if whole { "whole app" } else { "message-service alone" };
+            let setup = match variant {
+                Setup::Alone => "message-service alone",
+                Setup::Whole => "whole app",
+                Setup::Deployed => "whole app as deployed",
+            };
             // Warm-up: migrations, compiled paths, connections.
             for (body, sig) in mixed_load("00", 60, 10) {
                 app.client.post(&app.url).header("x-hub-signature-256", sig).body(body).send().await.ok();
@@ -524,7 +547,7 @@ async fn main() {
                     let n = OPEN_RATE * open_seconds;
                     let (f, start_ms) = open_loop_at(&app, mixed_load("25", n, 500), OPEN_RATE).await;
                     emit(row(db, setup, &format!("mixed, open loop {OPEN_RATE}/s for {open_seconds} s"), &f));
-                    let line = format!("| {db} | {}", step_latency(bot, "25", n, OPEN_RATE, start_ms).await);
+                    let line = format!("| {db} | {setup}: {}", step_latency(bot, "25", n, OPEN_RATE, start_ms).await);
                     println!("{line}");
                     steps.push(line);
                 }
