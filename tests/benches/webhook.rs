@@ -152,16 +152,14 @@ struct Figures {
     errors: BTreeMap<u16, usize>,
 }
 
-fn figures(mut latencies: Vec<Duration>, errors: BTreeMap<u16, usize>, elapsed: Duration) -> Figures {
-    latencies.sort();
-    let n = latencies.len().max(1);
-    let pct = |p: f64| latencies.get(((n as f64 * p) as usize).min(n - 1)).copied().unwrap_or_default();
+fn figures(latencies: Vec<Duration>, errors: BTreeMap<u16, usize>, elapsed: Duration) -> Figures {
+    let spread = Spread::of(latencies);
     Figures {
-        rate: (latencies.len() + errors.values().sum::<usize>()) as f64 / elapsed.as_secs_f64(),
-        p50: pct(0.50),
-        p99: pct(0.99),
-        max: latencies.last().copied().unwrap_or_default(),
-        over_1s: latencies.iter().filter(|l| **l > Duration::from_secs(1)).count(),
+        rate: (spread.0.len() + errors.values().sum::<usize>()) as f64 / elapsed.as_secs_f64(),
+        p50: spread.percentile(0.50),
+        p99: spread.percentile(0.99),
+        max: spread.max(),
+        over_1s: spread.0.iter().filter(|l| **l > Duration::from_secs(1)).count(),
         errors,
     }
 }
@@ -303,19 +301,23 @@ async fn step_latency(bot: &TestApp, tag: &str, n: usize, rate: usize, start_ms:
 struct Spread(Vec<Duration>);
 
 impl Spread {
+    fn of(mut latencies: Vec<Duration>) -> Spread {
+        latencies.sort();
+        Spread(latencies)
+    }
+
     /// From rows of (`<prefix><i>`, a time in ms): each time less when request `i` of an open
     /// loop at `rate` from `start_ms` was sent.
     fn since_sent(rows: &[Vec<astria_tests::db::Cell>], prefix: &str, start_ms: i64, rate: usize) -> Spread {
-        let mut latencies: Vec<Duration> = rows
-            .iter()
-            .filter_map(|r| {
-                let i: usize = r[0].text().strip_prefix(prefix)?.parse().ok()?;
-                let sent = start_ms + (i as f64 * 1000.0 / rate as f64) as i64;
-                Some(Duration::from_millis((r[1].int() - sent).max(0) as u64))
-            })
-            .collect();
-        latencies.sort();
-        Spread(latencies)
+        Spread::of(
+            rows.iter()
+                .filter_map(|r| {
+                    let i: usize = r[0].text().strip_prefix(prefix)?.parse().ok()?;
+                    let sent = start_ms + (i as f64 * 1000.0 / rate as f64) as i64;
+                    Some(Duration::from_millis((r[1].int() - sent).max(0) as u64))
+                })
+                .collect(),
+        )
     }
 
     fn percentile(&self, p: f64) -> Duration {
@@ -323,10 +325,13 @@ impl Spread {
         self.0.get(((k as f64 * p) as usize).min(k - 1)).copied().unwrap_or_default()
     }
 
+    fn max(&self) -> Duration {
+        self.0.last().copied().unwrap_or_default()
+    }
+
     /// "p50 .. ms, p99 .. ms, max .. ms".
     fn summary(&self) -> String {
-        let max = self.0.last().copied().unwrap_or_default();
-        format!("p50 {} ms, p99 {} ms, max {} ms", ms(self.percentile(0.5)), ms(self.percentile(0.99)), ms(max))
+        format!("p50 {} ms, p99 {} ms, max {} ms", ms(self.percentile(0.5)), ms(self.percentile(0.99)), ms(self.max()))
     }
 }
 
