@@ -34,7 +34,7 @@
 //! Run: `cargo bench --profile host -p astria-tests --bench webhook` (after scripts/build.sh,
 //! with PostgreSQL and Redis up); `SPIN_BIN=/path/to/spin` runs it under real Spin;
 //! `ASTRIA_BENCH_DATABASES=sqlite` limits it to one database (Spin 4.0.0-4.0.2 hang on
-//! PostgreSQL, spinframework/spin#3671).
+//! PostgreSQL, spinframework/spin#3671), `ASTRIA_BENCH_SETUPS=deployed` to one setup.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -98,6 +98,25 @@ const OPEN_RATE: usize = 500;
 fn open_seconds() -> usize {
     std::env::var("ASTRIA_BENCH_OPEN_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(60)
 }
+
+/// The setups to run, all three unless `ASTRIA_BENCH_SETUPS` names some (`alone`, `whole`,
+/// `deployed`, comma-separated): repeated runs of one setup, for medians, without the others'
+/// minutes.
+fn setups() -> Vec<Setup> {
+    let names = std::env::var("ASTRIA_BENCH_SETUPS").unwrap_or_else(|_| "alone,whole,deployed".into());
+    names
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|n| match n {
+            "alone" => Setup::Alone,
+            "whole" => Setup::Whole,
+            "deployed" => Setup::Deployed,
+            other => panic!("ASTRIA_BENCH_SETUPS: unknown setup {other} (alone, whole, deployed)"),
+        })
+        .collect()
+}
+
 const FORGED: usize = 10_000;
 
 /// One signed request.
@@ -489,9 +508,8 @@ async fn main() {
         // whole app as SpinKube runs it, a process per SpinApp of kubernetes/base (the
         // conversation worker and the sender each on their own), behind the test world's
         // stand-in for the Ingress, on the same two cores.
-        let variants: &[Setup] =
-            if native.is_some() { &[Setup::Alone] } else { &[Setup::Alone, Setup::Whole, Setup::Deployed] };
-        for &variant in variants {
+        let variants: Vec<Setup> = if native.is_some() { vec![Setup::Alone] } else { setups() };
+        for &variant in &variants {
             let whole = variant != Setup::Alone;
             let redis = TestRedis::start().await.expect("redis-server");
             let graph = FakeGraph::start().await;
