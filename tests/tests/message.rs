@@ -1199,6 +1199,18 @@ async fn a_webhook_wakes_no_worker_while_another_webhooks_wake_up_is_pending(pos
 
 on_both!(a_webhook_wakes_no_worker_while_another_webhooks_wake_up_is_pending);
 
+/// The bot under devhost logging every statement it runs (the budget tests below count them),
+/// its schema in place.
+async fn statements_traced(mut config: astria_tests::AppConfig, redis: &TestRedis) -> TestApp {
+    config.env.insert(
+        "DEVHOST_LOG".into(),
+        "info,wasmtime_wasi_http=warn,devhost::sqlite=trace,devhost::postgres=trace".into(),
+    );
+    let app = wa::spawn_bot(config, redis).await;
+    assert!(wa::relay(&app).await["republished"].is_number(), "the schema is in place");
+    app
+}
+
 /// The statement budget of the webhook (issue 29's G5 allows 2), counted by devhost: at most
 /// two statements per request on either database, whatever the request, because the
 /// conversation step runs in the worker and one statement both stores the row and says whether
@@ -1208,13 +1220,7 @@ on_both!(a_webhook_wakes_no_worker_while_another_webhooks_wake_up_is_pending);
 async fn the_webhook_runs_at_most_two_statements_per_request_devhost_only(postgres: bool) {
     let redis = TestRedis::start().await.unwrap();
     let graph = FakeGraph::start().await;
-    let mut config = wa::bot_config(&graph, &redis, postgres);
-    config.env.insert(
-        "DEVHOST_LOG".into(),
-        "info,wasmtime_wasi_http=warn,devhost::sqlite=trace,devhost::postgres=trace".into(),
-    );
-    let app = wa::spawn_bot(config, &redis).await;
-    assert!(wa::relay(&app).await["republished"].is_number(), "the schema is in place");
+    let app = statements_traced(wa::bot_config(&graph, &redis, postgres), &redis).await;
     let kinds = wa::one_of_each_kind(ANA, "budget");
     let mut report = vec![];
     for (kind, body) in kinds {
@@ -1264,13 +1270,7 @@ async fn a_conversation_step_runs_at_most_ten_statements_devhost_only(postgres: 
     let graph = FakeGraph::start().await;
     // "Done" asks payment-checkout for a Checkout session.
     let stripe = FakeStripe::start().await;
-    let mut config = ps::with_stripe(wa::bot_config(&graph, &redis, postgres), &stripe);
-    config.env.insert(
-        "DEVHOST_LOG".into(),
-        "info,wasmtime_wasi_http=warn,devhost::sqlite=trace,devhost::postgres=trace".into(),
-    );
-    let app = wa::spawn_bot(config, &redis).await;
-    assert!(wa::relay(&app).await["republished"].is_number(), "the schema is in place");
+    let app = statements_traced(ps::with_stripe(wa::bot_config(&graph, &redis, postgres), &stripe), &redis).await;
     let mut kinds = wa::one_of_each_kind(ANA, "steps");
     // The second photo, then "Done", which moves the order to payment: the busiest step.
     kinds.push(("second photo", wa::inbound(ANA, vec![wa::photo(ANA, "steps.6")])));
@@ -1310,6 +1310,54 @@ async fn a_conversation_step_runs_at_most_ten_statements_devhost_only(postgres: 
 }
 
 on_both!(a_conversation_step_runs_at_most_ten_statements_devhost_only);
+
+/// The statement budget of a reply sent, counted by devhost: the sender's invocation for one
+/// text reply (the open's migration check, and on SQLite its journal-mode pragma; the stored
+/// message read, the contact's lease taken and given back, the queue read before and after,
+/// the contact's facts in one read, the booking with its event's completion) is 11 statements
+/// on PostgreSQL and 12 on SQLite, down from 16 and 17. The sender runs one Redis message at a
+/// time per process (Spin's trigger), so every statement of a send is on the path of every
+/// reply after it. A text reads nothing only an image needs (the pace's last send, the
+/// portrait's order).
+async fn a_reply_is_sent_within_its_statement_budget_devhost_only(postgres: bool) {
+    let budget = if postgres { 11 } else { 12 };
+    let redis = TestRedis::start().await.unwrap();
+    let graph = FakeGraph::start().await;
+    let app = statements_traced(wa::bot_config(&graph, &redis, postgres), &redis).await;
+    quiesce(&app).await;
+    let mark = app.log().len();
+    let (status, answer) = wa::post_webhook(&app, &wa::inbound(ANA, vec![wa::text(ANA, "send.1", "hi")])).await;
+    assert_eq!(status, 200, "{answer}");
+    app.wait_until("the reply to reach the Graph API", Duration::from_secs(30), || async {
+        (!graph.requests().await.is_empty()).then_some(())
+    })
+    .await;
+    quiesce(&app).await;
+    assert_eq!(graph.requests().await.len(), 1, "one reply to \"hi\"");
+    // The sender's invocations, each from its open (the pragma on SQLite, then the migration
+    // check); the reply's is the one that booked a send (the others booked the heartbeats of
+    // the relay the quiescing calls).
+    let mut invocations: Vec<Vec<String>> = vec![];
+    for statement in astria_tests::devhost_statements(&app.log()[mark..], "message-sender") {
+        let opens = statement.starts_with("PRAGMA journal_mode")
+            || (statement.starts_with("SELECT MAX(version)")
+                && !invocations.last().is_some_and(|i| i.len() == 1 && i[0].starts_with("PRAGMA")));
+        match invocations.last_mut() {
+            Some(i) if !opens => i.push(statement),
+            _ => invocations.push(vec![statement]),
+        }
+    }
+    let all = invocations.clone();
+    invocations.retain(|i| i.iter().any(|s| s.starts_with("UPDATE outbound_messages SET status")));
+    let [sender] = invocations.as_slice() else { panic!("one invocation booked the reply: {all:#?}") };
+    eprintln!("the sender's statements for one reply ({}):\n{}", sender.len(), sender.join("\n"));
+    assert!(sender.len() <= budget, "one reply took {} statements:\n{}", sender.len(), sender.join("\n"));
+    let image_only = ["SELECT MAX(sent_at)", "SELECT order_id FROM generated_images"];
+    let read: Vec<&String> = sender.iter().filter(|s| image_only.iter().any(|i| s.starts_with(i))).collect();
+    assert!(read.is_empty(), "a text reply read what only an image needs: {read:#?}");
+}
+
+on_both!(a_reply_is_sent_within_its_statement_budget_devhost_only);
 
 /// Ten contacts walk the first three steps (hi, a pack, a subject) at once, each contact's
 /// messages one after the other, half of them through each of two replicas, each of which runs

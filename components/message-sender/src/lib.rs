@@ -46,7 +46,7 @@ use astria_domain::whatsapp::send::{self, Recipient, SendOutcome};
 use astria_models::MessageSend;
 use astria_store::identity;
 use astria_store::messages::{self, OutboundMessage};
-use astria_store::{outbox, repo, transaction, Db, DbError};
+use astria_store::{outbox, transaction, Db, DbError};
 use spin_kit::db::SpinDb;
 use spin_kit::events::now_ms;
 use spin_kit::http_client::{self, HttpError};
@@ -113,7 +113,7 @@ fn consume(payload: &[u8]) -> anyhow::Result<()> {
         timeout: cfg.timeout,
         texts: &cfg.texts,
         auto_refund: cfg.auto_refund,
-        last_sent: std::cell::Cell::new(messages::last_sent_at(&db, &stored.wa_id)?),
+        last_sent: std::cell::Cell::new(None),
         correlation_id: &event.correlation_id,
         woken_by: &event.id,
     };
@@ -133,8 +133,9 @@ struct Sender<'a> {
     pace_ms: i64,
     texts: &'a Texts,
     auto_refund: bool,
-    /// When this contact last had a message accepted.
-    last_sent: std::cell::Cell<Option<i64>>,
+    /// When this contact last had a message accepted, once known: read only when a paced
+    /// message is next (a text needs no pace), then kept as this pass sends.
+    last_sent: std::cell::Cell<Option<Option<i64>>>,
     correlation_id: &'a str,
     /// The event this invocation handles (perhaps a later message's, waiting behind the head).
     woken_by: &'a str,
@@ -171,7 +172,12 @@ impl Sender<'_> {
     fn drain_leased(&self, wa_id: &str, holder: &str, leased_at: i64) -> Result<(), DbError> {
         let mut leased_at = leased_at;
         for _ in 0..MAX_PER_PASS {
-            let Some(m) = messages::next_in_queue(self.db, wa_id)? else { return Ok(()) };
+            // The head and whether anything is behind it: when nothing is, the pass ends after
+            // the head without reading the queue again (the look after the lease is given
+            // back, in `drain`, finds whatever was queued meanwhile).
+            let head = messages::queue_head(self.db, wa_id, 2)?;
+            let Some(m) = head.first().cloned() else { return Ok(()) };
+            let last = head.len() == 1;
             let wait = m.next_attempt_at - now_ms();
             // A send waiting for its status webhook is never waited for here, however short
             // the wait: the status comes through the inbox, whose worker may run in this very
@@ -191,9 +197,9 @@ impl Sender<'_> {
             }
             // A short wait (a pair-limit retry, the pace between images) is cheaper here than
             // a round through the relay.
-            let pace_wait = match self.last_sent.get() {
-                Some(last) if is_paced(&m) => last + self.pace_ms - now_ms(),
-                _ => 0,
+            let pace_wait = match is_paced(&m) {
+                true => self.last_sent(wa_id)?.map_or(0, |last| last + self.pace_ms - now_ms()),
+                false => 0,
             };
             let wait = wait.max(pace_wait);
             if wait > 0 {
@@ -221,8 +227,21 @@ impl Sender<'_> {
                 // Rescheduled: the next round looks at its retry time.
                 continue;
             }
+            if last {
+                return Ok(());
+            }
         }
         Ok(())
+    }
+
+    /// When the contact last had a message accepted (read once per pass, then kept).
+    fn last_sent(&self, wa_id: &str) -> Result<Option<i64>, DbError> {
+        if let Some(known) = self.last_sent.get() {
+            return Ok(known);
+        }
+        let read = messages::last_sent_at(self.db, wa_id)?;
+        self.last_sent.set(Some(read));
+        Ok(read)
     }
 
     /// [`Self::deliver`] in a span of the trace that queued the message: whichever sender
@@ -246,9 +265,11 @@ impl Sender<'_> {
                 return Ok(true);
             }
         };
+        // What the send needs of the contact, in one read.
+        let facts = identity::send_facts(self.db, &m.wa_id)?;
         // STOP means nothing more is sent (but the STOP's own confirmation): the message is
         // kept back, and goes out if the contact sends START.
-        if !m.always_send && repo::get_contact(self.db, &m.wa_id)?.is_some_and(|(c, _)| c.opted_out) {
+        if !m.always_send && facts.as_ref().is_some_and(|f| f.opted_out) {
             transaction(self.db, |db| {
                 messages::hold(db, &m.id, now_ms())?;
                 outbox::complete(db, &m.event_id, now_ms())
@@ -257,8 +278,9 @@ impl Sender<'_> {
             return Ok(true);
         }
         let window_closed = !matches!(message, Message::Template { .. })
-            && messages::last_inbound_at(self.db, &m.wa_id)?.is_some_and(|t| now_ms() - t > WINDOW_MS);
-        let outcome = if window_closed { SendOutcome::OutsideWindow } else { self.send_to_contact(m, &message)? };
+            && facts.as_ref().and_then(|f| f.last_inbound_at).is_some_and(|t| now_ms() - t > WINDOW_MS);
+        let to = facts.and_then(|f| f.recipient).map(into_recipient);
+        let outcome = if window_closed { SendOutcome::OutsideWindow } else { self.send_to_contact(m, &message, to)? };
         self.book(m, outcome)
     }
 
@@ -266,8 +288,13 @@ impl Sender<'_> {
     /// queued is followed): the phone number when known, else the BSUID. WhatsApp refuses a
     /// BSUID for some kinds of message (131062): then the phone number, if one is known by
     /// now, else the message fails with that reason.
-    fn send_to_contact(&self, m: &OutboundMessage, message: &Message) -> Result<SendOutcome, DbError> {
-        let Some(to) = recipient(self.db, &m.wa_id)? else {
+    fn send_to_contact(
+        &self,
+        m: &OutboundMessage,
+        message: &Message,
+        to: Option<Recipient>,
+    ) -> Result<SendOutcome, DbError> {
+        let Some(to) = to else {
             return Ok(SendOutcome::Rejected {
                 code: None,
                 detail: "the contact has no phone number or user id to send to".into(),
@@ -324,10 +351,15 @@ impl Sender<'_> {
                 SendOutcome::Sent { wamid } => {
                     messages::mark_sent(db, &m.id, &wamid, now)?;
                     outbox::complete(db, &m.event_id, now)?;
-                    self.last_sent.set(Some(now));
+                    self.last_sent.set(Some(Some(now)));
                     // The last portrait accepted delivers the order; the closing text it
-                    // queues is next in this contact's queue (no publish needed).
-                    if let Some(order_id) = messages::portrait_order(db, &m.id)? {
+                    // queues is next in this contact's queue (no publish needed). Only an
+                    // image or a document carries a portrait.
+                    let portrait = match is_media(m) {
+                        true => messages::portrait_order(db, &m.id)?,
+                        false => None,
+                    };
+                    if let Some(order_id) = portrait {
                         let done = &self.texts.delivered_offer_more;
                         let mut queued = vec![];
                         spin_kit::images::finish_if_complete(
@@ -432,14 +464,24 @@ impl Sender<'_> {
 
 /// Where the contact `key`'s messages go now (`astria_store::identity::recipient`).
 fn recipient(db: &SpinDb, key: &str) -> Result<Option<Recipient>, DbError> {
-    Ok(identity::recipient(db, key)?.map(|r| match r {
+    Ok(identity::recipient(db, key)?.map(into_recipient))
+}
+
+fn into_recipient(r: identity::Recipient) -> Recipient {
+    match r {
         identity::Recipient::Phone(p) => Recipient::Phone(p),
         identity::Recipient::User(u) => Recipient::User(u),
-    }))
+    }
 }
 
 fn is_paced(m: &OutboundMessage) -> bool {
     serde_json::from_str::<Message>(&m.message).map(|msg| msg.is_paced()).unwrap_or(false)
+}
+
+/// Whether `m` is an image or a document (what a portrait goes as). An unreadable message is
+/// counted as one: the portrait's read then decides, as it did for every message.
+fn is_media(m: &OutboundMessage) -> bool {
+    serde_json::from_str::<Message>(&m.message).map(|msg| msg.is_media()).unwrap_or(true)
 }
 
 fn as_document(m: &OutboundMessage) -> Option<Message> {

@@ -133,6 +133,11 @@ impl Message {
 
     /// Whether messages of this kind to one person are paced (WhatsApp's pair rate limit).
     pub fn is_paced(&self) -> bool {
+        self.is_media()
+    }
+
+    /// An image or a document: the kinds a portrait goes as (so a text carries none).
+    pub fn is_media(&self) -> bool {
         matches!(self, Message::Image { .. } | Message::Document { .. })
     }
 

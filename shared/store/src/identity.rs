@@ -448,13 +448,39 @@ pub fn recipient<D: Db + ?Sized>(db: &D, key: &str) -> Result<Option<Recipient>,
         &db.dialect().sql("SELECT phone, bsuid, parent_bsuid, wa_id, ids_known FROM contacts WHERE wa_id = $1"),
         &[Value::from(key)],
     )?;
+    rows.first().map(|r| recipient_of(r, 0)).transpose().map(Option::flatten)
+}
+
+/// What the sender needs of a contact before a send, read in one statement: whether they
+/// opted out, when they last wrote (WhatsApp's 24-hour window) and where their messages go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendFacts {
+    pub opted_out: bool,
+    pub last_inbound_at: Option<i64>,
+    pub recipient: Option<Recipient>,
+}
+
+/// The contact `key`'s [`SendFacts`]; `None` if the app knows no such contact.
+pub fn send_facts<D: Db + ?Sized>(db: &D, key: &str) -> Result<Option<SendFacts>, DbError> {
+    let rows = db.query(
+        &db.dialect().sql(
+            "SELECT phone, bsuid, parent_bsuid, wa_id, ids_known, opted_out, last_inbound_at FROM contacts WHERE wa_id = $1",
+        ),
+        &[Value::from(key)],
+    )?;
     let Some(r) = rows.first() else { return Ok(None) };
-    Ok(match (r.opt_text(0)?, r.opt_text(1)?, r.opt_text(2)?) {
+    Ok(Some(SendFacts { opted_out: r.int(5)? != 0, last_inbound_at: r.opt_int(6)?, recipient: recipient_of(r, 0)? }))
+}
+
+/// The recipient of a contact row whose columns from `at` are phone, bsuid, parent_bsuid,
+/// wa_id, ids_known.
+fn recipient_of(r: &crate::Row, at: usize) -> Result<Option<Recipient>, DbError> {
+    Ok(match (r.opt_text(at)?, r.opt_text(at + 1)?, r.opt_text(at + 2)?) {
         (Some(phone), _, _) => Some(Recipient::Phone(phone)),
         (None, Some(bsuid), _) => Some(Recipient::User(bsuid)),
         (None, None, Some(parent)) => Some(Recipient::User(parent)),
         // A row written by the previous release during a rollout: keyed by its phone.
-        (None, None, None) if r.int(4)? == 0 => Some(Recipient::Phone(r.text(3)?)),
+        (None, None, None) if r.int(at + 4)? == 0 => Some(Recipient::Phone(r.text(at + 3)?)),
         // Its identifiers were taken (a number moved to another contact): nobody to send to.
         (None, None, None) => None,
     })

@@ -187,13 +187,18 @@ pub fn get<D: Db + ?Sized>(db: &D, id: &str) -> Result<Option<OutboundMessage>, 
 /// The contact's first queued message, due or not (a message waiting for its retry holds back
 /// the ones after it, so they arrive in order).
 pub fn next_in_queue<D: Db + ?Sized>(db: &D, wa_id: &str) -> Result<Option<OutboundMessage>, DbError> {
-    Ok(select(
+    Ok(queue_head(db, wa_id, 1)?.into_iter().next())
+}
+
+/// The contact's first `n` queued messages, in order ([`next_in_queue`] and what follows it:
+/// a sender that sees nothing behind the message it sends need not read the queue again
+/// before giving the lease back).
+pub fn queue_head<D: Db + ?Sized>(db: &D, wa_id: &str, n: i64) -> Result<Vec<OutboundMessage>, DbError> {
+    select(
         db,
-        "WHERE wa_id = $1 AND status = $2 ORDER BY seq, created_at, id LIMIT 1",
-        &[Value::from(wa_id), Value::from(status::QUEUED)],
-    )?
-    .into_iter()
-    .next())
+        "WHERE wa_id = $1 AND status = $2 ORDER BY seq, created_at, id LIMIT $3",
+        &[Value::from(wa_id), Value::from(status::QUEUED), Value::Int(n)],
+    )
 }
 
 /// Takes (or renews) the right to send to `wa_id` until `now + lease_ms`; `false` while another
