@@ -68,8 +68,17 @@ impl astria_domain::config::Source for SpinVars {
 /// Opens the database `database_url` names, migrated to the current schema.
 pub fn open_db() -> Result<db::SpinDb, error::ApiError> {
     use astria_domain::config::ExposeSecret;
-    let db = db::SpinDb::open(astria_domain::config::database_url(&SpinVars)?.expose_secret())?;
-    astria_store::migrations::ensure_migrated(&db, events::now_ms())?;
+    use astria_store::migrations;
+    let db = db::SpinDb::open_plain(astria_domain::config::database_url(&SpinVars)?.expose_secret())?;
+    // One statement per open (a connection per request or message under Spin): the schema's
+    // version and the journal mode together; the switch and the migration only when needed.
+    let (version, wal) = migrations::open_state(&db, "schema_migrations");
+    if !wal {
+        db.use_wal();
+    }
+    if version < migrations::latest_version() {
+        migrations::migrate(&db, events::now_ms())?;
+    }
     Ok(db)
 }
 
@@ -101,8 +110,13 @@ pub fn open_inbox(app: &db::SpinDb) -> Result<InboxDb<'_>, error::ApiError> {
     if let db::SpinDb::Postgres(_) = app {
         return Ok(InboxDb::Shared(app));
     }
-    let inbox = db::SpinDb::open(&format!("sqlite:{INBOX_LABEL}"))?;
-    if !astria_store::migrations::inbox_is_current(&inbox) {
+    let inbox = db::SpinDb::open_plain(&format!("sqlite:{INBOX_LABEL}"))?;
+    // As `open_db`: one statement per open, the switch and the migration only when needed.
+    let (current, wal) = astria_store::migrations::inbox_open_state(&inbox);
+    if !wal {
+        inbox.use_wal();
+    }
+    if !current {
         astria_store::inbox::migrate_adopting(app, &inbox, events::now_ms())?;
     }
     Ok(InboxDb::Own(inbox))

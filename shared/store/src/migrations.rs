@@ -870,6 +870,29 @@ pub fn ensure_migrated<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<(), DbErro
     Ok(())
 }
 
+/// What an open needs to know of a database, read in one statement: the newest version
+/// `table` records (0 when it is not there yet) and, on SQLite, whether the file is in
+/// write-ahead-log mode (always `true` on PostgreSQL). Spin opens a connection per `open`, so
+/// a statement per open is one per request or message: this one replaces the version's read
+/// and an unconditional `PRAGMA journal_mode=WAL`.
+pub fn open_state<D: Db + ?Sized>(db: &D, table: &str) -> (i64, bool) {
+    match db.dialect() {
+        Dialect::Postgres => (current(db, table), true),
+        Dialect::Sqlite => db
+            .query(
+                &format!("SELECT (SELECT MAX(version) FROM {table}), (SELECT journal_mode FROM pragma_journal_mode)"),
+                &[],
+            )
+            .ok()
+            .and_then(|rows| {
+                let r = rows.first()?;
+                Some((r.opt_int(0).ok().flatten().unwrap_or(0), r.opt_text(1).ok().flatten()? == "wal"))
+            })
+            // No such table yet: a new file, to be switched and migrated.
+            .unwrap_or((0, false)),
+    }
+}
+
 /// The newest version `table` records; 0 when it is not there yet.
 fn current<D: Db + ?Sized>(db: &D, table: &str) -> i64 {
     db.query(&format!("SELECT MAX(version) FROM {table}"), &[])
@@ -926,11 +949,11 @@ pub fn migrate_inbox<D: Db + ?Sized>(db: &D, now_ms: i64) -> Result<Vec<i64>, Db
 }
 
 /// Whether the inbox's schema is current (one read): when not, `inbox::migrate_adopting`.
-pub fn inbox_is_current<D: Db + ?Sized>(db: &D) -> bool {
-    match db.dialect() {
-        Dialect::Sqlite => current(db, "inbox_migrations") >= latest(INBOX_MIGRATIONS),
-        Dialect::Postgres => current(db, "schema_migrations") >= latest_version(),
-    }
+/// [`open_state`] of SQLite's inbox database: whether its schema is current, and whether it is
+/// in write-ahead-log mode.
+pub fn inbox_open_state<D: Db + ?Sized>(db: &D) -> (bool, bool) {
+    let (version, wal) = open_state(db, "inbox_migrations");
+    (version >= latest(INBOX_MIGRATIONS), wal)
 }
 
 #[cfg(test)]

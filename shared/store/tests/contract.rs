@@ -15,7 +15,7 @@ use astria_store::migrations::{latest_version, migrate, migrate_inbox};
 use astria_store::native::{Pg, Sqlite};
 use astria_store::outbox::{self, status, Attempt, RelayPolicy};
 use astria_store::repo::{self, NewOrder};
-use astria_store::{transaction, Db, DbError, Value};
+use astria_store::{transaction, Db, DbError, Dialect, Value};
 
 fn admin_url() -> String {
     std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
@@ -103,6 +103,28 @@ fn migrations_apply_once_and_record_their_version() {
         assert_eq!(migrate(db.as_ref(), 2).unwrap(), Vec::<i64>::new(), "second run is a no-op");
         let v = db.query("SELECT MAX(version) FROM schema_migrations", &[]).unwrap()[0].int(0).unwrap();
         assert_eq!(v, latest_version());
+    });
+}
+
+/// What an open reads in one statement (`migrations::open_state`): the schema's version (0
+/// before the first migration) and, on SQLite, whether the file is in write-ahead-log mode, so
+/// that the switch runs only on a file not switched yet.
+#[test]
+fn an_open_reads_the_schema_version_and_the_journal_mode_in_one_statement() {
+    on_both(|connect| {
+        let db = connect();
+        let state = || astria_store::migrations::open_state(db.as_ref(), "schema_migrations");
+        assert_eq!(state().0, 0, "nothing migrated yet");
+        migrate(db.as_ref(), 1).unwrap();
+        assert_eq!(state().0, latest_version());
+        if db.dialect() == Dialect::Sqlite {
+            db.query("PRAGMA journal_mode=DELETE", &[]).unwrap();
+            assert_eq!(state(), (latest_version(), false), "a rollback journal is seen");
+            db.query("PRAGMA journal_mode=WAL", &[]).unwrap();
+            assert_eq!(state(), (latest_version(), true), "the write-ahead log is seen");
+        } else {
+            assert!(state().1, "PostgreSQL has no journal mode to switch");
+        }
     });
 }
 
