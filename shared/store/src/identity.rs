@@ -448,7 +448,7 @@ pub fn recipient<D: Db + ?Sized>(db: &D, key: &str) -> Result<Option<Recipient>,
         &db.dialect().sql("SELECT phone, bsuid, parent_bsuid, wa_id, ids_known FROM contacts WHERE wa_id = $1"),
         &[Value::from(key)],
     )?;
-    rows.first().map(|r| recipient_of(r, 0)).transpose().map(Option::flatten)
+    rows.first().map(recipient_of).transpose().map(Option::flatten)
 }
 
 /// What the sender needs of a contact before a send, read in one statement: whether they
@@ -469,18 +469,18 @@ pub fn send_facts<D: Db + ?Sized>(db: &D, key: &str) -> Result<Option<SendFacts>
         &[Value::from(key)],
     )?;
     let Some(r) = rows.first() else { return Ok(None) };
-    Ok(Some(SendFacts { opted_out: r.int(5)? != 0, last_inbound_at: r.opt_int(6)?, recipient: recipient_of(r, 0)? }))
+    Ok(Some(SendFacts { opted_out: r.int(5)? != 0, last_inbound_at: r.opt_int(6)?, recipient: recipient_of(r)? }))
 }
 
-/// The recipient of a contact row whose columns from `at` are phone, bsuid, parent_bsuid,
-/// wa_id, ids_known.
-fn recipient_of(r: &crate::Row, at: usize) -> Result<Option<Recipient>, DbError> {
-    Ok(match (r.opt_text(at)?, r.opt_text(at + 1)?, r.opt_text(at + 2)?) {
+/// The recipient of a contact row whose first columns are phone, bsuid, parent_bsuid, wa_id,
+/// ids_known.
+fn recipient_of(r: &crate::Row) -> Result<Option<Recipient>, DbError> {
+    Ok(match (r.opt_text(0)?, r.opt_text(1)?, r.opt_text(2)?) {
         (Some(phone), _, _) => Some(Recipient::Phone(phone)),
         (None, Some(bsuid), _) => Some(Recipient::User(bsuid)),
         (None, None, Some(parent)) => Some(Recipient::User(parent)),
         // A row written by the previous release during a rollout: keyed by its phone.
-        (None, None, None) if r.int(at + 4)? == 0 => Some(Recipient::Phone(r.text(at + 3)?)),
+        (None, None, None) if r.int(4)? == 0 => Some(Recipient::Phone(r.text(3)?)),
         // Its identifiers were taken (a number moved to another contact): nobody to send to.
         (None, None, None) => None,
     })
